@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The whole test suite against real Redis and etcd, from a fresh Debian 12 machine (root).
+#
+#   bash backends/run-tests.sh [pytest args...]
+#
+# 1. installs what is missing: redis-server, etcd-server (+ clients), docker.io;
+# 2. starts a Docker engine (dockerd --bridge=none --iptables=false) if none answers, and
+#    stops it again at the end, by its PID;
+# 3. builds local Redis/etcd images from the installed binaries (no registry needed);
+# 4. creates .venv and installs dcoord with its redis, etcd and test extras;
+# 5. runs ruff and mypy, then the suite with servers in containers (host networking), then
+#    the conformance suite once more with servers as local processes.
+# Every server listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export DCOORD_TEST_REDIS_IMAGE=${DCOORD_TEST_REDIS_IMAGE:-dcoord/redis:local}
+export DCOORD_TEST_ETCD_IMAGE=${DCOORD_TEST_ETCD_IMAGE:-dcoord/etcd:local}
+export TESTCONTAINERS_RYUK_DISABLED=true
+unset DCOORD_URL DCOORD_TEST_REDIS_URL DCOORD_TEST_ETCD_URL
+
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "system packages"
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v dockerd >/dev/null || missing+=(docker.io)
+if ((${#missing[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's packages may start their services on install; the tests start their own.
+echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'), $(etcd --version | head -1)"
+
+step "docker engine"
+DOCKERD_PID=
+stop_dockerd() {
+    if [[ -n $DOCKERD_PID ]]; then
+        kill "$DOCKERD_PID" 2>/dev/null || true
+        wait "$DOCKERD_PID" 2>/dev/null || true
+    fi
+}
+trap stop_dockerd EXIT
+if ! docker info >/dev/null 2>&1; then
+    dockerd --bridge=none --iptables=false --ip6tables=false >/tmp/dcoord-dockerd.log 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 120); do
+        docker info >/dev/null 2>&1 && break
+        kill -0 "$DOCKERD_PID" 2>/dev/null || { cat /tmp/dcoord-dockerd.log; exit 1; }
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not answer in 60 s"; cat /tmp/dcoord-dockerd.log; exit 1; }
+    echo "started dockerd (pid $DOCKERD_PID)"
+else
+    echo "a Docker engine already answers"
+fi
+
+step "local images"
+# A user with a registry can point DCOORD_TEST_*_IMAGE at the official images instead.
+if [[ $DCOORD_TEST_REDIS_IMAGE == dcoord/* || $DCOORD_TEST_ETCD_IMAGE == dcoord/* ]]; then
+    REDIS_IMAGE=$DCOORD_TEST_REDIS_IMAGE ETCD_IMAGE=$DCOORD_TEST_ETCD_IMAGE bash backends/build-images.sh
+fi
+
+step "python environment"
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[redis,etcd,test,dev]"
+.venv/bin/python --version
+
+step "lint and types"
+.venv/bin/ruff check dcoord tests bench
+.venv/bin/ruff format --check dcoord tests bench
+.venv/bin/mypy
+
+step "test suite, servers in containers"
+start=$SECONDS
+DCOORD_TEST_SERVERS=containers .venv/bin/pytest "$@"
+echo "containers path took $((SECONDS - start)) s"
+
+step "conformance suite, servers as local processes"
+start=$SECONDS
+DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance "$@"
+echo "processes path took $((SECONDS - start)) s"

@@ -1,0 +1,43 @@
+"""dcoord: distributed coordination for Python.
+
+Fenced locks, consistent-hash membership and crash-safe two-phase commit, with one API
+over an embedded backend, Redis and etcd::
+
+    import dcoord
+
+    with dcoord.connect("redis://127.0.0.1:6379/0") as client:
+        print(client.ping())
+"""
+
+from ._version import __version__
+from .backends.base import ServerInfo
+from .client import Client, connect
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    DcoordError,
+    LockError,
+    LockLost,
+    LockNotOwned,
+    LockTimeout,
+    LogCorrupted,
+    TransactionAborted,
+    TransactionError,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "Client",
+    "ConfigError",
+    "DcoordError",
+    "LockError",
+    "LockLost",
+    "LockNotOwned",
+    "LockTimeout",
+    "LogCorrupted",
+    "ServerInfo",
+    "TransactionAborted",
+    "TransactionError",
+    "__version__",
+    "connect",
+]

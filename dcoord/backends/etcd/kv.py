@@ -1,0 +1,42 @@
+"""Plain keys on etcd: ``/dcoord/<namespace>/kv/<key>``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import EtcdBackend
+
+
+class EtcdKV:
+    def __init__(self, backend: EtcdBackend, prefix: str) -> None:
+        self._backend = backend
+        self._etcd = backend.etcd
+        self._prefix = f"{prefix}kv/"
+
+    def get(self, key: str) -> bytes | None:
+        value, _ = self._backend.call(
+            lambda: self._etcd.get(self._prefix + key), what=f"get {key!r}", retry=True
+        )
+        return None if value is None else bytes(value)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._backend.call(
+            lambda: self._etcd.put(self._prefix + key, value), what=f"put {key!r}", retry=True
+        )
+
+    def delete(self, key: str) -> bool:
+        return bool(
+            self._backend.call(
+                lambda: self._etcd.delete(self._prefix + key), what=f"delete {key!r}"
+            )
+        )
+
+    def scan(self, prefix: str) -> dict[str, bytes]:
+        cut = len(self._prefix)
+        pairs = self._backend.call(
+            lambda: list(self._etcd.get_prefix(self._prefix + prefix)),
+            what=f"scan {prefix!r}",
+            retry=True,
+        )
+        return {meta.key.decode()[cut:]: bytes(value) for value, meta in pairs}

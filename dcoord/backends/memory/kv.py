@@ -1,0 +1,32 @@
+"""Plain keys in the embedded store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import MemoryServer
+
+
+class MemoryKV:
+    def __init__(self, server: MemoryServer, prefix: str) -> None:
+        self._server = server
+        self._prefix = f"{prefix}kv/"
+
+    def get(self, key: str) -> bytes | None:
+        with self._server.cond:
+            return self._server.data.get(self._prefix + key)
+
+    def put(self, key: str, value: bytes) -> None:
+        with self._server.cond:
+            self._server.data[self._prefix + key] = bytes(value)
+
+    def delete(self, key: str) -> bool:
+        with self._server.cond:
+            return self._server.data.pop(self._prefix + key, None) is not None
+
+    def scan(self, prefix: str) -> dict[str, bytes]:
+        full = self._prefix + prefix
+        cut = len(self._prefix)
+        with self._server.cond:
+            return {k[cut:]: v for k, v in self._server.data.items() if k.startswith(full)}

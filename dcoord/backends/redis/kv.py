@@ -1,0 +1,47 @@
+"""Plain keys on Redis: ``dcoord:<namespace>:kv:<key>``."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from . import RedisBackend
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+class RedisKV:
+    def __init__(self, backend: RedisBackend, prefix: str) -> None:
+        self._backend = backend
+        self._redis = backend.redis
+        self._prefix = f"{prefix}kv:"
+
+    def get(self, key: str) -> bytes | None:
+        value = self._backend.call(
+            lambda: self._redis.get(self._prefix + key), what=f"get {key!r}", retry=True
+        )
+        return cast("bytes | None", value)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._backend.call(
+            lambda: self._redis.set(self._prefix + key, value), what=f"put {key!r}", retry=True
+        )
+
+    def delete(self, key: str) -> bool:
+        return bool(
+            self._backend.call(
+                lambda: self._redis.delete(self._prefix + key), what=f"delete {key!r}"
+            )
+        )
+
+    def scan(self, prefix: str) -> dict[str, bytes]:
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix + prefix) + "*"
+        cut = len(self._prefix)
+
+        def scan() -> dict[str, bytes]:
+            keys = list(self._redis.scan_iter(match=pattern, count=1000))
+            values = cast("list[bytes | None]", self._redis.mget(keys) if keys else [])
+            return {k.decode()[cut:]: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+        return self._backend.call(scan, what=f"scan {prefix!r}", retry=True)

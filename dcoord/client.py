@@ -1,0 +1,89 @@
+"""The Client: one connected backend, its namespace, and its background scheduler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from .backends import Backend, ServerInfo, open_backend
+from .config import Settings, settings_from
+from .scheduler import Scheduler
+
+
+class Client:
+    """A connection to one backend under one namespace.
+
+    Create it with :func:`dcoord.connect`. Everything a client makes (locks, members,
+    transactions) is kept alive by its single background thread and released by
+    :meth:`close`, which the ``with`` statement calls for you.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.scheduler = Scheduler(name=f"dcoord-{settings.kind}-{settings.namespace}")
+        self.backend: Backend = open_backend(settings, self.scheduler)
+        self._closers: list[Callable[[], None]] = []
+        self._close_lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def namespace(self) -> str:
+        """Every key this client writes lives under this namespace."""
+        return self.settings.namespace
+
+    @property
+    def url(self) -> str:
+        """The backend URL, without any password."""
+        return self.settings.url
+
+    def ping(self) -> ServerInfo:
+        """Ask the server for its kind and version (raises BackendUnavailable if it is gone)."""
+        return self.backend.ping()
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the client closes (before the connection goes), newest first."""
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        """Stop background work, release what the client holds, and disconnect. Idempotent."""
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.scheduler.close()
+        try:
+            for fn in reversed(self._closers):
+                fn()
+        finally:
+            self.backend.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<dcoord.Client {self.url} namespace={self.namespace!r}>"
+
+
+def connect(
+    url: str | Mapping[str, Any] | None = None, *, namespace: str | None = None, **options: Any
+) -> Client:
+    """Connect to the backend a URL (or a config mapping, or ``DCOORD_URL``) names.
+
+    With no URL and no ``DCOORD_URL`` the embedded ``memory://`` backend is used.
+    Raises :class:`~dcoord.ConfigError` for bad configuration and
+    :class:`~dcoord.BackendUnavailable` when the server does not answer within
+    ``connect_timeout`` seconds (default 5).
+    """
+    if namespace is not None:
+        options["namespace"] = namespace
+    return Client(settings_from(url, **options))

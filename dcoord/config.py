@@ -1,0 +1,222 @@
+"""Turn a URL, the ``DCOORD_URL`` environment variable or a config mapping into Settings.
+
+All validation of user configuration happens here, before any connection is made, so a
+bad value fails fast with a :class:`~dcoord.errors.ConfigError` that names it.
+
+URL forms::
+
+    memory://[NAME]                                   embedded; NAME selects an in-process store
+    redis://[user:password@]host[:port][/db]          Redis 7 (rediss:// for TLS)
+    etcd://[user:password@]host[:port][,host[:port]...]   etcd v3 (etcds:// for TLS)
+
+Options may also be given as URL query parameters (``redis://h/0?connect_timeout=2``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from .errors import ConfigError
+
+ENV_URL = "DCOORD_URL"
+DEFAULT_URL = "memory://"
+DEFAULT_PORTS = {"redis": 6379, "etcd": 2379}
+SCHEMES = {
+    "memory": ("memory", False),
+    "redis": ("redis", False),
+    "rediss": ("redis", True),
+    "etcd": ("etcd", False),
+    "etcds": ("etcd", True),
+}
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?$")
+
+
+def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 365) -> float:
+    """Validate a duration in seconds: a finite number in (0, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > maximum:
+        raise ConfigError(f"{name} must be > 0 and <= {maximum:g} seconds, got {value!r}")
+    return seconds
+
+
+def _flag(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{name} must be a boolean, got {value!r}")
+
+
+def _path(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a file path, got {value!r}")
+    if not os.path.isfile(value):
+        raise ConfigError(f"{name} file does not exist: {value!r}")
+    return value
+
+
+def _namespace(name: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAMESPACE_RE.match(value):
+        raise ConfigError(
+            f"{name} must be 1-64 characters of letters, digits, '_', '.', '-' "
+            f"(starting with a letter or digit), got {value!r}"
+        )
+    return value
+
+
+# Every option a user may set, with its validator and default. Backend-specific options
+# are accepted by every URL scheme but only read by the backend that knows them.
+OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
+    "namespace": (_namespace, "default"),
+    "connect_timeout": (positive_seconds, 5.0),
+    "request_timeout": (positive_seconds, 5.0),
+    "ca_cert": (_path, None),
+    "cert_file": (_path, None),
+    "key_file": (_path, None),
+    "require_durable": (_flag, False),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated connection configuration.
+
+    ``hosts`` is empty for ``memory://``; ``database`` is the Redis db number or the name
+    of the in-process memory store.
+    """
+
+    kind: str
+    tls: bool = False
+    hosts: tuple[tuple[str, int], ...] = ()
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    database: str = "0"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.options["namespace"])
+
+    @property
+    def connect_timeout(self) -> float:
+        return float(self.options["connect_timeout"])
+
+    @property
+    def request_timeout(self) -> float:
+        return float(self.options["request_timeout"])
+
+    @property
+    def url(self) -> str:
+        """The URL without the password, safe to print."""
+        scheme = next(s for s, v in SCHEMES.items() if v == (self.kind, self.tls))
+        if self.kind == "memory":
+            return f"memory://{'' if self.database == 'default' else self.database}"
+        auth = f"{self.username or ''}:***@" if self.password else ""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
+        db = f"/{self.database}" if self.kind == "redis" else ""
+        return f"{scheme}://{auth}{hosts}{db}"
+
+
+def settings_from(config: str | Mapping[str, Any] | None = None, **options: Any) -> Settings:
+    """Build :class:`Settings` from a URL, a mapping with a ``"url"`` key, or the environment.
+
+    Keyword options override options given in the URL query or the mapping.
+    """
+    if config is None:
+        url = os.environ.get(ENV_URL) or DEFAULT_URL
+        merged: dict[str, Any] = {}
+    elif isinstance(config, str):
+        url, merged = config, {}
+    elif isinstance(config, Mapping):
+        merged = dict(config)
+        url = merged.pop("url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
+        if not isinstance(url, str):
+            raise ConfigError(f"url must be a string, got {url!r}")
+    else:
+        raise ConfigError(f"config must be a URL string or a mapping, got {config!r}")
+    merged.update(options)
+    return parse_url(url, merged)
+
+
+def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
+    """Parse and validate a dcoord URL plus options into :class:`Settings`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"not a dcoord URL (expected scheme://...): {url!r}")
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigError(f"unknown URL scheme {scheme + '://'!r} in {url!r}; known: {known}")
+    kind, tls = SCHEMES[scheme]
+    rest, _, query = rest.partition("?")
+    merged = dict(parse_qsl(query, keep_blank_values=True))
+    merged.update(options or {})
+    validated = _validate_options(merged)
+
+    if kind == "memory":
+        name = rest.strip("/") or "default"
+        return Settings(kind=kind, database=name, options=validated)
+
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    hosts = tuple(_parse_host(h, DEFAULT_PORTS[kind], url) for h in hostlist.split(","))
+    database = "0"
+    if kind == "redis":
+        if len(hosts) != 1:
+            raise ConfigError(f"a redis URL names exactly one host, got {hostlist!r}")
+        database = path.strip("/") or "0"
+        if not database.isdigit() or int(database) > 15:
+            raise ConfigError(f"redis database must be a number 0-15, got {database!r} in {url!r}")
+    elif path.strip("/"):
+        raise ConfigError(f"an etcd URL takes no path, got {'/' + path!r} in {url!r}")
+    if (validated["cert_file"] is None) != (validated["key_file"] is None):
+        raise ConfigError("cert_file and key_file must be given together")
+    return Settings(kind, tls, hosts, username, password, database, validated)
+
+
+def _parse_host(text: str, default_port: int, url: str) -> tuple[str, int]:
+    match = _HOST_RE.match(text)
+    if not text or not match:
+        raise ConfigError(f"bad host {text!r} in {url!r}")
+    host, port_text = match.group(1).strip("[]"), match.group(2)
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"bad port {port_text!r} in {url!r} (must be 1-65535)")
+    return host, int(port_text)
+
+
+def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTIONS))}")
+    validated = {}
+    for name, (validate, default) in OPTIONS.items():
+        validated[name] = validate(name, options[name]) if name in options else default
+    return validated

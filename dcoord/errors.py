@@ -1,0 +1,70 @@
+"""Every error dcoord raises on purpose derives from :class:`DcoordError`.
+
+Catch ``DcoordError`` to handle all of them; catch a subclass to handle one failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class DcoordError(Exception):
+    """Base class of every error dcoord raises on purpose."""
+
+
+class ConfigError(DcoordError, ValueError):
+    """Bad configuration or bad input: the message names the bad value.
+
+    Nothing has been written to the backend when this is raised.
+    """
+
+
+class BackendUnavailable(DcoordError):
+    """The backend server could not be reached or did not answer in time.
+
+    Raised after bounded retries; the underlying error is chained as ``__cause__``.
+    An operation that ended this way has an *unknown* outcome: it may have taken effect.
+    """
+
+
+class LockError(DcoordError):
+    """Base class of lock failures."""
+
+
+class LockTimeout(LockError):
+    """The lock was not acquired within the timeout."""
+
+
+class LockNotOwned(LockError):
+    """Release or extend of a lock this handle does not hold (expired, lost, never held)."""
+
+
+class LockLost(LockError):
+    """A held lock was lost: its TTL passed without renewal, or renewal failed."""
+
+
+class TransactionError(DcoordError):
+    """Base class of two-phase-commit failures."""
+
+
+class TransactionAborted(TransactionError):
+    """The transaction was aborted; ``votes`` maps participant name to its vote.
+
+    A vote is ``True`` (yes), ``False`` (no) or a string describing why no vote came
+    (an exception or a timeout).
+    """
+
+    def __init__(self, txid: str, votes: Mapping[str, bool | str], reason: str = "") -> None:
+        self.txid = txid
+        self.votes = dict(votes)
+        self.reason = reason
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"transaction {txid!r} aborted{detail} (votes: {self.votes})")
+
+
+class LogCorrupted(TransactionError):
+    """A transaction log record that does not parse; ``txid`` names it."""
+
+    def __init__(self, txid: str, detail: str) -> None:
+        self.txid = txid
+        super().__init__(f"transaction log record {txid!r} is corrupted: {detail}")

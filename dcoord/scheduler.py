@@ -1,0 +1,106 @@
+"""One background thread per client that runs periodic jobs.
+
+Lock renewal, member heartbeats and lease keep-alives of a client all run here, so a
+client with a thousand held locks still has one thread, and ``Client.close()`` stops
+every job at once (a watchdog can never outlive its client).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("dcoord")
+
+# A job returns None to run again after its interval, a number of seconds to run again
+# after that delay instead, or False to stop.
+JobResult = float | bool | None
+
+
+class Job:
+    """A periodic job; ``cancel()`` stops it (a run in progress finishes first)."""
+
+    def __init__(
+        self, scheduler: Scheduler, fn: Callable[[], JobResult], interval: float, name: str
+    ):
+        self._scheduler = scheduler
+        self.fn = fn
+        self.interval = interval
+        self.name = name
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._scheduler.wake()
+
+
+class Scheduler:
+    """Runs jobs on one daemon thread, started on first use."""
+
+    def __init__(self, name: str = "dcoord") -> None:
+        self._name = name
+        self._cond = threading.Condition()
+        self._queue: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def every(
+        self, interval: float, fn: Callable[[], JobResult], *, name: str, delay: float | None = None
+    ) -> Job:
+        """Run ``fn`` every ``interval`` seconds, first after ``delay`` (default: interval)."""
+        job = Job(self, fn, interval, name)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            self._push(job, interval if delay is None else delay)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return job
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the thread; jobs still queued never run again."""
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _push(self, job: Job, delay: float) -> None:
+        heapq.heappush(self._queue, (time.monotonic() + delay, next(self._seq), job))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    while self._queue and self._queue[0][2].cancelled:
+                        heapq.heappop(self._queue)
+                    if self._queue and self._queue[0][0] <= time.monotonic():
+                        _, _, job = heapq.heappop(self._queue)
+                        break
+                    timeout = self._queue[0][0] - time.monotonic() if self._queue else None
+                    self._cond.wait(timeout)
+            try:
+                result = job.fn()
+            except Exception:
+                log.exception("dcoord background job %s failed; it will run again", job.name)
+                result = None
+            if result is False or job.cancelled:
+                continue
+            with self._cond:
+                if not self._closed:
+                    self._push(job, job.interval if result is None or result is True else result)
