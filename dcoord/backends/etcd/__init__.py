@@ -17,6 +17,7 @@ from ...errors import BackendUnavailable, ConfigError
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import EtcdKV
+from .leases import Leases
 
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ class EtcdBackend:
         )
         self.etcd.timeout = settings.request_timeout
         self.kv = EtcdKV(self, self.prefix)
+        self.leases = Leases(self, scheduler)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()
@@ -106,4 +108,7 @@ class EtcdBackend:
         return self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
 
     def close(self) -> None:
-        self.etcd.close()
+        try:
+            self.leases.close()
+        finally:
+            self.etcd.close()
