@@ -17,7 +17,7 @@ COMMANDS = (demo,)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcoord",
-        description="Distributed coordination: fenced locks, hash-ring membership, two-phase commit.",
+        description="Distributed coordination: fenced locks, membership, two-phase commit.",
     )
     parser.add_argument("--version", action="version", version=f"dcoord {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what dcoord does")
@@ -41,4 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
