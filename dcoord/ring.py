@@ -1,0 +1,421 @@
+"""Consistent-hash ring: a pure algorithm, no I/O.
+
+Placement is defined byte-exactly so that any language can reproduce it (see
+``docs/ring.md``, which carries a worked example that the tests assert):
+
+* hash ``H(b)`` = MurmurHash3 x86 32-bit of the bytes ``b``, seed 0, read as an
+  unsigned integer in ``[0, 2**32)``;
+* node ``N`` with weight ``w`` owns ``max(1, round_half_even(vnodes * w))`` virtual
+  nodes; virtual node ``i`` (counting from 0) sits at point ``H(utf8(f"{N}#{i}"))``;
+* the ring is the list of ``(point, N)`` pairs sorted by point, equal points ordered by
+  node id (UTF-8 byte order, which is also Unicode code point order);
+* a key (``str`` -> its UTF-8 bytes, or ``bytes`` as is) goes to the first pair whose
+  point is ``>= H(key)``, wrapping to the first pair of the ring past the top.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
+from fractions import Fraction
+from itertools import chain
+from numbers import Rational, Real
+from types import MappingProxyType
+from typing import Any, NoReturn, TypeVar
+
+import mmh3
+
+from dcoord.errors import ConfigError
+
+__all__ = ["DEFAULT_VNODES", "MAX_POINTS", "HashRing", "Key", "key_hash"]
+
+Key = str | bytes
+K = TypeVar("K", bound=str | bytes)
+
+DEFAULT_VNODES = 160
+#: Upper bound on the virtual nodes of one ring. A weight given in bytes or requests
+#: instead of as a ratio would otherwise try to allocate billions of points.
+MAX_POINTS = 1 << 22
+
+_mmh3_32 = mmh3.hash
+
+
+def _bad_key(key: object) -> NoReturn:
+    if isinstance(key, str):
+        raise ConfigError(
+            f"key {key!r} is not encodable as UTF-8 (lone surrogate); pass bytes instead"
+        ) from None
+    raise ConfigError(f"key must be str or bytes, got {type(key).__name__}: {key!r}") from None
+
+
+def key_hash(key: Key) -> int:
+    """Return the ring position of ``key``: unsigned MurmurHash3 x86 32-bit, seed 0.
+
+    A ``str`` key is hashed as its UTF-8 bytes, so ``key_hash("k") == key_hash(b"k")``.
+    Raises :class:`~dcoord.errors.ConfigError` for any other type.
+    """
+    # mmh3 5.x crashes the interpreter (SIGSEGV) on a str holding a lone surrogate,
+    # so non-ASCII str keys are encoded here, where the failure is a clean exception.
+    if isinstance(key, str) and not key.isascii():
+        try:
+            key = key.encode()
+        except UnicodeEncodeError:
+            _bad_key(key)
+    try:
+        return _mmh3_32(key, 0, False)
+    except TypeError:
+        _bad_key(key)
+
+
+def _check_node_id(node: object) -> str:
+    if not isinstance(node, str):
+        raise ConfigError(f"node id must be a str, got {type(node).__name__}: {node!r}")
+    if not node:
+        raise ConfigError("node id must be a non-empty string, got ''")
+    try:
+        node.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"node id {node!r} is not encodable as UTF-8") from None
+    return node
+
+
+def _check_weight(node: str, weight: object) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, Real):
+        raise ConfigError(
+            f"weight of node {node!r} must be a number, got {type(weight).__name__}: {weight!r}"
+        )
+    value = float(weight)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ConfigError(f"weight of node {node!r} must be finite and > 0, got {weight!r}")
+    return value
+
+
+def _check_vnodes(vnodes: object) -> int:
+    if isinstance(vnodes, bool):
+        raise ConfigError(f"vnodes must be an int >= 1, got {vnodes!r}")
+    try:
+        value = operator.index(vnodes)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(
+            f"vnodes must be an int >= 1, got {type(vnodes).__name__}: {vnodes!r}"
+        ) from None
+    if value < 1:
+        raise ConfigError(f"vnodes must be an int >= 1, got {vnodes!r}")
+    return value
+
+
+def _vnode_count(vnodes: int, weight: float) -> int:
+    # Python's round() is round-half-to-even on the exact binary value: documented so
+    # that other languages (Go math.RoundToEven, Java Math.rint) get the same count.
+    return max(1, round(vnodes * weight))
+
+
+def _node_points(node: str, count: int) -> list[tuple[int, str]]:
+    return [(_mmh3_32(f"{node}#{i}", 0, False), node) for i in range(count)]
+
+
+class HashRing:
+    """A consistent-hash ring over weighted nodes (MurmurHash3, virtual nodes).
+
+    ``HashRing(["a", "b", "c"])`` or ``HashRing({"a": 2.0, "b": 1.0}, vnodes=160)``.
+    A node of weight ``w`` gets ``max(1, round(vnodes * w))`` virtual nodes, so its
+    expected share of keys is proportional to ``w``.
+
+    The ring is an **immutable value**: :meth:`with_node` and :meth:`without_node`
+    return a new ring and leave this one untouched. A lookup therefore never sees a
+    half-built ring, so one instance can be shared by any number of threads without a
+    lock, and a live ring that follows group membership can swap in a new instance with
+    a single reference assignment. Rings compare equal (and hash equal) when they have
+    the same nodes, weights and ``vnodes``, i.e. when they place every key the same way.
+
+    All bad input raises :class:`~dcoord.errors.ConfigError` naming the bad value.
+    """
+
+    __slots__ = ("_nodes", "_owners", "_points", "_vnodes")
+
+    _nodes: dict[str, float]
+    _vnodes: int
+    _points: list[int]  # sorted vnode points
+    _owners: list[str]  # owner of _points[i]; one extra entry (= _owners[0]) for the wrap
+
+    def __init__(
+        self, nodes: Iterable[str] | Mapping[str, float], vnodes: int = DEFAULT_VNODES
+    ) -> None:
+        vn = _check_vnodes(vnodes)
+        weights: dict[str, float] = {}
+        if isinstance(nodes, str | bytes):
+            # A bare string is an iterable of characters: almost certainly a mistake.
+            raise ConfigError(
+                f"nodes must be an iterable of node ids or a mapping id -> weight, "
+                f"got the single value {nodes!r}"
+            )
+        if isinstance(nodes, Mapping):
+            for node, weight in nodes.items():
+                weights[_check_node_id(node)] = _check_weight(node, weight)
+        else:
+            try:
+                items = iter(nodes)
+            except TypeError:
+                raise ConfigError(
+                    f"nodes must be an iterable of node ids or a mapping id -> weight, "
+                    f"got {type(nodes).__name__}: {nodes!r}"
+                ) from None
+            for node in items:
+                if _check_node_id(node) in weights:
+                    raise ConfigError(f"duplicate node id {node!r}")
+                weights[node] = 1.0
+        if not weights:
+            raise ConfigError(f"a ring needs at least one node, got {nodes!r}")
+        counts = {node: _vnode_count(vn, w) for node, w in weights.items()}
+        _check_total(counts, vn)
+        entries: list[tuple[int, str]] = []
+        for node, count in counts.items():
+            entries.extend(_node_points(node, count))
+        entries.sort()
+        self._init(weights, vn, entries)
+
+    def _init(self, nodes: dict[str, float], vnodes: int, entries: list[tuple[int, str]]) -> None:
+        # Private setters go through object.__setattr__: the public one refuses writes.
+        points = [p for p, _ in entries]
+        owners = [n for _, n in entries]
+        owners.append(owners[0])  # bisect past the last point wraps to the first
+        object.__setattr__(self, "_nodes", nodes)
+        object.__setattr__(self, "_vnodes", vnodes)
+        object.__setattr__(self, "_points", points)
+        object.__setattr__(self, "_owners", owners)
+
+    @classmethod
+    def _from_entries(
+        cls, nodes: dict[str, float], vnodes: int, entries: list[tuple[int, str]]
+    ) -> HashRing:
+        ring = cls.__new__(cls)
+        ring._init(nodes, vnodes, entries)
+        return ring
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def node_for(self, key: Key) -> str:
+        """Return the node that owns ``key`` (``str``, hashed as UTF-8, or ``bytes``)."""
+        # Hot path, kept to one hash, one bisect and one index; see key_hash().
+        if isinstance(key, str) and not key.isascii():
+            return self._owners[bisect_left(self._points, key_hash(key))]
+        try:
+            return self._owners[bisect_left(self._points, _mmh3_32(key, 0, False))]
+        except TypeError:
+            _bad_key(key)
+
+    def nodes_for(self, key: Key, n: int) -> list[str]:
+        """Return ``n`` distinct nodes for ``key``, walking the ring clockwise.
+
+        The first is :meth:`node_for`; the rest are the next distinct owners in ring
+        order (the usual choice of replicas). ``1 <= n <= len(ring)``.
+        """
+        if isinstance(n, bool):
+            raise ConfigError(f"n must be an int >= 1, got {n!r}")
+        try:
+            want = operator.index(n)
+        except TypeError:
+            raise ConfigError(f"n must be an int >= 1, got {type(n).__name__}: {n!r}") from None
+        if want < 1:
+            raise ConfigError(f"n must be >= 1, got {n!r}")
+        if want > len(self._nodes):
+            raise ConfigError(f"n={n!r} is larger than the ring's {len(self._nodes)} nodes")
+        owners = self._owners
+        size = len(self._points)
+        start = bisect_left(self._points, key_hash(key)) % size
+        found: list[str] = []
+        for i in chain(range(start, size), range(start)):
+            node = owners[i]
+            if node not in found:  # n is small: a list beats a set here
+                found.append(node)
+                if len(found) == want:
+                    break
+        return found
+
+    def assign(self, keys: Iterable[K], capacity: float = 1.25) -> dict[K, str]:
+        """Place a set of keys with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018).
+
+        With ``m`` distinct keys, node ``N`` may hold at most
+        ``ceil(capacity * m * weight(N) / total_weight)`` keys (``ceil(c * m / len(ring))``
+        when all weights are equal), computed exactly on the decimal values as written
+        (``1.1`` is 11/10, so the bound is never one off from float rounding). Keys
+        are processed in ascending ``(key_hash(key), key bytes, str after bytes)`` order,
+        so the result depends only on the set of keys, never on the order given; each
+        goes to the first node clockwise from its hash that still has room. Every key is
+        placed because ``capacity > 1`` leaves more room than keys.
+
+        Returns a dict key -> node. Duplicate keys are placed once.
+        """
+        c = _check_capacity(capacity)
+        hashed: dict[K, int] = {}
+        for key in keys:
+            if key not in hashed:
+                hashed[key] = key_hash(key)
+        if not hashed:
+            return {}
+        m = len(hashed)
+        weights = {node: _decimal(w) for node, w in self._nodes.items()}
+        total = sum(weights.values())
+        room = {node: math.ceil(c * m * w / total) for node, w in weights.items()}
+        positions: dict[str, list[int]] = {node: [] for node in self._nodes}
+        owners = self._owners
+        points = self._points
+        size = len(points)
+        for i in range(size):
+            positions[owners[i]].append(i)
+        # "Next position whose node still has room" as a union-find with path
+        # compression: a full node's positions are linked to their successors, so each
+        # lookup skips whole runs of full nodes instead of walking them vnode by vnode.
+        parent = list(range(size + 1))  # parent[size] == size: "past the end"
+
+        def find(i: int) -> int:
+            root = i
+            while parent[root] != root:
+                root = parent[root]
+            while parent[i] != root:
+                parent[i], i = root, parent[i]
+            return root
+
+        order = sorted(hashed.items(), key=_assign_order)
+        out: dict[K, str] = {}
+        for key, h in order:
+            i = find(bisect_left(points, h))
+            if i == size:
+                i = find(0)
+            node = owners[i]
+            out[key] = node
+            room[node] -= 1
+            if room[node] == 0:
+                for j in positions[node]:
+                    parent[j] = j + 1
+        return out
+
+    # -- derived views ---------------------------------------------------------------
+
+    def shares(self) -> dict[str, float]:
+        """Return the exact fraction of the hash space each node owns (sums to 1.0)."""
+        points = self._points
+        owners = self._owners
+        arcs = dict.fromkeys(self._nodes, 0)
+        # Position i owns (points[i-1], points[i]]; position 0 also owns the wrap-around.
+        arcs[owners[0]] += points[0] + (1 << 32) - points[-1]
+        for i in range(1, len(points)):
+            arcs[owners[i]] += points[i] - points[i - 1]
+        return {node: arc / (1 << 32) for node, arc in arcs.items()}
+
+    def points(self) -> list[tuple[int, str]]:
+        """Return the ring as sorted ``(point, node)`` pairs (for checks and debugging)."""
+        return list(zip(self._points, self._owners, strict=False))
+
+    @property
+    def nodes(self) -> Mapping[str, float]:
+        """Node id -> weight, in insertion order (a read-only view)."""
+        return MappingProxyType(self._nodes)
+
+    @property
+    def vnodes(self) -> int:
+        """Virtual nodes per unit of weight."""
+        return self._vnodes
+
+    # -- derived rings ---------------------------------------------------------------
+
+    def with_node(self, node: str, weight: float = 1.0) -> HashRing:
+        """Return a new ring with ``node`` added; this ring is unchanged.
+
+        Only keys that the new node now owns move; all others keep their node.
+        """
+        _check_node_id(node)
+        if node in self._nodes:
+            raise ConfigError(f"node {node!r} is already in the ring")
+        w = _check_weight(node, weight)
+        count = _vnode_count(self._vnodes, w)
+        _check_total({node: count}, self._vnodes, len(self._points))
+        nodes = {**self._nodes, node: w}
+        entries = list(zip(self._points, self._owners, strict=False))
+        # Timsort merges the sorted old run with the sorted new run in linear time:
+        # no existing point is re-hashed.
+        entries.extend(sorted(_node_points(node, count)))
+        entries.sort()
+        return HashRing._from_entries(nodes, self._vnodes, entries)
+
+    def without_node(self, node: str) -> HashRing:
+        """Return a new ring with ``node`` removed; this ring is unchanged.
+
+        Only the removed node's keys move. Removing the last node is an error.
+        """
+        if node not in self._nodes:
+            raise ConfigError(f"node {node!r} is not in the ring (nodes: {list(self._nodes)})")
+        if len(self._nodes) == 1:
+            raise ConfigError(f"cannot remove {node!r}: it is the ring's only node")
+        nodes = {n: w for n, w in self._nodes.items() if n != node}
+        entries = [e for e in zip(self._points, self._owners, strict=False) if e[1] != node]
+        return HashRing._from_entries(nodes, self._vnodes, entries)
+
+    # -- value-object protocol -------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._nodes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HashRing):
+            return NotImplemented
+        return self._vnodes == other._vnodes and self._nodes == other._nodes
+
+    def __hash__(self) -> int:
+        return hash((self._vnodes, frozenset(self._nodes.items())))
+
+    def __repr__(self) -> str:
+        return f"HashRing({self._nodes!r}, vnodes={self._vnodes})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Slots plus a refusing __setattr__ defeat default pickling; rebuilding is cheap.
+        return (HashRing, (dict(self._nodes), self._vnodes))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"HashRing is immutable; use with_node()/without_node() ({name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"HashRing is immutable ({name})")
+
+
+def _check_total(counts: Mapping[str, int], vnodes: int, existing: int = 0) -> None:
+    total = existing + sum(counts.values())
+    if total > MAX_POINTS:
+        raise ConfigError(
+            f"vnodes={vnodes} with weights {dict(counts)} gives {total} virtual nodes, "
+            f"more than {MAX_POINTS}; weights are ratios (1.0 = normal), not capacities"
+        )
+
+
+def _check_capacity(capacity: object) -> Fraction:
+    if isinstance(capacity, bool) or not isinstance(capacity, Real):
+        raise ConfigError(
+            f"capacity must be a number > 1, got {type(capacity).__name__}: {capacity!r}"
+        )
+    value = float(capacity)
+    if math.isfinite(value):
+        exact = Fraction(capacity) if isinstance(capacity, Rational) else _decimal(value)
+        if exact > 1:
+            return exact
+    raise ConfigError(f"capacity must be finite and > 1, got {capacity!r}")
+
+
+def _decimal(value: float) -> Fraction:
+    # The decimal the user wrote, not the binary float: 1.1 means 11/10, so that
+    # ceil(1.1 * 200) is 220 as on paper, not 221 from 1.1's binary excess.
+    return Fraction(repr(value))
+
+
+def _assign_order(item: tuple[Key, int]) -> tuple[int, bytes, bool]:
+    key, h = item
+    if isinstance(key, str):
+        return (h, key.encode(), True)
+    return (h, key, False)
