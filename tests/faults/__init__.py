@@ -1,0 +1,1 @@
+"""Fault tests: single scenarios (test_*.py) and the randomized suite (randomized/)."""
