@@ -21,23 +21,34 @@ from .errors import (
     LockNotOwned,
     LockTimeout,
     LogCorrupted,
+    NoMembers,
     TransactionAborted,
     TransactionError,
 )
+from .membership import Group, GroupView, JoinedMember, LiveRing, Member, Watch
+from .ring import HashRing
 
 __all__ = [
     "BackendUnavailable",
     "Client",
     "ConfigError",
     "DcoordError",
+    "Group",
+    "GroupView",
+    "HashRing",
+    "JoinedMember",
+    "LiveRing",
     "LockError",
     "LockLost",
     "LockNotOwned",
     "LockTimeout",
     "LogCorrupted",
+    "Member",
+    "NoMembers",
     "ServerInfo",
     "TransactionAborted",
     "TransactionError",
+    "Watch",
     "__version__",
     "connect",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 from .backends import Backend, ServerInfo, open_backend
 from .config import Settings, settings_from
+from .membership import Group
 from .scheduler import Scheduler
 
 
@@ -41,6 +42,11 @@ class Client:
     def ping(self) -> ServerInfo:
         """Ask the server for its kind and version (raises BackendUnavailable if it is gone)."""
         return self.backend.ping()
+
+    def group(self, name: str) -> Group:
+        """The membership group ``name``: join it, list or watch its members, or follow
+        it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
+        return Group(self, name)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the client closes (before the connection goes), newest first."""

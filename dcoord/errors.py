@@ -43,6 +43,10 @@ class LockLost(LockError):
     """A held lock was lost: its TTL passed without renewal, or renewal failed."""
 
 
+class NoMembers(DcoordError, LookupError):
+    """A lookup on a live ring whose group has no live members."""
+
+
 class TransactionError(DcoordError):
     """Base class of two-phase-commit failures."""
 

@@ -6,6 +6,7 @@ a small object that owns its connection and exposes one store per primitive:
 
 ==========  ===================================================================
 ``kv``      plain keys under the namespace (get / put / delete / scan)
+``groups``  group membership (join / refresh / leave / read / subscribe)
 ==========  ===================================================================
 
 Keys passed to a store are relative to the client's namespace; the backend maps them
@@ -59,6 +60,91 @@ class KVStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """A group's live members as the server saw them at one point (its epoch)."""
+
+    epoch: int
+    """Increases with every change of the group's membership (on etcd: the revision)."""
+    members: dict[str, bytes]
+    """Member id -> the payload it joined with."""
+    next_expiry: float | None
+    """Seconds (by the server's clock) until the first member expires unless refreshed;
+    None when nobody needs to look: no members, or the server deletes expired members
+    itself and notifies subscribers (etcd leases)."""
+
+
+class MemberRegistration(Protocol):
+    """One member joined by this client: the backend's side of a :class:`dcoord.Member`."""
+
+    @property
+    def ttl(self) -> float:
+        """The TTL the server granted (etcd rounds up to whole seconds and a minimum)."""
+        ...
+
+    @property
+    def keepalive_interval(self) -> float | None:
+        """How often the core must call :meth:`refresh`; None when the backend keeps the
+        registration alive itself (etcd: the client's shared lease)."""
+        ...
+
+    @property
+    def expires_at(self) -> float:
+        """Monotonic time by which the registration has surely expired unless refreshed."""
+        ...
+
+    def refresh(self) -> bool:
+        """Extend the registration by its TTL; False if the server no longer has it."""
+        ...
+
+    def leave(self) -> bool:
+        """Remove the member now, only if it is still this registration's; True if it was."""
+        ...
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the backend itself finds the registration gone."""
+        ...
+
+
+class GroupSubscription(Protocol):
+    """Change notifications of one group, for the thread that follows it."""
+
+    def wait(self, timeout: float) -> None:
+        """Return when the group may have changed, or after ``timeout`` seconds.
+
+        Raises BackendUnavailable when the notification channel broke; the next call
+        re-establishes it and returns at once, so the caller re-reads and misses nothing.
+        """
+        ...
+
+    def wake(self) -> None:
+        """Make a :meth:`wait` running in another thread return now (thread-safe)."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening; called by the thread that waits."""
+        ...
+
+
+class GroupStore(Protocol):
+    """Group membership. Liveness is decided by the server's clock, never the client's."""
+
+    def join(
+        self, group: str, member_id: str, payload: bytes, ttl: float
+    ) -> MemberRegistration | None:
+        """Register ``member_id`` with ``payload`` for ``ttl`` seconds; None (and nothing
+        written) if another registration of that id is live."""
+        ...
+
+    def read(self, group: str) -> GroupSnapshot:
+        """The live members; expired ones are pruned (and notified) atomically first."""
+        ...
+
+    def subscribe(self, group: str) -> GroupSubscription:
+        """Start listening for changes of ``group`` (before reading, so none is missed)."""
+        ...
+
+
 class Backend(Protocol):
     """A connected backend. Created by :func:`dcoord.backends.open_backend`."""
 
@@ -67,6 +153,9 @@ class Backend(Protocol):
 
     @property
     def kv(self) -> KVStore: ...
+
+    @property
+    def groups(self) -> GroupStore: ...
 
     def ping(self) -> ServerInfo: ...
 

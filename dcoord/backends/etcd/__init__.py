@@ -18,6 +18,7 @@ from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import EtcdKV
 from .leases import Leases
+from .membership import EtcdGroups
 
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ class EtcdBackend:
         self.etcd.timeout = settings.request_timeout
         self.kv = EtcdKV(self, self.prefix)
         self.leases = Leases(self, scheduler)
+        self.groups = EtcdGroups(self, self.prefix)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

@@ -14,6 +14,7 @@ from ...config import Settings
 from ...scheduler import Scheduler
 from ..base import ServerInfo
 from .kv import MemoryKV
+from .membership import MemoryGroups
 
 
 class MemoryServer:
@@ -45,6 +46,7 @@ class MemoryBackend:
         self.server = memory_server(settings.database)
         self.prefix = f"{settings.namespace}/"
         self.kv = MemoryKV(self.server, self.prefix)
+        self.groups = MemoryGroups(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(

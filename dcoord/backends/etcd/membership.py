@@ -1,0 +1,177 @@
+"""Group membership on etcd: one key per member, attached to the client's shared lease.
+
+``/dcoord/<ns>/groups/<g>/members/<id>`` holds ``<token> <payload>``, put with the
+lease of the member's TTL (``backend.leases.lease(ttl)``), so the member lives exactly as
+long as the client keeps that lease alive: etcd deletes the key when the lease expires,
+by the server's clock. A watch on the prefix tells followers about every change; the
+epoch of a read is its etcd revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pyetcd import exceptions as etcd_errors
+
+from ...errors import BackendUnavailable
+from ..base import GroupSnapshot
+from .leases import Lease
+
+if TYPE_CHECKING:
+    from . import EtcdBackend
+
+
+class EtcdGroups:
+    def __init__(self, backend: EtcdBackend, prefix: str) -> None:
+        self._backend = backend
+        self._etcd = backend.etcd
+        self._prefix = f"{prefix}groups/"
+
+    def members_prefix(self, group: str) -> str:
+        return f"{self._prefix}{group}/members/"
+
+    def join(
+        self, group: str, member_id: str, payload: bytes, ttl: float
+    ) -> EtcdRegistration | None:
+        key = self.members_prefix(group) + member_id
+        token = secrets.token_hex(16)
+        value = token.encode() + b" " + payload
+        lease = self._backend.leases.lease(ttl)
+        tx = self._etcd.transactions
+
+        def join() -> tuple[bytes, Any]:
+            _, responses = self._etcd.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, value, lease=lease.id), tx.get(key)],
+                failure=[tx.get(key)],
+            )
+            ((current, meta),) = responses[-1]
+            return bytes(current), meta
+
+        # Safe to retry: a retried join whose first reply was lost finds its own token.
+        current, meta = self._backend.call(join, what=f"join {member_id!r}", retry=True)
+        if current != value:
+            return None
+        return EtcdRegistration(self, key, lease, int(meta.create_revision))
+
+    def leave(self, key: str, create_revision: int) -> bool:
+        tx = self._etcd.transactions
+        ok, _ = self._backend.call(
+            lambda: self._etcd.transaction(
+                compare=[tx.create(key) == create_revision], success=[tx.delete(key)], failure=[]
+            ),
+            what=f"leave {key!r}",
+            retry=True,
+        )
+        return bool(ok)
+
+    def read(self, group: str) -> GroupSnapshot:
+        prefix = self.members_prefix(group)
+        response = self._backend.call(
+            lambda: self._etcd.get_prefix_response(prefix),
+            what=f"read members of group {group!r}",
+            retry=True,
+        )
+        cut = len(prefix)
+        members = {}
+        for kv in response.kvs:
+            _, _, payload = bytes(kv.value).partition(b" ")
+            members[kv.key.decode()[cut:]] = payload
+        return GroupSnapshot(epoch=int(response.header.revision), members=members, next_expiry=None)
+
+    def subscribe(self, group: str) -> EtcdSubscription:
+        return EtcdSubscription(self._backend, self.members_prefix(group), group)
+
+
+class EtcdRegistration:
+    keepalive_interval: float | None = None
+
+    def __init__(self, groups: EtcdGroups, key: str, lease: Lease, create_revision: int) -> None:
+        self._groups = groups
+        self._key = key
+        self._lease = lease
+        self._create_revision = create_revision
+        self.ttl = float(lease.ttl)
+
+    @property
+    def expires_at(self) -> float:
+        return 0.0 if self._lease.lost.is_set() else self._lease.expires_at
+
+    def refresh(self) -> bool:
+        """The shared lease's keep-alive does the refreshing; this only reports it."""
+        return not self._lease.lost.is_set()
+
+    def leave(self) -> bool:
+        return self._groups.leave(self._key, self._create_revision)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._lease.on_lost(callback)
+
+
+class EtcdSubscription:
+    """A watch on the group's prefix, on the client's one watch stream (pyetcd's thread)."""
+
+    def __init__(self, backend: EtcdBackend, prefix: str, group: str) -> None:
+        self._backend = backend
+        self._prefix = prefix
+        self._what = f"watch group {group!r}"
+        self._event = threading.Event()
+        self._mutex = threading.Lock()
+        self._generation = 0
+        self._error: BaseException | None = None
+        self._watch_id: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        with self._mutex:
+            self._generation += 1
+            generation = self._generation
+            self._error = None
+
+        def on_response(response: Any) -> None:
+            with self._mutex:
+                if generation != self._generation:
+                    return  # from a watch this subscription already replaced
+                if isinstance(response, BaseException):
+                    self._error = response
+            self._event.set()
+
+        def watch() -> Any:
+            try:
+                return self._backend.etcd.add_watch_prefix_callback(self._prefix, on_response)
+            except etcd_errors.WatchTimedOut as exc:
+                raise etcd_errors.ConnectionTimeoutError("watch not created in time") from exc
+
+        self._watch_id = self._backend.call(watch, what=self._what)
+
+    def wait(self, timeout: float) -> None:
+        if self._watch_id is None:
+            self._start()
+            return  # watching again: the caller re-reads, so nothing is missed
+        if self._event.wait(timeout):
+            self._event.clear()
+        with self._mutex:
+            error, self._error = self._error, None
+        if error is not None:
+            # The stream broke (server restart, connection lost): pyetcd has dropped every
+            # watch on it; the next wait() watches again.
+            self._watch_id = None
+            raise BackendUnavailable(f"{self._what}: the watch stream broke: {error}") from error
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def close(self) -> None:
+        watch_id, self._watch_id = self._watch_id, None
+        with self._mutex:
+            self._generation += 1
+        if watch_id is not None:
+            # If the stream is gone, the watch went with it.
+            with contextlib.suppress(BackendUnavailable):
+                self._backend.call(
+                    lambda: self._backend.etcd.cancel_watch(watch_id), what=self._what
+                )

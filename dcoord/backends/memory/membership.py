@@ -1,0 +1,167 @@
+"""Group membership in the embedded store: one JSON record per group, the monotonic clock.
+
+The record is ``{"epoch": n, "members": {id: {"expires": t, "token": s, "payload": s}}}``
+under ``<namespace>/groups/<name>``. Every operation runs under the server's condition
+and notifies it on change, which is what subscribers wait on.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..base import GroupSnapshot
+
+if TYPE_CHECKING:
+    from . import MemoryServer
+
+
+class MemoryGroups:
+    def __init__(self, server: MemoryServer, prefix: str) -> None:
+        self._server = server
+        self._prefix = f"{prefix}groups/"
+
+    # Callers hold self._server.cond for everything below that touches the record.
+
+    def _load(self, group: str) -> dict[str, Any]:
+        raw = self._server.data.get(self._prefix + group)
+        record: dict[str, Any] = json.loads(raw) if raw is not None else {"epoch": 0, "members": {}}
+        return record
+
+    def _store(self, group: str, record: dict[str, Any]) -> None:
+        record["epoch"] += 1
+        self._server.data[self._prefix + group] = json.dumps(record).encode()
+        self._server.cond.notify_all()
+
+    def _pruned(self, group: str) -> dict[str, Any]:
+        record = self._load(group)
+        now = time.monotonic()
+        members = record["members"]
+        expired = [m for m, entry in members.items() if entry["expires"] <= now]
+        for member_id in expired:
+            del members[member_id]
+        if expired:
+            self._store(group, record)
+        return record
+
+    def epoch(self, group: str) -> int:
+        with self._server.cond:
+            return int(self._load(group)["epoch"])
+
+    def join(
+        self, group: str, member_id: str, payload: bytes, ttl: float
+    ) -> MemoryRegistration | None:
+        token = secrets.token_hex(16)
+        with self._server.cond:
+            record = self._pruned(group)
+            if member_id in record["members"]:
+                return None
+            expires = time.monotonic() + ttl
+            record["members"][member_id] = {
+                "expires": expires,
+                "token": token,
+                "payload": payload.decode(),
+            }
+            self._store(group, record)
+        return MemoryRegistration(self, group, member_id, token, ttl, expires)
+
+    def read(self, group: str) -> GroupSnapshot:
+        with self._server.cond:
+            record = self._pruned(group)
+        members = record["members"]
+        soonest = min((e["expires"] for e in members.values()), default=None)
+        return GroupSnapshot(
+            epoch=record["epoch"],
+            members={m: e["payload"].encode() for m, e in members.items()},
+            next_expiry=None if soonest is None else max(0.0, soonest - time.monotonic()),
+        )
+
+    def refresh(self, group: str, member_id: str, token: str, ttl: float) -> bool:
+        with self._server.cond:
+            record = self._pruned(group)
+            entry = record["members"].get(member_id)
+            if entry is None or entry["token"] != token:
+                return False
+            # A heartbeat is not a membership change: no epoch bump, no notification.
+            entry["expires"] = time.monotonic() + ttl
+            self._server.data[self._prefix + group] = json.dumps(record).encode()
+            return True
+
+    def leave(self, group: str, member_id: str, token: str) -> bool:
+        with self._server.cond:
+            record = self._pruned(group)
+            entry = record["members"].get(member_id)
+            if entry is None or entry["token"] != token:
+                return False
+            del record["members"][member_id]
+            self._store(group, record)
+            return True
+
+    def subscribe(self, group: str) -> MemorySubscription:
+        return MemorySubscription(self, group)
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self._server.cond
+
+
+class MemoryRegistration:
+    keepalive_interval: float | None
+
+    def __init__(
+        self,
+        groups: MemoryGroups,
+        group: str,
+        member_id: str,
+        token: str,
+        ttl: float,
+        expires_at: float,
+    ) -> None:
+        self._groups = groups
+        self._group = group
+        self._member_id = member_id
+        self._token = token
+        self.ttl = ttl
+        self.keepalive_interval = ttl / 3
+        self.expires_at = expires_at
+
+    def refresh(self) -> bool:
+        sent = time.monotonic()
+        ok = self._groups.refresh(self._group, self._member_id, self._token, self.ttl)
+        if ok:
+            self.expires_at = sent + self.ttl
+        return ok
+
+    def leave(self) -> bool:
+        return self._groups.leave(self._group, self._member_id, self._token)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """The embedded store never drops a registration on its own: heartbeats decide."""
+
+
+class MemorySubscription:
+    def __init__(self, groups: MemoryGroups, group: str) -> None:
+        self._groups = groups
+        self._group = group
+        self._seen = groups.epoch(group)
+        self._woken = False
+
+    def wait(self, timeout: float) -> None:
+        with self._groups.cond:
+            self._groups.cond.wait_for(
+                lambda: self._woken or self._groups.epoch(self._group) != self._seen, timeout
+            )
+            self._seen = self._groups.epoch(self._group)
+            self._woken = False
+
+    def wake(self) -> None:
+        with self._groups.cond:
+            self._woken = True
+            self._groups.cond.notify_all()
+
+    def close(self) -> None:
+        """Nothing to release."""

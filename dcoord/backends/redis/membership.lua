@@ -1,0 +1,85 @@
+-- Group membership, every operation in one script so that all of them prune first.
+--
+-- KEYS[1] sorted set: member id -> expiry in ms by the server's clock (TIME)
+-- KEYS[2] hash: member id -> payload
+-- KEYS[3] hash: member id -> owner token (one per join)
+-- KEYS[4] string: the group's epoch, INCRed on every change
+-- ARGV[1] the channel changes are published on (the message is the new epoch)
+-- ARGV[2] the operation: join | refresh | leave | read; then its arguments.
+--
+-- Liveness is decided here, by the server's clock only: clients never compare clocks.
+
+local expiries, payloads, owners, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local channel, op = ARGV[1], ARGV[2]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- unpack() of very long lists overflows Lua's C stack: work in chunks.
+local CHUNK = 1000
+
+local function changed()
+  local epoch = redis.call('INCR', epoch_key)
+  redis.call('PUBLISH', channel, epoch)
+end
+
+local function remove(ids)
+  for i = 1, #ids, CHUNK do
+    local part = {unpack(ids, i, math.min(i + CHUNK - 1, #ids))}
+    redis.call('ZREM', expiries, unpack(part))
+    redis.call('HDEL', payloads, unpack(part))
+    redis.call('HDEL', owners, unpack(part))
+  end
+end
+
+local expired = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
+if #expired > 0 then
+  remove(expired)
+  changed()
+end
+
+if op == 'read' then
+  local entries = redis.call('ZRANGE', expiries, 0, -1, 'WITHSCORES')
+  local ids, soonest = {}, nil
+  for i = 1, #entries, 2 do
+    ids[#ids + 1] = entries[i]
+    local expiry = tonumber(entries[i + 1])
+    if soonest == nil or expiry < soonest then soonest = expiry end
+  end
+  local epoch = tonumber(redis.call('GET', epoch_key) or '0')
+  local reply = {epoch, soonest and (soonest - now) or -1}
+  for i = 1, #ids, CHUNK do
+    local part = {unpack(ids, i, math.min(i + CHUNK - 1, #ids))}
+    local values = redis.call('HMGET', payloads, unpack(part))
+    for j = 1, #part do
+      reply[#reply + 1] = part[j]
+      reply[#reply + 1] = values[j] or ''
+    end
+  end
+  return reply
+end
+
+local id, token = ARGV[3], ARGV[4]
+local owner = redis.call('HGET', owners, id)
+
+if op == 'join' then
+  local ttl, payload = tonumber(ARGV[5]), ARGV[6]
+  if owner and owner ~= token then return 0 end
+  redis.call('ZADD', expiries, now + ttl, id)
+  -- The same token again is a retried join whose reply was lost: only extend it.
+  if not owner then
+    redis.call('HSET', payloads, id, payload)
+    redis.call('HSET', owners, id, token)
+    changed()
+  end
+  return 1
+elseif op == 'refresh' then
+  if owner ~= token then return 0 end
+  -- A heart-beat is not a membership change: no epoch, no notification.
+  redis.call('ZADD', expiries, 'XX', now + tonumber(ARGV[5]), id)
+  return 1
+elseif op == 'leave' then
+  if owner ~= token then return 0 end
+  remove({id})
+  changed()
+  return 1
+end
+return redis.error_reply('unknown membership operation ' .. tostring(op))

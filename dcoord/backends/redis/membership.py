@@ -1,0 +1,196 @@
+"""Group membership on Redis: a sorted set scored by expiry (server ``TIME``), pub/sub.
+
+Keys of group ``g`` (one hash slot, thanks to the ``{g}`` tag)::
+
+    dcoord:<ns>:group:{g}:expiries   sorted set  member id -> expiry (ms, server clock)
+    dcoord:<ns>:group:{g}:payloads   hash        member id -> payload
+    dcoord:<ns>:group:{g}:owners     hash        member id -> token of the join
+    dcoord:<ns>:group:{g}:epoch      counter     INCRed on every change
+    dcoord:<ns>:group:{g}:changes    channel     the new epoch, on every change
+
+Every operation is ``membership.lua`` (sent once, then run by SHA; redis-py reloads it
+on NOSCRIPT), which first prunes expired members, so a read never returns a dead one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ...errors import BackendUnavailable
+from ..base import GroupSnapshot
+
+if TYPE_CHECKING:
+    from . import RedisBackend
+
+_SCRIPT = resources.files(__package__).joinpath("membership.lua").read_text()
+
+
+class RedisGroups:
+    def __init__(self, backend: RedisBackend, prefix: str) -> None:
+        self._backend = backend
+        self._redis = backend.redis
+        self._prefix = f"{prefix}group:"
+        self._script = self._redis.register_script(_SCRIPT)
+
+    def keys(self, group: str) -> tuple[list[str], str]:
+        base = f"{self._prefix}{{{group}}}:"
+        keys = [base + name for name in ("expiries", "payloads", "owners", "epoch")]
+        return keys, base + "changes"
+
+    def run(self, group: str, what: str, *args: Any, retry: bool = True) -> Any:
+        keys, channel = self.keys(group)
+        return self._backend.call(
+            lambda: self._script(keys=keys, args=[channel, *args]),
+            what=f"{what} in group {group!r}",
+            retry=retry,
+        )
+
+    def join(
+        self, group: str, member_id: str, payload: bytes, ttl: float
+    ) -> RedisRegistration | None:
+        token = secrets.token_hex(16)
+        ttl_ms = math.ceil(ttl * 1000)
+        sent = time.monotonic()
+        # Safe to retry: the script treats a second join with the same token as a refresh.
+        if not self.run(group, f"join {member_id!r}", "join", member_id, token, ttl_ms, payload):
+            return None
+        return RedisRegistration(self, group, member_id, token, ttl, sent + ttl)
+
+    def read(self, group: str) -> GroupSnapshot:
+        reply = self.run(group, "read members", "read")
+        epoch, next_ms, flat = int(reply[0]), int(reply[1]), reply[2:]
+        members = {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return GroupSnapshot(
+            epoch=epoch,
+            members=members,
+            next_expiry=None if next_ms < 0 else next_ms / 1000,
+        )
+
+    def subscribe(self, group: str) -> RedisSubscription:
+        return RedisSubscription(self._backend, self.keys(group)[1], group)
+
+
+class RedisRegistration:
+    def __init__(
+        self,
+        groups: RedisGroups,
+        group: str,
+        member_id: str,
+        token: str,
+        ttl: float,
+        expires_at: float,
+    ) -> None:
+        self._groups = groups
+        self._group = group
+        self._member_id = member_id
+        self._token = token
+        self.ttl = ttl
+        self.keepalive_interval: float | None = ttl / 3
+        self.expires_at = expires_at
+
+    def refresh(self) -> bool:
+        sent = time.monotonic()
+        ok = bool(
+            self._groups.run(
+                self._group,
+                f"heart-beat of {self._member_id!r}",
+                "refresh",
+                self._member_id,
+                self._token,
+                math.ceil(self.ttl * 1000),
+                retry=False,
+            )
+        )
+        if ok:
+            self.expires_at = sent + self.ttl
+        return ok
+
+    def leave(self) -> bool:
+        return bool(
+            self._groups.run(
+                self._group, f"leave {self._member_id!r}", "leave", self._member_id, self._token
+            )
+        )
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Redis never drops a registration unseen: a failed heart-beat tells the core."""
+
+
+class RedisSubscription:
+    """A pub/sub connection on the group's channel plus a private wake-up channel."""
+
+    def __init__(self, backend: RedisBackend, channel: str, group: str) -> None:
+        self._backend = backend
+        self._channel = channel
+        self._wake_channel = f"{backend.prefix}wake:{secrets.token_hex(8)}"
+        self._what = f"subscribe to changes of group {group!r}"
+        self._pubsub: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        pubsub = self._backend.redis.pubsub()  # type: ignore[no-untyped-call]
+
+        def subscribe() -> None:
+            pubsub.subscribe(self._channel, self._wake_channel)
+            # Wait for both confirmations: only then is no later change missed.
+            confirmed, deadline = 0, time.monotonic() + self._backend.settings.request_timeout
+            while confirmed < 2:
+                if time.monotonic() >= deadline:
+                    raise redis.TimeoutError("no SUBSCRIBE confirmation")
+                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if message is not None and message["type"] == "subscribe":
+                    confirmed += 1
+
+        try:
+            self._backend.call(subscribe, what=self._what)
+        except BaseException:
+            pubsub.close()
+            raise
+        self._pubsub = pubsub
+
+    def wait(self, timeout: float) -> None:
+        if self._pubsub is None:
+            self._connect()
+            return  # re-subscribed: the caller re-reads, so nothing is missed
+        pubsub = self._pubsub
+        deadline = time.monotonic() + timeout
+
+        def receive() -> None:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "message":
+                    # Drain what else arrived: one re-read covers every change so far.
+                    while pubsub.get_message(timeout=0) is not None:
+                        pass
+                    return
+
+        try:
+            self._backend.call(receive, what=self._what)
+        except BackendUnavailable:
+            self._pubsub = None
+            pubsub.close()
+            raise
+
+    def wake(self) -> None:
+        # In an outage the follower's wait fails too, and it re-reads anyway.
+        with contextlib.suppress(BackendUnavailable):
+            self._backend.call(
+                lambda: self._backend.redis.publish(self._wake_channel, b"wake"),
+                what="wake a group follower",
+            )
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
+            self._pubsub = None
