@@ -25,6 +25,8 @@ from .errors import (
     TransactionAborted,
     TransactionError,
 )
+from .fence import Fence
+from .lock import Lock
 from .membership import Group, GroupView, JoinedMember, LiveRing, Member, Watch
 from .ring import HashRing
 
@@ -33,11 +35,13 @@ __all__ = [
     "Client",
     "ConfigError",
     "DcoordError",
+    "Fence",
     "Group",
     "GroupView",
     "HashRing",
     "JoinedMember",
     "LiveRing",
+    "Lock",
     "LockError",
     "LockLost",
     "LockNotOwned",

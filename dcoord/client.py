@@ -9,6 +9,8 @@ from typing import Any
 
 from .backends import Backend, ServerInfo, open_backend
 from .config import Settings, settings_from
+from .fence import Fence
+from .lock import DEFAULT_TTL, Lock, OnLost
 from .membership import Group
 from .scheduler import Scheduler
 
@@ -42,6 +44,27 @@ class Client:
     def ping(self) -> ServerInfo:
         """Ask the server for its kind and version (raises BackendUnavailable if it is gone)."""
         return self.backend.ping()
+
+    def lock(
+        self,
+        name: str,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+    ) -> Lock:
+        """A handle on the distributed lock ``name`` (nothing is written until acquired).
+
+        ``ttl``: seconds the lock outlives a holder that stops renewing (default 30).
+        ``timeout``: how long ``with lock:`` / ``acquire()`` wait (None: for ever).
+        ``auto_renew``: extend the held lock every ttl/3 from the client's scheduler
+        thread. ``on_lost(lock)``: called if a held lock is lost. See :class:`Lock`.
+        """
+        return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
+
+    def fence(self, resource: str) -> Fence:
+        """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
+        return Fence(self, resource)
 
     def group(self, name: str) -> Group:
         """The membership group ``name``: join it, list or watch its members, or follow

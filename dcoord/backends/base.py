@@ -7,6 +7,7 @@ a small object that owns its connection and exposes one store per primitive:
 ==========  ===================================================================
 ``kv``      plain keys under the namespace (get / put / delete / scan)
 ``groups``  group membership (join / refresh / leave / read / subscribe)
+``locks``   fenced locks (acquire with notified waiting / release / extend) and fences
 ==========  ===================================================================
 
 Keys passed to a store are relative to the client's namespace; the backend maps them
@@ -15,6 +16,7 @@ into its own keyspace so two namespaces on one server never see each other's key
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -145,6 +147,80 @@ class GroupStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class LockGrant:
+    """What a backend returns for a granted or extended lock."""
+
+    fence: int
+    """The fencing token: greater than that of every earlier grant of the lock name."""
+    expires_at: float
+    """Monotonic time by which the server has surely let the lock go unless extended:
+    computed from when the request was *sent*, so it errs early, never late."""
+
+
+class LockSlot(Protocol):
+    """One lock handle's state on the backend (its token, or its etcd queue key).
+
+    Created per handle by :meth:`LockStore.slot`; the core serialises calls on a slot.
+    """
+
+    def acquire(self, deadline: float | None) -> LockGrant | None:
+        """Acquire the lock, waiting until the monotonic ``deadline`` (None: for ever).
+
+        Waiting is notified (release messages, watches, condition variables) with the
+        holder's remaining TTL as a backstop, never fixed-interval polling. A deadline
+        already past means one attempt. Returns None when the deadline passed; then
+        nothing of this attempt is left on the server (an etcd queue key is deleted).
+        """
+        ...
+
+    def release(self) -> bool:
+        """Let the lock go if this slot's grant still holds it; False if it did not."""
+        ...
+
+    def extend(self, ttl: float) -> LockGrant | None:
+        """Reset the remaining time of this slot's grant to ``ttl``; None if not held."""
+        ...
+
+
+class LockStore(Protocol):
+    """Fenced locks and fences. Lock names are non-empty strings, validated by the core."""
+
+    def slot(self, name: str, ttl: float, auto_renew: bool) -> LockSlot:
+        """A new slot for one handle of lock ``name`` (nothing is written yet).
+
+        ``auto_renew`` tells a backend whose leases are kept alive by the client (etcd)
+        that the core will keep extending this lock, so it may share a lease.
+        """
+        ...
+
+    def admit(self, resource: str, token: int) -> bool:
+        """Atomically record ``token`` for ``resource`` if it is >= every token recorded
+        before; False (and nothing written) if a greater one was."""
+        ...
+
+    def highest(self, resource: str) -> int | None:
+        """The greatest token admitted for ``resource``, or None."""
+        ...
+
+    def close(self) -> None:
+        """Stop the store's background work (notification threads); idempotent."""
+        ...
+
+
+def key_segment(name: str) -> str:
+    """``name`` with ``%``, ``/``, ``{`` and ``}`` percent-encoded.
+
+    The mapping is one-to-one, keeps common names readable, and the result is safe as
+    one path segment (etcd prefixes: lock ``a`` never sees the keys of lock ``a/b``) and
+    inside a Redis hash tag (``{...}`` must not close early).
+    """
+    return _SEGMENT_SPECIALS.sub(lambda m: f"%{ord(m.group()):02X}", name)
+
+
+_SEGMENT_SPECIALS = re.compile(r"[%/{}]")
+
+
 class Backend(Protocol):
     """A connected backend. Created by :func:`dcoord.backends.open_backend`."""
 
@@ -156,6 +232,9 @@ class Backend(Protocol):
 
     @property
     def groups(self) -> GroupStore: ...
+
+    @property
+    def locks(self) -> LockStore: ...
 
     def ping(self) -> ServerInfo: ...
 

@@ -18,6 +18,7 @@ from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import EtcdKV
 from .leases import Leases
+from .locks import EtcdLocks
 from .membership import EtcdGroups
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class EtcdBackend:
         self.etcd.timeout = settings.request_timeout
         self.kv = EtcdKV(self, self.prefix)
         self.leases = Leases(self, scheduler)
+        self.locks = EtcdLocks(self, scheduler)
         self.groups = EtcdGroups(self, self.prefix)
 
     def _server_info(self) -> ServerInfo:

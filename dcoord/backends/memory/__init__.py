@@ -14,6 +14,7 @@ from ...config import Settings
 from ...scheduler import Scheduler
 from ..base import ServerInfo
 from .kv import MemoryKV
+from .locks import MemoryLocks
 from .membership import MemoryGroups
 
 
@@ -47,6 +48,7 @@ class MemoryBackend:
         self.prefix = f"{settings.namespace}/"
         self.kv = MemoryKV(self.server, self.prefix)
         self.groups = MemoryGroups(self.server, self.prefix)
+        self.locks = MemoryLocks(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(

@@ -19,6 +19,7 @@ from ...errors import BackendUnavailable, ConfigError
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import RedisKV
+from .locks import RedisLocks
 from .membership import RedisGroups
 
 T = TypeVar("T")
@@ -60,6 +61,7 @@ class RedisBackend:
         )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
+        self.locks = RedisLocks(self)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",

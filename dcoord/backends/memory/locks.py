@@ -1,0 +1,124 @@
+"""Fenced locks in the embedded store: condition variables, TTLs on the monotonic clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from ..base import LockGrant
+
+if TYPE_CHECKING:
+    from . import MemoryServer
+
+
+class _Entry:
+    """One lock name: its holder's token and deadline, and the last fence handed out."""
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.token: object | None = None
+        self.expires_at = 0.0
+        self.fence = 0
+        self.cond = threading.Condition(mutex)
+
+    def free(self, now: float) -> bool:
+        return self.token is None or now >= self.expires_at
+
+
+class _Table:
+    """Every lock and fence of one memory store; ``mutex`` is their linearization point."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.entries: dict[str, _Entry] = {}
+        self.fences: dict[str, int] = {}
+
+
+_tables: weakref.WeakKeyDictionary[MemoryServer, _Table] = weakref.WeakKeyDictionary()
+_tables_mutex = threading.Lock()
+
+
+def _table(server: MemoryServer) -> _Table:
+    with _tables_mutex:
+        table = _tables.get(server)
+        if table is None:
+            table = _tables[server] = _Table()
+        return table
+
+
+class MemoryLocks:
+    def __init__(self, server: MemoryServer, prefix: str) -> None:
+        self._table = _table(server)
+        self._prefix = prefix
+
+    def slot(self, name: str, ttl: float, auto_renew: bool) -> MemoryLockSlot:
+        return MemoryLockSlot(self._table, f"{self._prefix}lock/{name}", ttl)
+
+    def admit(self, resource: str, token: int) -> bool:
+        key = f"{self._prefix}fence/{resource}"
+        with self._table.mutex:
+            if self._table.fences.get(key, token) > token:
+                return False
+            self._table.fences[key] = token
+            return True
+
+    def highest(self, resource: str) -> int | None:
+        with self._table.mutex:
+            return self._table.fences.get(f"{self._prefix}fence/{resource}")
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+
+class MemoryLockSlot:
+    def __init__(self, table: _Table, key: str, ttl: float) -> None:
+        self._table = table
+        self._key = key
+        self._ttl = ttl
+        self._token: object | None = None
+
+    def _entry(self) -> _Entry:
+        entry = self._table.entries.get(self._key)
+        if entry is None:
+            entry = self._table.entries[self._key] = _Entry(self._table.mutex)
+        return entry
+
+    def acquire(self, deadline: float | None) -> LockGrant | None:
+        token = object()
+        with self._table.mutex:
+            entry = self._entry()
+            while True:
+                now = time.monotonic()
+                if entry.free(now):
+                    entry.fence += 1
+                    entry.token, entry.expires_at = token, now + self._ttl
+                    self._token = token
+                    return LockGrant(entry.fence, entry.expires_at)
+                if deadline is not None and now >= deadline:
+                    return None
+                # Woken by a release; otherwise at the holder's expiry or our deadline.
+                wait = entry.expires_at - now
+                entry.cond.wait(wait if deadline is None else min(wait, deadline - now))
+
+    def release(self) -> bool:
+        token, self._token = self._token, None
+        with self._table.mutex:
+            entry = self._table.entries.get(self._key)
+            if token is None or entry is None or entry.token is not token:
+                return False
+            held = not entry.free(time.monotonic())
+            entry.token = None
+            entry.cond.notify_all()
+            return held
+
+    def extend(self, ttl: float) -> LockGrant | None:
+        with self._table.mutex:
+            entry = self._table.entries.get(self._key)
+            now = time.monotonic()
+            if self._token is None or entry is None or entry.token is not self._token:
+                return None
+            if entry.free(now):
+                return None
+            entry.expires_at = now + ttl
+            return LockGrant(entry.fence, entry.expires_at)

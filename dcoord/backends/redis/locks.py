@@ -1,0 +1,340 @@
+"""Fenced locks on Redis: one Lua script per step, waiters woken by pub/sub.
+
+Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one hash tag::
+
+    dcoord:<ns>:lock:{NAME}            the holder's random token, with the TTL (PX)
+    dcoord:<ns>:lock:{NAME}:fence      the last fence handed out (never expires)
+    dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
+
+Acquire is one script (SET NX PX, then the next fence; else the holder's PTTL as a wait
+hint), release and extend compare the token first. A waiter wakes when a release is
+published or when the holder's TTL ends, whichever comes first; every waiting handle of
+a client shares one pub/sub connection and one reader thread (:class:`_Notifier`).
+
+The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
+(say, a plain ``DEL``) to show that its checker catches the resulting double grants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ..base import LockGrant, key_segment
+
+if TYPE_CHECKING:
+    from . import RedisBackend
+
+log = logging.getLogger("dcoord.redis")
+
+# A waiter whose channel stayed quiet this long after its holder's TTL hint retries
+# anyway; a holder with no TTL (not written by dcoord) is re-checked this often.
+NO_HINT_WAIT = 1.0
+# Channels nobody waits on stay subscribed this long, so a lock that is contended again
+# soon costs no new SUBSCRIBE round trip.
+IDLE_UNSUBSCRIBE = 5.0
+
+
+class LuaScript:
+    """A Lua script run by EVALSHA; loaded into the server on its first NOSCRIPT."""
+
+    def __init__(self, source: str) -> None:
+        import hashlib
+
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    @classmethod
+    def named(cls, name: str) -> LuaScript:
+        """The script ``<name>.lua`` shipped beside this module."""
+        return cls(resources.files(__package__).joinpath(f"{name}.lua").read_text())
+
+    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        run: Any = client.execute_command  # untyped in redis-py
+        try:
+            return run("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            # First use on this server, or the server restarted / ran SCRIPT FLUSH.
+            run("SCRIPT", "LOAD", self.source)
+            return run("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+ACQUIRE = LuaScript.named("acquire")
+RELEASE = LuaScript.named("release")
+EXTEND = LuaScript.named("extend")
+FENCE_ADMIT = LuaScript.named("fence_admit")
+
+
+class RedisLocks:
+    """The lock store of one Redis backend."""
+
+    release_script = RELEASE
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self.backend = backend
+        self.redis = backend.redis
+        self.prefix = backend.prefix
+        self.notifier = _Notifier(backend)
+
+    def slot(self, name: str, ttl: float, auto_renew: bool) -> RedisLockSlot:
+        return RedisLockSlot(self, name, ttl)
+
+    def admit(self, resource: str, token: int) -> bool:
+        key = f"{self.prefix}fence:{key_segment(resource)}"
+        # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
+        return bool(
+            self.backend.call(
+                lambda: FENCE_ADMIT(self.redis, [key], [str(token)]),
+                what=f"admit fence {token} for {resource!r}",
+                retry=True,
+            )
+        )
+
+    def highest(self, resource: str) -> int | None:
+        key = f"{self.prefix}fence:{key_segment(resource)}"
+        value = self.backend.call(
+            lambda: self.redis.get(key), what=f"read fence of {resource!r}", retry=True
+        )
+        return None if value is None else int(value)
+
+    def close(self) -> None:
+        self.notifier.close()
+
+
+class RedisLockSlot:
+    """One handle's token on one lock."""
+
+    def __init__(self, locks: RedisLocks, name: str, ttl: float) -> None:
+        self._locks = locks
+        self._call = locks.backend.call
+        self._redis = locks.redis
+        self.name = name
+        base = f"{locks.prefix}lock:{{{key_segment(name)}}}"
+        self.key = base
+        self.fence_key = f"{base}:fence"
+        self.channel = f"{base}:released"
+        self._ttl = ttl
+        self._token: str | None = None
+        self._fence = 0
+
+    def acquire(self, deadline: float | None) -> LockGrant | None:
+        token = secrets.token_hex(16)  # a new token per grant: an old one can never act
+        result, sent = self._try(token)
+        if result <= 0 and deadline is not None and time.monotonic() >= deadline:
+            return None
+        if result <= 0:
+            result, sent = self._wait(token, deadline)
+            if result <= 0:
+                return None
+        self._token, self._fence = token, result
+        return LockGrant(result, sent + self._ttl)
+
+    def _try(self, token: str) -> tuple[int, float]:
+        sent = time.monotonic()
+        ms = max(1, round(self._ttl * 1000))
+        try:
+            result = self._call(
+                lambda: ACQUIRE(self._redis, [self.key, self.fence_key], [token, ms]),
+                what=f"acquire lock {self.name!r}",
+            )
+        except BaseException:
+            # The script may have run before the connection broke: undo it if so, rather
+            # than leave an orphan grant until its TTL.
+            with contextlib.suppress(Exception):
+                self._locks.release_script(self._redis, [self.key], [token, self.channel])
+            raise
+        return int(result), sent
+
+    def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
+        with self._locks.notifier.interest(self.channel) as channel:
+            while True:
+                # Read the generation before trying: a release published after the try
+                # then changes it, so the wait below cannot miss it.
+                seen = channel.generation
+                result, sent = self._try(token)
+                if result > 0:
+                    return result, sent
+                hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
+                now = time.monotonic()
+                if deadline is not None:
+                    if now >= deadline:
+                        return 0, sent
+                    hint = min(hint, deadline - now)
+                self._locks.notifier.wait(channel, seen, hint)
+
+    def release(self) -> bool:
+        token, self._token = self._token, None
+        if token is None:
+            return False
+        attempts = 0
+
+        def release() -> Any:
+            nonlocal attempts
+            attempts += 1
+            return self._locks.release_script(self._redis, [self.key], [token, self.channel])
+
+        released = self._call(release, what=f"release lock {self.name!r}", retry=True)
+        # A retried release that finds nothing may have been undone by its own first
+        # attempt, whose reply was lost: the lock is free either way.
+        return bool(released) or attempts > 1
+
+    def extend(self, ttl: float) -> LockGrant | None:
+        token = self._token
+        if token is None:
+            return None
+        sent = time.monotonic()
+        ms = max(1, round(ttl * 1000))
+        extended = self._call(
+            lambda: EXTEND(self._redis, [self.key], [token, ms]),
+            what=f"extend lock {self.name!r}",
+        )
+        return LockGrant(self._fence, sent + ttl) if extended else None
+
+
+class _Channel:
+    """Waiters of one lock in this client; ``generation`` counts wake-ups."""
+
+    __slots__ = ("generation", "idle_since", "name", "waiters")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.generation = 0
+        self.waiters = 0
+        self.idle_since = 0.0
+
+
+class _Notifier:
+    """One pub/sub connection and reader thread per client, shared by every waiter.
+
+    A release message, a (re)subscription confirmation and a reconnect each bump the
+    channel's generation; waiters sleep until it changes or their TTL hint runs out.
+    Sharing costs one SUBSCRIBE per newly contended lock instead of a connection (and a
+    connect handshake) per waiter.
+    """
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._cond = threading.Condition()
+        self._send = threading.Lock()
+        self._channels: dict[bytes, _Channel] = {}
+        self._pubsub: Any = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def interest(self, channel_name: str) -> Iterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+        key = channel_name.encode()
+        with self._cond:
+            channel = self._channels.get(key)
+            new = channel is None
+            if channel is None:
+                channel = self._channels[key] = _Channel(key)
+            channel.waiters += 1
+            if self._thread is None and not self._closed:
+                redis_client: Any = self._backend.redis
+                self._pubsub = redis_client.pubsub()
+                self._thread = threading.Thread(
+                    target=self._run, name="dcoord-redis-lock-notifier", daemon=True
+                )
+                start = True
+            else:
+                start = False
+        try:
+            if new:
+                self._command("subscribe", key)
+            if start:
+                assert self._thread is not None
+                self._thread.start()
+            yield channel
+        finally:
+            with self._cond:
+                channel.waiters -= 1
+                channel.idle_since = time.monotonic()
+
+    def wait(self, channel: _Channel, seen: int, timeout: float) -> None:
+        """Sleep until ``channel`` is woken after generation ``seen``, or ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: channel.generation != seen or self._closed, timeout)
+
+    def _command(self, command: str, *channels: bytes) -> None:
+        try:
+            with self._send:
+                if self._pubsub is not None and not self._closed:
+                    getattr(self._pubsub, command)(*channels)
+        except (redis.RedisError, OSError) as exc:
+            # Waiters still wake by their TTL hint; the reader reconnects.
+            log.info("lock notifier: %s failed: %s", command, exc)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        last_prune = time.monotonic()
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+            try:
+                message = self._pubsub.get_message(timeout=1.0)
+                backoff = 0.05
+            except Exception as exc:  # the connection broke (or was closed by close())
+                with self._cond:
+                    if self._closed:
+                        return
+                    # Messages may have been lost: every waiter re-tries now.
+                    for channel in self._channels.values():
+                        channel.generation += 1
+                    self._cond.notify_all()
+                log.info("lock notifier reconnecting after: %s", exc)
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            if message is not None and message["type"] in ("message", "subscribe"):
+                with self._cond:
+                    woken = self._channels.get(message["channel"])
+                    if woken is not None:
+                        woken.generation += 1
+                        self._cond.notify_all()
+            now = time.monotonic()
+            if now - last_prune >= 1.0:
+                last_prune = now
+                self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        # Holding _send from the removal until the UNSUBSCRIBE is sent keeps a waiter that
+        # re-creates the channel meanwhile from subscribing before we unsubscribe.
+        with self._send:
+            with self._cond:
+                idle = [
+                    name
+                    for name, channel in self._channels.items()
+                    if channel.waiters == 0 and now - channel.idle_since >= IDLE_UNSUBSCRIBE
+                ]
+                for name in idle:
+                    del self._channels[name]
+            if idle and self._pubsub is not None and not self._closed:
+                try:
+                    self._pubsub.unsubscribe(*idle)
+                except (redis.RedisError, OSError) as exc:
+                    log.info("lock notifier: unsubscribe failed: %s", exc)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        with self._send:
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    self._pubsub.close()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)

@@ -1,0 +1,50 @@
+"""Fencing guards: let a resource reject the writes of a stale lock holder.
+
+A lock cannot by itself stop a holder that was paused past its TTL from writing after
+someone else took over (Jepsen; etcd's own docs). The fence closes that gap: every write
+carries the lock's fencing token, and the resource admits a token only if it is at least
+the highest one it has admitted. The stale holder's token is smaller than its
+successor's, so once the successor has written, the stale write is refused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+from .lock import validate_name
+
+if TYPE_CHECKING:
+    from .client import Client
+
+MAX_TOKEN = 2**63 - 1
+
+
+class Fence:
+    """The fencing guard of one resource, kept in the client's backend.
+
+    Made by :meth:`dcoord.Client.fence`. :meth:`admit` is atomic on the server (a Lua
+    script on Redis, a transaction on etcd), so concurrent writers of any client agree.
+    """
+
+    def __init__(self, client: Client, resource: str) -> None:
+        self.resource = validate_name("fence resource", resource)
+        self._store = client.backend.locks
+
+    def admit(self, token: int) -> bool:
+        """Record ``token`` and return True if it is >= every token admitted before.
+
+        Returns False, recording nothing, if a greater token was admitted: the caller
+        holds a stale lock and must not write. Admitting the same token again is allowed
+        (one holder writing several times).
+        """
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN:
+            raise ConfigError(f"fencing token must be an int in [0, 2**63), got {token!r}")
+        return self._store.admit(self.resource, token)
+
+    def highest(self) -> int | None:
+        """The greatest token admitted so far, or None if none was."""
+        return self._store.highest(self.resource)
+
+    def __repr__(self) -> str:
+        return f"<dcoord.Fence {self.resource!r}>"

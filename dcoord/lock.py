@@ -1,0 +1,452 @@
+"""Distributed locks: the :class:`Lock` handle users hold.
+
+The semantics live here once: validation, timeouts, the conservative client-side
+deadline behind :attr:`Lock.held`, the watchdog that renews a held lock on the client's
+one scheduler thread, ``on_lost``, and the context manager. Backends only provide a
+:class:`~dcoord.backends.base.LockSlot` per handle (acquire with notified waiting,
+compare-and-act release and extend, a fence per grant).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .backends.base import LockGrant
+from .config import positive_seconds
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    DcoordError,
+    LockError,
+    LockLost,
+    LockNotOwned,
+    LockTimeout,
+)
+from .scheduler import Job, JobResult
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("dcoord.lock")
+
+DEFAULT_TTL = 30.0
+MIN_TTL = 0.001
+MAX_TTL = 86_400.0 * 365
+MAX_NAME_LENGTH = 1024
+# Renew at a third of the TTL, as etcd sessions and Redisson do: two renewals may fail
+# (or be late) before the lock is at risk.
+RENEW_FRACTION = 1 / 3
+# Client and server clocks may run at slightly different rates; the client-side
+# deadline is shortened by this fraction of the TTL so that it errs early.
+CLOCK_DRIFT = 0.01
+
+OnLost = Callable[["Lock"], object]
+
+
+def validate_name(what: str, name: object) -> str:
+    """A lock or fence name: a non-empty str of at most 1024 characters, no NUL."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise ConfigError(
+            f"{what} must be at most {MAX_NAME_LENGTH} characters with no NUL, got {name[:80]!r}"
+        )
+    return name
+
+
+def validate_ttl(ttl: object) -> float:
+    """A lock TTL: a finite number of seconds in [0.001, one year]."""
+    seconds = positive_seconds("ttl", ttl, maximum=MAX_TTL)
+    if seconds < MIN_TTL:
+        raise ConfigError(f"ttl must be at least {MIN_TTL:g} seconds, got {ttl!r}")
+    return seconds
+
+
+def validate_timeout(what: str, timeout: object) -> float:
+    """A wait timeout: a finite number of seconds >= 0 (0 means one attempt)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"{what} must be a number of seconds or None, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout < 0 or timeout > MAX_TTL:
+        raise ConfigError(f"{what} must be >= 0 and <= {MAX_TTL:g} seconds, got {timeout!r}")
+    return float(timeout)
+
+
+class Lock:
+    """A distributed lock with a TTL, a fencing token per grant, and auto-renewal.
+
+    Made by :meth:`dcoord.Client.lock`. The lock belongs to this handle, not to a thread:
+    any thread may release what another acquired through the same handle. A handle holds
+    the lock at most once (it is not re-entrant); make one handle per concurrent holder.
+
+    ``ttl`` bounds how long the lock outlives a holder that stops renewing (a crash, a
+    pause, a partition). With ``auto_renew`` the client's scheduler thread extends the
+    lock every ``ttl / 3``; when that fails until the TTL has passed, or the server no
+    longer has the lock, the handle turns *lost*: :attr:`held` is False and ``on_lost``
+    is called with the handle (on the scheduler thread; keep it short). Writes to shared
+    resources should carry :attr:`fence` so that a stale holder's writes are rejected
+    (see :meth:`dcoord.Client.fence`).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+    ) -> None:
+        self.name = validate_name("lock name", name)
+        self.ttl = validate_ttl(ttl)
+        self.timeout = None if timeout is None else validate_timeout("timeout", timeout)
+        if not isinstance(auto_renew, bool):
+            raise ConfigError(f"auto_renew must be True or False, got {auto_renew!r}")
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be callable or None, got {on_lost!r}")
+        self.auto_renew = auto_renew
+        self._on_lost = on_lost
+        self._client = client
+        self._slot = client.backend.locks.slot(self.name, self.ttl, auto_renew)
+        self._registry = _held_locks(client)
+        # _mutex guards the fields below and is never held across a network call;
+        # _op serialises the slot's release/extend (user calls and the watchdog).
+        self._mutex = threading.Lock()
+        self._op = threading.Lock()
+        self._grant: LockGrant | None = None
+        self._generation = 0
+        self._lost_reason: str | None = None
+        self._last_fence: int | None = None
+        self._acquiring = False
+        self._job: Job | None = None
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """True while this handle holds the lock by a conservative client-side clock.
+
+        False before the first acquire, after release, once the TTL passed without a
+        successful renewal (measured from when the request was sent), and once the
+        watchdog found the lock lost. It never errs towards True.
+        """
+        with self._mutex:
+            grant, lost = self._grant, self._lost_reason is not None
+        return grant is not None and not lost and time.monotonic() < grant.expires_at
+
+    @property
+    def fence(self) -> int:
+        """The fencing token of the current (or most recent) grant.
+
+        Strictly greater than the token of every earlier grant of this lock name, by any
+        client, also across server restarts. Raises LockNotOwned if never acquired.
+        """
+        with self._mutex:
+            fence = self._last_fence
+        if fence is None:
+            raise LockNotOwned(f"lock {self.name!r} has no fence: this handle never acquired it")
+        return fence
+
+    # -- acquire -------------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Acquire the lock; True if acquired (``threading.Lock.acquire`` compatible).
+
+        ``blocking=False`` makes one attempt. Otherwise wait up to ``timeout`` seconds
+        (None: the handle's timeout; -1 or a handle timeout of None: for ever). Waiters
+        are woken by the release (or the holder's expiry), not by polling.
+        """
+        if not blocking:
+            if timeout is not None and timeout != -1:
+                raise ConfigError("a non-blocking acquire takes no timeout")
+            wait: float | None = 0.0
+        elif timeout is None:
+            wait = self.timeout
+        elif timeout == -1 and not isinstance(timeout, bool):
+            wait = None
+        else:
+            wait = validate_timeout("timeout", timeout)
+        deadline = None if wait is None else time.monotonic() + wait
+        if self._client.closed:
+            raise LockError(f"cannot acquire lock {self.name!r}: the client is closed")
+
+        with self._mutex:
+            if self._acquiring:
+                raise LockError(
+                    f"lock {self.name!r}: another acquire on this handle is in progress "
+                    "(use one handle per concurrent holder)"
+                )
+            stale = self._grant
+            if (
+                stale is not None
+                and self._lost_reason is None
+                and time.monotonic() < (stale.expires_at)
+            ):
+                raise LockError(
+                    f"lock {self.name!r} is already held by this handle "
+                    "(handles are not re-entrant)"
+                )
+            self._acquiring = True
+        try:
+            if stale is not None:
+                self._drop_stale()
+            grant = self._slot.acquire(deadline)
+            if grant is None:
+                return False
+            grant = self._conservative(grant)
+            with self._mutex:
+                self._grant = grant
+                self._generation += 1
+                self._lost_reason = None
+                self._last_fence = grant.fence
+                generation = self._generation
+            self._registry.add(self)
+            self._start_watchdog(generation, grant)
+            return True
+        finally:
+            with self._mutex:
+                self._acquiring = False
+
+    def _drop_stale(self) -> None:
+        # A lost grant may still sit on the server (only our clock gave up on it):
+        # delete it if it is still ours, so this acquire does not wait for ourselves.
+        with self._mutex:
+            self._grant = None
+            self._generation += 1
+            job, self._job = self._job, None
+        if job is not None:
+            job.cancel()
+        try:
+            with self._op:
+                self._slot.release()
+        except DcoordError as exc:
+            log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
+
+    def _conservative(self, grant: LockGrant) -> LockGrant:
+        # Clock rates differ a little between client and server: err early.
+        return LockGrant(grant.fence, grant.expires_at - CLOCK_DRIFT * self.ttl)
+
+    # -- release / extend ----------------------------------------------------------
+
+    def release(self) -> None:
+        """Release the lock.
+
+        Raises LockNotOwned if this handle does not hold it: never acquired, already
+        released, or lost (TTL passed, renewal failed, taken over). In the lost case the
+        server's copy is still deleted if it is ours, so nobody waits for it.
+        """
+        problem = self._release()
+        if problem is not None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle: {problem}")
+
+    def _release(self) -> str | None:
+        """Release; None if it was held, else why it was not (raises BackendUnavailable)."""
+        with self._mutex:
+            grant, reason = self._grant, self._lost_reason
+            if grant is None:
+                return "never acquired, or already released"
+            self._grant = None
+            self._generation += 1
+            job, self._job = self._job, None
+        if job is not None:
+            job.cancel()
+        self._registry.discard(self)
+        expired = time.monotonic() >= grant.expires_at
+        with self._op:
+            released = self._slot.release()
+        if reason is not None:
+            return f"it was lost ({reason})"
+        if expired or not released:
+            return "its TTL passed before the release"
+        return None
+
+    def extend(self, ttl: float | None = None) -> None:
+        """Reset the lock's remaining time to ``ttl`` seconds (default: the lock's TTL).
+
+        Raises LockNotOwned if the lock is not held any more (the handle is then lost).
+        """
+        seconds = self.ttl if ttl is None else validate_ttl(ttl)
+        with self._mutex:
+            grant, generation, reason = self._grant, self._generation, self._lost_reason
+        if grant is None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle")
+        if reason is not None or time.monotonic() >= grant.expires_at:
+            self._mark_lost(generation, "its TTL passed before extend()")
+            raise LockNotOwned(f"lock {self.name!r} was lost: {reason or 'its TTL passed'}")
+        with self._op:
+            new = self._slot.extend(seconds)
+        if new is not None:
+            new = self._conservative(new)
+        if new is None:
+            self._mark_lost(generation, "the server no longer has it")
+            raise LockNotOwned(f"lock {self.name!r} was lost: the server no longer has it")
+        with self._mutex:
+            if generation == self._generation and self._lost_reason is None:
+                self._grant = new
+
+    # -- watchdog ------------------------------------------------------------------
+
+    def _start_watchdog(self, generation: int, grant: LockGrant) -> None:
+        if self.auto_renew:
+            delay = self.ttl * RENEW_FRACTION
+        else:
+            delay = max(0.0, grant.expires_at - time.monotonic())
+        job = self._client.scheduler.every(
+            delay,
+            lambda: self._tick(generation),
+            name=f"lock {self.name!r} {'renewal' if self.auto_renew else 'expiry'}",
+            delay=delay,
+        )
+        with self._mutex:
+            if generation == self._generation:
+                self._job = job
+                return
+        job.cancel()  # released (or re-acquired) while we were starting it
+
+    def _tick(self, generation: int) -> JobResult:
+        with self._mutex:
+            grant = self._grant
+            if generation != self._generation or grant is None or self._lost_reason:
+                return False
+        now = time.monotonic()
+        if now >= grant.expires_at:
+            self._mark_lost(generation, "its TTL passed without a successful renewal")
+            return False
+        if not self.auto_renew:
+            return grant.expires_at - now  # extend() may have moved the deadline
+        try:
+            with self._op:
+                with self._mutex:
+                    if generation != self._generation:
+                        return False
+                new = self._slot.extend(self.ttl)
+                if new is not None:
+                    new = self._conservative(new)
+        except DcoordError as exc:
+            remaining = grant.expires_at - time.monotonic()
+            if remaining <= 0:
+                self._mark_lost(generation, f"renewal failed: {exc}")
+                return False
+            log.warning("lock %r: renewal failed, retrying: %s", self.name, exc)
+            return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
+        if new is None:
+            self._mark_lost(generation, "the server no longer has it (expired or taken over)")
+            return False
+        with self._mutex:
+            if generation == self._generation and self._lost_reason is None:
+                self._grant = new
+        return None
+
+    def _mark_lost(self, generation: int, reason: str) -> None:
+        with self._mutex:
+            if generation != self._generation or self._lost_reason is not None:
+                return
+            self._lost_reason = reason
+        log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
+        if self._on_lost is not None:
+            try:
+                self._on_lost(self)
+            except Exception:
+                log.exception("on_lost callback of lock %r failed", self.name)
+
+    def _abandon(self) -> None:
+        """Let go at client close: best effort, the TTL covers what this cannot do."""
+        with self._mutex:
+            grant, self._grant = self._grant, None
+            self._generation += 1
+            self._job = None
+        if grant is not None:
+            try:
+                with self._op:
+                    self._slot.release()
+            except DcoordError as exc:
+                log.info(
+                    "lock %r not released at close (it expires by its TTL): %s", self.name, exc
+                )
+
+    # -- context manager -----------------------------------------------------------
+
+    def __enter__(self) -> Lock:
+        if not self.acquire():
+            raise LockTimeout(f"lock {self.name!r} not acquired within {self.timeout} s")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The block's own exception always wins: a release problem is only logged then.
+        # After a clean block, a lock lost on the way is reported as LockLost (the work
+        # ran but may have overlapped another holder), never as a confusing
+        # "cannot release a lock you do not own" (redis-py #3532).
+        try:
+            with self._mutex:
+                released_by_user = self._grant is None and self._lost_reason is None
+            problem = None if released_by_user else self._release()
+        except BackendUnavailable as release_error:
+            if exc is not None:
+                log.warning("lock %r: release after a failed block: %s", self.name, release_error)
+                return
+            raise
+        if problem is None:
+            return
+        if exc is not None:
+            log.warning("lock %r: %s (while the block raised %r)", self.name, problem, exc)
+            return
+        raise LockLost(
+            f"lock {self.name!r} (fence {self._last_fence}) was lost while the with-block "
+            f"ran: {problem}. The block completed, but another holder may have run at the "
+            "same time; guard writes with the fence (client.fence(...).admit(lock.fence))."
+        )
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "not held"
+        return f"<dcoord.Lock {self.name!r} ttl={self.ttl:g} {state} fence={self._last_fence}>"
+
+
+class _HeldLocks:
+    """The locks a client holds, released when it closes (so nobody waits for a TTL)."""
+
+    def __init__(self, client: Client) -> None:
+        self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
+        self._mutex = threading.Lock()
+        self._store = client.backend.locks
+        client.on_close(self.close)
+
+    def add(self, lock: Lock) -> None:
+        with self._mutex:
+            self._locks.add(lock)
+
+    def discard(self, lock: Lock) -> None:
+        with self._mutex:
+            self._locks.discard(lock)
+
+    def close(self) -> None:
+        with self._mutex:
+            locks, self._locks = list(self._locks), weakref.WeakSet()
+        try:
+            for lock in locks:
+                lock._abandon()
+        finally:
+            self._store.close()
+
+
+_registries: weakref.WeakKeyDictionary[Client, _HeldLocks] = weakref.WeakKeyDictionary()
+_registries_mutex = threading.Lock()
+
+
+def _held_locks(client: Client) -> _HeldLocks:
+    with _registries_mutex:
+        registry = _registries.get(client)
+        if registry is None:
+            registry = _registries[client] = _HeldLocks(client)
+        return registry
