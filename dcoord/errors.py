@@ -66,6 +66,20 @@ class TransactionAborted(TransactionError):
         super().__init__(f"transaction {txid!r} aborted{detail} (votes: {self.votes})")
 
 
+class InvalidTransition(TransactionError):
+    """A transaction log record was asked to move to a state its state does not allow."""
+
+    def __init__(self, txid: str, current: str, requested: str) -> None:
+        self.txid = txid
+        self.current = current
+        self.requested = requested
+        super().__init__(f"transaction {txid!r}: cannot go from {current!r} to {requested!r}")
+
+
+class DurabilityWarning(UserWarning):
+    """The backend would not keep the transaction decision log through a server crash."""
+
+
 class LogCorrupted(TransactionError):
     """A transaction log record that does not parse; ``txid`` names it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,3 +31,20 @@ class MemoryKV:
         cut = len(self._prefix)
         with self._server.cond:
             return {k[cut:]: v for k, v in self._server.data.items() if k.startswith(full)}
+
+    def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> bool:
+        data = self._server.data
+        with self._server.cond:
+            for key, expected in (only_if or {}).items():
+                if data.get(self._prefix + key) != expected:
+                    return False
+            for key in deletes:
+                data.pop(self._prefix + key, None)
+            for key, value in puts.items():
+                data[self._prefix + key] = bytes(value)
+            return True

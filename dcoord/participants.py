@@ -1,0 +1,270 @@
+"""Ready-made 2PC participants: :class:`KVParticipant`, a key-value store in the backend.
+
+It is also the worked example for writing your own participant. Its state lives in the
+backend under ``kvp/<name>/``::
+
+    d/<key>    the committed value of <key>: {"v": value, "f": fence of its last writer}
+    s/<txid>   the writes <txid> staged at prepare: {"w": {key: value|null}, "f": {key: fence}}
+    o/<key>    <txid>: the key is reserved by a prepared transaction
+
+Three mechanisms, each for one failure:
+
+* ``prepare`` takes a dcoord lock per key (sorted order, bounded wait) so concurrent
+  transactions on a key queue instead of failing. The lock has a TTL and is not renewed:
+  it only guards the read-validate-stage step and hands the key over promptly.
+* Staging is one atomic backend write that succeeds only if every key still holds exactly
+  the bytes read under the lock and is not reserved. The stored bytes carry the fence of
+  the lock that wrote them, so a holder whose lock expired (a pause longer than its TTL)
+  can neither stage from a stale read nor slip in behind a newer holder: it votes no.
+* The reservation (``o/<key>``) has no TTL: it is the durable "prepared" lock. If the
+  participant's process dies between prepare and commit its dcoord locks lapse, but other
+  transactions still cannot stage on the reserved keys (they vote no) until the
+  outcome is known; then *any* process with ``KVParticipant(client, name)`` commits or
+  aborts from the staged record, exactly as the dead one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import TYPE_CHECKING, Any
+
+from .config import positive_seconds
+from .errors import ConfigError, LockNotOwned
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .lock import Lock
+
+log = logging.getLogger("dcoord.participants")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_LOCK_TTL = 10.0
+DEFAULT_LOCK_TIMEOUT = 5.0
+
+_Change = Callable[[Any], Any]
+Validator = Callable[[Mapping[str, Any]], bool]
+"""Called at prepare with the new value of every key the payload touches (None for a
+delete); returning False votes no."""
+
+
+class KVParticipant:
+    """A key-value store in the client's backend that takes part in two-phase commit.
+
+    The payload of a transaction is a mapping of operations::
+
+        {"set": {"k": value}, "add": {"balance:alice": -10}, "delete": ["k2"]}
+
+    Values are anything JSON can hold; ``add`` adds a number to a numeric value (a
+    missing key counts as 0). Each key may appear in one operation only.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        validate: Validator | None = None,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(
+                "participant name must be 1-64 letters, digits, '_', '.', '-' "
+                f"(starting with a letter or digit), got {name!r}"
+            )
+        self.client = client
+        self.name = name
+        self.validate = validate
+        self.lock_ttl = positive_seconds("lock_ttl", lock_ttl)
+        self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
+        self._kv = client.backend.kv
+        self._root = f"kvp/{name}/"
+        self._held: dict[str, list[Lock]] = {}
+        self._mutex = threading.Lock()
+
+    # -- reading ------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The committed value of ``key`` (``default`` if it has none)."""
+        raw = self._kv.get(self._data(_check_key(key)))
+        return default if raw is None else _load(raw)["v"]
+
+    def items(self) -> dict[str, Any]:
+        """Every committed key and value."""
+        prefix = self._root + "d/"
+        return {k[len(prefix) :]: _load(v)["v"] for k, v in self._kv.scan(prefix).items()}
+
+    def in_doubt(self) -> list[str]:
+        """Transactions prepared here and not yet committed or aborted (like XA recover)."""
+        prefix = self._root + "s/"
+        return sorted(k[len(prefix) :] for k in self._kv.scan(prefix))
+
+    # -- the participant protocol ---------------------------------------------------
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        """Validate and stage the writes, reserving their keys; True is a durable yes."""
+        changes = _parse(payload)
+        if self._kv.get(self._staged(txid)) is not None:
+            return True  # a repeated prepare: it already voted yes
+        locks: list[Lock] = []
+        try:
+            for key in sorted(changes):
+                lock = self.client.lock(f"{self._root}{key}", ttl=self.lock_ttl, auto_renew=False)
+                if not lock.acquire(timeout=self.lock_timeout):
+                    log.info("%s: %s votes no: key %r stayed locked", self.name, txid, key)
+                    return False
+                locks.append(lock)
+            if not self._stage(txid, changes, locks):
+                return False
+            with self._mutex:
+                self._held[txid], locks = locks, []  # kept until commit/abort (or TTL)
+            return True
+        finally:
+            for lock in locks:
+                _release(lock)
+
+    def _stage(self, txid: str, changes: Mapping[str, _Change], locks: list[Lock]) -> bool:
+        keys = sorted(changes)
+        raw = {key: self._kv.get(self._data(key)) for key in keys}
+        new: dict[str, Any] = {}
+        fences: dict[str, int] = {}
+        for key, lock in zip(keys, locks, strict=True):
+            current = None if raw[key] is None else _load(raw[key])
+            if current is not None and current["f"] >= lock.fence:
+                # A later lock holder wrote this key: our lock expired under us.
+                log.info("%s: %s votes no: stale fence on %r", self.name, txid, key)
+                return False
+            new[key] = changes[key](None if current is None else current["v"])
+            fences[key] = lock.fence
+        if self.validate is not None and not self.validate(new):
+            return False
+        staged_key = self._staged(txid)
+        staged = _dump({"w": new, "f": fences})
+        only_if: dict[str, bytes | None] = {staged_key: None}
+        only_if.update({self._data(key): raw[key] for key in keys})
+        only_if.update({self._owner(key): None for key in keys})
+        puts = {staged_key: staged, **{self._owner(key): txid.encode() for key in keys}}
+        # Fails if a key changed since it was read or is reserved by an in-doubt transaction.
+        return self._kv.apply(puts, only_if=only_if)
+
+    def commit(self, txid: str) -> None:
+        """Apply the staged writes atomically and release the keys; idempotent."""
+        staged_key = self._staged(txid)
+        try:
+            raw = self._kv.get(staged_key)
+            if raw is None:
+                return  # already committed (or aborted: a bug in the caller, not ours to undo)
+            staged = _load(raw)
+            puts: dict[str, bytes] = {}
+            deletes = [staged_key]
+            for key, value in staged["w"].items():
+                deletes.append(self._owner(key))
+                if value is None:
+                    deletes.append(self._data(key))
+                else:
+                    puts[self._data(key)] = _dump({"v": value, "f": staged["f"][key]})
+            self._kv.apply(puts, deletes, only_if={staged_key: raw})
+        finally:
+            self._release_held(txid)
+
+    def abort(self, txid: str) -> None:
+        """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
+        staged_key = self._staged(txid)
+        try:
+            raw = self._kv.get(staged_key)
+            if raw is None:
+                return
+            deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
+            self._kv.apply({}, deletes, only_if={staged_key: raw})
+        finally:
+            self._release_held(txid)
+
+    def __repr__(self) -> str:
+        return f"<dcoord.KVParticipant {self.name!r} on {self.client.url}>"
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _release_held(self, txid: str) -> None:
+        with self._mutex:
+            locks = self._held.pop(txid, [])
+        for lock in locks:
+            _release(lock)
+
+    def _data(self, key: str) -> str:
+        return f"{self._root}d/{key}"
+
+    def _owner(self, key: str) -> str:
+        return f"{self._root}o/{key}"
+
+    def _staged(self, txid: str) -> str:
+        return f"{self._root}s/{txid}"
+
+
+def _release(lock: Lock) -> None:
+    # LockNotOwned: its TTL ran out first; the reservation kept the key safe meanwhile.
+    with contextlib.suppress(LockNotOwned):
+        lock.release()
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"a KVParticipant key must be a non-empty str, got {key!r}")
+    return key
+
+
+def _parse(payload: Any) -> dict[str, _Change]:
+    """Payload -> {key: function from the current value to the new one (None: delete)}."""
+    if not isinstance(payload, Mapping) or not payload:
+        raise ConfigError(f"KVParticipant payload must be a non-empty mapping, got {payload!r}")
+    unknown = sorted(set(payload) - {"set", "add", "delete"})
+    if unknown:
+        raise ConfigError(f"unknown KVParticipant operation {unknown[0]!r} (set, add, delete)")
+    changes: dict[str, _Change] = {}
+
+    def claim(key: object, change: _Change) -> None:
+        if _check_key(key) in changes:
+            raise ConfigError(f"key {key!r} appears in more than one operation")
+        changes[str(key)] = change
+
+    for key, value in _mapping(payload, "set").items():
+        json.dumps(value)  # must be storable; raises TypeError naming the value otherwise
+        claim(key, lambda _old, v=value: v)
+    for key, amount in _mapping(payload, "add").items():
+        if isinstance(amount, bool) or not isinstance(amount, Real):
+            raise ConfigError(f"add amount for {key!r} must be a number, got {amount!r}")
+        claim(key, lambda old, a=amount, k=key: _add(k, old, a))
+    deletes = payload.get("delete", [])
+    if not isinstance(deletes, list | tuple):
+        raise ConfigError(f"delete must be a list of keys, got {deletes!r}")
+    for key in deletes:
+        claim(key, lambda _old: None)
+    return changes
+
+
+def _mapping(payload: Mapping[str, Any], op: str) -> Mapping[str, Any]:
+    value = payload.get(op, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{op} must be a mapping of key to value, got {value!r}")
+    return value
+
+
+def _add(key: str, old: Any, amount: Real) -> Any:
+    if old is None:
+        return amount
+    if isinstance(old, bool) or not isinstance(old, Real):
+        raise ConfigError(f"cannot add to {key!r}: its value {old!r} is not a number")
+    return old + amount  # type: ignore[operator]
+
+
+def _dump(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _load(raw: bytes) -> Any:
+    return json.loads(raw)

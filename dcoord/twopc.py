@@ -1,0 +1,627 @@
+"""Two-phase commit with the decision log in the client's backend.
+
+The protocol (presumed abort)::
+
+    1. create the record: started, participants, deadline      (log write, forced)
+    2. prepare every participant, in parallel                  (participant round 1)
+    3. all voted yes -> compare-and-set started -> committing   (log write, forced)
+       else          -> compare-and-set started -> aborting
+    4. commit (or abort) every participant, in parallel,       (participant round 2)
+       retried with backoff for a bounded time
+    5. committing -> committed once all acknowledged            (off the critical path)
+
+Any process can finish what another started: :meth:`Coordinator.recover` drives every
+unfinished record to its end, and :meth:`Coordinator.resolve` answers a participant that
+is left in doubt, recording an abort (by compare-and-set) once the deadline has passed.
+Because every change of a record is a compare-and-set on the previous one, two
+coordinators, recoverers or resolvers can never record different decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from tenacity import Retrying, stop_after_delay, wait_random_exponential
+
+from . import txlog
+from .backends.base import LogEntry
+from .config import positive_seconds
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    DcoordError,
+    DurabilityWarning,
+    LogCorrupted,
+    TransactionAborted,
+)
+from .txlog import Outcome, TxRecord, TxState
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("dcoord.twopc")
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETENTION = 7 * 86_400.0
+DEFAULT_PHASE2_TIMEOUT = 5.0
+DEFAULT_WORKERS = 32
+
+#: The named points at which a :data:`Failpoint` is called, in protocol order.
+FAILPOINTS = (
+    "after_record",  # the started record is in the log; no participant asked yet
+    "after_prepare",  # one participant voted yes (called once per yes vote)
+    "after_decision",  # the commit/abort decision is in the log; nobody told yet
+    "after_commit",  # one participant acknowledged commit (once per participant)
+    "after_abort",  # one participant acknowledged abort (once per participant)
+)
+
+Failpoint = Callable[[str, str, "str | None"], None]
+"""``hook(point, txid, participant)``: called at each of :data:`FAILPOINTS` (participant
+is None for log points). Tests and fault injection use it to stop or kill a coordinator
+at a precise point; it is never needed in production."""
+
+Vote = bool | str
+
+
+@runtime_checkable
+class Participant(Protocol):
+    """A resource manager taking part in two-phase commit.
+
+    ``prepare`` must make its prepared state durable before voting yes: after a yes it
+    must be able to commit even if its process restarts. ``commit`` and ``abort`` must be
+    idempotent, and ``abort`` must accept a txid it never prepared.
+    """
+
+    name: str
+
+    def prepare(self, txid: str, payload: Any) -> bool: ...
+
+    def commit(self, txid: str) -> None: ...
+
+    def abort(self, txid: str) -> None: ...
+
+
+@dataclass
+class RecoveryReport:
+    """What :meth:`Coordinator.recover` found and did."""
+
+    scanned: int = 0
+    """Unfinished log records examined (recovery never reads finished ones)."""
+    committed: list[str] = field(default_factory=list)
+    """Decided commits driven to the end (commit re-sent to who had not acknowledged)."""
+    aborted: list[str] = field(default_factory=list)
+    """Transactions driven to abort (undecided past their deadline, or decided abort)."""
+    pending: list[str] = field(default_factory=list)
+    """Undecided and before their deadline: left to their coordinator."""
+    incomplete: dict[str, str] = field(default_factory=dict)
+    """txid -> why it could not be finished now (a participant unreachable or unknown)."""
+    corrupted: dict[str, str] = field(default_factory=dict)
+    """txid -> the LogCorrupted message; recovery carried on with the others."""
+    in_doubt_resolved: list[str] = field(default_factory=list)
+    """Prepared states found at participants (``in_doubt()``) whose outcome was sent."""
+
+    @property
+    def actions(self) -> int:
+        """How many transactions recovery moved forward."""
+        return len(self.committed) + len(self.aborted) + len(self.in_doubt_resolved)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing is left in doubt except transactions still within their deadline."""
+        return not self.incomplete and not self.corrupted
+
+    def __str__(self) -> str:
+        parts = [
+            f"scanned {self.scanned}",
+            f"committed {len(self.committed)}",
+            f"aborted {len(self.aborted)}",
+            f"pending {len(self.pending)}",
+            f"incomplete {len(self.incomplete)}",
+            f"corrupted {len(self.corrupted)}",
+            f"in-doubt resolved {len(self.in_doubt_resolved)}",
+        ]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    record: TxRecord
+    entry: LogEntry
+
+
+class Transaction:
+    """One transaction: enlist participants with their payloads, then commit or abort.
+
+    Nothing is written anywhere until :meth:`commit`; abandoning an uncommitted
+    transaction needs no cleanup.
+    """
+
+    def __init__(self, coordinator: Coordinator, timeout: float) -> None:
+        self.coordinator = coordinator
+        self.txid = uuid.uuid4().hex
+        self.timeout = timeout
+        self.payloads: dict[str, Any] = {}
+        self.state: Literal["open", "committed", "aborted", "unknown"] = "open"
+        self.record: TxRecord | None = None
+        """The log record after commit() decided (None before)."""
+
+    def enlist(self, name: str, payload: Any = None) -> None:
+        """Add participant ``name`` (one of the coordinator's) with what it should do."""
+        self._check_open()
+        if name not in self.coordinator.participants:
+            known = ", ".join(sorted(self.coordinator.participants)) or "none"
+            raise ConfigError(f"unknown participant {name!r}; this coordinator has: {known}")
+        if name in self.payloads:
+            raise ConfigError(f"participant {name!r} is already enlisted in {self.txid!r}")
+        self.payloads[name] = payload
+
+    def commit(self) -> TxRecord:
+        """Run two-phase commit; returns the decided record.
+
+        Raises :class:`~dcoord.TransactionAborted` (with the votes) when any participant
+        voted no, raised, or did not answer before the deadline. Returns once the commit
+        decision is in the log and every participant was asked to commit; one that did not
+        acknowledge within the phase-2 timeout is finished later by :meth:`Coordinator.recover`.
+        Raises :class:`~dcoord.BackendUnavailable` only when the log could not be reached
+        after the decision was attempted: the outcome is then unknown, ask
+        :meth:`Coordinator.resolve` with :attr:`txid`.
+        """
+        self._check_open()
+        try:
+            self.record = self.coordinator._run(self)
+        except TransactionAborted:
+            self.state = "aborted"
+            raise
+        except BaseException:
+            self.state = "unknown"
+            raise
+        self.state = "committed"
+        return self.record
+
+    def abort(self) -> None:
+        """Give up before commit: nothing was written or sent, so nothing is undone."""
+        if self.state == "open":
+            self.state = "aborted"
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise ConfigError(f"transaction {self.txid!r} is already {self.state}")
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"<dcoord.Transaction {self.txid} {self.state} {sorted(self.payloads)}>"
+
+
+class Coordinator:
+    """Runs two-phase commit over ``participants`` with the decision log in the backend.
+
+    Create it with :meth:`dcoord.Client.coordinator`. One coordinator may be used by many
+    threads at once; it asks participants from a small thread pool of its own and closes
+    with its client.
+
+    ``failpoint`` is for fault injection only: see :data:`FAILPOINTS`.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        participants: Iterable[Participant] = (),
+        *,
+        retention: float = DEFAULT_RETENTION,
+        phase2_timeout: float = DEFAULT_PHASE2_TIMEOUT,
+        workers: int = DEFAULT_WORKERS,
+        failpoint: Failpoint | None = None,
+    ) -> None:
+        self.client = client
+        self.participants: dict[str, Participant] = {}
+        for participant in participants:
+            if not isinstance(participant, Participant) or not isinstance(
+                getattr(participant, "name", None), str
+            ):
+                raise ConfigError(
+                    f"{participant!r} is not a Participant "
+                    "(needs a str name and prepare/commit/abort)"
+                )
+            if participant.name in self.participants:
+                raise ConfigError(f"two participants are named {participant.name!r}")
+            self.participants[participant.name] = participant
+        self.retention = positive_seconds("retention", retention)
+        self.phase2_timeout = positive_seconds("phase2_timeout", phase2_timeout)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        self.failpoint = failpoint
+        self._store = client.backend.txlog
+        self._check_durability()
+        self._identity = f"{socket.gethostname()}:{os.getpid()}"
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc")
+        self._background: set[Future[None]] = set()
+        self._mutex = threading.Lock()
+        self._closed = False
+        client.on_close(self.close)
+
+    # -- public API ---------------------------------------------------------------
+
+    def begin(self, timeout: float = DEFAULT_TIMEOUT) -> Transaction:
+        """A new transaction that must decide within ``timeout`` seconds of its commit()."""
+        self._check_usable()
+        return Transaction(self, positive_seconds("timeout", timeout))
+
+    @contextmanager
+    def transaction(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Transaction]:
+        """``with coord.transaction() as tx:`` commits on normal exit, aborts on exception."""
+        tx = self.begin(timeout)
+        with tx:
+            yield tx
+
+    def resolve(self, txid: str) -> Literal["committed", "aborted", "pending"]:
+        """The outcome of ``txid`` as the log decides it, for a participant left in doubt.
+
+        ``"pending"`` only while undecided and before the deadline. Past the deadline an
+        undecided transaction is aborted here, by compare-and-set, so the answer is final.
+        No record at all means abort (presumed abort).
+        """
+        stored = self._read(txlog.check_txid(txid))
+        if stored is None:
+            return "aborted"
+        if stored.record.outcome is not None:
+            return stored.record.outcome
+        if not stored.record.expired(time.time()):
+            return "pending"
+        decided = self._decide(stored, "aborted", "deadline passed; presumed abort by resolve")
+        outcome = decided.record.outcome
+        assert outcome is not None
+        return outcome
+
+    def transactions(self, state: TxState | str | None = None) -> list[TxRecord]:
+        """Every retained record (optionally only those in ``state``), oldest first.
+
+        Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
+        """
+        wanted = None if state is None else txlog.check_state(state)
+        records = []
+        for txid, entry in self._store.scan().items():
+            try:
+                record = txlog.decode(txid, entry.data)
+            except LogCorrupted as exc:
+                log.warning("%s", exc)
+                continue
+            if wanted is None or record.state is wanted:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.created, r.txid))
+
+    def get(self, txid: str) -> TxRecord | None:
+        """The record of ``txid``, or None; LogCorrupted if it does not parse."""
+        stored = self._read(txlog.check_txid(txid))
+        return None if stored is None else stored.record
+
+    def recover(self) -> RecoveryReport:
+        """Drive every unfinished transaction in the log to its end.
+
+        Decided ones get their decision re-sent to the participants that did not
+        acknowledge; undecided ones past their deadline are aborted. Then participants
+        that can list their prepared transactions (an ``in_doubt()`` method, like XA
+        recover) have each resolved against the log, which also cleans up a prepare that
+        arrived after its transaction was aborted. Cost is proportional to the unfinished
+        transactions, not to the log's history.
+        """
+        self._check_usable()
+        report = RecoveryReport()
+        for txid, entry in self._store.unfinished():
+            report.scanned += 1
+            if entry is None:
+                report.incomplete[txid] = "indexed as unfinished but the record is missing"
+                continue
+            try:
+                record = txlog.decode(txid, entry.data)
+                self._recover_one(_Stored(record, entry), report)
+            except LogCorrupted as exc:
+                report.corrupted[txid] = str(exc)
+            except DcoordError as exc:
+                report.incomplete[txid] = f"{type(exc).__name__}: {exc}"
+        self._recover_in_doubt(report)
+        return report
+
+    def close(self) -> None:
+        """Wait for background log writes (``done`` markers), then stop the pool."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._background)
+        wait(pending)
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"<dcoord.Coordinator {self.client.url} participants={sorted(self.participants)}>"
+
+    # -- the protocol -------------------------------------------------------------
+
+    def _run(self, tx: Transaction) -> TxRecord:
+        self._check_usable()
+        record = txlog.new_record(
+            tx.txid, tx.payloads, now=time.time(), timeout=tx.timeout, coordinator=self._identity
+        )
+        stored = self._create(record)
+        self._hit("after_record", tx.txid)
+        votes = self._prepare_all(record, tx.payloads)
+        reason = _abort_reason(votes)
+        if reason is None and record.expired(time.time()):
+            reason = "deadline passed before the decision"
+        if reason is None:
+            decided = self._commit_decision(stored)
+        else:
+            decided = self._decide(stored, "aborted", reason)
+        self._hit("after_decision", tx.txid)
+        self._phase2(decided, background_done=True)
+        if decided.record.outcome == "committed":
+            return decided.record
+        # Lost to a resolver that aborted past the deadline: its reason is the true one.
+        raise TransactionAborted(tx.txid, votes, decided.record.reason)
+
+    def _commit_decision(self, stored: _Stored) -> _Stored:
+        """Force the COMMIT decision into the log (before any participant hears commit)."""
+        return self._decide(stored, "committed", "")
+
+    def _create(self, record: TxRecord) -> _Stored:
+        data = txlog.encode(record)
+        try:
+            entry = self._store.create(record.txid, data, record.deadline)
+        except BackendUnavailable as exc:
+            # Maybe written, but no participant was asked: it can only end as an abort.
+            raise TransactionAborted(
+                record.txid, {}, f"could not write the log record: {exc}"
+            ) from exc
+        if entry is None:
+            raise ConfigError(f"transaction {record.txid!r} already exists in the log")
+        return _Stored(record, entry)
+
+    def _prepare_all(self, record: TxRecord, payloads: Mapping[str, Any]) -> dict[str, Vote]:
+        futures = {
+            self._pool.submit(self._prepare_one, name, record.txid, payloads[name]): name
+            for name in record.participants
+        }
+        votes: dict[str, Vote] = {}
+        pending = set(futures)
+        while pending:
+            remaining = record.deadline - time.time()
+            if remaining <= 0:
+                break
+            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            for future in done:
+                votes[futures[future]] = future.result()
+            if any(vote is not True for vote in votes.values()):
+                break
+        late = time.time() >= record.deadline
+        for future in pending:
+            name = futures[future]
+            votes[name] = "no answer before the deadline" if late else "not needed: aborting"
+            # A late yes must not leave a prepared state behind: abort it when it lands.
+            future.add_done_callback(lambda f, n=name: self._abort_late_prepare(f, n, record.txid))
+            future.cancel()
+        return {name: votes[name] for name in record.participants}
+
+    def _prepare_one(self, name: str, txid: str, payload: Any) -> Vote:
+        try:
+            vote = self.participants[name].prepare(txid, payload)
+        except Exception as exc:
+            log.info("participant %s failed to prepare %s: %r", name, txid, exc)
+            return f"raised {type(exc).__name__}: {exc}"
+        if vote is not True:
+            return False
+        self._hit("after_prepare", txid, name)
+        return True
+
+    def _abort_late_prepare(self, future: Future[Vote], name: str, txid: str) -> None:
+        if future.cancelled() or future.exception() is not None or future.result() is not True:
+            return
+        try:
+            self.participants[name].abort(txid)
+        except Exception as exc:
+            log.warning(
+                "abort of late prepare %s at %s failed (recover() will): %r", txid, name, exc
+            )
+
+    def _decide(self, stored: _Stored, outcome: Outcome, reason: str) -> _Stored:
+        """Move a started record to ``outcome``; returns whatever decision the log holds.
+
+        If someone else decided first, their decision is returned (never overwritten).
+        """
+        for _ in range(100):  # each round trip loses only to a concurrent change
+            if stored.record.outcome is not None:
+                return stored
+            decided = txlog.decide(stored.record, outcome, now=time.time(), reason=reason)
+            result = self._cas(stored, decided)
+            if result is not None:
+                return result
+            fresh = self._read(stored.record.txid)
+            if fresh is None:
+                raise LogCorrupted(stored.record.txid, "the record vanished before its decision")
+            stored = fresh
+        raise BackendUnavailable(f"could not decide {stored.record.txid!r}: too much contention")
+
+    def _cas(self, stored: _Stored, new: TxRecord) -> _Stored | None:
+        """Compare-and-set ``stored`` -> ``new``; None if the record changed meanwhile."""
+        data = txlog.encode(new)
+        try:
+            entry = self._store.cas(
+                new.txid, stored.entry, data, finished=new.state.finished, retention=self.retention
+            )
+        except BackendUnavailable:
+            # Unknown outcome: read back; our exact bytes there mean it was applied.
+            fresh = self._read(new.txid)
+            if fresh is not None and fresh.entry.data == data:
+                return fresh
+            if fresh is None and new.state.finished:
+                raise  # applied and already expired, or never written: cannot tell
+            return None
+        return None if entry is None else _Stored(new, entry)
+
+    def _phase2(self, stored: _Stored, *, background_done: bool) -> _Stored:
+        """Send the decision to every participant that has not acknowledged it."""
+        outcome = stored.record.outcome
+        assert outcome is not None
+        targets = [p for p in stored.record.unacked if p in self.participants]
+        futures = {
+            self._pool.submit(self._deliver, name, stored.record.txid, outcome): name
+            for name in targets
+        }
+        wait(futures)
+        acked = [futures[f] for f in futures if f.exception() is None]
+        for future in futures:
+            error = future.exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error  # not a participant failure: the coordinator itself must stop
+        if not acked:
+            return stored
+        if background_done:
+            self._submit_background(lambda: self._record_acks(stored, acked))
+            return stored
+        return self._record_acks(stored, acked)
+
+    def _deliver(self, name: str, txid: str, outcome: Outcome) -> None:
+        participant = self.participants[name]
+        send = participant.commit if outcome == "committed" else participant.abort
+        retrying = Retrying(
+            stop=stop_after_delay(self.phase2_timeout),
+            wait=wait_random_exponential(multiplier=0.02, max=1.0),
+            reraise=True,
+        )
+        try:
+            retrying(send, txid)
+        except Exception as exc:
+            log.warning("%s of %s at %s not acknowledged: %r", outcome, txid, name, exc)
+            raise
+        self._hit("after_commit" if outcome == "committed" else "after_abort", txid, name)
+
+    def _record_acks(self, stored: _Stored, acked: list[str]) -> _Stored:
+        for _ in range(100):
+            new = txlog.acknowledge(stored.record, acked)
+            if new == stored.record:
+                return stored
+            result = self._cas(stored, new)
+            if result is not None:
+                return result
+            fresh = self._read(stored.record.txid)
+            if fresh is None:  # finished by someone else and already expired
+                return stored
+            stored = fresh
+        return stored
+
+    def _submit_background(self, fn: Callable[[], object]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except DcoordError as exc:
+                log.info("background log write failed (recover() will redo it): %s", exc)
+
+        with self._mutex:
+            if self._closed:
+                return
+            future = self._pool.submit(run)
+            self._background.add(future)
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: Future[None]) -> None:
+        with self._mutex:
+            self._background.discard(future)
+
+    # -- recovery -----------------------------------------------------------------
+
+    def _recover_one(self, stored: _Stored, report: RecoveryReport) -> None:
+        txid = stored.record.txid
+        if stored.record.state is TxState.STARTED:
+            if not stored.record.expired(time.time()):
+                report.pending.append(txid)
+                return
+            stored = self._decide(stored, "aborted", "deadline passed; aborted by recovery")
+        unknown = [p for p in stored.record.unacked if p not in self.participants]
+        stored = self._phase2(stored, background_done=False)
+        if stored.record.state.finished:
+            outcome = stored.record.outcome
+            (report.committed if outcome == "committed" else report.aborted).append(txid)
+        elif unknown:
+            report.incomplete[txid] = (
+                f"{stored.record.outcome}: participants not known here: {', '.join(unknown)}"
+            )
+        else:
+            waiting = ", ".join(stored.record.unacked)
+            report.incomplete[txid] = f"{stored.record.outcome}: no acknowledgement from {waiting}"
+
+    def _recover_in_doubt(self, report: RecoveryReport) -> None:
+        seen = set(report.committed) | set(report.aborted) | set(report.incomplete)
+        for name, participant in self.participants.items():
+            in_doubt = getattr(participant, "in_doubt", None)
+            if in_doubt is None:
+                continue
+            for txid in in_doubt():
+                if txid in seen:
+                    continue
+                try:
+                    outcome = self.resolve(txid)
+                    if outcome == "pending":
+                        continue
+                    self._deliver(name, txid, outcome)
+                except DcoordError as exc:
+                    report.incomplete[txid] = f"in doubt at {name}: {exc}"
+                    continue
+                except Exception as exc:
+                    report.incomplete[txid] = f"in doubt at {name}: {exc!r}"
+                    continue
+                report.in_doubt_resolved.append(txid)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _read(self, txid: str) -> _Stored | None:
+        entry = self._store.get(txid)
+        if entry is None:
+            return None
+        return _Stored(txlog.decode(txid, entry.data), entry)
+
+    def _hit(self, point: str, txid: str, participant: str | None = None) -> None:
+        if self.failpoint is not None:
+            self.failpoint(point, txid, participant)
+
+    def _check_usable(self) -> None:
+        if self._closed or self.client.closed:
+            raise ConfigError("this coordinator's client is closed")
+
+    def _check_durability(self) -> None:
+        problem = self._store.durability()
+        if problem is None:
+            return
+        if self.client.settings.options.get("require_durable"):
+            raise ConfigError(f"require_durable is set but {problem}")
+        if self.client.backend.kind != "memory":  # embedded: nobody expects durability
+            warnings.warn(
+                f"the transaction log on {self.client.url} may lose decisions: {problem}",
+                DurabilityWarning,
+                stacklevel=4,
+            )
+
+
+def _abort_reason(votes: Mapping[str, Vote]) -> str | None:
+    refused = {name: vote for name, vote in votes.items() if vote is not True}
+    if not refused:
+        return None
+    return "; ".join(
+        f"{name} voted no" if vote is False else f"{name}: {vote}" for name, vote in refused.items()
+    )

@@ -1,0 +1,246 @@
+"""Transaction log records and their state machine: pure, no I/O.
+
+A record is written when a transaction starts (before any participant is asked to
+prepare) and changes only along these edges, each a compare-and-set in the backend::
+
+    started ──> committing ──> committed        (committing ──> committing: more acks)
+       └──────> aborting ───> aborted           (aborting ──> aborting: more acks)
+
+``committing`` and ``aborting`` *are* the decision: once a record leaves ``started`` its
+outcome never changes. ``committed`` / ``aborted`` mean every participant acknowledged
+(the record is "done" and may be forgotten after the retention period). No record, or a
+``started`` record whose deadline passed, means abort (presumed abort).
+
+Records are JSON with a schema version; a record that does not parse raises
+:class:`~dcoord.LogCorrupted` naming the transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from .errors import ConfigError, InvalidTransition, LogCorrupted
+
+SCHEMA_VERSION = 1
+_TXID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+Outcome = Literal["committed", "aborted"]
+
+
+class TxState(StrEnum):
+    """Where a transaction is; see the module docstring for the allowed edges."""
+
+    STARTED = "started"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ABORTING = "aborting"
+    ABORTED = "aborted"
+
+    @property
+    def finished(self) -> bool:
+        """Every participant acknowledged the outcome: nothing is left to do."""
+        return self in (TxState.COMMITTED, TxState.ABORTED)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """The decision this state carries, or None while undecided (``started``)."""
+        if self in (TxState.COMMITTING, TxState.COMMITTED):
+            return "committed"
+        if self in (TxState.ABORTING, TxState.ABORTED):
+            return "aborted"
+        return None
+
+
+TRANSITIONS: Mapping[TxState, frozenset[TxState]] = {
+    TxState.STARTED: frozenset({TxState.COMMITTING, TxState.ABORTING}),
+    TxState.COMMITTING: frozenset({TxState.COMMITTING, TxState.COMMITTED}),
+    TxState.ABORTING: frozenset({TxState.ABORTING, TxState.ABORTED}),
+    TxState.COMMITTED: frozenset(),
+    TxState.ABORTED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class TxRecord:
+    """One transaction as the log holds it. Times are Unix seconds."""
+
+    txid: str
+    state: TxState
+    participants: tuple[str, ...]
+    created: float
+    deadline: float
+    digests: Mapping[str, str] = field(default_factory=dict)
+    """Participant name -> SHA-256 of its payload, so an operator can match what was sent."""
+    decided_at: float | None = None
+    acks: tuple[str, ...] = ()
+    """Participants that acknowledged the decision (commit or abort)."""
+    coordinator: str = ""
+    """Who started it (host:pid), for operators."""
+    reason: str = ""
+    """Why it aborted (votes, timeout, resolver), empty when it committed."""
+    version: int = SCHEMA_VERSION
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.state.outcome
+
+    @property
+    def unacked(self) -> tuple[str, ...]:
+        """Participants that still have to hear the decision."""
+        return tuple(p for p in self.participants if p not in self.acks)
+
+    def expired(self, now: float) -> bool:
+        """The deadline passed: an undecided transaction may now be presumed aborted."""
+        return now >= self.deadline
+
+
+def check_txid(txid: object) -> str:
+    """Validate a transaction id (what ``tx show`` / ``resolve`` accept)."""
+    if not isinstance(txid, str) or not _TXID_RE.match(txid):
+        raise ConfigError(
+            f"transaction id must be 1-128 letters, digits, '_', '.', ':', '-', got {txid!r}"
+        )
+    return txid
+
+
+def check_state(state: object) -> TxState:
+    """Turn a state name into a :class:`TxState` (ConfigError naming it otherwise)."""
+    try:
+        return TxState(str(state))
+    except ValueError:
+        known = ", ".join(s.value for s in TxState)
+        raise ConfigError(f"unknown transaction state {state!r}; known: {known}") from None
+
+
+def digest(payload: object) -> str:
+    """A stable short digest of a payload (canonical JSON, repr for what JSON cannot hold)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def new_record(
+    txid: str,
+    payloads: Mapping[str, object],
+    *,
+    now: float,
+    timeout: float,
+    coordinator: str = "",
+) -> TxRecord:
+    """The ``started`` record of a transaction with these participants and payloads."""
+    if not payloads:
+        raise ConfigError(f"transaction {txid!r} has no participants: enlist at least one")
+    return TxRecord(
+        txid=check_txid(txid),
+        state=TxState.STARTED,
+        participants=tuple(payloads),
+        created=now,
+        deadline=now + timeout,
+        digests={name: digest(p) for name, p in payloads.items()},
+        coordinator=coordinator,
+    )
+
+
+def transition(record: TxRecord, to: TxState, **changes: Any) -> TxRecord:
+    """``record`` moved to state ``to`` with ``changes``; InvalidTransition if not allowed."""
+    if to not in TRANSITIONS[record.state]:
+        raise InvalidTransition(record.txid, record.state.value, to.value)
+    return dataclasses.replace(record, state=to, **changes)
+
+
+def decide(record: TxRecord, outcome: Outcome, *, now: float, reason: str = "") -> TxRecord:
+    """Record the decision: ``started`` -> ``committing`` or ``aborting``."""
+    to = TxState.COMMITTING if outcome == "committed" else TxState.ABORTING
+    return transition(record, to, decided_at=now, reason=reason)
+
+
+def acknowledge(record: TxRecord, names: Iterable[str]) -> TxRecord:
+    """Add acknowledgements; moves to ``committed``/``aborted`` once everyone has acked."""
+    new = set(names)
+    unknown = sorted(new - set(record.participants))
+    if unknown:
+        raise ConfigError(f"transaction {record.txid!r} has no participant {unknown[0]!r}")
+    acks = tuple(p for p in record.participants if p in record.acks or p in new)
+    if set(acks) != set(record.participants):
+        return transition(record, record.state, acks=acks)
+    done = TxState.COMMITTED if record.state is TxState.COMMITTING else TxState.ABORTED
+    return transition(record, done, acks=acks)
+
+
+def encode(record: TxRecord) -> bytes:
+    """The record as compact JSON bytes (what the backend stores)."""
+    doc = {
+        "v": record.version,
+        "txid": record.txid,
+        "state": record.state.value,
+        "participants": list(record.participants),
+        "digests": dict(record.digests),
+        "created": record.created,
+        "deadline": record.deadline,
+        "decided_at": record.decided_at,
+        "acks": list(record.acks),
+        "coordinator": record.coordinator,
+        "reason": record.reason,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode(txid: str, data: bytes) -> TxRecord:
+    """Parse stored bytes; LogCorrupted naming ``txid`` if they are not a valid record."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LogCorrupted(txid, f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise LogCorrupted(txid, f"expected a JSON object, got {type(doc).__name__}")
+    version = doc.get("v")
+    if version != SCHEMA_VERSION:
+        raise LogCorrupted(txid, f"schema version {version!r} (this dcoord reads {SCHEMA_VERSION})")
+    try:
+        record = TxRecord(
+            txid=_typed(doc, "txid", str),
+            state=TxState(_typed(doc, "state", str)),
+            participants=tuple(_str_list(doc, "participants")),
+            created=float(_typed(doc, "created", (int, float))),
+            deadline=float(_typed(doc, "deadline", (int, float))),
+            digests={str(k): str(v) for k, v in _typed(doc, "digests", dict).items()},
+            decided_at=_optional_float(doc.get("decided_at")),
+            acks=tuple(_str_list(doc, "acks")),
+            coordinator=_typed(doc, "coordinator", str),
+            reason=_typed(doc, "reason", str),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogCorrupted(txid, f"bad field: {exc}") from None
+    if record.txid != txid:
+        raise LogCorrupted(txid, f"record names another transaction {record.txid!r}")
+    if not record.participants or not set(record.acks) <= set(record.participants):
+        raise LogCorrupted(txid, "participants/acks are inconsistent")
+    return record
+
+
+def _typed(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = doc[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}")
+    return value
+
+
+def _str_list(doc: Mapping[str, Any], name: str) -> list[str]:
+    value = _typed(doc, name, list)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name}={value!r}")
+    return list(value)
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"decided_at={value!r}")
+    return float(value)

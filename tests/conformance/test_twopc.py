@@ -1,0 +1,461 @@
+"""Two-phase commit and its decision log: the same assertions on every backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import dcoord
+from dcoord import txlog
+from dcoord.txlog import TxState
+
+
+class Crash(BaseException):
+    """Raised by a failpoint: the coordinator stops dead, like a killed process."""
+
+
+class Bank:
+    """A participant kept in test memory that records every call."""
+
+    def __init__(self, name: str, vote: bool = True, raises: bool = False) -> None:
+        self.name = name
+        self.vote = vote
+        self.raises = raises
+        self.gate: threading.Event | None = None  # prepare waits on it when set
+        self.prepared: set[str] = set()
+        self.committed: set[str] = set()
+        self.aborted: set[str] = set()
+        self.mutex = threading.Lock()
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.raises:
+            raise RuntimeError(f"{self.name} is on fire")
+        if self.vote:
+            with self.mutex:
+                self.prepared.add(txid)
+        return self.vote
+
+    def commit(self, txid: str) -> None:
+        with self.mutex:
+            assert txid in self.prepared, "commit of a transaction never prepared"
+            assert txid not in self.aborted
+            self.committed.add(txid)
+
+    def abort(self, txid: str) -> None:
+        with self.mutex:
+            assert txid not in self.committed, "abort after commit"
+            self.aborted.add(txid)
+            self.prepared.discard(txid)
+
+
+def banks(*names: str) -> list[Bank]:
+    return [Bank(n) for n in names]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def state_of(coord: dcoord.Coordinator, txid: str) -> TxState | None:
+    record = coord.get(txid)
+    return None if record is None else record.state
+
+
+@pytest.fixture
+def coordinator(client: dcoord.Client) -> Callable[..., dcoord.Coordinator]:
+    def make(participants: list[Bank], **options: Any) -> dcoord.Coordinator:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+            return client.coordinator(participants=participants, **options)
+
+    return make
+
+
+def test_commit_reaches_every_participant_and_finishes_the_record(coordinator: Any) -> None:
+    a, b, c = banks("a", "b", "c")
+    coord = coordinator([a, b, c])
+    with coord.transaction(timeout=10) as tx:
+        tx.enlist("a", {"debit": 10})
+        tx.enlist("b", {"credit": 10})
+        tx.enlist("c", None)
+    assert tx.state == "committed"
+    assert all(tx.txid in p.committed for p in (a, b, c))
+    assert tx.record is not None and tx.record.outcome == "committed"
+    wait_for(lambda: state_of(coord, tx.txid) is TxState.COMMITTED)
+    record = coord.get(tx.txid)
+    assert record is not None and set(record.acks) == {"a", "b", "c"}
+    assert record.digests["a"] == txlog.digest({"debit": 10})
+    assert [r.txid for r in coord.transactions(state="committed")] == [tx.txid]
+
+
+def test_begin_and_commit_without_context_manager(coordinator: Any) -> None:
+    a, b = banks("a", "b")
+    coord = coordinator([a, b])
+    tx = coord.begin(timeout=10)
+    tx.enlist("a", 1)
+    tx.enlist("b", 2)
+    record = tx.commit()
+    assert record.state is TxState.COMMITTING
+    assert tx.txid in a.committed and tx.txid in b.committed
+
+
+def test_exception_in_block_aborts_without_touching_anyone(coordinator: Any) -> None:
+    a = Bank("a")
+    coord = coordinator([a])
+    with pytest.raises(KeyError), coord.transaction() as tx:
+        tx.enlist("a", 1)
+        raise KeyError("application failed")
+    assert tx.state == "aborted"
+    assert not a.prepared and not a.committed
+    assert coord.get(tx.txid) is None  # nothing was written: nothing to recover
+
+
+@pytest.mark.parametrize("failure", ["no", "raise"])
+def test_a_refusing_participant_aborts_everywhere(coordinator: Any, failure: str) -> None:
+    a, b, c = banks("a", "b", "c")
+    if failure == "no":
+        b.vote = False
+    else:
+        b.raises = True
+    coord = coordinator([a, b, c])
+    with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
+        for p in "abc":
+            tx.enlist(p, None)
+    votes = info.value.votes
+    assert info.value.txid == tx.txid
+    if failure == "no":
+        assert votes["b"] is False
+    else:
+        assert "RuntimeError" in str(votes["b"]) and "on fire" in str(votes["b"])
+    assert not (a.committed | b.committed | c.committed)
+    assert not a.prepared and not c.prepared  # whoever prepared was told to abort
+    wait_for(lambda: state_of(coord, tx.txid) is TxState.ABORTED)
+
+
+def test_a_silent_participant_aborts_at_the_deadline(coordinator: Any) -> None:
+    a, slow = banks("a", "slow")
+    slow.gate = threading.Event()
+    coord = coordinator([a, slow])
+    tx = coord.begin(timeout=0.5)
+    tx.enlist("a", None)
+    tx.enlist("slow", None)
+    started = time.monotonic()
+    with pytest.raises(dcoord.TransactionAborted) as info:
+        tx.commit()
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert "deadline" in str(info.value.votes["slow"])
+    assert not a.prepared and not a.committed
+    # Its yes arrives too late: the coordinator aborts it rather than leave it prepared.
+    slow.gate.set()
+    wait_for(lambda: tx.txid in slow.aborted and tx.txid not in slow.prepared)
+    assert not slow.committed
+
+
+def test_enlist_and_options_validate_input(coordinator: Any, client: dcoord.Client) -> None:
+    coord = coordinator(banks("a"))
+    tx = coord.begin()
+    with pytest.raises(dcoord.ConfigError, match="'zz'"):
+        tx.enlist("zz", 1)
+    tx.enlist("a", 1)
+    with pytest.raises(dcoord.ConfigError, match="already enlisted"):
+        tx.enlist("a", 2)
+    with pytest.raises(dcoord.ConfigError, match="timeout"):
+        coord.begin(timeout=0)
+    with pytest.raises(dcoord.ConfigError, match="timeout"):
+        coord.begin(timeout=float("nan"))
+    with pytest.raises(dcoord.ConfigError, match="two participants"):
+        coordinator(banks("a", "a"))
+    with pytest.raises(dcoord.ConfigError, match="not a Participant"):
+        client.coordinator(participants=[object()])  # type: ignore[list-item]
+    with pytest.raises(dcoord.ConfigError, match="no participants"):
+        coord.begin().commit()
+    assert coord.transactions() == []  # none of the above wrote anything
+
+
+def test_crash_after_decision_is_finished_by_recover(coordinator: Any) -> None:
+    a, b = banks("a", "b")
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_commit":
+            raise Crash(point)
+
+    dying = coordinator([a, b], failpoint=crash, phase2_timeout=0.2)
+    tx = dying.begin()
+    tx.enlist("a", None)
+    tx.enlist("b", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    assert tx.state == "unknown"
+    assert state_of(dying, tx.txid) is TxState.COMMITTING
+    # Another coordinator (another process, in real life) finishes the work.
+    rescuer = coordinator([a, b])
+    assert rescuer.resolve(tx.txid) == "committed"
+    report = rescuer.recover()
+    assert report.committed == [tx.txid] and report.clean
+    assert tx.txid in a.committed and tx.txid in b.committed
+    assert state_of(rescuer, tx.txid) is TxState.COMMITTED
+    assert rescuer.recover().scanned == 0
+
+
+def test_crash_before_decision_is_aborted_by_recover_after_the_deadline(coordinator: Any) -> None:
+    a, b = banks("a", "b")
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_prepare":
+            raise Crash(point)
+
+    dying = coordinator([a, b], failpoint=crash)
+    tx = dying.begin(timeout=0.5)
+    tx.enlist("a", None)
+    tx.enlist("b", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    rescuer = coordinator([a, b])
+    early = rescuer.recover()
+    assert early.pending == [tx.txid] and early.actions == 0
+    assert rescuer.resolve(tx.txid) == "pending"
+    wait_for(lambda: time.time() >= rescuer.get(tx.txid).deadline)  # type: ignore[union-attr]
+    report = rescuer.recover()
+    assert report.aborted == [tx.txid]
+    assert not a.committed and not b.committed
+    assert not a.prepared and not b.prepared
+    assert rescuer.resolve(tx.txid) == "aborted"
+
+
+def test_resolve_semantics(coordinator: Any) -> None:
+    a = Bank("a")
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def hold(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_record":
+            entered.set()
+            gate.wait(10)
+
+    coord = coordinator([a], failpoint=hold)
+    assert coord.resolve("never-existed") == "aborted"  # presumed abort
+    with pytest.raises(dcoord.ConfigError):
+        coord.resolve("not a txid")
+    tx = coord.begin(timeout=0.6)
+    tx.enlist("a", None)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(_commit(tx)))
+    worker.start()
+    assert entered.wait(5)
+    assert coord.resolve(tx.txid) == "pending"
+    wait_for(lambda: time.time() >= tx.timeout + coord.get(tx.txid).created)  # type: ignore[union-attr]
+    assert coord.resolve(tx.txid) == "aborted"  # recorded by compare-and-set, final
+    assert state_of(coord, tx.txid) is TxState.ABORTING
+    gate.set()
+    worker.join(10)
+    assert isinstance(outcome[0], dcoord.TransactionAborted)  # the coordinator lost
+    assert not a.committed and tx.txid in a.aborted
+
+
+def _commit(tx: dcoord.Transaction) -> object:
+    try:
+        return tx.commit()
+    except dcoord.TransactionAborted as exc:
+        return exc
+
+
+def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> None:
+    """Many rounds: a coordinator committing right at its deadline vs resolvers aborting."""
+    for _ in range(8):
+        a, b = banks("a", "b")
+        go = threading.Event()
+
+        def hold(point: str, txid: str, participant: str | None, go: threading.Event = go) -> None:
+            if point == "after_record":
+                go.wait(10)
+
+        coord = coordinator([a, b], failpoint=hold)
+        resolvers = [coordinator([]) for _ in range(3)]
+        tx = coord.begin(timeout=0.2)
+        tx.enlist("a", None)
+        tx.enlist("b", None)
+        results: list[object] = []
+        threads = [threading.Thread(target=lambda: results.append(_commit(tx)))]
+        threads += [
+            threading.Thread(target=lambda r=r: results.append(r.resolve(tx.txid)))
+            for r in resolvers
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        record = None
+        while record is None:
+            record = coord.get(tx.txid)
+        # Let everyone loose right at the deadline, so commit and abort race for real.
+        time.sleep(max(0.0, record.deadline - time.time()))
+        go.set()
+        for t in threads:
+            t.join(10)
+        final = coord.get(tx.txid)
+        assert final is not None and final.outcome is not None
+        answers = {
+            "committed" if isinstance(r, txlog.TxRecord) else r
+            for r in results
+            if not isinstance(r, dcoord.TransactionAborted)
+        }
+        if any(isinstance(r, dcoord.TransactionAborted) for r in results):
+            answers.add("aborted")
+        answers.discard("pending")
+        assert answers == {final.outcome}, (answers, final)
+        if final.outcome == "committed":
+            assert tx.txid in a.committed and tx.txid in b.committed
+        else:
+            assert not a.committed and not b.committed
+
+
+def test_store_cas_admits_exactly_one_of_racing_writers(client: dcoord.Client) -> None:
+    store = client.backend.txlog
+    record = txlog.new_record("race1", {"a": None}, now=time.time(), timeout=30)
+    entry = store.create("race1", txlog.encode(record), record.deadline)
+    assert entry is not None
+    assert store.create("race1", b"again", record.deadline) is None  # create never overwrites
+    wins: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def decide(i: int) -> None:
+        outcome = "committed" if i % 2 else "aborted"
+        new = txlog.decide(record, outcome, now=time.time(), reason=str(i))
+        barrier.wait()
+        if store.cas("race1", entry, txlog.encode(new), finished=False, retention=60):
+            wins.append(outcome)
+
+    threads = [threading.Thread(target=decide, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(wins) == 1
+    current = store.get("race1")
+    assert current is not None
+    assert txlog.decode("race1", current.data).outcome == wins[0]
+    # A stale version is refused even when the state would be the same.
+    assert store.cas("race1", entry, txlog.encode(record), finished=False, retention=60) is None
+
+
+def test_invalid_transitions_are_refused_and_leave_the_log_unchanged(
+    coordinator: Any, client: dcoord.Client
+) -> None:
+    a = Bank("a")
+    coord = coordinator([a])
+    with coord.transaction() as tx:
+        tx.enlist("a", None)
+    wait_for(lambda: state_of(coord, tx.txid) is TxState.COMMITTED)
+    entry = client.backend.txlog.get(tx.txid)
+    assert entry is not None
+    committed = txlog.decode(tx.txid, entry.data)
+    for target in TxState:
+        with pytest.raises(dcoord.InvalidTransition):
+            txlog.transition(committed, target)
+    assert coord.resolve(tx.txid) == "committed"
+    assert client.backend.txlog.get(tx.txid) == entry
+
+
+def test_corrupted_record_is_named_and_recovery_carries_on(
+    coordinator: Any, client: dcoord.Client
+) -> None:
+    a = Bank("a")
+    assert client.backend.txlog.create("broken", b"\x00not json", time.time() - 1) is not None
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_decision":
+            raise Crash(point)
+
+    dying = coordinator([a], failpoint=crash)
+    tx = dying.begin()
+    tx.enlist("a", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    rescuer = coordinator([a])
+    with pytest.raises(dcoord.LogCorrupted) as info:
+        rescuer.get("broken")
+    assert info.value.txid == "broken"
+    report = rescuer.recover()
+    assert list(report.corrupted) == ["broken"] and "broken" in report.corrupted["broken"]
+    assert report.committed == [tx.txid]
+    assert tx.txid in a.committed
+    assert [r.txid for r in rescuer.transactions()] == [tx.txid]  # listing skips it
+
+
+def test_recover_reads_only_unfinished_records(coordinator: Any, client: dcoord.Client) -> None:
+    a = Bank("a")
+    coord = coordinator([a])
+    for _ in range(25):
+        with coord.transaction() as tx:
+            tx.enlist("a", None)
+    coord.close()  # waits for the background "done" writes
+    store = client.backend.txlog
+    reads: list[str] = []
+    real_get = store.get
+
+    def counting_get(txid: str) -> Any:
+        reads.append(txid)
+        return real_get(txid)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    try:
+        for txid in ("open1", "open2"):
+            record = txlog.new_record(txid, {"a": None}, now=time.time(), timeout=60)
+            store.create(txid, txlog.encode(record), record.deadline)
+        report = coordinator([a]).recover()
+    finally:
+        del store.get  # type: ignore[method-assign]
+    assert report.scanned == 2 and sorted(report.pending) == ["open1", "open2"]
+    assert len(reads) <= 2
+    assert len(coord.transactions(state="committed")) == 25
+
+
+@pytest.mark.slow
+def test_finished_records_expire_after_retention(coordinator: Any, backend: str) -> None:
+    a = Bank("a")
+    coord = coordinator([a], retention=1.0)
+    with coord.transaction() as tx:
+        tx.enlist("a", None)
+    wait_for(lambda: state_of(coord, tx.txid) is TxState.COMMITTED)
+    finished_at = time.monotonic()
+    # etcd grants leases in whole seconds with a ~2 s minimum.
+    wait_for(lambda: coord.get(tx.txid) is None, timeout=10)
+    assert time.monotonic() - finished_at >= 0.9
+    assert coord.resolve(tx.txid) == "aborted"  # forgotten: presumed abort, harmless now
+
+
+def test_unfinished_records_never_expire(coordinator: Any) -> None:
+    a = Bank("a")
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        raise Crash(point)
+
+    coord = coordinator([a], retention=0.2, failpoint=crash)
+    tx = coord.begin()
+    tx.enlist("a", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    time.sleep(0.5)  # longer than the retention: the started record must stay
+    assert state_of(coord, tx.txid) is TxState.STARTED
+
+
+def test_durability_requirement(connect: Callable[..., dcoord.Client], backend: str) -> None:
+    strict = connect(require_durable=True)
+    if backend == "memory":
+        with pytest.raises(dcoord.ConfigError, match="require_durable"):
+            strict.coordinator(participants=[])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dcoord.DurabilityWarning)
+            # The test servers run with appendfsync always (redis) / Raft WAL (etcd).
+            strict.coordinator(participants=[])
+            connect().coordinator(participants=[])

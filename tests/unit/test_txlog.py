@@ -1,0 +1,134 @@
+"""The transaction record state machine and its JSON format (pure: no backend)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+import dcoord
+from dcoord import txlog
+from dcoord.txlog import TxState
+
+
+def started(*names: str, now: float = 1000.0, timeout: float = 30.0) -> txlog.TxRecord:
+    return txlog.new_record(
+        "tx1", {n: {"n": n} for n in names}, now=now, timeout=timeout, coordinator="h:1"
+    )
+
+
+def test_new_record_is_started_with_deadline_and_digests() -> None:
+    record = started("a", "b", now=100.0, timeout=5.0)
+    assert record.state is TxState.STARTED
+    assert record.participants == ("a", "b")
+    assert record.deadline == 105.0
+    assert record.outcome is None
+    assert record.digests["a"] == txlog.digest({"n": "a"}) != record.digests["b"]
+    assert not record.expired(104.9) and record.expired(105.0)
+
+
+def test_commit_path_collects_acks_then_finishes() -> None:
+    record = txlog.decide(started("a", "b", "c"), "committed", now=2.0)
+    assert record.state is TxState.COMMITTING and record.decided_at == 2.0
+    assert record.outcome == "committed"
+    partial = txlog.acknowledge(record, ["b"])
+    assert partial.state is TxState.COMMITTING and partial.unacked == ("a", "c")
+    done = txlog.acknowledge(partial, ["a", "c"])
+    assert done.state is TxState.COMMITTED and done.unacked == ()
+    assert done.state.finished and done.outcome == "committed"
+
+
+def test_abort_path_finishes_as_aborted() -> None:
+    record = txlog.decide(started("a"), "aborted", now=2.0, reason="a voted no")
+    assert record.state is TxState.ABORTING and record.reason == "a voted no"
+    assert txlog.acknowledge(record, ["a"]).state is TxState.ABORTED
+
+
+def test_every_edge_outside_the_machine_is_refused() -> None:
+    allowed = {
+        (TxState.STARTED, TxState.COMMITTING),
+        (TxState.STARTED, TxState.ABORTING),
+        (TxState.COMMITTING, TxState.COMMITTING),
+        (TxState.COMMITTING, TxState.COMMITTED),
+        (TxState.ABORTING, TxState.ABORTING),
+        (TxState.ABORTING, TxState.ABORTED),
+    }
+    base = started("a")
+    for src, dst in itertools.product(TxState, TxState):
+        record = txlog.TxRecord(**{**base.__dict__, "state": src})
+        if (src, dst) in allowed:
+            assert txlog.transition(record, dst).state is dst
+        else:
+            with pytest.raises(dcoord.InvalidTransition) as info:
+                txlog.transition(record, dst)
+            assert info.value.current == src.value and info.value.requested == dst.value
+
+
+def test_a_decision_is_final() -> None:
+    committing = txlog.decide(started("a"), "committed", now=1.0)
+    with pytest.raises(dcoord.InvalidTransition):
+        txlog.decide(committing, "aborted", now=2.0)
+    aborting = txlog.decide(started("a"), "aborted", now=1.0)
+    with pytest.raises(dcoord.InvalidTransition):
+        txlog.decide(aborting, "committed", now=2.0)
+
+
+def test_acknowledging_an_unknown_participant_is_refused() -> None:
+    record = txlog.decide(started("a"), "committed", now=1.0)
+    with pytest.raises(dcoord.ConfigError, match="'zz'"):
+        txlog.acknowledge(record, ["zz"])
+
+
+def test_encode_decode_round_trip() -> None:
+    record = txlog.acknowledge(txlog.decide(started("a", "b"), "committed", now=3.5), ["a"])
+    data = txlog.encode(record)
+    assert json.loads(data)["v"] == txlog.SCHEMA_VERSION
+    assert txlog.decode("tx1", data) == record
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"v": 99}', "schema version 99"),
+        (b'{"v": 1, "txid": "tx1"}', "bad field"),
+    ],
+)
+def test_garbage_raises_log_corrupted_naming_the_txid(data: bytes, detail: str) -> None:
+    with pytest.raises(dcoord.LogCorrupted, match=detail) as info:
+        txlog.decode("tx1", data)
+    assert info.value.txid == "tx1"
+    assert "tx1" in str(info.value)
+
+
+def test_bad_fields_are_corruption_not_crashes() -> None:
+    good = json.loads(txlog.encode(started("a")))
+    for field, value in [
+        ("state", "exploded"),
+        ("participants", "a"),
+        ("participants", []),
+        ("acks", ["zz"]),
+        ("deadline", "soon"),
+        ("created", True),
+        ("txid", "other"),
+    ]:
+        doc = {**good, field: value}
+        with pytest.raises(dcoord.LogCorrupted):
+            txlog.decode("tx1", json.dumps(doc).encode())
+
+
+def test_txid_and_state_validation_names_the_value() -> None:
+    for bad in ["", "a b", "x" * 129, "/etc", 7]:
+        with pytest.raises(dcoord.ConfigError, match="transaction id"):
+            txlog.check_txid(bad)
+    assert txlog.check_state("aborting") is TxState.ABORTING
+    with pytest.raises(dcoord.ConfigError, match="'nope'"):
+        txlog.check_state("nope")
+
+
+def test_a_record_needs_participants() -> None:
+    with pytest.raises(dcoord.ConfigError, match="no participants"):
+        txlog.new_record("tx1", {}, now=0.0, timeout=1.0)
