@@ -16,6 +16,8 @@ from .errors import (
     BackendUnavailable,
     ConfigError,
     DcoordError,
+    DurabilityWarning,
+    InvalidTransition,
     LockError,
     LockLost,
     LockNotOwned,
@@ -28,18 +30,25 @@ from .errors import (
 from .fence import Fence
 from .lock import Lock
 from .membership import Group, GroupView, JoinedMember, LiveRing, Member, Watch
+from .participants import KVParticipant
 from .ring import HashRing
+from .twopc import Coordinator, Participant, RecoveryReport, Transaction
+from .txlog import TxRecord, TxState
 
 __all__ = [
     "BackendUnavailable",
     "Client",
     "ConfigError",
+    "Coordinator",
     "DcoordError",
+    "DurabilityWarning",
     "Fence",
     "Group",
     "GroupView",
     "HashRing",
+    "InvalidTransition",
     "JoinedMember",
+    "KVParticipant",
     "LiveRing",
     "Lock",
     "LockError",
@@ -49,9 +58,14 @@ __all__ = [
     "LogCorrupted",
     "Member",
     "NoMembers",
+    "Participant",
+    "RecoveryReport",
     "ServerInfo",
+    "Transaction",
     "TransactionAborted",
     "TransactionError",
+    "TxRecord",
+    "TxState",
     "Watch",
     "__version__",
     "connect",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -13,6 +13,7 @@ from .fence import Fence
 from .lock import DEFAULT_TTL, Lock, OnLost
 from .membership import Group
 from .scheduler import Scheduler
+from .twopc import Coordinator, Participant
 
 
 class Client:
@@ -70,6 +71,19 @@ class Client:
         """The membership group ``name``: join it, list or watch its members, or follow
         it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
         return Group(self, name)
+
+    def coordinator(
+        self, participants: Iterable[Participant] = (), **options: Any
+    ) -> Coordinator:
+        """A two-phase-commit coordinator over ``participants``, logging in this backend.
+
+        Options: ``retention`` (seconds finished records are kept, default 7 days),
+        ``phase2_timeout`` (how long commit/abort is retried per call before it is left
+        to ``recover()``, default 5 s), ``workers`` (thread pool size). Warns with
+        :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
+        option) when the backend would not keep decisions through a server crash.
+        """
+        return Coordinator(self, participants, **options)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the client closes (before the connection goes), newest first."""

@@ -8,6 +8,7 @@ a small object that owns its connection and exposes one store per primitive:
 ``kv``      plain keys under the namespace (get / put / delete / scan)
 ``groups``  group membership (join / refresh / leave / read / subscribe)
 ``locks``   fenced locks (acquire with notified waiting / release / extend) and fences
+``txlog``   transaction records (create / compare-and-set / get / unfinished / scan)
 ==========  ===================================================================
 
 Keys passed to a store are relative to the client's namespace; the backend maps them
@@ -17,7 +18,7 @@ into its own keyspace so two namespaces on one server never see each other's key
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -59,6 +60,60 @@ class KVStore(Protocol):
 
     def scan(self, prefix: str) -> dict[str, bytes]:
         """Every key starting with ``prefix`` (relative to the namespace) and its value."""
+        ...
+
+    def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> bool:
+        """Atomically: if every key of ``only_if`` holds exactly its value (None: absent),
+        write ``puts`` and delete ``deletes`` and return True; else change nothing, False."""
+        ...
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A stored transaction record: its bytes and the store's version of them."""
+
+    data: bytes
+    version: int | bytes
+    """Opaque to the core: what :meth:`TxLogStore.cas` compares (etcd: mod_revision)."""
+
+
+class TxLogStore(Protocol):
+    """The 2PC decision log: one record per transaction, changed only by compare-and-set,
+    plus an index of unfinished records by deadline. The core owns the record format and
+    the state machine (:mod:`dcoord.txlog`); a store only keeps bytes."""
+
+    def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
+        """Write a new record, indexed as unfinished by ``deadline``; None if it exists."""
+        ...
+
+    def cas(
+        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+    ) -> LogEntry | None:
+        """Replace the record only if it is still exactly ``expected``; None if it changed.
+
+        With ``finished`` the record leaves the unfinished index (in the same atomic step)
+        and expires ``retention`` seconds later."""
+        ...
+
+    def get(self, txid: str) -> LogEntry | None: ...
+
+    def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]:
+        """Unfinished records, earliest deadline first (None: indexed but unreadable).
+
+        Costs time proportional to the unfinished records, not to the log's history."""
+        ...
+
+    def scan(self) -> dict[str, LogEntry]:
+        """Every record still retained, finished or not (for operators)."""
+        ...
+
+    def durability(self) -> str | None:
+        """Why a record might not survive a server crash, or None if it will."""
         ...
 
 
@@ -235,6 +290,9 @@ class Backend(Protocol):
 
     @property
     def locks(self) -> LockStore: ...
+
+    @property
+    def txlog(self) -> TxLogStore: ...
 
     def ping(self) -> ServerInfo: ...
 

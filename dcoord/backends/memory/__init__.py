@@ -16,6 +16,7 @@ from ..base import ServerInfo
 from .kv import MemoryKV
 from .locks import MemoryLocks
 from .membership import MemoryGroups
+from .txlog import MemoryTxLog
 
 
 class MemoryServer:
@@ -49,6 +50,7 @@ class MemoryBackend:
         self.kv = MemoryKV(self.server, self.prefix)
         self.groups = MemoryGroups(self.server, self.prefix)
         self.locks = MemoryLocks(self.server, self.prefix)
+        self.txlog = MemoryTxLog(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(
