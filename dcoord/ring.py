@@ -251,18 +251,37 @@ class HashRing:
         c = _check_capacity(capacity)
         hashed: dict[K, int] = {}
         for key in keys:
-            if key not in hashed:
+            # Hash before using the key in a dict: an unhashable non-key (a list, a
+            # bytearray) is then rejected as a bad key, not as a TypeError from dict.
+            if isinstance(key, str) and not key.isascii():
                 hashed[key] = key_hash(key)
+                continue
+            try:
+                hashed[key] = _mmh3_32(key, 0, False)
+            except TypeError:
+                _bad_key(key)
         if not hashed:
             return {}
         m = len(hashed)
         weights = {node: _decimal(w) for node, w in self._nodes.items()}
         total = sum(weights.values())
         room = {node: math.ceil(c * m * w / total) for node, w in weights.items()}
-        positions: dict[str, list[int]] = {node: [] for node in self._nodes}
+
+        order = sorted(hashed, key=hashed.__getitem__)
+        hashes = [hashed[k] for k in order]
+        # Equal hashes (about m*m / 2**33 pairs) are ordered by the key's bytes, so the
+        # result never depends on the order the keys were given in.
+        run = 0
+        for j in range(1, m + 1):
+            if j == m or hashes[j] != hashes[run]:
+                if j - run > 1:
+                    order[run:j] = sorted(order[run:j], key=_tie_order)
+                run = j
+
         owners = self._owners
         points = self._points
         size = len(points)
+        positions: dict[str, list[int]] = {node: [] for node in self._nodes}
         for i in range(size):
             positions[owners[i]].append(i)
         # "Next position whose node still has room" as a union-find with path
@@ -278,16 +297,17 @@ class HashRing:
                 parent[i], i = root, parent[i]
             return root
 
-        order = sorted(hashed.items(), key=_assign_order)
         out: dict[K, str] = {}
-        for key, h in order:
-            i = find(bisect_left(points, h))
+        for key, h in zip(order, hashes, strict=True):
+            i = bisect_left(points, h)
+            if parent[i] != i:
+                i = find(i)
             if i == size:
                 i = find(0)
             node = owners[i]
             out[key] = node
             room[node] -= 1
-            if room[node] == 0:
+            if not room[node]:
                 for j in positions[node]:
                     parent[j] = j + 1
         return out
@@ -414,8 +434,7 @@ def _decimal(value: float) -> Fraction:
     return Fraction(repr(value))
 
 
-def _assign_order(item: tuple[Key, int]) -> tuple[int, bytes, bool]:
-    key, h = item
+def _tie_order(key: Key) -> tuple[bytes, bool]:
     if isinstance(key, str):
-        return (h, key.encode(), True)
-    return (h, key, False)
+        return (key.encode(), True)
+    return (key, False)

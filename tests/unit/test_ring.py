@@ -123,6 +123,14 @@ def test_equal_points_are_ordered_by_node_id() -> None:
         }
 
 
+def test_a_key_on_a_point_belongs_to_that_point() -> None:
+    # The vnode string itself hashes exactly onto its point: ">= H(key)" is inclusive.
+    ring = HashRing(["a", "b", "c"], vnodes=50)
+    for node in "abc":
+        for i in range(50):
+            assert ring.node_for(f"{node}#{i}") == node
+
+
 @settings(max_examples=200, deadline=None)
 @given(keys_st)
 def test_str_hashes_as_its_utf8_bytes(key: Key) -> None:
@@ -389,13 +397,25 @@ def test_bounded_load_caps_every_node_and_places_every_key(c: float) -> None:
 
 def test_bounded_load_is_deterministic_and_order_free() -> None:
     ring = HashRing(NODES10, vnodes=20)
-    keys: list[Key] = [*KEYS[:3000], b"user:1", b"\xff"]  # b"user:1" has the hash of "user:1"
+    # Equal hashes: b"user:1" and "user:1"; "k15599" and "k97211" (mmh3 1186588479).
+    keys: list[Key] = [*KEYS[:3000], b"user:1", b"\xff", "k97211", "k15599"]
+    assert key_hash("k15599") == key_hash("k97211")
     first = ring.assign(keys, capacity=1.1)
-    shuffled = keys[:]
-    random.Random(7).shuffle(shuffled)
-    assert ring.assign(shuffled, capacity=1.1) == first
+    for seed in range(3):
+        shuffled = keys[:]
+        random.Random(seed).shuffle(shuffled)
+        assert ring.assign(shuffled, capacity=1.1) == first
     assert ring.assign(keys + keys[:100], capacity=1.1) == first  # duplicates placed once
     assert first == _reference_assign(ring, keys, 1.1)
+
+
+def test_bounded_load_breaks_hash_ties_by_key_bytes() -> None:
+    # Both keys hash to 1186588479, owned by "e", which has room for one (ceil(1.2*2/4)):
+    # the smaller key bytes, "k15599", gets it whichever order the keys come in.
+    ring = HashRing({"e": 1.0, "z": 3.0}, vnodes=1)
+    assert ring.node_for("k15599") == ring.node_for("k97211") == "e"
+    for keys in (["k97211", "k15599"], ["k15599", "k97211"]):
+        assert ring.assign(keys, capacity=1.2) == {"k15599": "e", "k97211": "z"}
 
 
 @settings(max_examples=60, deadline=None)
@@ -440,7 +460,6 @@ BAD: list[tuple[str, Callable[[], Any], str]] = [
     ("not iterable", lambda: HashRing(5), "5"),  # type: ignore[arg-type]
     ("int node id", lambda: HashRing(["a", 7]), "7"),  # type: ignore[list-item]
     ("empty node id", lambda: HashRing(["a", ""]), "''"),
-    ("surrogate node id", lambda: HashRing(["a\ud800"]), "'a\\ud800'"),
     ("duplicate", lambda: HashRing(["a", "b", "a"]), "'a'"),
     ("zero weight", lambda: HashRing({"a": 0}), "0"),
     ("negative weight", lambda: HashRing({"a": -1.5}), "-1.5"),
@@ -455,7 +474,6 @@ BAD: list[tuple[str, Callable[[], Any], str]] = [
     ("int key", lambda: _ring.node_for(42), "42"),  # type: ignore[arg-type]
     ("none key", lambda: _ring.node_for(None), "None"),  # type: ignore[arg-type]
     ("bytearray key", lambda: _ring.node_for(bytearray(b"k")), "bytearray(b'k')"),  # type: ignore[arg-type]
-    ("surrogate key", lambda: _ring.node_for("k\udc80"), "'k\\udc80'"),
     ("nodes_for key", lambda: _ring.nodes_for(4.5, 1), "4.5"),  # type: ignore[arg-type]
     ("n zero", lambda: _ring.nodes_for("k", 0), "0"),
     ("n too big", lambda: _ring.nodes_for("k", 4), "n=4"),
@@ -469,6 +487,7 @@ BAD: list[tuple[str, Callable[[], Any], str]] = [
     ("capacity nan", lambda: _ring.assign(["k"], capacity=float("nan")), "nan"),
     ("capacity str", lambda: _ring.assign(["k"], capacity="2"), "'2'"),  # type: ignore[arg-type]
     ("assign bad key", lambda: _ring.assign(["k", 9]), "9"),
+    ("assign unhashable key", lambda: _ring.assign([["k"]]), "['k']"),
 ]
 
 
@@ -488,19 +507,35 @@ def test_max_points_bound_is_what_the_message_says() -> None:
         HashRing(["a", "b"], vnodes=MAX_POINTS // 2 + 1)
 
 
-def test_surrogate_key_is_rejected_without_crashing_the_interpreter() -> None:
-    # mmh3 5.x segfaults when handed such a str directly; run in a child so a regression
-    # shows up as a failed test rather than a dead test run.
-    code = (
-        "from dcoord.ring import HashRing\nfrom dcoord.errors import ConfigError\n"
-        "r = HashRing(['a', 'b'])\n"
-        "for f in (r.node_for, lambda k: r.nodes_for(k, 2), lambda k: r.assign([k])):\n"
-        "    try:\n        f('x\\ud800')\n    except ConfigError:\n        pass\n"
-        "print('ok')\n"
-    )
+_SURROGATES = r"""
+from dcoord.ring import HashRing
+from dcoord.errors import ConfigError
+r = HashRing(["a", "b"])
+calls = [
+    lambda: r.node_for("k\udc80"),
+    lambda: r.nodes_for("k\udc80", 2),
+    lambda: r.assign(["k\udc80"]),
+    lambda: HashRing(["a\ud800"]),
+    lambda: r.with_node("a\ud800"),
+]
+for call in calls:
+    try:
+        call()
+    except ConfigError as e:
+        print(e)
+"""
+
+
+def test_lone_surrogates_are_rejected_without_crashing_the_interpreter() -> None:
+    # mmh3 5.x segfaults when handed such a str; a child process turns a regression into
+    # a failed test instead of a dead test run.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
-    assert out.returncode == 0 and out.stdout == b"ok\n", out.stderr.decode()
+    out = subprocess.run([sys.executable, "-c", _SURROGATES], env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    lines = out.stdout.decode().splitlines()
+    assert len(lines) == 5
+    assert all("'k\\udc80'" in line for line in lines[:3]), lines
+    assert all("'a\\ud800'" in line for line in lines[3:]), lines
 
 
 # -- CLI ---------------------------------------------------------------------------------
@@ -573,3 +608,16 @@ def test_cli_parser_registers_ring() -> None:
     cli_ring.add_parser(parser.add_subparsers())
     args = parser.parse_args(["ring", "--nodes", "a,b", "--sample", "10", "--add", "c=2"])
     assert args.func is cli_ring.run and args.add == "c=2" and args.vnodes == 160
+
+
+def test_dcoord_main_runs_ring(capsys: pytest.CaptureFixture[str]) -> None:
+    from dcoord import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "ring" not in commands:
+        pytest.skip("dcoord.cli does not register the ring command yet")
+    assert cli.main(["ring", "--nodes", "a,b", "--sample", "100", "--remove", "b"]) == 0
+    assert "moved by --remove b:" in capsys.readouterr().out
+    assert cli.main(["ring", "--nodes", "a,b", "--vnodes", "0"]) == 2
+    assert "vnodes must be an int >= 1, got 0" in capsys.readouterr().err
