@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import demo
+from . import demo, ring
 
-COMMANDS = (demo,)
+COMMANDS = (demo, ring)
 
 
 def build_parser() -> argparse.ArgumentParser:
