@@ -135,7 +135,8 @@ class KVParticipant:
         new: dict[str, Any] = {}
         fences: dict[str, int] = {}
         for key, lock in zip(keys, locks, strict=True):
-            current = None if raw[key] is None else _load(raw[key])
+            stored = raw[key]
+            current = None if stored is None else _load(stored)
             if current is not None and current["f"] >= lock.fence:
                 # A later lock holder wrote this key: our lock expired under us.
                 log.info("%s: %s votes no: stale fence on %r", self.name, txid, key)
@@ -234,11 +235,11 @@ def _parse(payload: Any) -> dict[str, _Change]:
 
     for key, value in _mapping(payload, "set").items():
         json.dumps(value)  # must be storable; raises TypeError naming the value otherwise
-        claim(key, lambda _old, v=value: v)
+        claim(key, _constant(value))
     for key, amount in _mapping(payload, "add").items():
         if isinstance(amount, bool) or not isinstance(amount, Real):
             raise ConfigError(f"add amount for {key!r} must be a number, got {amount!r}")
-        claim(key, lambda old, a=amount, k=key: _add(k, old, a))
+        claim(key, _adder(key, amount))
     deletes = payload.get("delete", [])
     if not isinstance(deletes, list | tuple):
         raise ConfigError(f"delete must be a list of keys, got {deletes!r}")
@@ -254,12 +255,19 @@ def _mapping(payload: Mapping[str, Any], op: str) -> Mapping[str, Any]:
     return value
 
 
-def _add(key: str, old: Any, amount: Real) -> Any:
-    if old is None:
-        return amount
-    if isinstance(old, bool) or not isinstance(old, Real):
-        raise ConfigError(f"cannot add to {key!r}: its value {old!r} is not a number")
-    return old + amount  # type: ignore[operator]
+def _constant(value: Any) -> _Change:
+    return lambda _old: value
+
+
+def _adder(key: str, amount: Any) -> _Change:
+    def add(old: Any) -> Any:
+        if old is None:
+            return amount
+        if isinstance(old, bool) or not isinstance(old, Real):
+            raise ConfigError(f"cannot add to {key!r}: its value {old!r} is not a number")
+        return old + amount
+
+    return add
 
 
 def _dump(doc: object) -> bytes:

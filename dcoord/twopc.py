@@ -415,7 +415,7 @@ class Coordinator:
             name = futures[future]
             votes[name] = "no answer before the deadline" if late else "not needed: aborting"
             # A late yes must not leave a prepared state behind: abort it when it lands.
-            future.add_done_callback(lambda f, n=name: self._abort_late_prepare(f, n, record.txid))
+            future.add_done_callback(self._late_prepare_handler(name, record.txid))
             future.cancel()
         return {name: votes[name] for name in record.participants}
 
@@ -430,15 +430,16 @@ class Coordinator:
         self._hit("after_prepare", txid, name)
         return True
 
-    def _abort_late_prepare(self, future: Future[Vote], name: str, txid: str) -> None:
-        if future.cancelled() or future.exception() is not None or future.result() is not True:
-            return
-        try:
-            self.participants[name].abort(txid)
-        except Exception as exc:
-            log.warning(
-                "abort of late prepare %s at %s failed (recover() will): %r", txid, name, exc
-            )
+    def _late_prepare_handler(self, name: str, txid: str) -> Callable[[Future[Vote]], None]:
+        def abort_if_prepared(future: Future[Vote]) -> None:
+            if future.cancelled() or future.exception() is not None or future.result() is not True:
+                return
+            try:
+                self.participants[name].abort(txid)
+            except Exception as exc:
+                log.warning("abort of late prepare %s at %s failed: %r", txid, name, exc)
+
+        return abort_if_prepared
 
     def _decide(self, stored: _Stored, outcome: Outcome, reason: str) -> _Stored:
         """Move a started record to ``outcome``; returns whatever decision the log holds.

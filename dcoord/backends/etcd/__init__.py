@@ -20,6 +20,7 @@ from .kv import EtcdKV
 from .leases import Leases
 from .locks import EtcdLocks
 from .membership import EtcdGroups
+from .txlog import EtcdTxLog
 
 T = TypeVar("T")
 
@@ -74,6 +75,7 @@ class EtcdBackend:
         self.leases = Leases(self, scheduler)
         self.locks = EtcdLocks(self, scheduler)
         self.groups = EtcdGroups(self, self.prefix)
+        self.txlog = EtcdTxLog(self, self.prefix)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+
+from pyetcd import transactions as ops
 
 if TYPE_CHECKING:
     from . import EtcdBackend
@@ -40,3 +43,23 @@ class EtcdKV:
             retry=True,
         )
         return {meta.key.decode()[cut:]: bytes(value) for value, meta in pairs}
+
+    def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> bool:
+        compare = [
+            ops.Version(self._prefix + key) == 0
+            if expected is None
+            else ops.Value(self._prefix + key) == expected
+            for key, expected in (only_if or {}).items()
+        ]
+        success = [ops.Put(self._prefix + key, value) for key, value in puts.items()]
+        success += [ops.Delete(self._prefix + key) for key in deletes]
+        succeeded, _ = self._backend.call(
+            lambda: self._etcd.transaction(compare=compare, success=success, failure=[]),
+            what=f"apply to {len(success)} keys",
+        )
+        return bool(succeeded)

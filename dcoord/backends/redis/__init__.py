@@ -21,6 +21,7 @@ from ..base import ServerInfo, with_retries
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
+from .txlog import RedisTxLog
 
 T = TypeVar("T")
 
@@ -62,6 +63,7 @@ class RedisBackend:
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
         self.locks = RedisLocks(self)
+        self.txlog = RedisTxLog(self, self.prefix)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",

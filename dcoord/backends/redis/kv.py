@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from importlib import resources
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
@@ -16,6 +18,9 @@ class RedisKV:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}kv:"
+        self._apply = self._redis.register_script(
+            resources.files(__package__).joinpath("kv_apply.lua").read_text()
+        )
 
     def get(self, key: str) -> bytes | None:
         value = self._backend.call(
@@ -45,3 +50,20 @@ class RedisKV:
             return {k.decode()[cut:]: v for k, v in zip(keys, values, strict=True) if v is not None}
 
         return self._backend.call(scan, what=f"scan {prefix!r}", retry=True)
+
+    def apply(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> bool:
+        conditions = dict(only_if or {})
+        keys = [self._prefix + k for k in (*conditions, *puts, *deletes)]
+        args: list[bytes | str | int] = [len(conditions), len(puts)]
+        for expected in conditions.values():
+            args += ["0", ""] if expected is None else ["1", expected]
+        args += list(puts.values())
+        applied = self._backend.call(
+            lambda: self._apply(keys=keys, args=args), what=f"apply to {len(keys)} keys"
+        )
+        return bool(applied)

@@ -1,0 +1,20 @@
+-- Atomic multi-key write: if every condition holds, SET the puts and DEL the deletes.
+-- KEYS: the nc condition keys, then the np put keys, then the delete keys.
+-- ARGV[1] nc, ARGV[2] np, then per condition a flag ("1": must equal the value that
+-- follows, "0": must be absent, followed by an ignored ""), then the np put values.
+local nc, np = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, nc do
+    local current = redis.call('GET', KEYS[i])
+    if ARGV[1 + 2 * i] == '1' then
+        if current ~= ARGV[2 + 2 * i] then return 0 end
+    elseif current then
+        return 0
+    end
+end
+for i = 1, np do
+    redis.call('SET', KEYS[nc + i], ARGV[2 + 2 * nc + i])
+end
+for i = nc + np + 1, #KEYS do
+    redis.call('DEL', KEYS[i])
+end
+return 1
