@@ -38,9 +38,25 @@ class Fence:
         holds a stale lock and must not write. Admitting the same token again is allowed
         (one holder writing several times).
         """
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN:
-            raise ConfigError(f"fencing token must be an int in [0, 2**63), got {token!r}")
-        return self._store.admit(self.resource, token)
+        return self._store.admit(self.resource, _validate_token(token))
+
+    def write(self, token: int, key: str, value: bytes) -> bool:
+        """Admit ``token`` as :meth:`admit` does and, only if admitted, write ``value`` at
+        the plain key ``key`` of this client's namespace (``client.backend.kv``), in one
+        atomic step on the server. True if written; False, writing nothing, if a greater
+        token was admitted.
+
+        Use it for state kept in the same backend: a holder paused between a separate
+        ``admit()`` and its write could otherwise still write after a newer holder took
+        over. For a read-modify-write, ``admit()`` before reading too, so that no stale
+        write can land between your read and your write. The write is not retried after
+        a lost reply (BackendUnavailable: it may or may not have happened).
+        """
+        token = _validate_token(token)
+        validate_name("key", key)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ConfigError(f"value must be bytes, got {type(value).__name__}")
+        return self._store.write(self.resource, token, key, bytes(value))
 
     def highest(self) -> int | None:
         """The greatest token admitted so far, or None if none was."""
@@ -48,3 +64,9 @@ class Fence:
 
     def __repr__(self) -> str:
         return f"<dcoord.Fence {self.resource!r}>"
+
+
+def _validate_token(token: object) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN:
+        raise ConfigError(f"fencing token must be an int in [0, 2**63), got {token!r}")
+    return token

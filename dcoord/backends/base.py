@@ -254,6 +254,12 @@ class LockStore(Protocol):
         before; False (and nothing written) if a greater one was."""
         ...
 
+    def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
+        """Atomically admit ``token`` as :meth:`admit` does and, only if admitted, put
+        ``value`` at the plain key ``key`` (as :meth:`KVStore.put`); False (and nothing
+        written) if a greater token was admitted. Never retried on a lost reply."""
+        ...
+
     def highest(self, resource: str) -> int | None:
         """The greatest token admitted for ``resource``, or None."""
         ...

@@ -89,6 +89,25 @@ class EtcdLocks:
         return EtcdLockSlot(self, name, ttl, auto_renew)
 
     def admit(self, resource: str, token: int) -> bool:
+        request = self._fenced(resource, token, [])
+        # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
+        response = self.txn(request, what=f"admit fence {token} for {resource!r}", retry=True)
+        return bool(response.succeeded or response.responses[0].response_txn.succeeded)
+
+    def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
+        put = etcdrpc.RequestOp(
+            request_put=etcdrpc.PutRequest(key=f"{self.prefix}kv/{key}".encode(), value=value)
+        )
+        # Never retried: after a lost reply a newer holder may have written, and a retry
+        # would then answer "rejected" for a write that happened.
+        response = self.txn(
+            self._fenced(resource, token, [put]),
+            what=f"fenced write of {key!r} with fence {token} for {resource!r}",
+        )
+        return bool(response.succeeded or response.responses[0].response_txn.succeeded)
+
+    def _fenced(self, resource: str, token: int, also: list[Any]) -> Any:
+        """A txn that admits ``token`` for ``resource`` and, only then, runs ``also``."""
         key = f"{self.prefix}fence/{key_segment(resource)}".encode()
         value = str(token).zfill(_FENCE_WIDTH).encode()
         above = str(token + 1).zfill(_FENCE_WIDTH).encode()
@@ -104,9 +123,9 @@ class EtcdLocks:
                     create_revision=0,
                 )
             ],
-            success=[put],
+            success=[put, *also],
         )
-        request = etcdrpc.TxnRequest(
+        return etcdrpc.TxnRequest(
             compare=[
                 etcdrpc.Compare(
                     key=key,
@@ -115,12 +134,9 @@ class EtcdLocks:
                     value=above,
                 )
             ],
-            success=[put],
+            success=[put, *also],
             failure=[etcdrpc.RequestOp(request_txn=create)],
         )
-        # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
-        response = self.txn(request, what=f"admit fence {token} for {resource!r}", retry=True)
-        return bool(response.succeeded or response.responses[0].response_txn.succeeded)
 
     def highest(self, resource: str) -> int | None:
         key = f"{self.prefix}fence/{key_segment(resource)}"

@@ -49,6 +49,7 @@ def _table(server: MemoryServer) -> _Table:
 
 class MemoryLocks:
     def __init__(self, server: MemoryServer, prefix: str) -> None:
+        self._server = server
         self._table = _table(server)
         self._prefix = prefix
 
@@ -61,6 +62,17 @@ class MemoryLocks:
             if self._table.fences.get(key, token) > token:
                 return False
             self._table.fences[key] = token
+            return True
+
+    def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
+        fence_key = f"{self._prefix}fence/{resource}"
+        # The fence table's mutex, then the store's: the check and the write are one step.
+        with self._table.mutex:
+            if self._table.fences.get(fence_key, token) > token:
+                return False
+            self._table.fences[fence_key] = token
+            with self._server.cond:
+                self._server.data[f"{self._prefix}kv/{key}"] = bytes(value)
             return True
 
     def highest(self, resource: str) -> int | None:

@@ -71,6 +71,7 @@ ACQUIRE = LuaScript.named("acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
 FENCE_ADMIT = LuaScript.named("fence_admit")
+FENCE_WRITE = LuaScript.named("fence_write")
 
 
 class RedisLocks:
@@ -95,6 +96,19 @@ class RedisLocks:
                 lambda: FENCE_ADMIT(self.redis, [key], [str(token)]),
                 what=f"admit fence {token} for {resource!r}",
                 retry=True,
+            )
+        )
+
+    def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
+        fence_key = f"{self.prefix}fence:{key_segment(resource)}"
+        value_key = f"{self.prefix}kv:{key}"
+        # Never retried: after a lost reply a newer holder may have written, and a retry
+        # would then answer "rejected" for a write that happened (the caller gets
+        # BackendUnavailable instead: outcome unknown).
+        return bool(
+            self.backend.call(
+                lambda: FENCE_WRITE(self.redis, [fence_key, value_key], [str(token), value]),
+                what=f"fenced write of {key!r} with fence {token} for {resource!r}",
             )
         )
 
