@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import demo, ring
+from . import demo, lock, ring
 
-COMMANDS = (demo, ring)
+COMMANDS = (demo, lock, ring)
 
 
 def build_parser() -> argparse.ArgumentParser:
