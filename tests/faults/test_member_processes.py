@@ -208,6 +208,32 @@ def test_live_ring_and_watch_survive_a_server_restart(
             after.close()
 
 
+@pytest.mark.slow
+def test_member_is_lost_when_heart_beats_fail_past_its_ttl(
+    real_backend: str, server_factory: Callable[..., Any], namespace: str
+) -> None:
+    ttl = TTL[real_backend]
+    server = server_factory(real_backend, persistent=True)
+    lost = threading.Event()
+    with dcoord.connect(server.url, namespace=namespace, request_timeout=0.5) as client:
+        member = client.group("g").join("m", ttl=ttl, on_lost=lambda m: lost.set())
+        server.pause()
+        try:
+            paused = time.monotonic()
+            assert lost.wait(ttl + 5), "on_lost not called while the server was unreachable"
+            assert time.monotonic() - paused >= ttl * 0.5
+            assert not member.alive
+            assert member.lost_reason
+        finally:
+            server.resume()
+        # The server answers again: the member stays lost, and the group does not list it.
+        deadline = time.monotonic() + ttl + 5
+        while "m" in client.group("g").members() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "m" not in client.group("g").members()
+        assert not member.alive
+
+
 def watched(views: list[GroupView], members: set[str], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
