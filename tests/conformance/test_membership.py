@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import threading
 import time
@@ -334,3 +335,47 @@ def test_member_ids_are_exact_strings(connect: Connect) -> None:
         group.join(member_id, ttl=30)
     assert set(group.members()) == set(ids)
     assert set(group.ring().members) == set(ids)
+
+
+def test_members_command_lists_live_members(
+    connect: Connect, backend_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dcoord.cli import main
+
+    connect().group("cache").join("n1", weight=2, meta={"addr": "127.0.0.1:1"}, ttl=30)
+    argv = ["members", "cache", "--url", backend_url, "--namespace", namespace]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 live member" in out and "n1" in out and '"addr": "127.0.0.1:1"' in out
+    assert main([*argv, "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["members"] == {"n1": {"weight": 2.0, "meta": {"addr": "127.0.0.1:1"}}}
+    assert line["epoch"] >= 1
+    assert main(["members", "bad/name", "--url", backend_url]) == 2
+
+
+def test_members_command_watch_prints_each_change(
+    connect: Connect, backend_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dcoord.cli import main
+
+    client = connect()
+    client.group("g").join("first", ttl=30)
+    argv = ["members", "g", "--url", backend_url, "--namespace", namespace, "--json"]
+    result: list[int] = []
+    command = threading.Thread(
+        target=lambda: result.append(main([*argv, "--watch", "--count", "2"]))
+    )
+    command.start()
+    # Its first line is the current set; hold it until the command has printed it.
+    deadline = time.monotonic() + 10
+    printed = ""
+    while "first" not in printed and time.monotonic() < deadline:
+        printed += capsys.readouterr().out
+        time.sleep(0.01)
+    client.group("g").join("second", ttl=30)
+    command.join(10)
+    assert result == [0]
+    printed += capsys.readouterr().out
+    sets = [set(json.loads(line)["members"]) for line in printed.splitlines()]
+    assert sets == [{"first"}, {"first", "second"}]
