@@ -1,0 +1,165 @@
+"""The nemesis: a seeded random schedule of faults, and the thread that injects them.
+
+:func:`plan` turns a seed into a list of faults (kind, target slot, start, duration). It
+depends on nothing but its arguments, so a seed replays the same schedule; the workers'
+interleaving around it still varies from run to run, as on any real cluster.
+
+Faults run one at a time with quiet gaps between them (Jepsen's default nemesis), and
+every fault is healed before the next starts. The fault kinds:
+
+================  ==========================================================================
+pause-client      SIGSTOP a worker (memory: block its thread and its client's scheduler
+                  thread) for longer than the lock TTL, then SIGCONT
+kill-client       SIGKILL a worker (memory: abandon it without releasing), start a
+                  replacement in its slot after a short downtime
+pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store's lock)
+restart-server    SIGKILL / container kill the server, start it again on the same data
+pause-member      pause one member of a three-member etcd cluster
+kill-member       kill one member of a three-member etcd cluster, restart it later
+================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .history import Recorder
+
+KINDS = (
+    "pause-client",
+    "kill-client",
+    "pause-server",
+    "restart-server",
+    "pause-member",
+    "kill-member",
+)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One fault of the schedule: start ``at`` seconds into the run, heal ``duration`` later."""
+
+    at: float
+    kind: str
+    slot: int
+    duration: float
+
+
+def _duration(rng: random.Random, kind: str, ttl: float) -> float:
+    if kind in ("pause-client", "pause-member"):
+        return rng.uniform(1.3, 2.5) * ttl  # longer than the TTL: the lock must expire
+    if kind == "pause-server":
+        # Half shorter than a request timeout (clients just wait), half past the TTL.
+        return rng.uniform(0.2, 0.8) if rng.random() < 0.5 else rng.uniform(1.2, 2.0) * ttl
+    if kind in ("kill-client", "kill-member"):
+        return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
+    if kind == "restart-server":
+        return rng.uniform(0.1, 1.0)
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+def plan(
+    seed: int,
+    *,
+    duration: float,
+    kinds: Mapping[str, float],
+    slots: int,
+    ttl: float,
+    members: int = 3,
+) -> list[Planned]:
+    """The fault schedule of a run: a pure function of its arguments.
+
+    ``kinds`` maps fault kind to weight; ``slots`` is the number of worker slots. Faults
+    start after a warm-up and end by ``duration`` minus a tail in which the system heals.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    rng = random.Random(f"nemesis:{seed}")
+    names = sorted(k for k, w in kinds.items() if w > 0)
+    weights = [kinds[k] for k in names]
+    schedule: list[Planned] = []
+    t = rng.uniform(0.3, 1.0)
+    while names:
+        kind = rng.choices(names, weights)[0]
+        length = _duration(rng, kind, ttl)
+        if t + length > duration - max(ttl, 1.0):
+            break
+        slot = rng.randrange(members if kind.endswith("member") else max(slots, 1))
+        schedule.append(Planned(round(t, 3), kind, slot, round(length, 3)))
+        t += length + rng.uniform(0.3, 1.2)
+    return schedule
+
+
+# A control injects one kind of fault: ``start(slot)`` returns the name of what it hit,
+# ``heal(slot)`` undoes it (resume, restart, start a replacement).
+@dataclass(frozen=True)
+class Control:
+    start: Callable[[int], str]
+    heal: Callable[[int], None]
+
+
+class Nemesis:
+    """Runs a schedule in a thread, recording each fault's start and heal with the seed."""
+
+    def __init__(
+        self,
+        schedule: list[Planned],
+        controls: Mapping[str, Control],
+        recorder: Recorder,
+        seed: int,
+    ) -> None:
+        missing = {p.kind for p in schedule} - set(controls)
+        if missing:
+            raise ValueError(f"no control for fault kinds {sorted(missing)}")
+        self.schedule = schedule
+        self.controls = controls
+        self.recorder = recorder
+        self.seed = seed
+        self.injected = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop injecting; a fault in progress is healed before this returns."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            for planned in self.schedule:
+                if self._stop.wait(max(0.0, self._t0 + planned.at - time.monotonic())):
+                    return
+                self._inject(planned)
+        except BaseException as exc:  # reported by the runner: an infrastructure failure
+            self.error = exc
+
+    def _inject(self, planned: Planned) -> None:
+        control = self.controls[planned.kind]
+        started = time.monotonic()  # before the fault: a fault's window covers all its effect
+        target = control.start(planned.slot)
+        self.injected += 1
+        self.recorder.fault(
+            "start",
+            planned.kind,
+            target,
+            at=started,
+            seed=self.seed,
+            planned_at=planned.at,
+            duration=planned.duration,
+        )
+        try:
+            self._stop.wait(planned.duration)
+        finally:
+            control.heal(planned.slot)
+            self.recorder.fault("end", planned.kind, target)

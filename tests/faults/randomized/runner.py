@@ -1,0 +1,684 @@
+"""One randomized run: servers, workers, the nemesis, healing, the liveness probe, checks.
+
+::
+
+    report = run(Config(backend="redis", workload="counter", seed=7, duration=30))
+    print(report.render())
+
+Runs are bounded: the nemesis stops at ``duration``, workers get a bounded time to stop
+(then SIGKILL), and every process and server the run started is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import dcoord
+from tests.servers import ROOT, Server, start_server
+
+from . import checkers, nemesis
+from .cluster import EtcdCluster
+from .history import History, Recorder, merge
+from .workloads import Killed, Spec
+
+BACKENDS = ("memory", "redis", "etcd")
+WORKLOAD_NAMES = ("counter", "transfers")
+
+# Lock TTLs: short, so that pauses past them are cheap; etcd grants no lease under ~2 s.
+TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
+REQUEST_TIMEOUT = {"memory": 5.0, "redis": 0.5, "etcd": 1.0}
+
+DEFAULT_FAULTS: dict[str, dict[str, float]] = {
+    "memory": {"pause-client": 3, "kill-client": 1, "pause-server": 1},
+    "redis": {"pause-client": 3, "kill-client": 1, "pause-server": 1, "restart-server": 1},
+    "etcd": {"pause-client": 3, "kill-client": 1, "pause-server": 1, "restart-server": 1},
+    "etcd-cluster": {"pause-client": 2, "kill-client": 1, "pause-member": 1, "kill-member": 2},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run; the same config and seed replay the same schedule."""
+
+    backend: str = "memory"
+    workload: str = "counter"
+    seed: int = 1
+    duration: float = 20.0
+    clients: int = 3
+    volatile: bool = False
+    """Redis only: no persistence (every restart loses all data)."""
+    cluster: bool = False
+    """etcd only: three members; member faults instead of whole-server faults."""
+    mutant: str | None = None
+    faults: tuple[str, ...] | None = None
+    """Fault kinds to inject (default: every kind that applies to the backend)."""
+    ttl: float | None = None
+    keep: str | None = None
+    """Directory to keep the history in (default: a temporary one, removed if clean)."""
+    using: str | None = None
+    """Server provider: containers or processes (default: tests/servers.py's choice)."""
+
+    @property
+    def variant(self) -> str:
+        if self.backend == "etcd" and self.cluster:
+            return "etcd-cluster"
+        return self.backend
+
+    @property
+    def lock_ttl(self) -> float:
+        return self.ttl if self.ttl is not None else TTL[self.backend]
+
+    def fault_weights(self) -> dict[str, float]:
+        weights = DEFAULT_FAULTS[self.variant]
+        if self.faults is None:
+            return dict(weights)
+        unknown = set(self.faults) - set(weights)
+        if unknown:
+            raise ValueError(
+                f"faults {sorted(unknown)} do not apply to {self.variant}; "
+                f"choose from {', '.join(weights)}"
+            )
+        return {kind: weights[kind] for kind in self.faults}
+
+    def command(self) -> str:
+        """The command line that replays this run."""
+        args = [
+            f"--backend {self.backend}",
+            f"--workload {self.workload}",
+            f"--seed {self.seed}",
+            f"--duration {self.duration:g}",
+            f"--clients {self.clients}",
+        ]
+        if self.volatile:
+            args.append("--volatile")
+        if self.cluster:
+            args.append("--cluster")
+        if self.mutant:
+            args.append(f"--mutant {self.mutant}")
+        if self.faults is not None:
+            args.append(f"--faults {','.join(self.faults)}")
+        if self.ttl is not None:
+            args.append(f"--ttl {self.ttl:g}")
+        return "python -m tests.faults.randomized " + " ".join(args)
+
+    def describe(self) -> str:
+        extra = ""
+        if self.backend == "redis":
+            extra = " (no persistence)" if self.volatile else " (appendfsync always)"
+        if self.cluster:
+            extra = " (three members)"
+        mutant = f", MUTANT {self.mutant}" if self.mutant else ""
+        return (
+            f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
+            f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}"
+        )
+
+
+@dataclass
+class Report:
+    config: Config
+    history: History
+    violations: list[checkers.Violation]
+    findings: dict[str, Any]
+    planned: list[nemesis.Planned]
+    elapsed: float
+    directory: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def faults(self) -> Counter[str]:
+        return Counter(fault.kind for fault in self.history.faults)
+
+    def render(self) -> str:
+        tally = checkers.counts(self.history)
+        per_f = Counter(f"{op.f}:{op.result}" for op in self.history.ops)
+        faults = ", ".join(f"{k} {n}" for k, n in sorted(self.faults.items())) or "none"
+        lines = [
+            f"randomized fault run: {self.config.describe()}",
+            f"operations: {len(self.history.ops)} (ok {tally['ok']}, fail {tally['fail']}, "
+            f"unknown {tally['unknown']}) in {self.elapsed:.1f} s",
+            "  by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(per_f.items())),
+            f"faults injected: {sum(self.faults.values())} ({faults}) "
+            f"of {len(self.planned)} planned",
+        ]
+        lines += [f"{k}: {v}" for k, v in self.findings.items() if not k.startswith("_")]
+        lines += [f"note: {note}" for note in self.notes]
+        if self.violations:
+            lines.append(f"VIOLATIONS: {len(self.violations)}")
+            lines += [v.describe() for v in self.violations]
+        else:
+            lines.append("violations: none")
+        if self.directory:
+            lines.append(f"history kept in {self.directory}")
+        lines.append(f"replay: {self.config.command()}")
+        return "\n".join(lines)
+
+
+# -- workers ------------------------------------------------------------------------
+
+
+class Pool(Protocol):
+    """The worker slots of a run, as the nemesis and the runner see them."""
+
+    def spawn(self, slot: int) -> None: ...
+    def pause(self, slot: int) -> str: ...
+    def resume(self, slot: int) -> None: ...
+    def kill(self, slot: int) -> str: ...
+    def stop(self, timeout: float) -> list[str]: ...
+
+
+def _name(slot: int, generation: int) -> str:
+    return f"c{slot}" if generation == 0 else f"c{slot}.{generation}"
+
+
+class ProcessPool:
+    """Workers as real processes: paused and killed by signals."""
+
+    def __init__(self, make_spec: Callable[[str], Spec], directory: Path, slots: int) -> None:
+        self._make_spec = make_spec
+        self._dir = directory
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._names: dict[int, str] = {}
+        self._generation = [0] * slots
+
+    def spawn(self, slot: int) -> None:
+        name = _name(slot, self._generation[slot])
+        self._generation[slot] += 1
+        spec = self._make_spec(name)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        with open(self._dir / f"{name}.log", "wb") as log:
+            self._procs[slot] = subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.randomized.workloads", spec.to_json()],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._names[slot] = name
+
+    def _signal(self, slot: int, sig: int) -> str:
+        proc = self._procs[slot]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        return self._names[slot]
+
+    def pause(self, slot: int) -> str:
+        return self._signal(slot, signal.SIGSTOP)
+
+    def resume(self, slot: int) -> None:
+        self._signal(slot, signal.SIGCONT)
+
+    def kill(self, slot: int) -> str:
+        name = self._signal(slot, signal.SIGKILL)
+        self._procs[slot].wait()
+        return name
+
+    def stop(self, timeout: float) -> list[str]:
+        """SIGTERM every worker (they finish their iteration), SIGKILL stragglers."""
+        for slot in self._procs:
+            self._signal(slot, signal.SIGCONT)
+            self._signal(slot, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        killed = []
+        for slot, proc in self._procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                killed.append(self.kill(slot))
+        failed = [
+            f"{self._names[s]} exited with {p.returncode} (see {self._names[s]}.log)"
+            for s, p in self._procs.items()
+            if p.returncode not in (0, -signal.SIGKILL) and self._names[s] not in killed
+        ]
+        return [f"{name} did not stop in {timeout:g} s: killed" for name in killed] + failed
+
+
+class _ThreadWorker:
+    """One thread worker and the switches the nemesis flips at its failpoints."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stop = threading.Event()
+        self.running = threading.Event()
+        self.running.set()
+        self.killed = False
+        self.client: dcoord.Client | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def failpoint(self, where: str) -> None:
+        self.running.wait()
+        if self.killed:
+            raise Killed(where)
+
+    def connected(self, client: dcoord.Client) -> None:
+        self.client = client
+
+
+class ThreadPool:
+    """Workers as threads (memory backend: the store lives in this process).
+
+    A pause blocks the worker at its next failpoint *and* its client's scheduler thread
+    (so the lock is not renewed, as under SIGSTOP), until the nemesis heals it. A kill
+    stops the scheduler and unwinds the worker at its next failpoint without releasing
+    anything, as a dead process would.
+    """
+
+    def __init__(self, make_spec: Callable[[str], Spec], run: Callable[..., None], slots: int):
+        self._make_spec = make_spec
+        self._run = run
+        self._workers: dict[int, _ThreadWorker] = {}
+        self._retired: list[_ThreadWorker] = []
+        self._generation = [0] * slots
+
+    def spawn(self, slot: int) -> None:
+        worker = _ThreadWorker(_name(slot, self._generation[slot]))
+        self._generation[slot] += 1
+        spec = self._make_spec(worker.name)
+
+        def main() -> None:
+            try:
+                self._run(spec, worker.stop, worker.failpoint, worker.connected)
+            except BaseException as exc:
+                # A killed worker may trip over its closed client before its next
+                # failpoint; that is part of dying.
+                if not worker.killed:
+                    worker.error = exc
+
+        worker.thread = threading.Thread(target=main, name=f"worker-{worker.name}", daemon=True)
+        self._workers[slot] = worker
+        worker.thread.start()
+
+    def pause(self, slot: int) -> str:
+        worker = self._workers[slot]
+        worker.running.clear()
+        if worker.client is not None:
+            # Block the client's scheduler thread too: no renewals while "stopped".
+            with contextlib.suppress(RuntimeError):
+                worker.client.scheduler.every(
+                    3600, lambda: worker.running.wait() and False, name="paused", delay=0
+                )
+        return worker.name
+
+    def resume(self, slot: int) -> None:
+        self._workers[slot].running.set()
+
+    def kill(self, slot: int) -> str:
+        worker = self._workers[slot]
+        worker.killed = True
+        if worker.client is not None:
+            worker.client.scheduler.close()  # no more renewals; nothing is released
+        worker.running.set()
+        self._retired.append(worker)
+        return worker.name
+
+    def stop(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        problems = []
+        for worker in self._workers.values():
+            worker.stop.set()
+            worker.running.set()
+        for worker in [*self._workers.values(), *self._retired]:
+            assert worker.thread is not None
+            worker.thread.join(max(0.1, deadline - time.monotonic()))
+            if worker.thread.is_alive():
+                problems.append(f"{worker.name} did not stop in {timeout:g} s")
+            if worker.error is not None:
+                problems.append(f"{worker.name} crashed: {worker.error!r}")
+        for worker in self._workers.values():
+            if worker.client is not None and not worker.killed:
+                worker.client.close()
+        return problems
+
+
+# -- servers ------------------------------------------------------------------------
+
+
+class Environment:
+    """The servers of a run and the fault controls that act on them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server: Server | None = None
+        self.cluster: EtcdCluster | None = None
+        self.url = ""
+        self._freeze: threading.Event | None = None
+
+    def start(self) -> None:
+        if self.config.backend == "memory":
+            self.url = f"memory://faults-{uuid.uuid4().hex[:10]}"
+        elif self.config.cluster:
+            self.cluster = EtcdCluster(self.config.using)
+            self.cluster.start()
+            self.url = self.cluster.url
+        else:
+            self.server = start_server(
+                self.config.backend, persistent=not self.config.volatile, using=self.config.using
+            )
+            self.url = self.server.url
+
+    def stop(self) -> None:
+        if self._freeze is not None:
+            self._freeze.set()
+        if self.server is not None:
+            self.server.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    def heal(self) -> None:
+        """Undo anything a fault may have left (idempotent)."""
+        if self._freeze is not None:
+            self._freeze.set()
+        if self.server is not None:
+            self.server.resume()
+            if not self.server.running():
+                self.server.start()
+        if self.cluster is not None:
+            for member in self.cluster.members:
+                member.resume()
+                if not member.running():
+                    member.start()
+
+    def controls(self, pool: Pool) -> dict[str, nemesis.Control]:
+        def respawn(slot: int) -> None:
+            pool.spawn(slot)
+
+        controls = {
+            "pause-client": nemesis.Control(pool.pause, pool.resume),
+            "kill-client": nemesis.Control(pool.kill, respawn),
+        }
+        if self.server is not None:
+            server = self.server
+            kind = self.config.backend
+            controls["pause-server"] = nemesis.Control(
+                lambda _: (server.pause(), kind)[1], lambda _: server.resume()
+            )
+            controls["restart-server"] = nemesis.Control(
+                lambda _: (server.kill(), kind)[1], lambda _: server.start()
+            )
+        if self.cluster is not None:
+            members = self.cluster.members
+            controls["pause-member"] = nemesis.Control(
+                lambda i: (members[i].pause(), f"etcd member m{i}")[1],
+                lambda i: members[i].resume(),
+            )
+            controls["kill-member"] = nemesis.Control(
+                lambda i: (members[i].kill(), f"etcd member m{i}")[1],
+                lambda i: members[i].start(),
+            )
+        if self.config.backend == "memory":
+            controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
+        return controls
+
+    def _freeze_memory(self, _: int) -> str:
+        """Hold the store's locks: every operation of every client blocks, TTLs run on."""
+        from dcoord.backends.memory import memory_server
+        from dcoord.backends.memory.locks import _table
+
+        store = memory_server(self.url.removeprefix("memory://"))
+        table = _table(store)
+        freeze = self._freeze = threading.Event()
+        held = threading.Event()
+
+        def hold() -> None:
+            with table.mutex, store.cond:
+                held.set()
+                freeze.wait()
+
+        threading.Thread(target=hold, name="memory-freeze", daemon=True).start()
+        held.wait()
+        return "memory store"
+
+    def _thaw_memory(self, _: int) -> None:
+        if self._freeze is not None:
+            self._freeze.set()
+
+    def loss_windows(self, history: History) -> list[tuple[float, float]]:
+        """When data may have been lost: restarts of a Redis that keeps nothing on disk."""
+        if not (self.config.backend == "redis" and self.config.volatile):
+            return []
+        return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+class Workload(Protocol):
+    name: str
+
+    def worker(self) -> Callable[..., None]: ...
+    def prepare(self, client: dcoord.Client) -> None: ...
+    def probe(self, client: dcoord.Client, rec: Recorder, bound: float) -> None: ...
+    def final_state(self, client: dcoord.Client) -> dict[str, Any]: ...
+    def check(
+        self, history: History, final: dict[str, Any], losses: list[tuple[float, float]]
+    ) -> tuple[list[checkers.Violation], dict[str, Any]]: ...
+
+
+def workload(name: str, config: Config) -> Workload:
+    if name == "counter":
+        from .workloads import CounterWorkload
+
+        return CounterWorkload(config.lock_ttl)
+    if name == "transfers":
+        from .transfers import TransfersWorkload
+
+        return TransfersWorkload(config.lock_ttl)
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+
+
+def liveness_bound(config: Config) -> float:
+    """How long after healing new operations may take: a dead holder's TTL to run out,
+    an etcd election, a reconnect."""
+    return 3 * config.lock_ttl + 5.0
+
+
+def _directory(config: Config) -> Path:
+    if config.keep:
+        path = Path(config.keep)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in [*path.glob("*.jsonl"), *path.glob("*.log")]:
+            old.unlink()
+        return path
+    return Path(tempfile.mkdtemp(prefix="dcoord-faults-"))
+
+
+def run(config: Config) -> Report:
+    """Run one randomized test and check it; raises only for infrastructure failures."""
+    if config.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {config.backend!r}; choose from {', '.join(BACKENDS)}")
+    if config.volatile and config.backend != "redis":
+        raise ValueError("--volatile applies to redis only")
+    if config.cluster and config.backend != "etcd":
+        raise ValueError("--cluster applies to etcd only")
+    load = workload(config.workload, config)
+    weights = config.fault_weights()
+    schedule = nemesis.plan(
+        config.seed,
+        duration=config.duration,
+        kinds=weights,
+        slots=config.clients,
+        ttl=config.lock_ttl,
+    )
+    started = time.monotonic()
+    env = Environment(config)
+    namespace = f"faults-{config.seed}-{uuid.uuid4().hex[:8]}"
+    directory = _directory(config)
+    try:
+        env.start()
+        try:
+            report = _run(config, env, load, schedule, directory, namespace, started)
+        finally:
+            env.stop()
+    except BaseException:
+        print(f"randomized run failed; its history is in {directory}", file=sys.stderr)
+        raise
+    if report.ok and not config.keep:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:  # keep the evidence
+        report.directory = str(directory)
+        _dump(report, directory)
+    return report
+
+
+def _dump(report: Report, directory: Path) -> None:
+    (directory / "report.txt").write_text(report.render() + "\n")
+    with (directory / "history.txt").open("w") as out:
+        for op in report.history.ops:
+            out.write(op.describe() + "\n")
+        for fault in report.history.faults:
+            out.write("FAULT " + fault.describe() + "\n")
+
+
+def _run(
+    config: Config,
+    env: Environment,
+    load: Workload,
+    schedule: list[nemesis.Planned],
+    directory: Path,
+    namespace: str,
+    started: float,
+) -> Report:
+    ttl = config.lock_ttl
+    request_timeout = REQUEST_TIMEOUT[config.backend]
+
+    def make_spec(process: str) -> Spec:
+        return Spec(
+            workload=config.workload,
+            url=env.url,
+            namespace=namespace,
+            process=process,
+            history=str(directory / f"{process}.jsonl"),
+            seed=config.seed,
+            ttl=ttl,
+            request_timeout=request_timeout,
+            acquire_timeout=2 * ttl + 1.0,
+            mutant=config.mutant,
+        )
+
+    with dcoord.connect(env.url, namespace=namespace) as admin:
+        load.prepare(admin)
+    pool: Pool
+    if config.backend == "memory":
+        pool = ThreadPool(make_spec, load.worker(), config.clients)
+    else:
+        pool = ProcessPool(make_spec, directory, config.clients)
+    recorder = Recorder(directory / "nemesis.jsonl", "nemesis")
+    recorder.meta(seed=config.seed, config=config.describe(), command=config.command())
+    nem = nemesis.Nemesis(schedule, env.controls(pool), recorder, config.seed)
+    notes: list[str] = []
+    try:
+        for slot in range(config.clients):
+            pool.spawn(slot)
+        nem.start()
+        time.sleep(max(0.0, started + config.duration - time.monotonic()))
+    finally:
+        nem.stop()
+        env.heal()
+        notes += pool.stop(timeout=3 * ttl + 2 * request_timeout + 5.0)
+        recorder.close()
+    if nem.error is not None:
+        raise RuntimeError(f"the nemesis failed: {nem.error!r}") from nem.error
+
+    bound = liveness_bound(config)
+    probe = Recorder(directory / "liveness.jsonl", "liveness")
+    with dcoord.connect(env.url, namespace=namespace) as client:
+        load.probe(client, probe, bound)
+        final = load.final_state(client)
+    probe.close()
+
+    history = merge(directory)
+    violations, findings = load.check(history, final, env.loss_windows(history))
+    violations += checkers.liveness(history, bound)
+    return Report(
+        config=config,
+        history=history,
+        violations=violations,
+        findings=findings,
+        planned=schedule,
+        elapsed=time.monotonic() - started,
+        notes=notes,
+    )
+
+
+def with_seed(config: Config, seed: int) -> Config:
+    return replace(config, seed=seed)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, int]:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.faults.randomized",
+        description="Randomized fault injection against dcoord locks and transactions.",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="memory")
+    parser.add_argument("--workload", choices=WORKLOAD_NAMES, default="counter")
+    parser.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, metavar="N", help="run N seeds: seed, seed+1, ..."
+    )
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run")
+    parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
+    parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
+    parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument("--mutant", choices=("del-release", "commit-before-log"))
+    parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
+    parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
+    parser.add_argument("--keep", metavar="DIR", help="keep the history files in DIR")
+    parser.add_argument("--servers", choices=("containers", "processes"), dest="using")
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.duration <= 0 or args.seeds < 1:
+        parser.error("--clients, --duration and --seeds must be positive")
+    config = Config(
+        backend=args.backend,
+        workload=args.workload,
+        seed=args.seed,
+        duration=args.duration,
+        clients=args.clients,
+        volatile=args.volatile,
+        cluster=args.cluster,
+        mutant=args.mutant,
+        faults=tuple(args.faults.split(",")) if args.faults else None,
+        ttl=args.ttl,
+        keep=args.keep,
+        using=args.using,
+    )
+    return config, args.seeds
+
+
+def main(argv: list[str]) -> int:
+    """Run the seeds; exit 0 if every run was clean, 1 on a violation, 2 on an error."""
+    try:
+        config, seeds = parse_args(argv)
+        failed = 0
+        for seed in range(config.seed, config.seed + seeds):
+            report = run(with_seed(config, seed))
+            print(report.render(), end="\n\n", flush=True)
+            failed += not report.ok
+    except (ValueError, RuntimeError, dcoord.DcoordError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if seeds > 1:
+        print(f"{seeds - failed} of {seeds} seeds clean")
+    return 1 if failed else 0
