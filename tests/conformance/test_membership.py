@@ -379,3 +379,15 @@ def test_members_command_watch_prints_each_change(
     printed += capsys.readouterr().out
     sets = [set(json.loads(line)["members"]) for line in printed.splitlines()]
     assert sets == [{"first"}, {"first", "second"}]
+
+
+def test_redis_script_is_reloaded_after_script_flush(servers: Any, namespace: str) -> None:
+    """The Lua script runs by SHA; a server that lost its script cache gets it again."""
+    with dcoord.connect(servers.url("redis"), namespace=namespace) as client:
+        member = client.group("g").join("m", ttl=0.6)
+        client.backend.redis.script_flush()  # type: ignore[attr-defined]
+        assert set(client.group("g").members()) == {"m"}
+        client.backend.redis.script_flush()  # type: ignore[attr-defined]
+        time.sleep(0.6)  # several heart-beats (every 0.2 s) run against the empty cache
+        assert member.alive
+        assert set(client.group("g").members()) == {"m"}
