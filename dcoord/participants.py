@@ -9,18 +9,21 @@ backend under ``kvp/<name>/``::
 
 Three mechanisms, each for one failure:
 
-* ``prepare`` takes a dcoord lock per key (sorted order, bounded wait) so concurrent
-  transactions on a key queue instead of failing. The lock has a TTL and is not renewed:
-  it only guards the read-validate-stage step and hands the key over promptly.
+* ``prepare`` takes a dcoord lock per key (sorted order, bounded wait) for the
+  read-validate-stage step only. The lock has a TTL, is not renewed and is released as
+  soon as the writes are staged, so no lock is held while other participants prepare.
 * Staging is one atomic backend write that succeeds only if every key still holds exactly
   the bytes read under the lock and is not reserved. The stored bytes carry the fence of
   the lock that wrote them, so a holder whose lock expired (a pause longer than its TTL)
   can neither stage from a stale read nor slip in behind a newer holder: it votes no.
-* The reservation (``o/<key>``) has no TTL: it is the durable "prepared" lock. If the
-  participant's process dies between prepare and commit its dcoord locks lapse, but other
-  transactions still cannot stage on the reserved keys (they vote no) until the
-  outcome is known; then *any* process with ``KVParticipant(client, name)`` commits or
-  aborts from the staged record, exactly as the dead one would have.
+* The reservation (``o/<key>``) has no TTL: it is the durable "prepared" row lock, held
+  from prepare to commit/abort. A transaction that meets it settles the conflict by
+  wait-die on the txids (the smaller waits, the larger votes no), so prepares running in
+  parallel at several participants cannot deadlock. If the participant's process dies
+  between prepare and commit nothing is lost: the reservation keeps other transactions
+  off the keys until the outcome is known, and then *any* process with
+  ``KVParticipant(client, name)`` commits or aborts from the staged record, exactly as
+  the dead one would have.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import contextlib
 import json
 import logging
 import re
-import threading
+import time
 from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import TYPE_CHECKING, Any
@@ -85,8 +88,6 @@ class KVParticipant:
         self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
         self._kv = client.backend.kv
         self._root = f"kvp/{name}/"
-        self._held: dict[str, list[Lock]] = {}
-        self._mutex = threading.Lock()
 
     # -- reading ------------------------------------------------------------------
 
@@ -108,28 +109,43 @@ class KVParticipant:
     # -- the participant protocol ---------------------------------------------------
 
     def prepare(self, txid: str, payload: Any) -> bool:
-        """Validate and stage the writes, reserving their keys; True is a durable yes."""
+        """Validate and stage the writes, reserving their keys; True is a durable yes.
+
+        A key reserved by another prepared transaction is a conflict, settled by
+        wait-die on the txids (a total order every participant agrees on): the smaller
+        txid waits (up to ``lock_timeout``) for the reservation to go, the larger votes
+        no at once. So parallel prepares at several participants never deadlock.
+        """
         changes = _parse(payload)
         if self._kv.get(self._staged(txid)) is not None:
             return True  # a repeated prepare: it already voted yes
-        locks: list[Lock] = []
-        try:
-            for key in sorted(changes):
-                lock = self.client.lock(f"{self._root}{key}", ttl=self.lock_ttl, auto_renew=False)
-                if not lock.acquire(timeout=self.lock_timeout):
-                    log.info("%s: %s votes no: key %r stayed locked", self.name, txid, key)
-                    return False
-                locks.append(lock)
-            if not self._stage(txid, changes, locks):
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            locks: list[Lock] = []
+            try:
+                for key in sorted(changes):
+                    lock = self.client.lock(
+                        f"{self._root}{key}", ttl=self.lock_ttl, auto_renew=False
+                    )
+                    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                        log.info("%s: %s votes no: key %r stayed locked", self.name, txid, key)
+                        return False
+                    locks.append(lock)
+                outcome = self._stage(txid, changes, locks)
+            finally:
+                for lock in locks:
+                    _release(lock)
+            if isinstance(outcome, bool):
+                return outcome
+            key, holder = outcome
+            if txid > holder or not self._wait_unreserved(key, holder, deadline):
+                log.info("%s: %s votes no: %r is reserved by %s", self.name, txid, key, holder)
                 return False
-            with self._mutex:
-                self._held[txid], locks = locks, []  # kept until commit/abort (or TTL)
-            return True
-        finally:
-            for lock in locks:
-                _release(lock)
 
-    def _stage(self, txid: str, changes: Mapping[str, _Change], locks: list[Lock]) -> bool:
+    def _stage(
+        self, txid: str, changes: Mapping[str, _Change], locks: list[Lock]
+    ) -> bool | tuple[str, str]:
+        """Stage under the key locks: True, False (vote no), or (key, reserving txid)."""
         keys = sorted(changes)
         raw = {key: self._kv.get(self._data(key)) for key in keys}
         new: dict[str, Any] = {}
@@ -146,56 +162,62 @@ class KVParticipant:
         if self.validate is not None and not self.validate(new):
             return False
         staged_key = self._staged(txid)
-        staged = _dump({"w": new, "f": fences})
         only_if: dict[str, bytes | None] = {staged_key: None}
         only_if.update({self._data(key): raw[key] for key in keys})
         only_if.update({self._owner(key): None for key in keys})
-        puts = {staged_key: staged, **{self._owner(key): txid.encode() for key in keys}}
-        # Fails if a key changed since it was read or is reserved by an in-doubt transaction.
-        return self._kv.apply(puts, only_if=only_if)
+        puts = {
+            staged_key: _dump({"w": new, "f": fences}),
+            **{self._owner(key): txid.encode() for key in keys},
+        }
+        if self._kv.apply(puts, only_if=only_if):
+            return True
+        for key in keys:
+            holder = self._kv.get(self._owner(key))
+            if holder is not None and holder.decode() != txid:
+                return key, holder.decode()
+        return False  # changed since read although locked: our lock expired meanwhile
+
+    def _wait_unreserved(self, key: str, holder: str, deadline: float) -> bool:
+        """Wait (bounded backoff) until ``holder`` no longer reserves ``key``."""
+        delay = 0.005
+        while time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            current = self._kv.get(self._owner(key))
+            if current is None or current.decode() != holder:
+                return True
+            delay = min(delay * 2, 0.1)
+        return False
 
     def commit(self, txid: str) -> None:
         """Apply the staged writes atomically and release the keys; idempotent."""
         staged_key = self._staged(txid)
-        try:
-            raw = self._kv.get(staged_key)
-            if raw is None:
-                return  # already committed (or aborted: a bug in the caller, not ours to undo)
-            staged = _load(raw)
-            puts: dict[str, bytes] = {}
-            deletes = [staged_key]
-            for key, value in staged["w"].items():
-                deletes.append(self._owner(key))
-                if value is None:
-                    deletes.append(self._data(key))
-                else:
-                    puts[self._data(key)] = _dump({"v": value, "f": staged["f"][key]})
-            self._kv.apply(puts, deletes, only_if={staged_key: raw})
-        finally:
-            self._release_held(txid)
+        raw = self._kv.get(staged_key)
+        if raw is None:
+            return  # already committed (or never prepared: nothing of ours to apply)
+        staged = _load(raw)
+        puts: dict[str, bytes] = {}
+        deletes = [staged_key]
+        for key, value in staged["w"].items():
+            deletes.append(self._owner(key))
+            if value is None:
+                deletes.append(self._data(key))
+            else:
+                puts[self._data(key)] = _dump({"v": value, "f": staged["f"][key]})
+        self._kv.apply(puts, deletes, only_if={staged_key: raw})
 
     def abort(self, txid: str) -> None:
         """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
         staged_key = self._staged(txid)
-        try:
-            raw = self._kv.get(staged_key)
-            if raw is None:
-                return
-            deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
-            self._kv.apply({}, deletes, only_if={staged_key: raw})
-        finally:
-            self._release_held(txid)
+        raw = self._kv.get(staged_key)
+        if raw is None:
+            return
+        deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
+        self._kv.apply({}, deletes, only_if={staged_key: raw})
 
     def __repr__(self) -> str:
         return f"<dcoord.KVParticipant {self.name!r} on {self.client.url}>"
 
     # -- helpers ------------------------------------------------------------------
-
-    def _release_held(self, txid: str) -> None:
-        with self._mutex:
-            locks = self._held.pop(txid, [])
-        for lock in locks:
-            _release(lock)
 
     def _data(self, key: str) -> str:
         return f"{self._root}d/{key}"

@@ -269,6 +269,10 @@ def _commit(tx: dcoord.Transaction) -> object:
         return exc
 
 
+def _collect(results: list[object], fn: Callable[[Any], object], arg: Any) -> None:
+    results.append(fn(arg))
+
+
 def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> None:
     """Many rounds: a coordinator committing right at its deadline vs resolvers aborting."""
     for _ in range(8):
@@ -285,9 +289,9 @@ def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> No
         tx.enlist("a", None)
         tx.enlist("b", None)
         results: list[object] = []
-        threads = [threading.Thread(target=lambda: results.append(_commit(tx)))]
+        threads = [threading.Thread(target=_collect, args=(results, _commit, tx))]
         threads += [
-            threading.Thread(target=lambda r=r: results.append(r.resolve(tx.txid)))
+            threading.Thread(target=_collect, args=(results, r.resolve, tx.txid))
             for r in resolvers
             for _ in range(2)
         ]

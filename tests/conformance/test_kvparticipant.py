@@ -1,0 +1,211 @@
+"""KVParticipant: staged writes, key locks with fences, reservations that survive a crash."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+import dcoord
+from dcoord.participants import KVParticipant
+
+
+class Crash(BaseException):
+    """Raised by a failpoint: the coordinator stops dead, like a killed process."""
+
+
+def non_negative(new: Mapping[str, Any]) -> bool:
+    return all(v is None or v >= 0 for v in new.values())
+
+
+def bank(client: dcoord.Client, name: str, **options: Any) -> KVParticipant:
+    options.setdefault("validate", non_negative)
+    return KVParticipant(client, name, **options)
+
+
+def coordinator(client: dcoord.Client, parts: list[KVParticipant], **options: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+        return client.coordinator(participants=parts, **options)
+
+
+def seed(coord: dcoord.Coordinator, balances: dict[str, dict[str, int]]) -> None:
+    with coord.transaction() as tx:
+        for name, accounts in balances.items():
+            tx.enlist(name, {"set": accounts})
+
+
+def transfer(coord: dcoord.Coordinator, src: tuple[str, str], dst: tuple[str, str], n: int) -> None:
+    with coord.transaction(timeout=10) as tx:
+        tx.enlist(src[0], {"add": {src[1]: -n}})
+        tx.enlist(dst[0], {"add": {dst[1]: n}})
+
+
+def test_transfer_commits_atomically_and_leaves_nothing_in_doubt(client: dcoord.Client) -> None:
+    a, b = bank(client, "a"), bank(client, "b")
+    coord = coordinator(client, [a, b])
+    seed(coord, {"a": {"alice": 100}, "b": {"bob": 5}})
+    transfer(coord, ("a", "alice"), ("b", "bob"), 30)
+    assert a.get("alice") == 70 and b.get("bob") == 35
+    assert a.items() == {"alice": 70}
+    assert a.in_doubt() == [] and b.in_doubt() == []
+    with pytest.raises(dcoord.TransactionAborted) as info:
+        transfer(coord, ("a", "alice"), ("b", "bob"), 71)  # would go negative: a votes no
+    assert info.value.votes["a"] is False
+    assert a.get("alice") == 70 and b.get("bob") == 35
+    assert a.in_doubt() == [] and b.in_doubt() == []
+    # Nothing stays reserved: the same keys commit again at once.
+    transfer(coord, ("a", "alice"), ("b", "bob"), 70)
+    assert a.get("alice") == 0 and b.get("bob") == 105
+
+
+def test_set_add_delete_and_bad_payloads(client: dcoord.Client) -> None:
+    kv = KVParticipant(client, "kv")
+    coord = coordinator(client, [kv])
+    with coord.transaction() as tx:
+        tx.enlist("kv", {"set": {"x": {"nested": [1, 2]}, "gone": 1}, "add": {"n": 2.5}})
+    with coord.transaction() as tx:
+        tx.enlist("kv", {"delete": ["gone"], "add": {"n": 1}})
+    assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
+    for payload, match in [
+        ({"add": {"x": 1}}, "not a number"),
+        ({"add": {"n": "1"}}, "must be a number"),
+        ({"set": {"a": 1}, "delete": ["a"]}, "more than one operation"),
+        ({"frobnicate": {}}, "frobnicate"),
+        ({}, "non-empty mapping"),
+        ({"set": {"": 1}}, "non-empty str"),
+    ]:
+        with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
+            tx.enlist("kv", payload)
+        assert match in str(info.value.votes["kv"])
+    assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
+    with pytest.raises(dcoord.ConfigError, match="participant name"):
+        KVParticipant(client, "bad/name")
+
+
+@pytest.mark.slow
+def test_opposite_concurrent_transfers_never_deadlock_and_conserve_money(
+    client: dcoord.Client,
+) -> None:
+    """Two hot keys, transfers both ways in parallel: wait-die settles every conflict at
+    once (no lock timeouts), so retrying callers all get through quickly."""
+    a, b = bank(client, "a", lock_timeout=5), bank(client, "b", lock_timeout=5)
+    coord = coordinator(client, [a, b])
+    seed(coord, {"a": {"alice": 1000}, "b": {"bob": 1000}})
+    attempts: list[int] = []
+
+    def worker(i: int) -> None:
+        for j in range(4):
+            ab = (i + j) % 2 == 0
+            src, dst = (("a", "alice"), ("b", "bob")) if ab else (("b", "bob"), ("a", "alice"))
+            for attempt in range(1, 200):
+                try:
+                    transfer(coord, src, dst, 1 + i)
+                except dcoord.TransactionAborted:
+                    continue
+                attempts.append(attempt)
+                break
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(attempts) == 24  # every transfer committed in the end
+    assert time.monotonic() - started < 30  # no 5 s lock timeouts were needed
+    net = sum((1 + i) * (1 if (i + j) % 2 == 0 else -1) for i in range(6) for j in range(4))
+    assert a.get("alice") == 1000 - net and b.get("bob") == 1000 + net
+    assert a.in_doubt() == [] and b.in_doubt() == []
+
+
+@pytest.mark.slow
+def test_participant_crash_between_prepare_and_commit(client: dcoord.Client, backend: str) -> None:
+    """Locks lapse with the dead process; the reservation keeps the keys until recovery."""
+    ttl = 2.0 if backend == "etcd" else 0.5  # etcd grants no lease under ~2 s
+    a, b = bank(client, "a", lock_ttl=ttl), bank(client, "b", lock_ttl=ttl)
+    seed(coordinator(client, [a, b]), {"a": {"alice": 100}, "b": {"bob": 0}})
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_decision":
+            raise Crash(point)
+
+    dying = coordinator(client, [a, b], failpoint=crash)
+    with pytest.raises(Crash):
+        transfer(dying, ("a", "alice"), ("b", "bob"), 40)
+    (txid,) = a.in_doubt()
+    time.sleep(ttl + 0.2)  # the dead process's locks expire: nobody releases them
+    # Fresh participant instances (a restarted process): the keys are still reserved.
+    a2 = bank(client, "a", lock_ttl=ttl, lock_timeout=0.3)
+    b2 = bank(client, "b", lock_ttl=ttl, lock_timeout=0.3)
+    other = coordinator(client, [a2, b2])
+    with pytest.raises(dcoord.TransactionAborted) as info:
+        transfer(other, ("a", "alice"), ("b", "bob"), 1)
+    assert False in info.value.votes.values()
+    assert a2.get("alice") == 100  # the decided commit is not applied yet, nor overwritten
+    report = other.recover()
+    assert report.committed == [txid]
+    assert a2.get("alice") == 60 and b2.get("bob") == 40
+    assert a2.in_doubt() == [] and b2.in_doubt() == []
+    transfer(other, ("a", "alice"), ("b", "bob"), 60)
+    assert a2.get("alice") == 0 and b2.get("bob") == 100
+
+
+@pytest.mark.slow
+def test_holder_paused_past_its_lock_ttl_cannot_stage(client: dcoord.Client, backend: str) -> None:
+    ttl = 2.0 if backend == "etcd" else 0.5
+    locked = threading.Event()
+    resume = threading.Event()
+
+    class Paused(KVParticipant):
+        def _stage(self, txid: str, changes: Any, locks: Any) -> bool:
+            locked.set()
+            resume.wait(10)  # a GC pause / SIGSTOP while holding the key lock
+            return super()._stage(txid, changes, locks)
+
+    slow = Paused(client, "a", lock_ttl=ttl)
+    fast = KVParticipant(client, "a", lock_ttl=ttl)
+    seed(coordinator(client, [fast]), {"a": {"k": 1}})
+    result: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: result.append(slow.prepare("slow-tx", {"add": {"k": 10}}))
+    )
+    thread.start()
+    assert locked.wait(5)
+    # The paused holder's lock expires; another writer takes the key and commits.
+    with coordinator(client, [fast], phase2_timeout=1).transaction() as tx:
+        tx.enlist("a", {"set": {"k": 2}})
+    resume.set()
+    thread.join(10)
+    assert result == [False]  # stale: it read k=1 under a lock it no longer holds
+    assert fast.get("k") == 2 and fast.in_doubt() == []
+
+
+def test_prepare_arriving_after_abort_is_cleaned_by_recover(client: dcoord.Client) -> None:
+    a = KVParticipant(client, "a")
+    coord = coordinator(client, [a])
+    seed(coord, {"a": {"k": 1}})
+    # A transaction the log never heard of (or aborted and forgot): presumed abort.
+    assert a.prepare("ghost", {"set": {"k": 99}}) is True
+    assert a.in_doubt() == ["ghost"]
+    report = coord.recover()
+    assert report.in_doubt_resolved == ["ghost"]
+    assert a.in_doubt() == [] and a.get("k") == 1
+    with coord.transaction() as tx:  # the key is free again
+        tx.enlist("a", {"set": {"k": 3}})
+    assert a.get("k") == 3
+
+
+def test_commit_and_abort_are_idempotent(client: dcoord.Client) -> None:
+    a = KVParticipant(client, "a")
+    assert a.prepare("t1", {"add": {"k": 5}})
+    assert a.prepare("t1", {"add": {"k": 5}})  # a repeated prepare keeps its yes
+    a.commit("t1")
+    a.commit("t1")
+    a.abort("t1")  # after commit: nothing to drop
+    a.abort("never-prepared")
+    assert a.get("k") == 5 and a.in_doubt() == []
