@@ -275,7 +275,7 @@ class JoinedMember(Member):
             self._job = self._group.client.scheduler.every(
                 interval, self._beat, name=f"heartbeat {self._group.name}/{self.id}"
             )
-        self._reg.on_lost(lambda: self._mark_lost("its etcd lease expired"))
+        self._reg.on_lost(lambda: self._mark_lost("its etcd lease expired or was revoked"))
 
     @property
     def group(self) -> Group:

@@ -234,6 +234,23 @@ def test_member_is_lost_when_heart_beats_fail_past_its_ttl(
         assert not member.alive
 
 
+def test_members_on_a_lease_the_server_dropped_are_lost_and_joins_still_work(
+    servers: Any, namespace: str
+) -> None:
+    """etcd: the shared lease revoked behind the client's back (as after a server-side
+    expiry): its members are lost at once, and the next join gets a fresh lease."""
+    with dcoord.connect(servers.url("etcd"), namespace=namespace) as client:
+        lost = threading.Event()
+        first = client.group("g").join("first", ttl=3, on_lost=lambda m: lost.set())
+        lease = client.backend.leases.lease(3)  # type: ignore[attr-defined]
+        client.backend.etcd.revoke_lease(lease.id)  # type: ignore[attr-defined]
+        second = client.group("g").join("second", ttl=3)
+        assert lost.wait(5)
+        assert not first.alive and first.lost_reason
+        assert second.alive
+        assert set(client.group("g").members()) == {"second"}
+
+
 def watched(views: list[GroupView], members: set[str], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

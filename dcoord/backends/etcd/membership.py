@@ -10,11 +10,13 @@ epoch of a read is its etcd revision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from pyetcd import exceptions as etcd_errors
 
 from ...errors import BackendUnavailable
@@ -64,10 +66,9 @@ class EtcdGroups:
         key = self.members_prefix(group) + member_id
         token = secrets.token_hex(16)
         value = token.encode() + b" " + payload
-        lease = self._backend.leases.lease(ttl)
         tx = self._etcd.transactions
 
-        def join() -> tuple[bytes, Any]:
+        def join(lease: Lease) -> tuple[bytes, Any]:
             _, responses = self._etcd.transaction(
                 compare=[tx.create(key) == 0],
                 success=[tx.put(key, value, lease=lease.id), tx.get(key)],
@@ -76,8 +77,20 @@ class EtcdGroups:
             ((current, meta),) = responses[-1]
             return bytes(current), meta
 
-        # Safe to retry: a retried join whose first reply was lost finds its own token.
-        current, meta = self._backend.call(join, what=f"join {member_id!r}", retry=True)
+        for attempt in (1, 2):
+            lease = self._backend.leases.lease(ttl)
+            try:
+                # Safe to retry: a retried join whose first reply was lost finds its token.
+                current, meta = self._backend.call(
+                    functools.partial(join, lease), what=f"join {member_id!r}", retry=True
+                )
+                break
+            except BackendUnavailable as exc:
+                if attempt == 2 or not _lease_not_found(exc.__cause__):
+                    raise
+                # The server dropped the shared lease before its keep-alive noticed: so are
+                # its keys. Mark it lost (its members learn it) and join on a fresh one.
+                lease.mark_lost()
         if current != value:
             return None
         return EtcdRegistration(self, key, lease, int(meta.create_revision))
@@ -109,6 +122,14 @@ class EtcdGroups:
 
     def subscribe(self, group: str) -> EtcdSubscription:
         return EtcdSubscription(self._backend, self.members_prefix(group), group)
+
+
+def _lease_not_found(error: BaseException | None) -> bool:
+    return (
+        isinstance(error, grpc.Call)
+        and error.code() == grpc.StatusCode.NOT_FOUND
+        and "lease not found" in (error.details() or "")
+    )
 
 
 class EtcdRegistration:
