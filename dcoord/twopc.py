@@ -515,6 +515,8 @@ class Coordinator:
 
     def _record_acks(self, stored: _Stored, acked: list[str]) -> _Stored:
         for _ in range(100):
+            if stored.record.state.finished:  # another coordinator or recoverer got there
+                return stored
             new = txlog.acknowledge(stored.record, acked)
             if new == stored.record:
                 return stored

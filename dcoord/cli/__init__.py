@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import demo, lock, members, ring
+from . import demo, lock, members, ring, tx
 
-COMMANDS = (demo, lock, members, ring)
+COMMANDS = (demo, lock, members, ring, tx)
 
 
 def build_parser() -> argparse.ArgumentParser:
