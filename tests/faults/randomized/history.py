@@ -93,9 +93,10 @@ class Handle:
     after an operation of unknown outcome, as an application would).
     """
 
-    def __init__(self, recorder: Recorder, op_id: int) -> None:
+    def __init__(self, recorder: Recorder, op_id: int, f: str) -> None:
         self._recorder = recorder
         self._id = op_id
+        self._f = f
         self.result: str | None = None
 
     @property
@@ -106,7 +107,14 @@ class Handle:
         if self.result is None:
             self.result = result
             self._recorder.write(
-                {"type": result, "i": self._id, "out": out, "err": error, "t": time.monotonic()}
+                {
+                    "type": result,
+                    "i": self._id,
+                    "f": self._f,
+                    "out": out,
+                    "err": error,
+                    "t": time.monotonic(),
+                }
             )
 
     def ok(self, out: Any = None) -> None:
@@ -159,7 +167,7 @@ class Recorder:
         with self._lock:
             op_id = next(self._ids)
         self.write({"type": "invoke", "i": op_id, "f": f, "v": value, "t": time.monotonic()})
-        return Handle(self, op_id)
+        return Handle(self, op_id, f)
 
     def fault(
         self, phase: str, kind: str, target: str, *, at: float | None = None, **detail: Any
@@ -189,6 +197,23 @@ class History:
 
     def processes(self) -> list[str]:
         return sorted({op.process for op in self.ops})
+
+
+def last_event(path: Path) -> dict[str, Any] | None:
+    """The last complete event of a history file (cheap: reads only its tail)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().split(b"\n")
+    except FileNotFoundError:
+        return None
+    for raw in reversed(lines[:-1]):  # the first may be cut by the seek: it fails to parse
+        try:
+            return dict(json.loads(raw))
+        except ValueError:
+            continue
+    return None
 
 
 def _events(path: Path) -> Iterator[dict[str, Any]]:

@@ -10,6 +10,8 @@ every fault is healed before the next starts. The fault kinds:
 ================  ==========================================================================
 pause-client      SIGSTOP a worker (memory: block its thread and its client's scheduler
                   thread) for longer than the lock TTL, then SIGCONT
+pause-holder      the same, aimed at a worker in the middle of its critical section (or
+                  transaction) when one is, found from the tail of its history file
 kill-client       SIGKILL a worker (memory: abandon it without releasing), start a
                   replacement in its slot after a short downtime
 pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store's lock)
@@ -31,6 +33,7 @@ from .history import Recorder
 
 KINDS = (
     "pause-client",
+    "pause-holder",
     "kill-client",
     "pause-server",
     "restart-server",
@@ -50,7 +53,7 @@ class Planned:
 
 
 def _duration(rng: random.Random, kind: str, ttl: float) -> float:
-    if kind in ("pause-client", "pause-member"):
+    if kind in ("pause-client", "pause-holder", "pause-member"):
         return rng.uniform(1.3, 2.5) * ttl  # longer than the TTL: the lock must expire
     if kind == "pause-server":
         # Half shorter than a request timeout (clients just wait), half past the TTL.

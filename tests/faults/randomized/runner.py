@@ -32,7 +32,7 @@ from tests.servers import ROOT, Server, start_server
 
 from . import checkers, nemesis
 from .cluster import EtcdCluster
-from .history import History, Recorder, merge
+from .history import History, Recorder, last_event, merge
 from .workloads import Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
@@ -42,11 +42,12 @@ WORKLOAD_NAMES = ("counter", "transfers")
 TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
 REQUEST_TIMEOUT = {"memory": 5.0, "redis": 0.5, "etcd": 1.0}
 
+_CLIENT_FAULTS = {"pause-client": 1.0, "pause-holder": 2.0, "kill-client": 1.0}
 DEFAULT_FAULTS: dict[str, dict[str, float]] = {
-    "memory": {"pause-client": 3, "kill-client": 1, "pause-server": 1},
-    "redis": {"pause-client": 3, "kill-client": 1, "pause-server": 1, "restart-server": 1},
-    "etcd": {"pause-client": 3, "kill-client": 1, "pause-server": 1, "restart-server": 1},
-    "etcd-cluster": {"pause-client": 2, "kill-client": 1, "pause-member": 1, "kill-member": 2},
+    "memory": {**_CLIENT_FAULTS, "pause-server": 1},
+    "redis": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
+    "etcd": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
+    "etcd-cluster": {**_CLIENT_FAULTS, "pause-member": 1, "kill-member": 2},
 }
 
 
@@ -183,6 +184,9 @@ class Pool(Protocol):
     def resume(self, slot: int) -> None: ...
     def kill(self, slot: int) -> str: ...
     def stop(self, timeout: float) -> list[str]: ...
+    def names(self) -> dict[int, str]:
+        """The process name in each slot now."""
+        ...
 
 
 def _name(slot: int, generation: int) -> str:
@@ -214,6 +218,9 @@ class ProcessPool:
                 stderr=subprocess.STDOUT,
             )
         self._names[slot] = name
+
+    def names(self) -> dict[int, str]:
+        return dict(self._names)
 
     def _signal(self, slot: int, sig: int) -> str:
         proc = self._procs[slot]
@@ -309,6 +316,9 @@ class ThreadPool:
         self._workers[slot] = worker
         worker.thread.start()
 
+    def names(self) -> dict[int, str]:
+        return {slot: worker.name for slot, worker in self._workers.items()}
+
     def pause(self, slot: int) -> str:
         worker = self._workers[slot]
         worker.running.clear()
@@ -399,13 +409,21 @@ class Environment:
                 if not member.running():
                     member.start()
 
-    def controls(self, pool: Pool) -> dict[str, nemesis.Control]:
-        def respawn(slot: int) -> None:
-            pool.spawn(slot)
+    def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
+        """The fault controls of this environment; ``busy(process)`` tells whether a
+        worker is inside its critical section (for pause-holder)."""
+        paused: list[int] = []
+
+        def pause_holder(planned: int) -> str:
+            slots = sorted(pool.names())
+            order = slots[planned:] + slots[:planned]
+            paused.append(next((s for s in order if busy(pool.names()[s])), planned))
+            return pool.pause(paused[-1])
 
         controls = {
             "pause-client": nemesis.Control(pool.pause, pool.resume),
-            "kill-client": nemesis.Control(pool.kill, respawn),
+            "pause-holder": nemesis.Control(pause_holder, lambda _: pool.resume(paused.pop())),
+            "kill-client": nemesis.Control(pool.kill, pool.spawn),
         }
         if self.server is not None:
             server = self.server
@@ -467,6 +485,10 @@ class Workload(Protocol):
     name: str
 
     def worker(self) -> Callable[..., None]: ...
+    def busy(self, event: dict[str, Any]) -> bool:
+        """Whether a worker whose last history event is ``event`` is mid-critical-section."""
+        ...
+
     def prepare(self, client: dcoord.Client) -> None: ...
     def probe(self, client: dcoord.Client, rec: Recorder, bound: float) -> None: ...
     def final_state(self, client: dcoord.Client) -> dict[str, Any]: ...
@@ -585,13 +607,20 @@ def _run(
         pool = ProcessPool(make_spec, directory, config.clients)
     recorder = Recorder(directory / "nemesis.jsonl", "nemesis")
     recorder.meta(seed=config.seed, config=config.describe(), command=config.command())
-    nem = nemesis.Nemesis(schedule, env.controls(pool), recorder, config.seed)
+
+    def busy(process: str) -> bool:
+        event = last_event(directory / f"{process}.jsonl")
+        return event is not None and load.busy(event)
+
+    nem = nemesis.Nemesis(schedule, env.controls(pool, busy), recorder, config.seed)
     notes: list[str] = []
     try:
         for slot in range(config.clients):
             pool.spawn(slot)
+        _wait_started(pool, directory)
+        begin = time.monotonic()  # the schedule's clock starts once every worker runs
         nem.start()
-        time.sleep(max(0.0, started + config.duration - time.monotonic()))
+        time.sleep(max(0.0, begin + config.duration - time.monotonic()))
     finally:
         nem.stop()
         env.heal()
@@ -619,6 +648,16 @@ def _run(
         elapsed=time.monotonic() - started,
         notes=notes,
     )
+
+
+def _wait_started(pool: Pool, directory: Path, timeout: float = 30.0) -> None:
+    """Wait until every worker has recorded its first operation."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(last_event(directory / f"{n}.jsonl") for n in pool.names().values()):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"workers did not start within {timeout:g} s (see their .log files)")
 
 
 def with_seed(config: Config, seed: int) -> Config:

@@ -189,6 +189,12 @@ class CounterWorkload:
     def worker(self) -> Callable[..., None]:
         return counter_worker
 
+    def busy(self, event: dict[str, Any]) -> bool:
+        f, kind = event.get("f"), event.get("type")
+        if f in ("admit", "read", "uread", "uwrite"):
+            return True
+        return (f, kind) in (("acquire", OK), ("write", "invoke"))
+
     def prepare(self, client: dcoord.Client) -> None:
         """Nothing to set up: a missing counter reads as zero."""
 
