@@ -8,6 +8,7 @@ follow (negative control).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -174,6 +175,32 @@ def test_checker_catches_a_ring_that_does_not_follow(
     victim.signal(signal.SIGKILL)
     assert reflects(live, lambda m: "victim" not in m, ttl + SLACK + 2)
     assert not reflects(stale, lambda m: "victim" not in m, 0.5)
+
+
+def test_checker_catches_a_follower_that_ignores_expiries(
+    servers: Any, namespace: str, monkeypatch: Any
+) -> None:
+    """Negative control on Redis: nobody reads the group, so only the follower's wake-up at
+    the earliest expiry prunes a killed member; without it the check must fail."""
+    url = servers.url("redis")
+    ttl = TTL["redis"]
+    with dcoord.connect(url, namespace=namespace) as observer:
+        store = observer.backend.groups
+        read = store.read
+
+        def read_without_expiry(group: str) -> Any:
+            return dataclasses.replace(read(group), next_expiry=None)
+
+        monkeypatch.setattr(store, "read", read_without_expiry)  # the broken variant
+        ring = observer.group("g").ring()
+        victim = MemberProcess(url, namespace, "g", "victim", ttl)
+        try:
+            victim.expect("JOINED")
+            assert reflects(ring, lambda m: "victim" in m, 5)
+            victim.signal(signal.SIGKILL)
+            assert not reflects(ring, lambda m: "victim" not in m, ttl + SLACK)
+        finally:
+            victim.stop()
 
 
 @pytest.mark.slow
