@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -463,3 +464,73 @@ def test_durability_requirement(connect: Callable[..., dcoord.Client], backend: 
             # The test servers run with appendfsync always (redis) / Raft WAL (etcd).
             strict.coordinator(participants=[])
             connect().coordinator(participants=[])
+
+
+@pytest.mark.slow
+def test_redis_without_fsync_always_warns_or_refuses(server_factory: Callable[..., Any]) -> None:
+    server = server_factory("redis", persistent=False)  # appendonly no
+    with (
+        dcoord.connect(server.url) as client,
+        pytest.warns(dcoord.DurabilityWarning, match="appendonly"),
+    ):
+        client.coordinator(participants=[])
+    with dcoord.connect(server.url, require_durable=True) as client:
+        with pytest.raises(dcoord.ConfigError, match="require_durable"):
+            client.coordinator(participants=[])
+        client.backend.redis.config_set("appendonly", "yes")  # type: ignore[attr-defined]
+        client.backend.redis.config_set("appendfsync", "everysec")  # type: ignore[attr-defined]
+        with pytest.raises(dcoord.ConfigError, match="appendfsync everysec"):
+            client.coordinator(participants=[])
+
+
+def test_cli_tx_commands(backend_url: str, namespace: str, capsys: Any) -> None:
+    from dcoord.cli import main
+
+    with dcoord.connect(backend_url, namespace=namespace) as client:
+        kv = dcoord.KVParticipant(client, "kv")
+
+        def crash(point: str, txid: str, participant: str | None) -> None:
+            if point == "after_decision":
+                raise Crash(point)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+            coord = client.coordinator(participants=[kv], failpoint=crash)
+        tx = coord.begin()
+        tx.enlist("kv", {"set": {"k": 1}})
+        with pytest.raises(Crash):
+            tx.commit()
+        args = ["--url", backend_url, "--namespace", namespace]
+        capsys.readouterr()
+        assert main(["tx", "list", "--state", "committing", *args]) == 0
+        assert tx.txid in capsys.readouterr().out
+        assert main(["tx", "show", tx.txid, *args]) == 0
+        shown = capsys.readouterr().out
+        assert "committing" in shown and "kv" in shown and "not acknowledged" in shown
+        assert main(["tx", "resolve", tx.txid, *args]) == 0
+        assert capsys.readouterr().out.strip() == "committed"
+        assert main(["tx", "recover", *args]) == 1  # kv is not named: cannot finish it
+        assert "not known here: kv" in capsys.readouterr().out
+        assert main(["tx", "recover", "--kv", "kv", *args]) == 0
+        assert kv.get("k") == 1
+        assert main(["tx", "show", "no-such-tx", *args]) == 2
+        assert "presumed aborted" in capsys.readouterr().err
+        assert main(["tx", "show", "bad txid!", *args]) == 2
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_demo_runs_and_checks_itself(crash: bool, capsys: Any) -> None:
+    from dcoord.cli import main
+
+    url = f"memory://demo-{uuid.uuid4().hex[:8]}"
+    argv = ["demo", "--url", url, "--accounts", "12", "--transfers", "60", "--seed", "7"]
+    started = time.monotonic()
+    assert main([*argv, "--crash"] if crash else argv) == 0
+    out = capsys.readouterr().out
+    assert time.monotonic() - started < 10
+    assert "check: total balance 1200 unchanged, nothing in doubt: OK" in out
+    assert "ring: 12 accounts over 3 banks" in out and "fence" in out
+    if crash:
+        for point in ("after record", "after prepare"):
+            assert f"died {point}" in out
+        assert "recovery: scanned" in out
