@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from numbers import Real
@@ -88,6 +89,8 @@ class KVParticipant:
         self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
         self._kv = client.backend.kv
         self._root = f"kvp/{name}/"
+        self._staged_here: dict[str, bytes] = {}  # txid -> staged bytes, until commit/abort
+        self._mutex = threading.Lock()
 
     # -- reading ------------------------------------------------------------------
 
@@ -117,8 +120,6 @@ class KVParticipant:
         no at once. So parallel prepares at several participants never deadlock.
         """
         changes = _parse(payload)
-        if self._kv.get(self._staged(txid)) is not None:
-            return True  # a repeated prepare: it already voted yes
         deadline = time.monotonic() + self.lock_timeout
         while True:
             locks: list[Lock] = []
@@ -170,12 +171,16 @@ class KVParticipant:
             **{self._owner(key): txid.encode() for key in keys},
         }
         if self._kv.apply(puts, only_if=only_if):
+            with self._mutex:
+                self._staged_here[txid] = puts[staged_key]
             return True
         for key in keys:
             holder = self._kv.get(self._owner(key))
             if holder is not None and holder.decode() != txid:
                 return key, holder.decode()
-        return False  # changed since read although locked: our lock expired meanwhile
+        # Our own staged record: a repeated prepare, which already voted yes. Otherwise a
+        # key changed since read although locked: our lock expired meanwhile.
+        return self._kv.get(staged_key) is not None
 
     def _wait_unreserved(self, key: str, holder: str, deadline: float) -> bool:
         """Wait (bounded backoff) until ``holder`` no longer reserves ``key``."""
@@ -191,7 +196,11 @@ class KVParticipant:
     def commit(self, txid: str) -> None:
         """Apply the staged writes atomically and release the keys; idempotent."""
         staged_key = self._staged(txid)
-        raw = self._kv.get(staged_key)
+        with self._mutex:
+            raw = self._staged_here.pop(txid, None)
+        # Staged by this instance: skip the read. The apply below is conditional on the
+        # staged bytes, so it is a no-op if someone else committed them meanwhile.
+        raw = raw or self._kv.get(staged_key)
         if raw is None:
             return  # already committed (or never prepared: nothing of ours to apply)
         staged = _load(raw)
@@ -208,6 +217,8 @@ class KVParticipant:
     def abort(self, txid: str) -> None:
         """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
         staged_key = self._staged(txid)
+        with self._mutex:
+            self._staged_here.pop(txid, None)
         raw = self._kv.get(staged_key)
         if raw is None:
             return
