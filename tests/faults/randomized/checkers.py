@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +289,99 @@ def unfenced_lost_updates(history: History, final: dict[str, Any] | None) -> int
     """
     acknowledged = sum(1 for op in history.by_f("uwrite") if op.ok)
     return max(0, acknowledged - (final or {}).get("count", 0))
+
+
+# -- transactions -------------------------------------------------------------------
+
+
+def transactions(
+    history: History,
+    final: dict[str, Any],
+    initial: dict[str, int],
+    home: Callable[[str], str],
+    marker: str,
+) -> list[Violation]:
+    """After healing and recovery, two-phase commit kept its promises.
+
+    ``final`` has, per bank, its committed ``items`` (balances and the marker of every
+    transaction it committed), ``in_doubt`` (prepared, unresolved) and ``reserved`` keys,
+    and the ``log``: txid -> state and outcome (no record means presumed abort).
+
+    * one outcome everywhere: a transaction committed at all its banks or at none;
+    * the banks agree with the log: committed there iff the log's outcome is committed;
+    * a commit acknowledged to a client is committed; an abort reported is not;
+    * conservation: the total balance is unchanged, and every balance is its opening
+      value plus the transfers that committed (nothing applied twice or half);
+    * nothing in doubt: no prepared state, no reserved key, no unfinished record.
+    """
+    banks = final["banks"]
+    log = final["log"]
+    applied: dict[str, set[str]] = {}
+    for name, bank in banks.items():
+        for key in bank["items"]:
+            if key.startswith(marker):
+                applied.setdefault(key[len(marker) :], set()).add(name)
+    found: dict[str, list[str]] = {}
+
+    def report(kind: str, text: str) -> None:
+        found.setdefault(kind, []).append(text)
+
+    expected = dict(initial)
+    known = set()
+    for op in history.by_f("transfer"):
+        txid = op.value["txid"]
+        known.add(txid)
+        enlisted = set(op.value["banks"])
+        at = applied.get(txid, set())
+        outcome = log.get(txid, {}).get("outcome") or "aborted (no decision)"
+        if at and at != enlisted:
+            report("split outcome", f"committed only at {sorted(at)}: {op.describe()}")
+        if bool(at) != (outcome == "committed"):
+            report(
+                "banks and log disagree",
+                f"log {outcome}, committed at {sorted(at)}: {op.describe()}",
+            )
+        if op.ok and outcome != "committed":
+            report("acknowledged commit undone", f"log {outcome}: {op.describe()}")
+        if op.result == FAIL and (at or outcome == "committed"):
+            report("reported abort committed", f"log {outcome}: {op.describe()}")
+        if at == enlisted:
+            expected[op.value["from"]] -= op.value["amount"]
+            expected[op.value["to"]] += op.value["amount"]
+    for txid in sorted(set(applied) - known):
+        report("unknown transaction applied", f"{txid} at {sorted(applied[txid])}")
+
+    balances = {
+        key: value
+        for bank in banks.values()
+        for key, value in bank["items"].items()
+        if not key.startswith(marker)
+    }
+    if sum(balances.values()) != sum(initial.values()):
+        report(
+            "total balance changed",
+            f"{sum(initial.values())} -> {sum(balances.values())}: {balances}",
+        )
+    for account, value in sorted(expected.items()):
+        if balances.get(account) != value:
+            report(
+                "balance is not opening + committed transfers",
+                f"{account} at {home(account)}: {balances.get(account)}, expected {value}",
+            )
+    for name, bank in banks.items():
+        if bank["in_doubt"] or bank["reserved"]:
+            report(
+                "left in doubt",
+                f"{name}: prepared {bank['in_doubt'][:3]}, reserved {bank['reserved'][:3]}",
+            )
+    unfinished = [f"{txid} {entry['state']}" for txid, entry in log.items()]
+    unfinished = [text for text in unfinished if not text.endswith(("committed", "aborted"))]
+    if unfinished:
+        report("left in doubt", f"{len(unfinished)} unfinished log records: {unfinished[:3]}")
+    return [
+        Violation("transactions", f"{kind}: {len(items)}", _examples(items))
+        for kind, items in found.items()
+    ]
 
 
 # -- liveness -----------------------------------------------------------------------

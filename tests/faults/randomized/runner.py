@@ -483,6 +483,12 @@ class Environment:
 
 class Workload(Protocol):
     name: str
+    pause_scale: float
+    """Pauses last 1.3-2.5 times this: past the lock TTL, or the transaction deadline."""
+
+    def liveness_bound(self) -> float:
+        """How long operations may take after healing."""
+        ...
 
     def worker(self) -> Callable[..., None]: ...
     def busy(self, event: dict[str, Any]) -> bool:
@@ -509,12 +515,6 @@ def workload(name: str, config: Config) -> Workload:
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
-def liveness_bound(config: Config) -> float:
-    """How long after healing new operations may take: a dead holder's TTL to run out,
-    an etcd election, a reconnect."""
-    return 3 * config.lock_ttl + 5.0
-
-
 def _directory(config: Config) -> Path:
     if config.keep:
         path = Path(config.keep)
@@ -533,6 +533,16 @@ def run(config: Config) -> Report:
         raise ValueError("--volatile applies to redis only")
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
+    mutant_for = {"del-release": "counter", "commit-before-log": "transfers"}
+    if config.mutant and mutant_for.get(config.mutant) != config.workload:
+        raise ValueError(
+            f"mutant {config.mutant!r} applies to the {mutant_for.get(config.mutant)} workload"
+        )
+    if config.workload == "transfers" and config.volatile:
+        raise ValueError(
+            "transfers need a durable decision log: a Redis without persistence forgets "
+            "decisions on restart (run transfers on redis without --volatile)"
+        )
     load = workload(config.workload, config)
     weights = config.fault_weights()
     schedule = nemesis.plan(
@@ -540,7 +550,7 @@ def run(config: Config) -> Report:
         duration=config.duration,
         kinds=weights,
         slots=config.clients,
-        ttl=config.lock_ttl,
+        ttl=load.pause_scale,
     )
     started = time.monotonic()
     env = Environment(config)
@@ -629,7 +639,7 @@ def _run(
     if nem.error is not None:
         raise RuntimeError(f"the nemesis failed: {nem.error!r}") from nem.error
 
-    bound = liveness_bound(config)
+    bound = load.liveness_bound()
     probe = Recorder(directory / "liveness.jsonl", "liveness")
     with dcoord.connect(env.url, namespace=namespace) as client:
         load.probe(client, probe, bound)

@@ -185,9 +185,14 @@ class CounterWorkload:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
+        self.pause_scale = ttl  # pauses must outlast the lock's TTL
 
     def worker(self) -> Callable[..., None]:
         return counter_worker
+
+    def liveness_bound(self) -> float:
+        """A dead holder's TTL to run out, an etcd election, a reconnect."""
+        return 3 * self.ttl + 5.0
 
     def busy(self, event: dict[str, Any]) -> bool:
         f, kind = event.get("f"), event.get("type")
@@ -250,15 +255,15 @@ class CounterWorkload:
         return violations, findings
 
 
-WORKLOADS: dict[str, Callable[..., None]] = {"counter": counter_worker}
-
-
 def main(argv: list[str]) -> int:
     """A worker process: ``python -m tests.faults.randomized.workloads SPEC_JSON``."""
+    from .transfers import transfers_worker
+
     spec = Spec.from_json(argv[0])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    WORKLOADS[spec.workload](spec, stop)
+    worker = transfers_worker if spec.workload == "transfers" else counter_worker
+    worker(spec, stop)
     return 0
 
 
