@@ -248,7 +248,9 @@ def merge(directory: Path) -> History:
                     open_faults[key] = fault
                     faults.append(fault)
                 elif key in open_faults:
-                    open_faults.pop(key).end = event["t"]
+                    fault = open_faults.pop(key)
+                    fault.end = event["t"]
+                    fault.detail.update(event.get("detail", {}))
             elif kind == "meta":
                 meta.update({k: v for k, v in event.items() if k not in ("type", "p")})
     return History(

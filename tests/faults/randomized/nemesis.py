@@ -18,6 +18,10 @@ pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store'
 restart-server    SIGKILL / container kill the server, start it again on the same data
 pause-member      pause one member of a three-member etcd cluster
 kill-member       kill one member of a three-member etcd cluster, restart it later
+crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
+                  after_prepare / after_decision / after_commit): the worker SIGKILLs
+                  itself when it next reaches it (etcd robustness tests' failpoints); a
+                  replacement starts at heal if it crashed, else the point is disarmed
 ================  ==========================================================================
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .history import Recorder
@@ -39,6 +43,7 @@ KINDS = (
     "restart-server",
     "pause-member",
     "kill-member",
+    "crash-at",
 )
 
 
@@ -50,6 +55,8 @@ class Planned:
     kind: str
     slot: int
     duration: float
+    point: str | None = None
+    """crash-at only: the failpoint armed."""
 
 
 def _duration(rng: random.Random, kind: str, ttl: float) -> float:
@@ -62,6 +69,8 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
+    if kind == "crash-at":
+        return rng.uniform(1.0, 3.0)  # how long the armed point waits to be reached
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
@@ -73,11 +82,13 @@ def plan(
     slots: int,
     ttl: float,
     members: int = 3,
+    points: Sequence[str] = (),
 ) -> list[Planned]:
     """The fault schedule of a run: a pure function of its arguments.
 
     ``kinds`` maps fault kind to weight; ``slots`` is the number of worker slots. Faults
     start after a warm-up and end by ``duration`` minus a tail in which the system heals.
+    ``points`` are the workload's failpoint names, for crash-at.
     """
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -93,17 +104,19 @@ def plan(
         if t + length > duration - max(ttl, 1.0):
             break
         slot = rng.randrange(members if kind.endswith("member") else max(slots, 1))
-        schedule.append(Planned(round(t, 3), kind, slot, round(length, 3)))
+        point = rng.choice(points) if kind == "crash-at" and points else None
+        schedule.append(Planned(round(t, 3), kind, slot, round(length, 3), point))
         t += length + rng.uniform(0.3, 1.2)
     return schedule
 
 
-# A control injects one kind of fault: ``start(slot)`` returns the name of what it hit,
-# ``heal(slot)`` undoes it (resume, restart, start a replacement).
+# A control injects one kind of fault: ``start(planned)`` returns the name of what it
+# hit, ``heal(planned)`` undoes it (resume, restart, start a replacement); a str it
+# returns is a note on what happened, recorded with the fault's end.
 @dataclass(frozen=True)
 class Control:
-    start: Callable[[int], str]
-    heal: Callable[[int], None]
+    start: Callable[[Planned], str]
+    heal: Callable[[Planned], object]
 
 
 class Nemesis:
@@ -150,7 +163,7 @@ class Nemesis:
     def _inject(self, planned: Planned) -> None:
         control = self.controls[planned.kind]
         started = time.monotonic()  # before the fault: a fault's window covers all its effect
-        target = control.start(planned.slot)
+        target = control.start(planned)
         self.injected += 1
         self.recorder.fault(
             "start",
@@ -160,9 +173,11 @@ class Nemesis:
             seed=self.seed,
             planned_at=planned.at,
             duration=planned.duration,
+            **({"point": planned.point} if planned.point else {}),
         )
         try:
             self._stop.wait(planned.duration)
         finally:
-            control.heal(planned.slot)
-            self.recorder.fault("end", planned.kind, target)
+            note = control.heal(planned)
+            outcome = {"outcome": note} if isinstance(note, str) else {}
+            self.recorder.fault("end", planned.kind, target, **outcome)

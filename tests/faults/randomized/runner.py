@@ -42,7 +42,7 @@ WORKLOAD_NAMES = ("counter", "transfers")
 TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
 REQUEST_TIMEOUT = {"memory": 5.0, "redis": 0.5, "etcd": 1.0}
 
-_CLIENT_FAULTS = {"pause-client": 1.0, "pause-holder": 2.0, "kill-client": 1.0}
+_CLIENT_FAULTS = {"pause-client": 1.0, "pause-holder": 2.0, "kill-client": 1.0, "crash-at": 2.0}
 DEFAULT_FAULTS: dict[str, dict[str, float]] = {
     "memory": {**_CLIENT_FAULTS, "pause-server": 1},
     "redis": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
@@ -148,10 +148,21 @@ class Report:
     def faults(self) -> Counter[str]:
         return Counter(fault.kind for fault in self.history.faults)
 
+    def _fault_summary(self) -> str:
+        parts = []
+        for kind, n in sorted(self.faults.items()):
+            crashes = [
+                f"{f.detail.get('point')}: {f.detail.get('outcome', '?')}"
+                for f in self.history.faults
+                if f.kind == kind and "point" in f.detail
+            ]
+            parts.append(f"{kind} {n}" + (f" [{', '.join(crashes)}]" if crashes else ""))
+        return ", ".join(parts) or "none"
+
     def render(self) -> str:
         tally = checkers.counts(self.history)
         per_f = Counter(f"{op.f}:{op.result}" for op in self.history.ops)
-        faults = ", ".join(f"{k} {n}" for k, n in sorted(self.faults.items())) or "none"
+        faults = self._fault_summary()
         lines = [
             f"randomized fault run: {self.config.describe()}",
             f"operations: {len(self.history.ops)} (ok {tally['ok']}, fail {tally['fail']}, "
@@ -184,6 +195,14 @@ class Pool(Protocol):
     def resume(self, slot: int) -> None: ...
     def kill(self, slot: int) -> str: ...
     def stop(self, timeout: float) -> list[str]: ...
+    def arm(self, slot: int, point: str) -> str:
+        """Make the worker in ``slot`` crash when it next reaches failpoint ``point``."""
+        ...
+
+    def disarm(self, slot: int) -> bool:
+        """Disarm; True if the worker crashed meanwhile (a replacement is started)."""
+        ...
+
     def names(self) -> dict[int, str]:
         """The process name in each slot now."""
         ...
@@ -222,6 +241,23 @@ class ProcessPool:
     def names(self) -> dict[int, str]:
         return dict(self._names)
 
+    def arm(self, slot: int, point: str) -> str:
+        name = self._names[slot]
+        (self._dir / f"{name}.arm").write_text(point)
+        return name
+
+    def disarm(self, slot: int) -> bool:
+        name = self._names[slot]
+        try:
+            (self._dir / f"{name}.arm").unlink()
+        except FileNotFoundError:  # claimed by the worker, which is killing itself
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._procs[slot].wait(10)
+        if self._procs[slot].poll() is None:
+            return False
+        self.spawn(slot)
+        return True
+
     def _signal(self, slot: int, sig: int) -> str:
         proc = self._procs[slot]
         if proc.poll() is None:
@@ -253,11 +289,15 @@ class ProcessPool:
             except subprocess.TimeoutExpired:
                 killed.append(self.kill(slot))
         failed = [
-            f"{self._names[s]} exited with {p.returncode} (see {self._names[s]}.log)"
+            f"{self._names[s]} exited with {p.returncode}: {self._tail(self._names[s])}"
             for s, p in self._procs.items()
             if p.returncode not in (0, -signal.SIGKILL) and self._names[s] not in killed
         ]
         return [f"{name} did not stop in {timeout:g} s: killed" for name in killed] + failed
+
+    def _tail(self, name: str) -> str:
+        lines = (self._dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(lines[-3:])
 
 
 class _ThreadWorker:
@@ -269,14 +309,27 @@ class _ThreadWorker:
         self.running = threading.Event()
         self.running.set()
         self.killed = False
+        self.armed: str | None = None
+        self._mutex = threading.Lock()
         self.client: dcoord.Client | None = None
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
     def failpoint(self, where: str) -> None:
         self.running.wait()
+        with self._mutex:
+            if self.armed == where:
+                self.armed = None
+                self.die()
         if self.killed:
             raise Killed(where)
+
+    def die(self) -> None:
+        """Stop renewing anything and unwind at the next failpoint, releasing nothing."""
+        self.killed = True
+        if self.client is not None:
+            self.client.scheduler.close()
+        self.running.set()
 
     def connected(self, client: dcoord.Client) -> None:
         self.client = client
@@ -319,6 +372,21 @@ class ThreadPool:
     def names(self) -> dict[int, str]:
         return {slot: worker.name for slot, worker in self._workers.items()}
 
+    def arm(self, slot: int, point: str) -> str:
+        worker = self._workers[slot]
+        worker.armed = point
+        return worker.name
+
+    def disarm(self, slot: int) -> bool:
+        worker = self._workers[slot]
+        with worker._mutex:
+            worker.armed = None
+            if not worker.killed:
+                return False
+        self._retired.append(worker)
+        self.spawn(slot)
+        return True
+
     def pause(self, slot: int) -> str:
         worker = self._workers[slot]
         worker.running.clear()
@@ -335,10 +403,7 @@ class ThreadPool:
 
     def kill(self, slot: int) -> str:
         worker = self._workers[slot]
-        worker.killed = True
-        if worker.client is not None:
-            worker.client.scheduler.close()  # no more renewals; nothing is released
-        worker.running.set()
+        worker.die()
         self._retired.append(worker)
         return worker.name
 
@@ -414,41 +479,49 @@ class Environment:
         worker is inside its critical section (for pause-holder)."""
         paused: list[int] = []
 
-        def pause_holder(planned: int) -> str:
+        def pause_holder(planned: nemesis.Planned) -> str:
             slots = sorted(pool.names())
-            order = slots[planned:] + slots[:planned]
-            paused.append(next((s for s in order if busy(pool.names()[s])), planned))
+            order = slots[planned.slot :] + slots[: planned.slot]
+            paused.append(next((s for s in order if busy(pool.names()[s])), planned.slot))
             return pool.pause(paused[-1])
 
         controls = {
-            "pause-client": nemesis.Control(pool.pause, pool.resume),
-            "pause-holder": nemesis.Control(pause_holder, lambda _: pool.resume(paused.pop())),
-            "kill-client": nemesis.Control(pool.kill, pool.spawn),
+            "pause-client": nemesis.Control(
+                lambda p: pool.pause(p.slot), lambda p: pool.resume(p.slot)
+            ),
+            "pause-holder": nemesis.Control(pause_holder, lambda p: pool.resume(paused.pop())),
+            "kill-client": nemesis.Control(
+                lambda p: pool.kill(p.slot), lambda p: pool.spawn(p.slot)
+            ),
+            "crash-at": nemesis.Control(
+                lambda p: pool.arm(p.slot, p.point or ""),
+                lambda p: "crashed" if pool.disarm(p.slot) else "not reached",
+            ),
         }
         if self.server is not None:
             server = self.server
             kind = self.config.backend
             controls["pause-server"] = nemesis.Control(
-                lambda _: (server.pause(), kind)[1], lambda _: server.resume()
+                lambda p: (server.pause(), kind)[1], lambda p: server.resume()
             )
             controls["restart-server"] = nemesis.Control(
-                lambda _: (server.kill(), kind)[1], lambda _: server.start()
+                lambda p: (server.kill(), kind)[1], lambda p: server.start()
             )
         if self.cluster is not None:
             members = self.cluster.members
             controls["pause-member"] = nemesis.Control(
-                lambda i: (members[i].pause(), f"etcd member m{i}")[1],
-                lambda i: members[i].resume(),
+                lambda p: (members[p.slot].pause(), f"etcd member m{p.slot}")[1],
+                lambda p: members[p.slot].resume(),
             )
             controls["kill-member"] = nemesis.Control(
-                lambda i: (members[i].kill(), f"etcd member m{i}")[1],
-                lambda i: members[i].start(),
+                lambda p: (members[p.slot].kill(), f"etcd member m{p.slot}")[1],
+                lambda p: members[p.slot].start(),
             )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
         return controls
 
-    def _freeze_memory(self, _: int) -> str:
+    def _freeze_memory(self, _: nemesis.Planned) -> str:
         """Hold the store's locks: every operation of every client blocks, TTLs run on."""
         from dcoord.backends.memory import memory_server
         from dcoord.backends.memory.locks import _table
@@ -467,7 +540,7 @@ class Environment:
         held.wait()
         return "memory store"
 
-    def _thaw_memory(self, _: int) -> None:
+    def _thaw_memory(self, _: nemesis.Planned) -> None:
         if self._freeze is not None:
             self._freeze.set()
 
@@ -485,6 +558,8 @@ class Workload(Protocol):
     name: str
     pause_scale: float
     """Pauses last 1.3-2.5 times this: past the lock TTL, or the transaction deadline."""
+    points: tuple[str, ...]
+    """The failpoints a worker passes, for crash-at."""
 
     def liveness_bound(self) -> float:
         """How long operations may take after healing."""
@@ -551,6 +626,7 @@ def run(config: Config) -> Report:
         kinds=weights,
         slots=config.clients,
         ttl=load.pause_scale,
+        points=load.points,
     )
     started = time.monotonic()
     env = Environment(config)
@@ -623,7 +699,7 @@ def _run(
         return event is not None and load.busy(event)
 
     nem = nemesis.Nemesis(schedule, env.controls(pool, busy), recorder, config.seed)
-    notes: list[str] = []
+    problems: list[str] = []
     try:
         for slot in range(config.clients):
             pool.spawn(slot)
@@ -634,7 +710,7 @@ def _run(
     finally:
         nem.stop()
         env.heal()
-        notes += pool.stop(timeout=3 * ttl + 2 * request_timeout + 5.0)
+        problems += pool.stop(timeout=3 * ttl + 2 * request_timeout + 5.0)
         recorder.close()
     if nem.error is not None:
         raise RuntimeError(f"the nemesis failed: {nem.error!r}") from nem.error
@@ -649,6 +725,8 @@ def _run(
     history = merge(directory)
     violations, findings = load.check(history, final, env.loss_windows(history))
     violations += checkers.liveness(history, bound)
+    if problems:  # a worker that hung or died of an unexpected error
+        violations.append(checkers.Violation("workers", f"{len(problems)} workers", problems))
     return Report(
         config=config,
         history=history,
@@ -656,7 +734,6 @@ def _run(
         findings=findings,
         planned=schedule,
         elapsed=time.monotonic() - started,
-        notes=notes,
     )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import dcoord
 from dcoord.participants import KVParticipant
+from dcoord.twopc import FAILPOINTS
 
 from . import checkers
 from .history import OK, UNKNOWN, History, Recorder
@@ -171,6 +172,7 @@ class TransfersWorkload:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.pause_scale = tx_timeout(ttl)
+        self.points: tuple[str, ...] = (*FAILPOINTS, "recover")
 
     def worker(self) -> Callable[..., None]:
         return transfers_worker

@@ -25,6 +25,7 @@ resource first, and from then on every older fence is rejected.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
@@ -83,7 +84,30 @@ Failpoint = Callable[[str], None]
 
 
 def _no_failpoint(name: str) -> None:
-    """Processes are paused and killed by signals, anywhere."""
+    """No faults at named points."""
+
+
+class ArmedFailpoint:
+    """A worker process's failpoints: SIGKILL itself at the point the nemesis armed.
+
+    The nemesis arms by writing the point's name to ``<process>.arm`` beside the history
+    file; the worker claims it by renaming it (so a disarm racing the crash can tell) and
+    dies on the spot. Pauses and plain kills need no failpoint: signals land anywhere.
+    """
+
+    def __init__(self, history: str) -> None:
+        self.path = Path(history).with_suffix(".arm")
+
+    def __call__(self, where: str) -> None:
+        if not self.path.exists():
+            return
+        try:
+            if self.path.read_text() != where:
+                return
+            self.path.rename(self.path.with_suffix(".hit"))
+        except FileNotFoundError:
+            return  # disarmed meanwhile
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def decode(raw: bytes | None) -> dict[str, Any] | None:
@@ -186,6 +210,7 @@ class CounterWorkload:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.pause_scale = ttl  # pauses must outlast the lock's TTL
+        self.points = ("admit", "work", "uwrite", "write", "release")
 
     def worker(self) -> Callable[..., None]:
         return counter_worker
@@ -263,7 +288,7 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     worker = transfers_worker if spec.workload == "transfers" else counter_worker
-    worker(spec, stop)
+    worker(spec, stop, ArmedFailpoint(spec.history))
     return 0
 
 
