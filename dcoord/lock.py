@@ -115,7 +115,7 @@ class Lock:
         self._on_lost = on_lost
         self._client = client
         self._slot = client.backend.locks.slot(self.name, self.ttl, auto_renew)
-        self._registry = _held_locks(client)
+        self._registry = _client_locks(client)
         # _mutex guards the fields below and is never held across a network call;
         # _op serialises the slot's release/extend (user calls and the watchdog).
         self._mutex = threading.Lock()
@@ -125,7 +125,6 @@ class Lock:
         self._lost_reason: str | None = None
         self._last_fence: int | None = None
         self._acquiring = False
-        self._job: Job | None = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -207,8 +206,8 @@ class Lock:
                 self._lost_reason = None
                 self._last_fence = grant.fence
                 generation = self._generation
-            self._registry.add(self)
-            self._start_watchdog(generation, grant)
+            first = time.monotonic() + self.ttl * RENEW_FRACTION
+            self._registry.add(self, generation, first if self.auto_renew else grant.expires_at)
             return True
         finally:
             with self._mutex:
@@ -220,9 +219,7 @@ class Lock:
         with self._mutex:
             self._grant = None
             self._generation += 1
-            job, self._job = self._job, None
-        if job is not None:
-            job.cancel()
+        self._registry.discard(self)
         try:
             with self._op:
                 self._slot.release()
@@ -254,9 +251,6 @@ class Lock:
                 return "never acquired, or already released"
             self._grant = None
             self._generation += 1
-            job, self._job = self._job, None
-        if job is not None:
-            job.cancel()
         self._registry.discard(self)
         expired = time.monotonic() >= grant.expires_at
         with self._op:
@@ -293,39 +287,27 @@ class Lock:
 
     # -- watchdog ------------------------------------------------------------------
 
-    def _start_watchdog(self, generation: int, grant: LockGrant) -> None:
-        if self.auto_renew:
-            delay = self.ttl * RENEW_FRACTION
-        else:
-            delay = max(0.0, grant.expires_at - time.monotonic())
-        job = self._client.scheduler.every(
-            delay,
-            lambda: self._tick(generation),
-            name=f"lock {self.name!r} {'renewal' if self.auto_renew else 'expiry'}",
-            delay=delay,
-        )
-        with self._mutex:
-            if generation == self._generation:
-                self._job = job
-                return
-        job.cancel()  # released (or re-acquired) while we were starting it
+    def _tick(self, generation: int) -> float | None:
+        """Renew (or, without auto-renewal, check the expiry of) a held lock.
 
-    def _tick(self, generation: int) -> JobResult:
+        Runs on the client's scheduler thread; returns the seconds until it is due again,
+        or None when it is not held any more.
+        """
         with self._mutex:
             grant = self._grant
             if generation != self._generation or grant is None or self._lost_reason:
-                return False
+                return None
         now = time.monotonic()
         if now >= grant.expires_at:
             self._mark_lost(generation, "its TTL passed without a successful renewal")
-            return False
+            return None
         if not self.auto_renew:
             return grant.expires_at - now  # extend() may have moved the deadline
         try:
             with self._op:
                 with self._mutex:
                     if generation != self._generation:
-                        return False
+                        return None
                 new = self._slot.extend(self.ttl)
                 if new is not None:
                     new = self._conservative(new)
@@ -333,16 +315,16 @@ class Lock:
             remaining = grant.expires_at - time.monotonic()
             if remaining <= 0:
                 self._mark_lost(generation, f"renewal failed: {exc}")
-                return False
+                return None
             log.warning("lock %r: renewal failed, retrying: %s", self.name, exc)
             return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
         if new is None:
             self._mark_lost(generation, "the server no longer has it (expired or taken over)")
-            return False
+            return None
         with self._mutex:
             if generation == self._generation and self._lost_reason is None:
                 self._grant = new
-        return None
+        return self.ttl * RENEW_FRACTION
 
     def _mark_lost(self, generation: int, reason: str) -> None:
         with self._mutex:
@@ -361,7 +343,6 @@ class Lock:
         with self._mutex:
             grant, self._grant = self._grant, None
             self._generation += 1
-            self._job = None
         if grant is not None:
             try:
                 with self._op:
@@ -413,26 +394,79 @@ class Lock:
         return f"<dcoord.Lock {self.name!r} ttl={self.ttl:g} {state} fence={self._last_fence}>"
 
 
-class _HeldLocks:
-    """The locks a client holds, released when it closes (so nobody waits for a TTL)."""
+class _ClientLocks:
+    """The locks one client holds: one scheduler job renews them all; closed with the client.
+
+    Acquire and release only add and remove an entry here, so a lock cycle costs the
+    scheduler thread nothing; its one job wakes when the earliest lock is due. A held
+    lock stays held (and renewed) until it is released or the client closes, even if the
+    application dropped its handle, as with Redisson's watchdog.
+    """
 
     def __init__(self, client: Client) -> None:
-        self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
-        self._mutex = threading.Lock()
+        self._scheduler = client.scheduler
         self._store = client.backend.locks
+        self._mutex = threading.Lock()
+        self._due: dict[Lock, tuple[float, int]] = {}
+        self._job: Job | None = None
+        self._job_at = math.inf
+        self._job_token = 0
         client.on_close(self.close)
 
-    def add(self, lock: Lock) -> None:
+    def add(self, lock: Lock, generation: int, due: float) -> None:
+        """Have ``lock`` (this grant of it) looked after from the monotonic time ``due``."""
         with self._mutex:
-            self._locks.add(lock)
+            self._due[lock] = (due, generation)
+            if due >= self._job_at:
+                return
+            old, token = self._job, self._job_token + 1
+            self._job_token = token
+            self._job_at = due
+            self._job = self._scheduler.every(
+                1.0,
+                lambda: self._run(token),
+                name="dcoord lock watchdog",
+                delay=max(0.0, due - time.monotonic()),
+            )
+        if old is not None:
+            old.cancel()
 
     def discard(self, lock: Lock) -> None:
         with self._mutex:
-            self._locks.discard(lock)
+            self._due.pop(lock, None)
+
+    def _run(self, token: int) -> JobResult:
+        now = time.monotonic()
+        with self._mutex:
+            if token != self._job_token:
+                return False  # replaced by an earlier-due job
+            ready = [(lock, gen) for lock, (due, gen) in self._due.items() if due <= now]
+        for lock, generation in ready:
+            delay = lock._tick(generation)  # network: outside the mutex
+            with self._mutex:
+                if self._due.get(lock, (0.0, -1))[1] != generation:
+                    continue  # released or re-acquired meanwhile
+                if delay is None:
+                    del self._due[lock]
+                else:
+                    self._due[lock] = (time.monotonic() + delay, generation)
+        with self._mutex:
+            if token != self._job_token:
+                return False
+            if not self._due:
+                self._job, self._job_at = None, math.inf
+                return False
+            self._job_at = min(due for due, _ in self._due.values())
+            return max(0.0, self._job_at - time.monotonic())
 
     def close(self) -> None:
         with self._mutex:
-            locks, self._locks = list(self._locks), weakref.WeakSet()
+            locks = list(self._due.keys())
+            self._due.clear()
+            job, self._job = self._job, None
+            self._job_token += 1
+        if job is not None:
+            job.cancel()
         try:
             for lock in locks:
                 lock._abandon()
@@ -440,13 +474,13 @@ class _HeldLocks:
             self._store.close()
 
 
-_registries: weakref.WeakKeyDictionary[Client, _HeldLocks] = weakref.WeakKeyDictionary()
+_registries: weakref.WeakKeyDictionary[Client, _ClientLocks] = weakref.WeakKeyDictionary()
 _registries_mutex = threading.Lock()
 
 
-def _held_locks(client: Client) -> _HeldLocks:
+def _client_locks(client: Client) -> _ClientLocks:
     with _registries_mutex:
         registry = _registries.get(client)
         if registry is None:
-            registry = _registries[client] = _HeldLocks(client)
+            registry = _registries[client] = _ClientLocks(client)
         return registry

@@ -18,6 +18,7 @@ into its own keyspace so two namespaces on one server never see each other's key
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -319,9 +320,18 @@ def with_retries(
     When the time is up, raise :class:`BackendUnavailable` naming ``what``, with the last
     error chained. Use it only for operations that are safe to repeat.
     """
+    # The first attempt runs bare: building tenacity's machinery costs more than a local
+    # round trip, and almost every call succeeds at once.
+    started = time.monotonic()
+    try:
+        return fn()
+    except transient as exc:
+        remaining = timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise BackendUnavailable(f"{what}: {exc} (gave up after {timeout:g} s)") from exc
     retrying = Retrying(
         retry=retry_if_exception_type(transient),
-        stop=stop_before_delay(timeout),
+        stop=stop_before_delay(remaining),
         wait=wait_random_exponential(multiplier=0.05, max=1.0),
         reraise=False,
     )
