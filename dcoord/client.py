@@ -72,9 +72,7 @@ class Client:
         it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
         return Group(self, name)
 
-    def coordinator(
-        self, participants: Iterable[Participant] = (), **options: Any
-    ) -> Coordinator:
+    def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
         """A two-phase-commit coordinator over ``participants``, logging in this backend.
 
         Options: ``retention`` (seconds finished records are kept, default 7 days),
