@@ -517,6 +517,7 @@ class Watch:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        last: GroupView | None = None
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopped or self._pending is not None)
@@ -524,6 +525,11 @@ class Watch:
                     return
                 view, self._pending = self._pending, None
             assert view is not None
+            # A change and its undoing may both arrive while the callback is busy: then
+            # the newest set equals the one it already has, and there is nothing to say.
+            if last is not None and dict(view) == dict(last):
+                continue
+            last = view
             try:
                 self._callback(view)
             except Exception:

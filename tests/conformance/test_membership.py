@@ -391,3 +391,32 @@ def test_redis_script_is_reloaded_after_script_flush(servers: Any, namespace: st
         time.sleep(0.6)  # several heart-beats (every 0.2 s) run against the empty cache
         assert member.alive
         assert set(client.group("g").members()) == {"m"}
+
+
+def test_watch_skips_a_change_undone_while_its_callback_was_busy(connect: Connect) -> None:
+    a, b = connect(), connect()
+    a.group("g").join("a", ttl=30)
+    group = b.group("g")
+    release = threading.Event()
+    calls: list[set[str]] = []
+
+    def busy(view: GroupView) -> None:
+        calls.append(set(view))
+        release.wait(10)
+
+    group.watch(busy)
+    ring = group.ring()  # same follower: when the ring has a set, the watch was given it
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    passing = a.group("g").join("passing", ttl=30)
+    assert ring.wait_for(lambda r: "passing" in r, 5)
+    passing.leave()
+    assert ring.wait_for(lambda r: "passing" not in r, 5)
+    release.set()
+    a.group("g").join("c", ttl=30)
+    assert ring.wait_for(lambda r: "c" in r, 5)
+    deadline = time.monotonic() + 5
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == [{"a"}, {"a", "c"}]
