@@ -70,7 +70,7 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
     if kind == "crash-at":
-        return rng.uniform(1.0, 3.0)  # how long the armed point waits to be reached
+        return rng.uniform(0.3, 1.0)  # how long the armed point waits to be reached
     raise ValueError(f"unknown fault kind {kind!r}")
 
 

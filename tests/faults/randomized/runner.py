@@ -68,6 +68,8 @@ class Config:
     faults: tuple[str, ...] | None = None
     """Fault kinds to inject (default: every kind that applies to the backend)."""
     ttl: float | None = None
+    points: tuple[str, ...] | None = None
+    """crash-at: the failpoints to choose from (default: all of the workload's)."""
     keep: str | None = None
     """Directory to keep the history in (default: a temporary one, removed if clean)."""
     using: str | None = None
@@ -114,6 +116,8 @@ class Config:
             args.append(f"--faults {','.join(self.faults)}")
         if self.ttl is not None:
             args.append(f"--ttl {self.ttl:g}")
+        if self.points is not None:
+            args.append(f"--points {','.join(self.points)}")
         return "python -m tests.faults.randomized " + " ".join(args)
 
     def describe(self) -> str:
@@ -590,6 +594,18 @@ def workload(name: str, config: Config) -> Workload:
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
+def _points(config: Config, load: Workload) -> tuple[str, ...]:
+    if config.points is None:
+        return load.points
+    unknown = set(config.points) - set(load.points)
+    if unknown:
+        raise ValueError(
+            f"points {sorted(unknown)} are not failpoints of the {load.name} workload; "
+            f"choose from {', '.join(load.points)}"
+        )
+    return config.points
+
+
 def _directory(config: Config) -> Path:
     if config.keep:
         path = Path(config.keep)
@@ -626,7 +642,7 @@ def run(config: Config) -> Report:
         kinds=weights,
         slots=config.clients,
         ttl=load.pause_scale,
-        points=load.points,
+        points=_points(config, load),
     )
     started = time.monotonic()
     env = Environment(config)
@@ -771,6 +787,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--mutant", choices=("del-release", "commit-before-log"))
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
+    parser.add_argument("--points", help="crash-at: comma-separated failpoints to choose from")
     parser.add_argument("--keep", metavar="DIR", help="keep the history files in DIR")
     parser.add_argument("--servers", choices=("containers", "processes"), dest="using")
     args = parser.parse_args(argv)
@@ -787,6 +804,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         mutant=args.mutant,
         faults=tuple(args.faults.split(",")) if args.faults else None,
         ttl=args.ttl,
+        points=tuple(args.points.split(",")) if args.points else None,
         keep=args.keep,
         using=args.using,
     )

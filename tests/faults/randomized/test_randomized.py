@@ -15,14 +15,14 @@ from .runner import Config, Report, run
 pytestmark = pytest.mark.slow
 
 CLEAN = [
-    pytest.param(Config("memory", "counter", seed=11, duration=10), id="memory-counter"),
-    pytest.param(Config("memory", "transfers", seed=12, duration=10), id="memory-transfers"),
-    pytest.param(Config("redis", "counter", seed=13, duration=15), id="redis-counter"),
+    pytest.param(Config("memory", "counter", seed=11, duration=8), id="memory-counter"),
+    pytest.param(Config("memory", "transfers", seed=12, duration=8), id="memory-transfers"),
+    pytest.param(Config("redis", "counter", seed=13, duration=12), id="redis-counter"),
     pytest.param(
         Config("redis", "counter", seed=14, duration=12, volatile=True),
         id="redis-volatile-counter",
     ),
-    pytest.param(Config("redis", "transfers", seed=15, duration=15), id="redis-transfers"),
+    pytest.param(Config("redis", "transfers", seed=15, duration=12), id="redis-transfers"),
     pytest.param(Config("etcd", "counter", seed=16, duration=15), id="etcd-counter"),
     pytest.param(Config("etcd", "transfers", seed=17, duration=15), id="etcd-transfers"),
     pytest.param(
@@ -78,13 +78,17 @@ def test_mutant_release_without_owner_check_is_caught(backend: str, duration: fl
     assert not [v for v in report.violations if v.checker == "fenced-counter"], report.render()
 
 
-@pytest.mark.parametrize(("backend", "duration"), [("memory", 6), ("redis", 10)])
+@pytest.mark.parametrize(("backend", "duration"), [("memory", 6), ("redis", 8)])
 def test_mutant_commit_before_logging_is_caught(backend: str, duration: float) -> None:
+    """Crashes at phase-2 failpoints: after the decision, after a commit, after an abort.
+    The mutant's "after a commit" comes before its decision is logged."""
     config = Config(
         backend,
         "transfers",
         duration=duration,
         mutant="commit-before-log",
-        faults=("crash-at", "pause-holder"),
+        faults=("crash-at",),
+        points=("after_decision", "after_commit", "after_abort"),
     )
-    first_caught(config, range(301, 305), "transactions")
+    report = first_caught(config, range(301, 305), "transactions")
+    assert any("after_commit" in str(f.detail) for f in report.history.faults), report.render()
