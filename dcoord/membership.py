@@ -329,7 +329,9 @@ class JoinedMember(Member):
             return False
         try:
             still_there = self._reg.refresh()
-        except BackendUnavailable as exc:
+        except Exception as exc:  # unreachable, or refusing (e.g. a Redis out of memory)
+            if not isinstance(exc, BackendUnavailable):
+                log.warning("heart-beat of %r failed: %s: %s", self.id, type(exc).__name__, exc)
             if time.monotonic() >= self._reg.expires_at:
                 self._mark_lost(f"heart-beats failed for longer than its ttl: {exc}")
                 return False
@@ -448,14 +450,20 @@ class _Follower:
                     if snapshot.next_expiry is not None:
                         timeout = min(timeout, snapshot.next_expiry + _EXPIRY_SLACK)
                     subscription.wait(timeout)
-                except BackendUnavailable as exc:
+                except Exception as exc:
+                    # Keep following whatever failed (an outage, a server refusing writes
+                    # when out of memory): a dead follower would silently freeze every ring.
                     self.error = exc
-                    log.info("following group %r: %s; retrying", self._group.name, exc)
+                    unexpected = not isinstance(exc, BackendUnavailable)
+                    log.log(
+                        logging.WARNING if unexpected else logging.INFO,
+                        "following group %r: %s; retrying",
+                        self._group.name,
+                        exc,
+                        exc_info=unexpected,
+                    )
                     self._kick.wait(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)
-        except Exception as exc:  # a bug must not silently freeze every live ring
-            self.error = exc
-            log.exception("following group %r stopped", self._group.name)
         finally:
             self._subscription = None
             if subscription is not None:

@@ -261,6 +261,28 @@ def test_member_is_lost_when_heart_beats_fail_past_its_ttl(
         assert not member.alive
 
 
+def test_member_is_lost_when_redis_refuses_its_heart_beats(
+    server_factory: Callable[..., Any], namespace: str
+) -> None:
+    """A Redis out of memory answers, but refuses every write: the member is lost after
+    its TTL like when the server is unreachable, and a live ring keeps its last set."""
+    server = server_factory("redis", persistent=False)
+    lost = threading.Event()
+    with dcoord.connect(server.url, namespace=namespace) as client:
+        ring = client.group("g").ring()
+        member = client.group("g").join("m", ttl=0.6, on_lost=lambda m: lost.set())
+        assert reflects(ring, lambda m: m == {"m"}, 5)
+        client.backend.redis.config_set("maxmemory", 1)  # type: ignore[attr-defined]
+        try:
+            assert lost.wait(5), "heart-beats were refused, yet the member was not lost"
+            assert not member.alive
+            assert "maxmemory" in (member.lost_reason or "")
+            assert set(ring.members) == {"m"}  # nothing newer could be read
+        finally:
+            client.backend.redis.config_set("maxmemory", 0)  # type: ignore[attr-defined]
+        assert reflects(ring, lambda m: m == set(), 5)  # following again, it sees m expired
+
+
 def test_members_on_a_lease_the_server_dropped_are_lost_and_joins_still_work(
     servers: Any, namespace: str
 ) -> None:

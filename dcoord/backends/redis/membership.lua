@@ -16,6 +16,9 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- unpack() of very long lists overflows Lua's C stack: work in chunks.
 local CHUNK = 1000
 
+-- A script is not rolled back when a command in it fails. An out-of-memory server
+-- refuses INCR, ZADD and HSET but not ZREM or HDEL, so every change calls changed()
+-- (INCR) or ZADD before it removes anything: if the server refuses, nothing happened.
 local function changed()
   local epoch = redis.call('INCR', epoch_key)
   redis.call('PUBLISH', channel, epoch)
@@ -32,8 +35,8 @@ end
 
 local expired = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
 if #expired > 0 then
-  remove(expired)
   changed()
+  remove(expired)
 end
 
 if op == 'read' then
@@ -78,8 +81,8 @@ elseif op == 'refresh' then
   return 1
 elseif op == 'leave' then
   if owner ~= token then return 0 end
-  remove({id})
   changed()
+  remove({id})
   return 1
 end
 return redis.error_reply('unknown membership operation ' .. tostring(op))
