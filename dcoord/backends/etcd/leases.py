@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import grpc
+
 from ...errors import BackendUnavailable
 from ...scheduler import Job, Scheduler
 
@@ -104,11 +106,16 @@ class Leases:
 
     def revoke(self, lease: Lease) -> None:
         """Revoke ``lease`` now: every key attached to it is deleted at once."""
-        self._backend.call(
-            lambda: self._backend.etcd.revoke_lease(lease.id),
-            what=f"revoke lease {lease.id:x}",
-            retry=True,
-        )
+
+        def revoke() -> None:
+            try:
+                self._backend.etcd.revoke_lease(lease.id)
+            except grpc.RpcError as exc:
+                # Already expired on the server: its keys are gone, which is what we want.
+                if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND):
+                    raise
+
+        self._backend.call(revoke, what=f"revoke lease {lease.id:x}", retry=True)
         lease.mark_lost()
 
     def close(self) -> None:
