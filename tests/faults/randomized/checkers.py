@@ -203,7 +203,10 @@ def stale_admissions(history: History, losses: Sequence[Window] = ()) -> list[Vi
 
 
 def fenced_counter(
-    history: History, final: dict[str, Any] | None, losses: Sequence[Window] = ()
+    history: History,
+    final: dict[str, Any] | None,
+    losses: Sequence[Window] = (),
+    f: str = "write",
 ) -> list[Violation]:
     """The fenced counter is exactly the chain of its admitted increments.
 
@@ -211,9 +214,10 @@ def fenced_counter(
     value it read: every link must be an admitted (or unknown) write with a larger fence
     than the value it replaced; the chain must reach "no value" after exactly
     ``count`` links; and every acknowledged increment that no data loss can excuse
-    must be on it (one that is not was overwritten: a lost update).
+    must be on it (one that is not was overwritten: a lost update). ``f`` names the
+    write operation (``uwrite``: the same check on the unfenced control counter).
     """
-    writes = history.by_f("write")
+    writes = history.by_f(f)
     by_value: dict[tuple[int, int], Op] = {}
     for op in writes:
         value = op.value["value"]
@@ -222,8 +226,8 @@ def fenced_counter(
     chain: list[Op] = []
     state = final
     while state is not None and len(chain) <= len(writes):
-        op = by_value.get((state["count"], state["fence"]))
-        if op is None:
+        producer = by_value.get((state["count"], state["fence"]))
+        if producer is None:
             violations.append(
                 Violation(
                     "fenced-counter",
@@ -232,20 +236,20 @@ def fenced_counter(
                 )
             )
             break
-        if op.result == FAIL:
+        if producer.result == FAIL:
             violations.append(
-                Violation("fenced-counter", "a rejected write took effect", [op.describe()])
+                Violation("fenced-counter", "a rejected write took effect", [producer.describe()])
             )
-        previous = op.value["read"]
-        if previous is not None and previous["fence"] >= op.value["fence"]:
+        previous = producer.value["read"]
+        if previous is not None and previous["fence"] >= producer.value["fence"]:
             violations.append(
                 Violation(
                     "fenced-counter",
                     "admitted fences did not strictly increase along the counter's history",
-                    [op.describe()],
+                    [producer.describe()],
                 )
             )
-        chain.append(op)
+        chain.append(producer)
         state = previous
     else:
         if final is not None and len(chain) != final["count"]:
@@ -288,7 +292,7 @@ def unfenced_lost_updates(history: History, final: dict[str, Any] | None) -> int
     without fencing, a paused holder's late write wipes out its successor's.
     """
     acknowledged = sum(1 for op in history.by_f("uwrite") if op.ok)
-    return max(0, acknowledged - (final or {}).get("count", 0))
+    return max(0, acknowledged - int((final or {}).get("count", 0)))
 
 
 # -- transactions -------------------------------------------------------------------

@@ -12,6 +12,10 @@ is wrong.
     the lock by name: the whole prefix, holder and queue. Memory: clear the entry
     whatever token holds it. Caught by the mutual-exclusion checker: a stale holder's
     release frees its successor's lock, and a third client runs alongside the successor.
+``admit-all``
+    The fence admits every token: ``admit`` always says yes and ``write`` always writes.
+    Caught by the fence-order and fenced-counter checkers: a paused holder's stale write
+    lands after its successor's (a lost update on the "fenced" counter).
 ``commit-before-log``
     The coordinator sends commit to the participants before the COMMIT decision is in
     the log (see transfers.py). Caught by the transaction checkers: a crash between the
@@ -25,7 +29,7 @@ from typing import Any
 
 import dcoord
 
-MUTANTS = ("del-release", "commit-before-log")
+MUTANTS = ("del-release", "admit-all", "commit-before-log")
 
 _DEL_RELEASE_LUA = """
 local n = redis.call('DEL', KEYS[1])
@@ -38,9 +42,19 @@ def apply(name: str | None, client: dcoord.Client) -> None:
     """Break ``client`` the way mutant ``name`` says (None: leave it correct)."""
     if name is None or name == "commit-before-log":  # the coordinator mutant is in transfers
         return
-    if name != "del-release":
+    if name not in MUTANTS:
         raise ValueError(f"unknown mutant {name!r}; choose from {', '.join(MUTANTS)}")
     locks: Any = client.backend.locks
+    if name == "admit-all":
+        kv = client.backend.kv
+
+        def write(resource: str, token: int, key: str, value: bytes) -> bool:
+            kv.put(key, value)
+            return True
+
+        locks.admit = lambda resource, token: True
+        locks.write = write
+        return
     kind = client.backend.kind
     if kind == "redis":
         from dcoord.backends.redis.locks import LuaScript

@@ -180,4 +180,4 @@ class Nemesis:
         finally:
             note = control.heal(planned)
             outcome = {"outcome": note} if isinstance(note, str) else {}
-            self.recorder.fault("end", planned.kind, target, **outcome)
+            self.recorder.fault("end", planned.kind, target, **outcome)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from tests.servers import ROOT, Server, start_server
 from . import checkers, nemesis
 from .cluster import EtcdCluster
 from .history import History, Recorder, last_event, merge
+from .mutants import MUTANTS
 from .workloads import Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
@@ -142,7 +143,6 @@ class Report:
     planned: list[nemesis.Planned]
     elapsed: float
     directory: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -176,7 +176,6 @@ class Report:
             f"of {len(self.planned)} planned",
         ]
         lines += [f"{k}: {v}" for k, v in self.findings.items() if not k.startswith("_")]
-        lines += [f"note: {note}" for note in self.notes]
         if self.violations:
             lines.append(f"VIOLATIONS: {len(self.violations)}")
             lines += [v.describe() for v in self.violations]
@@ -506,19 +505,19 @@ class Environment:
             server = self.server
             kind = self.config.backend
             controls["pause-server"] = nemesis.Control(
-                lambda p: (server.pause(), kind)[1], lambda p: server.resume()
+                lambda p: _act(server.pause, kind), lambda p: server.resume()
             )
             controls["restart-server"] = nemesis.Control(
-                lambda p: (server.kill(), kind)[1], lambda p: server.start()
+                lambda p: _act(server.kill, kind), lambda p: server.start()
             )
         if self.cluster is not None:
             members = self.cluster.members
             controls["pause-member"] = nemesis.Control(
-                lambda p: (members[p.slot].pause(), f"etcd member m{p.slot}")[1],
+                lambda p: _act(members[p.slot].pause, f"etcd member m{p.slot}"),
                 lambda p: members[p.slot].resume(),
             )
             controls["kill-member"] = nemesis.Control(
-                lambda p: (members[p.slot].kill(), f"etcd member m{p.slot}")[1],
+                lambda p: _act(members[p.slot].kill, f"etcd member m{p.slot}"),
                 lambda p: members[p.slot].start(),
             )
         if self.config.backend == "memory":
@@ -553,6 +552,11 @@ class Environment:
         if not (self.config.backend == "redis" and self.config.volatile):
             return []
         return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
+
+
+def _act(action: Callable[[], None], target: str) -> str:
+    action()
+    return target
 
 
 # -- the run ------------------------------------------------------------------------
@@ -624,7 +628,11 @@ def run(config: Config) -> Report:
         raise ValueError("--volatile applies to redis only")
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
-    mutant_for = {"del-release": "counter", "commit-before-log": "transfers"}
+    mutant_for = {
+        "del-release": "counter",
+        "admit-all": "counter",
+        "commit-before-log": "transfers",
+    }
     if config.mutant and mutant_for.get(config.mutant) != config.workload:
         raise ValueError(
             f"mutant {config.mutant!r} applies to the {mutant_for.get(config.mutant)} workload"
@@ -784,7 +792,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
     parser.add_argument("--cluster", action="store_true", help="etcd: three members")
-    parser.add_argument("--mutant", choices=("del-release", "commit-before-log"))
+    parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
     parser.add_argument("--points", help="crash-at: comma-separated failpoints to choose from")

@@ -192,7 +192,7 @@ def _critical_section(
     time.sleep(rng.uniform(*spec.work))
     failpoint("uwrite")
     new_u = {"count": (unfenced or {}).get("count", 0) + 1, "fence": fence, "by": spec.process}
-    with rec.invoke("uwrite", new_u):
+    with rec.invoke("uwrite", {"fence": fence, "read": unfenced, "value": new_u}):
         kv.put(UNFENCED, json.dumps(new_u).encode())
     failpoint("write")
     new = {"count": (current or {}).get("count", 0) + 1, "fence": fence, "by": spec.process}
@@ -210,7 +210,7 @@ class CounterWorkload:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.pause_scale = ttl  # pauses must outlast the lock's TTL
-        self.points = ("admit", "work", "uwrite", "write", "release")
+        self.points: tuple[str, ...] = ("admit", "work", "uwrite", "write", "release")
 
     def worker(self) -> Callable[..., None]:
         return counter_worker
@@ -269,6 +269,9 @@ class CounterWorkload:
         rejected = sum(1 for op in history.by_f("write", "admit") if op.result == FAIL)
         sections = len(checkers.critical_sections(history))
         lost = checkers.unfenced_lost_updates(history, final["unfenced"])
+        # The same chain checker on the unfenced counter: it must find what fencing
+        # prevents (a checker that never fires proves nothing).
+        control = checkers.fenced_counter(history, final["unfenced"], losses, f="uwrite")
         findings = {
             "fenced counter": f"{(final['fenced'] or {}).get('count', 0)} "
             f"({admitted} admitted increments, {rejected} stale fences rejected, "
@@ -276,6 +279,7 @@ class CounterWorkload:
             "negative control (unfenced counter)": f"{lost} lost updates "
             f"(final {(final['unfenced'] or {}).get('count', 0)})",
             "_unfenced_lost": lost,
+            "_unfenced_chain": control,
         }
         return violations, findings
 
