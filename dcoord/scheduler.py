@@ -35,7 +35,7 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
-        self._scheduler.wake()
+        self._scheduler.forget_cancelled()
 
 
 class Scheduler:
@@ -48,6 +48,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._cancelled = 0  # cancelled jobs still in the queue, at most
 
     def every(
         self, interval: float, fn: Callable[[], JobResult], *, name: str, delay: float | None = None
@@ -64,8 +65,18 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def wake(self) -> None:
+    def forget_cancelled(self) -> None:
+        """Drop cancelled jobs from the queue once they are most of it.
+
+        Lazy removal keeps cancel() O(1); compacting at half keeps a client that makes and
+        drops many short-lived jobs from growing its queue without bound.
+        """
         with self._cond:
+            self._cancelled += 1
+            if self._cancelled * 2 > len(self._queue):
+                self._queue = [entry for entry in self._queue if not entry[2].cancelled]
+                heapq.heapify(self._queue)
+                self._cancelled = 0
             self._cond.notify()
 
     def close(self) -> None:

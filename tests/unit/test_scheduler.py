@@ -66,3 +66,13 @@ def test_a_job_can_choose_its_next_delay() -> None:
     scheduler.every(60, job, name="fast", delay=0)
     assert done.wait(5)
     scheduler.close()
+
+
+def test_cancelled_jobs_do_not_pile_up_in_the_queue() -> None:
+    scheduler = Scheduler()
+    keep = scheduler.every(3600, lambda: None, name="keep")
+    for i in range(1000):
+        scheduler.every(3600, lambda: None, name=f"short-{i}").cancel()
+    assert len(scheduler._queue) <= 3  # compacted, not 1001 entries waiting an hour
+    assert any(entry[2] is keep for entry in scheduler._queue)
+    scheduler.close()
