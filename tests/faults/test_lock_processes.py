@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,14 @@ def holder_main(url: str, namespace: str, name: str, ttl: float, log_path: str) 
     """Acquire ``name``, say ``ACQUIRED <fence>``, then obey commands from stdin."""
     import dcoord
 
+    said = threading.Lock()
+
     def say(text: str) -> None:
-        print(text, flush=True)
+        # One write per line under a lock: on_lost speaks from the scheduler thread, and
+        # print() writes text and newline separately, which could interleave two lines.
+        with said:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
 
     with dcoord.connect(url, namespace=namespace) as client:
         lock = client.lock(name, ttl=ttl, on_lost=lambda _: say("LOST"))

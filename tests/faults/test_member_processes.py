@@ -312,8 +312,14 @@ def watched(views: list[GroupView], members: set[str], timeout: float) -> bool:
 def _member_main(url: str, namespace: str, group: str, member_id: str, ttl: str) -> None:
     """The child process: join, report, and obey stdin."""
 
+    said = threading.Lock()
+
     def say(line: str) -> None:
-        print(line, flush=True)
+        # One write per line under a lock: on_lost speaks from another thread, and print()
+        # writes text and newline separately, which could interleave two lines.
+        with said:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     with dcoord.connect(url, namespace=namespace) as client:
         member = client.group(group).join(
