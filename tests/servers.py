@@ -93,6 +93,10 @@ class Server:
     """One real server the test owns: start, stop, and the faults tests inject."""
 
     kind: str
+    # An etcd server's member name and static cluster (None: a cluster of itself);
+    # a multi-member cluster sets both per member.
+    etcd_name = "dcoord-test"
+    etcd_cluster: str | None = None
 
     def __init__(self, *, persistent: bool = True) -> None:
         self.persistent = persistent
@@ -113,7 +117,7 @@ class Server:
         return [
             "etcd",
             "--name",
-            "dcoord-test",
+            self.etcd_name,
             "--data-dir",
             f"{data_dir}/etcd",
             "--listen-client-urls",
@@ -125,7 +129,7 @@ class Server:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"dcoord-test={peer}",
+            self.etcd_cluster or f"{self.etcd_name}={peer}",
         ]
 
     def wait_ready(self, deadline: float) -> None:
@@ -340,7 +344,7 @@ class ContainerServer(Server):
     def logs(self) -> str:
         with contextlib.suppress(Exception):
             out, err = self.container.get_logs()
-            return (out + err).decode(errors="replace")[-4000:]
+            return str((out + err).decode(errors="replace"))[-4000:]
         return ""
 
 

@@ -9,60 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
 
 from tests.servers import HOST, ContainerServer, ProcessServer, Server, free_port, provider
 
 
-class _Member:
-    """Mixin: the etcd command line of one member of a static cluster."""
-
-    member: str
-    cluster: str
-    port: int
-    peer_port: int
-
-    def command(self, data_dir: str) -> list[str]:
-        peer = f"http://{HOST}:{self.peer_port}"
-        client = f"http://{HOST}:{self.port}"
-        return [
-            "etcd",
-            "--name",
-            self.member,
-            "--data-dir",
-            f"{data_dir}/etcd",
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            self.cluster,
-            "--initial-cluster-state",
-            "new",
-        ]
-
-
-class ProcessMember(_Member, ProcessServer):
-    pass
-
-
-class ContainerMember(_Member, ContainerServer):
-    pass
-
-
 def _member(using: str, name: str, ports: tuple[int, int], cluster: str) -> Server:
-    cls: Any = ContainerMember if using == "containers" else ProcessMember
-    member = cls.__new__(cls)
-    member.member, member.cluster = name, cluster
-    cls.__init__(member, "etcd")
+    member = (ContainerServer if using == "containers" else ProcessServer)("etcd")
+    member.etcd_name, member.etcd_cluster = name, cluster
     member.port, member.peer_port = ports  # Server.__init__ picked ports of its own
-    if using == "containers":
+    if isinstance(member, ContainerServer):
         member.container.with_command(member.command("/data"))
-    return member  # type: ignore[no-any-return]
+    return member
 
 
 class EtcdCluster:
