@@ -164,6 +164,50 @@ class MemberRegistration(Protocol):
         ...
 
 
+class TokenGroups(Protocol):
+    """A group store whose members are kept alive by the core's heart-beats and owned by
+    the random token of their join (memory, Redis)."""
+
+    def refresh(self, group: str, member_id: str, token: str, ttl: float) -> bool: ...
+
+    def leave(self, group: str, member_id: str, token: str) -> bool: ...
+
+
+class TokenRegistration:
+    """A :class:`MemberRegistration` on a :class:`TokenGroups` store: the core refreshes it
+    every ``ttl / 3``; refresh and leave act only while the member still has this token."""
+
+    def __init__(
+        self,
+        groups: TokenGroups,
+        group: str,
+        member_id: str,
+        token: str,
+        ttl: float,
+        expires_at: float,
+    ) -> None:
+        self._groups = groups
+        self._group = group
+        self._member_id = member_id
+        self._token = token
+        self.ttl = ttl
+        self.keepalive_interval: float | None = ttl / 3
+        self.expires_at = expires_at
+
+    def refresh(self) -> bool:
+        sent = time.monotonic()
+        ok = self._groups.refresh(self._group, self._member_id, self._token, self.ttl)
+        if ok:
+            self.expires_at = sent + self.ttl
+        return ok
+
+    def leave(self) -> bool:
+        return self._groups.leave(self._group, self._member_id, self._token)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """These stores never drop a registration unseen: a failed heart-beat tells the core."""
+
+
 class GroupSubscription(Protocol):
     """Change notifications of one group, for the thread that follows it."""
 

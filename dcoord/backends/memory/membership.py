@@ -11,10 +11,9 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..base import GroupSnapshot
+from ..base import GroupSnapshot, TokenRegistration
 
 if TYPE_CHECKING:
     from . import MemoryServer
@@ -54,7 +53,7 @@ class MemoryGroups:
 
     def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
-    ) -> MemoryRegistration | None:
+    ) -> TokenRegistration | None:
         token = secrets.token_hex(16)
         with self._server.cond:
             record = self._pruned(group)
@@ -67,7 +66,7 @@ class MemoryGroups:
                 "payload": payload.decode(),
             }
             self._store(group, record)
-        return MemoryRegistration(self, group, member_id, token, ttl, expires)
+        return TokenRegistration(self, group, member_id, token, ttl, expires)
 
     def read(self, group: str) -> GroupSnapshot:
         with self._server.cond:
@@ -107,40 +106,6 @@ class MemoryGroups:
     @property
     def cond(self) -> threading.Condition:
         return self._server.cond
-
-
-class MemoryRegistration:
-    keepalive_interval: float | None
-
-    def __init__(
-        self,
-        groups: MemoryGroups,
-        group: str,
-        member_id: str,
-        token: str,
-        ttl: float,
-        expires_at: float,
-    ) -> None:
-        self._groups = groups
-        self._group = group
-        self._member_id = member_id
-        self._token = token
-        self.ttl = ttl
-        self.keepalive_interval = ttl / 3
-        self.expires_at = expires_at
-
-    def refresh(self) -> bool:
-        sent = time.monotonic()
-        ok = self._groups.refresh(self._group, self._member_id, self._token, self.ttl)
-        if ok:
-            self.expires_at = sent + self.ttl
-        return ok
-
-    def leave(self) -> bool:
-        return self._groups.leave(self._group, self._member_id, self._token)
-
-    def on_lost(self, callback: Callable[[], None]) -> None:
-        """The embedded store never drops a registration on its own: heartbeats decide."""
 
 
 class MemorySubscription:

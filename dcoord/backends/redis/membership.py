@@ -18,14 +18,13 @@ import contextlib
 import math
 import secrets
 import time
-from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from ...errors import BackendUnavailable
-from ..base import GroupSnapshot
+from ..base import GroupSnapshot, TokenRegistration
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -55,14 +54,31 @@ class RedisGroups:
 
     def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
-    ) -> RedisRegistration | None:
+    ) -> TokenRegistration | None:
         token = secrets.token_hex(16)
         ttl_ms = math.ceil(ttl * 1000)
         sent = time.monotonic()
         # Safe to retry: the script treats a second join with the same token as a refresh.
         if not self.run(group, f"join {member_id!r}", "join", member_id, token, ttl_ms, payload):
             return None
-        return RedisRegistration(self, group, member_id, token, ttl, sent + ttl)
+        return TokenRegistration(self, group, member_id, token, ttl, sent + ttl)
+
+    def refresh(self, group: str, member_id: str, token: str, ttl: float) -> bool:
+        # Not retried: the core's next heart-beat is the retry, and it knows the deadline.
+        return bool(
+            self.run(
+                group,
+                f"heart-beat of {member_id!r}",
+                "refresh",
+                member_id,
+                token,
+                math.ceil(ttl * 1000),
+                retry=False,
+            )
+        )
+
+    def leave(self, group: str, member_id: str, token: str) -> bool:
+        return bool(self.run(group, f"leave {member_id!r}", "leave", member_id, token))
 
     def read(self, group: str) -> GroupSnapshot:
         reply = self.run(group, "read members", "read")
@@ -76,52 +92,6 @@ class RedisGroups:
 
     def subscribe(self, group: str) -> RedisSubscription:
         return RedisSubscription(self._backend, self.keys(group)[1], group)
-
-
-class RedisRegistration:
-    def __init__(
-        self,
-        groups: RedisGroups,
-        group: str,
-        member_id: str,
-        token: str,
-        ttl: float,
-        expires_at: float,
-    ) -> None:
-        self._groups = groups
-        self._group = group
-        self._member_id = member_id
-        self._token = token
-        self.ttl = ttl
-        self.keepalive_interval: float | None = ttl / 3
-        self.expires_at = expires_at
-
-    def refresh(self) -> bool:
-        sent = time.monotonic()
-        ok = bool(
-            self._groups.run(
-                self._group,
-                f"heart-beat of {self._member_id!r}",
-                "refresh",
-                self._member_id,
-                self._token,
-                math.ceil(self.ttl * 1000),
-                retry=False,
-            )
-        )
-        if ok:
-            self.expires_at = sent + self.ttl
-        return ok
-
-    def leave(self) -> bool:
-        return bool(
-            self._groups.run(
-                self._group, f"leave {self._member_id!r}", "leave", self._member_id, self._token
-            )
-        )
-
-    def on_lost(self, callback: Callable[[], None]) -> None:
-        """Redis never drops a registration unseen: a failed heart-beat tells the core."""
 
 
 class RedisSubscription:
