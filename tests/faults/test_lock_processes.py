@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +33,9 @@ RESOURCE = "resource"
 def holder_main(url: str, namespace: str, name: str, ttl: float, log_path: str) -> None:
     """Acquire ``name``, say ``ACQUIRED <fence>``, then obey commands from stdin."""
     import dcoord
+    from tests.faults.child import line_writer
 
-    said = threading.Lock()
-
-    def say(text: str) -> None:
-        # One write per line under a lock: on_lost speaks from the scheduler thread, and
-        # print() writes text and newline separately, which could interleave two lines.
-        with said:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
+    say = line_writer()
 
     with dcoord.connect(url, namespace=namespace) as client:
         lock = client.lock(name, ttl=ttl, on_lost=lambda _: say("LOST"))

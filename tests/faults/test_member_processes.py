@@ -23,6 +23,7 @@ import pytest
 
 import dcoord
 from dcoord.membership import GroupView
+from tests.faults.child import line_writer
 
 # etcd grants no lease under ~2 s; Redis takes TTLs to the millisecond.
 TTL = {"redis": 1.0, "etcd": 2.0}
@@ -312,14 +313,7 @@ def watched(views: list[GroupView], members: set[str], timeout: float) -> bool:
 def _member_main(url: str, namespace: str, group: str, member_id: str, ttl: str) -> None:
     """The child process: join, report, and obey stdin."""
 
-    said = threading.Lock()
-
-    def say(line: str) -> None:
-        # One write per line under a lock: on_lost speaks from another thread, and print()
-        # writes text and newline separately, which could interleave two lines.
-        with said:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+    say = line_writer()
 
     with dcoord.connect(url, namespace=namespace) as client:
         member = client.group(group).join(
