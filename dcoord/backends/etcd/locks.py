@@ -49,6 +49,16 @@ def _range(key: bytes, range_end: bytes | None = None, **options: Any) -> Any:
     return etcdrpc.RequestOp(request_range=request)
 
 
+def _created_at(key: bytes, revision: int) -> Any:
+    """A txn compare: ``key`` was created at ``revision`` (0: the key does not exist)."""
+    return etcdrpc.Compare(
+        key=key,
+        target=etcdrpc.Compare.CREATE,
+        result=etcdrpc.Compare.EQUAL,
+        create_revision=revision,
+    )
+
+
 def _first_kv(response: Any) -> Any:
     kvs = response.response_range.kvs
     return kvs[0] if kvs else None
@@ -115,14 +125,7 @@ class EtcdLocks:
         # value < token+1 fails on a missing key (etcd: no value to compare), so the
         # failure branch creates the key if it does not exist yet.
         create = etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=key,
-                    target=etcdrpc.Compare.CREATE,
-                    result=etcdrpc.Compare.EQUAL,
-                    create_revision=0,
-                )
-            ],
+            compare=[_created_at(key, 0)],
             success=[put, *also],
         )
         return etcdrpc.TxnRequest(
@@ -173,16 +176,8 @@ class EtcdLocks:
         if private:
             return self.revoke(lease)
         # revision 0: a key whose creation is unknown; it is unique to one attempt.
-        compare = [
-            etcdrpc.Compare(
-                key=key,
-                target=etcdrpc.Compare.CREATE,
-                result=etcdrpc.Compare.EQUAL,
-                create_revision=revision,
-            )
-        ]
         request = etcdrpc.TxnRequest(
-            compare=compare if revision else [],
+            compare=[_created_at(key, revision)] if revision else [],
             success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
         )
         attempts = 0
@@ -273,14 +268,7 @@ class EtcdLockSlot:
     def _enqueue(self, key: bytes, lease: Lease) -> tuple[int, int]:
         """Create our key (idempotent: a retry finds it); return its and the owner's revision."""
         request = etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=key,
-                    target=etcdrpc.Compare.CREATE,
-                    result=etcdrpc.Compare.EQUAL,
-                    create_revision=0,
-                )
-            ],
+            compare=[_created_at(key, 0)],
             success=[
                 etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease.id)),
                 self._owner_range(),
@@ -410,14 +398,7 @@ class EtcdLockSlot:
         assert self._key is not None
         new = self._leases.grant(ttl)
         request = etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=self._key,
-                    target=etcdrpc.Compare.CREATE,
-                    result=etcdrpc.Compare.EQUAL,
-                    create_revision=self._revision,
-                )
-            ],
+            compare=[_created_at(self._key, self._revision)],
             success=[
                 etcdrpc.RequestOp(
                     request_put=etcdrpc.PutRequest(key=self._key, lease=new.id, ignore_value=True)
