@@ -71,7 +71,6 @@ ACQUIRE = LuaScript.named("acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
 FENCE_ADMIT = LuaScript.named("fence_admit")
-FENCE_WRITE = LuaScript.named("fence_write")
 
 
 class RedisLocks:
@@ -107,7 +106,7 @@ class RedisLocks:
         # BackendUnavailable instead: outcome unknown).
         return bool(
             self.backend.call(
-                lambda: FENCE_WRITE(self.redis, [fence_key, value_key], [str(token), value]),
+                lambda: FENCE_ADMIT(self.redis, [fence_key, value_key], [str(token), value]),
                 what=f"fenced write of {key!r} with fence {token} for {resource!r}",
             )
         )
