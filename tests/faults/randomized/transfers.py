@@ -18,13 +18,11 @@ runner recovers until nothing is pending, then checks the end state (checkers.py
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import types
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import dcoord
@@ -33,7 +31,7 @@ from dcoord.twopc import FAILPOINTS
 
 from . import checkers
 from .history import OK, UNKNOWN, History, Recorder
-from .workloads import Failpoint, Spec, backoff
+from .workloads import Failpoint, Spec, backoff, open_worker
 
 BANKS = ("bank-0", "bank-1", "bank-2")
 ACCOUNTS = tuple(f"acct-{i}" for i in range(9))
@@ -119,13 +117,7 @@ def transfers_worker(
     connected: Callable[[dcoord.Client], None] | None = None,
 ) -> None:
     """A coordinator looping over random transfers until ``stop`` is set."""
-    rec = Recorder(Path(spec.history), spec.process)
-    rng = random.Random(f"worker:{spec.seed}:{spec.process}")
-    client = dcoord.connect(
-        spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
-    )
-    if connected is not None:
-        connected(client)
+    rec, rng, client = open_worker(spec, connected)
     coord = coordinator(client, spec.ttl, failpoint)
     if spec.mutant == "commit-before-log":
         commit_before_log(coord)

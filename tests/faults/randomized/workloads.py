@@ -114,6 +114,20 @@ def decode(raw: bytes | None) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
+def open_worker(
+    spec: Spec, connected: Callable[[dcoord.Client], None] | None
+) -> tuple[Recorder, random.Random, dcoord.Client]:
+    """A worker's history recorder, its seeded random source, and its client."""
+    rec = Recorder(Path(spec.history), spec.process)
+    rng = random.Random(f"worker:{spec.seed}:{spec.process}")
+    client = dcoord.connect(
+        spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
+    )
+    if connected is not None:
+        connected(client)
+    return rec, rng, client
+
+
 def counter_worker(
     spec: Spec,
     stop: threading.Event,
@@ -123,13 +137,7 @@ def counter_worker(
     """The fenced-counter loop, until ``stop`` is set."""
     from . import mutants
 
-    rec = Recorder(Path(spec.history), spec.process)
-    rng = random.Random(f"worker:{spec.seed}:{spec.process}")
-    client = dcoord.connect(
-        spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
-    )
-    if connected is not None:
-        connected(client)
+    rec, rng, client = open_worker(spec, connected)
     mutants.apply(spec.mutant, client)
     kv = client.backend.kv
     guard = client.fence(RESOURCE)
