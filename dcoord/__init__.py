@@ -13,7 +13,10 @@ from ._version import __version__
 from .backends.base import ServerInfo
 from .client import Client, connect
 from .errors import (
+    AlreadyJoined,
+    BackendError,
     BackendUnavailable,
+    ClientClosed,
     ConfigError,
     DcoordError,
     DurabilityWarning,
@@ -23,9 +26,13 @@ from .errors import (
     LockNotOwned,
     LockTimeout,
     LogCorrupted,
+    MembershipError,
     NoMembers,
+    NotEnoughMembers,
+    PermissionDenied,
     TransactionAborted,
     TransactionError,
+    TransactionStateError,
 )
 from .fence import Fence
 from .lock import Lock
@@ -36,8 +43,11 @@ from .twopc import Coordinator, Participant, RecoveryReport, Transaction
 from .txlog import TxRecord, TxState
 
 __all__ = [
+    "AlreadyJoined",
+    "BackendError",
     "BackendUnavailable",
     "Client",
+    "ClientClosed",
     "ConfigError",
     "Coordinator",
     "DcoordError",
@@ -57,13 +67,17 @@ __all__ = [
     "LockTimeout",
     "LogCorrupted",
     "Member",
+    "MembershipError",
     "NoMembers",
+    "NotEnoughMembers",
     "Participant",
+    "PermissionDenied",
     "RecoveryReport",
     "ServerInfo",
     "Transaction",
     "TransactionAborted",
     "TransactionError",
+    "TransactionStateError",
     "TxRecord",
     "TxState",
     "Watch",

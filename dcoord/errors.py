@@ -27,6 +27,25 @@ class BackendUnavailable(DcoordError):
     """
 
 
+class ClientClosed(DcoordError):
+    """The client was closed: nothing more can be done with it or what it made."""
+
+
+class BackendError(DcoordError):
+    """The server answered with an error that retrying cannot fix (the reply is quoted).
+
+    Transient replies (a server loading, busy, read-only during a failover, not the
+    leader) are retried and end as :class:`BackendUnavailable` instead.
+    """
+
+
+class PermissionDenied(BackendError):
+    """The server refused this user the command or key (Redis ACL, etcd RBAC).
+
+    Nothing was written. The message names the operation, never the password.
+    """
+
+
 class LockError(DcoordError):
     """Base class of lock failures."""
 
@@ -43,8 +62,20 @@ class LockLost(LockError):
     """A held lock was lost: its TTL passed without renewal, or renewal failed."""
 
 
-class NoMembers(DcoordError, LookupError):
+class MembershipError(DcoordError):
+    """Base class of membership failures at run time."""
+
+
+class AlreadyJoined(MembershipError):
+    """A member id that is already joined and alive was joined again."""
+
+
+class NoMembers(MembershipError, LookupError):
     """A lookup on a live ring whose group has no live members."""
+
+
+class NotEnoughMembers(NoMembers):
+    """``nodes_for(key, n)`` on a live ring whose group has fewer than ``n`` live members."""
 
 
 class TransactionError(DcoordError):
@@ -64,6 +95,11 @@ class TransactionAborted(TransactionError):
         self.reason = reason
         detail = f": {reason}" if reason else ""
         super().__init__(f"transaction {txid!r} aborted{detail} (votes: {self.votes})")
+
+
+class TransactionStateError(TransactionError):
+    """An operation that the transaction's state does not allow: enlisting in a
+    transaction that is already committing or finished, or logging a txid twice."""
 
 
 class InvalidTransition(TransactionError):
