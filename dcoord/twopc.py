@@ -39,11 +39,13 @@ from .backends.base import LogEntry
 from .config import positive_seconds
 from .errors import (
     BackendUnavailable,
+    ClientClosed,
     ConfigError,
     DcoordError,
     DurabilityWarning,
     LogCorrupted,
     TransactionAborted,
+    TransactionStateError,
 )
 from .txlog import Outcome, TxRecord, TxState
 
@@ -196,7 +198,7 @@ class Transaction:
 
     def _check_open(self) -> None:
         if self.state != "open":
-            raise ConfigError(f"transaction {self.txid!r} is already {self.state}")
+            raise TransactionStateError(f"transaction {self.txid!r} is already {self.state}")
 
     def __enter__(self) -> Transaction:
         return self
@@ -391,7 +393,7 @@ class Coordinator:
                 record.txid, {}, f"could not write the log record: {exc}"
             ) from exc
         if entry is None:
-            raise ConfigError(f"transaction {record.txid!r} already exists in the log")
+            raise TransactionStateError(f"transaction {record.txid!r} already exists in the log")
         return _Stored(record, entry)
 
     def _prepare_all(self, record: TxRecord, payloads: Mapping[str, Any]) -> dict[str, Vote]:
@@ -605,7 +607,7 @@ class Coordinator:
 
     def _check_usable(self) -> None:
         if self._closed or self.client.closed:
-            raise ConfigError("this coordinator's client is closed")
+            raise ClientClosed(f"the client of this coordinator ({self.client.url}) is closed")
 
     def _check_durability(self) -> None:
         problem = self._store.durability()

@@ -183,6 +183,36 @@ def test_enlist_and_options_validate_input(coordinator: Any, client: dcoord.Clie
     assert coord.transactions() == []  # none of the above wrote anything
 
 
+def test_misuse_raises_state_errors_not_config_errors(
+    coordinator: Any, client: dcoord.Client
+) -> None:
+    """ConfigError is for bad input only: a finished transaction, a txid already in the
+    log and a closed client each have their own error type."""
+    a = Bank("a")
+    coord = coordinator([a])
+    with coord.transaction() as tx:
+        tx.enlist("a", None)
+    with pytest.raises(dcoord.TransactionStateError, match=f"{tx.txid}.*committed"):
+        tx.enlist("a", 1)
+    with pytest.raises(dcoord.TransactionStateError, match="committed"):
+        tx.commit()
+    dropped = coord.begin()
+    dropped.abort()
+    with pytest.raises(dcoord.TransactionStateError, match="aborted"):
+        dropped.commit()
+    twin = coord.begin()
+    twin.txid = tx.txid  # a txid that is already in the log
+    twin.enlist("a", None)
+    with pytest.raises(dcoord.TransactionStateError, match=f"{tx.txid}.*already exists"):
+        twin.commit()
+    assert tx.txid not in a.aborted  # the duplicate never reached a participant
+    client.close()
+    with pytest.raises(dcoord.ClientClosed, match="closed"):
+        coord.begin()
+    with pytest.raises(dcoord.ClientClosed):
+        coord.recover()
+
+
 def test_crash_after_decision_is_finished_by_recover(coordinator: Any) -> None:
     a, b = banks("a", "b")
 
