@@ -83,6 +83,11 @@ class Participant(Protocol):
     ``prepare`` must make its prepared state durable before voting yes: after a yes it
     must be able to commit even if its process restarts. ``commit`` and ``abort`` must be
     idempotent, and ``abort`` must accept a txid it never prepared.
+
+    Two optional methods are used when present: ``validate(payload)``, called by
+    :meth:`Transaction.enlist`, raises :class:`~dcoord.ConfigError` for a payload that
+    could never prepare (so bad input fails before anything is written, not as a "no"
+    vote); ``in_doubt()`` lists prepared transactions for :meth:`Coordinator.recover`.
     """
 
     name: str
@@ -159,13 +164,24 @@ class Transaction:
         """The log record after commit() decided (None before)."""
 
     def enlist(self, name: str, payload: Any = None) -> None:
-        """Add participant ``name`` (one of the coordinator's) with what it should do."""
+        """Add participant ``name`` (one of the coordinator's) with what it should do.
+
+        Raises :class:`~dcoord.ConfigError` for an unknown or repeated participant and for a
+        payload that could never prepare: one the log cannot digest (a self-referencing
+        structure), or one the participant's optional ``validate(payload)`` refuses.
+        :class:`~dcoord.TransactionStateError` once :meth:`commit` or :meth:`abort` ran.
+        """
         self._check_open()
-        if name not in self.coordinator.participants:
+        participant = self.coordinator.participants.get(name)
+        if participant is None:
             known = ", ".join(sorted(self.coordinator.participants)) or "none"
             raise ConfigError(f"unknown participant {name!r}; this coordinator has: {known}")
         if name in self.payloads:
             raise ConfigError(f"participant {name!r} is already enlisted in {self.txid!r}")
+        validate = getattr(participant, "validate", None)
+        if callable(validate):
+            validate(payload)
+        txlog.digest(payload, what=f"the payload for {name!r}")
         self.payloads[name] = payload
 
     def commit(self) -> TxRecord:

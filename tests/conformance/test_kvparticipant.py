@@ -72,20 +72,68 @@ def test_set_add_delete_and_bad_payloads(client: dcoord.Client) -> None:
     with coord.transaction() as tx:
         tx.enlist("kv", {"delete": ["gone"], "add": {"n": 1}})
     assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
-    for payload, match in [
-        ({"add": {"x": 1}}, "not a number"),
-        ({"add": {"n": "1"}}, "must be a number"),
-        ({"set": {"a": 1}, "delete": ["a"]}, "more than one operation"),
-        ({"frobnicate": {}}, "frobnicate"),
-        ({}, "non-empty mapping"),
-        ({"set": {"": 1}}, "non-empty str"),
-    ]:
-        with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
-            tx.enlist("kv", payload)
-        assert match in str(info.value.votes["kv"])
+    # Only the current value can make this one fail: it is a "no" vote at prepare.
+    with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
+        tx.enlist("kv", {"add": {"x": 1}})
+    assert "not a number" in str(info.value.votes["kv"])
     assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
     with pytest.raises(dcoord.ConfigError, match="participant name"):
         KVParticipant(client, "bad/name")
+
+
+def _cyclic() -> dict[str, Any]:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ({"add": {"n": "1"}}, "must be a number"),
+        ({"set": {"a": 1}, "delete": ["a"]}, "more than one operation"),
+        ({"frobnicate": {}}, "frobnicate"),
+        ({"debit": ["alice", 10]}, "debit"),
+        ({}, "non-empty mapping"),
+        ({"set": {"": 1}}, "non-empty str"),
+        ({"set": {"k": object()}}, "'k'.*JSON"),
+        ({"set": {"k": float("nan")}}, "'k'.*JSON"),
+        ({"set": {"k": [1, float("inf")]}}, "'k'.*JSON"),
+        ({"set": {"k": _cyclic()}}, "'k'.*JSON"),
+        ({"add": {"k": float("inf")}}, "'k'.*finite"),
+        ({"add": {"k": float("nan")}}, "'k'.*finite"),
+    ],
+    ids=lambda v: repr(v)[:30],
+)
+def test_a_payload_that_can_never_prepare_is_refused_by_enlist(
+    client: dcoord.Client, payload: Any, match: str
+) -> None:
+    """Bad input is a ConfigError from enlist(), not a "no" vote after a log write."""
+    kv = KVParticipant(client, "kv")
+    coord = coordinator(client, [kv])
+    tx = coord.begin()
+    with pytest.raises(dcoord.ConfigError, match=match):
+        tx.enlist("kv", payload)
+    assert tx.payloads == {} and tx.state == "open"
+    assert coord.transactions() == [] and kv.in_doubt() == []
+
+
+def test_more_keys_than_the_backend_can_apply_at_once_is_refused_by_enlist(
+    client: dcoord.Client, backend: str
+) -> None:
+    """etcd caps a transaction at 128 operations: a commit of k keys needs 2k+1."""
+    kv = KVParticipant(client, "kv")
+    coord = coordinator(client, [kv])
+    many = {"set": {f"k{i}": i for i in range(64)}}
+    if backend == "etcd":
+        with pytest.raises(dcoord.ConfigError, match="64 keys.*at most 63"):
+            coord.begin().enlist("kv", many)
+        fits = {"set": {f"k{i}": i for i in range(63)}}
+    else:
+        fits = many  # no such limit: the negative control
+    with coord.transaction() as tx:
+        tx.enlist("kv", fits)
+    assert len(kv.items()) == len(fits["set"]) and kv.in_doubt() == []
 
 
 @pytest.mark.slow

@@ -213,6 +213,31 @@ def test_misuse_raises_state_errors_not_config_errors(
         coord.recover()
 
 
+class Picky(Bank):
+    """A participant with the optional validate hook: refuses payloads that are not ints."""
+
+    def validate(self, payload: Any) -> None:
+        if not isinstance(payload, int):
+            raise dcoord.ConfigError(f"{self.name} takes an int, got {payload!r}")
+
+
+def test_enlist_runs_the_participant_validate_hook(coordinator: Any) -> None:
+    picky, plain = Picky("picky"), Bank("plain")
+    coord = coordinator([picky, plain])
+    tx = coord.begin()
+    with pytest.raises(dcoord.ConfigError, match="takes an int, got 'x'"):
+        tx.enlist("picky", "x")
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(dcoord.ConfigError, match="'plain'.*Circular reference"):
+        tx.enlist("plain", cycle)  # no participant could be sent it, nor the log digest it
+    assert tx.payloads == {}
+    tx.enlist("picky", 7)
+    tx.enlist("plain", {"any": float("nan")})  # plain has no hook: anything digestible
+    tx.commit()
+    assert tx.txid in picky.committed and tx.txid in plain.committed
+
+
 def test_crash_after_decision_is_finished_by_recover(coordinator: Any) -> None:
     a, b = banks("a", "b")
 
