@@ -233,8 +233,11 @@ class Coordinator:
     """Runs two-phase commit over ``participants`` with the decision log in the backend.
 
     Create it with :meth:`dcoord.Client.coordinator`. One coordinator may be used by many
-    threads at once; it asks participants from a small thread pool of its own and closes
-    with its client.
+    threads at once and closes with its client. It asks participants from two thread pools
+    of ``workers`` threads each: one for prepares, one for phase 2 (commit/abort delivery
+    and the ``done`` log writes). A prepare may wait (wait-die at a KVParticipant) for the
+    commit of another transaction; if deliveries shared its pool, enough waiting prepares
+    would starve the very commits they wait for.
 
     ``failpoint`` is for fault injection only: see :data:`FAILPOINTS`.
     """
@@ -270,7 +273,8 @@ class Coordinator:
         self._store = client.backend.txlog
         self._check_durability()
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc")
+        self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
+        self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
         self._mutex = threading.Lock()
         self._closed = False
@@ -359,14 +363,15 @@ class Coordinator:
         return report
 
     def close(self) -> None:
-        """Wait for background log writes (``done`` markers), then stop the pool."""
+        """Wait for background log writes (``done`` markers), then stop the pools."""
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
             pending = list(self._background)
         wait(pending)
-        self._pool.shutdown(wait=True)
+        self._prepares.shutdown(wait=True)
+        self._deliveries.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return f"<dcoord.Coordinator {self.client.url} participants={sorted(self.participants)}>"
@@ -414,7 +419,7 @@ class Coordinator:
 
     def _prepare_all(self, record: TxRecord, payloads: Mapping[str, Any]) -> dict[str, Vote]:
         futures = {
-            self._pool.submit(self._prepare_one, name, record.txid, payloads[name]): name
+            self._prepares.submit(self._prepare_one, name, record.txid, payloads[name]): name
             for name in record.participants
         }
         votes: dict[str, Vote] = {}
@@ -500,7 +505,7 @@ class Coordinator:
         assert outcome is not None
         targets = [p for p in stored.record.unacked if p in self.participants]
         futures = {
-            self._pool.submit(self._deliver, name, stored.record.txid, outcome): name
+            self._deliveries.submit(self._deliver, name, stored.record.txid, outcome): name
             for name in targets
         }
         wait(futures)
@@ -557,7 +562,7 @@ class Coordinator:
         with self._mutex:
             if self._closed:
                 return
-            future = self._pool.submit(run)
+            future = self._deliveries.submit(run)
             self._background.add(future)
         future.add_done_callback(self._background_done)
 
