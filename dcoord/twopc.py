@@ -15,6 +15,12 @@ unfinished record to its end, and :meth:`Coordinator.resolve` answers a particip
 is left in doubt, recording an abort (by compare-and-set) once the deadline has passed.
 Because every change of a record is a compare-and-set on the previous one, two
 coordinators, recoverers or resolvers can never record different decisions.
+
+Deadlines are set and judged by the backend's clock (Redis ``TIME``; the embedded
+store's process), which every coordinator shares, so a host whose clock is wrong can
+neither have its transactions presumed aborted early nor hold them open too long. etcd
+has no clock to read: there each process uses its own and waits ``max_clock_skew``
+beyond a deadline before presuming abort, which tolerates clocks that far apart.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETENTION = 7 * 86_400.0
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
+DEFAULT_MAX_CLOCK_SKEW = 1.0
 
 #: The named points at which a :data:`Failpoint` is called, in protocol order.
 FAILPOINTS = (
@@ -239,6 +246,12 @@ class Coordinator:
     commit of another transaction; if deliveries shared its pool, enough waiting prepares
     would starve the very commits they wait for.
 
+    Deadlines are judged by the backend's clock where it has one (Redis, memory). On
+    etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
+    an undecided transaction is presumed aborted only ``max_clock_skew`` seconds after
+    its deadline: hosts whose clocks differ by less than that never abort a live
+    coordinator's transaction early.
+
     ``failpoint`` is for fault injection only: see :data:`FAILPOINTS`.
     """
 
@@ -250,6 +263,8 @@ class Coordinator:
         retention: float = DEFAULT_RETENTION,
         phase2_timeout: float = DEFAULT_PHASE2_TIMEOUT,
         workers: int = DEFAULT_WORKERS,
+        clock: Callable[[], float] = time.time,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
         failpoint: Failpoint | None = None,
     ) -> None:
         self.client = client
@@ -269,9 +284,15 @@ class Coordinator:
         self.phase2_timeout = positive_seconds("phase2_timeout", phase2_timeout)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        self.max_clock_skew = (
+            0.0 if max_clock_skew == 0 else positive_seconds("max_clock_skew", max_clock_skew)
+        )
         self.failpoint = failpoint
+        self.clock = clock
         self._store = client.backend.txlog
         self._check_durability()
+        # Grace given to deadlines set by other hosts' clocks; none when all share one.
+        self._skew_grace = 0.0 if self._store.now() is not None else self.max_clock_skew
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
@@ -306,7 +327,7 @@ class Coordinator:
             return "aborted"
         if stored.record.outcome is not None:
             return stored.record.outcome
-        if not stored.record.expired(time.time()):
+        if not self._expired(stored.record, self._now()):
             return "pending"
         decided = self._decide(stored, "aborted", "deadline passed; presumed abort by resolve")
         outcome = decided.record.outcome
@@ -347,6 +368,8 @@ class Coordinator:
         """
         self._check_usable()
         report = RecoveryReport()
+        # Read once: a time from before a record was read can only judge it less expired.
+        now = self._now()
         for txid, entry in self._store.unfinished():
             report.scanned += 1
             if entry is None:
@@ -354,7 +377,7 @@ class Coordinator:
                 continue
             try:
                 record = txlog.decode(txid, entry.data)
-                self._recover_one(_Stored(record, entry), report)
+                self._recover_one(_Stored(record, entry), report, now)
             except LogCorrupted as exc:
                 report.corrupted[txid] = str(exc)
             except DcoordError as exc:
@@ -380,14 +403,17 @@ class Coordinator:
 
     def _run(self, tx: Transaction) -> TxRecord:
         self._check_usable()
+        # This coordinator times its own deadline on the monotonic clock from before the
+        # shared clock was read: it gives up no later than anyone judging the record.
+        local_deadline = time.monotonic() + tx.timeout
         record = txlog.new_record(
-            tx.txid, tx.payloads, now=time.time(), timeout=tx.timeout, coordinator=self._identity
+            tx.txid, tx.payloads, now=self._now(), timeout=tx.timeout, coordinator=self._identity
         )
         stored = self._create(record)
         self._hit("after_record", tx.txid)
-        votes = self._prepare_all(record, tx.payloads)
+        votes = self._prepare_all(record, tx.payloads, local_deadline)
         reason = _abort_reason(votes)
-        if reason is None and record.expired(time.time()):
+        if reason is None and time.monotonic() >= local_deadline:
             reason = "deadline passed before the decision"
         if reason is None:
             decided = self._commit_decision(stored)
@@ -417,7 +443,10 @@ class Coordinator:
             raise TransactionStateError(f"transaction {record.txid!r} already exists in the log")
         return _Stored(record, entry)
 
-    def _prepare_all(self, record: TxRecord, payloads: Mapping[str, Any]) -> dict[str, Vote]:
+    def _prepare_all(
+        self, record: TxRecord, payloads: Mapping[str, Any], deadline: float
+    ) -> dict[str, Vote]:
+        """Every participant's vote; ``deadline`` is on the monotonic clock."""
         futures = {
             self._prepares.submit(self._prepare_one, name, record.txid, payloads[name]): name
             for name in record.participants
@@ -425,7 +454,7 @@ class Coordinator:
         votes: dict[str, Vote] = {}
         pending = set(futures)
         while pending:
-            remaining = record.deadline - time.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
@@ -433,7 +462,7 @@ class Coordinator:
                 votes[futures[future]] = future.result()
             if any(vote is not True for vote in votes.values()):
                 break
-        late = time.time() >= record.deadline
+        late = time.monotonic() >= deadline
         for future in pending:
             name = futures[future]
             votes[name] = "no answer before the deadline" if late else "not needed: aborting"
@@ -472,7 +501,8 @@ class Coordinator:
         for _ in range(100):  # each round trip loses only to a concurrent change
             if stored.record.outcome is not None:
                 return stored
-            decided = txlog.decide(stored.record, outcome, now=time.time(), reason=reason)
+            # decided_at is for operators only: this host's clock is good enough.
+            decided = txlog.decide(stored.record, outcome, now=self.clock(), reason=reason)
             result = self._cas(stored, decided)
             if result is not None:
                 return result
@@ -572,10 +602,10 @@ class Coordinator:
 
     # -- recovery -----------------------------------------------------------------
 
-    def _recover_one(self, stored: _Stored, report: RecoveryReport) -> None:
+    def _recover_one(self, stored: _Stored, report: RecoveryReport, now: float) -> None:
         txid = stored.record.txid
         if stored.record.state is TxState.STARTED:
-            if not stored.record.expired(time.time()):
+            if not self._expired(stored.record, now):
                 report.pending.append(txid)
                 return
             stored = self._decide(stored, "aborted", "deadline passed; aborted by recovery")
@@ -621,6 +651,23 @@ class Coordinator:
         if entry is None:
             return None
         return _Stored(txlog.decode(txid, entry.data), entry)
+
+    def _now(self) -> float:
+        """Wall-clock time by the clock every coordinator shares (else by ``clock``)."""
+        shared = self._store.now()
+        return self.clock() if shared is None else shared
+
+    def _expired(self, record: TxRecord, now: float) -> bool:
+        """Past the deadline by ``now``, with the clock-skew grace where clocks differ."""
+        if self._skew_grace and record.created - now > self._skew_grace:
+            log.warning(
+                "transaction %s was created %.1f s in this host's future: the clock of %s "
+                "is ahead of ours by more than max_clock_skew",
+                record.txid,
+                record.created - now,
+                record.coordinator,
+            )
+        return record.expired(now - self._skew_grace)
 
     def _hit(self, point: str, txid: str, participant: str | None = None) -> None:
         if self.failpoint is not None:

@@ -75,6 +75,9 @@ def state_of(coord: dcoord.Coordinator, txid: str) -> TxState | None:
 @pytest.fixture
 def coordinator(client: dcoord.Client) -> Callable[..., dcoord.Coordinator]:
     def make(participants: list[Bank], **options: Any) -> dcoord.Coordinator:
+        # Every coordinator of a test shares this host's clock: on etcd, where deadlines
+        # are judged by local clocks, no grace for skew is needed (the skew tests set it).
+        options.setdefault("max_clock_skew", 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             return client.coordinator(participants=participants, **options)
@@ -327,6 +330,67 @@ def _commit(tx: dcoord.Transaction) -> object:
 
 def _collect(results: list[object], fn: Callable[[Any], object], arg: Any) -> None:
     results.append(fn(arg))
+
+
+def test_a_lagging_coordinator_clock_does_not_get_its_transactions_aborted(
+    coordinator: Any, backend: str
+) -> None:
+    """A coordinator whose clock lags by more than its timeout used to write deadlines that
+    had passed already, so any concurrent recover() aborted its transactions. Deadlines
+    are now the backend's clock's; on etcd (no clock) a lag below max_clock_skew is
+    tolerated, and the negative control shows that the bound is real."""
+    a = Bank("a")
+    lag, timeout = (1.5, 1.0) if backend == "etcd" else (3600.0, 10.0)
+    for tolerated, expected in [(3.0, "committed"), (0.0, "aborted")]:
+        if tolerated == 0.0 and backend != "etcd":
+            continue  # a shared clock has no skew to tolerate: nothing to control
+        recoverer = coordinator([a], max_clock_skew=tolerated)
+        reports: list[dcoord.RecoveryReport] = []
+
+        def meanwhile(
+            point: str, txid: str, participant: str | None, r: Any = recoverer
+        ) -> None:
+            if point == "after_prepare":
+                reports.append(r.recover())
+
+        lagging = coordinator(
+            [a], clock=lambda: time.time() - lag, failpoint=meanwhile, max_clock_skew=tolerated
+        )
+        tx = lagging.begin(timeout=timeout)
+        tx.enlist("a", None)
+        outcome = _commit(tx)
+        (report,) = reports
+        if expected == "committed":
+            assert isinstance(outcome, txlog.TxRecord), outcome
+            assert report.pending == [tx.txid] and report.aborted == []
+            assert tx.txid in a.committed
+        else:
+            assert isinstance(outcome, dcoord.TransactionAborted), outcome
+            assert report.aborted == [tx.txid] and tx.txid not in a.committed
+
+
+def test_a_coordinator_clock_running_ahead_does_not_extend_its_deadline(
+    coordinator: Any, backend: str
+) -> None:
+    """A coordinator ahead by an hour used to set deadlines an hour late: its prepared
+    participants stayed reserved that long after it died. On etcd the tolerated skew
+    bounds the extension."""
+    a = Bank("a")
+    ahead = 0.5 if backend == "etcd" else 3600.0
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_prepare":
+            raise Crash(point)
+
+    dying = coordinator([a], clock=lambda: time.time() + ahead, failpoint=crash)
+    tx = dying.begin(timeout=0.5)
+    tx.enlist("a", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    rescuer = coordinator([a], max_clock_skew=1.0)
+    wait_for(lambda: rescuer.resolve(tx.txid) == "aborted", timeout=10)
+    assert rescuer.recover().aborted == [tx.txid]
+    assert tx.txid in a.aborted and not a.prepared
 
 
 def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> None:

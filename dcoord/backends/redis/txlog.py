@@ -95,6 +95,14 @@ class RedisTxLog:
 
         return self._backend.call(read, what="list transactions", retry=True)
 
+    def now(self) -> float:
+        seconds, micros = self._backend.call(
+            lambda: cast("tuple[int, int]", self._redis.time()),
+            what="read the redis server clock",
+            retry=True,
+        )
+        return seconds + micros / 1e6
+
     def durability(self) -> str | None:
         def read() -> dict[str, str]:
             found: dict[str, str] = {}
