@@ -127,7 +127,7 @@ def test_more_keys_than_the_backend_can_apply_at_once_is_refused_by_enlist(
     coord = coordinator(client, [kv])
     many = {"set": {f"k{i}": i for i in range(64)}}
     if backend == "etcd":
-        with pytest.raises(dcoord.ConfigError, match="64 keys.*at most 63"):
+        with pytest.raises(dcoord.ConfigError, match=r"64 keys.*at most 63"):
             coord.begin().enlist("kv", many)
         fits = {"set": {f"k{i}": i for i in range(63)}}
     else:

@@ -232,7 +232,7 @@ def test_enlist_runs_the_participant_validate_hook(coordinator: Any) -> None:
         tx.enlist("picky", "x")
     cycle: list[Any] = []
     cycle.append(cycle)
-    with pytest.raises(dcoord.ConfigError, match="'plain'.*Circular reference"):
+    with pytest.raises(dcoord.ConfigError, match=r"'plain'.*Circular reference"):
         tx.enlist("plain", cycle)  # no participant could be sent it, nor the log digest it
     assert tx.payloads == {}
     tx.enlist("picky", 7)
@@ -348,10 +348,14 @@ def test_a_lagging_coordinator_clock_does_not_get_its_transactions_aborted(
         reports: list[dcoord.RecoveryReport] = []
 
         def meanwhile(
-            point: str, txid: str, participant: str | None, r: Any = recoverer
+            point: str,
+            txid: str,
+            participant: str | None,
+            r: Any = recoverer,
+            into: list[dcoord.RecoveryReport] = reports,
         ) -> None:
             if point == "after_prepare":
-                reports.append(r.recover())
+                into.append(r.recover())
 
         lagging = coordinator(
             [a], clock=lambda: time.time() - lag, failpoint=meanwhile, max_clock_skew=tolerated
@@ -600,6 +604,76 @@ def test_redis_without_fsync_always_warns_or_refuses(server_factory: Callable[..
         client.backend.redis.config_set("appendfsync", "everysec")  # type: ignore[attr-defined]
         with pytest.raises(dcoord.ConfigError, match="appendfsync everysec"):
             client.coordinator(participants=[])
+
+
+def _durability_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, dcoord.DurabilityWarning)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_redis_that_may_evict_keys_warns_or_refuses(
+    server_factory: Callable[..., Any], policy: str
+) -> None:
+    """Evicted started/committing records or unfinished index: resolve() would presume
+    abort after some participants committed. Evicted locks: two holders. AOF with
+    appendfsync always does not help against either."""
+    server = server_factory("redis")  # AOF with appendfsync always: only eviction is wrong
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.config_set("maxmemory-policy", policy)  # type: ignore[attr-defined]
+        with pytest.warns(dcoord.DurabilityWarning, match=f"maxmemory-policy {policy}"):
+            admin.coordinator(participants=[])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            admin.lock("first")
+            admin.lock("second", ttl=5).acquire(timeout=5)
+        (warned,) = _durability_warnings(caught)  # once per client, at its first lock
+        assert policy in warned and "lock" in warned
+    with (
+        dcoord.connect(server.url, require_durable=True) as strict,
+        pytest.raises(dcoord.ConfigError, match=f"require_durable.*{policy}"),
+    ):
+        strict.coordinator(participants=[])
+    # The negative control: the same server without eviction is silent.
+    with dcoord.connect(server.url, require_durable=True) as client:
+        client.backend.redis.config_set("maxmemory-policy", "noeviction")  # type: ignore[attr-defined]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dcoord.DurabilityWarning)
+            client.coordinator(participants=[])
+            client.lock("third")
+
+
+@pytest.mark.slow
+def test_redis_durability_check_without_config_permission(
+    server_factory: Callable[..., Any],
+) -> None:
+    """A user denied CONFIG: policy and AOF come from INFO, which does not show
+    appendfsync, so the check says plainly that it cannot tell (warns, or refuses)."""
+    server = server_factory("redis")
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.execute_command(  # type: ignore[attr-defined]
+            "ACL", "SETUSER", "app", "on", ">app-secret", "~*", "&*", "+@all", "-config"
+        )
+        admin.backend.redis.config_set("maxmemory-policy", "allkeys-lfu")  # type: ignore[attr-defined]
+    url = server.url.replace("redis://", "redis://app:app-secret@")
+    with dcoord.connect(url) as client:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client.coordinator(participants=[])
+            client.lock("x")
+        log_warning, lock_warning = _durability_warnings(caught)
+        assert "maxmemory-policy allkeys-lfu" in log_warning
+        assert "appendfsync cannot be read" in log_warning and "CONFIG" in log_warning
+        assert "allkeys-lfu" in lock_warning
+        assert all("app-secret" not in text for text in (log_warning, lock_warning))
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.config_set("maxmemory-policy", "noeviction")  # type: ignore[attr-defined]
+    with dcoord.connect(url, require_durable=True) as client:
+        with pytest.raises(dcoord.ConfigError, match="appendfsync cannot be read"):
+            client.coordinator(participants=[])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dcoord.DurabilityWarning)
+            client.lock("y")  # INFO shows the policy: locks are safe
 
 
 def test_cli_tx_commands(backend_url: str, namespace: str, capsys: Any) -> None:
