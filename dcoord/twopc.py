@@ -322,6 +322,7 @@ class Coordinator:
         undecided transaction is aborted here, by compare-and-set, so the answer is final.
         No record at all means abort (presumed abort).
         """
+        self._check_usable()
         stored = self._read(txlog.check_txid(txid))
         if stored is None:
             return "aborted"
@@ -339,6 +340,7 @@ class Coordinator:
 
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
+        self._check_usable()
         wanted = None if state is None else txlog.check_state(state)
         records = []
         for txid, entry in self._store.scan().items():
@@ -353,6 +355,7 @@ class Coordinator:
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
+        self._check_usable()
         stored = self._read(txlog.check_txid(txid))
         return None if stored is None else stored.record
 

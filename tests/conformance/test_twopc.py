@@ -212,8 +212,9 @@ def test_misuse_raises_state_errors_not_config_errors(
     client.close()
     with pytest.raises(dcoord.ClientClosed, match="closed"):
         coord.begin()
-    with pytest.raises(dcoord.ClientClosed):
-        coord.recover()
+    for call in (coord.recover, lambda: coord.resolve(tx.txid), lambda: coord.get(tx.txid)):
+        with pytest.raises(dcoord.ClientClosed):
+            call()
 
 
 class Picky(Bank):
