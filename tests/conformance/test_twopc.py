@@ -165,6 +165,25 @@ def test_a_silent_participant_aborts_at_the_deadline(coordinator: Any) -> None:
     assert not slow.committed
 
 
+def test_votes_are_as_documented_when_the_coordinator_stops_at_the_first_no(
+    coordinator: Any,
+) -> None:
+    """docs/transactions.md, "Votes": a participant still preparing when another voted no
+    is not waited for, and shows "not needed: aborting"."""
+    no, slow = Bank("no", vote=False), Bank("slow")
+    slow.gate = threading.Event()
+    coord = coordinator([no, slow])
+    tx = coord.begin(timeout=10)
+    tx.enlist("no", None)
+    tx.enlist("slow", None)
+    with pytest.raises(dcoord.TransactionAborted) as info:
+        tx.commit()
+    slow.gate.set()
+    assert info.value.votes == {"no": False, "slow": "not needed: aborting"}
+    assert info.value.reason == "no voted no; slow: not needed: aborting"
+    wait_for(lambda: tx.txid in slow.aborted and tx.txid not in slow.prepared)
+
+
 def test_enlist_and_options_validate_input(coordinator: Any, client: dcoord.Client) -> None:
     coord = coordinator(banks("a"))
     tx = coord.begin()
