@@ -322,7 +322,7 @@ class Coordinator:
         undecided transaction is aborted here, by compare-and-set, so the answer is final.
         No record at all means abort (presumed abort).
         """
-        self._check_usable()
+        self._check_usable(needs_pools=False)
         stored = self._read(txlog.check_txid(txid))
         if stored is None:
             return "aborted"
@@ -340,7 +340,7 @@ class Coordinator:
 
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
-        self._check_usable()
+        self._check_usable(needs_pools=False)
         wanted = None if state is None else txlog.check_state(state)
         records = []
         for txid, entry in self._store.scan().items():
@@ -355,7 +355,7 @@ class Coordinator:
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
-        self._check_usable()
+        self._check_usable(needs_pools=False)
         stored = self._read(txlog.check_txid(txid))
         return None if stored is None else stored.record
 
@@ -676,9 +676,13 @@ class Coordinator:
         if self.failpoint is not None:
             self.failpoint(point, txid, participant)
 
-    def _check_usable(self) -> None:
-        if self._closed or self.client.closed:
+    def _check_usable(self, *, needs_pools: bool = True) -> None:
+        """ClientClosed once the client is closed; for what needs the thread pools (a
+        commit, a recovery), also once this coordinator is. Reading the log needs neither."""
+        if self.client.closed:
             raise ClientClosed(f"the client of this coordinator ({self.client.url}) is closed")
+        if needs_pools and self._closed:
+            raise ClientClosed(f"this coordinator on {self.client.url} is closed")
 
     def _check_durability(self) -> None:
         problem = self._store.durability()
