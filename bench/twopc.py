@@ -169,7 +169,9 @@ NOT_ROUND_TRIPS = ("locks.slot", "locks.close", "log.durability")
 
 def describe(counts: dict[str, float]) -> str:
     counts = {k: v for k, v in counts.items() if k not in NOT_ROUND_TRIPS}
-    log = sum(v for k, v in counts.items() if k.startswith("log.") and k != "log.get")
+    log = sum(
+        v for k, v in counts.items() if k.startswith("log.") and k not in ("log.get", "log.now")
+    )
     trips = sum(counts.values())
     detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(counts.items()))
     return f"log writes {log:.1f}, round trips {trips:.1f} ({detail})"

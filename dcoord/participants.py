@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -51,6 +52,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_LOCK_TTL = 10.0
 DEFAULT_LOCK_TIMEOUT = 5.0
 
+# etcd refuses a transaction with more than --max-txn-ops (default 128) compares or
+# writes; staging or committing k keys takes 2k+1 of each (per key: its value and its
+# reservation; plus the staged record).
+ETCD_MAX_KEYS = (128 - 1) // 2
+# etcd refuses a request above --max-request-bytes (default 1.5 MiB); the staged record
+# carries every new value, so leave room for keys and fences.
+ETCD_MAX_PAYLOAD_BYTES = 1 << 20
+
 _Change = Callable[[Any], Any]
 Validator = Callable[[Mapping[str, Any]], bool]
 """Called at prepare with the new value of every key the payload touches (None for a
@@ -65,7 +74,9 @@ class KVParticipant:
         {"set": {"k": value}, "add": {"balance:alice": -10}, "delete": ["k2"]}
 
     Values are anything JSON can hold; ``add`` adds a number to a numeric value (a
-    missing key counts as 0). Each key may appear in one operation only.
+    missing key counts as 0). Each key may appear in one operation only. On etcd one
+    payload may touch at most :data:`ETCD_MAX_KEYS` keys (63). :meth:`validate` checks
+    all this when the payload is enlisted.
     """
 
     def __init__(
@@ -84,7 +95,7 @@ class KVParticipant:
             )
         self.client = client
         self.name = name
-        self.validate = validate
+        self._validate_values = validate
         self.lock_ttl = positive_seconds("lock_ttl", lock_ttl)
         self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
         self._kv = client.backend.kv
@@ -110,6 +121,28 @@ class KVParticipant:
         return sorted(k[len(prefix) :] for k in self._kv.scan(prefix))
 
     # -- the participant protocol ---------------------------------------------------
+
+    def validate(self, payload: Any) -> None:
+        """ConfigError naming the problem if ``payload`` could never prepare here.
+
+        :meth:`dcoord.Transaction.enlist` calls it, so bad input fails before anything is
+        written. What only the current values decide (adding to a non-number, the
+        ``validate`` callback of the constructor) is still a "no" vote at prepare.
+        """
+        changes = _parse(payload)
+        if self.client.backend.kind != "etcd":
+            return
+        if len(changes) > ETCD_MAX_KEYS:
+            raise ConfigError(
+                f"payload for {self.name!r} touches {len(changes)} keys; on etcd one "
+                f"transaction can apply at most {ETCD_MAX_KEYS} (--max-txn-ops 128)"
+            )
+        size = len(_dump(payload))
+        if size > ETCD_MAX_PAYLOAD_BYTES:
+            raise ConfigError(
+                f"payload for {self.name!r} is {size} bytes as JSON; on etcd at most "
+                f"{ETCD_MAX_PAYLOAD_BYTES} fit in one transaction (--max-request-bytes)"
+            )
 
     def prepare(self, txid: str, payload: Any) -> bool:
         """Validate and stage the writes, reserving their keys; True is a durable yes.
@@ -160,7 +193,7 @@ class KVParticipant:
                 return False
             new[key] = changes[key](None if current is None else current["v"])
             fences[key] = lock.fence
-        if self.validate is not None and not self.validate(new):
+        if self._validate_values is not None and not self._validate_values(new):
             return False
         staged_key = self._staged(txid)
         only_if: dict[str, bytes | None] = {staged_key: None}
@@ -267,11 +300,16 @@ def _parse(payload: Any) -> dict[str, _Change]:
         changes[str(key)] = change
 
     for key, value in _mapping(payload, "set").items():
-        json.dumps(value)  # must be storable; raises TypeError naming the value otherwise
+        try:
+            _dump(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"set value for {key!r} cannot be stored as JSON: {exc}") from None
         claim(key, _constant(value))
     for key, amount in _mapping(payload, "add").items():
         if isinstance(amount, bool) or not isinstance(amount, Real):
             raise ConfigError(f"add amount for {key!r} must be a number, got {amount!r}")
+        if not math.isfinite(amount):
+            raise ConfigError(f"add amount for {key!r} must be finite, got {amount!r}")
         claim(key, _adder(key, amount))
     deletes = payload.get("delete", [])
     if not isinstance(deletes, list | tuple):
@@ -304,7 +342,8 @@ def _adder(key: str, amount: Any) -> _Change:
 
 
 def _dump(doc: object) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    # allow_nan=False: NaN and infinities are not JSON; other readers could not parse them.
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
 
 
 def _load(raw: bytes) -> Any:

@@ -15,6 +15,12 @@ unfinished record to its end, and :meth:`Coordinator.resolve` answers a particip
 is left in doubt, recording an abort (by compare-and-set) once the deadline has passed.
 Because every change of a record is a compare-and-set on the previous one, two
 coordinators, recoverers or resolvers can never record different decisions.
+
+Deadlines are set and judged by the backend's clock (Redis ``TIME``; the embedded
+store's process), which every coordinator shares, so a host whose clock is wrong can
+neither have its transactions presumed aborted early nor hold them open too long. etcd
+has no clock to read: there each process uses its own and waits ``max_clock_skew``
+beyond a deadline before presuming abort, which tolerates clocks that far apart.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from .backends.base import LogEntry
 from .config import positive_seconds
 from .errors import (
     BackendUnavailable,
+    ClientClosed,
     ConfigError,
     DcoordError,
     DurabilityWarning,
     LogCorrupted,
     TransactionAborted,
+    TransactionStateError,
 )
 from .txlog import Outcome, TxRecord, TxState
 
@@ -56,6 +64,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETENTION = 7 * 86_400.0
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
+DEFAULT_MAX_CLOCK_SKEW = 1.0
 
 #: The named points at which a :data:`Failpoint` is called, in protocol order.
 FAILPOINTS = (
@@ -81,6 +90,11 @@ class Participant(Protocol):
     ``prepare`` must make its prepared state durable before voting yes: after a yes it
     must be able to commit even if its process restarts. ``commit`` and ``abort`` must be
     idempotent, and ``abort`` must accept a txid it never prepared.
+
+    Two optional methods are used when present: ``validate(payload)``, called by
+    :meth:`Transaction.enlist`, raises :class:`~dcoord.ConfigError` for a payload that
+    could never prepare (so bad input fails before anything is written, not as a "no"
+    vote); ``in_doubt()`` lists prepared transactions for :meth:`Coordinator.recover`.
     """
 
     name: str
@@ -157,13 +171,24 @@ class Transaction:
         """The log record after commit() decided (None before)."""
 
     def enlist(self, name: str, payload: Any = None) -> None:
-        """Add participant ``name`` (one of the coordinator's) with what it should do."""
+        """Add participant ``name`` (one of the coordinator's) with what it should do.
+
+        Raises :class:`~dcoord.ConfigError` for an unknown or repeated participant and for a
+        payload that could never prepare: one the log cannot digest (a self-referencing
+        structure), or one the participant's optional ``validate(payload)`` refuses.
+        :class:`~dcoord.TransactionStateError` once :meth:`commit` or :meth:`abort` ran.
+        """
         self._check_open()
-        if name not in self.coordinator.participants:
+        participant = self.coordinator.participants.get(name)
+        if participant is None:
             known = ", ".join(sorted(self.coordinator.participants)) or "none"
             raise ConfigError(f"unknown participant {name!r}; this coordinator has: {known}")
         if name in self.payloads:
             raise ConfigError(f"participant {name!r} is already enlisted in {self.txid!r}")
+        validate = getattr(participant, "validate", None)
+        if callable(validate):
+            validate(payload)
+        txlog.digest(payload, what=f"the payload for {name!r}")
         self.payloads[name] = payload
 
     def commit(self) -> TxRecord:
@@ -196,7 +221,7 @@ class Transaction:
 
     def _check_open(self) -> None:
         if self.state != "open":
-            raise ConfigError(f"transaction {self.txid!r} is already {self.state}")
+            raise TransactionStateError(f"transaction {self.txid!r} is already {self.state}")
 
     def __enter__(self) -> Transaction:
         return self
@@ -215,8 +240,17 @@ class Coordinator:
     """Runs two-phase commit over ``participants`` with the decision log in the backend.
 
     Create it with :meth:`dcoord.Client.coordinator`. One coordinator may be used by many
-    threads at once; it asks participants from a small thread pool of its own and closes
-    with its client.
+    threads at once and closes with its client. It asks participants from two thread pools
+    of ``workers`` threads each: one for prepares, one for phase 2 (commit/abort delivery
+    and the ``done`` log writes). A prepare may wait (wait-die at a KVParticipant) for the
+    commit of another transaction; if deliveries shared its pool, enough waiting prepares
+    would starve the very commits they wait for.
+
+    Deadlines are judged by the backend's clock where it has one (Redis, memory). On
+    etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
+    an undecided transaction is presumed aborted only ``max_clock_skew`` seconds after
+    its deadline: hosts whose clocks differ by less than that never abort a live
+    coordinator's transaction early.
 
     ``failpoint`` is for fault injection only: see :data:`FAILPOINTS`.
     """
@@ -229,6 +263,8 @@ class Coordinator:
         retention: float = DEFAULT_RETENTION,
         phase2_timeout: float = DEFAULT_PHASE2_TIMEOUT,
         workers: int = DEFAULT_WORKERS,
+        clock: Callable[[], float] = time.time,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
         failpoint: Failpoint | None = None,
     ) -> None:
         self.client = client
@@ -248,11 +284,18 @@ class Coordinator:
         self.phase2_timeout = positive_seconds("phase2_timeout", phase2_timeout)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        self.max_clock_skew = (
+            0.0 if max_clock_skew == 0 else positive_seconds("max_clock_skew", max_clock_skew)
+        )
         self.failpoint = failpoint
+        self.clock = clock
         self._store = client.backend.txlog
         self._check_durability()
+        # Grace given to deadlines set by other hosts' clocks; none when all share one.
+        self._skew_grace = 0.0 if self._store.now() is not None else self.max_clock_skew
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc")
+        self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
+        self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
         self._mutex = threading.Lock()
         self._closed = False
@@ -279,12 +322,13 @@ class Coordinator:
         undecided transaction is aborted here, by compare-and-set, so the answer is final.
         No record at all means abort (presumed abort).
         """
+        self._check_usable(needs_pools=False)
         stored = self._read(txlog.check_txid(txid))
         if stored is None:
             return "aborted"
         if stored.record.outcome is not None:
             return stored.record.outcome
-        if not stored.record.expired(time.time()):
+        if not self._expired(stored.record, self._now()):
             return "pending"
         decided = self._decide(stored, "aborted", "deadline passed; presumed abort by resolve")
         outcome = decided.record.outcome
@@ -296,6 +340,7 @@ class Coordinator:
 
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
+        self._check_usable(needs_pools=False)
         wanted = None if state is None else txlog.check_state(state)
         records = []
         for txid, entry in self._store.scan().items():
@@ -310,6 +355,7 @@ class Coordinator:
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
+        self._check_usable(needs_pools=False)
         stored = self._read(txlog.check_txid(txid))
         return None if stored is None else stored.record
 
@@ -325,6 +371,8 @@ class Coordinator:
         """
         self._check_usable()
         report = RecoveryReport()
+        # Read once: a time from before a record was read can only judge it less expired.
+        now = self._now()
         for txid, entry in self._store.unfinished():
             report.scanned += 1
             if entry is None:
@@ -332,7 +380,7 @@ class Coordinator:
                 continue
             try:
                 record = txlog.decode(txid, entry.data)
-                self._recover_one(_Stored(record, entry), report)
+                self._recover_one(_Stored(record, entry), report, now)
             except LogCorrupted as exc:
                 report.corrupted[txid] = str(exc)
             except DcoordError as exc:
@@ -341,14 +389,15 @@ class Coordinator:
         return report
 
     def close(self) -> None:
-        """Wait for background log writes (``done`` markers), then stop the pool."""
+        """Wait for background log writes (``done`` markers), then stop the pools."""
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
             pending = list(self._background)
         wait(pending)
-        self._pool.shutdown(wait=True)
+        self._prepares.shutdown(wait=True)
+        self._deliveries.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return f"<dcoord.Coordinator {self.client.url} participants={sorted(self.participants)}>"
@@ -357,14 +406,17 @@ class Coordinator:
 
     def _run(self, tx: Transaction) -> TxRecord:
         self._check_usable()
+        # This coordinator times its own deadline on the monotonic clock from before the
+        # shared clock was read: it gives up no later than anyone judging the record.
+        local_deadline = time.monotonic() + tx.timeout
         record = txlog.new_record(
-            tx.txid, tx.payloads, now=time.time(), timeout=tx.timeout, coordinator=self._identity
+            tx.txid, tx.payloads, now=self._now(), timeout=tx.timeout, coordinator=self._identity
         )
         stored = self._create(record)
         self._hit("after_record", tx.txid)
-        votes = self._prepare_all(record, tx.payloads)
+        votes = self._prepare_all(record, tx.payloads, local_deadline)
         reason = _abort_reason(votes)
-        if reason is None and record.expired(time.time()):
+        if reason is None and time.monotonic() >= local_deadline:
             reason = "deadline passed before the decision"
         if reason is None:
             decided = self._commit_decision(stored)
@@ -391,18 +443,21 @@ class Coordinator:
                 record.txid, {}, f"could not write the log record: {exc}"
             ) from exc
         if entry is None:
-            raise ConfigError(f"transaction {record.txid!r} already exists in the log")
+            raise TransactionStateError(f"transaction {record.txid!r} already exists in the log")
         return _Stored(record, entry)
 
-    def _prepare_all(self, record: TxRecord, payloads: Mapping[str, Any]) -> dict[str, Vote]:
+    def _prepare_all(
+        self, record: TxRecord, payloads: Mapping[str, Any], deadline: float
+    ) -> dict[str, Vote]:
+        """Every participant's vote; ``deadline`` is on the monotonic clock."""
         futures = {
-            self._pool.submit(self._prepare_one, name, record.txid, payloads[name]): name
+            self._prepares.submit(self._prepare_one, name, record.txid, payloads[name]): name
             for name in record.participants
         }
         votes: dict[str, Vote] = {}
         pending = set(futures)
         while pending:
-            remaining = record.deadline - time.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
@@ -410,7 +465,7 @@ class Coordinator:
                 votes[futures[future]] = future.result()
             if any(vote is not True for vote in votes.values()):
                 break
-        late = time.time() >= record.deadline
+        late = time.monotonic() >= deadline
         for future in pending:
             name = futures[future]
             votes[name] = "no answer before the deadline" if late else "not needed: aborting"
@@ -449,7 +504,8 @@ class Coordinator:
         for _ in range(100):  # each round trip loses only to a concurrent change
             if stored.record.outcome is not None:
                 return stored
-            decided = txlog.decide(stored.record, outcome, now=time.time(), reason=reason)
+            # decided_at is for operators only: this host's clock is good enough.
+            decided = txlog.decide(stored.record, outcome, now=self.clock(), reason=reason)
             result = self._cas(stored, decided)
             if result is not None:
                 return result
@@ -482,7 +538,7 @@ class Coordinator:
         assert outcome is not None
         targets = [p for p in stored.record.unacked if p in self.participants]
         futures = {
-            self._pool.submit(self._deliver, name, stored.record.txid, outcome): name
+            self._deliveries.submit(self._deliver, name, stored.record.txid, outcome): name
             for name in targets
         }
         wait(futures)
@@ -539,7 +595,7 @@ class Coordinator:
         with self._mutex:
             if self._closed:
                 return
-            future = self._pool.submit(run)
+            future = self._deliveries.submit(run)
             self._background.add(future)
         future.add_done_callback(self._background_done)
 
@@ -549,10 +605,10 @@ class Coordinator:
 
     # -- recovery -----------------------------------------------------------------
 
-    def _recover_one(self, stored: _Stored, report: RecoveryReport) -> None:
+    def _recover_one(self, stored: _Stored, report: RecoveryReport, now: float) -> None:
         txid = stored.record.txid
         if stored.record.state is TxState.STARTED:
-            if not stored.record.expired(time.time()):
+            if not self._expired(stored.record, now):
                 report.pending.append(txid)
                 return
             stored = self._decide(stored, "aborted", "deadline passed; aborted by recovery")
@@ -599,13 +655,34 @@ class Coordinator:
             return None
         return _Stored(txlog.decode(txid, entry.data), entry)
 
+    def _now(self) -> float:
+        """Wall-clock time by the clock every coordinator shares (else by ``clock``)."""
+        shared = self._store.now()
+        return self.clock() if shared is None else shared
+
+    def _expired(self, record: TxRecord, now: float) -> bool:
+        """Past the deadline by ``now``, with the clock-skew grace where clocks differ."""
+        if self._skew_grace and record.created - now > self._skew_grace:
+            log.warning(
+                "transaction %s was created %.1f s in this host's future: the clock of %s "
+                "is ahead of ours by more than max_clock_skew",
+                record.txid,
+                record.created - now,
+                record.coordinator,
+            )
+        return record.expired(now - self._skew_grace)
+
     def _hit(self, point: str, txid: str, participant: str | None = None) -> None:
         if self.failpoint is not None:
             self.failpoint(point, txid, participant)
 
-    def _check_usable(self) -> None:
-        if self._closed or self.client.closed:
-            raise ConfigError("this coordinator's client is closed")
+    def _check_usable(self, *, needs_pools: bool = True) -> None:
+        """ClientClosed once the client is closed; for what needs the thread pools (a
+        commit, a recovery), also once this coordinator is. Reading the log needs neither."""
+        if self.client.closed:
+            raise ClientClosed(f"the client of this coordinator ({self.client.url}) is closed")
+        if needs_pools and self._closed:
+            raise ClientClosed(f"this coordinator on {self.client.url} is closed")
 
     def _check_durability(self) -> None:
         problem = self._store.durability()

@@ -119,9 +119,16 @@ def check_state(state: object) -> TxState:
         raise ConfigError(f"unknown transaction state {state!r}; known: {known}") from None
 
 
-def digest(payload: object) -> str:
-    """A stable short digest of a payload (canonical JSON, repr for what JSON cannot hold)."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
+def digest(payload: object, *, what: str = "payload") -> str:
+    """A stable short digest of a payload (canonical JSON, repr for what JSON cannot hold).
+
+    ConfigError naming ``what`` for a structure that cannot be walked (it contains itself,
+    or nests deeper than Python's recursion limit).
+    """
+    try:
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{what} cannot be digested for the log: {exc}") from None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

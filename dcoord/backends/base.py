@@ -117,6 +117,11 @@ class TxLogStore(Protocol):
         """Why a record might not survive a server crash, or None if it will."""
         ...
 
+    def now(self) -> float | None:
+        """The server's wall clock (Unix seconds), the one clock every coordinator shares
+        for transaction deadlines; None if the backend has no clock to read (etcd)."""
+        ...
+
 
 @dataclass(frozen=True)
 class GroupSnapshot:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -72,20 +73,68 @@ def test_set_add_delete_and_bad_payloads(client: dcoord.Client) -> None:
     with coord.transaction() as tx:
         tx.enlist("kv", {"delete": ["gone"], "add": {"n": 1}})
     assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
-    for payload, match in [
-        ({"add": {"x": 1}}, "not a number"),
-        ({"add": {"n": "1"}}, "must be a number"),
-        ({"set": {"a": 1}, "delete": ["a"]}, "more than one operation"),
-        ({"frobnicate": {}}, "frobnicate"),
-        ({}, "non-empty mapping"),
-        ({"set": {"": 1}}, "non-empty str"),
-    ]:
-        with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
-            tx.enlist("kv", payload)
-        assert match in str(info.value.votes["kv"])
+    # Only the current value can make this one fail: it is a "no" vote at prepare.
+    with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
+        tx.enlist("kv", {"add": {"x": 1}})
+    assert "not a number" in str(info.value.votes["kv"])
     assert kv.items() == {"x": {"nested": [1, 2]}, "n": 3.5}
     with pytest.raises(dcoord.ConfigError, match="participant name"):
         KVParticipant(client, "bad/name")
+
+
+def _cyclic() -> dict[str, Any]:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ({"add": {"n": "1"}}, "must be a number"),
+        ({"set": {"a": 1}, "delete": ["a"]}, "more than one operation"),
+        ({"frobnicate": {}}, "frobnicate"),
+        ({"debit": ["alice", 10]}, "debit"),
+        ({}, "non-empty mapping"),
+        ({"set": {"": 1}}, "non-empty str"),
+        ({"set": {"k": object()}}, "'k'.*JSON"),
+        ({"set": {"k": float("nan")}}, "'k'.*JSON"),
+        ({"set": {"k": [1, float("inf")]}}, "'k'.*JSON"),
+        ({"set": {"k": _cyclic()}}, "'k'.*JSON"),
+        ({"add": {"k": float("inf")}}, "'k'.*finite"),
+        ({"add": {"k": float("nan")}}, "'k'.*finite"),
+    ],
+    ids=lambda v: repr(v)[:30],
+)
+def test_a_payload_that_can_never_prepare_is_refused_by_enlist(
+    client: dcoord.Client, payload: Any, match: str
+) -> None:
+    """Bad input is a ConfigError from enlist(), not a "no" vote after a log write."""
+    kv = KVParticipant(client, "kv")
+    coord = coordinator(client, [kv])
+    tx = coord.begin()
+    with pytest.raises(dcoord.ConfigError, match=match):
+        tx.enlist("kv", payload)
+    assert tx.payloads == {} and tx.state == "open"
+    assert coord.transactions() == [] and kv.in_doubt() == []
+
+
+def test_more_keys_than_the_backend_can_apply_at_once_is_refused_by_enlist(
+    client: dcoord.Client, backend: str
+) -> None:
+    """etcd caps a transaction at 128 operations: a commit of k keys needs 2k+1."""
+    kv = KVParticipant(client, "kv")
+    coord = coordinator(client, [kv])
+    many = {"set": {f"k{i}": i for i in range(64)}}
+    if backend == "etcd":
+        with pytest.raises(dcoord.ConfigError, match=r"64 keys.*at most 63"):
+            coord.begin().enlist("kv", many)
+        fits = {"set": {f"k{i}": i for i in range(63)}}
+    else:
+        fits = many  # no such limit: the negative control
+    with coord.transaction() as tx:
+        tx.enlist("kv", fits)
+    assert len(kv.items()) == len(fits["set"]) and kv.in_doubt() == []
 
 
 @pytest.mark.slow
@@ -185,6 +234,101 @@ def test_holder_paused_past_its_lock_ttl_cannot_stage(client: dcoord.Client, bac
     thread.join(10)
     assert result == [False]  # stale: it read k=1 under a lock it no longer holds
     assert fast.get("k") == 2 and fast.in_doubt() == []
+
+
+def test_phase2_is_delivered_while_every_worker_waits_in_prepare(client: dcoord.Client) -> None:
+    """workers=1 and that worker is in a prepare that waits (wait-die) for the reservation
+    of a decided commit: the commit delivery must not queue behind it, or the waiter
+    votes no once its lock_timeout passes (a spurious abort) and the commit is late."""
+    waiting = threading.Event()
+
+    class Waiter(KVParticipant):
+        def _wait_unreserved(self, key: str, holder: str, deadline: float) -> bool:
+            waiting.set()
+            return super()._wait_unreserved(key, holder, deadline)
+
+    a = Waiter(client, "a", lock_timeout=10)
+    holder_txid = "z-holder"
+
+    def hold(point: str, txid: str, participant: str | None) -> None:
+        # The holder has decided commit; deliver it only once the waiter occupies the pool.
+        if point == "after_decision" and txid == holder_txid:
+            assert waiting.wait(10)
+
+    coord = coordinator(client, [a], workers=1, failpoint=hold)
+    holder, waiter = coord.begin(), coord.begin()
+    holder.txid, waiter.txid = holder_txid, "a-waiter"  # wait-die: the smaller txid waits
+    holder.enlist("a", {"add": {"k": 1}})
+    waiter.enlist("a", {"add": {"k": 10}})
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(_outcome(holder)))
+    thread.start()
+    wait_for(lambda: a.in_doubt() == [holder_txid])
+    results.append(_outcome(waiter))
+    thread.join(30)
+    assert results == ["committed", "committed"], results
+    assert a.get("k") == 11 and a.in_doubt() == []
+
+
+@pytest.mark.slow
+def test_four_times_workers_contending_transactions_get_phase2_in_time(
+    client: dcoord.Client,
+) -> None:
+    """4 x workers concurrent transfers over two hot accounts: every commit decision is
+    delivered within phase2_timeout (deliveries never wait for a worker stuck in prepare),
+    and the money adds up."""
+    workers, phase2_timeout = 2, 5.0
+    decided: dict[str, float] = {}
+    late: list[tuple[str, float]] = []
+    mutex = threading.Lock()
+
+    def clock(point: str, txid: str, participant: str | None) -> None:
+        with mutex:
+            if point == "after_decision":
+                decided[txid] = time.monotonic()
+            elif point == "after_commit":
+                delay = time.monotonic() - decided[txid]
+                if delay >= phase2_timeout:
+                    late.append((txid, delay))
+
+    a, b = bank(client, "a", lock_timeout=8), bank(client, "b", lock_timeout=8)
+    seed(coordinator(client, [a, b]), {"a": {"alice": 1000}, "b": {"bob": 1000}})
+    coord = coordinator(
+        client, [a, b], workers=workers, phase2_timeout=phase2_timeout, failpoint=clock
+    )
+    committed: list[int] = []
+
+    def worker(i: int) -> None:
+        src, dst = (("a", "alice"), ("b", "bob")) if i % 2 else (("b", "bob"), ("a", "alice"))
+        for _ in range(3):
+            with contextlib.suppress(dcoord.TransactionAborted):
+                transfer(coord, src, dst, 1)
+                committed.append(1 if i % 2 else -1)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4 * workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not late, late
+    assert committed  # some got through; wait-die aborts of the others are legitimate
+    assert a.get("alice") == 1000 - sum(committed) and b.get("bob") == 1000 + sum(committed)
+    wait_for(lambda: a.in_doubt() == [] and b.in_doubt() == [])
+
+
+def _outcome(tx: dcoord.Transaction) -> str:
+    try:
+        tx.commit()
+    except dcoord.TransactionAborted as exc:
+        return f"aborted: {exc}"
+    return "committed"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def test_prepare_arriving_after_abort_is_cleaned_by_recover(client: dcoord.Client) -> None:

@@ -75,6 +75,9 @@ def state_of(coord: dcoord.Coordinator, txid: str) -> TxState | None:
 @pytest.fixture
 def coordinator(client: dcoord.Client) -> Callable[..., dcoord.Coordinator]:
     def make(participants: list[Bank], **options: Any) -> dcoord.Coordinator:
+        # Every coordinator of a test shares this host's clock: on etcd, where deadlines
+        # are judged by local clocks, no grace for skew is needed (the skew tests set it).
+        options.setdefault("max_clock_skew", 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             return client.coordinator(participants=participants, **options)
@@ -162,6 +165,25 @@ def test_a_silent_participant_aborts_at_the_deadline(coordinator: Any) -> None:
     assert not slow.committed
 
 
+def test_votes_are_as_documented_when_the_coordinator_stops_at_the_first_no(
+    coordinator: Any,
+) -> None:
+    """docs/transactions.md, "Votes": a participant still preparing when another voted no
+    is not waited for, and shows "not needed: aborting"."""
+    no, slow = Bank("no", vote=False), Bank("slow")
+    slow.gate = threading.Event()
+    coord = coordinator([no, slow])
+    tx = coord.begin(timeout=10)
+    tx.enlist("no", None)
+    tx.enlist("slow", None)
+    with pytest.raises(dcoord.TransactionAborted) as info:
+        tx.commit()
+    slow.gate.set()
+    assert info.value.votes == {"no": False, "slow": "not needed: aborting"}
+    assert info.value.reason == "no voted no; slow: not needed: aborting"
+    wait_for(lambda: tx.txid in slow.aborted and tx.txid not in slow.prepared)
+
+
 def test_enlist_and_options_validate_input(coordinator: Any, client: dcoord.Client) -> None:
     coord = coordinator(banks("a"))
     tx = coord.begin()
@@ -181,6 +203,62 @@ def test_enlist_and_options_validate_input(coordinator: Any, client: dcoord.Clie
     with pytest.raises(dcoord.ConfigError, match="no participants"):
         coord.begin().commit()
     assert coord.transactions() == []  # none of the above wrote anything
+
+
+def test_misuse_raises_state_errors_not_config_errors(
+    coordinator: Any, client: dcoord.Client
+) -> None:
+    """ConfigError is for bad input only: a finished transaction, a txid already in the
+    log and a closed client each have their own error type."""
+    a = Bank("a")
+    coord = coordinator([a])
+    with coord.transaction() as tx:
+        tx.enlist("a", None)
+    with pytest.raises(dcoord.TransactionStateError, match=f"{tx.txid}.*committed"):
+        tx.enlist("a", 1)
+    with pytest.raises(dcoord.TransactionStateError, match="committed"):
+        tx.commit()
+    dropped = coord.begin()
+    dropped.abort()
+    with pytest.raises(dcoord.TransactionStateError, match="aborted"):
+        dropped.commit()
+    twin = coord.begin()
+    twin.txid = tx.txid  # a txid that is already in the log
+    twin.enlist("a", None)
+    with pytest.raises(dcoord.TransactionStateError, match=f"{tx.txid}.*already exists"):
+        twin.commit()
+    assert tx.txid not in a.aborted  # the duplicate never reached a participant
+    client.close()
+    with pytest.raises(dcoord.ClientClosed, match="closed"):
+        coord.begin()
+    for call in (coord.recover, lambda: coord.resolve(tx.txid), lambda: coord.get(tx.txid)):
+        with pytest.raises(dcoord.ClientClosed):
+            call()
+
+
+class Picky(Bank):
+    """A participant with the optional validate hook: refuses payloads that are not ints."""
+
+    def validate(self, payload: Any) -> None:
+        if not isinstance(payload, int):
+            raise dcoord.ConfigError(f"{self.name} takes an int, got {payload!r}")
+
+
+def test_enlist_runs_the_participant_validate_hook(coordinator: Any) -> None:
+    picky, plain = Picky("picky"), Bank("plain")
+    coord = coordinator([picky, plain])
+    tx = coord.begin()
+    with pytest.raises(dcoord.ConfigError, match="takes an int, got 'x'"):
+        tx.enlist("picky", "x")
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(dcoord.ConfigError, match=r"'plain'.*Circular reference"):
+        tx.enlist("plain", cycle)  # no participant could be sent it, nor the log digest it
+    assert tx.payloads == {}
+    tx.enlist("picky", 7)
+    tx.enlist("plain", {"any": float("nan")})  # plain has no hook: anything digestible
+    tx.commit()
+    assert tx.txid in picky.committed and tx.txid in plain.committed
 
 
 def test_crash_after_decision_is_finished_by_recover(coordinator: Any) -> None:
@@ -272,6 +350,71 @@ def _commit(tx: dcoord.Transaction) -> object:
 
 def _collect(results: list[object], fn: Callable[[Any], object], arg: Any) -> None:
     results.append(fn(arg))
+
+
+def test_a_lagging_coordinator_clock_does_not_get_its_transactions_aborted(
+    coordinator: Any, backend: str
+) -> None:
+    """A coordinator whose clock lags by more than its timeout used to write deadlines that
+    had passed already, so any concurrent recover() aborted its transactions. Deadlines
+    are now the backend's clock's; on etcd (no clock) a lag below max_clock_skew is
+    tolerated, and the negative control shows that the bound is real."""
+    a = Bank("a")
+    lag, timeout = (1.5, 1.0) if backend == "etcd" else (3600.0, 10.0)
+    for tolerated, expected in [(3.0, "committed"), (0.0, "aborted")]:
+        if tolerated == 0.0 and backend != "etcd":
+            continue  # a shared clock has no skew to tolerate: nothing to control
+        recoverer = coordinator([a], max_clock_skew=tolerated)
+        reports: list[dcoord.RecoveryReport] = []
+
+        def meanwhile(
+            point: str,
+            txid: str,
+            participant: str | None,
+            r: Any = recoverer,
+            into: list[dcoord.RecoveryReport] = reports,
+        ) -> None:
+            if point == "after_prepare":
+                into.append(r.recover())
+
+        lagging = coordinator(
+            [a], clock=lambda: time.time() - lag, failpoint=meanwhile, max_clock_skew=tolerated
+        )
+        tx = lagging.begin(timeout=timeout)
+        tx.enlist("a", None)
+        outcome = _commit(tx)
+        (report,) = reports
+        if expected == "committed":
+            assert isinstance(outcome, txlog.TxRecord), outcome
+            assert report.pending == [tx.txid] and report.aborted == []
+            assert tx.txid in a.committed
+        else:
+            assert isinstance(outcome, dcoord.TransactionAborted), outcome
+            assert report.aborted == [tx.txid] and tx.txid not in a.committed
+
+
+def test_a_coordinator_clock_running_ahead_does_not_extend_its_deadline(
+    coordinator: Any, backend: str
+) -> None:
+    """A coordinator ahead by an hour used to set deadlines an hour late: its prepared
+    participants stayed reserved that long after it died. On etcd the tolerated skew
+    bounds the extension."""
+    a = Bank("a")
+    ahead = 0.5 if backend == "etcd" else 3600.0
+
+    def crash(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_prepare":
+            raise Crash(point)
+
+    dying = coordinator([a], clock=lambda: time.time() + ahead, failpoint=crash)
+    tx = dying.begin(timeout=0.5)
+    tx.enlist("a", None)
+    with pytest.raises(Crash):
+        tx.commit()
+    rescuer = coordinator([a], max_clock_skew=1.0)
+    wait_for(lambda: rescuer.resolve(tx.txid) == "aborted", timeout=10)
+    assert rescuer.recover().aborted == [tx.txid]
+    assert tx.txid in a.aborted and not a.prepared
 
 
 def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> None:
@@ -481,6 +624,76 @@ def test_redis_without_fsync_always_warns_or_refuses(server_factory: Callable[..
         client.backend.redis.config_set("appendfsync", "everysec")  # type: ignore[attr-defined]
         with pytest.raises(dcoord.ConfigError, match="appendfsync everysec"):
             client.coordinator(participants=[])
+
+
+def _durability_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, dcoord.DurabilityWarning)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_redis_that_may_evict_keys_warns_or_refuses(
+    server_factory: Callable[..., Any], policy: str
+) -> None:
+    """Evicted started/committing records or unfinished index: resolve() would presume
+    abort after some participants committed. Evicted locks: two holders. AOF with
+    appendfsync always does not help against either."""
+    server = server_factory("redis")  # AOF with appendfsync always: only eviction is wrong
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.config_set("maxmemory-policy", policy)  # type: ignore[attr-defined]
+        with pytest.warns(dcoord.DurabilityWarning, match=f"maxmemory-policy {policy}"):
+            admin.coordinator(participants=[])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            admin.lock("first")
+            admin.lock("second", ttl=5).acquire(timeout=5)
+        (warned,) = _durability_warnings(caught)  # once per client, at its first lock
+        assert policy in warned and "lock" in warned
+    with (
+        dcoord.connect(server.url, require_durable=True) as strict,
+        pytest.raises(dcoord.ConfigError, match=f"require_durable.*{policy}"),
+    ):
+        strict.coordinator(participants=[])
+    # The negative control: the same server without eviction is silent.
+    with dcoord.connect(server.url, require_durable=True) as client:
+        client.backend.redis.config_set("maxmemory-policy", "noeviction")  # type: ignore[attr-defined]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dcoord.DurabilityWarning)
+            client.coordinator(participants=[])
+            client.lock("third")
+
+
+@pytest.mark.slow
+def test_redis_durability_check_without_config_permission(
+    server_factory: Callable[..., Any],
+) -> None:
+    """A user denied CONFIG: policy and AOF come from INFO, which does not show
+    appendfsync, so the check says plainly that it cannot tell (warns, or refuses)."""
+    server = server_factory("redis")
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.execute_command(  # type: ignore[attr-defined]
+            "ACL", "SETUSER", "app", "on", ">app-secret", "~*", "&*", "+@all", "-config"
+        )
+        admin.backend.redis.config_set("maxmemory-policy", "allkeys-lfu")  # type: ignore[attr-defined]
+    url = server.url.replace("redis://", "redis://app:app-secret@")
+    with dcoord.connect(url) as client:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client.coordinator(participants=[])
+            client.lock("x")
+        log_warning, lock_warning = _durability_warnings(caught)
+        assert "maxmemory-policy allkeys-lfu" in log_warning
+        assert "appendfsync cannot be read" in log_warning and "CONFIG" in log_warning
+        assert "allkeys-lfu" in lock_warning
+        assert all("app-secret" not in text for text in (log_warning, lock_warning))
+    with dcoord.connect(server.url) as admin:
+        admin.backend.redis.config_set("maxmemory-policy", "noeviction")  # type: ignore[attr-defined]
+    with dcoord.connect(url, require_durable=True) as client:
+        with pytest.raises(dcoord.ConfigError, match="appendfsync cannot be read"):
+            client.coordinator(participants=[])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dcoord.DurabilityWarning)
+            client.lock("y")  # INFO shows the policy: locks are safe
 
 
 def test_cli_tx_commands(backend_url: str, namespace: str, capsys: Any) -> None:

@@ -132,3 +132,14 @@ def test_txid_and_state_validation_names_the_value() -> None:
 def test_a_record_needs_participants() -> None:
     with pytest.raises(dcoord.ConfigError, match="no participants"):
         txlog.new_record("tx1", {}, now=0.0, timeout=1.0)
+
+
+def test_a_payload_the_digest_cannot_walk_is_a_config_error() -> None:
+    loop: dict[str, object] = {}
+    loop["again"] = loop
+    with pytest.raises(dcoord.ConfigError, match=r"payload for 'a'.*Circular"):
+        txlog.digest(loop, what="the payload for 'a'")
+    with pytest.raises(dcoord.ConfigError, match="payload"):
+        txlog.new_record("tx1", {"a": loop}, now=0.0, timeout=1.0)
+    # What JSON cannot hold but repr can (NaN, objects) still has a stable digest.
+    assert txlog.digest({"x": float("nan")}) == txlog.digest({"x": float("nan")})

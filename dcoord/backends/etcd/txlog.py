@@ -118,6 +118,9 @@ class EtcdTxLog:
             for value, meta in pairs
         }
 
+    def now(self) -> None:
+        return None  # etcd has no clock API; leases count durations, not wall time
+
     def durability(self) -> str | None:
         return None  # a write is acknowledged once a Raft quorum has it in its fsynced WAL
 

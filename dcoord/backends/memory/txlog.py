@@ -75,6 +75,10 @@ class MemoryTxLog:
             self._expire()
             return dict(self._log.records)
 
+    def now(self) -> float:
+        # Every client of an embedded store lives in this process: one clock for all.
+        return time.time()
+
     def durability(self) -> str | None:
         return "the embedded log lives in this process's memory and ends with it"
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..base import LockGrant, key_segment
+from .persistence import LockEvictionCheck
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -83,8 +84,10 @@ class RedisLocks:
         self.redis = backend.redis
         self.prefix = backend.prefix
         self.notifier = _Notifier(backend)
+        self._check_eviction = LockEvictionCheck(backend)
 
     def slot(self, name: str, ttl: float, auto_renew: bool) -> RedisLockSlot:
+        self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
         return RedisLockSlot(self, name, ttl)
 
     def admit(self, resource: str, token: int) -> bool:

@@ -7,7 +7,7 @@ Keys::
 
 Compare-and-set compares the record's exact bytes (the record only grows along the
 state machine, so equal bytes mean no change). How durable a record is depends on the
-server's persistence: see :meth:`RedisTxLog.durability`.
+server's persistence and eviction policy: see :mod:`.persistence`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import re
 from importlib import resources
 from typing import TYPE_CHECKING, cast
 
-import redis
-
 from ..base import LogEntry
+from . import persistence
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -95,22 +94,13 @@ class RedisTxLog:
 
         return self._backend.call(read, what="list transactions", retry=True)
 
-    def durability(self) -> str | None:
-        def read() -> dict[str, str]:
-            found: dict[str, str] = {}
-            for name in ("appendonly", "appendfsync"):
-                found.update({str(k): str(v) for k, v in self._redis.config_get(name).items()})
-            return found
+    def now(self) -> float:
+        seconds, micros = self._backend.call(
+            lambda: self._redis.time(),
+            what="read the redis server clock",
+            retry=True,
+        )
+        return seconds + micros / 1e6
 
-        try:
-            config = self._backend.call(read, what="read redis persistence settings", retry=True)
-        except redis.ResponseError as exc:  # CONFIG renamed, disabled or denied by ACL
-            return f"its persistence settings cannot be checked (CONFIG GET refused: {exc})"
-        if config.get("appendonly") != "yes":
-            return "redis has appendonly off: a server crash loses recent decisions"
-        if config.get("appendfsync") != "always":
-            return (
-                f"redis has appendfsync {config.get('appendfsync')}, not always: "
-                "a server crash can lose the last second of decisions"
-            )
-        return None
+    def durability(self) -> str | None:
+        return persistence.log_problem(persistence.read(self._backend))
