@@ -31,7 +31,9 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.scheduler = Scheduler(name=f"dcoord-{settings.kind}-{settings.namespace}")
+        log.info("connecting to %s (connect_timeout %g s)", settings.url, settings.connect_timeout)
         self.backend: Backend = open_backend(settings, self.scheduler)
+        log.info("connected to %s", settings.url)
         self._closers: list[Callable[[], None]] = []
         self._close_lock = threading.Lock()
         self.closed = False
