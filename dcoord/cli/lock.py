@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 from ..config import ENV_URL, OPTIONS, Settings
 from ..errors import ConfigError, DcoordError, LockLost, LockNotOwned, LockTimeout
 from ..lock import DEFAULT_TTL, Lock
-from .common import USAGE, connect_to, global_options, report, report_error
+from .common import USAGE, connect_to, global_options, report, report_error, setup_logging
 
 log = logging.getLogger("dcoord.cli")
 
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             trailing.parse_args(options, namespace=args)
         except SystemExit:  # argparse printed the usage error
             return USAGE
+        setup_logging(args.verbose)  # main() set it up before a -v among these was seen
     else:
         command = rest
     if not command:
