@@ -60,7 +60,7 @@ exit status: COMMAND's own, 128+N if it died of signal N, or, as timeout(1) does
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``lock`` command."""
-    codes = "\n".join(f"  {code}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
     p = subparsers.add_parser(
         "lock",
         help="run a command while holding a distributed lock",

@@ -30,6 +30,11 @@ from .common import FAILURE, connect_to, global_options, print_json
 NOT_IN_LOG = (
     "not in the log: presumed aborted (never logged, or finished and removed after its retention)"
 )
+PRESUMED = (
+    "A TXID that is not in the log is presumed aborted (it was never logged, or it "
+    "finished and its record passed retention): tx show and tx resolve both say so, "
+    "and neither treats it as an error."
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     show = commands.add_parser(
         "show",
         help="show one transaction record",
-        description=f"Show the log record of TXID. A TXID that is {NOT_IN_LOG}.",
+        description=f"Show the log record of TXID. {PRESUMED}",
     )
     show.add_argument("txid")
     show.set_defaults(func=run, action="show")
@@ -74,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description=(
             "Print the outcome of TXID: committed, aborted, or pending (undecided and "
             "within its deadline). An undecided transaction past its deadline is aborted "
-            f"in the log first, so the answer is final. A TXID that is {NOT_IN_LOG}."
+            f"in the log first, so the answer is final. {PRESUMED}"
         ),
     )
     resolve.add_argument("txid")
