@@ -13,6 +13,7 @@ neither treats it as an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import warnings
@@ -87,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     for sub in (listing, show, recover, resolve):
         global_options(sub, backend=True)
-    for sub in (listing, show, resolve):
+    for sub in (listing, show, recover, resolve):
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -133,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
                 print(outcome)
             return 0
         report = coord.recover()
+        if args.json:
+            print_json({**dataclasses.asdict(report), "clean": report.clean})
+            return 0 if report.clean else FAILURE
         print(report)
         for txid, why in {**report.incomplete, **report.corrupted}.items():
             print(f"  {txid}: {why}")

@@ -358,6 +358,7 @@ def test_tx_list_and_show_print_json(capsys: pytest.CaptureFixture[str]) -> None
         with coord.transaction() as tx:
             tx.enlist("kv", {"set": {"k": 1}})
         txid = tx.txid
+        coord.close()  # its background write of the acknowledgements is done then
         assert main(["tx", "list", "--url", url, "--json"]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [doc["txid"] for doc in listed] == [txid]
@@ -372,6 +373,9 @@ def test_tx_list_and_show_print_json(capsys: pytest.CaptureFixture[str]) -> None
             "outcome": "committed",
             "in_log": True,
         }
+        assert main(["tx", "recover", "--url", url, "--json"]) == 0
+        recovered = json.loads(capsys.readouterr().out)
+        assert recovered["clean"] is True and recovered["incomplete"] == {}
 
 
 # -- ring and members ------------------------------------------------------------------------
