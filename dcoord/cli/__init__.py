@@ -23,9 +23,9 @@ with its command's status and has codes of its own: see "dcoord lock --help".
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> common.Parser:
     """The ``dcoord`` argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = common.Parser(
         prog="dcoord",
         description="Distributed coordination: fenced locks, membership, two-phase commit.",
         epilog=EPILOG,

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from ..client import Client, connect
 from ..config import DEFAULT_URL, ENV_URL
@@ -18,6 +18,17 @@ FAILURE = 1
 USAGE = 2
 
 ENV_NOTE = f"(from ${ENV_URL})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are reported like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the usage and "prog: error: ..."; one format is easier to
+        # read and to grep. It is bad input, hence a ConfigError and exit status 2.
+        command = self.prog.removesuffix(" NAME")
+        report("ConfigError", f"{self.prog}: {message}; see {command} --help")
+        self.exit(USAGE)
 
 
 def global_options(parser: argparse.ArgumentParser, *, backend: bool, top: bool = False) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 from ..config import ENV_URL, OPTIONS, Settings
 from ..errors import ConfigError, DcoordError, LockLost, LockNotOwned, LockTimeout
 from ..lock import DEFAULT_TTL, Lock
-from .common import USAGE, connect_to, global_options, report, report_error, setup_logging
+from .common import USAGE, Parser, connect_to, global_options, report, report_error, setup_logging
 
 log = logging.getLogger("dcoord.cli")
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if "--" in rest:
         cut = rest.index("--")
         options, command = rest[:cut], rest[cut + 1 :]
-        trailing = argparse.ArgumentParser(prog="dcoord lock NAME", add_help=False)
+        trailing = Parser(prog="dcoord lock NAME", add_help=False)
         _options(trailing)
         try:
             trailing.parse_args(options, namespace=args)

@@ -200,6 +200,23 @@ def test_errors_are_one_line_on_stderr_without_traceback(
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["nosuch"], "'nosuch'"),
+        (["lock"], "NAME"),
+        (["lock", "job", "--url", "memory://", "--bogus", "--", "true"], "--bogus"),
+        (["ring", "--nodes", "a", "--vnodes", "x"], "'x'"),
+    ],
+    ids=lambda v: " ".join(v[:1]) if isinstance(v, list) else None,
+)
+def test_usage_errors_are_reported_in_the_same_format(argv: list[str], named: str) -> None:
+    done = run_dcoord(*argv)
+    assert done.returncode == 2
+    message = one_error_line(done.stderr, "ConfigError")
+    assert named in message and "--help" in message
+
+
 def test_an_unreachable_backend_is_one_line_and_exit_1() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0?connect_timeout=0.5"
     done = run_dcoord("members", "g", "--url", url)
