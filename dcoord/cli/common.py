@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from ..client import Client, connect
 from ..config import DEFAULT_URL, ENV_URL
@@ -109,7 +109,7 @@ def print_json(data: object) -> None:
     print(json.dumps(data, sort_keys=True), flush=True)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to the sys.stderr of the moment (tests and callers may swap it)."""
 
     def emit(self, record: logging.LogRecord) -> None:
