@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         _options(trailing)
         try:
             trailing.parse_args(options, namespace=args)
-        except SystemExit:  # argparse printed the usage error
+        except SystemExit:  # Parser.error reported it
             return USAGE
         setup_logging(args.verbose)  # main() set it up before a -v among these was seen
     else:
@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no command given: dcoord lock NAME [OPTIONS] -- COMMAND [ARGS...]")
     if command[0].startswith("-"):
         raise ConfigError(
-            f"options after NAME need '--' before the command: dcoord lock NAME "
-            f"{' '.join(command)} -- COMMAND (got {command[0]!r} as the command)"
+            "options after NAME must end with '--' before the command "
+            f"(dcoord lock NAME [OPTIONS] -- COMMAND), got {command[0]!r} as the command"
         )
     lost = threading.Event()
     child: list[subprocess.Popen[bytes]] = []
