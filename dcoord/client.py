@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -9,11 +10,14 @@ from typing import Any
 
 from .backends import Backend, ServerInfo, open_backend
 from .config import Settings, settings_from
+from .errors import ClientClosed
 from .fence import Fence
 from .lock import DEFAULT_TTL, Lock, OnLost
 from .membership import Group
 from .scheduler import Scheduler
 from .twopc import Coordinator, Participant
+
+log = logging.getLogger("dcoord")
 
 
 class Client:
@@ -27,7 +31,9 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.scheduler = Scheduler(name=f"dcoord-{settings.kind}-{settings.namespace}")
+        log.info("connecting to %s (connect_timeout %g s)", settings.url, settings.connect_timeout)
         self.backend: Backend = open_backend(settings, self.scheduler)
+        log.info("connected to %s", settings.url)
         self._closers: list[Callable[[], None]] = []
         self._close_lock = threading.Lock()
         self.closed = False
@@ -42,8 +48,14 @@ class Client:
         """The backend URL, without any password."""
         return self.settings.url
 
+    def check_open(self) -> None:
+        """Raise :class:`~dcoord.ClientClosed` once :meth:`close` has begun."""
+        if self.closed:
+            raise ClientClosed(f"client {self.url} is closed")
+
     def ping(self) -> ServerInfo:
         """Ask the server for its kind and version (raises BackendUnavailable if it is gone)."""
+        self.check_open()
         return self.backend.ping()
 
     def lock(
@@ -61,15 +73,18 @@ class Client:
         ``auto_renew``: extend the held lock every ttl/3 from the client's scheduler
         thread. ``on_lost(lock)``: called if a held lock is lost. See :class:`Lock`.
         """
+        self.check_open()
         return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
 
     def fence(self, resource: str) -> Fence:
         """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
+        self.check_open()
         return Fence(self, resource)
 
     def group(self, name: str) -> Group:
         """The membership group ``name``: join it, list or watch its members, or follow
         it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
+        self.check_open()
         return Group(self, name)
 
     def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
@@ -81,22 +96,38 @@ class Client:
         :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
         option) when the backend would not keep decisions through a server crash.
         """
+        self.check_open()
         return Coordinator(self, participants, **options)
 
     def on_close(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` when the client closes (before the connection goes), newest first."""
-        self._closers.append(fn)
+        """Run ``fn`` when the client closes (before the connection goes), newest first.
+
+        Raises :class:`~dcoord.ClientClosed` if the client is already closing: ``fn``
+        would never run.
+        """
+        with self._close_lock:
+            self.check_open()
+            self._closers.append(fn)
 
     def close(self) -> None:
-        """Stop background work, release what the client holds, and disconnect. Idempotent."""
+        """Stop background work, release what the client holds, and disconnect. Idempotent.
+
+        Every close hook runs even if another fails (a failure is logged at warning with
+        its traceback, not raised: each hook cleans up something of its own, and the
+        server drops what a failed one held when its TTL runs out).
+        """
         with self._close_lock:
             if self.closed:
                 return
             self.closed = True
+            closers = self._closers[::-1]
         self.scheduler.close()
         try:
-            for fn in reversed(self._closers):
-                fn()
+            for fn in closers:
+                try:
+                    fn()
+                except Exception:
+                    log.warning("close hook %r of %s failed", fn, self.url, exc_info=True)
         finally:
             self.backend.close()
 

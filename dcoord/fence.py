@@ -29,6 +29,7 @@ class Fence:
 
     def __init__(self, client: Client, resource: str) -> None:
         self.resource = validate_name("fence resource", resource)
+        self._client = client
         self._store = client.backend.locks
 
     def admit(self, token: int) -> bool:
@@ -38,6 +39,7 @@ class Fence:
         holds a stale lock and must not write. Admitting the same token again is allowed
         (one holder writing several times).
         """
+        self._client.check_open()
         return self._store.admit(self.resource, _validate_token(token))
 
     def write(self, token: int, key: str, value: bytes) -> bool:
@@ -54,12 +56,14 @@ class Fence:
         """
         token = _validate_token(token)
         validate_name("key", key)
+        self._client.check_open()
         if not isinstance(value, bytes | bytearray | memoryview):
             raise ConfigError(f"value must be bytes, got {type(value).__name__}")
         return self._store.write(self.resource, token, key, bytes(value))
 
     def highest(self) -> int | None:
         """The greatest token admitted so far, or None if none was."""
+        self._client.check_open()
         return self._store.highest(self.resource)
 
     def __repr__(self) -> str:

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
-from .errors import BackendUnavailable, ConfigError, DcoordError, NoMembers
+from .errors import (
+    AlreadyJoined,
+    BackendUnavailable,
+    ClientClosed,
+    ConfigError,
+    DcoordError,
+    NoMembers,
+    NotEnoughMembers,
+)
 from .ring import DEFAULT_VNODES, HashRing, Key
 
 if TYPE_CHECKING:
@@ -124,16 +132,16 @@ def _check_ttl(ttl: object) -> float:
     return seconds
 
 
-def _check_vnodes(vnodes: object) -> int:
-    if not isinstance(vnodes, bool):
+def _check_count(what: str, count: object) -> int:
+    if not isinstance(count, bool):
         try:
-            value = operator.index(vnodes)  # type: ignore[arg-type]
+            value = operator.index(count)  # type: ignore[arg-type]
         except TypeError:
             pass
         else:
             if value >= 1:
                 return value
-    raise ConfigError(f"vnodes must be an int >= 1, got {vnodes!r}")
+    raise ConfigError(f"{what} must be an int >= 1, got {count!r}")
 
 
 def _encode(weight: float, meta: Mapping[str, Any]) -> bytes:
@@ -598,8 +606,21 @@ class LiveRing:
         return self._current().node_for(key)
 
     def nodes_for(self, key: Key, n: int) -> list[str]:
-        """``n`` distinct members for ``key`` in ring order (replicas)."""
-        return self._current().nodes_for(key, n)
+        """``n`` distinct members for ``key`` in ring order (replicas).
+
+        Raises :class:`~dcoord.NotEnoughMembers` while fewer than ``n`` members are live:
+        unlike a :class:`~dcoord.HashRing` built from a fixed node list, this is no bad
+        input but the group's state, which may change.
+        """
+        want = _check_count("n", n)
+        ring = self._ring
+        live = 0 if ring is None else len(ring)
+        if ring is None or want > live:
+            raise NotEnoughMembers(
+                f"nodes_for(key, {want}) needs {want} live members; "
+                f"group {self._group.name!r} has {live}"
+            )
+        return ring.nodes_for(key, want)
 
     def wait_for(self, predicate: Callable[[LiveRing], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds (checked on every change) or ``timeout``
@@ -684,7 +705,9 @@ class Group:
         self.name = _check_group_name(name)
         self.client = client
         self._store: GroupStore = client.backend.groups
-        self._mutex = threading.Lock()
+        # A condition, so that close() can wait for joins in flight (see _join()).
+        self._mutex = threading.Condition()
+        self._joining = 0
         self._joined: dict[int, JoinedMember] = {}
         self._follower: _Follower | None = None
         self._followers: list[LiveRing | Watch] = []
@@ -704,26 +727,57 @@ class Group:
 
         ``meta`` must be JSON-serialisable; ``weight`` scales the member's share of the
         ring. ``on_lost(member)`` is called if the membership is lost (see
-        :class:`JoinedMember`). Raises ConfigError for bad input or when ``member_id`` is
-        already joined (by any client) and alive; nothing is written then.
+        :class:`JoinedMember`). Raises ConfigError for bad input and AlreadyJoined when
+        ``member_id`` is already joined (by any client) and alive, nothing written then;
+        ClientClosed when the client is closed or closes meanwhile.
         """
         member_id = _check_member_id(member_id)
         weight = _check_weight(member_id, weight)
         meta = _check_meta(member_id, meta)
         seconds = _check_ttl(ttl)
-        self._check_open()
-        registration = self._store.join(self.name, member_id, _encode(weight, meta), seconds)
+        with self._mutex:
+            self._check_open()
+            self._register_close()
+            self._joining += 1
+        try:
+            return self._join(Member(member_id, weight, meta), seconds, on_lost)
+        finally:
+            with self._mutex:
+                self._joining -= 1
+                self._mutex.notify_all()
+
+    def _join(
+        self, member: Member, ttl: float, on_lost: Callable[[JoinedMember], None] | None
+    ) -> JoinedMember:
+        # close() waits for this to return, so the connection is still open in here even
+        # when the client closes meanwhile: a member the server registered is always
+        # either handed to the caller or left, never kept alive by nobody until its TTL.
+        try:
+            registration = self._store.join(
+                self.name, member.id, _encode(member.weight, dict(member.meta)), ttl
+            )
+        except Exception as exc:
+            self._raise_if_closed(exc)
+            raise
         if registration is None:
-            raise ConfigError(
-                f"member id {member_id!r} is already joined to group {self.name!r} "
+            raise AlreadyJoined(
+                f"member id {member.id!r} is already joined to group {self.name!r} "
                 "and alive; choose another id or wait for it to leave or expire"
             )
-        member = JoinedMember(self, Member(member_id, weight, meta), registration, on_lost)
+        joined = JoinedMember(self, member, registration, on_lost)
         with self._mutex:
-            self._joined[id(member)] = member
-            self._register_close()
-        member._start()
-        return member
+            self._joined[id(joined)] = joined
+        try:
+            joined._start()  # the scheduler refuses new jobs once the client closed
+            self._check_open()
+        except Exception as exc:
+            try:
+                joined.leave()
+            except DcoordError as leave_error:
+                log.warning("member %r could not leave cleanly: %s", member.id, leave_error)
+            self._raise_if_closed(exc)
+            raise
+        return joined
 
     def members(self) -> dict[str, Member]:
         """The live members now, read from the server (expired ones are pruned first)."""
@@ -731,6 +785,7 @@ class Group:
 
     def view(self) -> GroupView:
         """The live members now and the membership epoch they were read at."""
+        self._check_open()
         return _view(self._store.read(self.name))
 
     def epoch(self) -> int:
@@ -742,7 +797,7 @@ class Group:
 
         Raises BackendUnavailable if the group cannot be read within the request timeout.
         """
-        ring = LiveRing(self, _check_vnodes(vnodes))
+        ring = LiveRing(self, _check_count("vnodes", vnodes))
         self._follow(ring)
         timeout = self.client.settings.request_timeout
         if not ring._ready.wait(timeout):
@@ -767,6 +822,8 @@ class Group:
     def close(self) -> None:
         """Leave the members joined through this object and stop its rings and watches."""
         with self._mutex:
+            # A join in flight leaves its member itself when it finds the client closed.
+            self._mutex.wait_for(lambda: self._joining == 0)
             members = list(self._joined.values())
             subscribers = list(self._followers)
             follower = self._follower
@@ -786,8 +843,13 @@ class Group:
     # -- internals
 
     def _check_open(self) -> None:
-        if self.client.closed:
-            raise DcoordError(f"client {self.client.url} is closed")
+        self.client.check_open()
+
+    def _raise_if_closed(self, cause: Exception) -> None:
+        # Whatever a closing client made fail (a closed scheduler's RuntimeError, a closed
+        # connection), the caller is told the one reason that matters.
+        if self.client.closed and not isinstance(cause, ClientClosed):
+            raise ClientClosed(f"client {self.client.url} is closed") from cause
 
     def _register_close(self) -> None:
         # Callers hold self._mutex.

@@ -17,6 +17,7 @@ into its own keyspace so two namespaces on one server never see each other's key
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
@@ -34,6 +36,8 @@ from tenacity import (
 from ..errors import BackendUnavailable
 
 T = TypeVar("T")
+
+log = logging.getLogger("dcoord.backend")
 
 
 @dataclass(frozen=True)
@@ -382,6 +386,7 @@ def with_retries(
         retry=retry_if_exception_type(transient),
         stop=stop_before_delay(remaining),
         wait=wait_random_exponential(multiplier=0.05, max=1.0),
+        before_sleep=lambda state: _log_retry(what, state),
         reraise=False,
     )
     try:
@@ -391,3 +396,12 @@ def with_retries(
         raise BackendUnavailable(
             f"{what}: {cause or 'no answer'} (gave up after {timeout:g} s)"
         ) from cause
+
+
+def _log_retry(what: str, state: RetryCallState) -> None:
+    # At INFO: what `dcoord -v` shows while it waits for a server that does not answer.
+    error = state.outcome.exception() if state.outcome is not None else None
+    sleep = state.next_action.sleep if state.next_action is not None else 0.0
+    # Tenacity counts from the retries: the first, bare attempt is not its own.
+    attempt = state.attempt_number + 1
+    log.info("%s: attempt %d failed: %s; retrying in %.2f s", what, attempt, error, sleep)

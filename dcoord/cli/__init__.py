@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import demo, lock, members, ring, tx
+from . import common, demo, lock, members, ring, tx
 
 COMMANDS = (demo, lock, members, ring, tx)
 
+EPILOG = """\
+The backend is the one --url names, else $DCOORD_URL. lock, members and tx refuse to
+run without one (their meaning depends on a server other processes share); demo falls
+back to the embedded memory:// backend, and ring needs none.
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+Errors are printed on stderr as "dcoord: <ErrorType>: <message>".
+Exit status: 0 success; 1 failure (e.g. the backend is unreachable, recovery left work
+unfinished); 2 bad usage, input or configuration (nothing was done). dcoord lock exits
+with its command's status and has codes of its own: see "dcoord lock --help".
+"""
+
+
+def build_parser() -> common.Parser:
+    """The ``dcoord`` argument parser with every subcommand registered."""
+    parser = common.Parser(
         prog="dcoord",
         description="Distributed coordination: fenced locks, membership, two-phase commit.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dcoord {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what dcoord does")
+    common.global_options(parser, backend=True, top=True)
+    parser.set_defaults(exit_code=common.exit_code)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
@@ -29,15 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dcoord`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else common.USAGE
+    common.setup_logging(args.verbose)
     try:
         return int(args.func(args))
     except DcoordError as exc:
-        print(f"dcoord: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        common.report_error(exc)
+        return int(args.exit_code(exc))
     except KeyboardInterrupt:
         return 130

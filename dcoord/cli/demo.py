@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client import Client, connect
-from ..errors import DurabilityWarning, TransactionAborted
+from ..errors import ConfigError, DurabilityWarning, TransactionAborted
 from ..participants import KVParticipant
 from ..ring import HashRing
 from ..twopc import Coordinator, RecoveryReport, Transaction
-from .common import url_argument
+from .common import connect_to, global_options
 
 BANKS = ("bank-a", "bank-b", "bank-c")
 OPENING_BALANCE = 100
@@ -44,9 +44,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "demo",
         help="bank transfers as two-phase commits, self-checking (no server needed)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=(
+            "Spread accounts over three banks (KV participants) with a consistent-hash "
+            "ring and make random transfers between them from worker threads, each a "
+            "two-phase commit over the banks involved. With --crash, a second "
+            "coordinator dies at each protocol failpoint in turn and recovery finishes "
+            "its work. Exits with 1 unless the total balance is unchanged and nothing is "
+            "left in doubt. Runs on the embedded memory:// backend unless --url or "
+            "$DCOORD_URL names another (in its own namespace, demo-<random>)."
+        ),
     )
-    url_argument(parser)
+    global_options(parser, backend=True)
     parser.add_argument("--accounts", type=int, default=30, help="accounts (default 30)")
     parser.add_argument("--transfers", type=int, default=200, help="transfers (default 200)")
     parser.add_argument("--workers", type=int, default=8, help="concurrent clients (default 8)")
@@ -73,12 +81,12 @@ class Tally:
 
 def run(args: argparse.Namespace) -> int:
     for name in ("accounts", "transfers", "workers"):
-        if getattr(args, name) < (2 if name == "accounts" else 1):
-            print(f"dcoord demo: --{name} is too small: {getattr(args, name)}")
-            return 2
+        least = 2 if name == "accounts" else 1
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     rng = random.Random(args.seed)
     namespace = args.namespace or f"demo-{uuid.uuid4().hex[:8]}"
-    with connect(args.url, namespace=namespace) as client:
+    with connect_to(args, "demo", shared=False, namespace=namespace) as client:
         info = client.ping()
         print(f"backend: {info.kind} {info.version} at {info.endpoint}, namespace {namespace}")
         accounts = [f"acct-{i:04d}" for i in range(args.accounts)]

@@ -8,9 +8,8 @@ import queue
 import sys
 from typing import TextIO
 
-from ..client import connect
 from ..membership import GroupView
-from .common import url_argument
+from .common import connect_to, global_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,8 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     parser.add_argument("group", metavar="GROUP", help="the group name")
-    url_argument(parser)
-    parser.add_argument("--json", action="store_true", help="one JSON object per member set")
+    global_options(parser, backend=True)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per member set: {"group", "epoch", "members": {id: {"weight", '
+        '"meta"}}}',
+    )
     parser.add_argument(
         "--watch", action="store_true", help="keep printing the member set on every change"
     )
@@ -39,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    with connect(args.url, namespace=args.namespace) as client:
+    with connect_to(args, "members") as client:
         group = client.group(args.group)
         if not args.watch:
             show(group.name, group.view(), args.json, sys.stdout)

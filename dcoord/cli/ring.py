@@ -6,13 +6,16 @@ No backend is involved: the ring is computed locally from ``--nodes``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from dcoord.errors import ConfigError
 from dcoord.ring import DEFAULT_VNODES, HashRing, Key
+
+from .common import global_options
 
 DEFAULT_SAMPLE = 100_000
 BAR_WIDTH = 40
@@ -55,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--add", metavar="ID[=WEIGHT]", help="node to add")
     p.add_argument("--remove", metavar="ID", help="node to remove")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: shares before (and after), keys moved per change",
+    )
+    global_options(p, backend=False)
     p.set_defaults(func=run)
 
 
@@ -73,45 +82,59 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         steps.append((f"--add {args.add}", base.with_node(node, weight)))
 
     owners = [before.node_for(k) for k in keys]
-    print(
-        f"ring: {len(before)} nodes, vnodes={before.vnodes}, {len(keys)} keys ({source})",
-        file=out,
-    )
-    _chart(before, owners, out)
-    if not steps:
-        return 0
-
+    result: dict[str, Any] = {
+        "vnodes": before.vnodes,
+        "keys": len(keys),
+        "source": source,
+        "before": _shares(before, owners),
+    }
     # Each step is reported against its own ideal: a remove and an add in one go cannot
     # reach the ideal of a single swap, since the removed node's keys spread to all.
     first = owners
     ring = before
-    moves: list[str] = []
+    moves: list[dict[str, Any]] = []
     for label, nxt in steps:
         new = [nxt.node_for(k) for k in keys]
         moved = sum(1 for a, b in zip(owners, new, strict=True) if a != b)
+        ideal = ideal_moved_fraction(ring.nodes, nxt.nodes)
         moves.append(
-            _moved_line(label, moved, len(keys), ideal_moved_fraction(ring.nodes, nxt.nodes))
+            {"change": label, "moved": moved, "fraction": moved / len(keys), "ideal": ideal}
         )
         owners, ring = new, nxt
-    print(f"\nafter {' '.join(label for label, _ in steps)}:", file=out)
-    _chart(ring, owners, out)
-    print(file=out)
-    for line in moves:
-        print(line, file=out)
-    if len(steps) > 1:
-        total = sum(1 for a, b in zip(first, owners, strict=True) if a != b)
-        print(
-            f"total: {total} of {len(keys)} keys changed node ({total / len(keys):.2%})", file=out
-        )
+    if steps:
+        result["after"] = _shares(ring, owners)
+        result["moves"] = moves
+        result["total_moved"] = sum(1 for a, b in zip(first, owners, strict=True) if a != b)
+    if args.json:
+        print(json.dumps(result, sort_keys=True), file=out)
+    else:
+        _text(result, len(before), out)
     return 0
 
 
-def _moved_line(label: str, moved: int, total: int, ideal: float) -> str:
-    frac = moved / total
-    return (
-        f"moved by {label}: {moved} of {total} keys ({frac:.2%}); "
-        f"ideal {ideal:.2%} (x{frac / ideal:.3f})"
+def _text(result: Mapping[str, Any], nodes: int, out: TextIO) -> None:
+    total = result["keys"]
+    print(
+        f"ring: {nodes} nodes, vnodes={result['vnodes']}, {total} keys ({result['source']})",
+        file=out,
     )
+    _chart(result["before"], out)
+    moves = result.get("moves")
+    if not moves:
+        return
+    print(f"\nafter {' '.join(move['change'] for move in moves)}:", file=out)
+    _chart(result["after"], out)
+    print(file=out)
+    for move in moves:
+        print(
+            f"moved by {move['change']}: {move['moved']} of {total} keys "
+            f"({move['fraction']:.2%}); ideal {move['ideal']:.2%} "
+            f"(x{move['fraction'] / move['ideal']:.3f})",
+            file=out,
+        )
+    if len(moves) > 1:
+        moved = result["total_moved"]
+        print(f"total: {moved} of {total} keys changed node ({moved / total:.2%})", file=out)
 
 
 def parse_nodes(spec: str) -> dict[str, float]:
@@ -173,23 +196,37 @@ def _load_keys(path: str | None, sample: int | None) -> tuple[Sequence[Key], str
     return keys, path
 
 
-def _chart(ring: HashRing, owners: Iterable[str], out: TextIO) -> None:
+def _shares(ring: HashRing, owners: Iterable[str]) -> dict[str, Any]:
+    """Each node's weight, keys, share and ideal share, and the max load / ideal."""
     counts = Counter(owners)
     total = sum(counts.values())
     total_weight = sum(ring.nodes.values())
-    shares = {n: counts[n] / total for n in ring.nodes}
-    top = max(shares.values()) or 1.0
-    width = max(4, *(len(n) for n in ring.nodes))
+    nodes: list[dict[str, Any]] = [
+        {
+            "node": node,
+            "weight": weight,
+            "keys": counts[node],
+            "share": counts[node] / total,
+            "ideal": weight / total_weight,
+        }
+        for node, weight in ring.nodes.items()
+    ]
+    return {"nodes": nodes, "max_load": max(n["share"] / n["ideal"] for n in nodes)}
+
+
+def _chart(shares: Mapping[str, Any], out: TextIO) -> None:
+    nodes = shares["nodes"]
+    top = max(n["share"] for n in nodes) or 1.0
+    width = max(4, *(len(n["node"]) for n in nodes))
     print(
         f"  {'node':<{width}}  {'weight':>6}  {'keys':>9}  {'share':>7}  {'ideal':>7}",
         file=out,
     )
-    for node, weight in ring.nodes.items():
-        bar = "#" * round(BAR_WIDTH * shares[node] / top)
+    for n in nodes:
+        bar = "#" * round(BAR_WIDTH * n["share"] / top)
         print(
-            f"  {node:<{width}}  {weight:>6g}  {counts[node]:>9}  {shares[node]:>7.2%}"
-            f"  {weight / total_weight:>7.2%}  {bar}",
+            f"  {n['node']:<{width}}  {n['weight']:>6g}  {n['keys']:>9}  {n['share']:>7.2%}"
+            f"  {n['ideal']:>7.2%}  {bar}",
             file=out,
         )
-    load = max(shares[n] / (w / total_weight) for n, w in ring.nodes.items())
-    print(f"  max load / ideal: {load:.3f}", file=out)
+    print(f"  max load / ideal: {shares['max_load']:.3f}", file=out)

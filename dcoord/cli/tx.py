@@ -4,26 +4,44 @@ dcoord tx list [--state S]      every retained transaction, oldest first
 dcoord tx show TXID             one record in full
 dcoord tx recover [--kv NAMES]  drive unfinished transactions to their end
 dcoord tx resolve TXID          the outcome; aborts an undecided one past its deadline
+
+A txid that is not in the log is presumed aborted by ``show`` and ``resolve`` alike
+(presumed abort: it was never logged, or it finished and its record passed retention);
+neither treats it as an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from ..client import Client, connect
-from ..errors import ConfigError, DurabilityWarning
+from .. import txlog
+from ..client import Client
+from ..errors import DurabilityWarning
 from ..participants import KVParticipant
 from ..twopc import Coordinator, Participant
 from ..txlog import TxRecord, TxState
-from .common import url_argument
+from .common import FAILURE, connect_to, global_options, print_json
+
+NOT_IN_LOG = (
+    "not in the log: presumed aborted (never logged, or finished and removed after its retention)"
+)
+PRESUMED = (
+    "A TXID that is not in the log is presumed aborted (it was never logged, or it "
+    "finished and its record passed retention): tx show and tx resolve both say so, "
+    "and neither treats it as an error."
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``tx`` and its subcommands."""
     parser = subparsers.add_parser("tx", help="list, show, recover and resolve transactions")
+    global_options(parser, backend=True)
     commands = parser.add_subparsers(title="tx commands", metavar="ACTION", required=True)
 
     listing = commands.add_parser("list", help="list retained transactions")
@@ -32,7 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     listing.set_defaults(func=run, action="list")
 
-    show = commands.add_parser("show", help="show one transaction record")
+    show = commands.add_parser(
+        "show",
+        help="show one transaction record",
+        description=f"Show the log record of TXID. {PRESUMED}",
+    )
     show.add_argument("txid")
     show.set_defaults(func=run, action="show")
 
@@ -43,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Abort undecided transactions past their deadline and re-send decisions that "
             "were not acknowledged. Only participants named with --kv (KVParticipants, "
             "whose state is in the backend) can be reached from here; transactions with "
-            "others are decided but left for the application's own recover()."
+            "others are decided but left for the application's own recover(). Exits "
+            "with 1 when something was left unfinished."
         ),
     )
     recover.add_argument(
@@ -52,18 +75,26 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     recover.set_defaults(func=run, action="recover")
 
     resolve = commands.add_parser(
-        "resolve", help="print a transaction's outcome (records abort past its deadline)"
+        "resolve",
+        help="print a transaction's outcome (records abort past its deadline)",
+        description=(
+            "Print the outcome of TXID: committed, aborted, or pending (undecided and "
+            "within its deadline). An undecided transaction past its deadline is aborted "
+            f"in the log first, so the answer is final. {PRESUMED}"
+        ),
     )
     resolve.add_argument("txid")
     resolve.set_defaults(func=run, action="resolve")
 
     for sub in (listing, show, recover, resolve):
-        url_argument(sub)
+        global_options(sub, backend=True)
+    for sub in (listing, show, recover, resolve):
+        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``tx`` action; exit code 1 when recovery left something unfinished."""
-    with connect(args.url, namespace=args.namespace) as client:
+    with connect_to(args, f"tx {args.action}") as client:
         participants: list[Participant] = []
         if args.action == "recover":
             names = [n.strip() for n in args.kv.split(",") if n.strip()]
@@ -71,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         coord = _coordinator(client, participants)
         if args.action == "list":
             records = coord.transactions(state=args.state)
+            if args.json:
+                print_json([record_json(r) for r in records])
+                return 0
             print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  participants")
             for record in records:
                 print(
@@ -81,18 +115,43 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.action == "show":
             found = coord.get(args.txid)
-            if found is None:
-                raise ConfigError(f"no transaction {args.txid!r} in the log (presumed aborted)")
-            print(_describe(found))
+            if args.json:
+                print_json(_missing(args.txid) if found is None else record_json(found))
+            else:
+                print(
+                    f"txid          {args.txid}\n{NOT_IN_LOG}"
+                    if found is None
+                    else _describe(found)
+                )
             return 0
         if args.action == "resolve":
-            print(coord.resolve(args.txid))
+            outcome = coord.resolve(args.txid)
+            if args.json:
+                # Read after resolving: resolve may just have recorded the abort.
+                in_log = coord.get(args.txid) is not None
+                print_json({"txid": args.txid, "outcome": outcome, "in_log": in_log})
+            else:
+                print(outcome)
             return 0
         report = coord.recover()
+        if args.json:
+            print_json({**dataclasses.asdict(report), "clean": report.clean})
+            return 0 if report.clean else FAILURE
         print(report)
         for txid, why in {**report.incomplete, **report.corrupted}.items():
             print(f"  {txid}: {why}")
-        return 0 if report.clean else 1
+        return 0 if report.clean else FAILURE
+
+
+def record_json(record: TxRecord) -> dict[str, Any]:
+    """A record as the log stores it, plus its outcome and ``"in_log": true``."""
+    doc: dict[str, Any] = json.loads(txlog.encode(record))
+    doc.update(outcome=record.outcome, in_log=True)
+    return doc
+
+
+def _missing(txid: str) -> dict[str, Any]:
+    return {"txid": txid, "in_log": False, "state": None, "outcome": "aborted"}
 
 
 def _coordinator(client: Client, participants: Sequence[Participant]) -> Coordinator:

@@ -79,7 +79,7 @@ def test_duplicate_live_id_is_refused_and_changes_nothing(connect: Connect) -> N
     first = a.group("g").join("node", meta={"owner": "a"}, ttl=30)
     epoch = a.group("g").epoch()
     for client in (b, a):
-        with pytest.raises(dcoord.ConfigError, match="'node'"):
+        with pytest.raises(dcoord.AlreadyJoined, match="'node'"):
             client.group("g").join("node", meta={"owner": "other"}, ttl=30)
     view = b.group("g").view()
     assert view.epoch == epoch
@@ -322,7 +322,7 @@ def test_closing_the_client_leaves_its_members_and_stops_following(connect: Conn
     a.close()
     assert b.group("g").members().keys() == {"b1"}
     assert b.group("h").members() == {}
-    with pytest.raises(dcoord.DcoordError, match="closed"):
+    with pytest.raises(dcoord.ClientClosed, match="closed"):
         a.group("g").join("again")
     assert ring.members.keys() <= {"a1", "b1"}
 

@@ -543,7 +543,7 @@ def test_lone_surrogates_are_rejected_without_crashing_the_interpreter() -> None
 
 def _cli(**kw: Any) -> argparse.Namespace:
     base: dict[str, Any] = dict(
-        nodes="a,b,c", vnodes=160, keys=None, sample=3000, add=None, remove=None
+        nodes="a,b,c", vnodes=160, keys=None, sample=3000, add=None, remove=None, json=False
     )
     return argparse.Namespace(**{**base, **kw})
 
