@@ -17,7 +17,9 @@ import sys
 import threading
 from types import FrameType
 
+from ..backends.etcd_names import etcd_lock_prefix
 from ..client import connect
+from ..config import settings_from
 from ..errors import ConfigError, DcoordError, LockLost, LockNotOwned, LockTimeout
 from ..lock import DEFAULT_TTL, Lock
 from .common import url_argument
@@ -38,6 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     p.add_argument("name", metavar="NAME", help="lock name")
+    p.add_argument(
+        "--etcd-key",
+        action="store_true",
+        help="print the etcd key prefix of lock NAME (for etcdctl lock or Go) and exit",
+    )
     _options(p)
     # Options may also follow NAME (dcoord lock NAME --ttl 5 -- cmd): argparse would hand
     # them to the top-level parser, so the rest is taken whole and split at "--" in run().
@@ -57,17 +64,33 @@ def _options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _parse_trailing(options: list[str], args: argparse.Namespace) -> None:
+    """Parse the options that followed NAME into ``args``."""
+    trailing = argparse.ArgumentParser(
+        prog="dcoord lock NAME", add_help=False, argument_default=argparse.SUPPRESS
+    )
+    _options(trailing)
+    trailing.parse_args(options, namespace=args)
+
+
+def _print_etcd_key(args: argparse.Namespace, options: list[str]) -> int:
+    """``--etcd-key``: print the prefix ``etcdctl lock`` / Go's NewMutex take; no server."""
+    _parse_trailing(options, args)  # a command after NAME is an error here
+    # The namespace connect() would use: --namespace, else the URL's (or DCOORD_URL's).
+    overrides = {} if args.namespace is None else {"namespace": args.namespace}
+    print(etcd_lock_prefix(settings_from(args.url, **overrides).namespace, args.name))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``dcoord lock``; raises LockTimeout / LockLost / ConfigError (exit code 2)."""
     rest = list(args.command)
+    if args.etcd_key:
+        return _print_etcd_key(args, rest)
     if "--" in rest:
         cut = rest.index("--")
         options, command = rest[:cut], rest[cut + 1 :]
-        trailing = argparse.ArgumentParser(
-            prog="dcoord lock NAME", add_help=False, argument_default=argparse.SUPPRESS
-        )
-        _options(trailing)
-        trailing.parse_args(options, namespace=args)
+        _parse_trailing(options, args)
     else:
         command = rest
     if not command:
