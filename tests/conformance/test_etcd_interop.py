@@ -145,17 +145,24 @@ class Etcdctl:
     def keys(self, prefix: str) -> list[tuple[str, int]]:
         """(key, create revision) of the keys under ``prefix``, oldest first, as
         ``etcdctl get --prefix -w json`` shows them to an operator."""
-        out = subprocess.run(
-            [*self.base, "get", "--prefix", "-w", "json", prefix],
+        kvs = json.loads(self.run("get", "--prefix", "-w", "json", prefix)).get("kvs", [])
+        found = [(base64.b64decode(kv["key"]).decode(), int(kv["create_revision"])) for kv in kvs]
+        return sorted(found, key=lambda kv: kv[1])
+
+    def lease_of(self, key: str) -> int:
+        """The id of the lease ``key`` is attached to."""
+        out = self.run("get", "-w", "json", key)
+        return int(json.loads(out)["kvs"][0]["lease"])
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(
+            [*self.base, *args],
             env=self.env,
             capture_output=True,
             text=True,
             check=True,
             timeout=DEADLINE,
         ).stdout
-        kvs = json.loads(out).get("kvs", [])
-        found = [(base64.b64decode(kv["key"]).decode(), int(kv["create_revision"])) for kv in kvs]
-        return sorted(found, key=lambda kv: kv[1])
 
     def wait_keys(self, prefix: str, count: int) -> list[tuple[str, int]]:
         """Poll (with a deadline) until ``count`` keys queue under ``prefix``."""
@@ -371,3 +378,30 @@ def test_fifo_across_dcoord_and_etcdctl(
     e2.wait_got()
     e2.wait_exit()
     assert e2.key == queue_[3][0]
+
+
+def test_revoking_a_dcoord_lease_with_etcdctl_loses_every_lock_on_it(
+    etcd: Callable[[], dcoord.Client],
+    etcdctl: Etcdctl,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Auto-renewed locks of one client and one TTL share a lease (docs/interop.md)."""
+    client = etcd()
+    lost: list[threading.Event] = [threading.Event(), threading.Event()]
+    a = client.lock("a", ttl=3, on_lost=lambda _: lost[0].set())
+    b = client.lock("b", ttl=3, on_lost=lambda _: lost[1].set())
+    assert a.acquire(timeout=DEADLINE) and b.acquire(timeout=DEADLINE)
+    [(a_key, _)] = etcdctl.keys(etcd_key(namespace, "a", capsys) + "/")
+    [(b_key, _)] = etcdctl.keys(etcd_key(namespace, "b", capsys) + "/")
+    lease = etcdctl.lease_of(a_key)
+    assert etcdctl.lease_of(b_key) == lease
+    assert a_key.rsplit("/", 1)[1].startswith(f"{lease:016x}-")
+
+    etcdctl.run("lease", "revoke", f"{lease:x}")
+    assert lost[0].wait(DEADLINE) and lost[1].wait(DEADLINE)
+    assert not a.held and not b.held
+    other = etcd().lock("a")
+    assert other.acquire(timeout=DEADLINE)
+    assert other.fence > a.fence
+    other.release()
