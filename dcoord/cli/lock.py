@@ -19,7 +19,8 @@ import threading
 from types import FrameType
 from urllib.parse import urlencode
 
-from ..config import ENV_URL, OPTIONS, Settings
+from ..backends.etcd_names import etcd_lock_prefix
+from ..config import ENV_URL, OPTIONS, Settings, settings_from
 from ..errors import ConfigError, DcoordError, LockLost, LockNotOwned, LockTimeout
 from ..lock import DEFAULT_TTL, Lock
 from .common import USAGE, Parser, connect_to, global_options, report, report_error, setup_logging
@@ -68,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", metavar="NAME", help="lock name")
+    p.add_argument(
+        "--etcd-key",
+        action="store_true",
+        help="print the etcd key prefix of lock NAME (for etcdctl lock or Go) and exit",
+    )
     _options(p)
     # Options may also follow NAME (dcoord lock NAME --ttl 5 -- cmd): argparse would hand
     # them to the top-level parser, so the rest is taken whole and split at "--" in run().
@@ -108,19 +114,39 @@ def child_url(settings: Settings) -> str:
     return f"{url}?{urlencode(query)}" if query else url
 
 
+def _parse_trailing(options: list[str], args: argparse.Namespace) -> bool:
+    """Parse the options that followed NAME into ``args``; False if they were refused
+    (the parser has reported why)."""
+    trailing = Parser(prog="dcoord lock NAME", add_help=False)
+    _options(trailing)
+    try:
+        trailing.parse_args(options, namespace=args)
+    except SystemExit:  # Parser.error reported it
+        return False
+    setup_logging(args.verbose)  # main() set it up before a -v among these was seen
+    return True
+
+
+def _print_etcd_key(args: argparse.Namespace, options: list[str]) -> int:
+    """``--etcd-key``: print the prefix ``etcdctl lock`` / Go's NewMutex take; no server."""
+    if not _parse_trailing(options, args):  # a command after NAME is refused here
+        return USAGE
+    # The namespace connect() would use: --namespace, else the URL's (or DCOORD_URL's).
+    overrides = {} if args.namespace is None else {"namespace": args.namespace}
+    print(etcd_lock_prefix(settings_from(args.url, **overrides).namespace, args.name))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``dcoord lock``; raises LockTimeout / LockLost / ConfigError (see exit_code)."""
     rest = list(args.command)
+    if args.etcd_key:
+        return _print_etcd_key(args, rest)
     if "--" in rest:
         cut = rest.index("--")
         options, command = rest[:cut], rest[cut + 1 :]
-        trailing = Parser(prog="dcoord lock NAME", add_help=False)
-        _options(trailing)
-        try:
-            trailing.parse_args(options, namespace=args)
-        except SystemExit:  # Parser.error reported it
+        if not _parse_trailing(options, args):
             return USAGE
-        setup_logging(args.verbose)  # main() set it up before a -v among these was seen
     else:
         command = rest
     if not command:
