@@ -13,6 +13,8 @@ server's persistence and eviction policy: see :mod:`.persistence`.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from importlib import resources
 from typing import TYPE_CHECKING, cast
 
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from . import RedisBackend
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+# The server clock is read with TIME at most this often and carried forward on the local
+# monotonic clock in between, so that TIME is not a round trip on every commit's path.
+_CLOCK_REREAD = 5.0
 
 
 def _script(name: str) -> str:
@@ -37,6 +42,8 @@ class RedisTxLog:
         self._unfinished = f"{prefix}tx:unfinished"
         self._create = self._redis.register_script(_script("txlog_create"))
         self._cas = self._redis.register_script(_script("txlog_cas"))
+        self._clock_mutex = threading.Lock()
+        self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 
     def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
         created = self._backend.call(
@@ -95,12 +102,22 @@ class RedisTxLog:
         return self._backend.call(read, what="list transactions", retry=True)
 
     def now(self) -> float:
+        with self._clock_mutex:
+            clock = self._clock
+        local = time.monotonic()
+        if clock is not None and local - clock[1] < _CLOCK_REREAD:
+            # Counted from when the reply *arrived*, the estimate is at or behind the
+            # server's clock: a deadline set by it is never later than the server's own.
+            return clock[0] + (local - clock[1])
         seconds, micros = self._backend.call(
             lambda: self._redis.time(),
             what="read the redis server clock",
             retry=True,
         )
-        return seconds + micros / 1e6
+        clock = (seconds + micros / 1e6, time.monotonic())
+        with self._clock_mutex:
+            self._clock = clock
+        return clock[0]
 
     def durability(self) -> str | None:
         return persistence.log_problem(persistence.read(self._backend))
