@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.child import LineReader
+
 ROOT = Path(__file__).resolve().parents[2]
 # Long enough that a renewal delayed by a loaded machine does not lose the lock early.
 TTL = {"redis": 2.0, "etcd": 2.0}
@@ -93,20 +95,16 @@ class Holder:
             stdout=subprocess.PIPE,
             text=True,
         )
+        self._lines = LineReader(self.proc.stdout)
 
     lost = False
     """Whether the holder reported LOST (its watchdog found the lock lost)."""
 
     def line(self, timeout: float = 30) -> str:
         """The holder's next line (bounded: a stuck holder fails the test)."""
-        import selectors
-
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                raise AssertionError(f"holder {self.proc.pid} said nothing in {timeout} s")
-        line = self.proc.stdout.readline().strip()
+        line = self._lines.next(timeout)
+        if line is None:
+            raise AssertionError(f"holder {self.proc.pid} said nothing in {timeout} s")
         self.lost |= line == "LOST"
         return line
 

@@ -17,13 +17,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 import dcoord
 from dcoord.membership import GroupView
-from tests.faults.child import line_writer
+from tests.faults.child import LineReader, line_writer
 
 # etcd grants no lease under ~2 s; Redis takes TTLs to the millisecond.
 TTL = {"redis": 1.0, "etcd": 2.0}
@@ -45,24 +45,14 @@ class MemberProcess:
             start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
-
-    def _read(self, stream: IO[str] | None) -> None:
-        assert stream is not None
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.strip())
-                self._cond.notify_all()
+        self._lines = LineReader(self.proc.stdout)
 
     def expect(self, prefix: str, timeout: float = 15.0) -> str:
-        with self._cond:
-            found = self._cond.wait_for(
-                lambda: any(x.startswith(prefix) for x in self.lines), timeout
-            )
-            assert found, f"{self.member_id}: no {prefix!r} within {timeout} s: {self.lines}"
-            return next(x for x in self.lines if x.startswith(prefix))
+        found = self._lines.find(prefix, timeout)
+        assert found is not None, (
+            f"{self.member_id}: no {prefix!r} within {timeout} s: {self._lines.lines}"
+        )
+        return found
 
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
