@@ -22,7 +22,6 @@ from ...errors import (
     BackendUnavailable,
     ClientClosed,
     ConfigError,
-    DcoordError,
     PermissionDenied,
 )
 from ...scheduler import Scheduler
@@ -92,6 +91,10 @@ class EtcdBackend:
         self.endpoint = ",".join(f"{h}:{p}" for h, p in settings.hosts)
         self.prefix = f"/dcoord/{settings.namespace}/"
         self._closed = False
+        # Calls in progress: close() lets them finish before it closes the channel, since
+        # gRPC may crash the process on a call over a closed channel.
+        self._calls = 0
+        self._idle = threading.Condition()
         self._auth_mutex = threading.Lock()
         creds = None
         if settings.tls:
@@ -153,9 +156,18 @@ class EtcdBackend:
         token is renewed once and the call repeated. Pass ``retry=True`` only for
         operations that are safe to repeat; ``fn`` must not itself go through ``call``.
         """
-        if self._closed:
-            raise ClientClosed(f"{what}: the client is closed")
+        with self._idle:
+            if self._closed:
+                raise ClientClosed(f"{what}: the client is closed")
+            self._calls += 1
+        try:
+            return self._call(fn, what=what, retry=retry, timeout=timeout)
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
 
+    def _call(self, fn: Callable[[], T], *, what: str, retry: bool, timeout: float | None) -> T:
         def attempt() -> T:
             try:
                 return fn()
@@ -182,10 +194,6 @@ class EtcdBackend:
         except BackendUnavailable as exc:
             if isinstance(exc.__cause__, _Retryable):  # with_retries gave up: chain the reply
                 raise BackendUnavailable(str(exc)) from exc.__cause__.__cause__
-            raise
-        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
-            if self._closed and not isinstance(exc, DcoordError):
-                raise ClientClosed(f"{what}: the client is closed") from exc
             raise
 
     def _mapped(self, exc: BaseException, what: str) -> Exception:
@@ -260,5 +268,9 @@ class EtcdBackend:
         try:
             self.leases.close()
         finally:
-            self._closed = True
+            with self._idle:
+                self._closed = True
+                # A call still running (a keep-alive, a waiter's check) ends within its
+                # request timeout; closing the channel under it could crash the process.
+                self._idle.wait_for(lambda: self._calls == 0, timeout=self.settings.request_timeout)
             self.etcd.close()

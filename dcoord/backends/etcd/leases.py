@@ -254,7 +254,10 @@ class Leases:
                 log.warning("lease %x expired on the server", lease.id)
                 self._drop(seconds, lease)
         except Exception as exc:  # the lease's _tick declares it lost at its deadline
-            log.warning("keep-alive of lease %x failed: %s: %s", lease.id, type(exc).__name__, exc)
+            if not self._closed:
+                log.warning(
+                    "keep-alive of lease %x failed: %s: %s", lease.id, type(exc).__name__, exc
+                )
         finally:
             with self._mutex:
                 self._refreshing.discard(lease.id)

@@ -190,16 +190,15 @@ class EtcdLocks:
         def revoke() -> bool:
             try:
                 self.etcd.revoke_lease(lease.id)
+                revoked = True
             except grpc.RpcError as exc:
-                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return False
-                raise
-            return True
+                if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND):
+                    raise
+                revoked = False
+            lease.mark_lost()  # the server has it no more, whoever removed it
+            return revoked
 
-        try:
-            return self._removed(revoke, what=f"revoke lease {lease.id:x}")
-        finally:
-            lease.mark_lost()  # gone now, whoever removed it
+        return self._removed(revoke, what=f"revoke lease {lease.id:x}")
 
     def _removed(self, remove: Callable[[], bool], *, what: str) -> bool:
         """Run ``remove`` (True: it removed our key; False: found nothing) with retries.
