@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import pytest
 from pyetcd import exceptions as etcd_errors
 
@@ -471,3 +472,64 @@ def test_an_expired_auth_token_is_renewed() -> None:
                 pass
     finally:
         server.stop()
+
+
+class Reply(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A gRPC error reply as the server sends it (for replies no single test server
+    produces on demand, such as a follower's "not leader")."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> None:
+        return None
+
+    def trailing_metadata(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+def failing(replies: list[Reply]) -> Callable[[], str]:
+    """A call that fails with each reply in turn (as pyetcd raises them), then answers."""
+
+    def call() -> str:
+        if replies:
+            try:
+                raise replies.pop(0)
+            except grpc.RpcError:
+                raise etcd_errors.PreconditionFailedError() from None
+        return "answer"
+
+    return call
+
+
+def test_not_leader_is_retried_and_other_replies_are_backend_errors(
+    etcd_connect: Connect,
+) -> None:
+    backend = backend_of(etcd_connect())
+    not_leader = Reply(grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: not leader")
+    changed = Reply(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed")
+    assert backend.call(failing([not_leader, changed]), what="read", retry=True) == "answer"
+    with pytest.raises(dcoord.BackendUnavailable, match="not leader"):
+        backend.call(failing([not_leader]), what="write")  # not safe to repeat
+    other = Reply(grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: something else")
+    # Raised at all means not retried: the retry would have got the answer.
+    with pytest.raises(dcoord.BackendError, match="etcd answered: etcdserver: something else"):
+        backend.call(failing([other]), what="read", retry=True)
