@@ -306,8 +306,12 @@ class Proxy:
                 return
             if mode == "reply":
                 losing.set()
-                timer = threading.Timer(1.0, lambda: (_cut(client, server), self.tripped.set()))
-                timer.start()
+
+                def cut() -> None:
+                    _cut(client, server)
+                    self.tripped.set()
+
+                threading.Timer(1.0, cut).start()
             try:
                 server.sendall(data)
             except OSError:
