@@ -238,6 +238,9 @@ class Leases:
             log.warning("lease %x presumed expired: not refreshed within its TTL", lease.id)
             self._drop(seconds, lease)
             lease.mark_lost()
+            # If the server still has it (the refresh was only slow), its keys would block
+            # others for up to a TTL more, though their owners were told they are lost.
+            self._workers.submit(self._discard, lease)
             return False
         if not busy:
             self._workers.submit(self._refresh, seconds, lease)
@@ -261,6 +264,13 @@ class Leases:
         finally:
             with self._mutex:
                 self._refreshing.discard(lease.id)
+
+    def _discard(self, lease: Lease) -> None:
+        """Revoke a lease given up for lost, on a worker (best effort: else it expires)."""
+        try:
+            self.revoke(lease)
+        except DcoordError as exc:
+            log.info("lease %x given up for lost, not revoked: %s", lease.id, exc)
 
     def _drop(self, seconds: int, lease: Lease) -> None:
         with self._mutex:
