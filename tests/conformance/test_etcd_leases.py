@@ -449,11 +449,15 @@ def test_any_other_server_error_is_a_backend_error_quoting_the_reply(
 def test_a_closed_client_raises_client_closed(etcd_connect: Connect) -> None:
     client = etcd_connect()
     backend = backend_of(client)
+    subscription = backend.groups.subscribe("g")
     client.close()
     with pytest.raises(dcoord.ClientClosed):
         backend.kv.get("k")
     with pytest.raises(dcoord.ClientClosed):
         backend.leases.lease(5)
+    with pytest.raises(dcoord.ClientClosed):
+        backend.groups.read("g")
+    subscription.close()  # its watch went with the client: nothing to do, nothing raised
 
 
 class ShortTokenEtcd(ProcessServer):

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, ClientClosed
 from ..base import GroupSnapshot
 from .leases import Lease
 
@@ -207,8 +207,8 @@ class EtcdSubscription:
         with self._mutex:
             self._generation += 1
         if watch_id is not None:
-            # If the stream is gone, the watch went with it.
-            with contextlib.suppress(BackendUnavailable):
+            # If the stream (or the whole client) is gone, the watch went with it.
+            with contextlib.suppress(BackendUnavailable, ClientClosed):
                 self._backend.call(
                     lambda: self._backend.etcd.cancel_watch(watch_id), what=self._what
                 )
