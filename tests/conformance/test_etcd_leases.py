@@ -435,6 +435,8 @@ def test_permission_denied_names_the_operation_never_the_password(
     with pytest.raises(dcoord.ConfigError, match="authentication failed") as bad:
         dcoord.connect(f"etcd://app:wrong-pw@{HOST}:{server.port}")
     assert "wrong-pw" not in str(bad.value)
+    with pytest.raises(dcoord.ConfigError, match="'app' and no password"):
+        dcoord.connect(f"etcd://app@{HOST}:{server.port}")
 
 
 def test_any_other_server_error_is_a_backend_error_quoting_the_reply(

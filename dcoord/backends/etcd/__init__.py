@@ -96,6 +96,11 @@ class EtcdBackend:
         self._calls = 0
         self._idle = threading.Condition()
         self._auth_mutex = threading.Lock()
+        if (settings.username is None) != (settings.password is None):
+            raise ConfigError(
+                f"etcd needs both a user and a password, or neither; got user "
+                f"{settings.username!r} and {'no' if settings.password is None else 'a'} password"
+            )
         creds = None
         if settings.tls:
             if settings.options["ca_cert"] is None:
