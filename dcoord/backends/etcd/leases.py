@@ -122,11 +122,13 @@ class Leases:
         Never one already past its TTL: that one is marked lost and a fresh one granted.
         """
         seconds = max(1, math.ceil(ttl))
+        stale = self._shared(seconds)
+        if stale is not None and stale.usable:
+            return stale
         # One grant at a time (so one lease per TTL), outside _mutex: the keep-alive jobs
         # take _mutex and must not wait for a grant's round trip.
         with self._granting:
-            with self._mutex:
-                stale = self._by_ttl.get(seconds)
+            stale = self._shared(seconds)  # granted meanwhile by another thread?
             if stale is not None and stale.usable:
                 return stale
             lease = self.grant(seconds)
@@ -271,6 +273,10 @@ class Leases:
             self.revoke(lease)
         except DcoordError as exc:
             log.info("lease %x given up for lost, not revoked: %s", lease.id, exc)
+
+    def _shared(self, seconds: int) -> Lease | None:
+        with self._mutex:
+            return self._by_ttl.get(seconds)
 
     def _drop(self, seconds: int, lease: Lease) -> None:
         with self._mutex:
