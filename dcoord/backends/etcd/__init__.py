@@ -5,31 +5,82 @@ Atomic steps are etcd transactions compared on revisions; liveness is etcd lease
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 import pyetcd
+import pyetcd.client
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 
 from ...config import Settings
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import (
+    BackendError,
+    BackendUnavailable,
+    ClientClosed,
+    ConfigError,
+    PermissionDenied,
+)
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import EtcdKV
-from .leases import Leases
+from .leases import LeaseNotFound, Leases
 from .locks import EtcdLocks
 from .membership import EtcdGroups
 from .txlog import EtcdTxLog
 
 T = TypeVar("T")
 
-TRANSIENT = (
+log = logging.getLogger("dcoord.etcd")
+
+# Replies that a retry (possibly on another member) can fix: no connection, no answer in
+# time, or a member that is not (or no longer) the leader, or is shedding load.
+_TRANSIENT_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    # gRPC's own transport failures (a reset stream); pyetcd fails the endpoint on them.
+    grpc.StatusCode.INTERNAL,
+)
+_TRANSIENT_DETAILS = ("not leader", "leader changed", "no leader", "too many requests")
+# pyetcd's errors that carry no server reply: the connection, or a watch not created in time.
+_TRANSIENT_TYPES = (
     etcd_errors.ConnectionFailedError,
     etcd_errors.ConnectionTimeoutError,
     etcd_errors.NoServerAvailableError,
     etcd_errors.InternalServerError,
+    etcd_errors.WatchTimedOut,
 )
+# The token expired (simple tokens after --auth-token-ttl of non-use) or predates an auth
+# change: a fresh token fixes it, as the Go client does.
+_STALE_TOKEN_DETAILS = ("invalid auth token", "revision of auth store is old", "revision in header")
+# Credentials the server will never accept: bad input, not a run-time failure.
+_BAD_CREDENTIALS_DETAILS = ("authentication failed", "authentication is not enabled", "user name")
+
+
+class _Retryable(Exception):
+    """A transient failure inside :meth:`EtcdBackend.call`; never escapes it."""
+
+
+def _reply(exc: BaseException) -> grpc.Call | None:
+    """The gRPC reply behind ``exc``: pyetcd raises its own error while handling it."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, grpc.Call):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> tuple[grpc.StatusCode | None, str]:
+    reply = _reply(exc)
+    if reply is None:
+        return None, str(exc) or type(exc).__name__
+    return reply.code(), reply.details() or str(reply.code())
 
 
 class EtcdBackend:
@@ -39,6 +90,17 @@ class EtcdBackend:
         self.settings = settings
         self.endpoint = ",".join(f"{h}:{p}" for h, p in settings.hosts)
         self.prefix = f"/dcoord/{settings.namespace}/"
+        self._closed = False
+        # Calls in progress: close() lets them finish before it closes the channel, since
+        # gRPC may crash the process on a call over a closed channel.
+        self._calls = 0
+        self._idle = threading.Condition()
+        self._auth_mutex = threading.Lock()
+        if (settings.username is None) != (settings.password is None):
+            raise ConfigError(
+                f"etcd needs both a user and a password, or neither; got user "
+                f"{settings.username!r} and {'no' if settings.password is None else 'a'} password"
+            )
         creds = None
         if settings.tls:
             if settings.options["ca_cert"] is None:
@@ -58,13 +120,18 @@ class EtcdBackend:
         what = f"connect to etcd at {self.endpoint}"
 
         def connect() -> Any:
-            return pyetcd.MultiEndpointEtcd3Client(
+            etcd = pyetcd.MultiEndpointEtcd3Client(
                 endpoints=endpoints,
                 timeout=settings.connect_timeout,
                 user=settings.username,
                 password=settings.password,
                 failover=len(endpoints) > 1,
             )
+            if not settings.tls:
+                # gRPC refuses call credentials on a plain channel ("does not have a
+                # sufficient security level"): the token goes as metadata alone.
+                etcd.call_credentials = None
+            return etcd
 
         self.etcd = self.call(connect, what=what, retry=True, timeout=settings.connect_timeout)
         self.info = self.call(
@@ -84,37 +151,131 @@ class EtcdBackend:
     def call(
         self, fn: Callable[[], T], *, what: str, retry: bool = False, timeout: float | None = None
     ) -> T:
-        """Run ``fn`` with etcd errors mapped to dcoord errors.
+        """Run ``fn`` (raw pyetcd / gRPC calls) with its errors mapped to dcoord errors.
 
-        ``retry=True`` retries transient failures for up to ``timeout`` (default: the
-        request timeout); pass it only for operations that are safe to repeat.
+        The one place where etcd's errors become dcoord's: transient ones (no connection,
+        no answer in time, not the leader) are retried with ``retry=True`` for up to
+        ``timeout`` (default: the request timeout) and end as BackendUnavailable;
+        PERMISSION_DENIED is PermissionDenied, refused credentials ConfigError, a missing
+        lease LeaseNotFound, any other reply BackendError quoting it. An expired auth
+        token is renewed once and the call repeated. Pass ``retry=True`` only for
+        operations that are safe to repeat; ``fn`` must not itself go through ``call``.
         """
+        with self._idle:
+            if self._closed:
+                raise ClientClosed(f"{what}: the client is closed")
+            self._calls += 1
         try:
-            if retry:
-                return with_retries(
-                    fn,
-                    what=what,
-                    transient=TRANSIENT,
-                    timeout=timeout or self.settings.request_timeout,
+            return self._call(fn, what=what, retry=retry, timeout=timeout)
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
+
+    def _call(self, fn: Callable[[], T], *, what: str, retry: bool, timeout: float | None) -> T:
+        def attempt() -> T:
+            try:
+                return fn()
+            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+                if not (self.settings.username and self._stale_token(exc)):
+                    raise self._mapped(exc, what) from exc
+            self._authenticate(what)
+            try:
+                return fn()
+            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+                raise self._mapped(exc, what) from exc
+
+        try:
+            if not retry:
+                return attempt()
+            return with_retries(
+                attempt,
+                what=what,
+                transient=(_Retryable,),
+                timeout=timeout or self.settings.request_timeout,
+            )
+        except _Retryable as exc:
+            raise BackendUnavailable(f"{what}: {exc}") from exc.__cause__
+        except BackendUnavailable as exc:
+            if isinstance(exc.__cause__, _Retryable):  # with_retries gave up: chain the reply
+                raise BackendUnavailable(str(exc)) from exc.__cause__.__cause__
+            raise
+
+    def _mapped(self, exc: BaseException, what: str) -> Exception:
+        """The dcoord error for ``exc`` (or _Retryable when a retry may fix it)."""
+        code, details = _describe(exc)
+        if (
+            code in _TRANSIENT_CODES
+            or (code is None and isinstance(exc, _TRANSIENT_TYPES))
+            or any(text in details for text in _TRANSIENT_DETAILS)
+        ):
+            return _Retryable(details)
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return PermissionDenied(
+                f"{what}: etcd refused user {self.settings.username!r}: {details}"
+            )
+        if code == grpc.StatusCode.UNAUTHENTICATED or any(
+            text in details for text in _BAD_CREDENTIALS_DETAILS
+        ):
+            return ConfigError(f"{what}: etcd refused the credentials: {details}")
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+            return LeaseNotFound(f"{what}: {details}")
+        return BackendError(f"{what}: etcd answered: {details}")
+
+    @staticmethod
+    def _stale_token(exc: BaseException) -> bool:
+        _, details = _describe(exc)
+        return any(text in details for text in _STALE_TOKEN_DETAILS)
+
+    def _authenticate(self, what: str) -> None:
+        """Get a fresh auth token for every later request (pyetcd never renews it)."""
+        etcd = self.etcd
+        request = etcdrpc.AuthenticateRequest(
+            name=self.settings.username, password=self.settings.password
+        )
+        with self._auth_mutex:
+            try:
+                token = self.rpc(
+                    lambda etcd: etcd.authstub.Authenticate(request, self.settings.request_timeout)
+                ).token
+            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+                raise self._mapped(exc, f"{what}: authenticate again") from exc
+            etcd.metadata = (("token", token),)
+            if self.settings.tls:
+                etcd.call_credentials = grpc.metadata_call_credentials(
+                    pyetcd.client.EtcdTokenCallCredentials(token)
                 )
-            return fn()
-        except TRANSIENT as exc:
-            raise BackendUnavailable(f"{what}: {exc}") from exc
-        except grpc.RpcError as exc:  # errors pyetcd does not map, e.g. bad credentials
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            if code in (
-                grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.PERMISSION_DENIED,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            ):
-                raise ConfigError(f"{what}: etcd refused: {exc.details()}") from exc
-            raise BackendUnavailable(f"{what}: {exc}") from exc
+            # A watch stream started later (after a reconnect) must use the new token too.
+            watcher = etcd._stubs.get("watcher")
+            if watcher is not None:
+                watcher._metadata, watcher._credentials = etcd.metadata, etcd.call_credentials
+        log.info("etcd at %s: auth token renewed", self.endpoint)
+
+    def rpc(self, invoke: Callable[[Any], T]) -> T:
+        """Run ``invoke(etcd)``, a raw gRPC stub call (for what pyetcd's API lacks).
+
+        A failing endpoint is marked failed, as pyetcd's own calls do, so that the next
+        attempt may fail over; the error is left for :meth:`call` to map.
+        """
+        etcd = self.etcd
+        try:
+            return invoke(etcd)
+        except grpc.RpcError as exc:
+            etcd._manage_grpc_errors(exc)  # raises pyetcd's error for the code, or exc
+            raise
 
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             self.leases.close()
         finally:
+            with self._idle:
+                self._closed = True
+                # A call still running (a keep-alive, a waiter's check) ends within its
+                # request timeout; closing the channel under it could crash the process.
+                self._idle.wait_for(lambda: self._calls == 0, timeout=self.settings.request_timeout)
             self.etcd.close()

@@ -1,4 +1,4 @@
-"""The client's etcd leases: one per distinct TTL, all kept alive by one scheduler job.
+"""The client's etcd leases: one per distinct TTL, each kept alive at a third of its TTL.
 
 This is etcd's *session* (client/v3/concurrency) generalised to several TTLs: every key a
 client wants to live only as long as the client (auto-renewed locks, group members) is
@@ -13,22 +13,36 @@ timeout, so ~2 s by default); the granted TTL is what ``Lease.ttl`` reports.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from pyetcd import etcdrpc
 
-from ...errors import BackendUnavailable
-from ...scheduler import Job, Scheduler
+from ...errors import BackendError, ClientClosed, DcoordError
+from ...scheduler import JobResult, Scheduler
 
 if TYPE_CHECKING:
     from . import EtcdBackend
 
 log = logging.getLogger("dcoord.etcd")
+
+T = TypeVar("T")
+
+# Keep-alives run on a few threads of their own, so a refresh hanging for its whole
+# timeout delays neither the scheduler thread nor the refresh of another lease.
+_KEEPALIVE_WORKERS = 4
+_MIN_INTERVAL = 0.2
+
+
+class LeaseNotFound(BackendError):
+    """The server has no such lease (it expired or was revoked): nor the keys on it."""
 
 
 class Lease:
@@ -48,6 +62,16 @@ class Lease:
     def expires_at(self) -> float:
         """Monotonic time by which the lease has surely expired unless refreshed."""
         return self.last_refreshed + self.ttl
+
+    @property
+    def usable(self) -> bool:
+        """Not known to be lost, and not past its TTL since the last successful refresh."""
+        return not self.lost.is_set() and time.monotonic() < self.expires_at
+
+    def refreshed(self, sent: float) -> None:
+        """A refresh sent at ``sent`` succeeded (a late reply never moves expiry back)."""
+        with self._mutex:
+            self.last_refreshed = max(self.last_refreshed, sent)
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when the lease expires; at once if it already has."""
@@ -71,29 +95,68 @@ class Lease:
 
 
 class Leases:
-    """Grants, keeps alive and revokes the client's shared leases."""
+    """Grants, keeps alive and revokes the client's shared leases.
+
+    Each shared lease has its own scheduler job, due every third of its TTL, so a lease
+    with a short TTL is refreshed at its own pace from the moment it is granted. The job
+    only hands the refresh to a worker (bounded by the lease's remaining validity) and
+    marks the lease lost once its TTL has passed without a successful refresh, even if
+    a refresh is still hanging.
+    """
 
     def __init__(self, backend: EtcdBackend, scheduler: Scheduler) -> None:
         self._backend = backend
         self._scheduler = scheduler
         self._by_ttl: dict[int, Lease] = {}
+        self._refreshing: set[int] = set()  # ids of the leases a worker is refreshing
         self._mutex = threading.Lock()
-        self._job: Job | None = None
+        self._granting = threading.Lock()
+        self._closed = False
+        self._workers = ThreadPoolExecutor(
+            _KEEPALIVE_WORKERS, thread_name_prefix="dcoord-etcd-keepalive"
+        )
 
     def lease(self, ttl: float) -> Lease:
-        """The live shared lease for ``ttl`` seconds (rounded up), granted on first use."""
+        """The live shared lease for ``ttl`` seconds (rounded up), granted on first use.
+
+        Never one already past its TTL: that one is marked lost and a fresh one granted.
+        """
         seconds = max(1, math.ceil(ttl))
-        with self._mutex:
-            lease = self._by_ttl.get(seconds)
-            if lease is not None and not lease.lost.is_set():
-                return lease
+        stale = self._shared(seconds)
+        if stale is not None and stale.usable:
+            return stale
+        # One grant at a time (so one lease per TTL), outside _mutex: the keep-alive jobs
+        # take _mutex and must not wait for a grant's round trip.
+        with self._granting:
+            stale = self._shared(seconds)  # granted meanwhile by another thread?
+            if stale is not None and stale.usable:
+                return stale
             lease = self.grant(seconds)
-            self._by_ttl[seconds] = lease
-            if self._job is None:
-                self._job = self._scheduler.every(
-                    self._interval(), self._keep_alive, name="etcd lease keep-alive"
+            with self._mutex:
+                self._by_ttl[seconds] = lease
+            try:
+                self._scheduler.every(
+                    max(_MIN_INTERVAL, lease.ttl / 3),
+                    functools.partial(self._tick, seconds, lease),
+                    name=f"etcd lease {lease.id:x} keep-alive",
                 )
-            return lease
+            except RuntimeError as exc:  # the client is closing: its scheduler has stopped
+                self._drop(seconds, lease)
+                self.revoke(lease)
+                raise ClientClosed(f"lease of {seconds} s: the client is closed") from exc
+        if stale is not None:
+            stale.mark_lost()  # outside the mutex: its callbacks may take their time
+        return lease
+
+    def attached(self, lease: Callable[[], Lease], fn: Callable[[Lease], T]) -> T:
+        """``fn(lease())``; if the server has already dropped that lease (before its
+        keep-alive noticed), mark it lost and run ``fn`` once more on a fresh one."""
+        first = lease()
+        try:
+            return fn(first)
+        except LeaseNotFound:
+            first.mark_lost()
+        return fn(lease())
 
     def grant(self, ttl: float) -> Lease:
         """A new lease that nobody keeps alive (for keys that must expire on their own)."""
@@ -103,6 +166,34 @@ class Leases:
             lambda: self._backend.etcd.lease(seconds), what=f"grant a {seconds} s lease"
         )
         return Lease(int(granted.id), int(granted.ttl), sent)
+
+    def keep_alive(self, lease: Lease, timeout: float | None = None) -> bool:
+        """Refresh ``lease`` once; False (and the lease marked lost) if the server has it
+        no more. ``timeout`` bounds the request (default: the request timeout)."""
+        limit = self._backend.settings.request_timeout
+        if timeout is not None:
+            limit = min(limit, timeout)
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease.id)
+        sent = time.monotonic()
+
+        def once() -> int:
+            replies = self._backend.rpc(
+                lambda etcd: list(
+                    etcd.leasestub.LeaseKeepAlive(
+                        iter([request]),
+                        limit,
+                        credentials=etcd.call_credentials,
+                        metadata=etcd.metadata,
+                    )
+                )
+            )
+            return int(replies[-1].TTL) if replies else 0
+
+        if self._backend.call(once, what=f"keep lease {lease.id:x} alive") <= 0:
+            lease.mark_lost()
+            return False
+        lease.refreshed(sent)
+        return True
 
     def revoke(self, lease: Lease) -> None:
         """Revoke ``lease`` now: every key attached to it is deleted at once."""
@@ -121,49 +212,73 @@ class Leases:
     def close(self) -> None:
         """Revoke every shared lease (best effort: unrevoked ones expire by their TTL)."""
         with self._mutex:
+            self._closed = True
             leases, self._by_ttl = list(self._by_ttl.values()), {}
-            if self._job is not None:
-                self._job.cancel()
-                self._job = None
+        self._workers.shutdown(wait=False, cancel_futures=True)
         for lease in leases:
             try:
                 self.revoke(lease)
-            except BackendUnavailable:
-                log.warning("could not revoke lease %x; it expires in %d s", lease.id, lease.ttl)
+            except DcoordError as exc:
+                log.warning(
+                    "could not revoke lease %x (%s); it expires in %d s", lease.id, exc, lease.ttl
+                )
                 lease.mark_lost()
 
-    def _interval(self) -> float:
-        # Refresh at a third of the shortest TTL, as etcd's own session does.
-        with_ttls = [lease.ttl for lease in self._by_ttl.values()] or [3]
-        return max(0.2, min(with_ttls) / 3)
-
-    def _keep_alive(self) -> float:
+    def _tick(self, seconds: int, lease: Lease) -> JobResult:
+        """The scheduler job of one shared lease: start a refresh, or declare it lost."""
+        usable = lease.usable
         with self._mutex:
-            leases = list(self._by_ttl.items())
-        for seconds, lease in leases:
-            self._refresh(lease)
-            if lease.lost.is_set():
-                with self._mutex:
-                    if self._by_ttl.get(seconds) is lease:
-                        del self._by_ttl[seconds]
-        with self._mutex:
-            return self._interval()
-
-    def _refresh(self, lease: Lease) -> None:
-        sent = time.monotonic()
-        try:
-            responses = self._backend.call(
-                lambda: list(self._backend.etcd.refresh_lease(lease.id)),
-                what=f"keep lease {lease.id:x} alive",
-            )
-        except BackendUnavailable as exc:
-            # Past its TTL without a successful refresh, the server may have dropped the
-            # lease: from here on the client must not act as if its keys were still there.
-            if time.monotonic() - lease.last_refreshed >= lease.ttl:
-                log.warning("lease %x presumed expired: %s", lease.id, exc)
-                lease.mark_lost()
-            return
-        if not responses or responses[-1].TTL <= 0:
+            current = not self._closed and self._by_ttl.get(seconds) is lease
+            busy = lease.id in self._refreshing
+            if current and usable and not busy:
+                self._refreshing.add(lease.id)
+        if not current:
+            return False
+        if not usable:
+            # Past its TTL without a successful refresh (failing, or still hanging): the
+            # server may have dropped it, so nobody may act as if its keys were there.
+            log.warning("lease %x presumed expired: not refreshed within its TTL", lease.id)
+            self._drop(seconds, lease)
             lease.mark_lost()
-        else:
-            lease.last_refreshed = sent
+            # If the server still has it (the refresh was only slow), its keys would block
+            # others for up to a TTL more, though their owners were told they are lost.
+            self._workers.submit(self._discard, lease)
+            return False
+        if not busy:
+            self._workers.submit(self._refresh, seconds, lease)
+        # Due again in a third of the TTL, and at the latest when the lease runs out.
+        return max(
+            0.01, min(max(_MIN_INTERVAL, lease.ttl / 3), lease.expires_at - time.monotonic())
+        )
+
+    def _refresh(self, seconds: int, lease: Lease) -> None:
+        """One keep-alive, on a worker; any failure stays with this lease."""
+        try:
+            remaining = lease.expires_at - time.monotonic()
+            if remaining > 0 and not self.keep_alive(lease, timeout=remaining):
+                log.warning("lease %x expired on the server", lease.id)
+                self._drop(seconds, lease)
+        except Exception as exc:  # the lease's _tick declares it lost at its deadline
+            if not self._closed:
+                log.warning(
+                    "keep-alive of lease %x failed: %s: %s", lease.id, type(exc).__name__, exc
+                )
+        finally:
+            with self._mutex:
+                self._refreshing.discard(lease.id)
+
+    def _discard(self, lease: Lease) -> None:
+        """Revoke a lease given up for lost, on a worker (best effort: else it expires)."""
+        try:
+            self.revoke(lease)
+        except DcoordError as exc:
+            log.info("lease %x given up for lost, not revoked: %s", lease.id, exc)
+
+    def _shared(self, seconds: int) -> Lease | None:
+        with self._mutex:
+            return self._by_ttl.get(seconds)
+
+    def _drop(self, seconds: int, lease: Lease) -> None:
+        with self._mutex:
+            if self._by_ttl.get(seconds) is lease:
+                del self._by_ttl[seconds]

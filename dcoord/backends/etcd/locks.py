@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,10 +29,10 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 from pyetcd.utils import prefix_range_end
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, DcoordError
 from ...scheduler import JobResult, Scheduler
 from ..base import LockGrant, key_segment
-from .leases import Lease
+from .leases import Lease, LeaseNotFound
 
 if TYPE_CHECKING:
     from . import EtcdBackend
@@ -79,21 +80,15 @@ class EtcdLocks:
 
     def txn(self, request: Any, *, what: str, retry: bool = False) -> Any:
         """Run a raw TxnRequest (pyetcd's builder has no sorted or limited ranges)."""
-        etcd = self.etcd
+        return self.backend.call(lambda: self._send_txn(request), what=what, retry=retry)
 
-        def run() -> Any:
-            try:
-                return etcd.kvstub.Txn(
-                    request,
-                    etcd.timeout,
-                    credentials=etcd.call_credentials,
-                    metadata=etcd.metadata,
-                )
-            except grpc.RpcError as exc:
-                etcd._manage_grpc_errors(exc)  # raises pyetcd's error for the code
-                raise
-
-        return self.backend.call(run, what=what, retry=retry)
+    def _send_txn(self, request: Any) -> Any:
+        """One TxnRequest, its errors raw (for a function that :meth:`txn` cannot wrap)."""
+        return self.backend.rpc(
+            lambda etcd: etcd.kvstub.Txn(
+                request, etcd.timeout, credentials=etcd.call_credentials, metadata=etcd.metadata
+            )
+        )
 
     def slot(self, name: str, ttl: float, auto_renew: bool) -> EtcdLockSlot:
         return EtcdLockSlot(self, name, ttl, auto_renew)
@@ -163,6 +158,8 @@ class EtcdLocks:
             except BackendUnavailable as exc:
                 log.warning("could not remove lock key %s yet: %s", key.decode(), exc)
                 return None
+            except DcoordError as exc:  # refused: retrying cannot help; the lease TTL will
+                log.warning("could not remove lock key %s: %s", key.decode(), exc)
             return False
 
         if attempt() is None:
@@ -180,16 +177,12 @@ class EtcdLocks:
             compare=[_created_at(key, revision)] if revision else [],
             success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
         )
-        attempts = 0
 
-        def once() -> Any:
-            nonlocal attempts
-            attempts += 1
-            return self.txn(request, what=f"delete lock key {key.decode()}")
+        def delete() -> bool:
+            response = self._send_txn(request)
+            return bool(response.succeeded and response.responses[0].response_delete_range.deleted)
 
-        response = self.backend.call(once, what=f"delete lock key {key.decode()}", retry=True)
-        # A retry that finds nothing may follow a first attempt whose reply was lost.
-        return bool(response.succeeded) or attempts > 1
+        return self._removed(delete, what=f"delete lock key {key.decode()}")
 
     def revoke(self, lease: Lease) -> bool:
         """Revoke a private lease (deleting its key); False if it had already expired."""
@@ -197,15 +190,37 @@ class EtcdLocks:
         def revoke() -> bool:
             try:
                 self.etcd.revoke_lease(lease.id)
+                revoked = True
             except grpc.RpcError as exc:
-                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return False
-                raise
-            return True
+                if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND):
+                    raise
+                revoked = False
+            lease.mark_lost()  # the server has it no more, whoever removed it
+            return revoked
 
-        revoked = self.backend.call(revoke, what=f"revoke lease {lease.id:x}", retry=True)
-        lease.mark_lost()
-        return revoked
+        return self._removed(revoke, what=f"revoke lease {lease.id:x}")
+
+    def _removed(self, remove: Callable[[], bool], *, what: str) -> bool:
+        """Run ``remove`` (True: it removed our key; False: found nothing) with retries.
+
+        Nothing found by the first attempt means the key was not there: False. Found by a
+        retry, it may be the earlier attempt (its reply lost) that removed it, or the
+        lease's expiry: the outcome is unknown, and claiming either would be a guess.
+        """
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return remove()
+
+        removed = self.backend.call(attempt, what=what, retry=True)
+        if not removed and attempts > 1:
+            raise BackendUnavailable(
+                f"{what}: the release outcome is unknown: a reply was lost and the retry "
+                "found the key gone (released by the lost attempt, or expired before it)"
+            )
+        return removed
 
     def close(self) -> None:
         """Queue keys go with the client's leases, which the backend revokes at close."""
@@ -230,16 +245,9 @@ class EtcdLockSlot:
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
         while True:
-            lease = (
-                self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
-            )
-            key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
-            try:
-                revision, owner = self._enqueue(key, lease)
-            except BaseException:
-                # The put may have happened with its reply lost: remove the key for sure.
-                self._locks.forget(key, 0, lease, self._private)
-                raise
+            # A shared lease the server dropped unnoticed fails the put (nothing written):
+            # attached() then queues once more on a fresh lease.
+            key, revision, owner, lease = self._leases.attached(self._new_lease, self._enqueue)
             self._key, self._revision, self._lease = key, revision, lease
             try:
                 outcome = "acquired" if owner == revision else self._wait(deadline)
@@ -250,10 +258,14 @@ class EtcdLockSlot:
             if outcome == "acquired":
                 return LockGrant(revision, lease.expires_at)
             self._key = None
+            # Timed out, or our lease is gone (or presumed gone: then its key may linger).
+            self._locks.forget(key, revision, lease, self._private)
             if outcome == "timeout":
-                self._locks.forget(key, revision, lease, self._private)
                 return None
             log.info("lock %r: queue key %s expired while waiting; queueing again", self.name, key)
+
+    def _new_lease(self) -> Lease:
+        return self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
 
     def _owner_range(self) -> Any:
         return _range(
@@ -265,8 +277,10 @@ class EtcdLockSlot:
             keys_only=True,
         )
 
-    def _enqueue(self, key: bytes, lease: Lease) -> tuple[int, int]:
-        """Create our key (idempotent: a retry finds it); return its and the owner's revision."""
+    def _enqueue(self, lease: Lease) -> tuple[bytes, int, int, Lease]:
+        """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
+        create revision, the owner's, and the lease."""
+        key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             success=[
@@ -275,13 +289,20 @@ class EtcdLockSlot:
             ],
             failure=[_range(key, keys_only=True), self._owner_range()],
         )
-        response = self._locks.txn(request, what=f"acquire lock {self.name!r}", retry=True)
+        try:
+            response = self._locks.txn(request, what=f"acquire lock {self.name!r}", retry=True)
+        except LeaseNotFound:
+            raise  # nothing was written: the put needs the lease
+        except BaseException:
+            # The put may have happened with its reply lost: remove the key for sure.
+            self._locks.forget(key, 0, lease, self._private)
+            raise
         if response.succeeded:
             revision = response.header.revision
         else:
             revision = _first_kv(response.responses[0]).create_revision
         owner = _first_kv(response.responses[1])
-        return revision, owner.create_revision if owner is not None else revision
+        return key, revision, owner.create_revision if owner is not None else revision, lease
 
     def _wait(self, deadline: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished)."""
@@ -305,66 +326,86 @@ class EtcdLockSlot:
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
-            response = self._locks.txn(check, what=f"wait for lock {self.name!r}", retry=True)
-            mine, owner, predecessor = (_first_kv(r) for r in response.responses)
-            if mine is None:
+            if not lease.usable:
                 return "requeue"
-            if owner is not None and owner.create_revision == revision:
-                return "acquired"
-            if predecessor is None:
-                continue  # deleted between the two reads of one txn: cannot happen; re-check
-            self._wait_deleted(predecessor.key, response.header.revision + 1, lease, deadline)
+            try:
+                response = self._locks.txn(check, what=f"wait for lock {self.name!r}", retry=True)
+                mine, owner, predecessor = (_first_kv(r) for r in response.responses)
+                if mine is None:
+                    return "requeue"
+                if owner is not None and owner.create_revision == revision:
+                    return "acquired"
+                if predecessor is None:
+                    continue  # deleted between the two reads of one txn: cannot happen
+                if not self._wait_deleted(
+                    predecessor.key, response.header.revision + 1, lease, deadline
+                ):
+                    return "requeue"
+            except BackendUnavailable as exc:
+                # The server may be back before our lease runs out: a waiter keeps its
+                # place in the queue (and its private lease alive) until then.
+                if not self._renew(lease):
+                    raise
+                log.info("lock %r: waiting on through a failure: %s", self.name, exc)
+                lease.lost.wait(min(1.0, lease.ttl / 3))  # back off before the next try
 
     def _wait_deleted(
         self, key: bytes, from_revision: int, lease: Lease, deadline: float | None
-    ) -> None:
-        """Return when ``key`` is deleted (after ``from_revision``), or at the deadline."""
+    ) -> bool:
+        """Return when ``key`` is deleted (after ``from_revision``) or at the deadline:
+        True, or False as soon as our own lease is gone."""
         woken = threading.Event()
         etcd = self._locks.etcd
-        try:
-            watch_id = self._locks.backend.call(
-                lambda: etcd.add_watch_callback(
+
+        def watch() -> Any:
+            try:
+                return etcd.add_watch_callback(
                     key,
                     lambda _response: woken.set(),
                     start_revision=from_revision,
                     filters=[etcdrpc.WatchCreateRequest.NOPUT],
-                ),
-                what=f"watch lock {self.name!r}",
-            )
-        except (etcd_errors.WatchTimedOut, etcd_errors.RevisionCompactedError):
-            return  # re-check at once
+                )
+            except etcd_errors.RevisionCompactedError:
+                return None  # the history since our read is gone: re-check at once
+
+        watch_id = self._locks.backend.call(watch, what=f"watch lock {self.name!r}")
+        if watch_id is None:
+            return True
         try:
             while not woken.is_set():
                 # Wake at least once per lease TTL: a private lease is kept alive by its
-                # waiter, and a lost shared lease (our key gone) is noticed.
-                wait = lease.ttl / 3 if self._private else float(lease.ttl)
+                # waiter (more often as a failing keep-alive eats into its validity), and
+                # a lost shared lease (our key gone) is noticed.
+                if self._private:
+                    wait = max(0.05, min(lease.ttl, lease.expires_at - time.monotonic()) / 3)
+                else:
+                    wait = float(lease.ttl)
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
-                        return
+                        return True
                 if woken.wait(wait):
-                    return
-                if self._private:
-                    self._keep_alive(lease)
-                elif lease.lost.is_set():
-                    return
+                    return True
+                if not self._renew(lease):
+                    return False
+            return True
         finally:
             try:
                 etcd.cancel_watch(watch_id)
             except Exception as exc:  # the watch stream may be gone already
                 log.debug("cancel watch %s: %s", watch_id, exc)
 
-    def _keep_alive(self, lease: Lease) -> bool:
-        """One keep-alive of a private lease; False if it has expired."""
-        sent = time.monotonic()
-        responses = self._locks.backend.call(
-            lambda: list(self._locks.etcd.refresh_lease(lease.id)),
-            what=f"keep lease {lease.id:x} alive",
-        )
-        if not responses or responses[-1].TTL <= 0:
-            return False
-        lease.last_refreshed = sent
-        return True
+    def _renew(self, lease: Lease) -> bool:
+        """Keep a waiter's private lease alive; False once it is gone, or presumed gone
+        (its TTL passed without a successful keep-alive). The client's keep-alive renews
+        a shared lease: only look at it."""
+        if not self._private or not lease.usable:
+            return lease.usable
+        try:
+            return self._leases.keep_alive(lease, timeout=lease.expires_at - time.monotonic())
+        except BackendUnavailable as exc:
+            log.info("lock %r: keep-alive of lease %x failed: %s", self.name, lease.id, exc)
+            return lease.usable
 
     # -- release / extend ----------------------------------------------------------
 
@@ -386,8 +427,7 @@ class EtcdLockSlot:
             # The client keeps the shared lease alive; the lock lasts as long as it does.
             return LockGrant(self._revision, lease.expires_at)
         if ttl <= lease.ttl:
-            if not self._keep_alive(lease):
-                lease.mark_lost()
+            if not self._leases.keep_alive(lease):
                 return None
             return LockGrant(self._revision, lease.expires_at)
         return self._move_to_new_lease(ttl, lease)
@@ -408,14 +448,14 @@ class EtcdLockSlot:
         try:
             moved = self._locks.txn(request, what=f"extend lock {self.name!r}").succeeded
         except BaseException:
-            self._locks.revoke(new)
+            self._leases.revoke(new)
             raise
         if not moved:
-            self._locks.revoke(new)
+            self._leases.revoke(new)
             return None
         self._lease = new
         try:
-            self._locks.revoke(old)
-        except BackendUnavailable as exc:
+            self._leases.revoke(old)
+        except DcoordError as exc:
             log.info("old lease %x of lock %r expires by itself: %s", old.id, self.name, exc)
         return LockGrant(self._revision, new.expires_at)

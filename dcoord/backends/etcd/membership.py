@@ -16,10 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from pyetcd import exceptions as etcd_errors
-
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, ClientClosed
 from ..base import GroupSnapshot
 from .leases import Lease
 
@@ -77,20 +74,18 @@ class EtcdGroups:
             ((current, meta),) = responses[-1]
             return bytes(current), meta
 
-        for attempt in (1, 2):
-            lease = self._backend.leases.lease(ttl)
-            try:
-                # Safe to retry: a retried join whose first reply was lost finds its token.
-                current, meta = self._backend.call(
-                    functools.partial(join, lease), what=f"join {member_id!r}", retry=True
-                )
-                break
-            except BackendUnavailable as exc:
-                if attempt == 2 or not _lease_not_found(exc.__cause__):
-                    raise
-                # The server dropped the shared lease before its keep-alive noticed: so are
-                # its keys. Mark it lost (its members learn it) and join on a fresh one.
-                lease.mark_lost()
+        def join_on(lease: Lease) -> tuple[Lease, bytes, Any]:
+            # Safe to retry: a retried join whose first reply was lost finds its token.
+            current, meta = self._backend.call(
+                functools.partial(join, lease), what=f"join {member_id!r}", retry=True
+            )
+            return lease, current, meta
+
+        # A shared lease the server dropped before its keep-alive noticed took its keys
+        # with it: attached() marks it lost (its members learn it) and joins on a fresh one.
+        lease, current, meta = self._backend.leases.attached(
+            lambda: self._backend.leases.lease(ttl), join_on
+        )
         if current != value:
             return None
         return EtcdRegistration(self, key, lease, int(meta.create_revision))
@@ -122,14 +117,6 @@ class EtcdGroups:
 
     def subscribe(self, group: str) -> EtcdSubscription:
         return EtcdSubscription(self._backend, self.members_prefix(group), group)
-
-
-def _lease_not_found(error: BaseException | None) -> bool:
-    return (
-        isinstance(error, grpc.Call)
-        and error.code() == grpc.StatusCode.NOT_FOUND
-        and "lease not found" in (error.details() or "")
-    )
 
 
 class EtcdRegistration:
@@ -192,13 +179,11 @@ class EtcdSubscription:
                     self._error = response
             self._event.set()
 
-        def watch() -> Any:
-            try:
-                return self._backend.etcd.add_watch_prefix_callback(self._prefix, on_response)
-            except etcd_errors.WatchTimedOut as exc:
-                raise etcd_errors.ConnectionTimeoutError("watch not created in time") from exc
-
-        self._watch_id = self._backend.call(watch, what=self._what)
+        # A watch not created in time (WatchTimedOut) ends as BackendUnavailable.
+        self._watch_id = self._backend.call(
+            lambda: self._backend.etcd.add_watch_prefix_callback(self._prefix, on_response),
+            what=self._what,
+        )
 
     def wait(self, timeout: float) -> None:
         if self._watch_id is None:
@@ -222,8 +207,8 @@ class EtcdSubscription:
         with self._mutex:
             self._generation += 1
         if watch_id is not None:
-            # If the stream is gone, the watch went with it.
-            with contextlib.suppress(BackendUnavailable):
+            # If the stream (or the whole client) is gone, the watch went with it.
+            with contextlib.suppress(BackendUnavailable, ClientClosed):
                 self._backend.call(
                     lambda: self._backend.etcd.cancel_watch(watch_id), what=self._what
                 )
