@@ -6,14 +6,19 @@ is the key with the lowest create revision under the lock's prefix. A Go
 in the same line as dcoord. This module needs no etcd client library, so that
 ``dcoord lock --etcd-key`` works on a machine without the ``etcd`` extra.
 
-The layout must agree with :class:`dcoord.backends.etcd.EtcdBackend` (``/dcoord/NS/``)
-and :class:`dcoord.backends.etcd.locks.EtcdLockSlot` (``lock/SEGMENT/``);
-tests/conformance/test_etcd_interop.py fails if they drift apart.
+The etcd backend builds its keys from these functions, and
+tests/conformance/test_etcd_interop.py fails if what they print stops being what
+``etcdctl lock`` shares.
 """
 
 from __future__ import annotations
 
 from .base import key_segment
+
+
+def namespace_prefix(namespace: str) -> str:
+    """The etcd prefix under which every key of ``namespace`` lives: ``/dcoord/NS/``."""
+    return f"/dcoord/{namespace}/"
 
 
 def etcd_lock_prefix(namespace: str, name: str) -> str:
@@ -24,4 +29,4 @@ def etcd_lock_prefix(namespace: str, name: str) -> str:
     ``etcdctl lock`` append one themselves, and given a prefix that already ends in
     ``/`` they would queue under ``.../SEGMENT//`` and not see dcoord's holder.
     """
-    return f"/dcoord/{namespace}/lock/{key_segment(name)}"
+    return f"{namespace_prefix(namespace)}lock/{key_segment(name)}"

@@ -26,6 +26,7 @@ from ...errors import (
 )
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
+from ..etcd_names import namespace_prefix
 from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
 from .locks import EtcdLocks
@@ -89,7 +90,7 @@ class EtcdBackend:
     def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
         self.settings = settings
         self.endpoint = ",".join(f"{h}:{p}" for h, p in settings.hosts)
-        self.prefix = f"/dcoord/{settings.namespace}/"
+        self.prefix = namespace_prefix(settings.namespace)
         self._closed = False
         # Calls in progress: close() lets them finish before it closes the channel, since
         # gRPC may crash the process on a call over a closed channel.

@@ -32,6 +32,7 @@ from pyetcd.utils import prefix_range_end
 from ...errors import BackendUnavailable, DcoordError
 from ...scheduler import JobResult, Scheduler
 from ..base import LockGrant, key_segment
+from ..etcd_names import etcd_lock_prefix
 from .leases import Lease, LeaseNotFound
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class EtcdLocks:
         self.backend = backend
         self.etcd = backend.etcd
         self.prefix = backend.prefix
+        self.namespace = backend.settings.namespace
         self.scheduler = scheduler
         self._serial = itertools.count(1)
 
@@ -233,7 +235,8 @@ class EtcdLockSlot:
         self._locks = locks
         self._leases = locks.backend.leases
         self.name = name
-        self.prefix = f"{locks.prefix}lock/{key_segment(name)}/".encode()
+        # The mutex prefix etcdctl lock and Go's concurrency.Mutex use too (docs/interop.md).
+        self.prefix = f"{etcd_lock_prefix(locks.namespace, name)}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
         self._private = not auto_renew
