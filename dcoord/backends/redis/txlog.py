@@ -16,8 +16,7 @@ import re
 from importlib import resources
 from typing import TYPE_CHECKING, cast
 
-import redis
-
+from ...errors import BackendError
 from ..base import LogEntry
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class RedisTxLog:
 
         try:
             config = self._backend.call(read, what="read redis persistence settings", retry=True)
-        except redis.ResponseError as exc:  # CONFIG renamed, disabled or denied by ACL
+        except BackendError as exc:  # CONFIG renamed, disabled or denied by ACL
             return f"its persistence settings cannot be checked (CONFIG GET refused: {exc})"
         if config.get("appendonly") != "yes":
             return "redis has appendonly off: a server crash loses recent decisions"
