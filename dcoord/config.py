@@ -64,6 +64,16 @@ def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 36
     return seconds
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 encoding, as every key sent to a server needs (a str
+    holding a lone surrogate, e.g. from ``os.fsdecode`` of bad bytes, has none)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _flag(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
