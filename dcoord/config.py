@@ -38,6 +38,7 @@ SCHEMES = {
     "etcds": ("etcd", True),
 }
 TLS_OPTIONS = ("ca_cert", "cert_file", "key_file")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # Patterns are used with fullmatch: "$" would also accept a trailing newline.
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?")
@@ -203,14 +204,19 @@ def redact_url(url: str) -> str:
     The user information is what precedes the last ``@`` (after ``scheme://``, if any);
     its part after the first ``:`` is the password.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
+    scheme, rest = _split_scheme(url)
     userinfo, at, after = rest.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
-        url = f"{scheme}{sep}{user}{':***' if colon else ''}@{after}"
+        url = f"{scheme}{'://' if scheme else ''}{user}{':***' if colon else ''}@{after}"
     return _shorten(url)
+
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    """``(scheme, rest)`` around the first ``://``; ``("", url)`` when what precedes it
+    is no scheme (then the ``://`` may be inside a password)."""
+    scheme, sep, rest = url.partition("://")
+    return (scheme, rest) if sep and _SCHEME_RE.fullmatch(scheme) else ("", url)
 
 
 def _shorten(text: str) -> str:
@@ -220,8 +226,8 @@ def _shorten(text: str) -> str:
 def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     """Parse and validate a dcoord URL plus options into :class:`Settings`."""
     shown = redact_url(url)
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    scheme, rest = _split_scheme(url)
+    if not scheme:
         raise ConfigError(f"not a dcoord URL (expected scheme://...): {shown!r}")
     scheme = scheme.lower()
     if scheme not in SCHEMES:
