@@ -94,3 +94,21 @@ def test_raw_passwords_are_split_at_the_last_at_before_the_host(password: str) -
     if "%" not in password:
         assert s.password == password
     assert_hidden(password, repr(s) + s.url)
+
+
+@pytest.mark.parametrize("where", ["--url", "DCOORD_URL"])
+def test_the_cli_does_not_print_the_password(
+    where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dcoord.cli import main
+
+    url = "redis://app1:app1-secret@127.0.0.1:99999/0"
+    if where == "DCOORD_URL":
+        monkeypatch.setenv("DCOORD_URL", url)
+        argv = ["members", "g"]
+    else:
+        argv = ["members", "--url", url, "g"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "99999" in err and "app1:***@" in err
+    assert "app1-secret" not in err
