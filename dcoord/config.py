@@ -199,7 +199,7 @@ def _environment_url() -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, shortened to be fit for a message.
+    """``url`` with its password replaced by ``***``.
 
     The user information is what precedes the last ``@`` (after ``scheme://``, if any);
     its part after the first ``:`` is the password.
@@ -209,7 +209,7 @@ def redact_url(url: str) -> str:
     if at:
         user, colon, _ = userinfo.partition(":")
         url = f"{scheme}{'://' if scheme else ''}{user}{':***' if colon else ''}@{after}"
-    return _shorten(url)
+    return url
 
 
 def _split_scheme(url: str) -> tuple[str, str]:
@@ -219,21 +219,24 @@ def _split_scheme(url: str) -> tuple[str, str]:
     return (scheme, rest) if sep and _SCHEME_RE.fullmatch(scheme) else ("", url)
 
 
-def _shorten(text: str) -> str:
-    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({len(text)} characters)"
+def _quoted(text: str) -> str:
+    """``repr(text)``, of its start only when it is long."""
+    if len(text) <= _SHOWN:
+        return repr(text)
+    return f"{text[:_SHOWN]!r}... ({len(text)} characters)"
 
 
 def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     """Parse and validate a dcoord URL plus options into :class:`Settings`."""
-    shown = redact_url(url)
+    shown = _quoted(redact_url(url))
     scheme, rest = _split_scheme(url)
     if not scheme:
-        raise ConfigError(f"not a dcoord URL (expected scheme://...): {shown!r}")
+        raise ConfigError(f"not a dcoord URL (expected scheme://...): {shown}")
     scheme = scheme.lower()
     if scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(
-            f"unknown URL scheme {_shorten(scheme) + '://'!r} in {shown!r}; known: {known}"
+            f"unknown URL scheme {_quoted(scheme + '://')} in {shown}; known: {known}"
         )
     kind, tls = SCHEMES[scheme]
     # The user information first, by the last '@': a password may hold '/', '?' or '#'.
@@ -263,14 +266,14 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     database = "0"
     if kind == "redis":
         if len(hosts) != 1:
-            raise ConfigError(f"a redis URL names exactly one host, got {_shorten(hostlist)!r}")
+            raise ConfigError(f"a redis URL names exactly one host, got {_quoted(hostlist)}")
         database = path.strip("/") or "0"
         if not _DATABASE_RE.fullmatch(database) or int(database) > 15:
             raise ConfigError(
-                f"redis database must be a number 0-15, got {_shorten(database)!r} in {shown!r}"
+                f"redis database must be a number 0-15, got {_quoted(database)} in {shown}"
             )
     elif path.strip("/"):
-        raise ConfigError(f"an etcd URL takes no path, got {_shorten('/' + path)!r} in {shown!r}")
+        raise ConfigError(f"an etcd URL takes no path, got {_quoted('/' + path)} in {shown}")
     if (validated["cert_file"] is None) != (validated["key_file"] is None):
         raise ConfigError("cert_file and key_file must be given together")
     return Settings(kind, tls, hosts, username, password, database, validated)
@@ -279,7 +282,7 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
 def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:
     match = _HOST_RE.fullmatch(text)
     if not match:
-        raise ConfigError(f"bad host {_shorten(text)!r} in {shown!r}")
+        raise ConfigError(f"bad host {_quoted(text)} in {shown}")
     host, port_text = match.group(1), match.group(2)
     if host.startswith("["):
         host = host[1:-1]
@@ -288,13 +291,13 @@ def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:
         labels = name.split(".")
         if len(name) > MAX_HOST_NAME or not all(0 < len(x) <= MAX_HOST_LABEL for x in labels):
             raise ConfigError(
-                f"bad host name {_shorten(host)!r} in {shown!r}: at most {MAX_HOST_NAME} "
+                f"bad host name {_quoted(host)} in {shown}: at most {MAX_HOST_NAME} "
                 f"characters, in dot-separated labels of 1-{MAX_HOST_LABEL}"
             )
     if port_text is None:
         return host, default_port
     if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"bad port {_shorten(port_text)!r} in {shown!r} (must be 1-65535)")
+        raise ConfigError(f"bad port {_quoted(port_text)} in {shown} (must be 1-65535)")
     return host, int(port_text)
 
 
@@ -302,7 +305,7 @@ def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(
-            f"unknown option {_shorten(unknown[0])!r}; known: {', '.join(sorted(OPTIONS))}"
+            f"unknown option {_quoted(unknown[0])}; known: {', '.join(sorted(OPTIONS))}"
         )
     validated = {}
     for name, (validate, default) in OPTIONS.items():
