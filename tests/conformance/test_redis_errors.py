@@ -78,7 +78,7 @@ def test_keys_outside_the_acl_are_permission_denied_naming_the_operation(
     admin: redis.Redis, connect: Callable[..., dcoord.Client]
 ) -> None:
     add_user(admin, "app1", "~other:*", "&*", "+@all")
-    client = connect("app1", PASSWORD)
+    client = connect("app1", PASSWORD, request_timeout=30)
     operations: dict[str, Callable[[], object]] = {
         "acquire lock 'orders'": lambda: client.lock("orders", ttl=5).acquire(timeout=0),
         "admit fence 3 for 'orders'": lambda: client.fence("orders").admit(3),
@@ -97,7 +97,7 @@ def test_keys_outside_the_acl_are_permission_denied_naming_the_operation(
         assert what in message and "app1" in message and "NOPERM" in message, message
         assert PASSWORD not in message
         assert isinstance(info.value.__cause__, redis.exceptions.NoPermissionError)
-        assert time.monotonic() - started < 3.0, f"{what}: denial was retried"
+        assert time.monotonic() - started < 10, f"{what}: the denial was retried"
     assert admin.keys("*") == [], "a denied operation wrote something"
 
 
@@ -122,17 +122,15 @@ def test_follower_denied_its_channel_logs_one_line_without_traceback(
 ) -> None:
     add_user(admin, "app1", f"~dcoord:{namespace}:*", "+@all")  # keys, but no channels
     client = connect("app1", PASSWORD)
-    seen = threading.Event()
     with (
         caplog.at_level(logging.DEBUG, logger="dcoord"),
-        client.group("g").watch(lambda view: seen.set()),
+        client.group("g").watch(lambda view: None),
     ):
         # Several rounds of the follower's backoff.
         wait_until(lambda: sum("following group" in r.getMessage() for r in caplog.records) >= 4)
     follows = [r for r in caplog.records if "following group" in r.getMessage()]
     assert not any(r.exc_info for r in follows), "a traceback was logged"
-    assert "PermissionDenied" not in follows[0].getMessage()
-    assert "NOPERM" in follows[0].getMessage()
+    assert "denied it to user 'app1': NOPERM" in follows[0].getMessage()
     loud = [r for r in follows if r.levelno >= logging.INFO]
     assert len(loud) == 1, [r.getMessage() for r in loud]
 
