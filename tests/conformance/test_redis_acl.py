@@ -124,3 +124,12 @@ def test_a_rule_short_of_a_command_is_denied_naming_it(server: Server, admin: re
     admin.execute_command("ACL", "SETUSER", "app1", "-evalsha")
     with connect(server, NS) as client, pytest.raises(dcoord.PermissionDenied, match="'evalsha'"):
         client.lock("orders", ttl=5).acquire(timeout=0)
+
+
+def test_a_database_other_than_0_needs_select(server: Server, admin: redis.Redis) -> None:
+    url = f"redis://app1:{PASSWORD}@{HOST}:{server.port}/1"
+    with pytest.raises(dcoord.PermissionDenied, match="'select'"):
+        dcoord.connect(url, namespace=NS)
+    admin.execute_command("ACL", "SETUSER", "app1", "+select")  # as docs/security.md says
+    with dcoord.connect(url, namespace=NS) as client:
+        assert client.fence("orders").admit(1)
