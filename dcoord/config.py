@@ -10,6 +10,9 @@ URL forms::
     etcd://[user:password@]host[:port][,host[:port]...]   etcd v3 (etcds:// for TLS)
 
 Options may also be given as URL query parameters (``redis://h/0?connect_timeout=2``).
+The user information ends at the last ``@`` of the URL, so a password may hold ``/``, ``?``
+or ``@``; percent-encode special characters anyway (and an ``@`` in an option value must
+be ``%40``). No error message or repr shows the password (see :func:`redact_url`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,19 @@ SCHEMES = {
     "etcd": ("etcd", False),
     "etcds": ("etcd", True),
 }
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?$")
+TLS_OPTIONS = ("ca_cert", "cert_file", "key_file")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+# Patterns are used with fullmatch: "$" would also accept a trailing newline.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?")
+# ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_DATABASE_RE = re.compile(r"[0-9]{1,2}")
+# DNS limits; longer names fail later, inside the resolver, with a raw UnicodeError.
+MAX_HOST_NAME = 253
+MAX_HOST_LABEL = 63
+# How much of a value an error message quotes (a host may be a megabyte long).
+_SHOWN = 120
 
 
 def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 365) -> float:
@@ -49,6 +63,16 @@ def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 36
     if not math.isfinite(seconds) or seconds <= 0 or seconds > maximum:
         raise ConfigError(f"{name} must be > 0 and <= {maximum:g} seconds, got {value!r}")
     return seconds
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 encoding, as every key sent to a server needs (a str
+    holding a lone surrogate, e.g. from ``os.fsdecode`` of bad bytes, has none)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _flag(name: str, value: object) -> bool:
@@ -77,7 +101,7 @@ def _path(name: str, value: object) -> str:
 
 
 def _namespace(name: str, value: object) -> str:
-    if not isinstance(value, str) or not _NAMESPACE_RE.match(value):
+    if not isinstance(value, str) or not _NAMESPACE_RE.fullmatch(value):
         raise ConfigError(
             f"{name} must be 1-64 characters of letters, digits, '_', '.', '-' "
             f"(starting with a letter or digit), got {value!r}"
@@ -144,13 +168,15 @@ def settings_from(config: str | Mapping[str, Any] | None = None, **options: Any)
     Keyword options override options given in the URL query or the mapping.
     """
     if config is None:
-        url = os.environ.get(ENV_URL) or DEFAULT_URL
+        url = _environment_url()
         merged: dict[str, Any] = {}
     elif isinstance(config, str):
         url, merged = config, {}
     elif isinstance(config, Mapping):
         merged = dict(config)
-        url = merged.pop("url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
+        url = merged.pop("url", None)
+        if url is None:
+            url = _environment_url()
         if not isinstance(url, str):
             raise ConfigError(f"url must be a string, got {url!r}")
     else:
@@ -159,16 +185,62 @@ def settings_from(config: str | Mapping[str, Any] | None = None, **options: Any)
     return parse_url(url, merged)
 
 
+def _environment_url() -> str:
+    url = os.environ.get(ENV_URL)
+    if url is None:
+        return DEFAULT_URL
+    if not url.strip():
+        # Most likely a deployment variable that did not expand: connecting to an
+        # in-process store instead would look like working coordination, and is not.
+        raise ConfigError(
+            f"{ENV_URL} is set but empty; give a backend URL, or unset it for {DEFAULT_URL}"
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``.
+
+    The user information is what precedes the last ``@`` (after ``scheme://``, if any);
+    its part after the first ``:`` is the password.
+    """
+    scheme, rest = _split_scheme(url)
+    userinfo, at, after = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        url = f"{scheme}{'://' if scheme else ''}{user}{':***' if colon else ''}@{after}"
+    return url
+
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    """``(scheme, rest)`` around the first ``://``; ``("", url)`` when what precedes it
+    is no scheme (then the ``://`` may be inside a password)."""
+    scheme, sep, rest = url.partition("://")
+    return (scheme, rest) if sep and _SCHEME_RE.fullmatch(scheme) else ("", url)
+
+
+def _quoted(text: str) -> str:
+    """``repr(text)``, of its start only when it is long."""
+    if len(text) <= _SHOWN:
+        return repr(text)
+    return f"{text[:_SHOWN]!r}... ({len(text)} characters)"
+
+
 def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     """Parse and validate a dcoord URL plus options into :class:`Settings`."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigError(f"not a dcoord URL (expected scheme://...): {url!r}")
+    shown = _quoted(redact_url(url))
+    scheme, rest = _split_scheme(url)
+    if not scheme:
+        raise ConfigError(f"not a dcoord URL (expected scheme://...): {shown}")
     scheme = scheme.lower()
     if scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ConfigError(f"unknown URL scheme {scheme + '://'!r} in {url!r}; known: {known}")
+        raise ConfigError(
+            f"unknown URL scheme {_quoted(scheme + '://')} in {shown}; known: {known}"
+        )
     kind, tls = SCHEMES[scheme]
+    # The user information first, by the last '@': a password may hold '/', '?' or '#'.
+    userinfo, at, rest = rest.rpartition("@") if kind != "memory" else ("", "", rest)
     rest, _, query = rest.partition("?")
     merged = dict(parse_qsl(query, keep_blank_values=True))
     merged.update(options or {})
@@ -178,44 +250,63 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         name = rest.strip("/") or "default"
         return Settings(kind=kind, database=name, options=validated)
 
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hostlist = netloc.rpartition("@")
+    given = [name for name in TLS_OPTIONS if validated[name] is not None]
+    if given and not tls:
+        raise ConfigError(
+            f"{', '.join(given)} given with {scheme}://, which does not use TLS: the "
+            f"connection and its password would go in plaintext; use {scheme}s://"
+        )
+    hostlist, _, path = rest.partition("/")
     username = password = None
     if at:
         user, colon, pw = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if colon else None
-    hosts = tuple(_parse_host(h, DEFAULT_PORTS[kind], url) for h in hostlist.split(","))
+    hosts = tuple(_parse_host(h, DEFAULT_PORTS[kind], shown) for h in hostlist.split(","))
     database = "0"
     if kind == "redis":
         if len(hosts) != 1:
-            raise ConfigError(f"a redis URL names exactly one host, got {hostlist!r}")
+            raise ConfigError(f"a redis URL names exactly one host, got {_quoted(hostlist)}")
         database = path.strip("/") or "0"
-        if not database.isdigit() or int(database) > 15:
-            raise ConfigError(f"redis database must be a number 0-15, got {database!r} in {url!r}")
+        if not _DATABASE_RE.fullmatch(database) or int(database) > 15:
+            raise ConfigError(
+                f"redis database must be a number 0-15, got {_quoted(database)} in {shown}"
+            )
     elif path.strip("/"):
-        raise ConfigError(f"an etcd URL takes no path, got {'/' + path!r} in {url!r}")
+        raise ConfigError(f"an etcd URL takes no path, got {_quoted('/' + path)} in {shown}")
     if (validated["cert_file"] is None) != (validated["key_file"] is None):
         raise ConfigError("cert_file and key_file must be given together")
     return Settings(kind, tls, hosts, username, password, database, validated)
 
 
-def _parse_host(text: str, default_port: int, url: str) -> tuple[str, int]:
-    match = _HOST_RE.match(text)
-    if not text or not match:
-        raise ConfigError(f"bad host {text!r} in {url!r}")
-    host, port_text = match.group(1).strip("[]"), match.group(2)
+def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:
+    match = _HOST_RE.fullmatch(text)
+    if not match:
+        raise ConfigError(f"bad host {_quoted(text)} in {shown}")
+    host, port_text = match.group(1), match.group(2)
+    if host.startswith("["):
+        host = host[1:-1]
+    else:
+        name = host.removesuffix(".")  # a fully qualified name may end with '.'
+        labels = name.split(".")
+        if len(name) > MAX_HOST_NAME or not all(0 < len(x) <= MAX_HOST_LABEL for x in labels):
+            raise ConfigError(
+                f"bad host name {_quoted(host)} in {shown}: at most {MAX_HOST_NAME} "
+                f"characters, in dot-separated labels of 1-{MAX_HOST_LABEL}"
+            )
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"bad port {port_text!r} in {url!r} (must be 1-65535)")
+    if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"bad port {_quoted(port_text)} in {shown} (must be 1-65535)")
     return host, int(port_text)
 
 
 def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ConfigError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTIONS))}")
+        raise ConfigError(
+            f"unknown option {_quoted(unknown[0])}; known: {', '.join(sorted(OPTIONS))}"
+        )
     validated = {}
     for name, (validate, default) in OPTIONS.items():
         validated[name] = validate(name, options[name]) if name in options else default

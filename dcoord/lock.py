@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .backends.base import LockGrant
-from .config import positive_seconds
+from .config import is_utf8, positive_seconds
 from .errors import (
     BackendUnavailable,
     ConfigError,
@@ -51,12 +51,14 @@ OnLost = Callable[["Lock"], object]
 
 
 def validate_name(what: str, name: object) -> str:
-    """A lock or fence name: a non-empty str of at most 1024 characters, no NUL."""
+    """A lock or fence name: a non-empty str of at most 1024 characters, no NUL, no lone
+    surrogate (keys are UTF-8 on every server)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{what} must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME_LENGTH or "\x00" in name:
+    if len(name) > MAX_NAME_LENGTH or "\x00" in name or not is_utf8(name):
         raise ConfigError(
-            f"{what} must be at most {MAX_NAME_LENGTH} characters with no NUL, got {name[:80]!r}"
+            f"{what} must be at most {MAX_NAME_LENGTH} characters of valid Unicode with no "
+            f"NUL, got {name[:80]!r}"
         )
     return name
 

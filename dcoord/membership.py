@@ -461,14 +461,18 @@ class _Follower:
                 except Exception as exc:
                     # Keep following whatever failed (an outage, a server refusing writes
                     # when out of memory): a dead follower would silently freeze every ring.
+                    # A dcoord error (an outage, a refusal such as an ACL denial) says all
+                    # in one line, and once: repeats of it go to DEBUG. Only a bug's
+                    # traceback helps.
+                    repeated = str(exc) == str(self.error)
                     self.error = exc
-                    unexpected = not isinstance(exc, BackendUnavailable)
+                    level = logging.INFO if isinstance(exc, BackendUnavailable) else logging.WARNING
                     log.log(
-                        logging.WARNING if unexpected else logging.INFO,
+                        logging.DEBUG if repeated else level,
                         "following group %r: %s; retrying",
                         self._group.name,
                         exc,
-                        exc_info=unexpected,
+                        exc_info=not isinstance(exc, DcoordError),
                     )
                     self._kick.wait(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)

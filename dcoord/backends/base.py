@@ -28,7 +28,7 @@ from tenacity import (
     RetryCallState,
     RetryError,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_before_delay,
     wait_random_exponential,
 )
@@ -366,24 +366,30 @@ def with_retries(
     *,
     what: str,
     timeout: float,
-    transient: tuple[type[BaseException], ...],
+    transient: tuple[type[BaseException], ...] | Callable[[BaseException], bool],
 ) -> T:
-    """Call ``fn``, retrying ``transient`` errors with jittered backoff for up to ``timeout`` s.
+    """Call ``fn``, retrying transient errors with jittered backoff for up to ``timeout`` s.
 
+    ``transient`` is the exception types to retry, or a predicate on the exception (for
+    drivers whose retryable errors are told apart by the server's reply, not by type).
     When the time is up, raise :class:`BackendUnavailable` naming ``what``, with the last
-    error chained. Use it only for operations that are safe to repeat.
+    error chained. Any other error (a dcoord error of a nested call included) passes
+    through untouched. Use it only for operations that are safe to repeat.
     """
+    is_transient = transient if callable(transient) else lambda exc: isinstance(exc, transient)
     # The first attempt runs bare: building tenacity's machinery costs more than a local
     # round trip, and almost every call succeeds at once.
     started = time.monotonic()
     try:
         return fn()
-    except transient as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         remaining = timeout - (time.monotonic() - started)
         if remaining <= 0:
             raise BackendUnavailable(f"{what}: {exc} (gave up after {timeout:g} s)") from exc
     retrying = Retrying(
-        retry=retry_if_exception_type(transient),
+        retry=retry_if_exception(is_transient),
         stop=stop_before_delay(remaining),
         wait=wait_random_exponential(multiplier=0.05, max=1.0),
         before_sleep=lambda state: _log_retry(what, state),

@@ -101,3 +101,54 @@ def test_cert_and_key_go_together(tmp_path: pytest.TempPathFactory) -> None:
         parse_url(f"rediss://h?cert_file={cert}")
     with pytest.raises(dcoord.ConfigError, match="does not exist"):
         parse_url("rediss://h?ca_cert=/nonexistent/ca.pem")
+
+
+@pytest.mark.parametrize("scheme", ["redis", "etcd"])
+@pytest.mark.parametrize("option", ["ca_cert", "cert_file", "key_file"])
+def test_tls_options_on_a_plaintext_scheme_are_refused(
+    scheme: str, option: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    pem = tmp_path / "x.pem"  # type: ignore[operator]
+    pem.write_text("x")
+    path = str(pem)
+    pair = {"cert_file": path, "key_file": path} if option != "ca_cert" else {"ca_cert": path}
+    with pytest.raises(dcoord.ConfigError, match=f"{option}.*{scheme}s://"):
+        parse_url(f"{scheme}://u:pw@h", pair)
+    assert parse_url(f"{scheme}s://u:pw@h", pair).tls  # negative control
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("memory://?namespace=ns1%0A", "'ns1\\n'"),
+        ("redis://h:6379\n", "6379\\n"),
+        ("redis://h/1\n", "1\\n"),
+        ("redis://h:\u00b2", "\u00b2"),  # a digit to str.isdigit, not to int()
+        ("redis://h:\u0663", "\u0663"),  # an Arabic-Indic three
+        ("redis://h/\u00b2", "\u00b2"),
+        ("redis://" + "a" * 1_000_000, "aaaa"),
+        ("redis://" + "a" * 64 + ".example", "aaaa"),
+        ("redis://a..b", "a..b"),
+    ],
+)
+def test_values_the_old_checks_let_through(url: str, named: str) -> None:
+    with pytest.raises(dcoord.ConfigError) as info:
+        parse_url(url)
+    assert named in str(info.value)
+    assert len(str(info.value)) < 1000
+
+
+def test_long_valid_host_names_are_accepted() -> None:
+    host = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters
+    assert parse_url(f"redis://{host}:1").hosts == ((host, 1),)
+    assert parse_url(f"redis://{host}.:1").hosts == ((host + ".", 1),)  # fully qualified
+
+
+def test_empty_dcoord_url_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCOORD_URL", "")
+    with pytest.raises(dcoord.ConfigError, match="DCOORD_URL"):
+        settings_from()
+    with pytest.raises(dcoord.ConfigError, match="DCOORD_URL"):
+        settings_from({"namespace": "x"})
+    monkeypatch.delenv("DCOORD_URL")
+    assert settings_from().kind == "memory"  # negative control: unset means memory://

@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...config import Settings
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import BackendError, BackendUnavailable, ConfigError, DcoordError, PermissionDenied
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
 from .kv import RedisKV
@@ -25,10 +25,35 @@ from .txlog import RedisTxLog
 
 T = TypeVar("T")
 
-# Errors after which the server may answer again; AuthenticationError and
-# AuthorizationError are ConnectionErrors in redis-py but retrying them cannot help.
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-PERMANENT = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+# Error replies after which the server may answer later: loading its data, busy running a
+# script, a replica (read-only, or its master down) during a failover, a cluster moving
+# slots or without quorum. OOM is not among them: memory rarely frees itself in seconds.
+TRANSIENT_REPLIES = frozenset(
+    {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
+)
+# redis-py makes these ConnectionErrors, but retrying cannot fix the credentials.
+CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+
+
+def reply_text(exc: redis.RedisError) -> str:
+    """The server's error reply as Redis sent it (redis-py strips the code of the
+    replies it knows into ``status_code``)."""
+    return f"{exc.status_code} {exc}" if exc.status_code else str(exc)
+
+
+def reply_code(exc: redis.RedisError) -> str:
+    """The code an error reply starts with (``NOPERM``, ``BUSY``, ``ERR`` ...)."""
+    return reply_text(exc).split(" ", 1)[0]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the request may succeed if sent again: the network, or a reply that says
+    "later" (see TRANSIENT_REPLIES)."""
+    if isinstance(exc, CREDENTIALS):
+        return False
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return True
+    return isinstance(exc, redis.ResponseError) and reply_code(exc) in TRANSIENT_REPLIES
 
 
 class RedisBackend:
@@ -64,12 +89,16 @@ class RedisBackend:
         self.groups = RedisGroups(self, self.prefix)
         self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
-        self.info = self.call(
-            self._server_info,
-            what=f"connect to redis at {self.endpoint}",
-            retry=True,
-            timeout=settings.connect_timeout,
-        )
+        try:
+            self.info = self.call(
+                self._server_info,
+                what=f"connect to redis at {self.endpoint}",
+                retry=True,
+                timeout=settings.connect_timeout,
+            )
+        except BaseException:
+            self.redis.close()
+            raise
 
     def _server_info(self) -> ServerInfo:
         info = self.redis.info("server")
@@ -82,24 +111,34 @@ class RedisBackend:
     def call(
         self, fn: Callable[[], T], *, what: str, retry: bool = False, timeout: float | None = None
     ) -> T:
-        """Run ``fn`` with redis errors mapped to dcoord errors.
+        """Run ``fn`` with redis errors mapped to dcoord errors, once, here.
 
         ``retry=True`` retries transient failures for up to ``timeout`` (default: the
-        request timeout); pass it only for operations that are safe to repeat.
+        request timeout); pass it only for operations that are safe to repeat. A dcoord
+        error raised inside ``fn`` (a nested call) passes through unchanged.
         """
         try:
             if retry:
                 return with_retries(
                     fn,
                     what=what,
-                    transient=TRANSIENT,
+                    transient=is_transient,
                     timeout=timeout or self.settings.request_timeout,
                 )
             return fn()
-        except PERMANENT as exc:
-            raise ConfigError(f"{what}: redis refused the credentials: {exc}") from exc
-        except TRANSIENT as exc:
-            raise BackendUnavailable(f"{what}: {exc}") from exc
+        except redis.RedisError as exc:
+            raise self._error(what, exc) from exc
+
+    def _error(self, what: str, exc: redis.RedisError) -> DcoordError:
+        """The dcoord error for ``exc``, raised by the operation ``what``."""
+        user = self.settings.username or "default"
+        if isinstance(exc, CREDENTIALS):
+            return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
+        if isinstance(exc, redis.ResponseError) and reply_code(exc) == "NOPERM":
+            return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
+        if is_transient(exc):
+            return BackendUnavailable(f"{what}: {reply_text(exc)}")
+        return BackendError(f"{what}: redis replied: {reply_text(exc)}")
 
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)

@@ -15,17 +15,12 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from ...errors import BackendError, BackendUnavailable, DurabilityWarning
 
 if TYPE_CHECKING:
     from . import RedisBackend
 
 log = logging.getLogger("dcoord.redis")
-
-# A refusal of the command itself; raw from redis-py, or translated at the backend boundary.
-_REFUSED = (redis.ResponseError, BackendError)
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ def read(backend: RedisBackend) -> Persistence | str:
             what="read redis persistence settings",
             retry=True,
         )
-    except _REFUSED as exc:
+    except BackendError as exc:
         config_refused = f"CONFIG GET refused: {exc}"
     else:
         return Persistence(
@@ -62,7 +57,7 @@ def read(backend: RedisBackend) -> Persistence | str:
             what="read redis persistence and memory info",
             retry=True,
         )
-    except _REFUSED as exc:
+    except BackendError as exc:
         return f"{config_refused}; INFO refused: {exc}"
     aof = info.get("aof_enabled")
     return Persistence(
