@@ -58,7 +58,7 @@ MAX_MEMBER_ID = 256
 MAX_META_BYTES = 64 * 1024
 #: A follower re-reads its group at least this often, even without notifications.
 RESYNC_INTERVAL = 5.0
-_GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Re-read this long after the earliest expiry a follower saw, so the member is surely due.
 _EXPIRY_SLACK = 0.005
 _MAX_BACKOFF = 1.0
@@ -68,7 +68,7 @@ _MAX_BACKOFF = 1.0
 
 
 def _check_group_name(name: object) -> str:
-    if not isinstance(name, str) or not _GROUP_RE.match(name):
+    if not isinstance(name, str) or not _GROUP_RE.fullmatch(name):
         raise ConfigError(
             "group name must be 1-128 characters of letters, digits, '_', '.', '-' "
             f"(starting with a letter or digit), got {name!r}"

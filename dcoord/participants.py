@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dcoord.participants")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_LOCK_TTL = 10.0
 DEFAULT_LOCK_TIMEOUT = 5.0
 
@@ -88,7 +88,7 @@ class KVParticipant:
         lock_ttl: float = DEFAULT_LOCK_TTL,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 "participant name must be 1-64 letters, digits, '_', '.', '-' "
                 f"(starting with a letter or digit), got {name!r}"

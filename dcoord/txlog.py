@@ -29,7 +29,7 @@ from typing import Any, Literal
 from .errors import ConfigError, InvalidTransition, LogCorrupted
 
 SCHEMA_VERSION = 1
-_TXID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_TXID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 Outcome = Literal["committed", "aborted"]
 
@@ -103,7 +103,7 @@ class TxRecord:
 
 def check_txid(txid: object) -> str:
     """Validate a transaction id (what ``tx show`` / ``resolve`` accept)."""
-    if not isinstance(txid, str) or not _TXID_RE.match(txid):
+    if not isinstance(txid, str) or not _TXID_RE.fullmatch(txid):
         raise ConfigError(
             f"transaction id must be 1-128 letters, digits, '_', '.', ':', '-', got {txid!r}"
         )

@@ -27,3 +27,21 @@ def test_lone_surrogates_in_names_are_config_errors(
         use(client)
     assert repr(LONE_SURROGATE) in str(info.value)
     assert client.fence("r").highest() is None  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda c: c.group("g\n"),
+        lambda c: c.coordinator().resolve("tx1\n"),
+        lambda c: dcoord.KVParticipant(c, "bank\n"),
+    ],
+    ids=["group name", "txid", "participant name"],
+)
+def test_a_trailing_newline_is_not_part_of_a_valid_name(
+    client: dcoord.Client, use: Callable[[dcoord.Client], object]
+) -> None:
+    """The name patterns are matched whole: ``$`` would also accept a final newline."""
+    with pytest.raises(dcoord.ConfigError) as info:
+        use(client)
+    assert "\\n" in str(info.value)
