@@ -429,6 +429,16 @@ def test_close_releases_held_locks(connect: Connect) -> None:
     assert b.lock("res").acquire(timeout=2), "a closed client must not hold locks until TTL"
 
 
+def test_acquire_on_a_closed_client_raises_client_closed(connect: Connect) -> None:
+    client = connect()
+    lock = client.lock("res")
+    client.close()
+    with pytest.raises(dcoord.ClientClosed, match="res"):
+        lock.acquire()
+    with pytest.raises(dcoord.ClientClosed), lock:
+        pytest.fail("the block must not run")
+
+
 def test_fence_survives_a_server_restart(
     real_backend: str, server_factory: Callable[..., object], namespace: str
 ) -> None:
