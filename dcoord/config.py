@@ -51,6 +51,13 @@ def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 36
     return seconds
 
 
+def _margin(name: str, value: object) -> float:
+    """A clock margin in seconds: 0 (none) or up to an hour."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return 0.0
+    return positive_seconds(name, value, maximum=3600.0)
+
+
 def _flag(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -95,6 +102,9 @@ OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "cert_file": (_path, None),
     "key_file": (_path, None),
     "require_durable": (_flag, False),
+    # Redis: seconds added to the server clock for the first fence of a lock whose
+    # counter is missing, covering a new primary whose clock lags (docs/locks.md).
+    "fence_skew_margin": (_margin, 0.0),
 }
 
 
