@@ -3,9 +3,8 @@
 The semantics live here once: validation, timeouts, the conservative client-side
 deadline behind :attr:`Lock.held`, the watchdog that renews held locks (one scheduler
 job per client, renewal requests on a small worker pool), ``on_lost``, and the context
-manager. Backends only provide a
-:class:`~dcoord.backends.base.LockSlot` per handle (acquire with notified waiting,
-compare-and-act release and extend, a fence per grant).
+manager. Backends only provide a :class:`~dcoord.backends.base.LockSlot` per handle
+(acquire with notified waiting, compare-and-act release and extend, a fence per grant).
 """
 
 from __future__ import annotations
@@ -333,24 +332,25 @@ class Lock:
 
     def _extend_grant(self, generation: int) -> float | None:
         """Extend the grant; the monotonic time of the next renewal, or None if done."""
-        with self._mutex:
-            grant = self._grant
-            if generation != self._generation or grant is None or self._lost_reason:
-                return None
-        try:
-            with self._op:
-                with self._mutex:
-                    if generation != self._generation:
-                        return None
+        failure: Exception | None = None
+        with self._op:
+            # Read under _op: a user's extend() that ran first has moved the deadline.
+            with self._mutex:
+                grant = self._grant
+                if generation != self._generation or grant is None or self._lost_reason:
+                    return None
+            try:
                 new = self._slot.extend(self.ttl)
-        except Exception as exc:
+            except Exception as exc:  # handled below, without _op: on_lost may release
+                new, failure = None, exc
+        if failure is not None:
             # Whatever the failure (a DcoordError or, say, a server error reply nobody
             # mapped), it is this lock's alone: retry until the deadline, then lose it.
             remaining = grant.expires_at - time.monotonic()
             if remaining <= 0:
-                self._mark_lost(generation, f"renewal failed: {exc!r}")
+                self._mark_lost(generation, f"renewal failed: {failure!r}")
                 return None
-            log.warning("lock %r: renewal failed, retrying: %r", self.name, exc)
+            log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
             return time.monotonic() + max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
         if new is None:
             self._mark_lost(generation, "the server no longer has it (expired or taken over)")
