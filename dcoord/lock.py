@@ -471,23 +471,28 @@ class _ClientLocks:
             if self._due.get(lock, (0.0, -1))[1] != generation:
                 return  # released, re-acquired or closed meanwhile
             self._due[lock] = (due, generation)
-            old = self._run_by(due)
+            try:
+                old = self._run_by(due)
+            except RuntimeError:  # the scheduler closed: the client is closing
+                return
         if old is not None:
             old.cancel()
 
     def _run_by(self, due: float) -> Job | None:
-        """Make the job run by ``due`` (mutex held); returns a replaced job to cancel."""
+        """Make the job run by ``due`` (mutex held); returns a replaced job to cancel.
+
+        Raises RuntimeError, changing nothing, once the scheduler is closed.
+        """
         if due >= self._job_at:
             return None
-        old, token = self._job, self._job_token + 1
-        self._job_token = token
-        self._job_at = due
-        self._job = self._scheduler.every(
+        token = self._job_token + 1
+        job = self._scheduler.every(
             1.0,
             lambda: self._run(token),
             name="dcoord lock watchdog",
             delay=max(0.0, due - time.monotonic()),
         )
+        old, self._job, self._job_token, self._job_at = self._job, job, token, due
         return old
 
     def discard(self, lock: Lock) -> None:

@@ -183,3 +183,38 @@ def test_close_lets_go_of_every_lock_even_if_one_release_fails(
         assert other.lock("second").acquire(blocking=False)
     finally:
         other.close()
+
+
+def test_a_renewal_finishing_after_the_scheduler_stopped_is_quiet(
+    client: dcoord.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal answered after the scheduler closed (a dying client) has nothing left
+    to reschedule: no error, no traceback."""
+    hanging, answer, finished = threading.Event(), threading.Event(), threading.Event()
+    lock = client.lock("res", ttl=3.0)
+
+    def hang() -> LockGrant | None:
+        hanging.set()
+        answer.wait(30)
+        return None  # then the real extend answers: still held
+
+    slot = wrap(lock, hang)
+    real_extend = slot.extend
+
+    def extend(ttl: float) -> LockGrant | None:
+        try:
+            return real_extend(ttl)
+        finally:
+            finished.set()
+
+    slot.extend = extend  # type: ignore[method-assign]
+    assert lock.acquire()
+    assert hanging.wait(5)
+    client.scheduler.close()
+    answer.set()
+    assert finished.wait(5)
+    deadline = time.monotonic() + 5
+    while lock._renewing is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock._renewing is None
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
