@@ -208,7 +208,9 @@ def test_auto_renewal_outlives_the_ttl_with_one_thread(connect: Connect, backend
     for lock in locks:
         lock.acquire()
     new_threads = {t.name for t in threading.enumerate()} - names
-    # One scheduler thread per client renews everything (etcd's lease keep-alive too).
+    # Acquiring starts no thread per lock: one scheduler thread per client looks after
+    # everything (etcd's lease keep-alive too); renewal requests run on a few threads
+    # started later, as many however many locks (tests/unit/test_lock_renewal.py).
     assert len([n for n in new_threads if n.startswith("dcoord-")]) <= 1, new_threads
     time.sleep(ttl * 2.5)
     assert all(lock.held for lock in locks)
