@@ -52,9 +52,13 @@ def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 36
 
 
 def _margin(name: str, value: object) -> float:
-    """A clock margin in seconds: 0 (none) or up to an hour."""
-    if not isinstance(value, bool) and value in (0, "0"):
-        return 0.0
+    """A clock margin in seconds: 0 (none) up to an hour."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            if float(value) == 0:
+                return 0.0
+        except ValueError:
+            pass  # positive_seconds names the bad value
     return positive_seconds(name, value, maximum=3600.0)
 
 

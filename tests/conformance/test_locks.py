@@ -693,5 +693,11 @@ def test_redis_fence_skew_margin_lifts_the_first_fence_of_a_counter(
         old.acquire()
         assert clock_fence < old.fence < clock_fence + margin * 1e6
         old.release()
-    with pytest.raises(dcoord.ConfigError, match="fence_skew_margin"):
-        dcoord.connect(real_backend_url, fence_skew_margin=-1)
+    with dcoord.connect(f"{real_backend_url}?fence_skew_margin=0", namespace=namespace) as none:
+        lock = none.lock("newer")
+        lock.acquire()
+        assert lock.fence < clock_fence + margin * 1e6, "a margin of 0 lifts nothing"
+        lock.release()
+    for bad in (-1, "soon", 7200):
+        with pytest.raises(dcoord.ConfigError, match="fence_skew_margin"):
+            dcoord.connect(real_backend_url, fence_skew_margin=bad)
