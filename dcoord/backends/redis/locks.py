@@ -68,7 +68,8 @@ def answered(exc: BaseException | None) -> bool:
     unknown whether the command ran, or will still run.
     """
     while exc is not None:
-        if isinstance(exc, redis.ResponseError):
+        # redis-py files a LOADING reply (BusyLoadingError) under ConnectionError.
+        if isinstance(exc, redis.ResponseError | redis.BusyLoadingError):
             return True
         exc = exc.__cause__
     return False
