@@ -249,9 +249,10 @@ class RedisLockSlot:
                 what=f"acquire lock {self.name!r}",
             )
         except BaseException as exc:
-            # An error reply: the script stopped before its first write (Redis refuses a
-            # script's first write, never a later one), nothing to undo. Otherwise it may
-            # have run, or may run yet: undo it if so, rather than leave an orphan grant.
+            # An error reply: the script was refused (BUSY, READONLY, NOPERM, ...) or
+            # failed at its first write (out of memory: Redis never refuses a later one),
+            # so there is nothing to undo. Otherwise it may have run, or may run yet: undo
+            # it if so, rather than leave an orphan grant until its TTL.
             if not answered(exc):
                 _OrphanCleanup(self, token, sent, self._ttl).start()
             raise
