@@ -51,17 +51,6 @@ def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 36
     return seconds
 
 
-def _margin(name: str, value: object) -> float:
-    """A clock margin in seconds: 0 (none) up to an hour."""
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        try:
-            if float(value) == 0:
-                return 0.0
-        except ValueError:
-            pass  # positive_seconds names the bad value
-    return positive_seconds(name, value, maximum=3600.0)
-
-
 def _flag(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -94,6 +83,17 @@ def _namespace(name: str, value: object) -> str:
             f"(starting with a letter or digit), got {value!r}"
         )
     return value
+
+
+def _margin(name: str, value: object) -> float:
+    """A clock margin in seconds: 0 (none) up to an hour."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            if float(value) == 0:
+                return 0.0
+        except ValueError:
+            pass  # positive_seconds names the bad value
+    return positive_seconds(name, value, maximum=3600.0)
 
 
 # Every option a user may set, with its validator and default. Backend-specific options
