@@ -114,12 +114,12 @@ class RedisLocks:
         self.backend = backend
         self.redis = backend.redis
         self.prefix = backend.prefix
-        self.notifier = _Notifier(backend)
         self.scheduler = backend.scheduler
         # Cleanups wait for the network; on a thread of their own they never delay the
         # scheduler's other jobs (lock deadlines, heart-beats).
         self.cleanups = WorkerPool("dcoord-redis-lock-cleanup", 1)
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
+        self.notifier = _Notifier(backend)
 
     def slot(self, name: str, ttl: float, auto_renew: bool) -> RedisLockSlot:
         return RedisLockSlot(self, name, ttl)
