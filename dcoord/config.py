@@ -109,6 +109,17 @@ def _namespace(name: str, value: object) -> str:
     return value
 
 
+def _margin(name: str, value: object) -> float:
+    """A clock margin in seconds: 0 (none) up to an hour."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            if float(value) == 0:
+                return 0.0
+        except ValueError:
+            pass  # positive_seconds names the bad value
+    return positive_seconds(name, value, maximum=3600.0)
+
+
 # Every option a user may set, with its validator and default. Backend-specific options
 # are accepted by every URL scheme but only read by the backend that knows them.
 OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
@@ -119,6 +130,9 @@ OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "cert_file": (_path, None),
     "key_file": (_path, None),
     "require_durable": (_flag, False),
+    # Redis: seconds added to the server clock for the first fence of a lock whose
+    # counter is missing, covering a new primary whose clock lags (docs/locks.md).
+    "fence_skew_margin": (_margin, 0.0),
 }
 
 

@@ -1,14 +1,15 @@
 """Distributed locks: the :class:`Lock` handle users hold.
 
 The semantics live here once: validation, timeouts, the conservative client-side
-deadline behind :attr:`Lock.held`, the watchdog that renews a held lock on the client's
-one scheduler thread, ``on_lost``, and the context manager. Backends only provide a
-:class:`~dcoord.backends.base.LockSlot` per handle (acquire with notified waiting,
-compare-and-act release and extend, a fence per grant).
+deadline behind :attr:`Lock.held`, the watchdog that renews held locks (one scheduler
+job per client, renewal requests on a small worker pool), ``on_lost``, and the context
+manager. Backends only provide a :class:`~dcoord.backends.base.LockSlot` per handle
+(acquire with notified waiting, compare-and-act release and extend, a fence per grant).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -22,6 +23,7 @@ from .backends.base import LockGrant
 from .config import is_utf8, positive_seconds
 from .errors import (
     BackendUnavailable,
+    ClientClosed,
     ConfigError,
     DcoordError,
     LockError,
@@ -29,7 +31,7 @@ from .errors import (
     LockNotOwned,
     LockTimeout,
 )
-from .scheduler import Job, JobResult
+from .scheduler import Job, JobResult, WorkerPool
 
 if TYPE_CHECKING:
     from .client import Client
@@ -46,6 +48,9 @@ RENEW_FRACTION = 1 / 3
 # Client and server clocks may run at slightly different rates; the client-side
 # deadline is shortened by this fraction of the TTL so that it errs early.
 CLOCK_DRIFT = 0.01
+# Renewal requests of a client run on at most this many threads (started only when one
+# is busy): a renewal stuck on a slow request leaves the others to renew the rest.
+RENEWAL_WORKERS = 4
 
 OnLost = Callable[["Lock"], object]
 
@@ -88,10 +93,12 @@ class Lock:
     the lock at most once (it is not re-entrant); make one handle per concurrent holder.
 
     ``ttl`` bounds how long the lock outlives a holder that stops renewing (a crash, a
-    pause, a partition). With ``auto_renew`` the client's scheduler thread extends the
-    lock every ``ttl / 3``; when that fails until the TTL has passed, or the server no
-    longer has the lock, the handle turns *lost*: :attr:`held` is False and ``on_lost``
-    is called with the handle (on the scheduler thread; keep it short). Writes to shared
+    pause, a partition). With ``auto_renew`` the client extends the lock every
+    ``ttl / 3`` in the background; when that fails until the TTL has passed, or the
+    server no longer has the lock, the handle turns *lost*: :attr:`held` is False and
+    ``on_lost`` is called with the handle (on a background thread of the client, at the
+    deadline even while a renewal request still waits for the server; keep it short).
+    One lock's renewal never delays or fails another's. Writes to shared
     resources should carry :attr:`fence` so that a stale holder's writes are rejected
     (see :meth:`dcoord.Client.fence`).
     """
@@ -127,6 +134,7 @@ class Lock:
         self._lost_reason: str | None = None
         self._last_fence: int | None = None
         self._acquiring = False
+        self._renewing: int | None = None  # the generation whose renewal is in flight
 
     # -- state ---------------------------------------------------------------------
 
@@ -176,7 +184,7 @@ class Lock:
             wait = validate_timeout("timeout", timeout)
         deadline = None if wait is None else time.monotonic() + wait
         if self._client.closed:
-            raise LockError(f"cannot acquire lock {self.name!r}: the client is closed")
+            raise ClientClosed(f"cannot acquire lock {self.name!r}: the client is closed")
 
         with self._mutex:
             if self._acquiring:
@@ -289,44 +297,76 @@ class Lock:
 
     # -- watchdog ------------------------------------------------------------------
 
-    def _tick(self, generation: int) -> float | None:
-        """Renew (or, without auto-renewal, check the expiry of) a held lock.
+    def _tick(self, generation: int) -> tuple[float | None, bool]:
+        """Look after a held lock on the scheduler thread, never waiting for the network.
 
-        Runs on the client's scheduler thread; returns the seconds until it is due again,
-        or None when it is not held any more.
+        Marks the handle lost once its deadline passed. Returns the monotonic time it is
+        due again (None when it is not held any more) and whether a renewal should be
+        sent now; it is then marked in flight, so at most one is sent per grant.
         """
         with self._mutex:
             grant = self._grant
             if generation != self._generation or grant is None or self._lost_reason:
-                return None
-        now = time.monotonic()
-        if now >= grant.expires_at:
-            self._mark_lost(generation, "its TTL passed without a successful renewal")
-            return None
-        if not self.auto_renew:
-            return grant.expires_at - now  # extend() may have moved the deadline
+                return None, False
+            in_flight = self._renewing == generation
+        if time.monotonic() >= grant.expires_at:
+            suffix = " (a renewal request is still unanswered)" if in_flight else ""
+            self._mark_lost(generation, "its TTL passed without a successful renewal" + suffix)
+            return None, False
+        renew = self.auto_renew and not in_flight
+        if renew:
+            with self._mutex:  # only this thread sets it; the renewal clears it when done
+                self._renewing = generation
+        # Due again at the deadline at the latest, so that the handle is lost on time
+        # even while its renewal hangs; a finished renewal reschedules it sooner.
+        return grant.expires_at, renew
+
+    def _renew(self, generation: int) -> None:
+        """Send one renewal (on a renewal worker), then have the lock looked after again."""
         try:
-            with self._op:
-                with self._mutex:
-                    if generation != self._generation:
-                        return None
+            due = self._extend_grant(generation)
+        finally:
+            with self._mutex:
+                if self._renewing == generation:
+                    self._renewing = None
+        if due is not None:
+            self._registry.reschedule(self, generation, due)
+
+    def _extend_grant(self, generation: int) -> float | None:
+        """Extend the grant; the monotonic time of the next renewal, or None if done."""
+        failure: Exception | None = None
+        with self._op:
+            # Read under _op: a user's extend() that ran first has moved the deadline.
+            with self._mutex:
+                grant = self._grant
+                if generation != self._generation or grant is None or self._lost_reason:
+                    return None
+            try:
                 new = self._slot.extend(self.ttl)
-                if new is not None:
-                    new = self._conservative(new)
-        except DcoordError as exc:
+            except Exception as exc:  # handled below, without _op: on_lost may release
+                new, failure = None, exc
+        if failure is not None:
+            # Whatever the failure (a DcoordError or, say, a server error reply nobody
+            # mapped), it is this lock's alone: retry until the deadline, then lose it.
             remaining = grant.expires_at - time.monotonic()
             if remaining <= 0:
-                self._mark_lost(generation, f"renewal failed: {exc}")
+                self._mark_lost(generation, f"renewal failed: {failure!r}")
                 return None
-            log.warning("lock %r: renewal failed, retrying: %s", self.name, exc)
-            return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
+            log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
+            return time.monotonic() + max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
         if new is None:
             self._mark_lost(generation, "the server no longer has it (expired or taken over)")
             return None
+        if time.monotonic() >= grant.expires_at:
+            # Answered after the deadline, when the handle was (or is about to be) marked
+            # lost: a late reply never makes a lost handle held again.
+            self._mark_lost(generation, "its TTL passed before the renewal was answered")
+            return None
         with self._mutex:
-            if generation == self._generation and self._lost_reason is None:
-                self._grant = new
-        return self.ttl * RENEW_FRACTION
+            if generation != self._generation or self._lost_reason is not None:
+                return None
+            self._grant = self._conservative(new)
+        return time.monotonic() + self.ttl * RENEW_FRACTION
 
     def _mark_lost(self, generation: int, reason: str) -> None:
         with self._mutex:
@@ -349,9 +389,9 @@ class Lock:
             try:
                 with self._op:
                     self._slot.release()
-            except DcoordError as exc:
+            except Exception as exc:  # any failure: the other locks are still let go
                 log.info(
-                    "lock %r not released at close (it expires by its TTL): %s", self.name, exc
+                    "lock %r not released at close (it expires by its TTL): %r", self.name, exc
                 )
 
     # -- context manager -----------------------------------------------------------
@@ -397,17 +437,21 @@ class Lock:
 
 
 class _ClientLocks:
-    """The locks one client holds: one scheduler job renews them all; closed with the client.
+    """The locks one client holds: one scheduler job looks after them all; closed with it.
 
     Acquire and release only add and remove an entry here, so a lock cycle costs the
-    scheduler thread nothing; its one job wakes when the earliest lock is due. A held
-    lock stays held (and renewed) until it is released or the client closes, even if the
-    application dropped its handle, as with Redisson's watchdog.
+    scheduler thread nothing; its one job wakes when the earliest lock is due. The job
+    never waits for the network: it hands renewals to a small worker pool (at most one
+    in flight per lock) and marks a lock lost at its deadline even while its renewal
+    hangs, so one slow or failing lock never costs another. A held lock stays held (and
+    renewed) until it is released or the client closes, even if the application dropped
+    its handle, as with Redisson's watchdog.
     """
 
     def __init__(self, client: Client) -> None:
         self._scheduler = client.scheduler
         self._store = client.backend.locks
+        self._workers = WorkerPool("dcoord-lock-renewal", RENEWAL_WORKERS)
         self._mutex = threading.Lock()
         self._due: dict[Lock, tuple[float, int]] = {}
         self._job: Job | None = None
@@ -419,19 +463,39 @@ class _ClientLocks:
         """Have ``lock`` (this grant of it) looked after from the monotonic time ``due``."""
         with self._mutex:
             self._due[lock] = (due, generation)
-            if due >= self._job_at:
-                return
-            old, token = self._job, self._job_token + 1
-            self._job_token = token
-            self._job_at = due
-            self._job = self._scheduler.every(
-                1.0,
-                lambda: self._run(token),
-                name="dcoord lock watchdog",
-                delay=max(0.0, due - time.monotonic()),
-            )
+            old = self._run_by(due)
         if old is not None:
             old.cancel()
+
+    def reschedule(self, lock: Lock, generation: int, due: float) -> None:
+        """Move the next look at ``lock`` to ``due``, unless that grant is gone meanwhile."""
+        with self._mutex:
+            if self._due.get(lock, (0.0, -1))[1] != generation:
+                return  # released, re-acquired or closed meanwhile
+            self._due[lock] = (due, generation)
+            try:
+                old = self._run_by(due)
+            except RuntimeError:  # the scheduler closed: the client is closing
+                return
+        if old is not None:
+            old.cancel()
+
+    def _run_by(self, due: float) -> Job | None:
+        """Make the job run by ``due`` (mutex held); returns a replaced job to cancel.
+
+        Raises RuntimeError, changing nothing, once the scheduler is closed.
+        """
+        if due >= self._job_at:
+            return None
+        token = self._job_token + 1
+        job = self._scheduler.every(
+            1.0,
+            lambda: self._run(token),
+            name="dcoord lock watchdog",
+            delay=max(0.0, due - time.monotonic()),
+        )
+        old, self._job, self._job_token, self._job_at = self._job, job, token, due
+        return old
 
     def discard(self, lock: Lock) -> None:
         with self._mutex:
@@ -444,14 +508,17 @@ class _ClientLocks:
                 return False  # replaced by an earlier-due job
             ready = [(lock, gen) for lock, (due, gen) in self._due.items() if due <= now]
         for lock, generation in ready:
-            delay = lock._tick(generation)  # network: outside the mutex
+            due, renew = lock._tick(generation)
             with self._mutex:
                 if self._due.get(lock, (0.0, -1))[1] != generation:
                     continue  # released or re-acquired meanwhile
-                if delay is None:
+                if due is None:
                     del self._due[lock]
-                else:
-                    self._due[lock] = (time.monotonic() + delay, generation)
+                    continue
+                # Set before the renewal is handed over, so its reschedule comes after.
+                self._due[lock] = (due, generation)
+            if renew:
+                self._workers.submit(functools.partial(lock._renew, generation))
         with self._mutex:
             if token != self._job_token:
                 return False
@@ -469,6 +536,7 @@ class _ClientLocks:
             self._job_token += 1
         if job is not None:
             job.cancel()
+        self._workers.close()
         try:
             for lock in locks:
                 lock._abandon()

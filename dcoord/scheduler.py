@@ -1,8 +1,10 @@
-"""One background thread per client that runs periodic jobs.
+"""One background thread per client that runs periodic jobs, and pools for blocking work.
 
-Lock renewal, member heartbeats and lease keep-alives of a client all run here, so a
-client with a thousand held locks still has one thread, and ``Client.close()`` stops
-every job at once (a watchdog can never outlive its client).
+Lock renewal, member heartbeats and lease keep-alives of a client are all timed here, so
+a client with a thousand held locks still has one scheduler thread, and
+``Client.close()`` stops every job at once (a watchdog can never outlive its client).
+Work that may wait for the network and must not hold up the other jobs (a lock renewal
+stuck on one slow request) runs on a :class:`WorkerPool` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 log = logging.getLogger("dcoord")
@@ -115,3 +118,60 @@ class Scheduler:
             with self._cond:
                 if not self._closed:
                     self._push(job, job.interval if result is None or result is True else result)
+
+
+class WorkerPool:
+    """Runs tasks on at most ``size`` daemon threads, each started only when needed.
+
+    A new thread starts only when a task would otherwise wait while fewer than ``size``
+    run, and a thread idle for ``idle_exit`` seconds ends: a pool whose tasks are quick
+    keeps one thread, an unused pool none. Threads are daemons, so a task stuck in a
+    request never delays the interpreter's exit.
+    """
+
+    def __init__(self, name: str, size: int, *, idle_exit: float = 30.0) -> None:
+        self._name = name
+        self._size = size
+        self._idle_exit = idle_exit
+        self._cond = threading.Condition()
+        self._tasks: deque[Callable[[], object]] = deque()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+        self._serial = itertools.count(1)
+
+    def submit(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn`` on a pool thread; False (and not run) once the pool is closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._tasks.append(fn)
+            if self._idle < len(self._tasks) and self._threads < self._size:
+                self._threads += 1
+                threading.Thread(
+                    target=self._work, name=f"{self._name}-{next(self._serial)}", daemon=True
+                ).start()
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        """Drop queued tasks and let the threads end; a task already running finishes."""
+        with self._cond:
+            self._closed = True
+            self._tasks.clear()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                self._cond.wait_for(lambda: self._tasks or self._closed, self._idle_exit)
+                self._idle -= 1
+                if self._closed or not self._tasks:  # closed, or idle for idle_exit
+                    self._threads -= 1
+                    return
+                task = self._tasks.popleft()
+            try:
+                task()
+            except Exception:
+                log.exception("dcoord background task on %s failed", self._name)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+import redis
 
 import dcoord
 from dcoord.backends.memory.locks import _table
@@ -206,7 +208,9 @@ def test_auto_renewal_outlives_the_ttl_with_one_thread(connect: Connect, backend
     for lock in locks:
         lock.acquire()
     new_threads = {t.name for t in threading.enumerate()} - names
-    # One scheduler thread per client renews everything (etcd's lease keep-alive too).
+    # Acquiring starts no thread per lock: one scheduler thread per client looks after
+    # everything (etcd's lease keep-alive too); renewal requests run on a few threads
+    # started later, as many however many locks (tests/unit/test_lock_renewal.py).
     assert len([n for n in new_threads if n.startswith("dcoord-")]) <= 1, new_threads
     time.sleep(ttl * 2.5)
     assert all(lock.held for lock in locks)
@@ -429,6 +433,16 @@ def test_close_releases_held_locks(connect: Connect) -> None:
     assert b.lock("res").acquire(timeout=2), "a closed client must not hold locks until TTL"
 
 
+def test_acquire_on_a_closed_client_raises_client_closed(connect: Connect) -> None:
+    client = connect()
+    lock = client.lock("res")
+    client.close()
+    with pytest.raises(dcoord.ClientClosed, match="res"):
+        lock.acquire()
+    with pytest.raises(dcoord.ClientClosed), lock:
+        pytest.fail("the block must not run")
+
+
 def test_fence_survives_a_server_restart(
     real_backend: str, server_factory: Callable[..., object], namespace: str
 ) -> None:
@@ -513,3 +527,177 @@ def test_etcd_waiters_are_served_in_request_order(real_backend_url: str, namespa
     finally:
         for c in clients:
             c.close()
+
+
+class LostReply:
+    """A Lua script stand-in whose chosen calls lose their reply (redis ConnectionError).
+
+    ``lose(n)`` says whether call ``n`` (from 1) loses its reply; ``run_lost`` whether such
+    a call still ran on the server first. ``done`` is set after each call.
+    """
+
+    def __init__(self, real: Any, lose: Callable[[int], bool], *, run_lost: bool) -> None:
+        self.real = real
+        self.lose = lose
+        self.run_lost = run_lost
+        self.calls = 0
+        self.done = threading.Event()
+
+    def __call__(self, client: Any, keys: Any, args: Any) -> Any:
+        self.calls += 1
+        try:
+            if self.lose(self.calls):
+                if self.run_lost:
+                    self.real(client, keys, args)
+                raise redis.ConnectionError("reply lost (test)")
+            return self.real(client, keys, args)
+        finally:
+            self.done.set()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+@pytest.mark.parametrize("first_attempt_ran", [False, True])
+def test_redis_release_retry_finding_nothing_is_an_unknown_outcome(
+    real_backend_url: str, namespace: str, first_attempt_ran: bool
+) -> None:
+    """A retried release that finds nothing used to count as released, which hid a lost
+    lock (here: its key vanished, as in a failover) behind a clean with-block."""
+    with dcoord.connect(real_backend_url, namespace=namespace) as client:
+        locks = client.backend.locks  # type: ignore[attr-defined]
+        lock = client.lock("res")
+        with pytest.raises(dcoord.LockLost), lock:  # negative control: no reply lost
+            client.backend.redis.delete(lock._slot.key)  # type: ignore[attr-defined]
+        locks.release_script = LostReply(
+            type(locks).release_script, lambda n: n == 1, run_lost=first_attempt_ran
+        )
+        with pytest.raises(dcoord.BackendUnavailable, match="outcome is unknown"), lock:
+            if not first_attempt_ran:
+                client.backend.redis.delete(lock._slot.key)  # type: ignore[attr-defined]
+        assert client.lock("res").acquire(blocking=False)
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_orphan_of_a_lost_acquire_reply_is_removed_once_the_server_answers(
+    real_backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acquire ran but its reply was lost, and so did the one undo (a partition):
+    the orphan used to block the lock for its whole TTL."""
+    from dcoord.backends.redis import locks as redis_locks
+
+    partition = threading.Event()
+    partition.set()
+    acquire = LostReply(redis_locks.ACQUIRE, lambda n: n == 1, run_lost=True)
+    monkeypatch.setattr(redis_locks, "ACQUIRE", acquire)
+    with (
+        dcoord.connect(real_backend_url, namespace=namespace) as a,
+        dcoord.connect(real_backend_url, namespace=namespace) as b,
+    ):
+        a.backend.locks.release_script = LostReply(  # type: ignore[attr-defined]
+            redis_locks.RELEASE, lambda n: partition.is_set(), run_lost=False
+        )
+        with pytest.raises(dcoord.BackendUnavailable):
+            a.lock("res", ttl=60).acquire()
+        waiter = b.lock("res")
+        assert waiter.acquire(timeout=0) is False, "the orphan grant exists"
+        partition.clear()
+        assert waiter.acquire(timeout=10), "the orphan must go once the server answers"
+        waiter.release()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_orphan_cleanup_catches_an_acquire_that_lands_after_the_undo(
+    real_backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acquire is still queued when the undo runs (a paused server serving the new
+    connection first): the one undo used to find nothing and the late grant stood."""
+    from dcoord.backends.redis import locks as redis_locks
+
+    real_acquire = redis_locks.ACQUIRE
+    landed = threading.Event()
+
+    with (
+        dcoord.connect(real_backend_url, namespace=namespace) as a,
+        dcoord.connect(real_backend_url, namespace=namespace) as b,
+    ):
+        undo = LostReply(redis_locks.RELEASE, lambda n: False, run_lost=False)
+        a.backend.locks.release_script = undo  # type: ignore[attr-defined]
+
+        def queued(client: Any, keys: Any, args: Any) -> Any:
+            def land() -> None:
+                assert undo.done.wait(10)  # the first undo has run: now the acquire does
+                real_acquire(client, keys, args)
+                landed.set()
+
+            threading.Thread(target=land, daemon=True).start()
+            raise redis.ConnectionError("reply lost (test)")
+
+        monkeypatch.setattr(redis_locks, "ACQUIRE", queued)
+        with pytest.raises(dcoord.BackendUnavailable):
+            a.lock("res", ttl=60).acquire()
+        monkeypatch.setattr(redis_locks, "ACQUIRE", real_acquire)
+        assert landed.wait(10)
+        waiter = b.lock("res")
+        assert waiter.acquire(timeout=10), "the late grant must be undone too"
+        waiter.release()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_ttl_is_rounded_up_to_whole_milliseconds(
+    real_backend_url: str, namespace: str
+) -> None:
+    """round() could make the server's TTL shorter than the client believes."""
+    sent: list[tuple[object, ...]] = []
+
+    class Recorder:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def execute_command(self, *args: object) -> Any:
+            sent.append(args)
+            return self.inner.execute_command(*args)
+
+    with dcoord.connect(real_backend_url, namespace=namespace) as client:
+        lock = client.lock("res", ttl=1.0005, auto_renew=False)
+        lock._slot._redis = Recorder(lock._slot._redis)  # type: ignore[attr-defined]
+        lock.acquire()
+        lock.extend(1.5005)
+        lock.release()
+    evals = [args for args in sent if args[0] == "EVALSHA"]
+    # EVALSHA sha numkeys key fence_key token ms ... / EVALSHA sha 1 key token ms
+    assert int(evals[0][6]) == 1001, evals[0]  # type: ignore[call-overload]
+    assert int(evals[1][5]) == 1501, evals[1]  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fence_skew_margin_lifts_the_first_fence_of_a_counter(
+    real_backend_url: str, namespace: str
+) -> None:
+    margin = 3600.0
+    with dcoord.connect(real_backend_url, namespace=namespace) as plain:
+        lock = plain.lock("plain")
+        lock.acquire()
+        lock.release()
+        clock_fence = lock.fence  # about the server's time in microseconds
+    with dcoord.connect(real_backend_url, namespace=namespace, fence_skew_margin=margin) as client:
+        lock = client.lock("new")
+        lock.acquire()
+        first = lock.fence
+        lock.release()
+        assert first >= clock_fence + margin * 1e6
+        lock.acquire()
+        assert lock.fence == first + 1, "an existing counter goes on from where it is"
+        lock.release()
+        # An existing counter is not lifted: the margin would cancel out if every grant
+        # carried it.
+        old = client.lock("plain")
+        old.acquire()
+        assert clock_fence < old.fence < clock_fence + margin * 1e6
+        old.release()
+    with dcoord.connect(f"{real_backend_url}?fence_skew_margin=0", namespace=namespace) as none:
+        lock = none.lock("newer")
+        lock.acquire()
+        assert lock.fence < clock_fence + margin * 1e6, "a margin of 0 lifts nothing"
+        lock.release()
+    for bad in (-1, "soon", 7200):
+        with pytest.raises(dcoord.ConfigError, match="fence_skew_margin"):
+            dcoord.connect(real_backend_url, fence_skew_margin=bad)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from dcoord.scheduler import Scheduler
+from dcoord.scheduler import Scheduler, WorkerPool
 
 
 def test_jobs_run_repeatedly_on_one_thread_and_stop_on_close() -> None:
@@ -76,3 +77,57 @@ def test_cancelled_jobs_do_not_pile_up_in_the_queue() -> None:
     assert len(scheduler._queue) <= 3  # compacted, not 1001 entries waiting an hour
     assert any(entry[2] is keep for entry in scheduler._queue)
     scheduler.close()
+
+
+def test_worker_pool_starts_threads_only_when_busy_and_caps_them() -> None:
+    pool = WorkerPool("test-pool", 3)
+    ran = threading.Event()
+    assert pool.submit(ran.set)
+    assert ran.wait(5)
+    # Quick tasks one after another reuse the one thread.
+    for _ in range(20):
+        done = threading.Event()
+        pool.submit(done.set)
+        assert done.wait(5)
+    assert pool._threads == 1
+    # Tasks that block: a thread each, up to the cap; the rest wait their turn.
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    finished = threading.Semaphore(0)
+
+    def block() -> None:
+        started.release()
+        release.wait(10)
+        finished.release()
+
+    for _ in range(5):
+        pool.submit(block)
+    for _ in range(3):
+        assert started.acquire(timeout=5)
+    assert not started.acquire(timeout=0.1), "at most 3 run at once"
+    assert pool._threads == 3
+    release.set()
+    for _ in range(5):
+        assert finished.acquire(timeout=5)
+    pool.close()
+    assert not pool.submit(lambda: None)
+
+
+def test_worker_pool_survives_failing_tasks_and_idle_threads_end() -> None:
+    pool = WorkerPool("test-pool", 2, idle_exit=0.05)
+    done = threading.Event()
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    pool.submit(fail)
+    pool.submit(done.set)
+    assert done.wait(5)
+    deadline = time.monotonic() + 5
+    while pool._threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool._threads == 0, "idle threads end"
+    again = threading.Event()
+    pool.submit(again.set)  # and start again on demand
+    assert again.wait(5)
+    pool.close()

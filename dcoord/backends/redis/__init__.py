@@ -62,6 +62,7 @@ class RedisBackend:
     def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
         ((host, port),) = settings.hosts
         self.settings = settings
+        self.scheduler = scheduler
         self.endpoint = f"{host}:{port}"
         self.prefix = f"dcoord:{settings.namespace}:"
         tls = {}

@@ -13,12 +13,17 @@ a client shares one pub/sub connection and one reader thread (:class:`_Notifier`
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
+
+An acquire whose reply was lost may have run, or may still run: it is undone in the
+background (:class:`_OrphanCleanup`) until that is sure. A release whose reply was lost
+is retried, and a retry that finds nothing reports an unknown outcome rather than guess.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -28,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ...errors import BackendUnavailable
+from ...scheduler import JobResult, WorkerPool
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
 
@@ -42,6 +49,31 @@ NO_HINT_WAIT = 1.0
 # Channels nobody waits on stay subscribed this long, so a lock that is contended again
 # soon costs no new SUBSCRIBE round trip.
 IDLE_UNSUBSCRIBE = 5.0
+# The undo of an acquire whose reply was lost is retried after this, doubling up to
+# ORPHAN_RETRY_MAX: a grant that lands after an undo stands about that long at most.
+ORPHAN_RETRY_FIRST = 0.05
+ORPHAN_RETRY_MAX = 1.0
+
+
+def milliseconds(seconds: float) -> int:
+    """A TTL for PX/PEXPIRE, rounded up: the server never lets go before the client
+    believes it will."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def answered(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is an error reply of the server.
+
+    Then the command ran to its end or not at all, on a connection that is still in
+    order; any other failure (a timeout, a broken connection, an interrupt) leaves it
+    unknown whether the command ran, or will still run.
+    """
+    while exc is not None:
+        # redis-py files a LOADING reply (BusyLoadingError) under ConnectionError.
+        if isinstance(exc, redis.ResponseError | redis.BusyLoadingError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 class LuaScript:
@@ -83,6 +115,11 @@ class RedisLocks:
         self.backend = backend
         self.redis = backend.redis
         self.prefix = backend.prefix
+        self.scheduler = backend.scheduler
+        # Cleanups wait for the network; on a thread of their own they never delay the
+        # scheduler's other jobs (lock deadlines, heart-beats).
+        self.cleanups = WorkerPool("dcoord-redis-lock-cleanup", 1)
+        self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
         self._check_eviction = LockEvictionCheck(backend)
 
@@ -122,7 +159,60 @@ class RedisLocks:
         return None if value is None else int(value)
 
     def close(self) -> None:
+        self.cleanups.close()
         self.notifier.close()
+
+
+class _OrphanCleanup:
+    """Deletes the grant of an acquire whose reply was lost, retrying in the background.
+
+    The acquire may have run, may never run, or may still run: queued on a paused
+    server, or in flight on the broken connection. redis-py closes a connection on such
+    an error before raising it, so every undo goes out on another connection, and one
+    undo could reach the server before the acquire. The undo (a token-compared delete,
+    harmless if repeated) is therefore repeated, at growing intervals of at most
+    ORPHAN_RETRY_MAX, until it deletes the grant or until an undo sent once the TTL has
+    passed since the acquire was sent finds nothing: an acquire that reached the server
+    before that undo has been deleted or has expired by then. Only an acquire delayed
+    by more than its TTL on its dead connection can still land later (and stand for at
+    most its TTL). Nothing is retried once the client closes.
+    """
+
+    def __init__(self, slot: RedisLockSlot, token: str, sent: float, ttl: float) -> None:
+        self._locks = slot._locks
+        self._slot = slot
+        self._token = token
+        self._sure_after = sent + ttl
+        self._delay = ORPHAN_RETRY_FIRST
+
+    def start(self) -> None:
+        self._locks.cleanups.submit(self._attempt)
+
+    def _again(self) -> JobResult:
+        self.start()
+        return False  # one attempt per job: the attempt decides whether to come back
+
+    def _attempt(self) -> None:
+        locks, slot = self._locks, self._slot
+        started = time.monotonic()
+        try:
+            deleted = locks.backend.call(
+                lambda: locks.release_script(locks.redis, [slot.key], [self._token, slot.channel]),
+                what=f"undo the acquire of lock {slot.name!r} whose reply was lost",
+            )
+        except BackendUnavailable as exc:
+            log.info("%s; retrying", exc)
+        except Exception as exc:  # refused (permissions, ...): retrying cannot help
+            log.warning("%r; the grant, if the acquire ran, expires by its TTL", exc)
+            return
+        else:
+            if deleted or started >= self._sure_after:
+                return
+        delay, self._delay = self._delay, min(ORPHAN_RETRY_MAX, self._delay * 2)
+        try:
+            locks.scheduler.every(delay, self._again, name="redis lock orphan cleanup")
+        except RuntimeError:  # the scheduler is closed: the client is closing
+            log.info("lock %r: orphan cleanup stopped by close", slot.name)
 
 
 class RedisLockSlot:
@@ -155,17 +245,19 @@ class RedisLockSlot:
 
     def _try(self, token: str) -> tuple[int, float]:
         sent = time.monotonic()
-        ms = max(1, round(self._ttl * 1000))
+        args = [token, milliseconds(self._ttl), self._locks.skew_margin_us]
         try:
             result = self._call(
-                lambda: ACQUIRE(self._redis, [self.key, self.fence_key], [token, ms]),
+                lambda: ACQUIRE(self._redis, [self.key, self.fence_key], args),
                 what=f"acquire lock {self.name!r}",
             )
-        except BaseException:
-            # The script may have run before the connection broke: undo it if so, rather
-            # than leave an orphan grant until its TTL.
-            with contextlib.suppress(Exception):
-                self._locks.release_script(self._redis, [self.key], [token, self.channel])
+        except BaseException as exc:
+            # An error reply: the script was refused (BUSY, READONLY, NOPERM, ...) or
+            # failed at its first write (out of memory: Redis never refuses a later one),
+            # so there is nothing to undo. Otherwise it may have run, or may run yet: undo
+            # it if so, rather than leave an orphan grant until its TTL.
+            if not answered(exc):
+                _OrphanCleanup(self, token, sent, self._ttl).start()
             raise
         return int(result), sent
 
@@ -190,24 +282,33 @@ class RedisLockSlot:
         token, self._token = self._token, None
         if token is None:
             return False
-        attempts = 0
+        reply_lost = False
 
         def release() -> Any:
-            nonlocal attempts
-            attempts += 1
-            return self._locks.release_script(self._redis, [self.key], [token, self.channel])
+            nonlocal reply_lost
+            try:
+                return self._locks.release_script(self._redis, [self.key], [token, self.channel])
+            except BaseException as exc:
+                reply_lost = reply_lost or not answered(exc)
+                raise
 
-        released = self._call(release, what=f"release lock {self.name!r}", retry=True)
-        # A retried release that finds nothing may have been undone by its own first
-        # attempt, whose reply was lost: the lock is free either way.
-        return bool(released) or attempts > 1
+        what = f"release lock {self.name!r}"
+        released = self._call(release, what=what, retry=True)
+        if not released and reply_lost:
+            # Released by the attempt whose reply was lost, or gone before it (expired,
+            # taken over: a lost lock): the two cannot be told apart.
+            raise BackendUnavailable(
+                f"{what}: the outcome is unknown: an attempt's reply was lost and the retry "
+                "found the lock gone (released by that attempt, or lost before it)"
+            )
+        return bool(released)
 
     def extend(self, ttl: float) -> LockGrant | None:
         token = self._token
         if token is None:
             return None
         sent = time.monotonic()
-        ms = max(1, round(ttl * 1000))
+        ms = milliseconds(ttl)
         extended = self._call(
             lambda: EXTEND(self._redis, [self.key], [token, ms]),
             what=f"extend lock {self.name!r}",
