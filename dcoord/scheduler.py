@@ -1,14 +1,17 @@
-"""One background thread per client that runs periodic jobs, and pools for blocking work.
+"""One background thread per client that times periodic jobs, and pools for blocking work.
 
 Lock renewal, member heartbeats and lease keep-alives of a client are all timed here, so
 a client with a thousand held locks still has one scheduler thread, and
 ``Client.close()`` stops every job at once (a watchdog can never outlive its client).
-Work that may wait for the network and must not hold up the other jobs (a lock renewal
-stuck on one slow request) runs on a :class:`WorkerPool` instead.
+The scheduler thread only times: each run of a job goes to a small :class:`WorkerPool`,
+so one job stuck on a slow request (a heartbeat waiting out ``request_timeout``) never
+holds up another (the lock watchdog that must renew in time). Work inside one job that
+may wait for the network (each lock's renewal) can use a pool of its own the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -16,6 +19,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+
+from .errors import ClientClosed
 
 log = logging.getLogger("dcoord")
 
@@ -42,9 +47,12 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on one daemon thread, started on first use."""
+    """Times jobs on one daemon thread, started on first use, and runs them on a pool.
 
-    def __init__(self, name: str = "dcoord") -> None:
+    A job never runs twice at once: it is back in the queue only once its run ended.
+    """
+
+    def __init__(self, name: str = "dcoord", workers: int = 4) -> None:
         self._name = name
         self._cond = threading.Condition()
         self._queue: list[tuple[float, int, Job]] = []
@@ -52,20 +60,24 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._cancelled = 0  # cancelled jobs still in the queue, at most
+        self._pool = WorkerPool(f"{name}-job", workers)
+        self._running: set[int] = set()  # ident of each thread running a job now
 
     def every(
         self, interval: float, fn: Callable[[], JobResult], *, name: str, delay: float | None = None
     ) -> Job:
-        """Run ``fn`` every ``interval`` seconds, first after ``delay`` (default: interval)."""
+        """Run ``fn`` every ``interval`` seconds, first after ``delay`` (default: interval).
+
+        Raises :class:`~dcoord.ClientClosed` once the scheduler is closed."""
         job = Job(self, fn, interval, name)
         with self._cond:
             if self._closed:
-                raise RuntimeError("scheduler is closed")
+                raise ClientClosed(f"cannot start {name}: the client is closed")
             self._push(job, interval if delay is None else delay)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     def forget_cancelled(self) -> None:
@@ -80,17 +92,25 @@ class Scheduler:
                 self._queue = [entry for entry in self._queue if not entry[2].cancelled]
                 heapq.heapify(self._queue)
                 self._cancelled = 0
-            self._cond.notify()
+            self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the thread; jobs still queued never run again."""
+        """Stop timing jobs and wait for the runs in progress; queued jobs never run again.
+
+        Called from inside a job, it does not wait for that job's own run.
+        """
+        me = threading.get_ident()
         with self._cond:
             self._closed = True
             self._queue.clear()
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        with self._cond:
+            # What the jobs use (the connection) goes after close(): let their runs end.
+            self._cond.wait_for(lambda: not (self._running - {me}))
+        self._pool.close()
 
     def _push(self, job: Job, delay: float) -> None:
         heapq.heappush(self._queue, (time.monotonic() + delay, next(self._seq), job))
@@ -108,16 +128,24 @@ class Scheduler:
                         break
                     timeout = self._queue[0][0] - time.monotonic() if self._queue else None
                     self._cond.wait(timeout)
-            try:
-                result = job.fn()
-            except Exception:
-                log.exception("dcoord background job %s failed; it will run again", job.name)
-                result = None
-            if result is False or job.cancelled:
-                continue
-            with self._cond:
-                if not self._closed:
-                    self._push(job, job.interval if result is None or result is True else result)
+            self._pool.submit(functools.partial(self._execute, job))
+
+    def _execute(self, job: Job) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._closed:
+                return
+            self._running.add(me)
+        try:
+            result = job.fn()
+        except Exception:
+            log.exception("dcoord background job %s failed; it will run again", job.name)
+            result = None
+        with self._cond:
+            self._running.discard(me)
+            if not (self._closed or result is False or job.cancelled):
+                self._push(job, job.interval if result is None or result is True else result)
+            self._cond.notify_all()
 
 
 class WorkerPool:

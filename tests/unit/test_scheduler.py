@@ -8,8 +8,8 @@ import time
 from dcoord.scheduler import Scheduler, WorkerPool
 
 
-def test_jobs_run_repeatedly_on_one_thread_and_stop_on_close() -> None:
-    scheduler = Scheduler()
+def test_jobs_run_repeatedly_on_the_schedulers_workers_and_stop_on_close() -> None:
+    scheduler = Scheduler(name="sched")
     ran: dict[str, list[str]] = {"a": [], "b": []}
     done = threading.Event()
 
@@ -23,9 +23,13 @@ def test_jobs_run_repeatedly_on_one_thread_and_stop_on_close() -> None:
     assert done.wait(5)
     scheduler.close()
     threads = set(ran["a"]) | set(ran["b"])
-    assert len(threads) == 1
+    assert all(name.startswith("sched-job") for name in threads), threads
     count = len(ran["a"])
-    assert not any(t.name == "dcoord" and t.is_alive() for t in threading.enumerate())
+    # Idle workers see the close and end on their own: poll, with a deadline.
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("sched") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the scheduler's threads outlived close()"
+        time.sleep(0.01)
     assert len(ran["a"]) == count
 
 
@@ -131,3 +135,57 @@ def test_worker_pool_survives_failing_tasks_and_idle_threads_end() -> None:
     pool.submit(again.set)  # and start again on demand
     assert again.wait(5)
     pool.close()
+
+
+def test_a_job_stuck_in_a_request_does_not_hold_up_the_others() -> None:
+    """A heartbeat hanging for request_timeout must not starve the lock watchdog: each
+    run goes to a worker, the scheduler thread only times them."""
+    scheduler = Scheduler()
+    release = threading.Event()
+    stuck = threading.Event()
+    runs: list[float] = []
+    ran_three_times = threading.Event()
+
+    def hang() -> None:
+        stuck.set()
+        release.wait(30)
+
+    def tick() -> None:
+        runs.append(time.monotonic())
+        if len(runs) >= 3:
+            ran_three_times.set()
+
+    scheduler.every(60, hang, name="hanging heartbeat", delay=0)
+    assert stuck.wait(5)
+    scheduler.every(0.01, tick, name="watchdog")
+    try:
+        assert ran_three_times.wait(5), "the other job did not run while one was stuck"
+    finally:
+        release.set()
+        scheduler.close()
+
+
+def test_close_waits_for_a_run_in_progress_and_a_job_runs_once_at_a_time() -> None:
+    scheduler = Scheduler()
+    inside = threading.Event()
+    release = threading.Event()
+    concurrent = []
+    active = [0]
+
+    def slow() -> None:
+        active[0] += 1
+        concurrent.append(active[0])
+        inside.set()
+        release.wait(5)
+        active[0] -= 1
+
+    scheduler.every(0.001, slow, name="slow", delay=0)
+    assert inside.wait(5)
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() returned while a job was still running"
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert max(concurrent) == 1

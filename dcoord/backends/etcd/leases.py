@@ -19,14 +19,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from pyetcd import etcdrpc
 
 from ...errors import BackendError, ClientClosed, DcoordError
-from ...scheduler import JobResult, Scheduler
+from ...scheduler import JobResult, Scheduler, WorkerPool
 
 if TYPE_CHECKING:
     from . import EtcdBackend
@@ -112,9 +111,7 @@ class Leases:
         self._mutex = threading.Lock()
         self._granting = threading.Lock()
         self._closed = False
-        self._workers = ThreadPoolExecutor(
-            _KEEPALIVE_WORKERS, thread_name_prefix="dcoord-etcd-keepalive"
-        )
+        self._workers = WorkerPool("dcoord-etcd-keepalive", _KEEPALIVE_WORKERS)
 
     def lease(self, ttl: float) -> Lease:
         """The live shared lease for ``ttl`` seconds (rounded up), granted on first use.
@@ -214,7 +211,7 @@ class Leases:
         with self._mutex:
             self._closed = True
             leases, self._by_ttl = list(self._by_ttl.values()), {}
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
         for lease in leases:
             try:
                 self.revoke(lease)
@@ -242,10 +239,10 @@ class Leases:
             lease.mark_lost()
             # If the server still has it (the refresh was only slow), its keys would block
             # others for up to a TTL more, though their owners were told they are lost.
-            self._workers.submit(self._discard, lease)
+            self._workers.submit(lambda: self._discard(lease))
             return False
         if not busy:
-            self._workers.submit(self._refresh, seconds, lease)
+            self._workers.submit(lambda: self._refresh(seconds, lease))
         # Due again in a third of the TTL, and at the latest when the lease runs out.
         return max(
             0.01, min(max(_MIN_INTERVAL, lease.ttl / 3), lease.expires_at - time.monotonic())
