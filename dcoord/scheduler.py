@@ -62,6 +62,7 @@ class Scheduler:
         self._cancelled = 0  # cancelled jobs still in the queue, at most
         self._pool = WorkerPool(f"{name}-job", workers)
         self._running: set[int] = set()  # ident of each thread running a job now
+        self._paused_until: threading.Event | None = None
 
     def every(
         self, interval: float, fn: Callable[[], JobResult], *, name: str, delay: float | None = None
@@ -94,6 +95,16 @@ class Scheduler:
                 self._cancelled = 0
             self._cond.notify_all()
 
+    def pause(self, until: threading.Event) -> None:
+        """Start no run of any job until ``until`` is set (runs in progress finish).
+
+        For fault injection: the in-process stand-in for a SIGSTOP of the client's
+        process, used where the client cannot be a process of its own (``memory://``).
+        """
+        with self._cond:
+            self._paused_until = until
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Stop timing jobs and wait for the runs in progress; queued jobs never run again.
 
@@ -121,6 +132,11 @@ class Scheduler:
                 while True:
                     if self._closed:
                         return
+                    if self._paused_until is not None:
+                        if not self._paused_until.is_set():
+                            self._cond.wait(0.05)  # the event cannot wake this condition
+                            continue
+                        self._paused_until = None
                     while self._queue and self._queue[0][2].cancelled:
                         heapq.heappop(self._queue)
                     if self._queue and self._queue[0][0] <= time.monotonic():

@@ -189,3 +189,24 @@ def test_close_waits_for_a_run_in_progress_and_a_job_runs_once_at_a_time() -> No
     closer.join(5)
     assert not closer.is_alive()
     assert max(concurrent) == 1
+
+
+def test_a_paused_scheduler_starts_no_run_until_resumed() -> None:
+    """The fault suite's stand-in for SIGSTOP on memory:// (no renewals while paused)."""
+    scheduler = Scheduler()
+    resume = threading.Event()
+    runs: list[float] = []
+    ran = threading.Event()
+
+    def tick() -> None:
+        runs.append(time.monotonic())
+        ran.set()
+
+    scheduler.pause(until=resume)
+    scheduler.every(0.01, tick, name="watchdog", delay=0)
+    try:
+        assert not ran.wait(0.3), "a job ran while the scheduler was paused"
+        resume.set()
+        assert ran.wait(5)
+    finally:
+        scheduler.close()

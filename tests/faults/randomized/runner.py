@@ -341,7 +341,7 @@ class _ThreadWorker:
 class ThreadPool:
     """Workers as threads (memory backend: the store lives in this process).
 
-    A pause blocks the worker at its next failpoint *and* its client's scheduler thread
+    A pause blocks the worker at its next failpoint *and* pauses its client's scheduler
     (so the lock is not renewed, as under SIGSTOP), until the nemesis heals it. A kill
     stops the scheduler and unwinds the worker at its next failpoint without releasing
     anything, as a dead process would.
@@ -394,11 +394,8 @@ class ThreadPool:
         worker = self._workers[slot]
         worker.running.clear()
         if worker.client is not None:
-            # Block the client's scheduler thread too: no renewals while "stopped".
-            with contextlib.suppress(RuntimeError):
-                worker.client.scheduler.every(
-                    3600, lambda: worker.running.wait() and False, name="paused", delay=0
-                )
+            # Stop the client's scheduler too: no renewals while "stopped".
+            worker.client.scheduler.pause(until=worker.running)
         return worker.name
 
     def resume(self, slot: int) -> None:
