@@ -225,10 +225,10 @@ def test_paused_member_is_marked_lost_and_never_silently_rejoins(
     member = member_client.group("g").join("paused", ttl=ttl, on_lost=on_lost)
     ring = observer.group("g").ring()
     assert "paused" in ring
-    # Freeze the member's client (a GC pause, SIGSTOP): its one background thread blocks
-    # past the TTL, so neither heart-beats nor lease keep-alives go out.
+    # Freeze the member's client (a GC pause, SIGSTOP): its scheduler starts nothing past
+    # the TTL, so neither heart-beats nor lease keep-alives go out.
     gate = threading.Event()
-    member_client.scheduler.every(3600, lambda: gate.wait(ttl * 4) and False, name="pause", delay=0)
+    member_client.scheduler.pause(until=gate)
     try:
         assert ring.wait_for(lambda r: "paused" not in r, ttl + 3)
         deadline = time.monotonic() + 2
