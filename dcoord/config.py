@@ -85,6 +85,13 @@ def _namespace(name: str, value: object) -> str:
     return value
 
 
+def _label(name: str, value: object) -> str:
+    # Shown by `dcoord locks` and stored with every grant: one short printable line.
+    if not isinstance(value, str) or not value.isprintable() or not 0 < len(value) <= 200:
+        raise ConfigError(f"{name} must be 1-200 printable characters, got {value!r}")
+    return value
+
+
 # Every option a user may set, with its validator and default. Backend-specific options
 # are accepted by every URL scheme but only read by the backend that knows them.
 OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
@@ -95,6 +102,8 @@ OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "cert_file": (_path, None),
     "key_file": (_path, None),
     "require_durable": (_flag, False),
+    # Who this client is, beside host:pid, in the lock grants `dcoord locks` shows.
+    "label": (_label, None),
 }
 
 

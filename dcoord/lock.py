@@ -33,6 +33,7 @@ from .scheduler import Job, JobResult
 
 if TYPE_CHECKING:
     from .client import Client
+    from .inspect import LockInfo
 
 log = logging.getLogger("dcoord.lock")
 
@@ -127,6 +128,11 @@ class Lock:
         self._acquiring = False
 
     # -- state ---------------------------------------------------------------------
+
+    def info(self) -> LockInfo | None:
+        """Who holds this lock now (any process, not only this handle), as the server
+        sees it; None when nobody does. See :meth:`dcoord.Client.locks`."""
+        return next((i for i in self._client.locks(self.name) if i.name == self.name), None)
 
     @property
     def held(self) -> bool:

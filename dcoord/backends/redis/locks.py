@@ -2,7 +2,8 @@
 
 Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one hash tag::
 
-    dcoord:<ns>:lock:{NAME}            the holder's random token, with the TTL (PX)
+    dcoord:<ns>:lock:{NAME}            the holder's token, with the TTL (PX); random + who
+                                       holds it (see dcoord.inspect)
     dcoord:<ns>:lock:{NAME}:fence      the last fence handed out (never expires)
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ...inspect import grant_token
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
 
@@ -142,7 +143,9 @@ class RedisLockSlot:
         self._fence = 0
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
-        token = secrets.token_hex(16)  # a new token per grant: an old one can never act
+        # A new token per grant (an old one can never act) that names its holder, for
+        # dcoord.inspect: "<random hex>|host:pid|label".
+        token = grant_token(self._locks.backend.settings.options["label"])
         result, sent = self._try(token)
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
             return None

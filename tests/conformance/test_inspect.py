@@ -1,0 +1,106 @@
+"""Inspection of held locks (dcoord.inspect, ``dcoord locks``): every backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import dcoord
+from dcoord.cli import main
+
+Connect = Callable[..., dcoord.Client]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_info_names_the_holder_fence_time_and_ttl(connect: Connect) -> None:
+    holder = connect(label="worker 7")
+    other = connect()
+    before = time.time()
+    lock = holder.lock("jobs/{a}%b", ttl=20)
+    lock.acquire()
+    info = other.lock("jobs/{a}%b").info()
+    assert info is not None
+    assert info.name == "jobs/{a}%b"
+    assert info.holder == f"{socket.gethostname()}:{os.getpid()}"
+    assert info.label == "worker 7"
+    assert info.fence == lock.fence
+    assert info.acquired_at is not None
+    # Server clocks (Redis TIME) may differ from ours by a little on one machine.
+    assert before - 2 <= info.acquired_at <= time.time() + 2
+    assert info.ttl_left is not None and 10 < info.ttl_left <= 20
+    lock.release()
+    assert other.lock("jobs/{a}%b").info() is None
+
+
+def test_no_label_is_none(client: dcoord.Client) -> None:
+    with client.lock("plain", ttl=20):
+        info = client.lock("plain").info()
+        assert info is not None and info.label is None
+
+
+def test_listing_filters_by_prefix_and_skips_free_locks(client: dcoord.Client) -> None:
+    with client.lock("a/1", ttl=20), client.lock("a/2", ttl=20), client.lock("b", ttl=20):
+        client.lock("a/3", ttl=20).acquire()
+        free = client.lock("a/free", ttl=20)
+        free.acquire()
+        free.release()
+        assert [i.name for i in client.locks("a/")] == ["a/1", "a/2", "a/3"]
+        assert [i.name for i in client.locks()] == ["a/1", "a/2", "a/3", "b"]
+        assert client.locks("zzz") == []
+
+
+def waiters(client: dcoord.Client) -> int | None:
+    info = client.lock("busy").info()
+    return None if info is None else info.waiters
+
+
+def test_waiters_are_counted(connect: Connect) -> None:
+    holder, waiter = connect(), connect()
+    lock = holder.lock("busy", ttl=20)
+    lock.acquire()
+    got = threading.Event()
+
+    def wait() -> None:
+        with waiter.lock("busy", ttl=20, timeout=30):
+            got.set()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    try:
+        # Redis counts subscribed clients: one for the waiting client.
+        assert wait_until(lambda: waiters(holder) == 1, 10)
+    finally:
+        lock.release()
+        assert got.wait(10)
+        thread.join(10)
+    info = holder.lock("busy").info()
+    assert info is None or info.holder is not None  # the waiter may still hold it
+
+
+def test_cli_locks_json_and_table(
+    client: dcoord.Client, backend_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with client.lock("cli/x", ttl=20) as lock:
+        assert main(["locks", "--url", backend_url, "--namespace", namespace, "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["name"] == "cli/x" and row["fence"] == lock.fence
+        assert row["holder"] == f"{socket.gethostname()}:{os.getpid()}"
+        assert main(["locks", "--url", backend_url, "--namespace", namespace]) == 0
+        out = capsys.readouterr().out
+        assert "cli/x" in out and str(lock.fence) in out and "1 lock(s) held" in out
+        assert main(["locks", "--url", backend_url, "--namespace", namespace, "--prefix", "z"]) == 0
+        assert "0 lock(s) held" in capsys.readouterr().out
