@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             now = time.time()
             records = in_doubt_first(coord.transactions(state=args.state), now)
             if args.json:
-                print_json([{**record_json(r), "age": now - r.created} for r in records])
+                print_json([record_json(r) for r in records])
                 return 0
             print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  {'age':>7}  participants")
             for record in records:

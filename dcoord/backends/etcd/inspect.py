@@ -22,27 +22,27 @@ def locks(backend: EtcdBackend, prefix: str) -> list[LockInfo]:
     """The held locks of the backend's namespace whose names start with ``prefix``."""
     etcd: Any = backend.etcd
     root = etcd_lock_prefix(backend.settings.namespace, "")
-    queues: dict[str, list[Any]] = {}
+    queues: dict[str, list[tuple[bytes, Any]]] = {}
     kvs = backend.call(
-        lambda: [kv for _value, kv in etcd.get_prefix(root + key_segment(prefix))],
+        lambda: list(etcd.get_prefix(root + key_segment(prefix))),
         what=f"list locks under {root}",
         retry=True,
     )
-    for kv in kvs:
+    for value, kv in kvs:
         segment, slash, _ = kv.key.decode().removeprefix(root).rpartition("/")
         if slash:
-            queues.setdefault(segment, []).append(kv)
+            queues.setdefault(segment, []).append((value, kv))
     found = []
     for segment, queue in queues.items():
-        queue.sort(key=lambda kv: kv.create_revision)
-        holder = queue[0]
+        queue.sort(key=lambda pair: pair[1].create_revision)
+        value, holder = queue[0]
         ttl_left = None
-        if holder.lease:
-            ttl = _lease_ttl(backend, holder.lease)
+        if holder.lease_id:
+            ttl = _lease_ttl(backend, holder.lease_id)
             if ttl < 0:
                 continue  # expired since the read: the lock is no longer held by it
             ttl_left = float(ttl)
-        who, queued_at = parse_identity_json(holder.value)
+        who, queued_at = parse_identity_json(value)
         found.append(
             LockInfo(
                 name=name_of_segment(segment),
