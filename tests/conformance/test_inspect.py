@@ -104,3 +104,20 @@ def test_cli_locks_json_and_table(
         assert "cli/x" in out and str(lock.fence) in out and "1 lock(s) held" in out
         assert main(["locks", "--url", backend_url, "--namespace", namespace, "--prefix", "z"]) == 0
         assert "0 lock(s) held" in capsys.readouterr().out
+
+
+def test_label_option_is_validated() -> None:
+    with pytest.raises(dcoord.ConfigError, match="label must be 1-200 printable"):
+        dcoord.connect("memory://", label="two\nlines")
+    with dcoord.connect("memory://", label="from-kwarg") as client:
+        assert client.settings.options["label"] == "from-kwarg"
+
+
+def test_tokens_of_other_writers_have_no_identity() -> None:
+    from dcoord.inspect import grant_token, parse_identity_json, parse_token
+
+    assert parse_token("0123456789abcdef0123456789abcdef") is None  # an older dcoord's
+    mine = parse_token(grant_token("a|b"))
+    assert mine is not None and mine.label == "a|b"  # the label may hold the separator
+    assert parse_identity_json(b"") == (None, None)  # etcdctl lock writes no value
+    assert grant_token(None) != grant_token(None)
