@@ -156,3 +156,22 @@ def test_tx_list_puts_stuck_transactions_first(
     lines = capsys.readouterr().out.splitlines()[1:4]
     assert [line.split()[0] for line in lines] == ["c-stuck", "b-open", "a-done"]
     assert "stuck" in lines[0] and "stuck" not in lines[1]
+
+
+def test_doctor_checks_etcd_rbac_per_namespace(
+    server_factory: ServerFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conformance.test_etcd_leases import enable_auth
+
+    server = server_factory("etcd")
+    enable_auth(server)  # user app may read and write /dcoord/ok/ only
+    url = f"etcd://app:s3cret-pw@127.0.0.1:{server.port}"
+    code, checks = doctor(url, capsys, "--namespace", "ok")
+    assert checks["permissions"]["status"] == "pass", checks
+    assert checks["open access"]["status"] == "pass"  # auth is on: anonymous is refused
+    assert code == 0, checks
+    code, checks = doctor(url, capsys, "--namespace", "other")
+    assert code == 1
+    refused = checks["permissions"]["detail"]
+    assert "put:" in refused and "delete:" in refused and "s3cret-pw" not in refused
+    assert "/dcoord/other/" in checks["permissions"]["hint"]

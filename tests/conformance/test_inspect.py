@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,23 @@ def test_tokens_of_other_writers_have_no_identity() -> None:
     assert mine is not None and mine.label == "a|b"  # the label may hold the separator
     assert parse_identity_json(b"") == (None, None)  # etcdctl lock writes no value
     assert grant_token(None) != grant_token(None)
+
+
+def test_a_holder_without_identity_is_listed_without_one(client: dcoord.Client) -> None:
+    backend: Any = client.backend
+    if backend.kind == "memory":
+        pytest.skip("nothing but this dcoord writes an embedded store")
+    if backend.kind == "redis":
+        # What a dcoord before this version wrote: a bare random token (and its fence).
+        key = f"{backend.prefix}lock:{{old}}"
+        backend.redis.set(f"{key}:fence", 41)
+        backend.redis.set(key, "0123456789abcdef0123456789abcdef", px=20000)
+        fence = 41
+    else:
+        # What etcdctl lock / Go's concurrency.Mutex write: an empty value on a lease.
+        lease = backend.etcd.lease(20)
+        meta = backend.etcd.put(f"{backend.prefix}lock/old/{lease.id:x}", b"", lease=lease)
+        fence = meta.header.revision
+    (info,) = client.locks()
+    assert (info.name, info.holder, info.label, info.fence) == ("old", None, None, fence)
+    assert info.ttl_left is not None and info.ttl_left > 10
