@@ -14,8 +14,8 @@ option) where the backend keeps the lock:
 - memory: the same fields, kept beside the lock's entry.
 
 The backend parts live in ``dcoord/backends/<kind>/inspect.py`` as functions
-``locks(backend, prefix)`` and ``groups(backend)``; :func:`locks` and :func:`groups`
-dispatch on the backend's kind.
+``locks(backend, prefix)``, ``info(backend, name)`` and ``groups(backend)``;
+:func:`locks`, :func:`lock` and :func:`groups` dispatch on the backend's kind.
 """
 
 from __future__ import annotations
@@ -129,6 +129,12 @@ def locks(backend: Backend, prefix: str = "") -> list[LockInfo]:
     sorted by name."""
     lister: Callable[[Any, str], list[LockInfo]] = _backend_part(backend).locks
     return sorted(lister(backend, prefix), key=lambda info: info.name)
+
+
+def lock(backend: Backend, name: str) -> LockInfo | None:
+    """Lock ``name`` in the backend's namespace if it is held, else None."""
+    reader: Callable[[Any, str], LockInfo | None] = _backend_part(backend).info
+    return reader(backend, name)
 
 
 def groups(backend: Backend) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import inspect
 from .backends.base import LockGrant
 from .config import positive_seconds
 from .errors import (
@@ -132,7 +133,8 @@ class Lock:
     def info(self) -> LockInfo | None:
         """Who holds this lock now (any process, not only this handle), as the server
         sees it; None when nobody does. See :meth:`dcoord.Client.locks`."""
-        return next((i for i in self._client.locks(self.name) if i.name == self.name), None)
+        self._client.check_open()
+        return inspect.lock(self._client.backend, self.name)
 
     @property
     def held(self) -> bool:

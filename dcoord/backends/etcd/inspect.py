@@ -20,11 +20,21 @@ if TYPE_CHECKING:
 
 def locks(backend: EtcdBackend, prefix: str) -> list[LockInfo]:
     """The held locks of the backend's namespace whose names start with ``prefix``."""
+    return _held(backend, key_segment(prefix))
+
+
+def info(backend: EtcdBackend, name: str) -> LockInfo | None:
+    """Lock ``name`` if it is held (one range read of its queue only)."""
+    return next(iter(_held(backend, key_segment(name) + "/")), None)
+
+
+def _held(backend: EtcdBackend, start: str) -> list[LockInfo]:
+    """The held locks whose queue keys start with ``<lock root>start``."""
     etcd: Any = backend.etcd
     root = etcd_lock_prefix(backend.settings.namespace, "")
     queues: dict[str, list[tuple[bytes, Any]]] = {}
     kvs = backend.call(
-        lambda: list(etcd.get_prefix(root + key_segment(prefix))),
+        lambda: list(etcd.get_prefix(root + start)),
         what=f"list locks under {root}",
         retry=True,
     )

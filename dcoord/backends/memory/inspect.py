@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from . import MemoryBackend
 
 
+def info(backend: MemoryBackend, name: str) -> LockInfo | None:
+    """Lock ``name`` if it is held."""
+    return next((i for i in locks(backend, name) if i.name == name), None)
+
+
 def locks(backend: MemoryBackend, prefix: str) -> list[LockInfo]:
     """The held locks of the backend's namespace whose names start with ``prefix``."""
     store = backend.locks

@@ -33,6 +33,11 @@ def locks(backend: RedisBackend, prefix: str) -> list[LockInfo]:
     return found
 
 
+def info(backend: RedisBackend, name: str) -> LockInfo | None:
+    """Lock ``name`` if it is held (its keys read directly, no SCAN)."""
+    return _read(backend, f"{backend.prefix}lock:{{{key_segment(name)}}}", name)
+
+
 def _read(backend: RedisBackend, key: str, name: str) -> LockInfo | None:
     """One lock's fields, read in one MULTI so token, TTL and fence belong together."""
     client: Any = backend.redis
