@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import secrets
 import socket
 import urllib.parse
 from collections.abc import Callable
@@ -81,10 +80,10 @@ def identity(label: str | None) -> Identity:
     return Identity(f"{socket.gethostname()}:{os.getpid()}", label or None)
 
 
-def grant_token(label: str | None) -> str:
-    """A new Redis owner token: random (so an old grant can never act) plus who holds it."""
+def holder_suffix(label: str | None) -> str:
+    """What a Redis owner token carries after its random part: who holds the grant."""
     me = identity(label)
-    return SEPARATOR.join((secrets.token_hex(16), me.holder, me.label or ""))
+    return SEPARATOR + me.holder + SEPARATOR + (me.label or "")
 
 
 def parse_token(token: str) -> Identity | None:

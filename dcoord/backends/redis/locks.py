@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ...inspect import grant_token
+from ...inspect import holder_suffix
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
 
@@ -143,9 +144,8 @@ class RedisLockSlot:
         self._fence = 0
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
-        # A new token per grant (an old one can never act) that names its holder, for
-        # dcoord.inspect: "<random hex>|host:pid|label".
-        token = grant_token(self._locks.backend.settings.options["label"])
+        token = secrets.token_hex(16)  # a new token per grant: an old one can never act
+        token += holder_suffix(self._locks.backend.settings.options["label"])  # inspection
         result, sent = self._try(token)
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
             return None
