@@ -52,15 +52,18 @@ class Check:
         return asdict(self)
 
 
-def run_checks(client: Client, ttl: float) -> list[Check]:
-    """Every check of ``client``'s server, for locks and members with TTLs down to ``ttl``."""
+def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.time) -> list[Check]:
+    """Every check of ``client``'s server, for locks and members with TTLs down to ``ttl``.
+
+    ``clock`` is this machine's wall clock, the one the server's is compared with.
+    """
     info = client.ping()
     rtts = _round_trips(client)
     checks = [_rtt_check(rtts, ttl, info.kind)]
     backend: Any = client.backend
     if info.kind == "redis":
         checks[:0] = [_version_check("redis", info.version, MIN_REDIS)]
-        checks += _redis_checks(backend, client.namespace, ttl, max(rtts))
+        checks += _redis_checks(backend, client.namespace, ttl, clock)
     elif info.kind == "etcd":
         checks[:0] = [_version_check("etcd", info.version, MIN_ETCD)]
         checks += _etcd_checks(backend, client.namespace)
@@ -131,7 +134,7 @@ def _attempt(refused: list[str], what: str, fn: Callable[[], object]) -> None:
 
 
 def _redis_checks(
-    backend: RedisBackend, namespace: str, ttl: float, worst_rtt: float
+    backend: RedisBackend, namespace: str, ttl: float, clock: Callable[[], float]
 ) -> list[Check]:
     from .backends.redis import persistence
 
@@ -150,7 +153,7 @@ def _redis_checks(
         checks.append(_redis_persistence(found))
         checks.append(_redis_eviction(found))
     checks.append(_redis_replication(backend))
-    checks.append(_redis_clock(backend, ttl))
+    checks.append(_redis_clock(backend, ttl, clock))
     checks.append(_redis_acl(backend, namespace))
     checks.append(_redis_world_writable(backend, namespace))
     return checks
@@ -226,13 +229,13 @@ def _redis_replication(backend: RedisBackend) -> Check:
     return Check("replication", "pass", detail)
 
 
-def _redis_clock(backend: RedisBackend, ttl: float) -> Check:
+def _redis_clock(backend: RedisBackend, ttl: float, clock: Callable[[], float]) -> Check:
     client: Any = backend.redis
 
     def read() -> tuple[float, float, float]:
-        before = time.time()
+        before = clock()
         seconds, micros = client.time()
-        return before, seconds + micros / 1e6, time.time()
+        return before, seconds + micros / 1e6, clock()
 
     before, server, after = backend.call(read, what="read redis TIME", retry=True)
     offset = server - (before + after) / 2

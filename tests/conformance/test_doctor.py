@@ -175,3 +175,38 @@ def test_doctor_checks_etcd_rbac_per_namespace(
     refused = checks["permissions"]["detail"]
     assert "put:" in refused and "delete:" in refused and "s3cret-pw" not in refused
     assert "/dcoord/other/" in checks["permissions"]["hint"]
+
+
+def test_doctor_fails_a_clock_offset_beyond_the_ttl_share(servers: Any) -> None:
+    from dcoord.doctor import run_checks
+
+    with dcoord.connect(servers.url("redis")) as client:
+
+        def clock_offset(skew: float) -> dict[str, str]:
+            checks = run_checks(client, 30.0, clock=lambda: time.time() + skew)
+            return next(c.to_json() for c in checks if c.name == "clock offset")
+
+        assert clock_offset(0.0)["status"] == "pass"  # negative control: the real clock
+        ahead = clock_offset(5.0)
+        assert ahead["status"] == "fail" and "-5" in ahead["detail"]
+        assert "NTP" in ahead["hint"]
+
+
+def test_doctor_checks_replication(
+    server_factory: ServerFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    primary, replica = server_factory("redis"), server_factory("redis")
+    with redis.Redis(port=primary.port) as admin, redis.Redis(port=replica.port) as follower:
+        assert doctor(primary.url, capsys)[1]["replication"]["status"] == "info"
+        follower.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
+        deadline = time.monotonic() + 30
+        while admin.info("replication")["connected_slaves"] < 1:
+            assert time.monotonic() < deadline, "the replica never connected"
+            time.sleep(0.05)
+        code, checks = doctor(primary.url, capsys)
+        assert code == 1 and checks["replication"]["status"] == "fail"
+        assert "min-replicas-to-write 0" in checks["replication"]["detail"]
+        admin.config_set("min-replicas-to-write", 1)
+        code, checks = doctor(primary.url, capsys)
+        assert checks["replication"]["status"] == "pass", checks
+        assert doctor(replica.url, capsys)[1]["replication"]["status"] == "fail"
