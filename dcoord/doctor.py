@@ -58,20 +58,26 @@ def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.tim
     ``clock`` is this machine's wall clock, the one the server's is compared with.
     """
     info = client.ping()
-    rtts = _round_trips(client)
-    checks = [_rtt_check(rtts, ttl, info.kind)]
+    rtt = _rtt_check(_round_trips(client), ttl, info.kind)
     backend: Any = client.backend
     if info.kind == "redis":
-        checks[:0] = [_version_check("redis", info.version, MIN_REDIS)]
-        checks += _redis_checks(backend, client.namespace, ttl, clock)
-    elif info.kind == "etcd":
-        checks[:0] = [_version_check("etcd", info.version, MIN_ETCD)]
-        checks += _etcd_checks(backend, client.namespace)
-    else:
-        checks[:0] = [Check("server", "pass", f"embedded memory store, dcoord {info.version}")]
-        checks.append(Check("clock offset", "pass", "0 s: the store runs on this process's clocks"))
-        checks.append(Check("durability", "info", "memory:// keeps nothing past this process"))
-    return checks
+        return [
+            _version_check("redis", info.version, MIN_REDIS),
+            rtt,
+            *_redis_checks(backend, client.namespace, ttl, clock),
+        ]
+    if info.kind == "etcd":
+        return [
+            _version_check("etcd", info.version, MIN_ETCD),
+            rtt,
+            *_etcd_checks(backend, client.namespace),
+        ]
+    return [
+        Check("server", "pass", f"embedded memory store, dcoord {info.version}"),
+        rtt,
+        Check("clock offset", "pass", "0 s: the store runs on this process's clocks"),
+        Check("durability", "info", "memory:// keeps nothing past this process"),
+    ]
 
 
 # -- common -----------------------------------------------------------------------------
