@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+from . import inspect
 from .backends import Backend, ServerInfo, open_backend
 from .config import Settings, settings_from
 from .errors import ClientClosed
 from .fence import Fence
+from .inspect import LockInfo
 from .lock import DEFAULT_TTL, Lock, OnLost
 from .membership import Group
 from .scheduler import Scheduler
@@ -75,6 +77,14 @@ class Client:
         """
         self.check_open()
         return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
+
+    def locks(self, prefix: str = "") -> list[LockInfo]:
+        """The locks held now in this namespace whose names start with ``prefix``, by
+        name: holder (host:pid and the ``label`` option of its client), fence, acquired
+        at, TTL left and waiters (see :class:`~dcoord.inspect.LockInfo` for what each
+        backend can tell)."""
+        self.check_open()
+        return inspect.locks(self.backend, prefix)
 
     def fence(self, resource: str) -> Fence:
         """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""

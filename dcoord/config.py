@@ -92,6 +92,13 @@ def _flag(name: str, value: object) -> bool:
     raise ConfigError(f"{name} must be a boolean, got {value!r}")
 
 
+def _label(name: str, value: object) -> str:
+    # Shown by `dcoord locks` and stored with every grant: one short printable line.
+    if not isinstance(value, str) or not value.isprintable() or not 0 < len(value) <= 200:
+        raise ConfigError(f"{name} must be 1-200 printable characters, got {value!r:.120}")
+    return value
+
+
 def _path(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name} must be a file path, got {value!r}")
@@ -124,6 +131,8 @@ def _margin(name: str, value: object) -> float:
 # are accepted by every URL scheme but only read by the backend that knows them.
 OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "namespace": (_namespace, "default"),
+    # Who this client is, beside host:pid, in the lock grants `dcoord locks` shows.
+    "label": (_label, None),
     "connect_timeout": (positive_seconds, 5.0),
     "request_timeout": (positive_seconds, 5.0),
     "ca_cert": (_path, None),

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import inspect
 from .backends.base import LockGrant
 from .config import is_utf8, positive_seconds
 from .errors import (
@@ -35,6 +36,7 @@ from .scheduler import Job, JobResult, WorkerPool
 
 if TYPE_CHECKING:
     from .client import Client
+    from .inspect import LockInfo
 
 log = logging.getLogger("dcoord.lock")
 
@@ -137,6 +139,12 @@ class Lock:
         self._renewing: int | None = None  # the generation whose renewal is in flight
 
     # -- state ---------------------------------------------------------------------
+
+    def info(self) -> LockInfo | None:
+        """Who holds this lock now (any process, not only this handle), as the server
+        sees it; None when nobody does. See :meth:`dcoord.Client.locks`."""
+        self._client.check_open()
+        return inspect.lock(self._client.backend, self.name)
 
     @property
     def held(self) -> bool:

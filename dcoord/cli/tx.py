@@ -1,6 +1,7 @@
 """``dcoord tx``: look at and finish two-phase-commit transactions, for operators.
 
-dcoord tx list [--state S]      every retained transaction, oldest first
+dcoord tx list [--state S]      every retained transaction: unfinished (stuck past the
+                                deadline first) before finished, oldest first, with age
 dcoord tx show TXID             one record in full
 dcoord tx recover [--kv NAMES]  drive unfinished transactions to their end
 dcoord tx resolve TXID          the outcome; aborts an undecided one past its deadline
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +29,7 @@ from ..participants import KVParticipant
 from ..twopc import Coordinator, Participant
 from ..txlog import TxRecord, TxState
 from .common import FAILURE, connect_to, global_options, print_json
+from .locks import age
 
 NOT_IN_LOG = (
     "not in the log: presumed aborted (never logged, or finished and removed after its retention)"
@@ -99,17 +102,19 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "recover":
             names = [n.strip() for n in args.kv.split(",") if n.strip()]
             participants = [KVParticipant(client, name) for name in names]
-        coord = _coordinator(client, participants)
+        coord = quiet_coordinator(client, participants)
         if args.action == "list":
-            records = coord.transactions(state=args.state)
+            now = time.time()
+            records = in_doubt_first(coord.transactions(state=args.state), now)
             if args.json:
                 print_json([record_json(r) for r in records])
                 return 0
-            print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  participants")
+            print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  {'age':>7}  participants")
             for record in records:
+                stuck = " (stuck: past its deadline)" if is_stuck(record, now) else ""
                 print(
                     f"{record.txid:<32}  {record.state.value:<10}  {_time(record.created)}"
-                    f"  {','.join(record.participants)}"
+                    f"  {age(now - record.created):>7}  {','.join(record.participants)}{stuck}"
                 )
             print(f"{len(records)} transaction(s)")
             return 0
@@ -143,6 +148,17 @@ def run(args: argparse.Namespace) -> int:
         return 0 if report.clean else FAILURE
 
 
+def in_doubt_first(records: list[TxRecord], now: float) -> list[TxRecord]:
+    """Unfinished records before finished ones, those stuck past their deadline first:
+    what an operator has to look at comes at the top (oldest first within each part)."""
+    return sorted(records, key=lambda r: (r.state.finished, not is_stuck(r, now), r.created))
+
+
+def is_stuck(record: TxRecord, now: float) -> bool:
+    # Unfinished past its deadline: recovery should have ended it (by this clock).
+    return not record.state.finished and record.expired(now)
+
+
 def record_json(record: TxRecord) -> dict[str, Any]:
     """A record as the log stores it, plus its outcome and ``"in_log": true``."""
     doc: dict[str, Any] = json.loads(txlog.encode(record))
@@ -154,7 +170,8 @@ def _missing(txid: str) -> dict[str, Any]:
     return {"txid": txid, "in_log": False, "state": None, "outcome": "aborted"}
 
 
-def _coordinator(client: Client, participants: Sequence[Participant]) -> Coordinator:
+def quiet_coordinator(client: Client, participants: Sequence[Participant]) -> Coordinator:
+    """A coordinator for operators' commands (``tx``, ``status``): no durability warning."""
     # An operator looking at the log needs no durability lecture on every command.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DurabilityWarning)

@@ -30,6 +30,7 @@ from pyetcd import exceptions as etcd_errors
 from pyetcd.utils import prefix_range_end
 
 from ...errors import BackendUnavailable, DcoordError
+from ...inspect import identity_json
 from ...scheduler import JobResult, Scheduler
 from ..base import LockGrant, key_segment
 from ..etcd_names import etcd_lock_prefix
@@ -243,6 +244,7 @@ class EtcdLockSlot:
         self._key: bytes | None = None
         self._revision = 0
         self._lease: Lease | None = None
+        self._label: str | None = locks.backend.settings.options["label"]
 
     # -- acquire -------------------------------------------------------------------
 
@@ -287,7 +289,12 @@ class EtcdLockSlot:
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             success=[
-                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease.id)),
+                etcdrpc.RequestOp(
+                    # The value names the holder, for dcoord.inspect (etcdctl writes none).
+                    request_put=etcdrpc.PutRequest(
+                        key=key, value=identity_json(self._label, time.time()), lease=lease.id
+                    )
+                ),
                 self._owner_range(),
             ],
             failure=[_range(key, keys_only=True), self._owner_range()],

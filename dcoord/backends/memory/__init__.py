@@ -49,7 +49,7 @@ class MemoryBackend:
         self.prefix = f"{settings.namespace}/"
         self.kv = MemoryKV(self.server, self.prefix)
         self.groups = MemoryGroups(self.server, self.prefix)
-        self.locks = MemoryLocks(self.server, self.prefix)
+        self.locks = MemoryLocks(self.server, self.prefix, settings.options["label"])
         self.txlog = MemoryTxLog(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:

@@ -7,6 +7,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+from ...inspect import Identity, identity
 from ..base import LockGrant
 
 if TYPE_CHECKING:
@@ -21,6 +22,10 @@ class _Entry:
         self.expires_at = 0.0
         self.fence = 0
         self.cond = threading.Condition(mutex)
+        # For inspection (dcoord.inspect): who holds the lock since when, who waits.
+        self.holder: Identity | None = None
+        self.acquired_at = 0.0
+        self.waiters = 0
 
     def free(self, now: float) -> bool:
         return self.token is None or now >= self.expires_at
@@ -48,13 +53,24 @@ def _table(server: MemoryServer) -> _Table:
 
 
 class MemoryLocks:
-    def __init__(self, server: MemoryServer, prefix: str) -> None:
+    def __init__(self, server: MemoryServer, prefix: str, label: str | None = None) -> None:
         self._server = server
         self._table = _table(server)
         self._prefix = prefix
+        self._identity = identity(label)
+
+    @property
+    def table(self) -> _Table:
+        """Every lock of the store (for :mod:`dcoord.backends.memory.inspect`)."""
+        return self._table
+
+    @property
+    def lock_prefix(self) -> str:
+        """The table key of lock ``NAME`` is this prefix + ``NAME``."""
+        return f"{self._prefix}lock/"
 
     def slot(self, name: str, ttl: float, auto_renew: bool) -> MemoryLockSlot:
-        return MemoryLockSlot(self._table, f"{self._prefix}lock/{name}", ttl)
+        return MemoryLockSlot(self._table, self.lock_prefix + name, ttl, self._identity)
 
     def admit(self, resource: str, token: int) -> bool:
         key = f"{self._prefix}fence/{resource}"
@@ -84,11 +100,12 @@ class MemoryLocks:
 
 
 class MemoryLockSlot:
-    def __init__(self, table: _Table, key: str, ttl: float) -> None:
+    def __init__(self, table: _Table, key: str, ttl: float, holder: Identity) -> None:
         self._table = table
         self._key = key
         self._ttl = ttl
         self._token: object | None = None
+        self._holder = holder
 
     def _entry(self) -> _Entry:
         entry = self._table.entries.get(self._key)
@@ -105,13 +122,18 @@ class MemoryLockSlot:
                 if entry.free(now):
                     entry.fence += 1
                     entry.token, entry.expires_at = token, now + self._ttl
+                    entry.holder, entry.acquired_at = self._holder, time.time()
                     self._token = token
                     return LockGrant(entry.fence, entry.expires_at)
                 if deadline is not None and now >= deadline:
                     return None
                 # Woken by a release; otherwise at the holder's expiry or our deadline.
                 wait = entry.expires_at - now
-                entry.cond.wait(wait if deadline is None else min(wait, deadline - now))
+                entry.waiters += 1
+                try:
+                    entry.cond.wait(wait if deadline is None else min(wait, deadline - now))
+                finally:
+                    entry.waiters -= 1
 
     def release(self) -> bool:
         token, self._token = self._token, None

@@ -2,7 +2,8 @@
 
 Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one hash tag::
 
-    dcoord:<ns>:lock:{NAME}            the holder's random token, with the TTL (PX)
+    dcoord:<ns>:lock:{NAME}            the holder's token, with the TTL (PX); random + who
+                                       holds it (see dcoord.inspect)
     dcoord:<ns>:lock:{NAME}:fence      the last fence handed out (never expires)
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ...errors import BackendUnavailable
+from ...inspect import holder_suffix
 from ...scheduler import JobResult, WorkerPool
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
@@ -233,6 +235,7 @@ class RedisLockSlot:
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
         token = secrets.token_hex(16)  # a new token per grant: an old one can never act
+        token += holder_suffix(self._locks.backend.settings.options["label"])  # inspection
         result, sent = self._try(token)
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
             return None

@@ -1,0 +1,83 @@
+"""Inspection of Redis locks (see :mod:`dcoord.inspect`): SCAN, then one MULTI per lock."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ...inspect import LockInfo, name_of_segment, parse_token
+from ..base import key_segment
+
+if TYPE_CHECKING:
+    from . import RedisBackend
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+def locks(backend: RedisBackend, prefix: str) -> list[LockInfo]:
+    """The held locks of the backend's namespace whose names start with ``prefix``."""
+    client: Any = backend.redis
+    base = f"{backend.prefix}lock:{{"
+    pattern = _GLOB_SPECIALS.sub(r"\\\1", base + key_segment(prefix)) + "*}"
+    keys: list[bytes] = backend.call(
+        lambda: list(client.scan_iter(match=pattern, count=1000)),
+        what=f"list locks under {backend.prefix}",
+        retry=True,
+    )
+    found = []
+    for raw in keys:
+        key = raw.decode()
+        info = _read(backend, key, name_of_segment(key[len(base) : -1]))
+        if info is not None:
+            found.append(info)
+    return found
+
+
+def info(backend: RedisBackend, name: str) -> LockInfo | None:
+    """Lock ``name`` if it is held (its keys read directly, no SCAN)."""
+    return _read(backend, f"{backend.prefix}lock:{{{key_segment(name)}}}", name)
+
+
+def _read(backend: RedisBackend, key: str, name: str) -> LockInfo | None:
+    """One lock's fields, read in one MULTI so token, TTL and fence belong together."""
+    client: Any = backend.redis
+
+    def read() -> list[Any]:
+        pipe = client.pipeline(transaction=True)
+        pipe.get(key).pttl(key).get(f"{key}:fence")
+        result: list[Any] = pipe.execute()
+        # Every client waiting on the lock subscribes to its release channel.
+        result.append(client.pubsub_numsub(f"{key}:released")[0][1])
+        return result
+
+    token, pttl, fence, subscribers = backend.call(read, what=f"inspect lock {name!r}", retry=True)
+    if token is None or fence is None:
+        return None  # released (or expired) since the SCAN, or not a dcoord lock
+    who = parse_token(token.decode(errors="replace"))
+    fence_value = int(fence)
+    return LockInfo(
+        name=name,
+        holder=None if who is None else who.holder,
+        label=None if who is None else who.label,
+        fence=fence_value,
+        # The fence is the server's TIME in microseconds at the grant, unless the last
+        # fence + 1 was greater (grants faster than one per microsecond, or the server's
+        # clock stepped back): then it is a little after the grant.
+        acquired_at=fence_value / 1e6,
+        ttl_left=pttl / 1000 if pttl >= 0 else None,
+        waiters=int(subscribers),
+    )
+
+
+def groups(backend: RedisBackend) -> set[str]:
+    """The names of the groups stored in the backend's namespace (every group that ever
+    had a member keeps its epoch counter)."""
+    client: Any = backend.redis
+    base = f"{backend.prefix}group:{{"
+    suffix = "}:epoch"
+    keys: list[bytes] = backend.call(
+        lambda: list(client.scan_iter(match=f"{base}*{suffix}", count=1000)),
+        what=f"list groups under {backend.prefix}",
+        retry=True,
+    )
+    return {key.decode()[len(base) : -len(suffix)] for key in keys}

@@ -1,0 +1,527 @@
+"""``dcoord doctor``: does this server give dcoord what its guarantees need?
+
+Each check reads or tries something on the server and returns a :class:`Check`:
+``pass``, ``fail`` (with a hint that says how to fix it) or ``info`` (nothing to judge,
+or it cannot be measured on this backend; never a failure). Tries (the ACL/RBAC checks)
+work on scratch keys under ``<namespace>/doctor/`` and remove them, pass or fail.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import DcoordError
+
+if TYPE_CHECKING:
+    from .backends.etcd import EtcdBackend
+    from .backends.redis import RedisBackend
+    from .client import Client
+
+Status = Literal["pass", "fail", "info"]
+
+#: Oldest server versions dcoord is built and tested for.
+MIN_REDIS = (7, 0)
+MIN_ETCD = (3, 4)
+#: Round trips measured for the RTT check.
+RTT_SAMPLES = 5
+#: A TTL must allow this many worst-case round trips: a renewal every TTL/3 that is
+#: retried a few times before the lock runs out.
+RTT_PER_TTL = 20
+#: etcd's smallest lease (1.5 x its default election timeout, rounded up).
+ETCD_MIN_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check."""
+
+    name: str
+    status: Status
+    detail: str
+    """What was found."""
+    hint: str = ""
+    """How to fix a failure (empty when it passed)."""
+
+    def to_json(self) -> dict[str, str]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.time) -> list[Check]:
+    """Every check of ``client``'s server, for locks and members with TTLs down to ``ttl``.
+
+    ``clock`` is this machine's wall clock, the one the server's is compared with.
+    """
+    info = client.ping()
+    rtt = _rtt_check(_round_trips(client), ttl, info.kind)
+    backend: Any = client.backend
+    if info.kind == "redis":
+        return [
+            _version_check("redis", info.version, MIN_REDIS),
+            rtt,
+            *_redis_checks(backend, client.namespace, ttl, clock),
+        ]
+    if info.kind == "etcd":
+        return [
+            _version_check("etcd", info.version, MIN_ETCD),
+            rtt,
+            *_etcd_checks(backend, client.namespace),
+        ]
+    return [
+        Check("server", "pass", f"embedded memory store, dcoord {info.version}"),
+        rtt,
+        Check("clock offset", "pass", "0 s: the store runs on this process's clocks"),
+        Check("durability", "info", "memory:// keeps nothing past this process"),
+    ]
+
+
+# -- common -----------------------------------------------------------------------------
+
+
+def _version_check(kind: str, version: str, minimum: tuple[int, int]) -> Check:
+    wanted = ".".join(map(str, minimum))
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return Check(
+            "server",
+            "fail",
+            f"{kind} version {version!r} does not parse",
+            f"use {kind} {wanted} or newer",
+        )
+    if found < minimum:
+        return Check("server", "fail", f"{kind} {version}", f"upgrade to {kind} {wanted} or newer")
+    return Check("server", "pass", f"{kind} {version}")
+
+
+def _round_trips(client: Client) -> list[float]:
+    rtts = []
+    for _ in range(RTT_SAMPLES):
+        started = time.perf_counter()
+        client.ping()
+        rtts.append(time.perf_counter() - started)
+    return rtts
+
+
+def _rtt_check(rtts: list[float], ttl: float, kind: str) -> Check:
+    worst = max(rtts)
+    smallest = max(RTT_PER_TTL * worst, ETCD_MIN_TTL if kind == "etcd" else 0.0)
+    detail = (
+        f"median {statistics.median(rtts) * 1000:.2f} ms, worst {worst * 1000:.2f} ms of "
+        f"{len(rtts)}; smallest sensible TTL {smallest:.3g} s (TTL in use {ttl:g} s)"
+    )
+    if ttl < smallest:
+        why = "etcd's minimum lease" if smallest == ETCD_MIN_TTL else "the round trip"
+        return Check(
+            "round trip",
+            "fail",
+            detail,
+            f"use ttl >= {smallest:.3g} s ({why}): a renewal at TTL/3 needs time for retries",
+        )
+    return Check("round trip", "pass", detail)
+
+
+def _attempt(refused: list[str], what: str, fn: Callable[[], object]) -> None:
+    """Run ``fn``; when the server refuses it, note ``what`` and why in ``refused``."""
+    try:
+        fn()
+    except DcoordError as exc:
+        refused.append(f"{what}: {exc}")
+    except Exception as exc:  # a refusal raw from the client library: report, go on
+        refused.append(f"{what}: {type(exc).__name__}: {exc}")
+
+
+# -- Redis ------------------------------------------------------------------------------
+
+
+def _redis_checks(
+    backend: RedisBackend, namespace: str, ttl: float, clock: Callable[[], float]
+) -> list[Check]:
+    from .backends.redis import persistence
+
+    checks = []
+    found = persistence.read(backend)
+    if isinstance(found, str):
+        checks.append(
+            Check(
+                "persistence",
+                "fail",
+                f"cannot be read: {found}",
+                "grant this user CONFIG GET (or INFO) so that doctor and dcoord can check",
+            )
+        )
+    else:
+        checks.append(_redis_persistence(found))
+        checks.append(_redis_eviction(found))
+    checks.append(_redis_replication(backend))
+    checks.append(_redis_clock(backend, ttl, clock))
+    checks.append(_redis_acl(backend, namespace))
+    checks.append(_redis_world_writable(backend, namespace))
+    return checks
+
+
+def _redis_persistence(found: Any) -> Check:
+    detail = f"appendonly {found.appendonly or '?'}, appendfsync {found.appendfsync or '?'}"
+    if found.appendonly != "yes":
+        return Check(
+            "persistence",
+            "fail",
+            detail + ": a server restart forgets locks, fences and transaction decisions",
+            "CONFIG SET appendonly yes and CONFIG SET appendfsync always (and in redis.conf)",
+        )
+    if found.appendfsync != "always":
+        return Check(
+            "persistence",
+            "fail",
+            detail
+            + ": a server crash can lose the last second of writes"
+            + (f" ({found.unread})" if found.appendfsync is None else ""),
+            "CONFIG SET appendfsync always (and in redis.conf); see docs/transactions.md",
+        )
+    return Check("persistence", "pass", detail)
+
+
+def _redis_eviction(found: Any) -> Check:
+    policy = found.maxmemory_policy
+    if policy == "noeviction":
+        return Check("maxmemory-policy", "pass", "noeviction")
+    return Check(
+        "maxmemory-policy",
+        "fail",
+        f"{policy or 'unreadable'}: under memory pressure redis may evict held locks "
+        "(a second holder) and transaction records",
+        "CONFIG SET maxmemory-policy noeviction (and in redis.conf)",
+    )
+
+
+def _redis_replication(backend: RedisBackend) -> Check:
+    client: Any = backend.redis
+    info = backend.call(lambda: client.info("replication"), what="read replication", retry=True)
+    role, replicas = info.get("role"), int(info.get("connected_slaves", 0))
+    if role != "master":
+        return Check(
+            "replication",
+            "fail",
+            f"connected to a {role}: it refuses writes or may be promoted without them",
+            "point the URL at the primary",
+        )
+    if replicas == 0:
+        return Check("replication", "info", "single server, no replicas")
+    try:
+        config = backend.call(
+            lambda: client.config_get("min-replicas-to-write"), what="read min-replicas"
+        )
+        minimum = int(config.get("min-replicas-to-write", 0))
+    except DcoordError as exc:
+        return Check(
+            "replication",
+            "fail",
+            f"{replicas} replica(s); min-replicas-to-write unreadable: {exc}",
+            "grant CONFIG GET, or check it by hand",
+        )
+    detail = f"{replicas} replica(s), min-replicas-to-write {minimum}"
+    if minimum < 1:
+        return Check(
+            "replication",
+            "fail",
+            detail + ": a failover can lose acknowledged grants (a lock held twice)",
+            "CONFIG SET min-replicas-to-write 1 (and min-replicas-max-lag)",
+        )
+    return Check("replication", "pass", detail)
+
+
+def _redis_clock(backend: RedisBackend, ttl: float, clock: Callable[[], float]) -> Check:
+    client: Any = backend.redis
+
+    def read() -> tuple[float, float, float]:
+        before = clock()
+        seconds, micros = client.time()
+        return before, seconds + micros / 1e6, clock()
+
+    before, server, after = backend.call(read, what="read redis TIME", retry=True)
+    offset = server - (before + after) / 2
+    error = (after - before) / 2
+    limit = min(1.0, ttl / 10)
+    detail = f"server - local = {offset * 1000:+.1f} ms (+/- {error * 1000:.1f} ms)"
+    if abs(offset) - error > limit:
+        return Check(
+            "clock offset",
+            "fail",
+            detail + f", more than {limit:g} s: transaction deadlines and lock ages read "
+            "by this machine are off by as much",
+            "run NTP (chrony, systemd-timesyncd) on this machine and on the server",
+        )
+    return Check("clock offset", "pass", detail)
+
+
+# Every command dcoord sends, on scratch keys (scripts run their commands under the same
+# ACL as the caller: each is tried inside EVAL too).
+_REDIS_TRIES: tuple[tuple[str, ...], ...] = (
+    ("SET", "{k}", "1", "NX", "PX", "10000"),
+    ("GET", "{k}"),
+    ("PTTL", "{k}"),
+    ("PEXPIRE", "{k}", "10000"),
+    ("INCR", "{k}:n"),
+    ("HSET", "{k}:h", "f", "v"),
+    ("HGETALL", "{k}:h"),
+    ("ZADD", "{k}:z", "1", "m"),
+    ("ZRANGEBYSCORE", "{k}:z", "-inf", "+inf"),
+    ("PUBLISH", "{k}:c", "x"),
+    ("TIME",),
+    ("SCAN", "0", "MATCH", "{k}*"),
+)
+
+
+def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
+    client: Any = backend.redis
+    key = f"{backend.prefix}doctor:{secrets.token_hex(4)}"
+    refused: list[str] = []
+    scratch = [key, f"{key}:n", f"{key}:h", f"{key}:z"]
+    try:
+        for command in _REDIS_TRIES:
+            args = [a.replace("{k}", key) for a in command]
+            _attempt(refused, args[0], lambda: client.execute_command(*args))  # noqa: B023
+        _attempt(
+            refused,
+            "EVAL (SET/PTTL/DEL in a script)",
+            lambda: client.execute_command(
+                "EVAL",
+                "redis.call('SET', KEYS[1], '1', 'PX', 10000) redis.call('PTTL', KEYS[1]) "
+                "return redis.call('DEL', KEYS[1])",
+                1,
+                key,
+            ),
+        )
+        _attempt(refused, "SCRIPT LOAD + EVALSHA", lambda: _evalsha(client))
+        _attempt(refused, "SUBSCRIBE", lambda: _subscribe(client, f"{key}:c"))
+        _attempt(refused, "DEL", lambda: client.execute_command("DEL", *scratch))
+    finally:
+        leftover = _quietly(lambda: client.execute_command("EXISTS", *scratch))
+    detail = f"{len(_REDIS_TRIES) + 4} commands tried on {key}*"
+    if leftover:
+        refused.append(f"{leftover} scratch key(s) left behind under {key}")
+    if refused:
+        return Check(
+            "permissions",
+            "fail",
+            detail + "; refused: " + "; ".join(refused),
+            f"allow these commands on keys and channels dcoord:{namespace}:* "
+            "(e.g. ACL SETUSER <user> ~dcoord:* &dcoord:* +@read +@write +@scripting "
+            "+@pubsub +time +ping +info)",
+        )
+    return Check("permissions", "pass", detail + ", all allowed; nothing left behind")
+
+
+def _evalsha(client: Any) -> None:
+    sha = client.execute_command("SCRIPT", "LOAD", "return 1")
+    client.execute_command("EVALSHA", sha, 0)
+
+
+def _subscribe(client: Any, channel: str) -> None:
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(channel)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.5)
+            if message is not None and message["type"] == "subscribe":
+                return
+        raise TimeoutError("no subscribe confirmation in 2 s")
+    finally:
+        pubsub.close()
+
+
+def _quietly(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def _redis_world_writable(backend: RedisBackend, namespace: str) -> Check:
+    import redis
+
+    if backend.settings.password is None:
+        return Check(
+            "open access",
+            "info",
+            "the URL has no password: whoever reaches the port may take or drop any lock",
+        )
+    host, port = backend.settings.hosts[0]
+    key = f"{backend.prefix}doctor:{secrets.token_hex(4)}:anonymous"
+    anonymous = redis.Redis(
+        host=host,
+        port=port,
+        socket_connect_timeout=backend.settings.connect_timeout,
+        socket_timeout=backend.settings.request_timeout,
+        ssl=backend.settings.tls,
+        ssl_ca_certs=backend.settings.options["ca_cert"],
+    )
+    try:
+        try:
+            written = anonymous.set(key, "1", nx=True, px=10000)
+        except redis.RedisError as exc:
+            return Check("open access", "pass", f"a client without a password is refused: {exc}")
+        _quietly(lambda: anonymous.delete(key))
+        return Check(
+            "open access",
+            "fail",
+            f"a client WITHOUT a password could write {key} (written: {bool(written)}): "
+            "the 'default' user is enabled with nopass, so anyone can take or drop locks",
+            "ACL SETUSER default off (or requirepass), and give dcoord its own user",
+        )
+    finally:
+        anonymous.close()
+
+
+# -- etcd -------------------------------------------------------------------------------
+
+
+def _etcd_checks(backend: EtcdBackend, namespace: str) -> list[Check]:
+    return [
+        _etcd_cluster(backend),
+        Check(
+            "clock offset",
+            "info",
+            "cannot be measured: etcd serves no wall-clock time (leases run on its own "
+            "clock; transaction deadlines on etcd use each client's clock, so keep NTP on)",
+        ),
+        _etcd_rbac(backend, namespace),
+        _etcd_world_writable(backend, namespace),
+    ]
+
+
+def _etcd_cluster(backend: EtcdBackend) -> Check:
+    etcd: Any = backend.etcd
+
+    def read() -> tuple[list[Any], Any, list[Any]]:
+        return list(etcd.members), etcd.status(), list(etcd.list_alarms())
+
+    members, status, alarms = backend.call(read, what="read etcd cluster", retry=True)
+    names = ", ".join(sorted(m.name or f"{m.id:x}" for m in members))
+    detail = f"{len(members)} member(s) ({names}); leader {status.leader.name or '?'}"
+    if alarms:
+        return Check(
+            "cluster health",
+            "fail",
+            detail + f"; alarms: {', '.join(str(a.alarm_type) for a in alarms)}",
+            "etcdctl alarm list; free space (compact + defrag) and etcdctl alarm disarm",
+        )
+    if len(members) % 2 == 0:
+        return Check(
+            "cluster health",
+            "fail",
+            detail + ": an even member count tolerates no more failures than one fewer",
+            "run an odd number of members (1, 3 or 5)",
+        )
+    return Check("cluster health", "pass", detail)
+
+
+def _etcd_rbac(backend: EtcdBackend, namespace: str) -> Check:
+    etcd: Any = backend.etcd
+    key = f"{backend.prefix}doctor/{secrets.token_hex(4)}"
+    refused: list[str] = []
+    lease: Any = None
+
+    def call(what: str, fn: Callable[[], Any]) -> Any:
+        return backend.call(fn, what=what)
+
+    def grant() -> None:
+        nonlocal lease
+        lease = call("lease grant", lambda: etcd.lease(10))
+
+    try:
+        _attempt(refused, "put", lambda: call("put", lambda: etcd.put(key, b"1")))
+        _attempt(refused, "get", lambda: call("get", lambda: etcd.get(key)))
+        _attempt(refused, "range", lambda: call("range", lambda: list(etcd.get_prefix(key))))
+        _attempt(
+            refused,
+            "txn",
+            lambda: call(
+                "txn",
+                lambda: etcd.transaction(
+                    compare=[etcd.transactions.create(key) > 0],
+                    success=[etcd.transactions.get(key)],
+                    failure=[],
+                ),
+            ),
+        )
+        _attempt(refused, "lease grant", grant)
+        if lease is not None:
+            _attempt(
+                refused,
+                "put with lease",
+                lambda: call("put", lambda: etcd.put(key, b"2", lease=lease)),
+            )
+            _attempt(
+                refused,
+                "lease keep-alive",
+                lambda: call("keep-alive", lambda: list(lease.refresh())),
+            )
+        _attempt(refused, "watch", lambda: _etcd_watch(backend, key))
+        _attempt(refused, "delete", lambda: call("delete", lambda: etcd.delete(key)))
+    finally:
+        if lease is not None:
+            _quietly(lambda: etcd.revoke_lease(lease.id))
+        left = _quietly(lambda: etcd.get(key)[0])
+    if left is not None:
+        refused.append(f"scratch key {key} left behind")
+    detail = f"put, get, range, txn, lease, watch, delete tried on {key}"
+    if refused:
+        return Check(
+            "permissions",
+            "fail",
+            detail + "; refused: " + "; ".join(refused),
+            f"etcdctl role grant-permission --prefix=true <role> readwrite /dcoord/{namespace}/",
+        )
+    return Check("permissions", "pass", detail + ", all allowed; nothing left behind")
+
+
+def _etcd_watch(backend: EtcdBackend, key: str) -> None:
+    etcd: Any = backend.etcd
+    watch_id = backend.call(
+        lambda: etcd.add_watch_callback(key, lambda _response: None), what="watch"
+    )
+    etcd.cancel_watch(watch_id)
+
+
+def _etcd_world_writable(backend: EtcdBackend, namespace: str) -> Check:
+    import pyetcd
+
+    settings = backend.settings
+    if settings.password is None:
+        return Check(
+            "open access",
+            "info",
+            "the URL has no user: if etcd auth is off, whoever reaches it may take or drop "
+            "any lock",
+        )
+    host, port = settings.hosts[0]
+    key = f"{backend.prefix}doctor/{secrets.token_hex(4)}-anonymous"
+    anonymous: Any = pyetcd.client(
+        host=host,
+        port=port,
+        timeout=settings.request_timeout,
+        ca_cert=settings.options["ca_cert"] if settings.tls else None,
+    )
+    try:
+        try:
+            anonymous.put(key, b"1")
+        except Exception as exc:
+            return Check(
+                "open access", "pass", f"a client without credentials is refused: {exc!r:.80}"
+            )
+        _quietly(lambda: anonymous.delete(key))
+        return Check(
+            "open access",
+            "fail",
+            f"a client WITHOUT credentials could write {key}: etcd auth is off",
+            "etcdctl user add root; etcdctl auth enable (and give dcoord its own user/role)",
+        )
+    finally:
+        anonymous.close()
