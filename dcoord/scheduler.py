@@ -28,6 +28,9 @@ log = logging.getLogger("dcoord")
 # after that delay instead, or False to stop.
 JobResult = float | bool | None
 
+#: Threads that run a scheduler's jobs, at most (started only when a run would wait).
+JOB_WORKERS = 4
+
 
 class Job:
     """A periodic job; ``cancel()`` stops it (a run in progress finishes first)."""
@@ -52,7 +55,7 @@ class Scheduler:
     A job never runs twice at once: it is back in the queue only once its run ended.
     """
 
-    def __init__(self, name: str = "dcoord", workers: int = 4) -> None:
+    def __init__(self, name: str = "dcoord", workers: int = JOB_WORKERS) -> None:
         self._name = name
         self._cond = threading.Condition()
         self._queue: list[tuple[float, int, Job]] = []
