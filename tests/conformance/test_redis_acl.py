@@ -133,3 +133,35 @@ def test_a_database_other_than_0_needs_select(server: Server, admin: redis.Redis
     admin.execute_command("ACL", "SETUSER", "app1", "+select")  # as docs/security.md says
     with dcoord.connect(url, namespace=NS) as client:
         assert client.fence("orders").admit(1)
+
+
+def test_a_join_denied_the_channel_writes_nothing_and_can_join_later(
+    server: Server, admin: redis.Redis
+) -> None:
+    # Redis does not roll a script back: a join that wrote its member before PUBLISH was
+    # refused left an id that could never join again ("already joined and alive").
+    admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
+    with connect(server, NS) as client:
+        with pytest.raises(dcoord.PermissionDenied, match="(?i)publish"):
+            client.group("workers").join("w1")
+        assert admin.keys("*") == []
+        admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")
+        member = client.group("workers").join("w1")
+        assert set(client.group("workers").members()) == {"w1"}
+        member.leave()
+
+
+def test_a_release_denied_the_channel_keeps_the_lock(server: Server, admin: redis.Redis) -> None:
+    with connect(server, NS) as client:
+        lock = client.lock("orders", ttl=30)
+        assert lock.acquire(timeout=0)
+        keys = sorted(admin.keys("*"))
+        values = [admin.get(key) for key in keys if admin.type(key) == b"string"]
+        admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
+        with pytest.raises(dcoord.PermissionDenied, match="publish"):
+            lock.release()
+        # Nothing changed: the lock is still the holder's, not deleted behind an error.
+        assert sorted(admin.keys("*")) == keys
+        assert [admin.get(key) for key in keys if admin.type(key) == b"string"] == values
+        admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")
+        assert not client.lock("orders", ttl=5).acquire(timeout=0)

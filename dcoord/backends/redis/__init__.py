@@ -31,6 +31,8 @@ T = TypeVar("T")
 TRANSIENT_REPLIES = frozenset(
     {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
 )
+# Redis 7.0 reports an ACL denial inside a script as a plain ERR with this text.
+SCRIPT_DENIED = "The user executing the script can't"
 # redis-py makes these ConnectionErrors, but retrying cannot fix the credentials.
 CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 
@@ -134,7 +136,9 @@ class RedisBackend:
         user = self.settings.username or "default"
         if isinstance(exc, CREDENTIALS):
             return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
-        if isinstance(exc, redis.ResponseError) and reply_code(exc) == "NOPERM":
+        if isinstance(exc, redis.ResponseError) and (
+            reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
+        ):
             return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
         if is_transient(exc):
             return BackendUnavailable(f"{what}: {reply_text(exc)}")
