@@ -16,6 +16,8 @@ import pytest
 import redis
 
 import dcoord
+from dcoord.cli import main
+from dcoord.cli.acl import redis_acl_rule
 from tests.servers import HOST, ROOT, Server
 
 NS = "app1"
@@ -23,11 +25,12 @@ PASSWORD = "app1-secret"
 
 
 def documented_rule() -> list[str]:
-    """The ``ACL SETUSER`` arguments docs/security.md gives (namespace app1, db 0)."""
-    for line in (ROOT / "docs" / "security.md").read_text().splitlines():
-        if line.startswith("ACL SETUSER app1 "):
-            return line.split()[3:]
-    raise AssertionError("docs/security.md gives no 'ACL SETUSER app1' rule")
+    """The ``ACL SETUSER`` arguments ``dcoord acl redis app1`` prints (namespace app1, db
+    0); docs/security.md shows the same line."""
+    rule = redis_acl_rule(NS)
+    line = " ".join(rule)
+    assert line in (ROOT / "docs" / "security.md").read_text().splitlines(), line
+    return rule[3:]
 
 
 class Recorder:
@@ -165,3 +168,12 @@ def test_a_release_denied_the_channel_keeps_the_lock(server: Server, admin: redi
         assert [admin.get(key) for key in keys if admin.type(key) == b"string"] == values
         admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")
         assert not client.lock("orders", ttl=5).acquire(timeout=0)
+
+
+def test_dcoord_acl_redis_prints_the_verified_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["acl", "redis", NS]) == 0
+    assert capsys.readouterr().out == " ".join(redis_acl_rule(NS)) + "\n"
+    assert main(["acl", "redis", NS, "--database", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(" +select")
+    assert main(["acl", "redis", "bad/ns"]) == 2
+    assert "'bad/ns'" in capsys.readouterr().err
