@@ -145,7 +145,7 @@ def test_a_join_denied_the_channel_writes_nothing_and_can_join_later(
     # refused left an id that could never join again ("already joined and alive").
     admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
     with connect(server, NS) as client:
-        with pytest.raises(dcoord.PermissionDenied, match="(?i)publish"):
+        with pytest.raises(dcoord.PermissionDenied, match=r"(?i)publish"):
             client.group("workers").join("w1")
         assert admin.keys("*") == []
         admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")

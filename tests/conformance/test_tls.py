@@ -41,8 +41,8 @@ def test_a_good_certificate_and_password_connect_over_tls(
     ("certificate", "client_ca", "problem"),
     [
         ("expired", None, "expired"),
-        ("wrong_host", None, "(?i)mismatch|hostname"),
-        ("server", "other", "(?i)self-signed|issuer|CERTIFICATE_VERIFY_FAILED"),
+        ("wrong_host", None, r"(?i)mismatch|hostname"),
+        ("server", "other", r"(?i)self-signed|issuer|CERTIFICATE_VERIFY_FAILED"),
     ],
 )
 def test_a_refused_server_certificate_is_a_config_error_at_once(
