@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -177,3 +177,39 @@ def test_dcoord_acl_redis_prints_the_verified_rule(capsys: pytest.CaptureFixture
     assert capsys.readouterr().out.rstrip().endswith(" +select")
     assert main(["acl", "redis", "bad/ns"]) == 2
     assert "'bad/ns'" in capsys.readouterr().err
+
+
+def _finish(client: dcoord.Client) -> None:
+    log = client.backend.txlog
+    entry = log.get("tx1")
+    assert entry is not None
+    log.cas("tx1", entry, b'{"done": 1}', finished=True, retention=60)
+
+
+@pytest.mark.parametrize(
+    ("missing", "setup", "operation"),
+    [
+        ("zadd", None, lambda c: c.backend.txlog.create("tx1", b"{}", time.time() + 60)),
+        ("zrem", lambda c: c.backend.txlog.create("tx1", b"{}", time.time() + 60), _finish),
+        ("del", lambda c: c.backend.kv.put("old", b"1"), lambda c: c.backend.kv.apply(
+            {"new": b"2"}, deletes=["old"])),
+    ],
+    ids=["txlog create without zadd", "txlog finish without zrem", "kv apply without del"],
+)  # fmt: skip
+def test_a_script_denied_a_later_command_changes_nothing(
+    server: Server,
+    admin: redis.Redis,
+    missing: str,
+    setup: Callable[[dcoord.Client], object] | None,
+    operation: Callable[[dcoord.Client], object],
+) -> None:
+    # A record written without its index entry would be one no recovery finds; a
+    # finished record still indexed, or puts without their deletes, half an update.
+    with connect(server, NS) as client:
+        if setup is not None:
+            setup(client)
+        before = {key: admin.dump(key) for key in admin.keys("*")}
+        admin.execute_command("ACL", "SETUSER", "app1", f"-{missing}")
+        with pytest.raises(dcoord.PermissionDenied, match=missing.upper()):
+            operation(client)
+        assert {key: admin.dump(key) for key in admin.keys("*")} == before

@@ -16,15 +16,9 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- unpack() of very long lists overflows Lua's C stack: work in chunks.
 local CHUNK = 1000
 
--- A script is not rolled back when a command in it fails. An ACL that denies the user
--- a command or the channel used late in the script would leave a half-written member
--- (an id that can never join again): every command this operation may write with is
--- checked first, and a denial changes nothing.
-local function check(...)
-  if not redis.acl_check_cmd(...) then
-    error({err = 'NOPERM this user has no permissions to run: ' .. table.concat({...}, ' ')})
-  end
-end
+-- Every command this operation may write with, checked before the first write (see
+-- check.lua): a join denied its PUBLISH used to leave a member id that could never join
+-- again.
 check('PUBLISH', channel, '0')
 check('INCR', epoch_key)
 check('ZREM', expiries, '0')
