@@ -14,7 +14,7 @@ COMMANDS = (demo, lock, members, ring, tx, acl)
 EPILOG = """\
 The backend is the one --url names, else $DCOORD_URL. lock, members and tx refuse to
 run without one (their meaning depends on a server other processes share); demo falls
-back to the embedded memory:// backend, and ring and acl need none.
+back to the embedded memory:// backend, and ring needs none.
 
 Errors are printed on stderr as "dcoord: <ErrorType>: <message>".
 Exit status: 0 success; 1 failure (e.g. the backend is unreachable, recovery left work
