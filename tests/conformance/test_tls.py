@@ -65,14 +65,15 @@ def test_a_refused_server_certificate_is_a_config_error_at_once(
     assert caught.match(problem)
 
 
-def test_redis_without_the_client_certificate_it_requires_is_a_config_error_at_once(
-    server_factory: Callable[..., Server], certificates: Certificates
+def test_without_the_client_certificate_the_server_requires_is_a_config_error_at_once(
+    real_backend: str, server_factory: Callable[..., Server], certificates: Certificates
 ) -> None:
-    server = server_factory("redis", persistent=False, tls=certificates)
+    server = server_factory(real_backend, persistent=False, tls=certificates)
+    path = "/0" if real_backend == "redis" else ""
     started = time.monotonic()
     with pytest.raises(dcoord.ConfigError, match="client certificate"):
         dcoord.connect(
-            f"rediss://{HOST}:{server.port}/0?ca_cert={certificates.ca}",
+            f"{real_backend}s://{HOST}:{server.port}{path}?ca_cert={certificates.ca}",
             connect_timeout=CONNECT_TIMEOUT,
         )
     assert time.monotonic() - started < AT_ONCE

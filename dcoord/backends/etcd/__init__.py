@@ -66,6 +66,9 @@ _CERTIFICATE_DETAILS = (
     "BAD_CERTIFICATE",
     "UNKNOWN_CA",
 )
+# All gRPC reports when the server refused the handshake for want of a client
+# certificate; with one given, it may be something else, and is retried.
+_NO_CLIENT_CERTIFICATE = "TSI_DATA_CORRUPTED"
 # Credentials the server will never accept: bad input, not a run-time failure.
 _BAD_CREDENTIALS_DETAILS = ("authentication failed", "authentication is not enabled", "user name")
 
@@ -216,6 +219,10 @@ class EtcdBackend:
         code, details = _describe(exc)
         if any(text in details for text in _CERTIFICATE_DETAILS):
             return certificate_error(what, details)
+        if _NO_CLIENT_CERTIFICATE in details and self.settings.options["cert_file"] is None:
+            return certificate_error(
+                what, f"{details} (the server asks for a client certificate: cert_file, key_file)"
+            )
         if (
             code in _TRANSIENT_CODES
             or (code is None and isinstance(exc, _TRANSIENT_TYPES))
