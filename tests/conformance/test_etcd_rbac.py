@@ -77,6 +77,10 @@ def keys_under(server: Server, prefix: str) -> list[str]:
     return server.etcdctl("get", "--prefix", "--keys-only", prefix).split()
 
 
+def lease_count(server: Server) -> int:
+    return int(server.etcdctl("lease", "list").split()[1])  # "found N leases"
+
+
 def test_the_role_runs_every_primitive_in_its_namespace(url: str) -> None:
     with dcoord.connect(url, namespace=NS) as a, dcoord.connect(url, namespace=NS) as b:
         held = a.lock("orders", ttl=10)
@@ -126,6 +130,11 @@ def test_the_role_denies_other_namespaces_writes_nothing_and_logs_no_traceback(
         ):
             with pytest.raises(dcoord.PermissionDenied, match="'app1'"):
                 operation()
+        # A lock without renewal has a private lease: revoked, not left to its TTL.
+        leases = lease_count(server)
+        with pytest.raises(dcoord.PermissionDenied):
+            client.lock("orders", ttl=5, auto_renew=False).acquire(timeout=0)
+        assert lease_count(server) == leases
     assert keys_under(server, "/dcoord/other/") == []
     loud = [r for r in records if r.levelno > logging.INFO or r.exc_info]
     assert loud == [], [r.getMessage() for r in loud]

@@ -309,9 +309,13 @@ class EtcdLockSlot:
         )
         try:
             response = self._locks.txn(request, what=f"acquire lock {self.name!r}", retry=True)
-        except (LeaseNotFound, PermissionDenied):
-            # Nothing was written (the put needs the lease; a denied txn does nothing),
-            # and a cleanup would only be denied too and log a warning per attempt.
+        except LeaseNotFound:
+            raise  # nothing was written: the put needs the lease
+        except PermissionDenied as exc:
+            # A denied txn wrote nothing: deleting the key would only be denied too, with
+            # a warning. A private lease (which holds no key) is still revoked.
+            if self._private:
+                self._forget_after(exc, key, 0, lease)
             raise
         except BaseException as exc:
             # The put may have happened with its reply lost: remove the key for sure.
