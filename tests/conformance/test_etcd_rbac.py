@@ -125,6 +125,7 @@ def test_the_role_denies_other_namespaces_writes_nothing_and_logs_no_traceback(
             lambda: client.fence("orders").admit(1),
             lambda: client.group("workers").join("w1"),
             lambda: client.group("workers").members(),
+            lambda: client.group("workers").ring(),
             lambda: client.backend.kv.put("k", b"v"),
             lambda: client.backend.txlog.create("tx1", b"{}", time.time() + 60),
         ):

@@ -114,6 +114,7 @@ def test_the_rule_denies_other_namespaces_and_writes_nothing_there(
             lambda: client.lock("orders", ttl=5).acquire(timeout=0),
             lambda: client.fence("orders").admit(1),
             lambda: client.group("workers").join("w1"),
+            lambda: client.group("workers").ring(),
             lambda: client.backend.kv.put("k", b"v"),
             lambda: client.backend.txlog.create("tx1", b"{}", time.time() + 60),
         ):
