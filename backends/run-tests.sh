@@ -9,7 +9,9 @@
 # 3. builds local Redis/etcd images from the installed binaries (no registry needed);
 # 4. creates .venv and installs dcoord with its redis, etcd and test extras;
 # 5. runs ruff and mypy, then the suite with servers in containers (host networking), then
-#    the conformance suite once more with servers as local processes.
+#    the conformance suite once more with servers as local processes, then locks and
+#    membership over TLS (rediss://, etcds://, client certificates) as users confined to
+#    their namespace (DCOORD_TEST_SECURE, bounded: about 2 min).
 # Every server listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,7 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v dockerd >/dev/null || missing+=(docker.io)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -85,3 +88,9 @@ step "conformance suite, servers as local processes"
 start=$SECONDS
 DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance "$@"
 echo "processes path took $((SECONDS - start)) s"
+
+step "locks and membership over TLS with namespace-confined users, local processes"
+start=$SECONDS
+DCOORD_TEST_SECURE=1 DCOORD_TEST_SERVERS=processes timeout 600 .venv/bin/pytest \
+    tests/conformance/test_locks.py tests/conformance/test_membership.py -k "redis or etcd" -x "$@"
+echo "TLS + auth path took $((SECONDS - start)) s"

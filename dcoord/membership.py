@@ -799,14 +799,19 @@ class Group:
     def ring(self, vnodes: int = DEFAULT_VNODES) -> LiveRing:
         """A :class:`LiveRing` of the live members, current when this returns.
 
-        Raises BackendUnavailable if the group cannot be read within the request timeout.
+        Raises BackendUnavailable if the group cannot be read within the request timeout,
+        PermissionDenied if the server refuses it.
         """
         ring = LiveRing(self, _check_count("vnodes", vnodes))
+        # A refusal (an ACL denial) is raised here at once, not retried in the background
+        # for the whole timeout and then reported as unavailability.
+        self.view()
         self._follow(ring)
         timeout = self.client.settings.request_timeout
         if not ring._ready.wait(timeout):
-            ring.close()
+            # Read before close(): the follower of the last subscriber goes with it.
             error = self._follower.error if self._follower is not None else None
+            ring.close()
             raise BackendUnavailable(
                 f"could not read group {self.name!r} within {timeout:g} s: {error}"
             ) from error

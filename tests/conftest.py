@@ -3,22 +3,42 @@
 Tests that take the ``backend`` fixture (or ``client``/``connect``) run once per backend:
 memory, redis and etcd. ``real_backend`` runs on redis and etcd only (for tests with real
 processes or server faults). Servers come from tests/servers.py.
+
+``DCOORD_TEST_SECURE=1`` runs the shared servers (and those of ``server_factory``) with TLS
+(certificates generated for the session, client certificates required) and auth: their
+URLs are ``rediss://`` / ``etcds://`` with the admin's credentials, and the ``connect``
+fixture (hence ``client``) connects as a user confined to the test's namespace by exactly
+what ``dcoord acl`` prints.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dcoord
-from tests.servers import Server, ServerUnavailable, provider, start_server
+from tests.servers import (
+    Certificates,
+    Server,
+    ServerUnavailable,
+    make_certificates,
+    provider,
+    start_server,
+)
 
 BACKENDS = ("memory", "redis", "etcd")
 REAL_BACKENDS = ("redis", "etcd")
+SECURE = os.environ.get("DCOORD_TEST_SECURE", "").strip() not in ("", "0")
+# The admin password of secure test servers, and the password of each namespace's user.
+ADMIN_PASSWORD = "admin-pw-do-not-print"
+USER_PASSWORD = "user-pw-do-not-print"
 
 
 class Servers:
@@ -26,22 +46,47 @@ class Servers:
 
     def __init__(self) -> None:
         self._urls: dict[str, str] = {}
-        self._started: list[Server] = []
+        self._started: dict[str, Server] = {}
+        self._certificates: Certificates | None = None
+
+    def certificates(self) -> Certificates:
+        """The session's test CA and certificates, generated on first use."""
+        if self._certificates is None:
+            directory = Path(tempfile.mkdtemp(prefix="dcoord-certs-"))
+            try:
+                self._certificates = make_certificates(directory)
+            except ServerUnavailable as exc:
+                pytest.fail(f"cannot make test certificates: {exc}", pytrace=False)
+        return self._certificates
+
+    def security(self) -> dict[str, Any]:
+        """The ``start_server`` options of DCOORD_TEST_SECURE (none without it)."""
+        return {"tls": self.certificates(), "password": ADMIN_PASSWORD} if SECURE else {}
 
     def url(self, kind: str) -> str:
         if kind not in self._urls:
             external = os.environ.get(f"DCOORD_TEST_{kind.upper()}_URL")
-            if external:
+            if external and not SECURE:
                 self._urls[kind] = external
             else:
-                server = _start_or_fail(kind)
-                self._started.append(server)
+                server = _start_or_fail(kind, **self.security())
+                self._started[kind] = server
                 self._urls[kind] = server.url
         return self._urls[kind]
 
+    def confined_url(self, kind: str, namespace: str) -> str:
+        """With DCOORD_TEST_SECURE, the URL of a user confined to ``namespace`` (created
+        now); else the shared server's URL."""
+        url = self.url(kind)
+        if not SECURE:
+            return url
+        return self._started[kind].confine(namespace, f"u-{namespace}", USER_PASSWORD)
+
     def stop(self) -> None:
-        for server in self._started:
+        for server in self._started.values():
             server.stop()
+        if self._certificates is not None:
+            shutil.rmtree(self._certificates.directory, ignore_errors=True)
 
 
 def _start_or_fail(kind: str, **options: Any) -> Server:
@@ -57,8 +102,10 @@ def pytest_report_header(config: pytest.Config) -> str:
     except ServerUnavailable as exc:
         chosen = f"error: {exc}"
     external = [k for k in REAL_BACKENDS if os.environ.get(f"DCOORD_TEST_{k.upper()}_URL")]
-    return f"dcoord test servers: {chosen}" + (
-        f" (external: {', '.join(external)})" if external else ""
+    return (
+        f"dcoord test servers: {chosen}"
+        + (f" (external: {', '.join(external)})" if external and not SECURE else "")
+        + (" with TLS and auth (DCOORD_TEST_SECURE)" if SECURE else "")
     )
 
 
@@ -103,13 +150,17 @@ def real_backend_url(real_backend: str, servers: Servers) -> str:
 
 
 @pytest.fixture
-def connect(backend_url: str, namespace: str) -> Iterator[Callable[..., dcoord.Client]]:
-    """``connect(**options)``: a client of the backend under test, closed after the test."""
+def connect(
+    backend: str, backend_url: str, namespace: str, servers: Servers
+) -> Iterator[Callable[..., dcoord.Client]]:
+    """``connect(**options)``: a client of the backend under test, closed after the test
+    (with DCOORD_TEST_SECURE: as a user confined to the test's namespace)."""
     clients: list[dcoord.Client] = []
+    url = backend_url if backend == "memory" else servers.confined_url(backend, namespace)
 
     def make(**options: Any) -> dcoord.Client:
         options.setdefault("namespace", namespace)
-        client = dcoord.connect(backend_url, **options)
+        client = dcoord.connect(url, **options)
         clients.append(client)
         return client
 
@@ -124,13 +175,21 @@ def client(connect: Callable[..., dcoord.Client]) -> dcoord.Client:
 
 
 @pytest.fixture
-def server_factory() -> Iterator[Callable[..., Server]]:
-    """``server_factory(kind, persistent=True)``: a dedicated server the test may pause,
-    kill or restart; stopped after the test."""
+def certificates(servers: Servers) -> Certificates:
+    """The session's test CA and certificates (see tests/servers.py)."""
+    return servers.certificates()
+
+
+@pytest.fixture
+def server_factory(servers: Servers) -> Iterator[Callable[..., Server]]:
+    """``server_factory(kind, persistent=True, **options)``: a dedicated server the test
+    may pause, kill or restart; stopped after the test. ``options`` are start_server's
+    (``tls``, ``certificate``, ``password``); DCOORD_TEST_SECURE's are the default."""
     started: list[Server] = []
 
-    def make(kind: str, *, persistent: bool = True) -> Server:
-        server = _start_or_fail(kind, persistent=persistent)
+    def make(kind: str, *, persistent: bool = True, **options: Any) -> Server:
+        options = {**servers.security(), **options}
+        server = _start_or_fail(kind, persistent=persistent, **options)
         started.append(server)
         return server
 

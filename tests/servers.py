@@ -15,6 +15,12 @@ registry). Containers use host networking and every server listens on 127.0.0.1.
 
 Configuration comes from ``backends/`` (redis.conf, etcd.env), the same files
 docker-compose.yml mounts.
+
+A server may run with TLS (``tls=``: certificates :func:`make_certificates` generates with
+``openssl``; clients must present a client certificate) and with auth (``password=``:
+Redis' default user needs it, etcd gets a ``root`` user and auth enabled). Its ``url``
+then carries the TLS options and the admin credentials, and :meth:`Server.confine` adds a
+user confined to one namespace by exactly what ``dcoord acl`` prints.
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
+
+from dcoord.cli.acl import etcd_rbac_commands, redis_acl_rule
 
 # Ryuk (testcontainers' reaper) needs an image from a registry; our fixtures remove their
 # own containers instead.
@@ -89,6 +99,105 @@ def provider() -> str:
     return "containers" if docker_answers() else "processes"
 
 
+@dataclass(frozen=True)
+class Certificates:
+    """A test CA and the certificates it signed, as PEM files in ``directory``.
+
+    ``server`` is valid for 127.0.0.1 and localhost; ``expired`` and ``wrong_host``
+    (valid only for wrong-host.invalid) are servers' certificates a client must refuse;
+    ``other_ca`` signed nothing the servers use.
+    """
+
+    directory: Path
+
+    def path(self, name: str) -> str:
+        return str(self.directory / name)
+
+    @property
+    def ca(self) -> str:
+        return self.path("ca.pem")
+
+    @property
+    def other_ca(self) -> str:
+        return self.path("other-ca.pem")
+
+    def pair(self, name: str) -> tuple[str, str]:
+        """(certificate, key) of ``server``, ``expired``, ``wrong_host`` or ``client``."""
+        return self.path(f"{name}.pem"), self.path(f"{name}.key")
+
+    def client_options(self, ca: str | None = None) -> dict[str, str]:
+        """The URL options of a client that trusts ``ca`` (default: the test CA)."""
+        cert, key = self.pair("client")
+        return {"ca_cert": ca or self.ca, "cert_file": cert, "key_file": key}
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Generate a CA, server and client certificates (EC keys: fast) into ``directory``."""
+    if shutil.which("openssl") is None:
+        raise ServerUnavailable("openssl is not installed (apt-get install openssl)")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for ca in ("ca", "other-ca"):
+        _openssl(
+            "req",
+            "-x509",
+            *key,
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=dcoord test {ca}",
+            cwd=directory,
+        )
+    # name -> (extensions, validity in days: -1 is already expired)
+    leaves = {
+        "server": ("subjectAltName=IP:127.0.0.1,DNS:localhost", "2"),
+        "expired": ("subjectAltName=IP:127.0.0.1,DNS:localhost", "-1"),
+        "wrong_host": ("subjectAltName=DNS:wrong-host.invalid", "2"),
+        "client": ("subjectAltName=DNS:client", "2"),
+    }
+    for name, (san, days) in leaves.items():
+        usage = "clientAuth" if name == "client" else "serverAuth,clientAuth"
+        (directory / f"{name}.ext").write_text(f"{san}\nextendedKeyUsage={usage}\n")
+        _openssl(
+            "req",
+            *key,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=directory,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            days,
+            "-extfile",
+            f"{name}.ext",
+            cwd=directory,
+        )
+    return Certificates(directory)
+
+
 class Server:
     """One real server the test owns: start, stop, and the faults tests inject."""
 
@@ -98,24 +207,153 @@ class Server:
     etcd_name = "dcoord-test"
     etcd_cluster: str | None = None
 
-    def __init__(self, *, persistent: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        persistent: bool = True,
+        tls: Certificates | None = None,
+        certificate: str = "server",
+        password: str | None = None,
+    ) -> None:
         self.persistent = persistent
         self.port = free_port()
         self.peer_port = free_port()
+        self.tls = tls
+        self.certificate = certificate
+        self.password = password
+        # etcd turns auth on after its first start (it needs a root user first).
+        self.auth_enabled = self.kind == "redis" and password is not None
+
+    @property
+    def admin_user(self) -> str:
+        return "default" if self.kind == "redis" else "root"
 
     @property
     def url(self) -> str:
-        return f"{self.kind}://{HOST}:{self.port}"
+        """The URL of the server with the admin's credentials (and TLS options)."""
+        return self.user_url(self.admin_user, self.password)
+
+    def user_url(self, user: str | None, password: str | None, **options: str) -> str:
+        """The URL of the server as ``user`` with TLS options (or ``options``), if any."""
+        scheme = f"{self.kind}s" if self.tls else self.kind
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password and user else ""
+        query = {**self.tls.client_options(), **options} if self.tls else options
+        path = "/0" if self.kind == "redis" else ""
+        return f"{scheme}://{auth}{HOST}:{self.port}{path}" + (
+            f"?{urlencode(query)}" if query else ""
+        )
+
+    def confine(self, namespace: str, user: str, password: str) -> str:
+        """Create ``user``, confined to ``namespace`` by what ``dcoord acl`` prints, and
+        return its URL."""
+        if self.kind == "redis":
+            admin = self.redis_admin()
+            try:
+                admin.execute_command(*redis_acl_rule(namespace, user=user, password=password))
+            finally:
+                admin.close()
+        else:
+            for command in etcd_rbac_commands(namespace, user=user, password=password):
+                self.etcdctl(*command[1:])
+        return self.user_url(user, password)
+
+    def redis_admin(self) -> Any:
+        """A redis-py client of the admin (TLS and password as the server needs)."""
+        import redis
+
+        tls: dict[str, Any] = {}
+        if self.tls:
+            cert, key = self.tls.pair("client")
+            tls = {
+                "ssl": True,
+                "ssl_ca_certs": self.tls.ca,
+                "ssl_certfile": cert,
+                "ssl_keyfile": key,
+            }
+        return redis.Redis(
+            host=HOST,
+            port=self.port,
+            password=self.password,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            **tls,
+        )
+
+    def etcdctl(self, *args: str) -> str:
+        """Run ``etcdctl args`` against this server as its admin; its stdout."""
+        scheme = "https" if self.tls else "http"
+        cmd = ["etcdctl", f"--endpoints={scheme}://{HOST}:{self.port}", "--dial-timeout=5s"]
+        if self.tls:
+            cert, key = self.tls.pair("client")
+            cmd += [f"--cacert={self.tls.ca}", f"--cert={cert}", f"--key={key}"]
+        if self.auth_enabled:
+            cmd.append(f"--user=root:{self.password}")
+        done = subprocess.run(
+            [*cmd, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        if done.returncode:
+            raise ServerUnavailable(f"etcdctl {args[0]} {args[1]} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def _enable_etcd_auth(self) -> None:
+        assert self.password is not None
+        self.etcdctl("user", "add", "root", f"--new-user-password={self.password}")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("auth", "enable")
+        self.auth_enabled = True
+
+    def _ready(self) -> None:
+        """Wait until the server answers; turn etcd's auth on after its first start."""
+        self.wait_ready(time.monotonic() + START_TIMEOUT)
+        if self.password is not None and not self.auth_enabled:
+            self._enable_etcd_auth()
 
     def command(self, data_dir: str) -> list[str]:
         """The server command line, identical for processes and containers."""
         if self.kind == "redis":
             cmd = ["redis-server", str(data_dir) + "/redis.conf", "--port", str(self.port)]
+            if self.tls:
+                cert, key = self.tls.pair(self.certificate)
+                cmd = [
+                    *cmd[:2],
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                    "--tls-ca-cert-file",
+                    self.tls.ca,
+                    "--tls-auth-clients",
+                    "yes",
+                ]
+            if self.password is not None:
+                cmd += ["--requirepass", self.password]
             return cmd if self.persistent else [*cmd, "--appendonly", "no"]
+        scheme = "https" if self.tls else "http"
         peer = f"http://{HOST}:{self.peer_port}"
-        client = f"http://{HOST}:{self.port}"
+        client = f"{scheme}://{HOST}:{self.port}"
+        tls: list[str] = []
+        if self.tls:
+            cert, key = self.tls.pair(self.certificate)
+            tls = [
+                "--cert-file",
+                cert,
+                "--key-file",
+                key,
+                "--trusted-ca-file",
+                self.tls.ca,
+                "--client-cert-auth",
+            ]
         return [
             "etcd",
+            *tls,
             "--name",
             self.etcd_name,
             "--data-dir",
@@ -149,12 +387,11 @@ class Server:
         )
 
     def _probe(self) -> None:
-        if self.kind == "redis":
-            import redis
-
-            client = redis.Redis(
-                host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1
-            )
+        if self.certificate != "server":
+            # A certificate clients must refuse: the probe could not verify it either.
+            socket.create_connection((HOST, self.port), timeout=1).close()
+        elif self.kind == "redis":
+            client = self.redis_admin()
             try:
                 client.ping()
                 # AOF rewrite in progress blocks nothing, but loading does: PING answers
@@ -164,8 +401,19 @@ class Server:
         else:
             import pyetcd
 
+            creds = None
+            if self.tls:
+                cert, key = self.tls.pair("client")
+                creds = pyetcd.Etcd3Client.get_secure_creds(self.tls.ca, key, cert)
+            auth = {"user": "root", "password": self.password} if self.auth_enabled else {}
             client = pyetcd.MultiEndpointEtcd3Client(
-                endpoints=[pyetcd.Endpoint(HOST, self.port, secure=False, time_retry=0)], timeout=1
+                endpoints=[
+                    pyetcd.Endpoint(
+                        HOST, self.port, secure=bool(self.tls), creds=creds, time_retry=0
+                    )
+                ],
+                timeout=1,
+                **auth,
             )
             try:
                 client.put("/dcoord-test/ready", "1")
@@ -209,9 +457,9 @@ class Server:
 class ProcessServer(Server):
     """A ``redis-server`` or ``etcd`` process of this machine."""
 
-    def __init__(self, kind: str, *, persistent: bool = True) -> None:
+    def __init__(self, kind: str, **options: Any) -> None:
         self.kind = kind
-        super().__init__(persistent=persistent)
+        super().__init__(**options)
         binary = "redis-server" if kind == "redis" else "etcd"
         if shutil.which(binary) is None:
             package = "redis-server" if kind == "redis" else "etcd-server"
@@ -235,7 +483,7 @@ class ProcessServer(Server):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_ready(time.monotonic() + START_TIMEOUT)
+        self._ready()
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -277,9 +525,9 @@ class ProcessServer(Server):
 class ContainerServer(Server):
     """A container (host networking) started through testcontainers."""
 
-    def __init__(self, kind: str, *, persistent: bool = True) -> None:
+    def __init__(self, kind: str, **options: Any) -> None:
         self.kind = kind
-        super().__init__(persistent=persistent)
+        super().__init__(**options)
         from testcontainers.core.container import DockerContainer
 
         default = "redis:7" if kind == "redis" else "gcr.io/etcd-development/etcd:v3.5.17"
@@ -289,6 +537,9 @@ class ContainerServer(Server):
             .with_command(self.command("/data"))
             .with_kwargs(network_mode="host", working_dir="/data")
         )
+        if self.tls:  # the same paths inside: the command line names them
+            directory = str(self.tls.directory)
+            self.container.with_volume_mapping(directory, directory, "ro")
         if kind == "redis":
             self.container.with_volume_mapping(str(REDIS_CONF), "/data/redis.conf", "ro")
         else:
@@ -309,7 +560,7 @@ class ContainerServer(Server):
                 f"With no registry, build local images with backends/build-images.sh and set "
                 f"DCOORD_TEST_{self.kind.upper()}_IMAGE"
             ) from exc
-        self.wait_ready(time.monotonic() + START_TIMEOUT)
+        self._ready()
 
     def _wrapped(self) -> Any:
         wrapped = self.container.get_wrapped_container()
@@ -348,32 +599,31 @@ class ContainerServer(Server):
         return ""
 
 
-def start_server(kind: str, *, persistent: bool = True, using: str | None = None) -> Server:
+def start_server(kind: str, *, using: str | None = None, **options: Any) -> Server:
     """Start a dedicated server of ``kind`` ("redis" or "etcd"); the caller stops it.
 
-    Unless a provider is forced (``using`` or DCOORD_TEST_SERVERS), a container that cannot
-    start (no image, no registry) falls back to a local process.
+    ``options``: ``persistent`` (default True), ``tls``, ``certificate``, ``password``
+    (see :class:`Server`). Unless a provider is forced (``using`` or DCOORD_TEST_SERVERS),
+    a container that cannot start (no image, no registry) falls back to a local process.
     """
     forced = using or os.environ.get("DCOORD_TEST_SERVERS", "").strip()
     chosen = using or provider()
     if chosen == "containers" and not forced:
         try:
-            return _start(kind, persistent, "containers")
+            return _start(kind, "containers", options)
         except ServerUnavailable as exc:
             warnings.warn(f"{exc}; using a local {kind} process instead", stacklevel=2)
             chosen = "processes"
-    return _start(kind, persistent, chosen)
+    return _start(kind, chosen, options)
 
 
-def _start(kind: str, persistent: bool, chosen: str) -> Server:
+def _start(kind: str, chosen: str, options: dict[str, Any]) -> Server:
     if chosen == "containers" and not docker_answers():
         raise ServerUnavailable(
             "DCOORD_TEST_SERVERS=containers but no Docker engine answers; start one "
             "(dockerd --bridge=none --iptables=false) or use DCOORD_TEST_SERVERS=processes"
         )
-    server: Server = (ContainerServer if chosen == "containers" else ProcessServer)(
-        kind, persistent=persistent
-    )
+    server: Server = (ContainerServer if chosen == "containers" else ProcessServer)(kind, **options)
     try:
         server.start()
     except BaseException:

@@ -33,7 +33,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, ConfigError
 
 T = TypeVar("T")
 
@@ -359,6 +359,16 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections, leases and watches; idempotent."""
         ...
+
+
+def certificate_error(what: str, problem: str) -> ConfigError:
+    """The error for a TLS certificate the client or the server refused: configuration,
+    so raised at once (a retry gets the same certificate refused again)."""
+    return ConfigError(
+        f"{what}: TLS certificate problem: {problem}. Check ca_cert (the CA that signed the "
+        "server's certificate), the host name in the URL, the certificates' dates, and "
+        "cert_file/key_file if the server asks for a client certificate"
+    )
 
 
 def with_retries(

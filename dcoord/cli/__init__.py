@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import common, demo, doctor, lock, locks, members, ring, status, tx
+from . import acl, common, demo, doctor, lock, locks, members, ring, status, tx
 
-COMMANDS = (demo, doctor, lock, locks, members, ring, status, tx)
+COMMANDS = (demo, doctor, lock, locks, members, ring, status, tx, acl)
 
 EPILOG = """\
 The backend is the one --url names, else $DCOORD_URL. lock, locks, members, status and
 tx refuse to run without one (their meaning depends on a server other processes share);
-demo falls back to the embedded memory:// backend, and ring needs none. doctor takes
+demo falls back to the embedded memory:// backend; ring and acl need none. doctor takes
 the URL to check as its argument.
 
 Errors are printed on stderr as "dcoord: <ErrorType>: <message>".

@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 
 import dcoord
+from dcoord.cli import main
+from dcoord.cli.acl import redis_acl_rule
 from tests.servers import HOST, ROOT, Server
 
 NS = "app1"
@@ -23,11 +25,12 @@ PASSWORD = "app1-secret"
 
 
 def documented_rule() -> list[str]:
-    """The ``ACL SETUSER`` arguments docs/security.md gives (namespace app1, db 0)."""
-    for line in (ROOT / "docs" / "security.md").read_text().splitlines():
-        if line.startswith("ACL SETUSER app1 "):
-            return line.split()[3:]
-    raise AssertionError("docs/security.md gives no 'ACL SETUSER app1' rule")
+    """The ``ACL SETUSER`` arguments ``dcoord acl redis app1`` prints (namespace app1, db
+    0); docs/security.md shows the same line."""
+    rule = redis_acl_rule(NS)
+    line = " ".join(rule)
+    assert line in (ROOT / "docs" / "security.md").read_text().splitlines(), line
+    return rule[3:]
 
 
 class Recorder:
@@ -111,6 +114,7 @@ def test_the_rule_denies_other_namespaces_and_writes_nothing_there(
             lambda: client.lock("orders", ttl=5).acquire(timeout=0),
             lambda: client.fence("orders").admit(1),
             lambda: client.group("workers").join("w1"),
+            lambda: client.group("workers").ring(),
             lambda: client.backend.kv.put("k", b"v"),
             lambda: client.backend.txlog.create("tx1", b"{}", time.time() + 60),
         ):
@@ -133,3 +137,80 @@ def test_a_database_other_than_0_needs_select(server: Server, admin: redis.Redis
     admin.execute_command("ACL", "SETUSER", "app1", "+select")  # as docs/security.md says
     with dcoord.connect(url, namespace=NS) as client:
         assert client.fence("orders").admit(1)
+
+
+def test_a_join_denied_the_channel_writes_nothing_and_can_join_later(
+    server: Server, admin: redis.Redis
+) -> None:
+    # Redis does not roll a script back: a join that wrote its member before PUBLISH was
+    # refused left an id that could never join again ("already joined and alive").
+    admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
+    with connect(server, NS) as client:
+        with pytest.raises(dcoord.PermissionDenied, match=r"(?i)publish"):
+            client.group("workers").join("w1")
+        assert admin.keys("*") == []
+        admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")
+        member = client.group("workers").join("w1")
+        assert set(client.group("workers").members()) == {"w1"}
+        member.leave()
+
+
+def test_a_release_denied_the_channel_keeps_the_lock(server: Server, admin: redis.Redis) -> None:
+    with connect(server, NS) as client:
+        lock = client.lock("orders", ttl=30)
+        assert lock.acquire(timeout=0)
+        keys = sorted(admin.keys("*"))
+        values = [admin.get(key) for key in keys if admin.type(key) == b"string"]
+        admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
+        with pytest.raises(dcoord.PermissionDenied, match="publish"):
+            lock.release()
+        # Nothing changed: the lock is still the holder's, not deleted behind an error.
+        assert sorted(admin.keys("*")) == keys
+        assert [admin.get(key) for key in keys if admin.type(key) == b"string"] == values
+        admin.execute_command("ACL", "SETUSER", "app1", f"&dcoord:{NS}:*")
+        assert not client.lock("orders", ttl=5).acquire(timeout=0)
+
+
+def test_dcoord_acl_redis_prints_the_verified_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["acl", "redis", NS]) == 0
+    assert capsys.readouterr().out == " ".join(redis_acl_rule(NS)) + "\n"
+    assert main(["acl", "redis", NS, "--database", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(" +select")
+    assert main(["acl", "redis", "bad/ns"]) == 2
+    assert "'bad/ns'" in capsys.readouterr().err
+
+
+def _finish(client: dcoord.Client) -> None:
+    log = client.backend.txlog
+    entry = log.get("tx1")
+    assert entry is not None
+    log.cas("tx1", entry, b'{"done": 1}', finished=True, retention=60)
+
+
+@pytest.mark.parametrize(
+    ("missing", "setup", "operation"),
+    [
+        ("zadd", None, lambda c: c.backend.txlog.create("tx1", b"{}", time.time() + 60)),
+        ("zrem", lambda c: c.backend.txlog.create("tx1", b"{}", time.time() + 60), _finish),
+        ("del", lambda c: c.backend.kv.put("old", b"1"), lambda c: c.backend.kv.apply(
+            {"new": b"2"}, deletes=["old"])),
+    ],
+    ids=["txlog create without zadd", "txlog finish without zrem", "kv apply without del"],
+)  # fmt: skip
+def test_a_script_denied_a_later_command_changes_nothing(
+    server: Server,
+    admin: redis.Redis,
+    missing: str,
+    setup: Callable[[dcoord.Client], object] | None,
+    operation: Callable[[dcoord.Client], object],
+) -> None:
+    # A record written without its index entry would be one no recovery finds; a
+    # finished record still indexed, or puts without their deletes, half an update.
+    with connect(server, NS) as client:
+        if setup is not None:
+            setup(client)
+        before = {key: admin.dump(key) for key in admin.keys("*")}
+        admin.execute_command("ACL", "SETUSER", "app1", f"-{missing}")
+        with pytest.raises(dcoord.PermissionDenied, match=missing.upper()):
+            operation(client)
+        assert {key: admin.dump(key) for key in admin.keys("*")} == before

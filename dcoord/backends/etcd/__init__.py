@@ -25,7 +25,7 @@ from ...errors import (
     PermissionDenied,
 )
 from ...scheduler import Scheduler
-from ..base import ServerInfo, with_retries
+from ..base import ServerInfo, certificate_error, with_retries
 from ..etcd_names import namespace_prefix
 from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
@@ -57,6 +57,18 @@ _TRANSIENT_TYPES = (
 # The token expired (simple tokens after --auth-token-ttl of non-use) or predates an auth
 # change: a fresh token fixes it, as the Go client does.
 _STALE_TOKEN_DETAILS = ("invalid auth token", "revision of auth store is old", "revision in header")
+# gRPC's words for a certificate either side refused (wrong CA, expired, host name
+# mismatch, no or a bad client certificate): configuration, never retried.
+_CERTIFICATE_DETAILS = (
+    "CERTIFICATE_VERIFY_FAILED",
+    "Hostname Verification Check failed",
+    "CERTIFICATE_REQUIRED",
+    "BAD_CERTIFICATE",
+    "UNKNOWN_CA",
+)
+# All gRPC reports when the server refused the handshake for want of a client
+# certificate; with one given, it may be something else, and is retried.
+_NO_CLIENT_CERTIFICATE = "TSI_DATA_CORRUPTED"
 # Credentials the server will never accept: bad input, not a run-time failure.
 _BAD_CREDENTIALS_DETAILS = ("authentication failed", "authentication is not enabled", "user name")
 
@@ -205,6 +217,12 @@ class EtcdBackend:
     def _mapped(self, exc: BaseException, what: str) -> Exception:
         """The dcoord error for ``exc`` (or _Retryable when a retry may fix it)."""
         code, details = _describe(exc)
+        if any(text in details for text in _CERTIFICATE_DETAILS):
+            return certificate_error(what, details)
+        if _NO_CLIENT_CERTIFICATE in details and self.settings.options["cert_file"] is None:
+            return certificate_error(
+                what, f"{details} (the server asks for a client certificate: cert_file, key_file)"
+            )
         if (
             code in _TRANSIENT_CODES
             or (code is None and isinstance(exc, _TRANSIENT_TYPES))

@@ -29,7 +29,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 from pyetcd.utils import prefix_range_end
 
-from ...errors import BackendUnavailable, DcoordError
+from ...errors import BackendUnavailable, DcoordError, PermissionDenied
 from ...inspect import identity_json
 from ...scheduler import JobResult, Scheduler
 from ..base import LockGrant, key_segment
@@ -256,9 +256,9 @@ class EtcdLockSlot:
             self._key, self._revision, self._lease = key, revision, lease
             try:
                 outcome = "acquired" if owner == revision else self._wait(deadline)
-            except BaseException:
+            except BaseException as exc:
                 self._key = None
-                self._locks.forget(key, revision, lease, self._private)
+                self._forget_after(exc, key, revision, lease)
                 raise
             if outcome == "acquired":
                 return LockGrant(revision, lease.expires_at)
@@ -268,6 +268,21 @@ class EtcdLockSlot:
             if outcome == "timeout":
                 return None
             log.info("lock %r: queue key %s expired while waiting; queueing again", self.name, key)
+
+    def _forget_after(self, error: BaseException, key: bytes, revision: int, lease: Lease) -> None:
+        """Remove ``key`` after ``error`` failed the acquire, without hiding that error:
+        the caller re-raises it, and a cleanup failure (say, the client closing under
+        it) is only logged."""
+        try:
+            self._locks.forget(key, revision, lease, self._private)
+        except Exception as exc:
+            log.warning(
+                "lock %r: could not remove its queue key %s after %s: %s",
+                self.name,
+                key.decode(),
+                type(error).__name__,
+                exc,
+            )
 
     def _new_lease(self) -> Lease:
         return self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
@@ -303,9 +318,15 @@ class EtcdLockSlot:
             response = self._locks.txn(request, what=f"acquire lock {self.name!r}", retry=True)
         except LeaseNotFound:
             raise  # nothing was written: the put needs the lease
-        except BaseException:
+        except PermissionDenied as exc:
+            # A denied txn wrote nothing: deleting the key would only be denied too, with
+            # a warning. A private lease (which holds no key) is still revoked.
+            if self._private:
+                self._forget_after(exc, key, 0, lease)
+            raise
+        except BaseException as exc:
             # The put may have happened with its reply lost: remove the key for sure.
-            self._locks.forget(key, 0, lease, self._private)
+            self._forget_after(exc, key, 0, lease)
             raise
         if response.succeeded:
             revision = response.header.revision

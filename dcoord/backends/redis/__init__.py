@@ -7,6 +7,7 @@ here, per operation (see :meth:`RedisBackend.call`).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,7 +18,7 @@ from redis.retry import Retry
 from ...config import Settings
 from ...errors import BackendError, BackendUnavailable, ConfigError, DcoordError, PermissionDenied
 from ...scheduler import Scheduler
-from ..base import ServerInfo, with_retries
+from ..base import ServerInfo, certificate_error, with_retries
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
@@ -31,6 +32,8 @@ T = TypeVar("T")
 TRANSIENT_REPLIES = frozenset(
     {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
 )
+# Redis 7.0 reports an ACL denial inside a script as a plain ERR with this text.
+SCRIPT_DENIED = "The user executing the script can't"
 # redis-py makes these ConnectionErrors, but retrying cannot fix the credentials.
 CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 
@@ -46,10 +49,29 @@ def reply_code(exc: redis.RedisError) -> str:
     return reply_text(exc).split(" ", 1)[0]
 
 
+def certificate_problem(exc: BaseException) -> str | None:
+    """What is wrong with a TLS certificate behind ``exc`` (redis-py raises a
+    ConnectionError while handling the ssl error), or None if it is not that."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        # The server refused ours: an alert such as TLSV13_ALERT_CERTIFICATE_REQUIRED,
+        # SSLV3_ALERT_BAD_CERTIFICATE or TLSV1_ALERT_UNKNOWN_CA.
+        if isinstance(seen, ssl.SSLError) and any(
+            word in (seen.reason or "") for word in ("CERTIFICATE", "UNKNOWN_CA")
+        ):
+            return f"the server refused the client certificate ({seen.reason})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether the request may succeed if sent again: the network, or a reply that says
     "later" (see TRANSIENT_REPLIES)."""
-    if isinstance(exc, CREDENTIALS):
+    if isinstance(exc, CREDENTIALS) or certificate_problem(exc) is not None:
         return False
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return True
@@ -135,7 +157,12 @@ class RedisBackend:
         user = self.settings.username or "default"
         if isinstance(exc, CREDENTIALS):
             return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
-        if isinstance(exc, redis.ResponseError) and reply_code(exc) == "NOPERM":
+        problem = certificate_problem(exc)
+        if problem is not None:
+            return certificate_error(what, problem)
+        if isinstance(exc, redis.ResponseError) and (
+            reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
+        ):
             return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
         if is_transient(exc):
             return BackendUnavailable(f"{what}: {reply_text(exc)}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from importlib import resources
 from typing import TYPE_CHECKING, cast
+
+from .scripts import lua
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -18,9 +19,7 @@ class RedisKV:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}kv:"
-        self._apply = self._redis.register_script(
-            resources.files(__package__).joinpath("kv_apply.lua").read_text()
-        )
+        self._apply = self._redis.register_script(lua("kv_apply", checked=True))
 
     def get(self, key: str) -> bytes | None:
         value = self._backend.call(

@@ -3,6 +3,9 @@
 -- ARGV[1] nc, ARGV[2] np, then per condition a flag ("1": must equal the value that
 -- follows, "0": must be absent, followed by an ignored ""), then the np put values.
 local nc, np = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- Both kinds of write are checked first: the puts must not happen without the deletes.
+if np > 0 then check('SET', KEYS[nc + 1], '') end
+if #KEYS > nc + np then check('DEL', KEYS[nc + np + 1]) end
 for i = 1, nc do
     local current = redis.call('GET', KEYS[i])
     if ARGV[1 + 2 * i] == '1' then

@@ -16,9 +16,25 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- unpack() of very long lists overflows Lua's C stack: work in chunks.
 local CHUNK = 1000
 
--- A script is not rolled back when a command in it fails. An out-of-memory server
--- refuses INCR, ZADD and HSET but not ZREM or HDEL, so every change calls changed()
--- (INCR) or ZADD before it removes anything: if the server refuses, nothing happened.
+-- Every command this operation may write with, checked before the first write (see
+-- check.lua): a join denied its PUBLISH used to leave a member id that could never join
+-- again.
+check('PUBLISH', channel, '0')
+check('INCR', epoch_key)
+check('ZREM', expiries, '0')
+check('HDEL', payloads, '0')
+check('HDEL', owners, '0')
+if op == 'join' then
+  check('ZADD', expiries, '0', '0')
+  check('HSET', payloads, '0', '0')
+  check('HSET', owners, '0', '0')
+elseif op == 'refresh' then
+  check('ZADD', expiries, 'XX', '0', '0')
+end
+
+-- An out-of-memory server refuses INCR, ZADD and HSET but not ZREM or HDEL, and once a
+-- script has written it lets the rest through: every change calls changed() (INCR)
+-- before it writes or removes anything, so if the server refuses, nothing happened.
 local function changed()
   local epoch = redis.call('INCR', epoch_key)
   redis.call('PUBLISH', channel, epoch)
@@ -66,12 +82,12 @@ local owner = redis.call('HGET', owners, id)
 if op == 'join' then
   local ttl, payload = tonumber(ARGV[5]), ARGV[6]
   if owner and owner ~= token then return 0 end
-  redis.call('ZADD', expiries, now + ttl, id)
   -- The same token again is a retried join whose reply was lost: only extend it.
+  if not owner then changed() end
+  redis.call('ZADD', expiries, now + ttl, id)
   if not owner then
     redis.call('HSET', payloads, id, payload)
     redis.call('HSET', owners, id, token)
-    changed()
   end
   return 1
 elseif op == 'refresh' then

@@ -18,18 +18,18 @@ import contextlib
 import math
 import secrets
 import time
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from ...errors import BackendUnavailable
 from ..base import GroupSnapshot, TokenRegistration
+from .scripts import lua
 
 if TYPE_CHECKING:
     from . import RedisBackend
 
-_SCRIPT = resources.files(__package__).joinpath("membership.lua").read_text()
+_SCRIPT = lua("membership", checked=True)
 
 
 class RedisGroups:

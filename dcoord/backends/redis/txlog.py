@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from importlib import resources
 from typing import TYPE_CHECKING, cast
 
 from ..base import LogEntry
 from . import persistence
+from .scripts import lua
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -30,18 +30,14 @@ _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 _CLOCK_REREAD = 5.0
 
 
-def _script(name: str) -> str:
-    return resources.files(__package__).joinpath(f"{name}.lua").read_text()
-
-
 class RedisTxLog:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
         self._redis = backend.redis
         self._records = f"{prefix}tx:r:"
         self._unfinished = f"{prefix}tx:unfinished"
-        self._create = self._redis.register_script(_script("txlog_create"))
-        self._cas = self._redis.register_script(_script("txlog_cas"))
+        self._create = self._redis.register_script(lua("txlog_create", checked=True))
+        self._cas = self._redis.register_script(lua("txlog_cas", checked=True))
         self._clock_mutex = threading.Lock()
         self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 

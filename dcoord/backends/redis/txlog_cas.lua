@@ -3,6 +3,8 @@
 -- KEYS[1] record, KEYS[2] unfinished index
 -- ARGV[1] expected bytes, ARGV[2] new bytes, ARGV[3] "1" if finished,
 -- ARGV[4] retention in ms, ARGV[5] txid
+check('SET', KEYS[1], ARGV[2], 'PX', '1')
+check('ZREM', KEYS[2], ARGV[5])  -- else a finished record still indexed as unfinished
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return 0
 end
