@@ -16,6 +16,7 @@ from ...config import Settings
 from ...errors import BackendUnavailable, ConfigError
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
+from .election import EtcdElections
 from .kv import EtcdKV
 from .leases import Leases
 from .locks import EtcdLocks
@@ -76,6 +77,7 @@ class EtcdBackend:
         self.locks = EtcdLocks(self, scheduler)
         self.groups = EtcdGroups(self, self.prefix)
         self.txlog = EtcdTxLog(self, self.prefix)
+        self.elections = EtcdElections(self)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

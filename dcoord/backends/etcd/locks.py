@@ -214,11 +214,23 @@ class EtcdLocks:
 class EtcdLockSlot:
     """One handle's place in one lock's queue."""
 
-    def __init__(self, locks: EtcdLocks, name: str, ttl: float, auto_renew: bool) -> None:
+    def __init__(
+        self,
+        locks: EtcdLocks,
+        name: str,
+        ttl: float,
+        auto_renew: bool,
+        *,
+        kind: str = "lock",
+        value: bytes = b"",
+    ) -> None:
         self._locks = locks
         self._leases = locks.backend.leases
         self.name = name
-        self.prefix = f"{locks.prefix}lock/{key_segment(name)}/".encode()
+        # kind and value let an election candidate queue with this same recipe under
+        # election/NAME/, its key holding the candidate's value (dcoord/election.py).
+        self.value = value
+        self.prefix = f"{locks.prefix}{kind}/{key_segment(name)}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
         self._private = not auto_renew
@@ -270,7 +282,9 @@ class EtcdLockSlot:
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             success=[
-                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease.id)),
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(key=key, value=self.value, lease=lease.id)
+                ),
                 self._owner_range(),
             ],
             failure=[_range(key, keys_only=True), self._owner_range()],

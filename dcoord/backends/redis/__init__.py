@@ -18,6 +18,7 @@ from ...config import Settings
 from ...errors import BackendUnavailable, ConfigError
 from ...scheduler import Scheduler
 from ..base import ServerInfo, with_retries
+from .election import RedisElections
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
@@ -64,6 +65,7 @@ class RedisBackend:
         self.groups = RedisGroups(self, self.prefix)
         self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
+        self.elections = RedisElections(self)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",
