@@ -230,6 +230,9 @@ class Leadership:
     ) -> None:
         with self._mutex:
             lost = self._lost_reason
+            if lost is None and not self._resigned and time.monotonic() >= self._expires_at:
+                # The renewal job may not have run yet: the clock alone says it is over.
+                lost = "its TTL passed without a successful renewal"
         try:
             self.resign()
         except BackendUnavailable as resign_error:
