@@ -7,19 +7,20 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import common, demo, lock, members, ring, tx
+from . import common, demo, elect, leader, lock, members, ring, tx
 
-COMMANDS = (demo, lock, members, ring, tx)
+COMMANDS = (demo, elect, leader, lock, members, ring, tx)
 
 EPILOG = """\
-The backend is the one --url names, else $DCOORD_URL. lock, members and tx refuse to
-run without one (their meaning depends on a server other processes share); demo falls
+The backend is the one --url names, else $DCOORD_URL. lock, elect, leader, members and
+tx refuse to run without one (their meaning depends on a server other processes share); demo falls
 back to the embedded memory:// backend, and ring needs none.
 
 Errors are printed on stderr as "dcoord: <ErrorType>: <message>".
 Exit status: 0 success; 1 failure (e.g. the backend is unreachable, recovery left work
-unfinished); 2 bad usage, input or configuration (nothing was done). dcoord lock exits
-with its command's status and has codes of its own: see "dcoord lock --help".
+unfinished); 2 bad usage, input or configuration (nothing was done). dcoord lock and
+dcoord elect exit with their command's status and have codes of their own (see their
+--help); dcoord leader exits 3 when nobody leads.
 """
 
 
