@@ -162,19 +162,23 @@ class Leadership:
             )
         self._raw = data
 
-    def resign(self) -> None:
+    def resign(self) -> bool:
         """Stop leading now, so another candidate is elected without waiting for the TTL.
 
-        Idempotent; resigning a leadership that was lost deletes nothing of anyone else's.
+        True if this process led until the resignation (so nobody else led during its
+        term); False if leadership was already lost (or resigned): then nothing of anyone
+        else's is deleted. Idempotent.
         """
         with self._mutex:
             if self._resigned:
-                return
+                return False
             self._resigned = True
+            lost = self._lost_reason is not None or time.monotonic() >= self._expires_at
         self._job.cancel()
         self.election._forget(self)
         with self._op:
-            self._slot.release()
+            released = self._slot.release()
+        return released and not lost
 
     def _renew(self) -> JobResult:
         with self._mutex:
