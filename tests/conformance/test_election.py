@@ -64,10 +64,10 @@ def test_campaign_leader_proclaim_resign(connect: Connect, backend: str) -> None
     lead.proclaim("node-a:5432")
     seen = b.election("db").leader()
     assert seen is not None and seen.term == lead.term and seen.value == "node-a:5432"
-    lead.resign()
+    assert lead.resign() is True
     assert not lead.held
     assert b.election("db").leader() is None
-    lead.resign()  # idempotent
+    assert lead.resign() is False  # idempotent
     # The next candidate is elected at once, not after the old leader's TTL.
     started = time.monotonic()
     other = b.election("db").campaign(b"node-b", ttl=TTL[backend] * 4, timeout=30)
@@ -150,7 +150,7 @@ def test_on_lost_when_the_server_forgets_the_leader(connect: Connect, backend: s
     successor = rival.election("x").campaign("rival", ttl=TTL[backend] * 4, timeout=10)
     assert successor is not None and successor.term > lead.term
     # The lost leader's resign deletes nothing of its successor's.
-    lead.resign()
+    assert lead.resign() is False
     assert rival.election("x").leader() == Leader(successor.term, b"rival")
     successor.resign()
 
