@@ -269,3 +269,38 @@ def test_closed_client(connect: Connect) -> None:
         election.campaign("v")
     with pytest.raises(dcoord.ClientClosed):
         client.election("c")
+
+
+def test_etcdctl_elect_shares_the_election(backend: str, connect: Connect) -> None:
+    """``etcdctl elect -l`` observes dcoord's leader, and an etcdctl candidate queues
+    behind it and is elected when dcoord resigns (the layout is etcd's own recipe)."""
+    import shutil
+    import subprocess
+
+    if backend != "etcd" or shutil.which("etcdctl") is None:
+        pytest.skip("etcd only, with etcdctl installed")
+    client = connect()
+    endpoint = client.backend.endpoint  # type: ignore[attr-defined]
+    prefix = f"/dcoord/{client.namespace}/election/a%2Fb"
+    lead = client.election("a/b").campaign("dcoord-leader", ttl=10)
+    assert lead is not None
+    base = ["etcdctl", f"--endpoints={endpoint}", "elect"]
+    observer = subprocess.Popen([*base, "-l", prefix], stdout=subprocess.PIPE, text=True)
+    rival = subprocess.Popen([*base, prefix, "etcdctl-leader"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert observer.stdout is not None and rival.stdout is not None
+        assert observer.stdout.readline().startswith(prefix + "/")
+        assert observer.stdout.readline().strip() == "dcoord-leader"
+        assert wait_until(lambda: len(election_keys(client)) == 2, 10)  # etcdctl queued
+        assert client.election("a/b").leader() == Leader(lead.term, b"dcoord-leader")
+        assert lead.resign()
+        assert rival.stdout.readline().startswith(prefix + "/")  # etcdctl elected
+        leader = client.election("a/b").leader()
+        assert leader is not None and leader.value == "etcdctl-leader"
+        assert leader.term > lead.term
+    finally:
+        for proc in (observer, rival):
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
