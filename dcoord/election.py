@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -175,7 +176,7 @@ class Leadership:
             self._resigned = True
             lost = self._lost_reason is not None or time.monotonic() >= self._expires_at
         self._job.cancel()
-        self.election._forget(self)
+        self.election._registry.discard(self)
         with self._op:
             released = self._slot.release()
         return released and not lost
@@ -305,6 +306,7 @@ class Watch:
         """Stop watching; the callback is not called after this returns (unless it is
         running in the watch thread at the moment, which is then waited for)."""
         self._stopped.set()
+        self._election._registry.discard(self)
         self._subscription.wake()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -327,10 +329,7 @@ class Election:
         self.name = validate_name("election name", name)
         self.client = client
         self.store = client.backend.elections
-        self._mutex = threading.Lock()
-        self._leading: set[Leadership] = set()
-        self._watches: set[Watch] = set()
-        self._hooked = False
+        self._registry = _client_elections(client)
 
     def campaign(
         self,
@@ -353,15 +352,13 @@ class Election:
         if on_lost is not None and not callable(on_lost):
             raise ConfigError(f"on_lost must be callable or None, got {on_lost!r}")
         self.client.check_open()
-        self._hook_close()
         deadline = None if wait is None else time.monotonic() + wait
         slot = self.store.candidate(self.name, seconds, data)
         grant = slot.acquire(deadline)
         if grant is None:
             return None
         leadership = Leadership(self, slot, grant, data, seconds, on_lost)
-        with self._mutex:
-            self._leading.add(leadership)
+        self._registry.add(leadership)
         return leadership
 
     def leader(self) -> Leader | None:
@@ -381,36 +378,59 @@ class Election:
         if not callable(callback):
             raise ConfigError(f"watch callback must be callable, got {callback!r}")
         self.client.check_open()
-        self._hook_close()
         watch = Watch(self, callback)
-        with self._mutex:
-            self._watches.add(watch)
+        self._registry.add(watch)
         return watch
-
-    def _hook_close(self) -> None:
-        with self._mutex:
-            if self._hooked:
-                return
-            self._hooked = True
-        self.client.on_close(self._close)
-
-    def _forget(self, leadership: Leadership) -> None:
-        with self._mutex:
-            self._leading.discard(leadership)
-
-    def _close(self) -> None:
-        """At client close: stop watching, resign (best effort; the TTL covers the rest)."""
-        with self._mutex:
-            watches, self._watches = list(self._watches), set()
-            leading = list(self._leading)
-        for watch in watches:
-            watch.stop()
-        for leadership in leading:
-            try:
-                leadership.resign()
-            except DcoordError as exc:
-                log.info("election %r: not resigned at close (expires by TTL): %s", self.name, exc)
-        self.store.close()
 
     def __repr__(self) -> str:
         return f"<dcoord.Election {self.name!r}>"
+
+
+class _ClientElections:
+    """The leaderships and watches of one client, resigned and stopped when it closes.
+
+    One close hook per client (not per election handle), so a client that makes many
+    short-lived handles does not pile up hooks; entries leave on resign and stop.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._store = client.backend.elections
+        self._mutex = threading.Lock()
+        self._items: set[Leadership | Watch] = set()
+        client.on_close(self.close)
+
+    def add(self, item: Leadership | Watch) -> None:
+        with self._mutex:
+            self._items.add(item)
+
+    def discard(self, item: Leadership | Watch) -> None:
+        with self._mutex:
+            self._items.discard(item)
+
+    def close(self) -> None:
+        """Stop every watch, resign every leadership (best effort: the TTL covers the
+        rest), then stop the store's background work."""
+        with self._mutex:
+            items, self._items = list(self._items), set()
+        for item in items:
+            if isinstance(item, Watch):
+                item.stop()
+        for item in items:
+            if isinstance(item, Leadership):
+                try:
+                    item.resign()
+                except DcoordError as exc:
+                    log.info("election %r: not resigned at close: %s", item.election.name, exc)
+        self._store.close()
+
+
+_registries: weakref.WeakKeyDictionary[Client, _ClientElections] = weakref.WeakKeyDictionary()
+_registries_mutex = threading.Lock()
+
+
+def _client_elections(client: Client) -> _ClientElections:
+    with _registries_mutex:
+        registry = _registries.get(client)
+        if registry is None:
+            registry = _registries[client] = _ClientElections(client)
+        return registry

@@ -304,3 +304,19 @@ def test_etcdctl_elect_shares_the_election(backend: str, connect: Connect) -> No
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def test_close_resigns_and_stops_watches_with_one_hook(connect: Connect, backend: str) -> None:
+    closing, other = connect(), connect()
+    hooks = len(closing._closers)
+    handles = [closing.election(f"e{n}") for n in range(50)]
+    assert len(closing._closers) == hooks + 1  # one hook per client, not per handle
+    lead = handles[0].campaign("v", ttl=TTL[backend] * 8)
+    assert lead is not None
+    seen: list[Leader | None] = []
+    handles[0].watch(seen.append)
+    closing.close()
+    # Resigned at close, not left to the TTL; the watch thread is gone.
+    assert other.election("e0").leader() is None
+    assert not lead.held
+    assert not [t for t in threading.enumerate() if "election watch" in t.name]
