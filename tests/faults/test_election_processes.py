@@ -66,17 +66,20 @@ def candidate_main(url: str, namespace: str, ttl: float, log_path: str) -> None:
                 break
 
 
-class Candidate(Holder):
+class Child(Holder):
+    """A child process driven over stdin/stdout with the lock holder's helpers."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+
+class Candidate(Child):
     """A candidate process (stopped by the fixture even if the test fails)."""
 
     def __init__(self, url: str, namespace: str, ttl: float, log_path: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, url, namespace, str(ttl), str(log_path)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        super().__init__([sys.executable, __file__, url, namespace, str(ttl), str(log_path)])
 
     def elected_term(self, timeout: float = 30) -> int:
         return int(self.expect("ELECTED", timeout).split()[1])
@@ -283,6 +286,57 @@ def test_elect_timeout_exits_124(real_backend_url: str, namespace: str) -> None:
         assert done.returncode == 124, done.stderr
         assert "LockTimeout" in done.stderr
         held.resign()
+
+
+def test_elect_and_leader_refuse_bad_usage_and_run_nothing(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.test_cli import main, memory_url, one_error_line
+
+    monkeypatch.delenv("DCOORD_URL", raising=False)
+    ran = "print('ran')"
+    cases = [
+        (["elect", "job", "--", sys.executable, "-c", ran], "--url"),
+        (["leader", "job"], "--url"),
+        (["elect", "job", "--url", memory_url(), sys.executable], "'--'"),
+        (["elect", "job", "--url", memory_url(), "--ttl", "0", "--", "true"], "ttl"),
+        (["elect", "job", "--url", memory_url(), "--grace", "-1", "--", "true"], "-1"),
+        (["elect", "job", "--url", memory_url(), "--"], "no command"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        out = capfd.readouterr()
+        assert named in one_error_line(out.err, "ConfigError"), argv
+        assert out.out == ""
+    # Negative control: the same command with a backend runs.
+    assert main(["elect", "job", "--url", memory_url(), "--", sys.executable, "-c", ran]) == 0
+    assert capfd.readouterr().out == "ran\n"
+
+
+def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str) -> None:
+    import dcoord as lib
+
+    candidate = Child(dcoord(real_backend_url, namespace, "leader", "watched", "--watch", "--json"))
+    proc = candidate.proc
+    try:
+        first = json.loads(candidate.line())
+        assert first == {"election": "watched", "term": None, "value": None}
+        with lib.connect(real_backend_url, namespace=namespace) as client:
+            lead = client.election("watched").campaign("a", ttl=10)
+            assert lead is not None
+            assert json.loads(candidate.line()) == {
+                "election": "watched",
+                "term": lead.term,
+                "value": "a",
+            }
+            lead.proclaim("b")
+            assert json.loads(candidate.line())["value"] == "b"
+            lead.resign()
+            assert json.loads(candidate.line())["term"] is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        candidate.stop()
 
 
 if __name__ == "__main__":
