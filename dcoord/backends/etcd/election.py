@@ -31,10 +31,11 @@ class EtcdElections:
         self._backend = backend
 
     def candidate(self, name: str, ttl: float, value: bytes) -> EtcdCandidate:
-        return EtcdCandidate(self._backend, name, ttl, value)
+        return EtcdCandidate(self._backend, name, ttl, value, self.prefix(name))
 
     def prefix(self, name: str) -> str:
-        return f"{self._backend.prefix}election/{key_segment(name)}/"
+        """The election's prefix, without the trailing slash (as ``etcdctl elect`` takes it)."""
+        return f"{self._backend.prefix}election/{key_segment(name)}"
 
     def leader(self, name: str) -> LeaderRecord | None:
         slot = self.candidate(name, 1, b"")
@@ -46,7 +47,7 @@ class EtcdElections:
         return LeaderRecord(int(owner.create_revision), bytes(owner.value), None)
 
     def subscribe(self, name: str) -> EtcdSubscription:
-        return EtcdSubscription(self._backend, self.prefix(name), name)
+        return EtcdSubscription(self._backend, self.prefix(name) + "/", name)
 
     def close(self) -> None:
         """Candidate keys go with the client's leases, which the backend revokes."""
@@ -55,8 +56,10 @@ class EtcdElections:
 class EtcdCandidate(EtcdLockSlot):
     """One campaign: a queue key on the shared lease, holding the candidate's value."""
 
-    def __init__(self, backend: EtcdBackend, name: str, ttl: float, value: bytes) -> None:
-        super().__init__(backend.locks, name, ttl, True, kind="election", value=value)
+    def __init__(
+        self, backend: EtcdBackend, name: str, ttl: float, value: bytes, prefix: str
+    ) -> None:
+        super().__init__(backend.locks, name, ttl, True, prefix=prefix, value=value)
 
     def owner_range(self, *, keys_only: bool) -> Any:
         """The first-created candidate key (the leader), with its value if asked."""

@@ -221,16 +221,17 @@ class EtcdLockSlot:
         ttl: float,
         auto_renew: bool,
         *,
-        kind: str = "lock",
+        prefix: str | None = None,
         value: bytes = b"",
     ) -> None:
         self._locks = locks
         self._leases = locks.backend.leases
         self.name = name
-        # kind and value let an election candidate queue with this same recipe under
-        # election/NAME/, its key holding the candidate's value (dcoord/election.py).
+        # prefix and value let an election candidate queue by this same recipe under its
+        # own prefix, its key holding the candidate's value (dcoord/election.py).
         self.value = value
-        self.prefix = f"{locks.prefix}{kind}/{key_segment(name)}/".encode()
+        where = prefix if prefix is not None else f"{locks.prefix}lock/{key_segment(name)}"
+        self.prefix = f"{where}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
         self._private = not auto_renew
