@@ -63,9 +63,9 @@ class RedisBackend:
         )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
+        self.elections = RedisElections(self)  # its waiters use locks.notifier, made next
         self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
-        self.elections = RedisElections(self)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",
