@@ -359,9 +359,13 @@ def test_elect_and_leader_refuse_bad_usage_and_run_nothing(
         out = capfd.readouterr()
         assert named in one_error_line(out.err, "ConfigError"), argv
         assert out.out == ""
-    # Negative control: the same command with a backend runs.
-    assert main(["elect", "job", "--url", memory_url(), "--", sys.executable, "-c", ran]) == 0
-    assert capfd.readouterr().out == "ran\n"
+    # Negative control: the same command with a backend runs, and gets the backend's URL,
+    # never the caller's DCOORD_URL with its password.
+    monkeypatch.setenv("DCOORD_URL", "redis://user:s3cr3t@127.0.0.1:1/0")
+    url = memory_url()
+    show = "import os; print(os.environ['DCOORD_URL'], os.environ['DCOORD_ELECTION'])"
+    assert main(["elect", "job", "--url", url, "--", sys.executable, "-c", show]) == 0
+    assert capfd.readouterr().out.split() == [url, "job"]
 
 
 def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str) -> None:
