@@ -320,3 +320,30 @@ def test_close_resigns_and_stops_watches_with_one_hook(connect: Connect, backend
     assert other.election("e0").leader() is None
     assert not lead.held
     assert not [t for t in threading.enumerate() if "election watch" in t.name]
+
+
+def test_etcd_candidate_whose_key_vanished_while_waiting_queues_again(
+    backend: str, connect: Connect
+) -> None:
+    """Go's Campaign reports leadership on a key that is gone; ours re-reads its key after
+    every wait, queues again, and its term is that of the key that really leads."""
+    if backend != "etcd":
+        pytest.skip("etcd only: candidates have keys of their own there")
+    a, b = connect(), connect()
+    first = a.election("q").campaign("a", ttl=10)
+    assert first is not None
+    won: list[Leadership | None] = []
+    waiter = threading.Thread(target=lambda: won.append(b.election("q").campaign("b", ttl=10)))
+    waiter.start()
+    assert wait_until(lambda: len(election_keys(a)) == 2, 10)
+    leading_key = first._slot._key.decode()  # type: ignore[attr-defined]
+    (queued,) = [k for k in election_keys(a) if k != leading_key]
+    a.backend.etcd.delete(queued)  # type: ignore[attr-defined]
+    assert first.resign()
+    waiter.join(30)
+    (second,) = won
+    assert second is not None
+    leader = a.election("q").leader()
+    assert leader == Leader(second.term, b"b"), "reported a term that is not the leader key's"
+    assert second.term > first.term
+    second.resign()
