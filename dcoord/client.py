@@ -11,6 +11,7 @@ from typing import Any
 from . import inspect
 from .backends import Backend, ServerInfo, open_backend
 from .config import Settings, settings_from
+from .election import Election
 from .errors import ClientClosed
 from .fence import Fence
 from .inspect import LockInfo
@@ -90,6 +91,12 @@ class Client:
         """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
         self.check_open()
         return Fence(self, resource)
+
+    def election(self, name: str) -> Election:
+        """The leader election ``name``: ``campaign()`` to lead it (a fenced, renewed
+        :class:`~dcoord.election.Leadership`), ``leader()`` / ``watch()`` to follow it."""
+        self.check_open()
+        return Election(self, name)
 
     def group(self, name: str) -> Group:
         """The membership group ``name``: join it, list or watch its members, or follow

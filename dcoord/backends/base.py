@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -34,6 +34,9 @@ from tenacity import (
 )
 
 from ..errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from .election_base import ElectionStore
 
 T = TypeVar("T")
 
@@ -353,6 +356,9 @@ class Backend(Protocol):
 
     @property
     def txlog(self) -> TxLogStore: ...
+
+    @property
+    def elections(self) -> ElectionStore: ...
 
     def ping(self) -> ServerInfo: ...
 

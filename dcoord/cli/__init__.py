@@ -7,20 +7,21 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DcoordError
-from . import acl, common, demo, doctor, lock, locks, members, ring, status, tx
+from . import acl, common, demo, doctor, elect, leader, lock, locks, members, ring, status, tx
 
-COMMANDS = (demo, doctor, lock, locks, members, ring, status, tx, acl)
+COMMANDS = (demo, doctor, elect, leader, lock, locks, members, ring, status, tx, acl)
 
 EPILOG = """\
-The backend is the one --url names, else $DCOORD_URL. lock, locks, members, status and
-tx refuse to run without one (their meaning depends on a server other processes share);
-demo falls back to the embedded memory:// backend; ring and acl need none. doctor takes
-the URL to check as its argument.
+The backend is the one --url names, else $DCOORD_URL. lock, locks, elect, leader,
+members, status and tx refuse to run without one (their meaning depends on a server
+other processes share); demo falls back to the embedded memory:// backend; ring and acl
+need none. doctor takes the URL to check as its argument.
 
 Errors are printed on stderr as "dcoord: <ErrorType>: <message>".
 Exit status: 0 success; 1 failure (e.g. the backend is unreachable, recovery left work
-unfinished); 2 bad usage, input or configuration (nothing was done). dcoord lock exits
-with its command's status and has codes of its own: see "dcoord lock --help".
+unfinished); 2 bad usage, input or configuration (nothing was done). dcoord lock and
+dcoord elect exit with their command's status and have codes of their own (see their
+--help); dcoord leader exits 3 when nobody leads.
 """
 
 

@@ -27,6 +27,7 @@ from ...errors import (
 from ...scheduler import Scheduler
 from ..base import ServerInfo, certificate_error, with_retries
 from ..etcd_names import namespace_prefix
+from .election import EtcdElections
 from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
 from .locks import EtcdLocks
@@ -156,6 +157,7 @@ class EtcdBackend:
         self.locks = EtcdLocks(self, scheduler)
         self.groups = EtcdGroups(self, self.prefix)
         self.txlog = EtcdTxLog(self, self.prefix)
+        self.elections = EtcdElections(self)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

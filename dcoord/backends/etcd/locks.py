@@ -232,12 +232,26 @@ class EtcdLocks:
 class EtcdLockSlot:
     """One handle's place in one lock's queue."""
 
-    def __init__(self, locks: EtcdLocks, name: str, ttl: float, auto_renew: bool) -> None:
+    def __init__(
+        self,
+        locks: EtcdLocks,
+        name: str,
+        ttl: float,
+        auto_renew: bool,
+        *,
+        prefix: str | None = None,
+        value: bytes | None = None,
+    ) -> None:
         self._locks = locks
         self._leases = locks.backend.leases
         self.name = name
         # The mutex prefix etcdctl lock and Go's concurrency.Mutex use too (docs/interop.md).
-        self.prefix = f"{etcd_lock_prefix(locks.namespace, name)}/".encode()
+        # prefix and value let an election candidate queue by this same recipe under its
+        # own prefix, its key holding the candidate's value (dcoord/election.py); a lock's
+        # key holds its holder's identity instead (dcoord/inspect.py).
+        self.value = value
+        where = prefix if prefix is not None else etcd_lock_prefix(locks.namespace, name)
+        self.prefix = f"{where}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
         self._private = not auto_renew
@@ -307,7 +321,13 @@ class EtcdLockSlot:
                 etcdrpc.RequestOp(
                     # The value names the holder, for dcoord.inspect (etcdctl writes none).
                     request_put=etcdrpc.PutRequest(
-                        key=key, value=identity_json(self._label, time.time()), lease=lease.id
+                        key=key,
+                        value=(
+                            identity_json(self._label, time.time())
+                            if self.value is None
+                            else self.value
+                        ),
+                        lease=lease.id,
                     )
                 ),
                 self._owner_range(),

@@ -13,6 +13,7 @@ from ..._version import __version__
 from ...config import Settings
 from ...scheduler import Scheduler
 from ..base import ServerInfo
+from .election import MemoryElections
 from .kv import MemoryKV
 from .locks import MemoryLocks
 from .membership import MemoryGroups
@@ -51,6 +52,7 @@ class MemoryBackend:
         self.groups = MemoryGroups(self.server, self.prefix)
         self.locks = MemoryLocks(self.server, self.prefix, settings.options["label"])
         self.txlog = MemoryTxLog(self.server, self.prefix)
+        self.elections = MemoryElections(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(

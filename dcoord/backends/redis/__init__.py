@@ -19,6 +19,7 @@ from ...config import Settings
 from ...errors import BackendError, BackendUnavailable, ConfigError, DcoordError, PermissionDenied
 from ...scheduler import Scheduler
 from ..base import ServerInfo, certificate_error, with_retries
+from .election import RedisElections
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
@@ -110,6 +111,7 @@ class RedisBackend:
         )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
+        self.elections = RedisElections(self)  # its waiters use locks.notifier, made next
         self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
         try:

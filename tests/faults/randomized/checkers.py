@@ -418,3 +418,44 @@ def counts(history: History) -> dict[str, int]:
     for op in history.ops:
         tally[op.result] += 1
     return tally
+
+
+# -- elections ----------------------------------------------------------------------
+
+
+def leader_terms(history: History) -> list[Violation]:
+    """One leader per term, terms increase: every term read back from ``leader()`` names
+    the one process elected in it, and a read never shows a term older than a read that
+    completed before it began."""
+    elected = {op.out["fence"]: op.process for op in history.by_f("acquire") if op.ok}
+    reads = [op for op in history.by_f("leader") if op.ok and op.out is not None]
+    wrong = [
+        f"{op.describe()}: term {op.out['term']} was elected by {elected[op.out['term']]}"
+        for op in reads
+        if op.out["term"] in elected and op.out["value"] != elected[op.out["term"]]
+    ]
+    backwards = []
+    by_complete = sorted(reads, key=lambda op: op.complete)
+    best: Op | None = None
+    i = 0
+    for op in reads:  # sorted by invoke
+        while i < len(by_complete) and by_complete[i].complete < op.invoke:
+            if best is None or by_complete[i].out["term"] > best.out["term"]:
+                best = by_complete[i]
+            i += 1
+        if best is not None and best.out["term"] > op.out["term"]:
+            backwards.append(f"{best.describe()}  then  {op.describe()}")
+    violations = []
+    if wrong:
+        violations.append(
+            Violation("leader-terms", f"{len(wrong)} terms led by two processes", _examples(wrong))
+        )
+    if backwards:
+        violations.append(
+            Violation(
+                "leader-terms",
+                f"{len(backwards)} leader reads went back to an older term",
+                _examples(backwards),
+            )
+        )
+    return violations

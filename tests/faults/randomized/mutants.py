@@ -16,6 +16,10 @@ is wrong.
     The fence admits every token: ``admit`` always says yes and ``write`` always writes.
     Caught by the fence-order and fenced-counter checkers: a paused holder's stale write
     lands after its successor's (a lost update on the "fenced" counter).
+``unchecked-term``
+    The election workload's leader does not check its term: the fence admits every
+    token, as ``admit-all`` (the election's own negative control). Caught by fence-order
+    and fenced-counter: a leader paused past its TTL writes over its successor's term.
 ``commit-before-log``
     The coordinator sends commit to the participants before the COMMIT decision is in
     the log (see transfers.py). Caught by the transaction checkers: a crash between the
@@ -29,7 +33,7 @@ from typing import Any
 
 import dcoord
 
-MUTANTS = ("del-release", "admit-all", "commit-before-log")
+MUTANTS = ("del-release", "admit-all", "commit-before-log", "unchecked-term")
 
 _DEL_RELEASE_LUA = """
 local n = redis.call('DEL', KEYS[1])
@@ -45,7 +49,7 @@ def apply(name: str | None, client: dcoord.Client) -> None:
     if name not in MUTANTS:
         raise ValueError(f"unknown mutant {name!r}; choose from {', '.join(MUTANTS)}")
     locks: Any = client.backend.locks
-    if name == "admit-all":
+    if name in ("admit-all", "unchecked-term"):
         kv = client.backend.kv
 
         def write(resource: str, token: int, key: str, value: bytes) -> bool:

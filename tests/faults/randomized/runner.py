@@ -37,7 +37,7 @@ from .mutants import MUTANTS
 from .workloads import Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
-WORKLOAD_NAMES = ("counter", "transfers")
+WORKLOAD_NAMES = ("counter", "transfers", "election")
 
 # Lock TTLs: short, so that pauses past them are cheap; etcd grants no lease under ~2 s.
 TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
@@ -592,6 +592,10 @@ def workload(name: str, config: Config) -> Workload:
         from .transfers import TransfersWorkload
 
         return TransfersWorkload(config.lock_ttl)
+    if name == "election":
+        from .election import ElectionWorkload
+
+        return ElectionWorkload(config.lock_ttl)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
@@ -629,6 +633,7 @@ def run(config: Config) -> Report:
         "del-release": "counter",
         "admit-all": "counter",
         "commit-before-log": "transfers",
+        "unchecked-term": "election",
     }
     if config.mutant and mutant_for.get(config.mutant) != config.workload:
         raise ValueError(

@@ -101,3 +101,54 @@ def test_mutant_commit_before_logging_is_caught(backend: str, duration: float) -
     )
     report = first_caught(config, range(301, 305), "transactions")
     assert any("after_commit" in str(f.detail) for f in report.history.faults), report.render()
+
+
+# -- the election workload (bounded: about 25 s in all) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(Config("memory", "election", seed=21, duration=5), id="memory"),
+        pytest.param(Config("redis", "election", seed=22, duration=6), id="redis"),
+    ],
+)
+def test_election_one_leader_per_term_under_faults(config: Config) -> None:
+    report = run(config)
+    assert report.ok, report.render()
+    assert sum(report.faults.values()) >= 1, report.render()
+    assert len(report.history.by_f("leader")) >= 10, report.render()
+
+
+def test_mutant_leader_not_checking_its_term_is_caught() -> None:
+    config = Config(
+        "memory", "election", duration=5, mutant="unchecked-term", faults=("pause-holder",)
+    )
+    report = first_caught(config, range(501, 504), "fenced-counter")
+    assert any(v.checker == "fence-order" for v in report.violations), report.render()
+
+
+def test_leader_terms_checker_catches_two_leaders_and_older_terms() -> None:
+    from .checkers import leader_terms
+    from .history import OK, History, Op
+
+    def op(process: str, n: int, f: str, at: float, out: object) -> Op:
+        return Op(process, n, f, None, at, at + 0.01, OK, out)
+
+    clean = [
+        op("a", 1, "acquire", 1.0, {"fence": 5}),
+        op("a", 2, "leader", 1.1, {"term": 5, "value": "a"}),
+        op("b", 1, "acquire", 2.0, {"fence": 7}),
+        op("b", 2, "leader", 2.1, {"term": 7, "value": "b"}),
+    ]
+    assert leader_terms(History(clean, [], {})) == []
+    broken = [
+        *clean,
+        op("c", 1, "leader", 2.2, {"term": 7, "value": "a"}),  # term 7 led by a too
+        op("c", 2, "leader", 2.3, {"term": 5, "value": "a"}),  # back to term 5
+    ]
+    messages = [v.message for v in leader_terms(History(broken, [], {}))]
+    assert messages == [
+        "1 terms led by two processes",
+        "1 leader reads went back to an older term",
+    ]

@@ -1,0 +1,436 @@
+"""Leader election: :class:`Election` (``client.election(name)``) and :class:`Leadership`.
+
+The semantics live here once, as :mod:`dcoord.lock`'s do for locks: validation, the
+conservative client-side deadline behind :attr:`Leadership.held`, renewal on the client's
+scheduler thread, ``on_lost``, the context manager and the watch thread. Backends provide
+a candidate slot per campaign (a lock slot whose fence is the *term*, plus proclaim), a
+read of the current leader and change notifications (see
+:mod:`dcoord.backends.election_base`).
+
+A term strictly increases with every new leader of one election, on every backend and
+across server restarts: it is the fence for whatever a leader writes
+(``client.fence(resource).admit(leadership.term)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .backends.base import LockGrant
+from .backends.election_base import CandidateSlot
+from .errors import BackendUnavailable, ConfigError, DcoordError, LockLost, LockNotOwned
+from .lock import (
+    CLOCK_DRIFT,
+    DEFAULT_TTL,
+    RENEW_FRACTION,
+    validate_name,
+    validate_timeout,
+    validate_ttl,
+)
+from .scheduler import Job, JobResult
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("dcoord.election")
+
+MAX_VALUE_BYTES = 64 * 1024
+# A watcher re-reads the leader at least this often even if no notification came: a
+# backstop for notifications lost with a broken connection, not the way changes arrive.
+WATCH_BACKSTOP = 10.0
+# After a failed read a watcher retries after this long (the backend already retried).
+WATCH_RETRY = 0.5
+
+OnLeadershipLost = Callable[["Leadership"], object]
+
+
+def _value_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        raise ConfigError(f"election value must be str or bytes, got {value!r}")
+    if len(data) > MAX_VALUE_BYTES:
+        raise ConfigError(
+            f"election value must be at most {MAX_VALUE_BYTES} bytes, got {len(data)} bytes "
+            f"starting {data[:40]!r}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Leader:
+    """The leader of an election at one moment: what :meth:`Election.leader` returns."""
+
+    term: int
+    """The leader's term (greater than that of every earlier leader of the election)."""
+    raw: bytes
+    """The leader's value as stored."""
+
+    @property
+    def value(self) -> str:
+        """The value as text (UTF-8; undecodable bytes, say from another tool, replaced)."""
+        return self.raw.decode(errors="replace")
+
+
+class Leadership:
+    """This process leading one election; made by :meth:`Election.campaign`.
+
+    Renewed every ``ttl / 3`` on the client's scheduler thread. When renewal fails until
+    the TTL passed, or the server no longer has this leader, it turns *lost*: :attr:`held`
+    is False and ``on_lost`` is called with it (on the scheduler thread; keep it short).
+    As a context manager it resigns on exit, and raises :class:`~dcoord.LockLost` after a
+    clean block during which leadership was lost.
+    """
+
+    def __init__(
+        self,
+        election: Election,
+        slot: CandidateSlot,
+        grant: LockGrant,
+        value: bytes,
+        ttl: float,
+        on_lost: OnLeadershipLost | None,
+    ) -> None:
+        self.election = election
+        self.term = grant.fence
+        self.ttl = ttl
+        self._slot = slot
+        self._raw = value
+        self._on_lost = on_lost
+        # _mutex guards the state and is never held across a network call; _op serialises
+        # the slot's calls (user calls and renewal).
+        self._mutex = threading.Lock()
+        self._op = threading.Lock()
+        self._expires_at = self._conservative(grant)
+        self._resigned = False
+        self._lost_reason: str | None = None
+        self._job: Job = election.client.scheduler.every(
+            ttl * RENEW_FRACTION, self._renew, name=f"dcoord election {election.name!r}"
+        )
+
+    def _conservative(self, grant: LockGrant) -> float:
+        # Client and server clocks run at slightly different rates: err early.
+        return grant.expires_at - CLOCK_DRIFT * self.ttl
+
+    @property
+    def value(self) -> str:
+        """The value this leader campaigned with or last proclaimed."""
+        return self._raw.decode(errors="replace")
+
+    @property
+    def held(self) -> bool:
+        """True while this process leads by a conservative client-side clock; never errs
+        towards True (False after resign, loss, or a TTL that passed unrenewed)."""
+        with self._mutex:
+            if self._resigned or self._lost_reason is not None:
+                return False
+            return time.monotonic() < self._expires_at
+
+    def _require_held(self, what: str) -> None:
+        with self._mutex:
+            reason = self._lost_reason or ("resigned" if self._resigned else None)
+        if reason is None and not self.held:
+            reason = "its TTL passed without a successful renewal"
+        if reason is not None:
+            raise LockNotOwned(
+                f"cannot {what}: leadership of election {self.election.name!r} "
+                f"(term {self.term}) is not held: {reason}"
+            )
+
+    def proclaim(self, value: str | bytes) -> None:
+        """Change the leader's value (followers see it); the term stays the same.
+
+        Raises LockNotOwned, writing nothing, if this process does not lead any more.
+        """
+        data = _value_bytes(value)
+        self._require_held("proclaim")
+        with self._op:
+            done = self._slot.proclaim(data)
+        if not done:
+            self._lose("the server no longer has this leader")
+            raise LockNotOwned(
+                f"cannot proclaim: election {self.election.name!r} term {self.term} "
+                "is not led by this process any more"
+            )
+        self._raw = data
+
+    def resign(self) -> bool:
+        """Stop leading now, so another candidate is elected without waiting for the TTL.
+
+        True if this process led until the resignation (so nobody else led during its
+        term); False if leadership was already lost (or resigned): then nothing of anyone
+        else's is deleted. Idempotent.
+        """
+        with self._mutex:
+            if self._resigned:
+                return False
+            self._resigned = True
+            lost = self._lost_reason is not None or time.monotonic() >= self._expires_at
+        self._job.cancel()
+        self.election._registry.discard(self)
+        with self._op:
+            released = self._slot.release()
+        return released and not lost
+
+    def _renew(self) -> JobResult:
+        with self._mutex:
+            if self._resigned or self._lost_reason is not None:
+                return False
+            expires_at = self._expires_at
+        if time.monotonic() >= expires_at:
+            self._lose("its TTL passed without a successful renewal")
+            return False
+        try:
+            with self._op:
+                with self._mutex:
+                    if self._resigned:
+                        return False
+                grant = self._slot.extend(self.ttl)
+        except DcoordError as exc:
+            remaining = expires_at - time.monotonic()
+            if remaining <= 0:
+                self._lose(f"renewal failed: {exc}")
+                return False
+            log.warning("election %r: renewal failed, retrying: %s", self.election.name, exc)
+            return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
+        if grant is None:
+            self._lose("the server no longer has this leader (expired or replaced)")
+            return False
+        with self._mutex:
+            self._expires_at = self._conservative(grant)
+        return None
+
+    def _lose(self, reason: str) -> None:
+        with self._mutex:
+            if self._resigned or self._lost_reason is not None:
+                return
+            self._lost_reason = reason
+        self._job.cancel()
+        log.warning(
+            "election %r: leadership (term %d) lost: %s", self.election.name, self.term, reason
+        )
+        if self._on_lost is not None:
+            try:
+                self._on_lost(self)
+            except Exception:
+                log.exception("on_lost callback of election %r failed", self.election.name)
+
+    def __enter__(self) -> Leadership:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._mutex:
+            lost = self._lost_reason
+            if lost is None and not self._resigned and time.monotonic() >= self._expires_at:
+                # The renewal job may not have run yet: the clock alone says it is over.
+                lost = "its TTL passed without a successful renewal"
+        try:
+            self.resign()
+        except BackendUnavailable as resign_error:
+            if exc is not None:
+                log.warning(
+                    "election %r: resign after a failed block: %s", self.election.name, resign_error
+                )
+                return
+            raise
+        if lost is not None and exc is None:
+            raise LockLost(
+                f"leadership of election {self.election.name!r} (term {self.term}) was lost "
+                f"while the with-block ran: {lost}. Another leader may have run at the same "
+                "time; guard writes with the term (client.fence(...).admit(leadership.term))."
+            )
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "not held"
+        return f"<dcoord.Leadership {self.election.name!r} term={self.term} {state}>"
+
+
+class Watch:
+    """A thread that calls a callback with every change of leader; :meth:`stop` ends it."""
+
+    def __init__(self, election: Election, callback: Callable[[Leader | None], object]) -> None:
+        self._election = election
+        self._callback = callback
+        self._stopped = threading.Event()
+        # Subscribe before the first read, so no change between the two is missed.
+        self._subscription = election.store.subscribe(election.name)
+        self._thread = threading.Thread(
+            target=self._run, name=f"dcoord election watch {election.name!r}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        last: Leader | bool | None = False  # False: nothing delivered yet
+        try:
+            while not self._stopped.is_set():
+                try:
+                    record = self._election.store.leader(self._election.name)
+                except DcoordError as exc:
+                    log.info("election %r watch: read failed: %s", self._election.name, exc)
+                    self._stopped.wait(WATCH_RETRY)
+                    continue
+                leader = None if record is None else Leader(record.term, record.value)
+                if leader != last:
+                    last = leader
+                    try:
+                        self._callback(leader)
+                    except Exception:
+                        log.exception("watch callback of election %r failed", self._election.name)
+                wait = WATCH_BACKSTOP
+                if record is not None and record.expires_in is not None:
+                    # A leader that stops renewing expires without a notification.
+                    wait = min(wait, record.expires_in + 0.001)
+                try:
+                    self._subscription.wait(wait)
+                except BackendUnavailable as exc:
+                    log.info("election %r watch: %s", self._election.name, exc)
+                    self._stopped.wait(WATCH_RETRY)
+        finally:
+            self._subscription.close()
+
+    def stop(self) -> None:
+        """Stop watching; the callback is not called after this returns (unless it is
+        running in the watch thread at the moment, which is then waited for)."""
+        self._stopped.set()
+        self._election._registry.discard(self)
+        self._subscription.wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Election:
+    """The leader election ``name``: campaign to lead it, read or watch its leader.
+
+    Made by :meth:`dcoord.Client.election`. Any number of campaigns may run through one
+    handle; each one that wins is a :class:`Leadership`.
+    """
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.name = validate_name("election name", name)
+        self.client = client
+        self.store = client.backend.elections
+        self._registry = _client_elections(client)
+
+    def campaign(
+        self,
+        value: str | bytes = b"",
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        on_lost: OnLeadershipLost | None = None,
+    ) -> Leadership | None:
+        """Block until this caller leads the election; None if ``timeout`` seconds passed.
+
+        ``value`` (str or bytes, at most 64 KiB) is published with the leadership.
+        ``ttl``: seconds a leader that stops renewing (crash, pause) keeps the election
+        (on etcd rounded up to whole seconds, at least ~2 s). ``timeout``: None waits for
+        ever, 0 makes one attempt. Waiting is notified (the leader's resignation or
+        expiry), not polled. ``on_lost(leadership)`` is called if leadership is lost.
+        """
+        data = _value_bytes(value)
+        seconds = validate_ttl(ttl)
+        wait = None if timeout is None else validate_timeout("timeout", timeout)
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be callable or None, got {on_lost!r}")
+        self.client.check_open()
+        deadline = None if wait is None else time.monotonic() + wait
+        slot = self.store.candidate(self.name, seconds, data)
+        grant = slot.acquire(deadline)
+        if grant is None:
+            return None
+        leadership = Leadership(self, slot, grant, data, seconds, on_lost)
+        self._registry.add(leadership)
+        return leadership
+
+    def leader(self) -> Leader | None:
+        """The current leader, or None if nobody leads."""
+        self.client.check_open()
+        record = self.store.leader(self.name)
+        return None if record is None else Leader(record.term, record.value)
+
+    def watch(self, callback: Callable[[Leader | None], object]) -> Watch:
+        """Call ``callback(leader)`` from a thread of its own now and on every change of
+        leader (a new term, a proclaimed value, or None when nobody leads).
+
+        Changes are notified by the server (Redis pub/sub, etcd watch), with the leader's
+        expiry as the deadline for a silent one. Each call gets the latest state: changes
+        faster than a read may be merged, but a later call never shows an earlier term.
+        """
+        if not callable(callback):
+            raise ConfigError(f"watch callback must be callable, got {callback!r}")
+        self.client.check_open()
+        watch = Watch(self, callback)
+        self._registry.add(watch)
+        return watch
+
+    def __repr__(self) -> str:
+        return f"<dcoord.Election {self.name!r}>"
+
+
+class _ClientElections:
+    """The leaderships and watches of one client, resigned and stopped when it closes.
+
+    One close hook per client (not per election handle), so a client that makes many
+    short-lived handles does not pile up hooks; entries leave on resign and stop.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._store = client.backend.elections
+        self._mutex = threading.Lock()
+        self._items: set[Leadership | Watch] = set()
+        client.on_close(self.close)
+
+    def add(self, item: Leadership | Watch) -> None:
+        with self._mutex:
+            self._items.add(item)
+
+    def discard(self, item: Leadership | Watch) -> None:
+        with self._mutex:
+            self._items.discard(item)
+
+    def close(self) -> None:
+        """Stop every watch, resign every leadership (best effort: the TTL covers the
+        rest), then stop the store's background work."""
+        with self._mutex:
+            items, self._items = list(self._items), set()
+        for item in items:
+            if isinstance(item, Watch):
+                item.stop()
+        for item in items:
+            if isinstance(item, Leadership):
+                try:
+                    item.resign()
+                except DcoordError as exc:
+                    log.info("election %r: not resigned at close: %s", item.election.name, exc)
+        self._store.close()
+
+
+_registries: weakref.WeakKeyDictionary[Client, _ClientElections] = weakref.WeakKeyDictionary()
+_registries_mutex = threading.Lock()
+
+
+def _client_elections(client: Client) -> _ClientElections:
+    with _registries_mutex:
+        registry = _registries.get(client)
+        if registry is None:
+            registry = _registries[client] = _ClientElections(client)
+        return registry
