@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import metrics
 from .backends.base import LockGrant
 from .config import positive_seconds
 from .errors import (
@@ -172,7 +173,8 @@ class Lock:
             wait = None
         else:
             wait = validate_timeout("timeout", timeout)
-        deadline = None if wait is None else time.monotonic() + wait
+        started = time.monotonic()
+        deadline = None if wait is None else started + wait
         if self._client.closed:
             raise LockError(f"cannot acquire lock {self.name!r}: the client is closed")
 
@@ -197,6 +199,7 @@ class Lock:
             if stale is not None:
                 self._drop_stale()
             grant = self._slot.acquire(deadline)
+            metrics.lock_acquire(self, time.monotonic() - started, grant is not None)
             if grant is None:
                 return False
             grant = self._conservative(grant)
@@ -252,6 +255,7 @@ class Lock:
             self._grant = None
             self._generation += 1
         self._registry.discard(self)
+        metrics.lock_released(self)
         expired = time.monotonic() >= grant.expires_at
         with self._op:
             released = self._slot.release()
@@ -312,6 +316,7 @@ class Lock:
                 if new is not None:
                     new = self._conservative(new)
         except DcoordError as exc:
+            metrics.lock_renewal_failed(self)
             remaining = grant.expires_at - time.monotonic()
             if remaining <= 0:
                 self._mark_lost(generation, f"renewal failed: {exc}")
@@ -331,6 +336,7 @@ class Lock:
             if generation != self._generation or self._lost_reason is not None:
                 return
             self._lost_reason = reason
+        metrics.lock_lost(self)
         log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
         if self._on_lost is not None:
             try:
@@ -344,6 +350,7 @@ class Lock:
             grant, self._grant = self._grant, None
             self._generation += 1
         if grant is not None:
+            metrics.lock_released(self)
             try:
                 with self._op:
                     self._slot.release()

@@ -31,6 +31,7 @@ from numbers import Real
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
 from .errors import (
@@ -326,6 +327,7 @@ class JoinedMember(Member):
         self._group._forget(self)
         if was == _ALIVE:
             self._reg.leave()
+            metrics.member_left(self._group)
         elif was == _LOST:
             # Lost by our count; the server may still hold it for a moment. Best effort:
             # the delete compares the registration's owner token, so it is always safe.
@@ -356,6 +358,7 @@ class JoinedMember(Member):
             self._state = _LOST
             self.lost_reason = reason
             callbacks, self._callbacks = self._callbacks, []
+        metrics.member_lost(self._group)
         if self._job is not None:
             self._job.cancel()
         self._group._forget(self)
@@ -449,6 +452,7 @@ class _Follower:
                         subscription = self._subscription = self._store.subscribe(self._group.name)
                     self._kick.clear()
                     snapshot = self._store.read(self._group.name)
+                    metrics.group_size(self._group, len(snapshot.members))
                     self._publish(snapshot)
                     self.error = None
                     backoff = 0.05
@@ -777,6 +781,7 @@ class Group:
                 log.warning("member %r could not leave cleanly: %s", member.id, leave_error)
             self._raise_if_closed(exc)
             raise
+        metrics.member_joined(self)
         return joined
 
     def members(self) -> dict[str, Member]:
@@ -786,7 +791,9 @@ class Group:
     def view(self) -> GroupView:
         """The live members now and the membership epoch they were read at."""
         self._check_open()
-        return _view(self._store.read(self.name))
+        view = _view(self._store.read(self.name))
+        metrics.group_size(self, len(view))
+        return view
 
     def epoch(self) -> int:
         """The current membership epoch (increases with every join, leave and expiry)."""

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from tenacity import Retrying, stop_after_delay, wait_random_exponential
 
-from . import txlog
+from . import metrics, txlog
 from .backends.base import LogEntry
 from .config import positive_seconds
 from .errors import (
@@ -203,15 +203,18 @@ class Transaction:
         :meth:`Coordinator.resolve` with :attr:`txid`.
         """
         self._check_open()
+        started = time.monotonic()
         try:
             self.record = self.coordinator._run(self)
+            self.state = "committed"
         except TransactionAborted:
             self.state = "aborted"
             raise
         except BaseException:
             self.state = "unknown"
             raise
-        self.state = "committed"
+        finally:
+            metrics.tx_ended(self.coordinator, self.state, time.monotonic() - started)
         return self.record
 
     def abort(self) -> None:
@@ -323,7 +326,12 @@ class Coordinator:
         No record at all means abort (presumed abort).
         """
         self._check_usable(needs_pools=False)
-        stored = self._read(txlog.check_txid(txid))
+        outcome = self._resolve(txlog.check_txid(txid))
+        metrics.tx_resolved(self, outcome)
+        return outcome
+
+    def _resolve(self, txid: str) -> Literal["committed", "aborted", "pending"]:
+        stored = self._read(txid)
         if stored is None:
             return "aborted"
         if stored.record.outcome is not None:
@@ -386,6 +394,7 @@ class Coordinator:
             except DcoordError as exc:
                 report.incomplete[txid] = f"{type(exc).__name__}: {exc}"
         self._recover_in_doubt(report)
+        metrics.tx_recovered(self, report)
         return report
 
     def close(self) -> None:

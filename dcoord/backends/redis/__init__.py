@@ -14,6 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ... import metrics
 from ...config import Settings
 from ...errors import BackendUnavailable, ConfigError
 from ...scheduler import Scheduler
@@ -97,9 +98,14 @@ class RedisBackend:
                 )
             return fn()
         except PERMANENT as exc:
+            metrics.backend_error(self.settings, ConfigError)
             raise ConfigError(f"{what}: redis refused the credentials: {exc}") from exc
         except TRANSIENT as exc:
+            metrics.backend_error(self.settings, BackendUnavailable)
             raise BackendUnavailable(f"{what}: {exc}") from exc
+        except Exception as exc:  # a server reply (ResponseError) or with_retries giving up
+            metrics.backend_error(self.settings, type(exc))
+            raise
 
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)

@@ -1,0 +1,265 @@
+"""dcoord.metrics on the embedded backend: instruments read through the SDK's in-memory
+reader, failures the conformance suite cannot provoke (a failing renewal, a lost member,
+a broken exporter), the Prometheus example scraped over HTTP, and the cost when off."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dcoord
+from dcoord import metrics
+
+pytest.importorskip("opentelemetry.sdk.metrics")
+
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+
+
+class Readings:
+    """The data points of every dcoord instrument, read through an in-memory reader."""
+
+    def __init__(self, provider: MeterProvider, reader: InMemoryMetricReader) -> None:
+        self.provider = provider
+        self.reader = reader
+        self.units: dict[str, str] = {}
+        self.points: dict[str, list[Any]] = {}
+
+    def refresh(self) -> Readings:
+        self.points.clear()
+        data = self.reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                assert scope.scope.name == metrics.METER_NAME
+                assert scope.scope.version == dcoord.__version__
+                for metric in scope.metrics:
+                    self.units[metric.name] = metric.unit or ""
+                    self.points[metric.name] = list(metric.data.data_points)
+        return self
+
+    def value(self, name: str, attributes: dict[str, str] | None = None) -> float:
+        """A counter's sum, a gauge's value or a histogram's count, over the points whose
+        attributes include ``attributes``."""
+        total = 0.0
+        for point in self.refresh().points.get(name, []):
+            if (attributes or {}).items() <= dict(point.attributes).items():
+                total += point.count if hasattr(point, "count") else point.value
+        return total
+
+    def attributes(self, name: str) -> list[dict[str, Any]]:
+        return [dict(p.attributes) for p in self.refresh().points.get(name, [])]
+
+
+@pytest.fixture
+def readings() -> Iterator[Readings]:
+    """dcoord's metrics go to a fresh SDK provider for the test, then back to the default."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.configure(meter_provider=provider)
+    try:
+        yield Readings(provider, reader)
+    finally:
+        metrics.configure()
+        provider.shutdown()
+
+
+@pytest.fixture
+def client() -> Iterator[dcoord.Client]:
+    with dcoord.connect(f"memory://m-{uuid.uuid4().hex[:8]}", namespace="unit") as c:
+        yield c
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_hold_time_and_attributes(readings: Readings, client: dcoord.Client) -> None:
+    lock = client.lock("job", ttl=30)
+    with lock:
+        pass
+    assert readings.value("dcoord.lock.held") == 1
+    assert readings.attributes("dcoord.lock.held") == [
+        {"dcoord.backend": "memory", "dcoord.namespace": "unit"}
+    ]
+    assert readings.units["dcoord.lock.held"] == "s"
+    assert readings.units["dcoord.lock.grants"] == "{grant}"
+    # A second release records no second hold.
+    with pytest.raises(dcoord.LockNotOwned):
+        lock.release()
+    assert readings.value("dcoord.lock.held") == 1
+
+
+def test_lock_names_only_when_configured(readings: Readings, client: dcoord.Client) -> None:
+    with client.lock("a"):
+        pass
+    assert all("dcoord.lock.name" not in a for a in readings.attributes("dcoord.lock.grants"))
+    metrics.configure(meter_provider=readings.provider, lock_names=True)
+    with client.lock("b"):
+        pass
+    assert readings.value("dcoord.lock.grants", {"dcoord.lock.name": "b"}) == 1
+
+
+def test_failed_renewals_and_the_loss_they_cause(
+    readings: Readings, client: dcoord.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthy, failing = client.lock("healthy", ttl=0.6), client.lock("failing", ttl=0.6)
+    lost = threading.Event()
+    failing._on_lost = lambda _: lost.set()
+    assert healthy.acquire(blocking=False) and failing.acquire(blocking=False)
+
+    def unreachable(ttl: float) -> None:
+        raise dcoord.BackendUnavailable("extend: the server is unreachable")
+
+    monkeypatch.setattr(failing._slot, "extend", unreachable)
+    assert lost.wait(10)
+    assert readings.value("dcoord.lock.renewal.failures") >= 1
+    assert readings.value("dcoord.lock.lost") == 1
+    assert readings.value("dcoord.lock.held") == 1  # the loss ended the hold
+    # Negative control: the healthy lock renewed all the while, with no failure or loss.
+    assert healthy.held
+    with pytest.raises(dcoord.LockNotOwned):
+        failing.release()
+    healthy.release()
+    assert readings.value("dcoord.lock.lost") == 1
+    assert readings.value("dcoord.lock.held") == 2
+
+
+def test_a_lost_member_is_an_expiry_a_leaving_one_a_leave(
+    readings: Readings, client: dcoord.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group = client.group("g")
+    stays = group.join("stays", ttl=0.3)
+    stays.leave()
+    assert readings.value("dcoord.membership.leaves", {"dcoord.group": "g"}) == 1
+    assert readings.value("dcoord.membership.expiries") == 0
+    lost = threading.Event()
+    member = group.join("goes", ttl=0.3, on_lost=lambda _: lost.set())
+    # The server no longer has it at the next heart-beat (as after a long pause).
+    monkeypatch.setattr(client.backend.groups, "refresh", lambda *args: False)
+    assert lost.wait(10)
+    assert readings.value("dcoord.membership.expiries", {"dcoord.group": "g"}) == 1
+    assert readings.value("dcoord.membership.joins", {"dcoord.group": "g"}) == 2
+    assert readings.value("dcoord.membership.leaves") == 1
+    member.leave()  # leaving a lost member is no leave
+    assert readings.value("dcoord.membership.leaves") == 1
+
+
+class _Broken:
+    """A meter (and provider) whose instruments raise, like a broken SDK or exporter."""
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> _Broken:
+        return self
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("create_"):
+            return lambda *args, **kwargs: self
+        raise RuntimeError(f"broken instrument: {name}")
+
+
+class Vote:
+    """A participant that votes yes and remembers nothing."""
+
+    name = "p"
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        return True
+
+    def commit(self, txid: str) -> None:
+        pass
+
+    def abort(self, txid: str) -> None:
+        pass
+
+
+def test_recording_errors_never_reach_the_caller(client: dcoord.Client) -> None:
+    metrics.configure(meter_provider=_Broken())  # type: ignore[arg-type]
+    try:
+        with client.lock("a"):
+            pass
+        client.group("g").join("m").leave()
+        coord = client.coordinator([Vote()])
+        with coord.transaction() as tx:
+            tx.enlist("p")
+        assert coord.resolve(tx.txid) == "committed"
+        assert coord.recover().clean
+    finally:
+        metrics.configure()
+
+
+def test_off_when_disabled_or_without_the_api(
+    readings: Readings, client: dcoord.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics.configure(enabled=False)
+    with client.lock("a"):
+        pass
+    assert readings.value("dcoord.lock.grants") == 0
+    # The otel extra absent: importing opentelemetry fails and every hook returns at once.
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    metrics.configure()
+    assert metrics._instruments().instruments is None
+    with client.lock("a"):
+        pass
+    assert readings.value("dcoord.lock.grants") == 0
+    # Negative control: the same calls with the API present are counted.
+    monkeypatch.undo()
+    metrics.configure(meter_provider=readings.provider)
+    with client.lock("a"):
+        pass
+    assert readings.value("dcoord.lock.grants") == 1
+
+
+def test_every_instrument_is_named_under_dcoord_and_documented() -> None:
+    names: dict[str, str] = {}
+
+    class Recorder:
+        def __getattr__(self, kind: str) -> Callable[..., object]:
+            def create(name: str, unit: str = "", description: str = "", **_: object) -> None:
+                names[name] = unit
+
+            return create
+
+    metrics._Instruments(Recorder())  # type: ignore[arg-type]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    assert len(names) >= 17
+    for name, unit in names.items():
+        assert name.startswith("dcoord.") and not name.endswith("_total"), name
+        assert unit == "s" or (unit.startswith("{") and unit.endswith("}")), (name, unit)
+        assert f"`{name}`" in docs, f"{name} is not listed in docs/observability.md"
+
+
+def test_prometheus_example_is_scraped_over_http(client: dcoord.Client) -> None:
+    """The example of docs/observability.md: a Prometheus endpoint on loopback."""
+    prometheus = pytest.importorskip("opentelemetry.exporter.prometheus")
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    reader = prometheus.PrometheusMetricReader(registry=registry)
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.configure(meter_provider=provider)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        with client.lock("scraped"):
+            pass
+        port = server.server_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        metrics.configure()
+        provider.shutdown()
+    assert 'dcoord_lock_grants_total{dcoord_backend="memory",dcoord_namespace="unit"' in text
+    assert "dcoord_lock_wait_seconds_bucket{" in text
+    assert "dcoord_lock_held_seconds_count{" in text
