@@ -14,61 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry, start_http_server
 
 import dcoord
 from dcoord import metrics
-
-pytest.importorskip("opentelemetry.sdk.metrics")
-
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-
-
-class Readings:
-    """The data points of every dcoord instrument, read through an in-memory reader."""
-
-    def __init__(self, provider: MeterProvider, reader: InMemoryMetricReader) -> None:
-        self.provider = provider
-        self.reader = reader
-        self.units: dict[str, str] = {}
-        self.points: dict[str, list[Any]] = {}
-
-    def refresh(self) -> Readings:
-        self.points.clear()
-        data = self.reader.get_metrics_data()
-        for resource in data.resource_metrics if data is not None else ():
-            for scope in resource.scope_metrics:
-                assert scope.scope.name == metrics.METER_NAME
-                assert scope.scope.version == dcoord.__version__
-                for metric in scope.metrics:
-                    self.units[metric.name] = metric.unit or ""
-                    self.points[metric.name] = list(metric.data.data_points)
-        return self
-
-    def value(self, name: str, attributes: dict[str, str] | None = None) -> float:
-        """A counter's sum, a gauge's value or a histogram's count, over the points whose
-        attributes include ``attributes``."""
-        total = 0.0
-        for point in self.refresh().points.get(name, []):
-            if (attributes or {}).items() <= dict(point.attributes).items():
-                total += point.count if hasattr(point, "count") else point.value
-        return total
-
-    def attributes(self, name: str) -> list[dict[str, Any]]:
-        return [dict(p.attributes) for p in self.refresh().points.get(name, [])]
+from tests.otel import Readings, reading_metrics
 
 
 @pytest.fixture
 def readings() -> Iterator[Readings]:
-    """dcoord's metrics go to a fresh SDK provider for the test, then back to the default."""
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    metrics.configure(meter_provider=provider)
-    try:
-        yield Readings(provider, reader)
-    finally:
-        metrics.configure()
-        provider.shutdown()
+    with reading_metrics() as readings:
+        yield readings
 
 
 @pytest.fixture
@@ -240,11 +198,8 @@ def test_every_instrument_is_named_under_dcoord_and_documented() -> None:
 
 def test_prometheus_example_is_scraped_over_http(client: dcoord.Client) -> None:
     """The example of docs/observability.md: a Prometheus endpoint on loopback."""
-    prometheus = pytest.importorskip("opentelemetry.exporter.prometheus")
-    from prometheus_client import CollectorRegistry, start_http_server
-
     registry = CollectorRegistry()
-    reader = prometheus.PrometheusMetricReader(registry=registry)
+    reader = PrometheusMetricReader(registry=registry)
     provider = MeterProvider(metric_readers=[reader])
     metrics.configure(meter_provider=provider)
     server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
