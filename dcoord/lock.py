@@ -30,6 +30,7 @@ from .errors import (
     LockNotOwned,
     LockTimeout,
 )
+from .logfields import lock_fields
 from .scheduler import Job, JobResult
 
 if TYPE_CHECKING:
@@ -227,7 +228,12 @@ class Lock:
             with self._op:
                 self._slot.release()
         except DcoordError as exc:
-            log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
+            log.info(
+                "lock %r: could not clean up a lost grant: %s",
+                self.name,
+                exc,
+                extra=lock_fields(self),
+            )
 
     def _conservative(self, grant: LockGrant) -> LockGrant:
         # Clock rates differ a little between client and server: err early.
@@ -321,7 +327,9 @@ class Lock:
             if remaining <= 0:
                 self._mark_lost(generation, f"renewal failed: {exc}")
                 return None
-            log.warning("lock %r: renewal failed, retrying: %s", self.name, exc)
+            log.warning(
+                "lock %r: renewal failed, retrying: %s", self.name, exc, extra=lock_fields(self)
+            )
             return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
         if new is None:
             self._mark_lost(generation, "the server no longer has it (expired or taken over)")
@@ -337,12 +345,20 @@ class Lock:
                 return
             self._lost_reason = reason
         metrics.lock_lost(self)
-        log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
+        log.warning(
+            "lock %r (fence %s) lost: %s",
+            self.name,
+            self._last_fence,
+            reason,
+            extra=lock_fields(self),
+        )
         if self._on_lost is not None:
             try:
                 self._on_lost(self)
             except Exception:
-                log.exception("on_lost callback of lock %r failed", self.name)
+                log.exception(
+                    "on_lost callback of lock %r failed", self.name, extra=lock_fields(self)
+                )
 
     def _abandon(self) -> None:
         """Let go at client close: best effort, the TTL covers what this cannot do."""
@@ -356,7 +372,10 @@ class Lock:
                     self._slot.release()
             except DcoordError as exc:
                 log.info(
-                    "lock %r not released at close (it expires by its TTL): %s", self.name, exc
+                    "lock %r not released at close (it expires by its TTL): %s",
+                    self.name,
+                    exc,
+                    extra=lock_fields(self),
                 )
 
     # -- context manager -----------------------------------------------------------
@@ -382,13 +401,24 @@ class Lock:
             problem = None if released_by_user else self._release()
         except BackendUnavailable as release_error:
             if exc is not None:
-                log.warning("lock %r: release after a failed block: %s", self.name, release_error)
+                log.warning(
+                    "lock %r: release after a failed block: %s",
+                    self.name,
+                    release_error,
+                    extra=lock_fields(self),
+                )
                 return
             raise
         if problem is None:
             return
         if exc is not None:
-            log.warning("lock %r: %s (while the block raised %r)", self.name, problem, exc)
+            log.warning(
+                "lock %r: %s (while the block raised %r)",
+                self.name,
+                problem,
+                exc,
+                extra=lock_fields(self),
+            )
             return
         raise LockLost(
             f"lock {self.name!r} (fence {self._last_fence}) was lost while the with-block "

@@ -53,6 +53,7 @@ from .errors import (
     TransactionAborted,
     TransactionStateError,
 )
+from .logfields import tx_fields
 from .txlog import Outcome, TxRecord, TxState
 
 if TYPE_CHECKING:
@@ -355,7 +356,7 @@ class Coordinator:
             try:
                 record = txlog.decode(txid, entry.data)
             except LogCorrupted as exc:
-                log.warning("%s", exc)
+                log.warning("%s", exc, extra=tx_fields(self, exc.txid))
                 continue
             if wanted is None or record.state is wanted:
                 records.append(record)
@@ -487,7 +488,13 @@ class Coordinator:
         try:
             vote = self.participants[name].prepare(txid, payload)
         except Exception as exc:
-            log.info("participant %s failed to prepare %s: %r", name, txid, exc)
+            log.info(
+                "participant %s failed to prepare %s: %r",
+                name,
+                txid,
+                exc,
+                extra=tx_fields(self, txid, name),
+            )
             return f"raised {type(exc).__name__}: {exc}"
         if vote is not True:
             return False
@@ -501,7 +508,13 @@ class Coordinator:
             try:
                 self.participants[name].abort(txid)
             except Exception as exc:
-                log.warning("abort of late prepare %s at %s failed: %r", txid, name, exc)
+                log.warning(
+                    "abort of late prepare %s at %s failed: %r",
+                    txid,
+                    name,
+                    exc,
+                    extra=tx_fields(self, txid, name),
+                )
 
         return abort_if_prepared
 
@@ -574,7 +587,14 @@ class Coordinator:
         try:
             retrying(send, txid)
         except Exception as exc:
-            log.warning("%s of %s at %s not acknowledged: %r", outcome, txid, name, exc)
+            log.warning(
+                "%s of %s at %s not acknowledged: %r",
+                outcome,
+                txid,
+                name,
+                exc,
+                extra=tx_fields(self, txid, name),
+            )
             raise
         self._hit("after_commit" if outcome == "committed" else "after_abort", txid, name)
 
@@ -599,7 +619,11 @@ class Coordinator:
             try:
                 fn()
             except DcoordError as exc:
-                log.info("background log write failed (recover() will redo it): %s", exc)
+                log.info(
+                    "background log write failed (recover() will redo it): %s",
+                    exc,
+                    extra=tx_fields(self),
+                )
 
         with self._mutex:
             if self._closed:
@@ -678,6 +702,7 @@ class Coordinator:
                 record.txid,
                 record.created - now,
                 record.coordinator,
+                extra=tx_fields(self, record.txid),
             )
         return record.expired(now - self._skew_grace)
 
