@@ -7,9 +7,10 @@ Metrics go through the OpenTelemetry *API* (``pip install 'dcoord[otel]'``) to t
 provider the application set globally with ``opentelemetry.metrics.set_meter_provider``,
 or to one given to :func:`configure`. The meter is named ``dcoord`` with the package
 version. Without the API installed every function here returns at its first line; with
-the API but no provider set, the API's proxy instruments drop the values. OpenTelemetry
-is imported on the first call, not when dcoord is imported, and a failure while
-recording is swallowed: metrics never break a lock or a transaction.
+the API but no provider set, they return after a clock read (and ask the API again at
+most once a second). OpenTelemetry is imported at the first event, not when dcoord is
+imported, and a failure while recording is swallowed: metrics never break a lock or a
+transaction.
 
 Attributes (bounded cardinality): ``dcoord.backend`` (memory, redis, etcd) and
 ``dcoord.namespace`` on everything, ``dcoord.group`` on membership instruments,
@@ -25,7 +26,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ._version import __version__
@@ -59,7 +60,8 @@ _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 30
 class _Instruments:
     """Every dcoord instrument, made from one meter."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, lock_names: bool) -> None:
+        self.lock_names = lock_names
         seconds = {"unit": "s", "explicit_bucket_boundaries_advisory": _SECONDS_BUCKETS}
         self.lock_wait = meter.create_histogram(
             "dcoord.lock.wait",
@@ -136,15 +138,26 @@ class _Instruments:
         )
 
 
+# While dcoord follows the global provider and none is set, it asks again this often
+# (values recorded before a provider is set are dropped by the API anyway).
+_PROVIDER_CHECK_INTERVAL = 1.0
+
+
 class _State:
-    """What the recording functions consult; replaced whole, so readers need no lock."""
+    """What the recording functions consult; replaced whole by configure()."""
 
-    def __init__(self, instruments: _Instruments | None, lock_names: bool) -> None:
+    def __init__(
+        self, instruments: _Instruments | None, unset_provider: Callable[[], bool] | None = None
+    ) -> None:
         self.instruments = instruments
-        self.lock_names = lock_names
+        # Following the global provider: True while the application has set none. The
+        # API's proxy instruments would drop the values, but only after dcoord built
+        # their attributes; skipping them is what makes "no provider" cost nothing.
+        self.unset_provider = unset_provider
+        self.next_check = 0.0
 
 
-_UNLOADED = _State(None, False)
+_UNLOADED = _State(None)
 _state = _UNLOADED
 _load_mutex = threading.Lock()
 # Grant time of each held lock (monotonic), for dcoord.lock.held; only filled while on.
@@ -152,14 +165,19 @@ _granted: weakref.WeakKeyDictionary[Lock, float] = weakref.WeakKeyDictionary()
 _granted_mutex = threading.Lock()
 
 
-def _meter(provider: MeterProvider | None) -> Meter | None:
+def _new_state(provider: MeterProvider | None, enabled: bool, lock_names: bool) -> _State:
+    if not enabled:
+        return _State(None)
     try:
         from opentelemetry import metrics
-    except ImportError:
-        return None
-    if provider is None:
-        return metrics.get_meter(METER_NAME, __version__)
-    return provider.get_meter(METER_NAME, __version__)
+    except ImportError:  # the otel extra is not installed
+        return _State(None)
+    if provider is not None:
+        return _State(_Instruments(provider.get_meter(METER_NAME, __version__), lock_names))
+    # The API hands out one proxy provider until the application sets a real one.
+    proxy = metrics.get_meter_provider()
+    meter = metrics.get_meter(METER_NAME, __version__)
+    return _State(_Instruments(meter, lock_names), lambda: metrics.get_meter_provider() is proxy)
 
 
 def configure(
@@ -170,30 +188,40 @@ def configure(
 ) -> None:
     """Choose where dcoord's metrics go; calling it is optional.
 
-    By default they go to the global meter provider (the proxy that no-ops until the
-    application sets one). ``meter_provider`` sends them to that provider instead;
-    ``enabled=False`` stops recording altogether; ``lock_names=True`` adds the
-    ``dcoord.lock.name`` attribute to lock instruments (only for a bounded set of lock
-    names: every name makes new time series).
+    By default they go to the global meter provider, from the moment (within a second)
+    the application sets one with ``opentelemetry.metrics.set_meter_provider``.
+    ``meter_provider`` sends them to that provider instead; ``enabled=False`` stops
+    recording altogether; ``lock_names=True`` adds the ``dcoord.lock.name`` attribute to
+    lock instruments (only for a bounded set of lock names: every name is a new series).
     """
     global _state
     with _load_mutex:
-        meter = _meter(meter_provider) if enabled else None
-        _state = _State(None if meter is None else _Instruments(meter), lock_names)
+        _state = _new_state(meter_provider, enabled, lock_names)
     with _granted_mutex:
         _granted.clear()
 
 
-def _instruments() -> _State:
+def _recording() -> _Instruments | None:
+    """The instruments to record with, or None when nothing would be kept (metrics off)."""
     global _state
     state = _state
     if state is _UNLOADED:
+        # OpenTelemetry is imported at the first event, not when dcoord is imported.
         with _load_mutex:
             if _state is _UNLOADED:
-                meter = _meter(None)
-                _state = _State(None if meter is None else _Instruments(meter), False)
+                _state = _new_state(None, True, False)
             state = _state
-    return state
+    if state.instruments is None:
+        return None
+    if state.unset_provider is not None:
+        now = time.monotonic()
+        if now < state.next_check:
+            return None
+        if state.unset_provider():
+            state.next_check = now + _PROVIDER_CHECK_INTERVAL
+            return None
+        state.unset_provider = None  # set once, a global provider stays
+    return state.instruments
 
 
 def _attributes(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -203,8 +231,9 @@ def _attributes(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     return attributes
 
 
-def _lock_attributes(state: _State, lock: Lock) -> dict[str, str]:
-    return _attributes(lock._client.settings, {LOCK_NAME: lock.name} if state.lock_names else None)
+def _lock_attributes(instruments: _Instruments, lock: Lock) -> dict[str, str]:
+    extra = {LOCK_NAME: lock.name} if instruments.lock_names else None
+    return _attributes(lock._client.settings, extra)
 
 
 def _swallow(what: str, exc: Exception) -> None:
@@ -217,12 +246,11 @@ def _swallow(what: str, exc: Exception) -> None:
 
 def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
     """An acquire() ended after ``waited`` seconds, with a grant or without (timeout)."""
-    state = _instruments()
-    instruments = state.instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
-        attributes = _lock_attributes(state, lock)
+        attributes = _lock_attributes(instruments, lock)
         (instruments.lock_grants if granted else instruments.lock_timeouts).add(1, attributes)
         attributes[OUTCOME] = "granted" if granted else "timeout"
         instruments.lock_wait.record(waited, attributes)
@@ -233,46 +261,43 @@ def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
         _swallow("a lock acquire", exc)
 
 
-def _record_held(state: _State, instruments: _Instruments, lock: Lock) -> None:
+def _record_held(instruments: _Instruments, lock: Lock) -> None:
     with _granted_mutex:
         since = _granted.pop(lock, None)
     if since is not None:
-        instruments.lock_held.record(time.monotonic() - since, _lock_attributes(state, lock))
+        instruments.lock_held.record(time.monotonic() - since, _lock_attributes(instruments, lock))
 
 
 def lock_released(lock: Lock) -> None:
     """The grant of ``lock`` ended by release (or close); records its hold time."""
-    state = _instruments()
-    instruments = state.instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
-        _record_held(state, instruments, lock)
+        _record_held(instruments, lock)
     except Exception as exc:
         _swallow("a lock release", exc)
 
 
 def lock_lost(lock: Lock) -> None:
     """A held lock was found lost; its hold time ends here."""
-    state = _instruments()
-    instruments = state.instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
-        instruments.lock_lost.add(1, _lock_attributes(state, lock))
-        _record_held(state, instruments, lock)
+        instruments.lock_lost.add(1, _lock_attributes(instruments, lock))
+        _record_held(instruments, lock)
     except Exception as exc:
         _swallow("a lost lock", exc)
 
 
 def lock_renewal_failed(lock: Lock) -> None:
     """A watchdog renewal of ``lock`` failed with an error."""
-    state = _instruments()
-    instruments = state.instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
-        instruments.lock_renewal_failures.add(1, _lock_attributes(state, lock))
+        instruments.lock_renewal_failures.add(1, _lock_attributes(instruments, lock))
     except Exception as exc:
         _swallow("a renewal failure", exc)
 
@@ -281,7 +306,7 @@ def lock_renewal_failed(lock: Lock) -> None:
 
 
 def _count_member(group: Group, instrument: str) -> None:
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
@@ -308,7 +333,7 @@ def member_lost(group: Group) -> None:
 
 def group_size(group: Group, size: int) -> None:
     """``group`` was read with ``size`` live members."""
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
@@ -322,7 +347,7 @@ def group_size(group: Group, size: int) -> None:
 
 def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
     """A commit() ended ``committed``, ``aborted`` or ``unknown`` after ``seconds``."""
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
@@ -339,7 +364,7 @@ def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
 
 def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
     """A recover() run ended with ``report``."""
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
@@ -354,7 +379,7 @@ def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
 
 def tx_resolved(coordinator: Coordinator, outcome: str) -> None:
     """resolve() answered ``outcome`` (committed, aborted, pending) for an in-doubt txid."""
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:
@@ -369,7 +394,7 @@ def tx_resolved(coordinator: Coordinator, outcome: str) -> None:
 
 def backend_error(settings: Settings, error: type[BaseException]) -> None:
     """A backend request failed with an ``error`` (counted by the class's name)."""
-    instruments = _instruments().instruments
+    instruments = _recording()
     if instruments is None:
         return
     try:

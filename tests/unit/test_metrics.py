@@ -1,9 +1,12 @@
 """dcoord.metrics on the embedded backend: instruments read through the SDK's in-memory
 reader, failures the conformance suite cannot provoke (a failing renewal, a lost member,
-a broken exporter), the Prometheus example scraped over HTTP, and the cost when off."""
+a broken exporter), metrics off, the global provider set late, and the Prometheus
+example scraped over HTTP."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -165,7 +168,7 @@ def test_off_when_disabled_or_without_the_api(
     # The otel extra absent: importing opentelemetry fails and every hook returns at once.
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     metrics.configure()
-    assert metrics._instruments().instruments is None
+    assert metrics._recording() is None
     with client.lock("a"):
         pass
     assert readings.value("dcoord.lock.grants") == 0
@@ -218,3 +221,52 @@ def test_prometheus_example_is_scraped_over_http(client: dcoord.Client) -> None:
     assert 'dcoord_lock_grants_total{dcoord_backend="memory",dcoord_namespace="unit"' in text
     assert "dcoord_lock_wait_seconds_bucket{" in text
     assert "dcoord_lock_held_seconds_count{" in text
+
+
+GLOBAL_PROVIDER = """
+import time, dcoord
+from dcoord import metrics
+from opentelemetry import metrics as api
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+def grants(reader):
+    data = reader.get_metrics_data()
+    return sum(
+        p.value
+        for r in (data.resource_metrics if data else ())
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name == "dcoord.lock.grants"
+        for p in m.data.data_points
+    )
+
+with dcoord.connect("memory://") as client:
+    lock = client.lock("a")
+    with lock:
+        pass
+    assert metrics._recording() is None, "no provider set: nothing to record"
+    reader = InMemoryMetricReader()
+    api.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    deadline = time.monotonic() + 30
+    while grants(reader) == 0:  # picked up within a second of being set
+        assert time.monotonic() < deadline, "the global provider was never used"
+        with lock:
+            pass
+    print("ok")
+"""
+
+
+def test_a_global_provider_set_after_dcoord_started_is_used() -> None:
+    """The default path: the application sets the global provider, maybe late.
+
+    In a child process, since a process may set its global provider only once.
+    """
+    child = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr
