@@ -150,9 +150,9 @@ class _State:
         self, instruments: _Instruments | None, unset_provider: Callable[[], bool] | None = None
     ) -> None:
         self.instruments = instruments
-        # Following the global provider: True while the application has set none. The
-        # API's proxy instruments would drop the values, but only after dcoord built
-        # their attributes; skipping them is what makes "no provider" cost nothing.
+        # When following the global provider: a check that the application has set none
+        # yet. The API's proxy instruments would drop the values, but only after dcoord
+        # built their attributes; skipping them is what makes "no provider" cost nothing.
         self.unset_provider = unset_provider
         self.next_check = 0.0
 
