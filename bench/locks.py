@@ -13,6 +13,9 @@ Everything runs in one go against servers this script starts (tests.servers) and
 * Hand-off latency: from ``release()`` returning in one client to ``acquire()``
   returning in a waiting client (threads of one process, so one clock).
 * Waiter set-up: one shared pub/sub connection per client vs a connection per waiter.
+* Metrics cost: uncontended cycles/s with dcoord's metrics off (no OpenTelemetry API, or
+  disabled), with the API but no provider set (the default), and on (SDK provider with
+  an in-memory reader). ``--metrics`` runs only this part.
 
 By default Redis keeps nothing on disk, so the numbers are the libraries' cost, not the
 disk's; ``--persistent`` uses the repository's redis.conf (AOF, appendfsync always).
@@ -39,6 +42,7 @@ import pyetcd
 import redis
 
 import dcoord
+from dcoord import metrics
 from tests.servers import Server, start_server
 
 CRITICAL_SECTION = 0.001
@@ -258,6 +262,58 @@ def waiter_setup(port: int, url: str, rounds: int) -> dict[str, float]:
     }
 
 
+# -- metrics cost ----------------------------------------------------------------------
+
+
+def metrics_cost(url: str, seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Cycles/s of one lock with metrics off, with the API and no provider, and on.
+
+    The modes take turns in ``rounds`` slices (as in :func:`rates`); switching the mode
+    is a global setting, so each slice runs one mode alone.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    modes: dict[str, dict[str, Any]] = {
+        "metrics off (no API, or disabled)": {"enabled": False},
+        "API, no provider set (default)": {},
+        "on: SDK + in-memory reader": {"meter_provider": provider},
+    }
+    counts = dict.fromkeys(modes, 0)
+    spent = dict.fromkeys(modes, 0.0)
+    with dcoord.connect(url, namespace=f"bench{uuid.uuid4().hex[:6]}") as client:
+        cycle = cycle_of(client.lock("metrics"))
+        for _ in range(200):
+            cycle()
+        try:
+            for _ in range(rounds):
+                for name, options in modes.items():
+                    metrics.configure(**options)
+                    started = time.perf_counter()
+                    deadline = started + seconds / rounds
+                    while True:
+                        for _ in range(10):
+                            cycle()
+                        counts[name] += 10
+                        now = time.perf_counter()
+                        if now >= deadline:
+                            break
+                    spent[name] += now - started
+        finally:
+            metrics.configure()
+            provider.shutdown()
+    return {name: counts[name] / spent[name] for name in modes}
+
+
+def metrics_table(name: str, results: dict[str, float]) -> None:
+    off = next(iter(results.values()))
+    print(f"  {name}")
+    for mode, rate in results.items():
+        extra = (1 / rate - 1 / off) * 1e6
+        print(f"    {mode:38s} {rate:9.0f} cycles/s   {extra:+6.2f} us/cycle vs off")
+
+
 # -- report ----------------------------------------------------------------------------
 
 
@@ -273,6 +329,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds per uncontended measurement")
     parser.add_argument("--contended-seconds", type=float, help="seconds of contention")
     parser.add_argument("--persistent", action="store_true", help="Redis with AOF fsync always")
+    parser.add_argument("--metrics", action="store_true", help="only the metrics-cost rows")
     args = parser.parse_args()
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     contended_seconds = args.contended_seconds or (3.0 if args.quick else 10.0)
@@ -287,6 +344,11 @@ def main() -> None:
     try:
         redis_server = start_server("redis", persistent=args.persistent)
         servers.append(redis_server)
+        print("\nMetrics cost, uncontended acquire+release (fenced, auto-renew)")
+        for name, url in (("memory", "memory://bench"), ("redis", redis_server.url)):
+            metrics_table(name, metrics_cost(url, seconds * 2))
+        if args.metrics:
+            return
         etcd_server = start_server("etcd")
         servers.append(etcd_server)
 

@@ -16,6 +16,7 @@ from .errors import ClientClosed
 from .fence import Fence
 from .inspect import LockInfo
 from .lock import DEFAULT_TTL, Lock, OnLost
+from .logfields import client_fields
 from .membership import Group
 from .scheduler import Scheduler
 from .twopc import Coordinator, Participant
@@ -34,9 +35,14 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.scheduler = Scheduler(name=f"dcoord-{settings.kind}-{settings.namespace}")
-        log.info("connecting to %s (connect_timeout %g s)", settings.url, settings.connect_timeout)
+        log.info(
+            "connecting to %s (connect_timeout %g s)",
+            settings.url,
+            settings.connect_timeout,
+            extra=client_fields(settings),
+        )
         self.backend: Backend = open_backend(settings, self.scheduler)
-        log.info("connected to %s", settings.url)
+        log.info("connected to %s", settings.url, extra=client_fields(settings))
         self._closers: list[Callable[[], None]] = []
         self._close_lock = threading.Lock()
         self.closed = False
@@ -144,7 +150,13 @@ class Client:
                 try:
                     fn()
                 except Exception:
-                    log.warning("close hook %r of %s failed", fn, self.url, exc_info=True)
+                    log.warning(
+                        "close hook %r of %s failed",
+                        fn,
+                        self.url,
+                        exc_info=True,
+                        extra=client_fields(self.settings),
+                    )
         finally:
             self.backend.close()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from . import inspect
+from . import inspect, metrics
 from .backends.base import LockGrant
 from .config import is_utf8, positive_seconds
 from .errors import (
@@ -32,6 +32,7 @@ from .errors import (
     LockNotOwned,
     LockTimeout,
 )
+from .logfields import lock_fields
 from .scheduler import Job, JobResult, WorkerPool
 
 if TYPE_CHECKING:
@@ -190,7 +191,8 @@ class Lock:
             wait = None
         else:
             wait = validate_timeout("timeout", timeout)
-        deadline = None if wait is None else time.monotonic() + wait
+        started = time.monotonic()
+        deadline = None if wait is None else started + wait
         if self._client.closed:
             raise ClientClosed(f"cannot acquire lock {self.name!r}: the client is closed")
 
@@ -215,6 +217,7 @@ class Lock:
             if stale is not None:
                 self._drop_stale()
             grant = self._slot.acquire(deadline)
+            metrics.lock_acquire(self, time.monotonic() - started, grant is not None)
             if grant is None:
                 return False
             grant = self._conservative(grant)
@@ -242,7 +245,12 @@ class Lock:
             with self._op:
                 self._slot.release()
         except DcoordError as exc:
-            log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
+            log.info(
+                "lock %r: could not clean up a lost grant: %s",
+                self.name,
+                exc,
+                extra=lock_fields(self),
+            )
 
     def _conservative(self, grant: LockGrant) -> LockGrant:
         # Clock rates differ a little between client and server: err early.
@@ -270,6 +278,7 @@ class Lock:
             self._grant = None
             self._generation += 1
         self._registry.discard(self)
+        metrics.lock_released(self)
         expired = time.monotonic() >= grant.expires_at
         with self._op:
             released = self._slot.release()
@@ -356,11 +365,14 @@ class Lock:
         if failure is not None:
             # Whatever the failure (a DcoordError or, say, a server error reply nobody
             # mapped), it is this lock's alone: retry until the deadline, then lose it.
+            metrics.lock_renewal_failed(self)
             remaining = grant.expires_at - time.monotonic()
             if remaining <= 0:
                 self._mark_lost(generation, f"renewal failed: {failure!r}")
                 return None
-            log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
+            log.warning(
+                "lock %r: renewal failed, retrying: %r", self.name, failure, extra=lock_fields(self)
+            )
             return time.monotonic() + max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
         if new is None:
             self._mark_lost(generation, "the server no longer has it (expired or taken over)")
@@ -381,12 +393,21 @@ class Lock:
             if generation != self._generation or self._lost_reason is not None:
                 return
             self._lost_reason = reason
-        log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
+        metrics.lock_lost(self)
+        log.warning(
+            "lock %r (fence %s) lost: %s",
+            self.name,
+            self._last_fence,
+            reason,
+            extra=lock_fields(self),
+        )
         if self._on_lost is not None:
             try:
                 self._on_lost(self)
             except Exception:
-                log.exception("on_lost callback of lock %r failed", self.name)
+                log.exception(
+                    "on_lost callback of lock %r failed", self.name, extra=lock_fields(self)
+                )
 
     def _abandon(self) -> None:
         """Let go at client close: best effort, the TTL covers what this cannot do."""
@@ -394,12 +415,16 @@ class Lock:
             grant, self._grant = self._grant, None
             self._generation += 1
         if grant is not None:
+            metrics.lock_released(self)
             try:
                 with self._op:
                     self._slot.release()
             except Exception as exc:  # any failure: the other locks are still let go
                 log.info(
-                    "lock %r not released at close (it expires by its TTL): %r", self.name, exc
+                    "lock %r not released at close (it expires by its TTL): %r",
+                    self.name,
+                    exc,
+                    extra=lock_fields(self),
                 )
 
     # -- context manager -----------------------------------------------------------
@@ -425,13 +450,24 @@ class Lock:
             problem = None if released_by_user else self._release()
         except BackendUnavailable as release_error:
             if exc is not None:
-                log.warning("lock %r: release after a failed block: %s", self.name, release_error)
+                log.warning(
+                    "lock %r: release after a failed block: %s",
+                    self.name,
+                    release_error,
+                    extra=lock_fields(self),
+                )
                 return
             raise
         if problem is None:
             return
         if exc is not None:
-            log.warning("lock %r: %s (while the block raised %r)", self.name, problem, exc)
+            log.warning(
+                "lock %r: %s (while the block raised %r)",
+                self.name,
+                problem,
+                exc,
+                extra=lock_fields(self),
+            )
             return
         raise LockLost(
             f"lock {self.name!r} (fence {self._last_fence}) was lost while the with-block "

@@ -31,6 +31,7 @@ from numbers import Real
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
 from .errors import (
@@ -42,6 +43,7 @@ from .errors import (
     NoMembers,
     NotEnoughMembers,
 )
+from .logfields import MEMBER, member_fields
 from .ring import DEFAULT_VNODES, HashRing, Key
 
 if TYPE_CHECKING:
@@ -158,7 +160,12 @@ def _decode(member_id: str, payload: bytes) -> Member | None:
         if not (math.isfinite(weight) and weight > 0 and isinstance(meta, dict)):
             raise ValueError("bad weight or meta")
     except (ValueError, TypeError, KeyError) as exc:
-        log.warning("ignoring member %r with an unreadable record: %s", member_id, exc)
+        log.warning(
+            "ignoring member %r with an unreadable record: %s",
+            member_id,
+            exc,
+            extra={MEMBER: member_id},
+        )
         return None
     return Member(member_id, weight, meta)
 
@@ -326,6 +333,7 @@ class JoinedMember(Member):
         self._group._forget(self)
         if was == _ALIVE:
             self._reg.leave()
+            metrics.member_left(self._group)
         elif was == _LOST:
             # Lost by our count; the server may still hold it for a moment. Best effort:
             # the delete compares the registration's owner token, so it is always safe.
@@ -339,7 +347,13 @@ class JoinedMember(Member):
             still_there = self._reg.refresh()
         except Exception as exc:  # unreachable, or refusing (e.g. a Redis out of memory)
             if not isinstance(exc, BackendUnavailable):
-                log.warning("heart-beat of %r failed: %s: %s", self.id, type(exc).__name__, exc)
+                log.warning(
+                    "heart-beat of %r failed: %s: %s",
+                    self.id,
+                    type(exc).__name__,
+                    exc,
+                    extra=member_fields(self._group, self.id),
+                )
             if time.monotonic() >= self._reg.expires_at:
                 self._mark_lost(f"heart-beats failed for longer than its ttl: {exc}")
                 return False
@@ -356,10 +370,17 @@ class JoinedMember(Member):
             self._state = _LOST
             self.lost_reason = reason
             callbacks, self._callbacks = self._callbacks, []
+        metrics.member_lost(self._group)
         if self._job is not None:
             self._job.cancel()
         self._group._forget(self)
-        log.warning("member %r of group %r lost: %s", self.id, self._group.name, reason)
+        log.warning(
+            "member %r of group %r lost: %s",
+            self.id,
+            self._group.name,
+            reason,
+            extra=member_fields(self._group, self.id),
+        )
         _run_callbacks(callbacks, self)
 
     def __repr__(self) -> str:
@@ -374,7 +395,11 @@ def _run_callbacks(callbacks: list[Callable[[JoinedMember], None]], member: Join
             try:
                 callback(member)
             except Exception:
-                log.exception("on_lost callback of member %r failed", member.id)
+                log.exception(
+                    "on_lost callback of member %r failed",
+                    member.id,
+                    extra=member_fields(member._group, member.id),
+                )
 
     if callbacks:
         threading.Thread(target=run, name=f"dcoord-lost-{member.id}", daemon=True).start()
@@ -449,6 +474,7 @@ class _Follower:
                         subscription = self._subscription = self._store.subscribe(self._group.name)
                     self._kick.clear()
                     snapshot = self._store.read(self._group.name)
+                    metrics.group_size(self._group, len(snapshot.members))
                     self._publish(snapshot)
                     self.error = None
                     backoff = 0.05
@@ -473,6 +499,7 @@ class _Follower:
                         self._group.name,
                         exc,
                         exc_info=not isinstance(exc, DcoordError),
+                        extra=member_fields(self._group),
                     )
                     self._kick.wait(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -482,7 +509,11 @@ class _Follower:
                 try:
                     subscription.close()
                 except Exception:
-                    log.debug("closing the subscription of %r failed", self._group.name)
+                    log.debug(
+                        "closing the subscription of %r failed",
+                        self._group.name,
+                        extra=member_fields(self._group),
+                    )
 
     def _publish(self, snapshot: GroupSnapshot) -> None:
         view: GroupView | None = None
@@ -496,7 +527,12 @@ class _Follower:
                 try:
                     subscriber._deliver(view)
                 except Exception:
-                    log.exception("delivering group %r to %r failed", self._group.name, subscriber)
+                    log.exception(
+                        "delivering group %r to %r failed",
+                        self._group.name,
+                        subscriber,
+                        extra=member_fields(self._group),
+                    )
 
 
 class Watch:
@@ -553,7 +589,11 @@ class Watch:
             try:
                 self._callback(view)
             except Exception:
-                log.exception("watch callback of group %r failed", self._group.name)
+                log.exception(
+                    "watch callback of group %r failed",
+                    self._group.name,
+                    extra=member_fields(self._group),
+                )
 
     def __enter__(self) -> Watch:
         return self
@@ -778,9 +818,15 @@ class Group:
             try:
                 joined.leave()
             except DcoordError as leave_error:
-                log.warning("member %r could not leave cleanly: %s", member.id, leave_error)
+                log.warning(
+                    "member %r could not leave cleanly: %s",
+                    member.id,
+                    leave_error,
+                    extra=member_fields(self, member.id),
+                )
             self._raise_if_closed(exc)
             raise
+        metrics.member_joined(self)
         return joined
 
     def members(self) -> dict[str, Member]:
@@ -790,7 +836,9 @@ class Group:
     def view(self) -> GroupView:
         """The live members now and the membership epoch they were read at."""
         self._check_open()
-        return _view(self._store.read(self.name))
+        view = _view(self._store.read(self.name))
+        metrics.group_size(self, len(view))
+        return view
 
     def epoch(self) -> int:
         """The current membership epoch (increases with every join, leave and expiry)."""
@@ -840,7 +888,12 @@ class Group:
             try:
                 member.leave()
             except DcoordError as exc:
-                log.warning("member %r could not leave cleanly: %s", member.id, exc)
+                log.warning(
+                    "member %r could not leave cleanly: %s",
+                    member.id,
+                    exc,
+                    extra=member_fields(self, member.id),
+                )
         for subscriber in subscribers:
             if isinstance(subscriber, LiveRing):
                 subscriber.close()

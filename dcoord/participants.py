@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import positive_seconds
 from .errors import ConfigError, LockNotOwned
+from .logfields import participant_fields
 
 if TYPE_CHECKING:
     from .client import Client
@@ -162,7 +163,13 @@ class KVParticipant:
                         f"{self._root}{key}", ttl=self.lock_ttl, auto_renew=False
                     )
                     if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                        log.info("%s: %s votes no: key %r stayed locked", self.name, txid, key)
+                        log.info(
+                            "%s: %s votes no: key %r stayed locked",
+                            self.name,
+                            txid,
+                            key,
+                            extra=participant_fields(self.client.settings, self.name, txid),
+                        )
                         return False
                     locks.append(lock)
                 outcome = self._stage(txid, changes, locks)
@@ -173,7 +180,14 @@ class KVParticipant:
                 return outcome
             key, holder = outcome
             if txid > holder or not self._wait_unreserved(key, holder, deadline):
-                log.info("%s: %s votes no: %r is reserved by %s", self.name, txid, key, holder)
+                log.info(
+                    "%s: %s votes no: %r is reserved by %s",
+                    self.name,
+                    txid,
+                    key,
+                    holder,
+                    extra=participant_fields(self.client.settings, self.name, txid),
+                )
                 return False
 
     def _stage(
@@ -189,7 +203,13 @@ class KVParticipant:
             current = None if stored is None else _load(stored)
             if current is not None and current["f"] >= lock.fence:
                 # A later lock holder wrote this key: our lock expired under us.
-                log.info("%s: %s votes no: stale fence on %r", self.name, txid, key)
+                log.info(
+                    "%s: %s votes no: stale fence on %r",
+                    self.name,
+                    txid,
+                    key,
+                    extra=participant_fields(self.client.settings, self.name, txid),
+                )
                 return False
             new[key] = changes[key](None if current is None else current["v"])
             fences[key] = lock.fence

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from tenacity import Retrying, stop_after_delay, wait_random_exponential
 
-from . import txlog
+from . import metrics, txlog
 from .backends.base import LogEntry
 from .config import positive_seconds
 from .errors import (
@@ -53,6 +53,7 @@ from .errors import (
     TransactionAborted,
     TransactionStateError,
 )
+from .logfields import tx_fields
 from .txlog import Outcome, TxRecord, TxState
 
 if TYPE_CHECKING:
@@ -203,15 +204,18 @@ class Transaction:
         :meth:`Coordinator.resolve` with :attr:`txid`.
         """
         self._check_open()
+        started = time.monotonic()
         try:
             self.record = self.coordinator._run(self)
+            self.state = "committed"
         except TransactionAborted:
             self.state = "aborted"
             raise
         except BaseException:
             self.state = "unknown"
             raise
-        self.state = "committed"
+        finally:
+            metrics.tx_ended(self.coordinator, self.state, time.monotonic() - started)
         return self.record
 
     def abort(self) -> None:
@@ -323,7 +327,12 @@ class Coordinator:
         No record at all means abort (presumed abort).
         """
         self._check_usable(needs_pools=False)
-        stored = self._read(txlog.check_txid(txid))
+        outcome = self._resolve(txlog.check_txid(txid))
+        metrics.tx_resolved(self, outcome)
+        return outcome
+
+    def _resolve(self, txid: str) -> Literal["committed", "aborted", "pending"]:
+        stored = self._read(txid)
         if stored is None:
             return "aborted"
         if stored.record.outcome is not None:
@@ -347,7 +356,7 @@ class Coordinator:
             try:
                 record = txlog.decode(txid, entry.data)
             except LogCorrupted as exc:
-                log.warning("%s", exc)
+                log.warning("%s", exc, extra=tx_fields(self, exc.txid))
                 continue
             if wanted is None or record.state is wanted:
                 records.append(record)
@@ -386,6 +395,7 @@ class Coordinator:
             except DcoordError as exc:
                 report.incomplete[txid] = f"{type(exc).__name__}: {exc}"
         self._recover_in_doubt(report)
+        metrics.tx_recovered(self, report)
         return report
 
     def close(self) -> None:
@@ -478,7 +488,13 @@ class Coordinator:
         try:
             vote = self.participants[name].prepare(txid, payload)
         except Exception as exc:
-            log.info("participant %s failed to prepare %s: %r", name, txid, exc)
+            log.info(
+                "participant %s failed to prepare %s: %r",
+                name,
+                txid,
+                exc,
+                extra=tx_fields(self, txid, name),
+            )
             return f"raised {type(exc).__name__}: {exc}"
         if vote is not True:
             return False
@@ -492,7 +508,13 @@ class Coordinator:
             try:
                 self.participants[name].abort(txid)
             except Exception as exc:
-                log.warning("abort of late prepare %s at %s failed: %r", txid, name, exc)
+                log.warning(
+                    "abort of late prepare %s at %s failed: %r",
+                    txid,
+                    name,
+                    exc,
+                    extra=tx_fields(self, txid, name),
+                )
 
         return abort_if_prepared
 
@@ -565,7 +587,14 @@ class Coordinator:
         try:
             retrying(send, txid)
         except Exception as exc:
-            log.warning("%s of %s at %s not acknowledged: %r", outcome, txid, name, exc)
+            log.warning(
+                "%s of %s at %s not acknowledged: %r",
+                outcome,
+                txid,
+                name,
+                exc,
+                extra=tx_fields(self, txid, name),
+            )
             raise
         self._hit("after_commit" if outcome == "committed" else "after_abort", txid, name)
 
@@ -590,7 +619,11 @@ class Coordinator:
             try:
                 fn()
             except DcoordError as exc:
-                log.info("background log write failed (recover() will redo it): %s", exc)
+                log.info(
+                    "background log write failed (recover() will redo it): %s",
+                    exc,
+                    extra=tx_fields(self),
+                )
 
         with self._mutex:
             if self._closed:
@@ -669,6 +702,7 @@ class Coordinator:
                 record.txid,
                 record.created - now,
                 record.coordinator,
+                extra=tx_fields(self, record.txid),
             )
         return record.expired(now - self._skew_grace)
 

@@ -16,6 +16,7 @@ import pyetcd.client
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 
+from ... import metrics
 from ...config import Settings
 from ...errors import (
     BackendError,
@@ -182,6 +183,9 @@ class EtcdBackend:
             self._calls += 1
         try:
             return self._call(fn, what=what, retry=retry, timeout=timeout)
+        except Exception as exc:
+            metrics.backend_error(self.settings, type(exc))
+            raise
         finally:
             with self._idle:
                 self._calls -= 1

@@ -15,6 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ... import metrics
 from ...config import Settings
 from ...errors import BackendError, BackendUnavailable, ConfigError, DcoordError, PermissionDenied
 from ...scheduler import Scheduler
@@ -152,7 +153,13 @@ class RedisBackend:
                 )
             return fn()
         except redis.RedisError as exc:
-            raise self._error(what, exc) from exc
+            error = self._error(what, exc)
+            metrics.backend_error(self.settings, type(error))
+            raise error from exc
+        except BackendUnavailable as exc:
+            if retry and isinstance(exc.__cause__, redis.RedisError):  # the retries gave up
+                metrics.backend_error(self.settings, BackendUnavailable)
+            raise
 
     def _error(self, what: str, exc: redis.RedisError) -> DcoordError:
         """The dcoord error for ``exc``, raised by the operation ``what``."""
