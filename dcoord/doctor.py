@@ -8,7 +8,10 @@ work on scratch keys under ``<namespace>/doctor/`` and remove them, pass or fail
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import secrets
+import ssl
 import statistics
 import time
 from collections.abc import Callable
@@ -70,7 +73,7 @@ def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.tim
         return [
             _version_check("etcd", info.version, MIN_ETCD),
             rtt,
-            *_etcd_checks(backend, client.namespace),
+            *_etcd_checks(backend, client.namespace, ttl, clock),
         ]
     return [
         Check("server", "pass", f"embedded memory store, dcoord {info.version}"),
@@ -244,8 +247,11 @@ def _redis_clock(backend: RedisBackend, ttl: float, clock: Callable[[], float]) 
         return before, seconds + micros / 1e6, clock()
 
     before, server, after = backend.call(read, what="read redis TIME", retry=True)
-    offset = server - (before + after) / 2
-    error = (after - before) / 2
+    return _offset_check(server - (before + after) / 2, (after - before) / 2, ttl)
+
+
+def _offset_check(offset: float, error: float, ttl: float) -> Check:
+    """The verdict on ``offset`` (server - local, seconds) measured to +/- ``error``."""
     limit = min(1.0, ttl / 10)
     detail = f"server - local = {offset * 1000:+.1f} ms (+/- {error * 1000:.1f} ms)"
     if abs(offset) - error > limit:
@@ -382,18 +388,73 @@ def _redis_world_writable(backend: RedisBackend, namespace: str) -> Check:
 # -- etcd -------------------------------------------------------------------------------
 
 
-def _etcd_checks(backend: EtcdBackend, namespace: str) -> list[Check]:
+def _etcd_checks(
+    backend: EtcdBackend, namespace: str, ttl: float, clock: Callable[[], float]
+) -> list[Check]:
     return [
         _etcd_cluster(backend),
-        Check(
-            "clock offset",
-            "info",
-            "cannot be measured: etcd serves no wall-clock time (leases run on its own "
-            "clock; transaction deadlines on etcd use each client's clock, so keep NTP on)",
-        ),
+        _etcd_clock(backend, ttl, clock),
         _etcd_rbac(backend, namespace),
         _etcd_world_writable(backend, namespace),
     ]
+
+
+# How long to watch the HTTP Date header for its second to change (a second at most).
+_DATE_WATCH = 1.5
+
+
+def _etcd_clock(backend: EtcdBackend, ttl: float, clock: Callable[[], float]) -> Check:
+    """The server's clock from the ``Date`` header of its HTTP answers (same client port).
+
+    etcd's API carries no wall-clock time, but its HTTP endpoints answer with a Date
+    header in whole seconds. Asking until that second changes pins the server's second
+    boundary between two answers, to within their round trip.
+    """
+    host, port = backend.settings.hosts[0]
+    options = backend.settings.options
+    context = None
+    if backend.settings.tls:
+        context = ssl.create_default_context(cafile=options["ca_cert"])
+        if options["cert_file"]:
+            context.load_cert_chain(options["cert_file"], options["key_file"])
+    previous: tuple[float, int] | None = None  # (local time sent, server second)
+    deadline = time.monotonic() + _DATE_WATCH
+    try:
+        while time.monotonic() < deadline:
+            sent = clock()
+            second = _http_date(host, port, context, backend.settings.request_timeout)
+            received = clock()
+            if previous is not None and second > previous[1]:
+                boundary = (previous[0] + received) / 2
+                return _offset_check(second - boundary, (received - previous[0]) / 2, ttl)
+            previous = (sent, second)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return Check(
+            "clock offset",
+            "info",
+            f"cannot be measured: etcd's HTTP endpoint did not answer with a Date ({exc}); "
+            "transaction deadlines on etcd use each client's clock, so keep NTP on",
+        )
+    return Check("clock offset", "info", "cannot be measured: the server's Date did not change")
+
+
+def _http_date(host: str, port: int, context: ssl.SSLContext | None, timeout: float) -> int:
+    """The Unix second of the Date header of etcd's answer to GET /version."""
+    connection: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        if context is not None
+        else http.client.HTTPConnection(host, port, timeout=timeout)
+    )
+    try:
+        connection.request("GET", "/version")
+        response = connection.getresponse()
+        response.read()
+        date = response.getheader("Date")
+    finally:
+        connection.close()
+    if date is None:
+        raise ValueError("no Date header")
+    return int(email.utils.parsedate_to_datetime(date).timestamp())
 
 
 def _etcd_cluster(backend: EtcdBackend) -> Check:
