@@ -174,10 +174,18 @@ def _new_state(provider: MeterProvider | None, enabled: bool, lock_names: bool) 
         return _State(None)
     if provider is not None:
         return _State(_Instruments(provider.get_meter(METER_NAME, __version__), lock_names))
-    # The API hands out one proxy provider until the application sets a real one.
-    proxy = metrics.get_meter_provider()
     meter = metrics.get_meter(METER_NAME, __version__)
-    return _State(_Instruments(meter, lock_names), lambda: metrics.get_meter_provider() is proxy)
+    # The API hands out a placeholder (proxy) provider until the application sets a real
+    # one, perhaps already before this first event. The placeholder's class is private:
+    # if it ever moves, dcoord just records through the proxy (which drops the values).
+    try:
+        from opentelemetry.metrics._internal import _ProxyMeterProvider
+    except ImportError:
+        return _State(_Instruments(meter, lock_names))
+    return _State(
+        _Instruments(meter, lock_names),
+        lambda: isinstance(metrics.get_meter_provider(), _ProxyMeterProvider),
+    )
 
 
 def configure(

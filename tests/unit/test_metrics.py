@@ -257,6 +257,37 @@ with dcoord.connect("memory://") as client:
 """
 
 
+GLOBAL_PROVIDER_FIRST = """
+import dcoord
+from opentelemetry import metrics as api
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+reader = InMemoryMetricReader()
+api.set_meter_provider(MeterProvider(metric_readers=[reader]))  # at start-up, as apps do
+with dcoord.connect("memory://") as client:
+    with client.lock("a"):
+        pass
+data = reader.get_metrics_data()
+names = {m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
+assert "dcoord.lock.grants" in names, names
+print("ok")
+"""
+
+
+def test_a_global_provider_set_before_dcoord_records_at_once() -> None:
+    """The usual order: the application sets its provider at start-up, then uses dcoord.
+    dcoord must not take that provider for the API's placeholder and drop everything."""
+    child = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER_FIRST],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr
+
+
 def test_a_global_provider_set_after_dcoord_started_is_used() -> None:
     """The default path: the application sets the global provider, maybe late.
 
