@@ -14,7 +14,9 @@ from .errors import ClientClosed
 from .fence import Fence
 from .lock import DEFAULT_TTL, Lock, OnLost
 from .membership import Group
+from .rwlock import ReadWriteLock
 from .scheduler import Scheduler
+from .semaphore import Semaphore
 from .twopc import Coordinator, Participant
 
 log = logging.getLogger("dcoord")
@@ -75,6 +77,31 @@ class Client:
         """
         self.check_open()
         return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+    ) -> Semaphore:
+        """A handle on one permit of the counting semaphore ``name``: at most ``limit``
+        handles hold it at once. Options as for :meth:`lock`; see :class:`Semaphore`."""
+        self.check_open()
+        return Semaphore(
+            self, name, limit, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
+        )
+
+    def rwlock(
+        self, name: str, ttl: float = DEFAULT_TTL, timeout: float | None = None
+    ) -> ReadWriteLock:
+        """The read-write lock ``name``: ``.read()`` / ``.write()`` make holder handles
+        (many readers or one writer; a waiting writer blocks new readers). See
+        :class:`ReadWriteLock`."""
+        self.check_open()
+        return ReadWriteLock(self, name, ttl=ttl, timeout=timeout)
 
     def fence(self, resource: str) -> Fence:
         """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""

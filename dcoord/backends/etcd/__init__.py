@@ -20,6 +20,8 @@ from .kv import EtcdKV
 from .leases import Leases
 from .locks import EtcdLocks
 from .membership import EtcdGroups
+from .rwlock import EtcdRWLocks
+from .semaphore import EtcdSemaphores
 from .txlog import EtcdTxLog
 
 T = TypeVar("T")
@@ -76,6 +78,8 @@ class EtcdBackend:
         self.locks = EtcdLocks(self, scheduler)
         self.groups = EtcdGroups(self, self.prefix)
         self.txlog = EtcdTxLog(self, self.prefix)
+        self.semaphores = EtcdSemaphores(self)
+        self.rwlocks = EtcdRWLocks(self)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

@@ -16,6 +16,8 @@ from ..base import ServerInfo
 from .kv import MemoryKV
 from .locks import MemoryLocks
 from .membership import MemoryGroups
+from .rwlock import MemoryRWLocks
+from .semaphore import MemorySemaphores
 from .txlog import MemoryTxLog
 
 
@@ -51,6 +53,8 @@ class MemoryBackend:
         self.groups = MemoryGroups(self.server, self.prefix)
         self.locks = MemoryLocks(self.server, self.prefix)
         self.txlog = MemoryTxLog(self.server, self.prefix)
+        self.semaphores = MemorySemaphores(self.server, self.prefix)
+        self.rwlocks = MemoryRWLocks(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(

@@ -21,6 +21,8 @@ from ..base import ServerInfo, with_retries
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
+from .rwlock import RedisRWLocks
+from .semaphore import RedisSemaphores
 from .txlog import RedisTxLog
 
 T = TypeVar("T")
@@ -64,6 +66,8 @@ class RedisBackend:
         self.groups = RedisGroups(self, self.prefix)
         self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
+        self.semaphores = RedisSemaphores(self)
+        self.rwlocks = RedisRWLocks(self)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",
