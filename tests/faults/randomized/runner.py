@@ -37,7 +37,7 @@ from .mutants import MUTANTS
 from .workloads import Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
-WORKLOAD_NAMES = ("counter", "transfers")
+WORKLOAD_NAMES = ("counter", "transfers", "semaphore")
 
 # Lock TTLs: short, so that pauses past them are cheap; etcd grants no lease under ~2 s.
 TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
@@ -595,6 +595,10 @@ def workload(name: str, config: Config) -> Workload:
         from .transfers import TransfersWorkload
 
         return TransfersWorkload(config.lock_ttl)
+    if name == "semaphore":
+        from .semaphores import SemaphoreWorkload
+
+        return SemaphoreWorkload(config.lock_ttl)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
@@ -632,6 +636,7 @@ def run(config: Config) -> Report:
         "del-release": "counter",
         "admit-all": "counter",
         "commit-before-log": "transfers",
+        "ignore-limit": "semaphore",
     }
     if config.mutant and mutant_for.get(config.mutant) != config.workload:
         raise ValueError(

@@ -101,3 +101,26 @@ def test_mutant_commit_before_logging_is_caught(backend: str, duration: float) -
     )
     report = first_caught(config, range(301, 305), "transactions")
     assert any("after_commit" in str(f.detail) for f in report.history.faults), report.render()
+
+
+SEMAPHORE = [
+    pytest.param(Config("memory", "semaphore", seed=21, duration=5), id="memory"),
+    pytest.param(Config("redis", "semaphore", seed=22, duration=6), id="redis"),
+    pytest.param(Config("etcd", "semaphore", seed=23, duration=6), id="etcd"),
+]
+
+
+@pytest.mark.parametrize("config", SEMAPHORE)
+def test_semaphore_never_admits_more_than_its_limit(config: Config) -> None:
+    """The semaphore workload, bounded (these and the control take about 30 s)."""
+    report = run(config)
+    print(report.render())
+    assert report.ok, report.render()
+    assert sum(report.faults.values()) >= 1, report.render()
+    holds = [op for op in report.history.ops if op.ok and op.f == "release"]
+    assert len(holds) >= 20, report.render()
+
+
+def test_mutant_semaphore_ignoring_its_limit_is_caught() -> None:
+    config = Config("memory", "semaphore", duration=3, mutant="ignore-limit")
+    first_caught(config, range(501, 503), "semaphore-limit")

@@ -294,12 +294,15 @@ class CounterWorkload:
 
 def main(argv: list[str]) -> int:
     """A worker process: ``python -m tests.faults.randomized.workloads SPEC_JSON``."""
+    from .semaphores import semaphore_worker
     from .transfers import transfers_worker
 
     spec = Spec.from_json(argv[0])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     worker = transfers_worker if spec.workload == "transfers" else counter_worker
+    if spec.workload == "semaphore":
+        worker = semaphore_worker
     worker(spec, stop, ArmedFailpoint(spec.history))
     return 0
 
