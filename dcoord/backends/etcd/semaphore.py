@@ -8,14 +8,18 @@ key counts, so the first ``limit`` keys by create revision hold (FIFO). The fenc
 key's create revision (Raft-committed, cluster-wide increasing): grants happen in create
 order, so a grant's fence exceeds that of every grant completed before it was requested.
 A waiter watches the counted range for deletes (a release, a lease expiry) and re-checks
-its place; puts do not wake it. Release, extend and lease handling are the lock slot's.
+its place; puts do not wake it (every waiter wakes on every delete: a semaphore frees
+permits in any order, so no single predecessor can be watched). Release, extend and
+lease handling are the lock slot's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pyetcd import etcdrpc
@@ -106,7 +110,14 @@ class EtcdQueueSlot(EtcdLockSlot):
         return _first_kv(response.responses[0]).create_revision, self._limit
 
     def _queue_wait(self, deadline: float | None) -> str:
-        """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished)."""
+        """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
+
+        Each round watches the counted range *first*, from the current revision, and
+        then checks our place: a delete before the watch is seen by the check, one
+        after it by the watch. (A watch started at a past revision would be "unsynced"
+        and served by etcd's catch-up loop, every 100 ms: under contention, where other
+        writes land between a check and the watch, that was every other wait.)
+        """
         assert self._key is not None and self._lease is not None
         key, revision, lease = self._key, self._revision, self._lease
         check = etcdrpc.TxnRequest(
@@ -115,17 +126,18 @@ class EtcdQueueSlot(EtcdLockSlot):
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
-            response = self._locks.txn(check, what=f"wait for {self.name}", retry=True)
-            if _first_kv(response.responses[0]) is None:
-                return "requeue"
-            if len(response.responses[1].response_range.kvs) < self._limit:
-                return "acquired"
-            if not self._wait_deletes(response.header.revision + 1, lease, deadline):
-                return "requeue"
+            with self._deletes() as woken:
+                response = self._locks.txn(check, what=f"wait for {self.name}", retry=True)
+                if _first_kv(response.responses[0]) is None:
+                    return "requeue"
+                if len(response.responses[1].response_range.kvs) < self._limit:
+                    return "acquired"
+                if not self._sleep(woken, lease, deadline):
+                    return "requeue"
 
-    def _wait_deletes(self, from_revision: int, lease: Lease, deadline: float | None) -> bool:
-        """Return when a counted key is deleted after ``from_revision``, or at the
-        deadline: True; False when our lease is gone."""
+    @contextlib.contextmanager
+    def _deletes(self) -> Iterator[threading.Event]:
+        """An event set on every delete in the counted range from now on, while inside."""
         woken = threading.Event()
         etcd = self._locks.etcd
         try:
@@ -134,32 +146,38 @@ class EtcdQueueSlot(EtcdLockSlot):
                     self._counted,
                     lambda _response: woken.set(),
                     range_end=self._counted_end,
-                    start_revision=from_revision,
                     filters=[etcdrpc.WatchCreateRequest.NOPUT],
                 ),
                 what=f"watch {self.name}",
             )
-        except (etcd_errors.WatchTimedOut, etcd_errors.RevisionCompactedError):
-            return True  # re-check at once
+        except etcd_errors.WatchTimedOut:
+            # No watch: wake after a short while and check again (never wait blind).
+            threading.Timer(0.1, woken.set).start()
+            yield woken
+            return
         try:
-            while not woken.is_set():
-                # Wake at least once per lease TTL: a private lease is kept alive by its
-                # waiter, and a lost shared lease (our key gone) is noticed.
-                wait = lease.ttl / 3 if self._private else float(lease.ttl)
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return True
-                if woken.wait(wait):
-                    return True
-                if lease.lost.is_set() or (self._private and not self._refresh(lease)):
-                    return False
-            return True
+            yield woken
         finally:
             try:
                 etcd.cancel_watch(watch_id)
             except Exception as exc:  # the watch stream may be gone already
                 log.debug("cancel watch %s: %s", watch_id, exc)
+
+    def _sleep(self, woken: threading.Event, lease: Lease, deadline: float | None) -> bool:
+        """Until ``woken`` or the deadline: True; False as soon as our lease is gone."""
+        while not woken.is_set():
+            # Wake at least once per lease TTL: a private lease is kept alive by its
+            # waiter, and a lost shared lease (our key gone) is noticed.
+            wait = lease.ttl / 3 if self._private else float(lease.ttl)
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return True
+            if woken.wait(wait):
+                return True
+            if lease.lost.is_set() or (self._private and not self._refresh(lease)):
+                return False
+        return True
 
     def _refresh(self, lease: Lease) -> bool:
         """One keep-alive of a waiter's private lease; False if it has expired."""
