@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import LockTimeout
-from .lock import DEFAULT_TTL, Lock, OnLost, validate_name, validate_timeout, validate_ttl
+from .lock import DEFAULT_TTL, OnLost, validate_name, validate_timeout, validate_ttl
+from .semaphore import RecipeLock
 
 if TYPE_CHECKING:
     from .client import Client
@@ -51,7 +52,7 @@ class ReadWriteLock:
         return f"<dcoord.ReadWriteLock {self.name!r} ttl={self.ttl:g}>"
 
 
-class _Side(Lock):
+class _Side(RecipeLock):
     """One holder of a read-write lock, reading or writing (see :class:`~dcoord.Lock`)."""
 
     write_mode = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, LockTimeout
+from .errors import ClientClosed, ConfigError, LockTimeout
 from .lock import DEFAULT_TTL, Lock, OnLost, validate_name
 
 if TYPE_CHECKING:
@@ -30,7 +30,22 @@ def validate_limit(limit: object) -> int:
     return limit
 
 
-class Semaphore(Lock):
+class RecipeLock(Lock):
+    """A :class:`~dcoord.Lock` whose slot is another primitive's (a permit, a read or
+    write side): subclasses swap ``_slot`` after ``Lock.__init__`` (which wrote nothing)."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As :meth:`dcoord.Lock.acquire`; a wait cut short by closing this handle's client
+        raises :class:`~dcoord.ClientClosed`, whatever the closed connection raised."""
+        try:
+            return super().acquire(blocking, timeout)
+        except Exception as exc:
+            if self._client.closed and not isinstance(exc, ClientClosed):
+                raise ClientClosed(f"{self!r}: the client was closed while it waited") from exc
+            raise
+
+
+class Semaphore(RecipeLock):
     """A distributed counting semaphore: at most ``limit`` handles hold it at once.
 
     Made by :meth:`dcoord.Client.semaphore`. One handle holds at most one permit; make

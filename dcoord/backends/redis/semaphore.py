@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import TYPE_CHECKING
 
+from ...errors import BackendUnavailable
 from ..base import LockGrant, key_segment
 from .locks import LuaScript
 
@@ -120,6 +121,10 @@ class ScriptSlot:
         notifier = self._backend.locks.notifier
         with notifier.interest(self.channel) as channel:
             while True:
+                # A closed notifier (the client is closing) wakes every wait at once, and
+                # redis-py would reconnect for each try: stop instead of spinning.
+                if notifier._closed:
+                    raise BackendUnavailable(f"wait for {self._what}: the client is closing")
                 # Read the generation before trying: a release published after the try
                 # then changes it, so the wait below cannot miss it.
                 seen = channel.generation
