@@ -41,7 +41,9 @@ class RecipeLock(Lock):
             return super().acquire(blocking, timeout)
         except Exception as exc:
             if self._client.closed and not isinstance(exc, ClientClosed):
-                raise ClientClosed(f"{self!r}: the client was closed while it waited") from exc
+                raise ClientClosed(
+                    f"{self!r}: client {self._client.url} is closed (it closed while waiting)"
+                ) from exc
             raise
 
 

@@ -281,3 +281,28 @@ def test_closing_the_client_stops_its_waiters_with_client_closed(
         for t in threads:
             t.join(timeout=10)
         assert [type(o) for o in outcomes] == [dcoord.ClientClosed] * 2, outcomes
+
+
+def test_a_closed_client_raises_client_closed(connect: Connect) -> None:
+    client = connect()
+    permit, rw = client.semaphore("pool", 1), client.rwlock("doc")
+    reader = rw.read()
+    client.close()
+    attempts: dict[str, Callable[[], object]] = {
+        "semaphore": lambda: client.semaphore("pool", 1),
+        "rwlock": lambda: client.rwlock("doc"),
+        "read": rw.read,
+        "write": rw.write,
+        "permit.acquire": permit.acquire,
+        "reader.acquire": reader.acquire,
+    }
+    raised = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except Exception as exc:
+            named = isinstance(exc, dcoord.ClientClosed) and client.url in str(exc)
+            raised[what] = "ClientClosed" if named else repr(exc)
+        else:
+            raised[what] = "nothing"
+    assert raised == dict.fromkeys(attempts, "ClientClosed")
