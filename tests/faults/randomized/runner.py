@@ -528,14 +528,15 @@ class Environment:
         """Hold the store's locks: every operation of every client blocks, TTLs run on."""
         from dcoord.backends.memory import memory_server
         from dcoord.backends.memory.locks import _table
+        from dcoord.backends.memory.semaphore import queue_table
 
         store = memory_server(self.url.removeprefix("memory://"))
-        table = _table(store)
+        table, queues = _table(store), queue_table(store)
         freeze = self._freeze = threading.Event()
         held = threading.Event()
 
         def hold() -> None:
-            with table.mutex, store.cond:
+            with table.mutex, queues.mutex, store.cond:
                 held.set()
                 freeze.wait()
 
