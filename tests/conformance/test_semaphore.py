@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -306,3 +307,25 @@ def test_a_closed_client_raises_client_closed(connect: Connect) -> None:
         else:
             raised[what] = "nothing"
     assert raised == dict.fromkeys(attempts, "ClientClosed")
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_release_is_retried_while_the_server_restarts(
+    real_backend: str, server_factory: Callable[..., object], namespace: str
+) -> None:
+    """A release that meets a restarting server (connection refused) is retried until
+    the server is back, within the request timeout, as a lock's release is."""
+    server: Any = server_factory("redis")  # AOF, fsync always: the permits survive
+    with dcoord.connect(server.url, namespace=namespace, request_timeout=15) as client:
+        for handle in (client.semaphore("pool", 1), client.rwlock("doc").write()):
+            assert handle.acquire()
+            server.kill()
+            restart = threading.Thread(target=server.start)
+            restart.start()
+            try:
+                handle.release()  # before the fix: BackendUnavailable at the first refusal
+            finally:
+                restart.join()
+            assert not handle.held
+        assert client.semaphore("pool", 1).acquire(blocking=False)
+        assert client.rwlock("doc").read().acquire(blocking=False)

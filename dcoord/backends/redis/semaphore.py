@@ -80,15 +80,14 @@ class ScriptSlot:
         self._token: str | None = None
         self._fence = 0
 
-    def _run(self, op: str, token: str, ttl: float, *, retry: bool = False) -> int:
-        redis_client = self._backend.redis
+    def _eval(self, op: str, token: str, ttl: float) -> int:
+        """One run of the script, redis errors raw (for :meth:`RedisBackend.call`)."""
         args = [op, token, milliseconds(ttl), *self._extra]
-        return int(
-            self._backend.call(
-                lambda: self._script(redis_client, self.keys, args),
-                what=f"{op} {self._what}",
-                retry=retry,
-            )
+        return int(self._script(self._backend.redis, self.keys, args))
+
+    def _run(self, op: str, token: str, ttl: float, *, retry: bool = False) -> int:
+        return self._backend.call(
+            lambda: self._eval(op, token, ttl), what=f"{op} {self._what}", retry=retry
         )
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
@@ -150,7 +149,8 @@ class ScriptSlot:
         def release() -> int:
             nonlocal attempts
             attempts += 1
-            return self._run(self._release_op, token, self._ttl)
+            # Raw errors: call() retries them (a mapped BackendUnavailable it would not).
+            return self._eval(self._release_op, token, self._ttl)
 
         released = self._backend.call(release, what=f"release {self._what}", retry=True)
         # A retry that finds nothing may follow a first attempt whose reply was lost.
