@@ -78,6 +78,11 @@ class Client:
         self.check_open()
         return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
 
+    def fence(self, resource: str) -> Fence:
+        """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
+        self.check_open()
+        return Fence(self, resource)
+
     def semaphore(
         self,
         name: str,
@@ -102,11 +107,6 @@ class Client:
         :class:`ReadWriteLock`."""
         self.check_open()
         return ReadWriteLock(self, name, ttl=ttl, timeout=timeout)
-
-    def fence(self, resource: str) -> Fence:
-        """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
-        self.check_open()
-        return Fence(self, resource)
 
     def group(self, name: str) -> Group:
         """The membership group ``name``: join it, list or watch its members, or follow

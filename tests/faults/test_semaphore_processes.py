@@ -7,9 +7,11 @@ holder process the tests drive over stdin/stdout.
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +55,8 @@ def holder_main(url: str, namespace: str, kind: str, ttl: float) -> None:
 
 
 class Holder(LockHolder):
-    """A holder process of this module (the lock test's driver, another command line)."""
+    """A holder process of this module: the lock test's driver (expect, send, signal,
+    stop) with another command line, and its own reader of the holder's lines."""
 
     def __init__(self, url: str, namespace: str, kind: str, ttl: float) -> None:
         self.proc = subprocess.Popen(
@@ -63,6 +66,22 @@ class Holder(LockHolder):
             stdout=subprocess.PIPE,
             text=True,
         )
+        # A thread reads every line as it comes (select + readline can strand a line
+        # in readline's buffer); line() waits on the queue.
+        self._queue: queue.Queue[str] = queue.Queue()
+        stdout = self.proc.stdout
+        assert stdout is not None
+        threading.Thread(
+            target=lambda: [self._queue.put(line.strip()) for line in stdout], daemon=True
+        ).start()
+
+    def line(self, timeout: float = 30) -> str:
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"holder {self.proc.pid} said nothing in {timeout} s") from None
+        self.lost |= line == "LOST"
+        return line
 
 
 @pytest.fixture

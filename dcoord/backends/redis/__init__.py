@@ -64,10 +64,10 @@ class RedisBackend:
         )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
-        self.locks = RedisLocks(self)
-        self.txlog = RedisTxLog(self, self.prefix)
         self.semaphores = RedisSemaphores(self)
         self.rwlocks = RedisRWLocks(self)
+        self.locks = RedisLocks(self)
+        self.txlog = RedisTxLog(self, self.prefix)
         self.info = self.call(
             self._server_info,
             what=f"connect to redis at {self.endpoint}",
