@@ -76,10 +76,10 @@ class EtcdBackend:
         self.kv = EtcdKV(self, self.prefix)
         self.leases = Leases(self, scheduler)
         self.locks = EtcdLocks(self, scheduler)
-        self.groups = EtcdGroups(self, self.prefix)
-        self.txlog = EtcdTxLog(self, self.prefix)
         self.semaphores = EtcdSemaphores(self)
         self.rwlocks = EtcdRWLocks(self)
+        self.groups = EtcdGroups(self, self.prefix)
+        self.txlog = EtcdTxLog(self, self.prefix)
 
     def _server_info(self) -> ServerInfo:
         status = self.etcd.status()

@@ -52,9 +52,9 @@ class MemoryBackend:
         self.kv = MemoryKV(self.server, self.prefix)
         self.groups = MemoryGroups(self.server, self.prefix)
         self.locks = MemoryLocks(self.server, self.prefix)
-        self.txlog = MemoryTxLog(self.server, self.prefix)
         self.semaphores = MemorySemaphores(self.server, self.prefix)
         self.rwlocks = MemoryRWLocks(self.server, self.prefix)
+        self.txlog = MemoryTxLog(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
         return ServerInfo(

@@ -64,9 +64,9 @@ class RedisBackend:
         )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
+        self.locks = RedisLocks(self)
         self.semaphores = RedisSemaphores(self)
         self.rwlocks = RedisRWLocks(self)
-        self.locks = RedisLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
         self.info = self.call(
             self._server_info,
