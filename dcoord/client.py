@@ -83,6 +83,24 @@ class Client:
         self.check_open()
         return Fence(self, resource)
 
+    def group(self, name: str) -> Group:
+        """The membership group ``name``: join it, list or watch its members, or follow
+        it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
+        self.check_open()
+        return Group(self, name)
+
+    def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
+        """A two-phase-commit coordinator over ``participants``, logging in this backend.
+
+        Options: ``retention`` (seconds finished records are kept, default 7 days),
+        ``phase2_timeout`` (how long commit/abort is retried per call before it is left
+        to ``recover()``, default 5 s), ``workers`` (thread pool size). Warns with
+        :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
+        option) when the backend would not keep decisions through a server crash.
+        """
+        self.check_open()
+        return Coordinator(self, participants, **options)
+
     def semaphore(
         self,
         name: str,
@@ -107,24 +125,6 @@ class Client:
         :class:`ReadWriteLock`."""
         self.check_open()
         return ReadWriteLock(self, name, ttl=ttl, timeout=timeout)
-
-    def group(self, name: str) -> Group:
-        """The membership group ``name``: join it, list or watch its members, or follow
-        it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
-        self.check_open()
-        return Group(self, name)
-
-    def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
-        """A two-phase-commit coordinator over ``participants``, logging in this backend.
-
-        Options: ``retention`` (seconds finished records are kept, default 7 days),
-        ``phase2_timeout`` (how long commit/abort is retried per call before it is left
-        to ``recover()``, default 5 s), ``workers`` (thread pool size). Warns with
-        :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
-        option) when the backend would not keep decisions through a server crash.
-        """
-        self.check_open()
-        return Coordinator(self, participants, **options)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the client closes (before the connection goes), newest first.
