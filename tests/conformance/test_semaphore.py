@@ -145,11 +145,17 @@ def test_waiter_wakes_promptly_on_release(connect: Connect) -> None:
         woke_at.append(time.monotonic())
         got.set()
 
+    before = len(stored(a))
     threading.Thread(target=wait).start()
     assert waiting.wait(5)
-    # The waiter is registered once it appears on the server (etcd: its queue key);
-    # on the other backends give it a moment to block: its notification wakes it.
-    time.sleep(0.3)
+    # The waiter is waiting once the server knows it: its queue entry or key (memory,
+    # etcd), its subscription to the release channel (Redis).
+    if a.backend.kind == "redis":
+        channel = a.backend.semaphores.slot("pool", 1, 30, True).channel  # type: ignore[attr-defined]
+        redis_client = a.backend.redis  # type: ignore[attr-defined]
+        assert wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] > 0, 5)
+    else:
+        assert wait_until(lambda: len(stored(a)) > before, 5)
     released_at = time.monotonic()
     holder.release()
     assert got.wait(10)
