@@ -50,10 +50,10 @@ class MemoryBackend:
         self.server = memory_server(settings.database)
         self.prefix = f"{settings.namespace}/"
         self.kv = MemoryKV(self.server, self.prefix)
-        self.groups = MemoryGroups(self.server, self.prefix)
-        self.locks = MemoryLocks(self.server, self.prefix)
         self.semaphores = MemorySemaphores(self.server, self.prefix)
         self.rwlocks = MemoryRWLocks(self.server, self.prefix)
+        self.groups = MemoryGroups(self.server, self.prefix)
+        self.locks = MemoryLocks(self.server, self.prefix)
         self.txlog = MemoryTxLog(self.server, self.prefix)
 
     def ping(self) -> ServerInfo:
