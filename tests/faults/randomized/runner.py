@@ -588,6 +588,10 @@ class Workload(Protocol):
 
 
 def workload(name: str, config: Config) -> Workload:
+    if name == "semaphore":
+        from .semaphores import SemaphoreWorkload
+
+        return SemaphoreWorkload(config.lock_ttl)
     if name == "counter":
         from .workloads import CounterWorkload
 
@@ -596,10 +600,6 @@ def workload(name: str, config: Config) -> Workload:
         from .transfers import TransfersWorkload
 
         return TransfersWorkload(config.lock_ttl)
-    if name == "semaphore":
-        from .semaphores import SemaphoreWorkload
-
-        return SemaphoreWorkload(config.lock_ttl)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
@@ -634,10 +634,10 @@ def run(config: Config) -> Report:
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
     mutant_for = {
+        "ignore-limit": "semaphore",
         "del-release": "counter",
         "admit-all": "counter",
         "commit-before-log": "transfers",
-        "ignore-limit": "semaphore",
     }
     if config.mutant and mutant_for.get(config.mutant) != config.workload:
         raise ValueError(
