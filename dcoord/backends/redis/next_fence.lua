@@ -1,5 +1,7 @@
 -- Shared prefix of semaphore.lua and rwlock.lua (concatenated in Python, so the script
--- stays one EVALSHA): the server clock and the next fence of a primitive.
+-- stays one EVALSHA): the server clock, the next fence, expiry of sorted-set members.
+-- Only commands of the namespace ACL rule of docs/security.md (no ZREMRANGEBYSCORE,
+-- ZCARD, ZSCORE or EXISTS): a confined user runs these scripts too.
 local now_time = redis.call('TIME')
 -- the server's clock in milliseconds: expiries are decided by it alone
 local now = tonumber(now_time[1]) * 1000 + math.floor(tonumber(now_time[2]) / 1000)
@@ -22,4 +24,20 @@ local function expire_at_least(key, ms)
   if redis.call('PTTL', key) < ms then
     redis.call('PEXPIRE', key, ms)
   end
+end
+
+-- Remove the members of a sorted set whose expiry (score) has passed; afterwards a
+-- member that is still there has not expired. unpack() of long lists overflows Lua's
+-- C stack: remove in chunks.
+local function prune(key)
+  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', now)
+  for i = 1, #expired, 1000 do
+    redis.call('ZREM', key, unpack(expired, i, math.min(i + 999, #expired)))
+  end
+end
+
+-- Whether ``member`` is in the sorted set (ZADD XX INCR 0 answers nil for a missing
+-- member and changes nothing: ZSCORE without needing it in the ACL rule).
+local function present(key, member)
+  return redis.call('ZADD', key, 'XX', 'INCR', 0, member) ~= false
 end

@@ -11,8 +11,8 @@
 local readers, writer, waiting, fence_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op, id, ttl, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
-redis.call('ZREMRANGEBYSCORE', readers, '-inf', now)
-redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now)
+prune(readers)
+prune(waiting)
 
 -- ms until the first holder's expiry, as a wake-up hint (at least 1)
 local function hint()
@@ -23,15 +23,19 @@ local function hint()
   return -ttl
 end
 
+local function empty(key)
+  return #redis.call('ZRANGE', key, 0, 0) == 0
+end
+
 if op == 'read' then
-  if redis.call('EXISTS', writer) == 1 or redis.call('ZCARD', waiting) > 0 then
+  if redis.call('GET', writer) or not empty(waiting) then
     return hint()
   end
   redis.call('ZADD', readers, now + ttl, id)
   expire_at_least(readers, ttl)
   return next_fence(fence_key)
 elseif op == 'write' then
-  if redis.call('EXISTS', writer) == 1 or redis.call('ZCARD', readers) > 0 then
+  if redis.call('GET', writer) or not empty(readers) then
     redis.call('ZADD', waiting, now + ttl, id)
     expire_at_least(waiting, ttl)
     return hint()
@@ -46,9 +50,7 @@ elseif op == 'unwait' then
   end
   return 1
 elseif op == 'release-read' then
-  local expiry = redis.call('ZSCORE', readers, id)
-  if not expiry then return 0 end
-  redis.call('ZREM', readers, id)
+  if redis.call('ZREM', readers, id) == 0 then return 0 end
   redis.call('PUBLISH', channel, 'released')
   return 1
 elseif op == 'release-write' then
@@ -57,7 +59,7 @@ elseif op == 'release-write' then
   redis.call('PUBLISH', channel, 'released')
   return 1
 elseif op == 'extend-read' then
-  if not redis.call('ZSCORE', readers, id) then return 0 end
+  if not present(readers, id) then return 0 end
   redis.call('ZADD', readers, 'XX', now + ttl, id)
   expire_at_least(readers, ttl)
   return 1
