@@ -339,3 +339,44 @@ def test_redis_release_is_retried_while_the_server_restarts(
             assert not handle.held
         assert client.semaphore("pool", 1).acquire(blocking=False)
         assert client.rwlock("doc").read().acquire(blocking=False)
+
+
+# The commands docs/semaphore.md says the scripts use, and what every client sends.
+SCRIPT_COMMANDS = "time get set del pttl pexpire zadd zrange zrangebyscore zrem publish"
+CLIENT_COMMANDS = "info client|setname evalsha script|load ping subscribe unsubscribe"
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_user_confined_to_the_documented_commands_runs_both(
+    real_backend: str, server_factory: Callable[..., object]
+) -> None:
+    """A namespace-confined ACL user needs no more commands than the docs list."""
+    import redis
+
+    server: Any = server_factory("redis", persistent=False)
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    grants = [f"+{c}" for c in f"{SCRIPT_COMMANDS} {CLIENT_COMMANDS}".split()]
+    admin.execute_command(
+        "ACL", "SETUSER", "app1", "reset", "on", ">pw", "~dcoord:app1:*", "&dcoord:app1:*", *grants
+    )
+    admin.close()
+    url = f"redis://app1:pw@127.0.0.1:{server.port}/0"
+    with dcoord.connect(url, namespace="app1") as a, dcoord.connect(url, namespace="app1") as b:
+        permit = a.semaphore("pool", 1)
+        assert permit.acquire()
+        permit.extend()
+        got: list[bool] = []
+        waiter = threading.Thread(target=lambda: got.append(b.semaphore("pool", 1).acquire(5)))
+        waiter.start()
+        permit.release()
+        waiter.join()
+        assert got == [True]
+        reader = a.rwlock("doc").read()
+        assert reader.acquire()
+        reader.extend()
+        assert b.rwlock("doc", timeout=0.3).write().acquire() is False  # claims, withdraws
+        reader.release()
+        writer = b.rwlock("doc").write()
+        assert writer.acquire(blocking=False)
+        writer.extend()
+        writer.release()
