@@ -39,6 +39,8 @@ from .lock import Lock
 from .membership import Group, GroupView, JoinedMember, LiveRing, Member, Watch
 from .participants import KVParticipant
 from .ring import HashRing
+from .rwlock import ReadLock, ReadWriteLock, WriteLock
+from .semaphore import Semaphore
 from .twopc import Coordinator, Participant, RecoveryReport, Transaction
 from .txlog import TxRecord, TxState
 
@@ -72,7 +74,10 @@ __all__ = [
     "NotEnoughMembers",
     "Participant",
     "PermissionDenied",
+    "ReadLock",
+    "ReadWriteLock",
     "RecoveryReport",
+    "Semaphore",
     "ServerInfo",
     "Transaction",
     "TransactionAborted",
@@ -81,6 +86,7 @@ __all__ = [
     "TxRecord",
     "TxState",
     "Watch",
+    "WriteLock",
     "__version__",
     "connect",
 ]

@@ -18,7 +18,9 @@ from .inspect import LockInfo
 from .lock import DEFAULT_TTL, Lock, OnLost
 from .logfields import client_fields
 from .membership import Group
+from .rwlock import ReadWriteLock
 from .scheduler import Scheduler
+from .semaphore import Semaphore
 from .twopc import Coordinator, Participant
 
 log = logging.getLogger("dcoord")
@@ -121,6 +123,31 @@ class Client:
         """
         self.check_open()
         return Coordinator(self, participants, **options)
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+    ) -> Semaphore:
+        """A handle on one permit of the counting semaphore ``name``: at most ``limit``
+        handles hold it at once. Options as for :meth:`lock`; see :class:`Semaphore`."""
+        self.check_open()
+        return Semaphore(
+            self, name, limit, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
+        )
+
+    def rwlock(
+        self, name: str, ttl: float = DEFAULT_TTL, timeout: float | None = None
+    ) -> ReadWriteLock:
+        """The read-write lock ``name``: ``.read()`` / ``.write()`` make holder handles
+        (many readers or one writer; a waiting writer blocks new readers). See
+        :class:`ReadWriteLock`."""
+        self.check_open()
+        return ReadWriteLock(self, name, ttl=ttl, timeout=timeout)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the client closes (before the connection goes), newest first.

@@ -326,6 +326,20 @@ class LockStore(Protocol):
         ...
 
 
+class SemaphoreStore(Protocol):
+    """Counting semaphores: each slot is one permit, a :class:`LockSlot` whose acquire
+    succeeds while fewer than ``limit`` permits of ``name`` are held (dcoord.semaphore)."""
+
+    def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> LockSlot: ...
+
+
+class RWLockStore(Protocol):
+    """Read-write locks: a slot reads (shared) or writes (exclusive); a waiting writer
+    blocks readers that come after it (dcoord.rwlock)."""
+
+    def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> LockSlot: ...
+
+
 def key_segment(name: str) -> str:
     """``name`` with ``%``, ``/``, ``{`` and ``}`` percent-encoded.
 
@@ -353,6 +367,12 @@ class Backend(Protocol):
 
     @property
     def locks(self) -> LockStore: ...
+
+    @property
+    def semaphores(self) -> SemaphoreStore: ...
+
+    @property
+    def rwlocks(self) -> RWLockStore: ...
 
     @property
     def txlog(self) -> TxLogStore: ...

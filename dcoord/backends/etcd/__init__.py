@@ -33,6 +33,8 @@ from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
 from .locks import EtcdLocks
 from .membership import EtcdGroups
+from .rwlock import EtcdRWLocks
+from .semaphore import EtcdSemaphores
 from .txlog import EtcdTxLog
 
 T = TypeVar("T")
@@ -156,6 +158,8 @@ class EtcdBackend:
         self.kv = EtcdKV(self, self.prefix)
         self.leases = Leases(self, scheduler)
         self.locks = EtcdLocks(self, scheduler)
+        self.semaphores = EtcdSemaphores(self)
+        self.rwlocks = EtcdRWLocks(self)
         self.groups = EtcdGroups(self, self.prefix)
         self.txlog = EtcdTxLog(self, self.prefix)
         self.elections = EtcdElections(self)

@@ -17,6 +17,8 @@ from .election import MemoryElections
 from .kv import MemoryKV
 from .locks import MemoryLocks
 from .membership import MemoryGroups
+from .rwlock import MemoryRWLocks
+from .semaphore import MemorySemaphores
 from .txlog import MemoryTxLog
 
 
@@ -49,6 +51,8 @@ class MemoryBackend:
         self.server = memory_server(settings.database)
         self.prefix = f"{settings.namespace}/"
         self.kv = MemoryKV(self.server, self.prefix)
+        self.semaphores = MemorySemaphores(self.server, self.prefix)
+        self.rwlocks = MemoryRWLocks(self.server, self.prefix)
         self.groups = MemoryGroups(self.server, self.prefix)
         self.locks = MemoryLocks(self.server, self.prefix, settings.options["label"])
         self.txlog = MemoryTxLog(self.server, self.prefix)

@@ -24,6 +24,8 @@ from .election import RedisElections
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
+from .rwlock import RedisRWLocks
+from .semaphore import RedisSemaphores
 from .txlog import RedisTxLog
 
 T = TypeVar("T")
@@ -114,6 +116,8 @@ class RedisBackend:
         self.groups = RedisGroups(self, self.prefix)
         self.elections = RedisElections(self)  # its waiters use locks.notifier, made next
         self.locks = RedisLocks(self)
+        self.semaphores = RedisSemaphores(self)
+        self.rwlocks = RedisRWLocks(self)
         self.txlog = RedisTxLog(self, self.prefix)
         try:
             self.info = self.call(

@@ -24,6 +24,9 @@ is wrong.
     The coordinator sends commit to the participants before the COMMIT decision is in
     the log (see transfers.py). Caught by the transaction checkers: a crash between the
     two leaves participants committed under a transaction that recovery aborts.
+``ignore-limit``
+    The semaphore admits up to 1000 holders whatever its limit (semaphores.py applies
+    it). Caught by the semaphore-limit checker: more than ``limit`` confirmed holds.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import dcoord
 
-MUTANTS = ("del-release", "admit-all", "commit-before-log", "unchecked-term")
+MUTANTS = ("del-release", "admit-all", "commit-before-log", "unchecked-term", "ignore-limit")
 
 _DEL_RELEASE_LUA = """
 local n = redis.call('DEL', KEYS[1])
@@ -44,7 +47,7 @@ return n
 
 def apply(name: str | None, client: dcoord.Client) -> None:
     """Break ``client`` the way mutant ``name`` says (None: leave it correct)."""
-    if name is None or name == "commit-before-log":  # the coordinator mutant is in transfers
+    if name is None or name in ("commit-before-log", "ignore-limit"):  # in their workloads
         return
     if name not in MUTANTS:
         raise ValueError(f"unknown mutant {name!r}; choose from {', '.join(MUTANTS)}")

@@ -37,7 +37,7 @@ from .mutants import MUTANTS
 from .workloads import Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
-WORKLOAD_NAMES = ("counter", "transfers", "election")
+WORKLOAD_NAMES = ("counter", "transfers", "election", "semaphore")
 
 # Lock TTLs: short, so that pauses past them are cheap; etcd grants no lease under ~2 s.
 TTL = {"memory": 0.5, "redis": 1.0, "etcd": 2.0}
@@ -525,14 +525,15 @@ class Environment:
         """Hold the store's locks: every operation of every client blocks, TTLs run on."""
         from dcoord.backends.memory import memory_server
         from dcoord.backends.memory.locks import _table
+        from dcoord.backends.memory.semaphore import queue_table
 
         store = memory_server(self.url.removeprefix("memory://"))
-        table = _table(store)
+        table, queues = _table(store), queue_table(store)
         freeze = self._freeze = threading.Event()
         held = threading.Event()
 
         def hold() -> None:
-            with table.mutex, store.cond:
+            with table.mutex, queues.mutex, store.cond:
                 held.set()
                 freeze.wait()
 
@@ -584,6 +585,10 @@ class Workload(Protocol):
 
 
 def workload(name: str, config: Config) -> Workload:
+    if name == "semaphore":
+        from .semaphores import SemaphoreWorkload
+
+        return SemaphoreWorkload(config.lock_ttl)
     if name == "counter":
         from .workloads import CounterWorkload
 
@@ -630,6 +635,7 @@ def run(config: Config) -> Report:
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
     mutant_for = {
+        "ignore-limit": "semaphore",
         "del-release": "counter",
         "admit-all": "counter",
         "commit-before-log": "transfers",

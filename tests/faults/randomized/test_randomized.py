@@ -41,6 +41,51 @@ def test_no_violations_under_faults(config: Config) -> None:
     assert len(done) >= 20, report.render()  # and the workload made progress
 
 
+SEMAPHORE = [
+    pytest.param(Config("memory", "semaphore", seed=21, duration=5), id="memory"),
+    pytest.param(Config("redis", "semaphore", seed=22, duration=6), id="redis"),
+    pytest.param(Config("etcd", "semaphore", seed=23, duration=6), id="etcd"),
+]
+
+
+@pytest.mark.parametrize("config", SEMAPHORE)
+def test_semaphore_never_admits_more_than_its_limit(config: Config) -> None:
+    """The semaphore workload, bounded (these and the control take about 30 s)."""
+    report = run(config)
+    print(report.render())
+    assert report.ok, report.render()
+    assert sum(report.faults.values()) >= 1, report.render()
+    holds = [op for op in report.history.ops if op.ok and op.f == "release"]
+    assert len(holds) >= 20, report.render()
+
+
+def test_mutant_semaphore_ignoring_its_limit_is_caught() -> None:
+    config = Config("memory", "semaphore", duration=3, mutant="ignore-limit")
+    first_caught(config, range(501, 503), "semaphore-limit")
+
+
+def test_semaphore_limit_checker_counts_only_overlapping_confirmed_holds() -> None:
+    from .history import FAIL, OK, History, Op
+    from .semaphores import admitted_overlaps
+
+    def hold(process: str, fence: int, start: float, end: float, released: str = OK) -> list[Op]:
+        acquire = Op(process, 1, "acquire", None, start - 0.01, start, OK, {"fence": fence})
+        release = Op(process, 2, "release", {"fence": fence}, end, end + 0.01, released)
+        return [acquire, release]
+
+    def check(*holds: list[Op]) -> list[str]:
+        ops = sorted((op for h in holds for op in h), key=lambda op: op.invoke)
+        return [v.checker for v in admitted_overlaps(History(ops, [], {}), limit=2)]
+
+    two = (hold("a", 1, 0.0, 1.0), hold("b", 2, 0.5, 1.5))
+    assert check(*two) == []
+    # A third that only touches the others' ends does not overlap them.
+    assert check(*two, hold("c", 3, 1.5, 2.0)) == []
+    # A third inside both is a violation; not if its release failed (it was lost).
+    assert check(*two, hold("c", 3, 0.6, 0.9)) == ["semaphore-limit"]
+    assert check(*two, hold("c", 3, 0.6, 0.9, released=FAIL)) == []
+
+
 def first_caught(config: Config, seeds: range, caught: str) -> Report:
     """Run ``seeds`` until one reports a violation of checker ``caught``."""
     reports = []

@@ -295,14 +295,18 @@ class CounterWorkload:
 def main(argv: list[str]) -> int:
     """A worker process: ``python -m tests.faults.randomized.workloads SPEC_JSON``."""
     from .election import election_worker
+    from .semaphores import semaphore_worker
     from .transfers import transfers_worker
 
     spec = Spec.from_json(argv[0])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    worker = transfers_worker if spec.workload == "transfers" else counter_worker
-    if spec.workload == "election":
-        worker = election_worker
+    workers = {
+        "transfers": transfers_worker,
+        "election": election_worker,
+        "semaphore": semaphore_worker,
+    }
+    worker = workers.get(spec.workload, counter_worker)
     worker(spec, stop, ArmedFailpoint(spec.history))
     return 0
 

@@ -1,0 +1,38 @@
+"""Read-write locks on etcd: the queue of :mod:`.semaphore` with two kinds of keys.
+
+Keys of rwlock ``NAME``: writers under ``/dcoord/<ns>/rw/NAME/w/``, readers under
+``.../rw/NAME/r/``, each ``<lease>-<serial>`` on a lease as locks are. A writer is
+admitted when no key at all (``rw/NAME/``) was created before its own; a reader when no
+*writer* key was (kazoo's rule, #649/#650: count lower create revisions only). A waiting
+writer's key therefore blocks every reader that queues after it, and the queue is FIFO.
+The fence is the key's create revision: a writer's exceeds every earlier grant's, since
+everything created before it is gone when it is admitted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..base import key_segment
+from .semaphore import EtcdQueueSlot
+
+if TYPE_CHECKING:
+    from . import EtcdBackend
+
+
+class EtcdRWLocks:
+    """The read-write lock store of one etcd backend."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._locks = backend.locks
+        self._prefix = backend.prefix
+
+    def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> EtcdQueueSlot:
+        base = f"{self._prefix}rw/{key_segment(name)}/"
+        writers = f"{base}w/".encode()
+        if write:
+            own, counted = writers, base.encode()
+        else:
+            own, counted = f"{base}r/".encode(), writers
+        what = f"rwlock {name!r} ({'write' if write else 'read'})"
+        return EtcdQueueSlot(self._locks, what, own, counted, 1, ttl, auto_renew)

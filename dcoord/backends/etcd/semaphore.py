@@ -1,0 +1,205 @@
+"""Semaphores on etcd, and the queue slot that read-write locks share.
+
+The etcd mutex recipe generalised: every attempt puts its own key on a lease (the
+client's shared lease of its TTL, or a private one without auto-renewal) under a prefix,
+and is admitted when fewer than ``limit`` keys of a *counted* range were created before
+it. Semaphore ``NAME``: keys ``/dcoord/<ns>/sem/NAME/<lease>-<serial>``, every earlier
+key counts, so the first ``limit`` keys by create revision hold (FIFO). The fence is the
+key's create revision (Raft-committed, cluster-wide increasing): grants happen in create
+order, so a grant's fence exceeds that of every grant completed before it was requested.
+A waiter watches the counted range for deletes (a release, a lease expiry) and re-checks
+its place; puts do not wake it (every waiter wakes on every delete: a semaphore frees
+permits in any order, so no single predecessor can be watched). Release, extend and
+lease handling are the lock slot's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_errors
+from pyetcd.utils import prefix_range_end
+
+from ..base import LockGrant, key_segment
+from .leases import Lease
+from .locks import EtcdLocks, EtcdLockSlot, _created_at, _first_kv, _range
+
+if TYPE_CHECKING:
+    from . import EtcdBackend
+
+log = logging.getLogger("dcoord.etcd")
+
+
+class EtcdQueueSlot(EtcdLockSlot):
+    """One handle's key in a queue where fewer than ``limit`` counted keys may precede it.
+
+    ``own`` is the prefix our key goes under; ``counted`` the range whose earlier keys
+    count against us (it may contain ``own``, or not: a reader counts only writers).
+    """
+
+    def __init__(
+        self,
+        locks: EtcdLocks,
+        what: str,
+        own: bytes,
+        counted: bytes,
+        limit: int,
+        ttl: float,
+        auto_renew: bool,
+    ) -> None:
+        super().__init__(locks, what, ttl, auto_renew)
+        self.prefix = own  # where our keys go (the lock slot's release/extend use _key)
+        self._counted = counted
+        self._counted_end = prefix_range_end(counted)
+        self._limit = limit
+
+    def _ahead(self, **options: Any) -> Any:
+        """The first ``limit`` counted keys (with ``options``: created before ours)."""
+        return _range(
+            self._counted, self._counted_end, limit=self._limit, keys_only=True, **options
+        )
+
+    def acquire(self, deadline: float | None) -> LockGrant | None:
+        while True:
+            lease = (
+                self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
+            )
+            key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
+            try:
+                revision, ahead = self._put(key, lease)
+            except BaseException:
+                # The put may have happened with its reply lost: remove the key for sure.
+                self._locks.forget(key, 0, lease, self._private)
+                raise
+            self._key, self._revision, self._lease = key, revision, lease
+            try:
+                outcome = "acquired" if ahead < self._limit else self._queue_wait(deadline)
+            except BaseException:
+                self._key = None
+                self._locks.forget(key, revision, lease, self._private)
+                raise
+            if outcome == "acquired":
+                return LockGrant(revision, lease.expires_at)
+            self._key = None
+            self._locks.forget(key, revision, lease, self._private)
+            if outcome == "timeout":
+                return None
+            log.info("%s: queue key %s expired while waiting; queueing again", self.name, key)
+
+    def _put(self, key: bytes, lease: Lease) -> tuple[int, int]:
+        """Create our key (idempotent); return its create revision and the keys ahead."""
+        request = etcdrpc.TxnRequest(
+            compare=[_created_at(key, 0)],
+            # The range runs before the put: every key it sees was created before ours.
+            success=[
+                self._ahead(),
+                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease.id)),
+            ],
+            failure=[_range(key, keys_only=True)],
+        )
+        response = self._locks.txn(request, what=f"acquire {self.name}", retry=True)
+        if response.succeeded:
+            return response.header.revision, len(response.responses[0].response_range.kvs)
+        # A retry found the key its lost first attempt made: let the wait count.
+        return _first_kv(response.responses[0]).create_revision, self._limit
+
+    def _queue_wait(self, deadline: float | None) -> str:
+        """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
+
+        Each round watches the counted range *first*, from the current revision, and
+        then checks our place: a delete before the watch is seen by the check, one
+        after it by the watch. (A watch started at a past revision would be "unsynced"
+        and served by etcd's catch-up loop, every 100 ms: under contention, where other
+        writes land between a check and the watch, that was every other wait.)
+        """
+        assert self._key is not None and self._lease is not None
+        key, revision, lease = self._key, self._revision, self._lease
+        check = etcdrpc.TxnRequest(
+            success=[_range(key, keys_only=True), self._ahead(max_create_revision=revision - 1)]
+        )
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"
+            with self._deletes() as woken:
+                response = self._locks.txn(check, what=f"wait for {self.name}", retry=True)
+                if _first_kv(response.responses[0]) is None:
+                    return "requeue"
+                if len(response.responses[1].response_range.kvs) < self._limit:
+                    return "acquired"
+                if not self._sleep(woken, lease, deadline):
+                    return "requeue"
+
+    @contextlib.contextmanager
+    def _deletes(self) -> Iterator[threading.Event]:
+        """An event set on every delete in the counted range from now on, while inside."""
+        woken = threading.Event()
+        etcd = self._locks.etcd
+        try:
+            watch_id = self._locks.backend.call(
+                lambda: etcd.add_watch_callback(
+                    self._counted,
+                    lambda _response: woken.set(),
+                    range_end=self._counted_end,
+                    filters=[etcdrpc.WatchCreateRequest.NOPUT],
+                ),
+                what=f"watch {self.name}",
+            )
+        except etcd_errors.WatchTimedOut:
+            # No watch: wake after a short while and check again (never wait blind).
+            threading.Timer(0.1, woken.set).start()
+            yield woken
+            return
+        try:
+            yield woken
+        finally:
+            try:
+                etcd.cancel_watch(watch_id)
+            except Exception as exc:  # the watch stream may be gone already
+                log.debug("cancel watch %s: %s", watch_id, exc)
+
+    def _sleep(self, woken: threading.Event, lease: Lease, deadline: float | None) -> bool:
+        """Until ``woken`` or the deadline: True; False as soon as our lease is gone."""
+        while not woken.is_set():
+            # Wake at least once per lease TTL: a private lease is kept alive by its
+            # waiter, and a lost shared lease (our key gone) is noticed.
+            wait = lease.ttl / 3 if self._private else float(lease.ttl)
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return True
+            if woken.wait(wait):
+                return True
+            if lease.lost.is_set() or (self._private and not self._refresh(lease)):
+                return False
+        return True
+
+    def _refresh(self, lease: Lease) -> bool:
+        """One keep-alive of a waiter's private lease; False if it has expired."""
+        sent = time.monotonic()
+        responses = self._locks.backend.call(
+            lambda: list(self._locks.etcd.refresh_lease(lease.id)),
+            what=f"keep lease {lease.id:x} alive",
+        )
+        if not responses or responses[-1].TTL <= 0:
+            return False
+        lease.last_refreshed = sent
+        return True
+
+
+class EtcdSemaphores:
+    """The semaphore store of one etcd backend."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._locks = backend.locks
+        self._prefix = backend.prefix
+
+    def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> EtcdQueueSlot:
+        prefix = f"{self._prefix}sem/{key_segment(name)}/".encode()
+        what = f"semaphore {name!r}"
+        return EtcdQueueSlot(self._locks, what, prefix, prefix, limit, ttl, auto_renew)

@@ -1,0 +1,164 @@
+"""Semaphores in the embedded store, and the FIFO queue that read-write locks share.
+
+A :class:`_Queue` per name holds every holder *and* every waiter in arrival order, as
+etcd's keys ordered by create revision do. An entry is admitted when fewer than
+``limit`` of the entries before it count against it: for a semaphore every earlier
+entry counts; for a read-write lock a writer (``exclusive``) counts every earlier entry
+with limit 1, a reader only earlier writers. A waiter stays queued while it waits, so a
+waiting writer blocks the readers behind it. Entries expire on the monotonic clock
+(holders by their TTL, waiters unless they re-arm while they wait); fences are a counter
+per name, incremented at each grant.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from ..base import LockGrant
+
+if TYPE_CHECKING:
+    from . import MemoryServer
+
+
+class _Entry:
+    __slots__ = ("exclusive", "expires_at", "fence")
+
+    def __init__(self, exclusive: bool, expires_at: float) -> None:
+        self.exclusive = exclusive
+        self.expires_at = expires_at
+        self.fence = 0  # set when granted
+
+
+class _Queue:
+    """Holders and waiters of one name, in arrival order, and its last fence."""
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.entries: list[_Entry] = []
+        self.fence = 0
+        self.cond = threading.Condition(mutex)
+
+    def prune(self, now: float) -> None:
+        live = [e for e in self.entries if e.expires_at > now]
+        if len(live) != len(self.entries):
+            self.entries = live
+            self.cond.notify_all()  # an expiry may admit a waiter
+
+    def admitted(self, entry: _Entry, limit: int) -> bool:
+        ahead = 0
+        for other in self.entries:
+            if other is entry:
+                return ahead < limit
+            ahead += entry.exclusive or other.exclusive
+        return False
+
+    def next_expiry(self, entry: _Entry) -> float:
+        """When the earliest entry ahead of ``entry`` expires (a wake-up backstop)."""
+        ahead = [e.expires_at for e in self.entries[: self.entries.index(entry)]]
+        return min(ahead, default=entry.expires_at)
+
+
+class _Table:
+    """Every queue of one memory store (semaphores and rwlocks, by prefixed name)."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.queues: dict[str, _Queue] = {}
+
+
+_tables: weakref.WeakKeyDictionary[MemoryServer, _Table] = weakref.WeakKeyDictionary()
+_tables_mutex = threading.Lock()
+
+
+def queue_table(server: MemoryServer) -> _Table:
+    """The queues of ``server`` (shared by every client of that store)."""
+    with _tables_mutex:
+        table = _tables.get(server)
+        if table is None:
+            table = _tables[server] = _Table()
+        return table
+
+
+class MemoryQueueSlot:
+    """One handle's place in a queue: a :class:`~dcoord.backends.base.LockSlot`."""
+
+    def __init__(self, table: _Table, key: str, exclusive: bool, limit: int, ttl: float) -> None:
+        self._table = table
+        self._key = key
+        self._exclusive = exclusive
+        self._limit = limit
+        self._ttl = ttl
+        self._entry: _Entry | None = None
+
+    def _queue(self) -> _Queue:
+        queue = self._table.queues.get(self._key)
+        if queue is None:
+            queue = self._table.queues[self._key] = _Queue(self._table.mutex)
+        return queue
+
+    def acquire(self, deadline: float | None) -> LockGrant | None:
+        with self._table.mutex:
+            queue = self._queue()
+            now = time.monotonic()
+            entry = _Entry(self._exclusive, now + self._ttl)
+            queue.entries.append(entry)
+            while True:
+                queue.prune(now)
+                if entry not in queue.entries:  # our waiter entry expired (a long stall)
+                    entry.expires_at = now + self._ttl
+                    queue.entries.append(entry)
+                if queue.admitted(entry, self._limit):
+                    queue.fence += 1
+                    entry.fence, entry.expires_at = queue.fence, now + self._ttl
+                    self._entry = entry
+                    return LockGrant(entry.fence, entry.expires_at)
+                if deadline is not None and now >= deadline:
+                    queue.entries.remove(entry)
+                    queue.cond.notify_all()  # readers behind a writer may go now
+                    return None
+                # A waiter re-arms its entry on every wake-up; woken by releases and
+                # expiries, at the latest when an entry ahead expires or at a third of
+                # the TTL (to re-arm), or at the deadline.
+                entry.expires_at = now + self._ttl
+                wake = min(queue.next_expiry(entry), now + self._ttl / 3)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                queue.cond.wait(max(0.0, wake - now))
+                now = time.monotonic()
+
+    def release(self) -> bool:
+        entry, self._entry = self._entry, None
+        if entry is None:
+            return False
+        with self._table.mutex:
+            queue = self._table.queues.get(self._key)
+            if queue is None or entry not in queue.entries:
+                return False
+            queue.entries.remove(entry)
+            queue.cond.notify_all()
+            return entry.expires_at > time.monotonic()
+
+    def extend(self, ttl: float) -> LockGrant | None:
+        entry = self._entry
+        with self._table.mutex:
+            queue = self._table.queues.get(self._key)
+            now = time.monotonic()
+            if entry is None or queue is None or entry not in queue.entries:
+                return None
+            if entry.expires_at <= now:
+                return None
+            entry.expires_at = now + ttl
+            return LockGrant(entry.fence, entry.expires_at)
+
+
+class MemorySemaphores:
+    """The semaphore store of one memory backend."""
+
+    def __init__(self, server: MemoryServer, prefix: str) -> None:
+        self._table = queue_table(server)
+        self._prefix = prefix
+
+    def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> MemoryQueueSlot:
+        return MemoryQueueSlot(self._table, f"{self._prefix}sem/{name}", True, limit, ttl)
