@@ -113,6 +113,31 @@ def test_acquire_queues_again_on_a_fresh_lease_when_the_shared_one_is_gone(
     second.release()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: c.semaphore("sem", 2, ttl=30),
+        lambda c: c.rwlock("rw", ttl=30).read(),
+        lambda c: c.rwlock("rw", ttl=30).write(),
+    ],
+    ids=["semaphore", "read", "write"],
+)
+def test_a_queue_slot_queues_again_on_a_fresh_lease_when_the_shared_one_is_gone(
+    etcd_connect: Connect, make: Callable[[dcoord.Client], dcoord.Lock]
+) -> None:
+    """Semaphores and read-write locks queue like locks: on a lease the server dropped,
+    their put fails (nothing written) and they queue once more on a fresh lease."""
+    client = etcd_connect()
+    first = client.lock("first", ttl=30)
+    assert first.acquire()
+    lease = lease_of(first)
+    backend_of(client).etcd.revoke_lease(lease.id)  # unnoticed by the keep-alive yet
+    handle = make(client)
+    assert handle.acquire(timeout=5)
+    assert lease_of(handle).id != lease.id
+    handle.release()
+
+
 def test_a_member_joins_on_a_fresh_lease_when_the_shared_one_is_gone(
     etcd_connect: Connect,
 ) -> None:

@@ -334,8 +334,19 @@ class EtcdLockSlot:
             ],
             failure=[_range(key, keys_only=True), self._owner_range()],
         )
+        response = self._create(request, key, lease, what=f"acquire lock {self.name!r}")
+        if response.succeeded:
+            revision = response.header.revision
+        else:
+            revision = _first_kv(response.responses[0]).create_revision
+        owner = _first_kv(response.responses[1])
+        return key, revision, owner.create_revision if owner is not None else revision, lease
+
+    def _create(self, request: Any, key: bytes, lease: Lease, *, what: str) -> Any:
+        """Run the txn that puts our new queue ``key`` on ``lease``; if it fails, make
+        sure the key is gone (its reply may be what was lost) and raise its error."""
         try:
-            response = self._locks.txn(request, what=f"acquire lock {self.name!r}", retry=True)
+            return self._locks.txn(request, what=what, retry=True)
         except LeaseNotFound:
             raise  # nothing was written: the put needs the lease
         except PermissionDenied as exc:
@@ -348,12 +359,6 @@ class EtcdLockSlot:
             # The put may have happened with its reply lost: remove the key for sure.
             self._forget_after(exc, key, 0, lease)
             raise
-        if response.succeeded:
-            revision = response.header.revision
-        else:
-            revision = _first_kv(response.responses[0]).create_revision
-        owner = _first_kv(response.responses[1])
-        return key, revision, owner.create_revision if owner is not None else revision, lease
 
     def _wait(self, deadline: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished)."""

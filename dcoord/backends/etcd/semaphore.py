@@ -67,22 +67,15 @@ class EtcdQueueSlot(EtcdLockSlot):
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
         while True:
-            lease = (
-                self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
-            )
-            key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
-            try:
-                revision, ahead = self._put(key, lease)
-            except BaseException:
-                # The put may have happened with its reply lost: remove the key for sure.
-                self._locks.forget(key, 0, lease, self._private)
-                raise
+            # A shared lease the server dropped unnoticed fails the put (nothing written):
+            # attached() then queues once more on a fresh lease, as a lock's acquire does.
+            key, revision, ahead, lease = self._leases.attached(self._new_lease, self._put)
             self._key, self._revision, self._lease = key, revision, lease
             try:
                 outcome = "acquired" if ahead < self._limit else self._queue_wait(deadline)
-            except BaseException:
+            except BaseException as exc:
                 self._key = None
-                self._locks.forget(key, revision, lease, self._private)
+                self._forget_after(exc, key, revision, lease)
                 raise
             if outcome == "acquired":
                 return LockGrant(revision, lease.expires_at)
@@ -92,8 +85,10 @@ class EtcdQueueSlot(EtcdLockSlot):
                 return None
             log.info("%s: queue key %s expired while waiting; queueing again", self.name, key)
 
-    def _put(self, key: bytes, lease: Lease) -> tuple[int, int]:
-        """Create our key (idempotent); return its create revision and the keys ahead."""
+    def _put(self, lease: Lease) -> tuple[bytes, int, int, Lease]:
+        """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
+        create revision, the number of counted keys ahead of it, and the lease."""
+        key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             # The range runs before the put: every key it sees was created before ours.
@@ -103,11 +98,16 @@ class EtcdQueueSlot(EtcdLockSlot):
             ],
             failure=[_range(key, keys_only=True)],
         )
-        response = self._locks.txn(request, what=f"acquire {self.name}", retry=True)
+        response = self._create(request, key, lease, what=f"acquire {self.name}")
         if response.succeeded:
-            return response.header.revision, len(response.responses[0].response_range.kvs)
+            return (
+                key,
+                response.header.revision,
+                len(response.responses[0].response_range.kvs),
+                lease,
+            )
         # A retry found the key its lost first attempt made: let the wait count.
-        return _first_kv(response.responses[0]).create_revision, self._limit
+        return key, _first_kv(response.responses[0]).create_revision, self._limit, lease
 
     def _queue_wait(self, deadline: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
