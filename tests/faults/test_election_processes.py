@@ -76,8 +76,15 @@ class Child:
     """Whether the child reported LOST."""
 
     def __init__(self, argv: list[str]) -> None:
+        # PYTHONFAULTHANDLER: a child stuck past its deadline is sent SIGABRT, and every
+        # thread's stack lands in the test's captured stderr.
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -389,7 +396,13 @@ def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str)
             lead.resign()
             assert json.loads(candidate.line())["term"] is None
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # dumps every thread's stack on stderr
+            proc.wait(timeout=10)
+            pytest.fail("dcoord leader --watch did not stop within 20 s of SIGINT")
+        assert code == 130
     finally:
         candidate.stop()
 
