@@ -30,6 +30,24 @@ NOT_EXECUTABLE = 126
 NOT_FOUND = 127
 
 
+def exit_codes(lost: str, timeout: str) -> dict[int, str]:
+    """Exit code -> meaning, for the help text and the docs; ``lost`` and ``timeout`` say
+    what LOCK_LOST and LOCK_TIMEOUT mean for the command."""
+    return {
+        USAGE: "bad usage or configuration, nothing run (e.g. no --url and no $DCOORD_URL)",
+        LOCK_LOST: lost,
+        LOCK_TIMEOUT: timeout,
+        FAILED: "dcoord itself failed (e.g. the backend is unreachable)",
+        NOT_EXECUTABLE: "COMMAND was found but could not be run",
+        NOT_FOUND: "COMMAND was not found",
+    }
+
+
+def codes_help(codes: dict[int, str]) -> str:
+    """The lines of ``codes`` that end a command's description, in order of code."""
+    return "\n".join(f"  {code:>3}  {meaning}" for code, meaning in sorted(codes.items()))
+
+
 def exit_code(exc: DcoordError) -> int:
     """The exit code of a failure of ``dcoord lock`` / ``dcoord elect`` itself."""
     if isinstance(exc, LockTimeout):

@@ -17,14 +17,12 @@ from ..election import Leadership
 from ..errors import ConfigError, DcoordError, LockLost, LockTimeout
 from ..lock import DEFAULT_TTL
 from .child import (
-    FAILED,
-    LOCK_LOST,
     LOCK_TIMEOUT,
-    NOT_EXECUTABLE,
-    NOT_FOUND,
     Child,
     child_url,
+    codes_help,
     exit_code,
+    exit_codes,
     split_command,
 )
 from .common import USAGE, connect_to, global_options, report_error
@@ -34,15 +32,11 @@ log = logging.getLogger("dcoord.cli")
 DEFAULT_GRACE = 10.0
 
 #: Exit code -> meaning, for the help text and the docs.
-EXIT_CODES = {
-    USAGE: "bad usage or configuration, nothing run (e.g. no --url and no $DCOORD_URL)",
-    LOCK_LOST: "leadership was lost while COMMAND ran (COMMAND was sent SIGTERM, then "
+EXIT_CODES = exit_codes(
+    lost="leadership was lost while COMMAND ran (COMMAND was sent SIGTERM, then "
     "SIGKILL after --grace)",
-    LOCK_TIMEOUT: "not elected within --timeout",
-    FAILED: "dcoord itself failed (e.g. the backend is unreachable)",
-    NOT_EXECUTABLE: "COMMAND was found but could not be run",
-    NOT_FOUND: "COMMAND was not found",
-}
+    timeout="not elected within --timeout",
+)
 
 DESCRIPTION = """\
 Campaign in election NAME, and once elected run COMMAND; keep the leadership renewed while
@@ -60,11 +54,10 @@ exit status: COMMAND's own, 128+N if it died of signal N, or, as timeout(1) does
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``elect`` command."""
-    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
     p = subparsers.add_parser(
         "elect",
         help="run a command only while this process leads an election",
-        description=DESCRIPTION + codes,
+        description=DESCRIPTION + codes_help(EXIT_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", metavar="NAME", help="election name")

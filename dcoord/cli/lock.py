@@ -17,14 +17,12 @@ from ..config import ENV_URL, settings_from
 from ..errors import DcoordError, LockLost, LockNotOwned, LockTimeout
 from ..lock import DEFAULT_TTL, Lock
 from .child import (
-    FAILED,
-    LOCK_LOST,
     LOCK_TIMEOUT,
-    NOT_EXECUTABLE,
-    NOT_FOUND,
     Child,
     child_url,
+    codes_help,
     exit_code,
+    exit_codes,
     parse_trailing,
     split_command,
 )
@@ -33,14 +31,10 @@ from .common import USAGE, connect_to, global_options, report_error
 log = logging.getLogger("dcoord.cli")
 
 #: Exit code -> meaning, for the help text and the docs.
-EXIT_CODES = {
-    USAGE: "bad usage or configuration, nothing run (e.g. no --url and no $DCOORD_URL)",
-    LOCK_LOST: "the lock was lost while COMMAND ran (COMMAND was sent SIGTERM)",
-    LOCK_TIMEOUT: "the lock was not acquired within --timeout",
-    FAILED: "dcoord itself failed (e.g. the backend is unreachable)",
-    NOT_EXECUTABLE: "COMMAND was found but could not be run",
-    NOT_FOUND: "COMMAND was not found",
-}
+EXIT_CODES = exit_codes(
+    lost="the lock was lost while COMMAND ran (COMMAND was sent SIGTERM)",
+    timeout="the lock was not acquired within --timeout",
+)
 
 DESCRIPTION = """\
 Acquire lock NAME, run COMMAND, keep the lock renewed while it runs, and release it
@@ -58,11 +52,10 @@ exit status: COMMAND's own, 128+N if it died of signal N, or, as timeout(1) does
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``lock`` command."""
-    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
     p = subparsers.add_parser(
         "lock",
         help="run a command while holding a distributed lock",
-        description=DESCRIPTION + codes,
+        description=DESCRIPTION + codes_help(EXIT_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", metavar="NAME", help="lock name")
