@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import dcoord  # noqa: E402
 from dcoord.election import Leadership  # noqa: E402
+from tests.faults.child import LineReader  # noqa: E402
 from tests.servers import Server, start_server  # noqa: E402
 
 NAME = "bench"
@@ -61,24 +61,17 @@ def candidate_main(url: str, namespace: str, ttl: float) -> None:
 
 
 class Proc:
-    """A child process whose stdout lines a thread reads (a line may arrive in the same
-    read as the one before it, so a select() on the pipe cannot tell when one is due)."""
+    """A child process whose stdout lines a :class:`LineReader` reads."""
 
     def __init__(self, argv: list[str], stdin: int = subprocess.PIPE) -> None:
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
+        self.lines = LineReader(self.proc.stdout)
 
     def line(self, timeout: float = 120) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.proc.args!r} said nothing in {timeout} s") from None
+        line = self.lines.next(timeout)
+        if line is None:
+            raise RuntimeError(f"{self.proc.args!r} said nothing in {timeout} s")
+        return line
 
     def send(self, text: str) -> None:
         assert self.proc.stdin is not None

@@ -53,20 +53,28 @@ THINK_TIMES = (0.0, 0.005)
 
 
 def rates(
-    cycles: dict[str, Callable[[], object]], seconds: float, rounds: int = 5
+    cycles: dict[str, Callable[[], object]],
+    seconds: float,
+    rounds: int = 5,
+    *,
+    warmup: int = 20,
+    before: Callable[[str], object] | None = None,
 ) -> dict[str, float]:
     """Cycles per second of each candidate, run back to back for about ``seconds`` each.
 
     The candidates take turns in ``rounds`` slices, so a burst of load from elsewhere on
-    the machine hits them all alike instead of whichever happened to run then.
+    the machine hits them all alike instead of whichever happened to run then. Each
+    candidate first runs ``warmup`` cycles; ``before(name)`` runs before each slice.
     """
     for cycle in cycles.values():
-        for _ in range(20):  # warm up connections and script caches
+        for _ in range(warmup):  # warm up connections and script caches
             cycle()
     counts = dict.fromkeys(cycles, 0)
     spent = dict.fromkeys(cycles, 0.0)
     for _ in range(rounds):
         for name, cycle in cycles.items():
+            if before is not None:
+                before(name)
             started = time.perf_counter()
             deadline = started + seconds / rounds
             while True:
@@ -268,7 +276,7 @@ def waiter_setup(port: int, url: str, rounds: int) -> dict[str, float]:
 def metrics_cost(url: str, seconds: float, rounds: int = 5) -> dict[str, float]:
     """Cycles/s of one lock with metrics off, with the API and no provider, and on.
 
-    The modes take turns in ``rounds`` slices (as in :func:`rates`); switching the mode
+    The modes take turns in ``rounds`` slices of :func:`rates`; switching the mode
     is a global setting, so each slice runs one mode alone.
     """
     from opentelemetry.sdk.metrics import MeterProvider
@@ -280,30 +288,21 @@ def metrics_cost(url: str, seconds: float, rounds: int = 5) -> dict[str, float]:
         "API, no provider set (default)": {},
         "on: SDK + in-memory reader": {"meter_provider": provider},
     }
-    counts = dict.fromkeys(modes, 0)
-    spent = dict.fromkeys(modes, 0.0)
     with dcoord.connect(url, namespace=f"bench{uuid.uuid4().hex[:6]}") as client:
         cycle = cycle_of(client.lock("metrics"))
         for _ in range(200):
             cycle()
         try:
-            for _ in range(rounds):
-                for name, options in modes.items():
-                    metrics.configure(**options)
-                    started = time.perf_counter()
-                    deadline = started + seconds / rounds
-                    while True:
-                        for _ in range(10):
-                            cycle()
-                        counts[name] += 10
-                        now = time.perf_counter()
-                        if now >= deadline:
-                            break
-                    spent[name] += now - started
+            return rates(
+                dict.fromkeys(modes, cycle),
+                seconds,
+                rounds,
+                warmup=0,
+                before=lambda name: metrics.configure(**modes[name]),
+            )
         finally:
             metrics.configure()
             provider.shutdown()
-    return {name: counts[name] / spent[name] for name in modes}
 
 
 def metrics_table(name: str, results: dict[str, float]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +33,7 @@ from .lock import (
     validate_timeout,
     validate_ttl,
 )
+from .perkey import PerKey
 from .scheduler import Job, JobResult
 
 if TYPE_CHECKING:
@@ -424,13 +424,4 @@ class _ClientElections:
         self._store.close()
 
 
-_registries: weakref.WeakKeyDictionary[Client, _ClientElections] = weakref.WeakKeyDictionary()
-_registries_mutex = threading.Lock()
-
-
-def _client_elections(client: Client) -> _ClientElections:
-    with _registries_mutex:
-        registry = _registries.get(client)
-        if registry is None:
-            registry = _registries[client] = _ClientElections(client)
-        return registry
+_client_elections: PerKey[Client, _ClientElections] = PerKey(_ClientElections)

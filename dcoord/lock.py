@@ -14,7 +14,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -33,6 +32,7 @@ from .errors import (
     LockTimeout,
 )
 from .logfields import lock_fields
+from .perkey import PerKey
 from .scheduler import Job, JobResult, WorkerPool
 
 if TYPE_CHECKING:
@@ -588,13 +588,4 @@ class _ClientLocks:
             self._store.close()
 
 
-_registries: weakref.WeakKeyDictionary[Client, _ClientLocks] = weakref.WeakKeyDictionary()
-_registries_mutex = threading.Lock()
-
-
-def _client_locks(client: Client) -> _ClientLocks:
-    with _registries_mutex:
-        registry = _registries.get(client)
-        if registry is None:
-            registry = _registries[client] = _ClientLocks(client)
-        return registry
+_client_locks: PerKey[Client, _ClientLocks] = PerKey(_ClientLocks)

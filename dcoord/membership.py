@@ -815,19 +815,23 @@ class Group:
             joined._start()  # the scheduler refuses new jobs once the client closed
             self._check_open()
         except Exception as exc:
-            try:
-                joined.leave()
-            except DcoordError as leave_error:
-                log.warning(
-                    "member %r could not leave cleanly: %s",
-                    member.id,
-                    leave_error,
-                    extra=member_fields(self, member.id),
-                )
+            self._leave_or_warn(joined)
             self._raise_if_closed(exc)
             raise
         metrics.member_joined(self)
         return joined
+
+    def _leave_or_warn(self, member: JoinedMember) -> None:
+        # Best effort (a failed join, close()): the member's TTL removes it otherwise.
+        try:
+            member.leave()
+        except DcoordError as exc:
+            log.warning(
+                "member %r could not leave cleanly: %s",
+                member.id,
+                exc,
+                extra=member_fields(self, member.id),
+            )
 
     def members(self) -> dict[str, Member]:
         """The live members now, read from the server (expired ones are pruned first)."""
@@ -885,15 +889,7 @@ class Group:
             subscribers = list(self._followers)
             follower = self._follower
         for member in members:
-            try:
-                member.leave()
-            except DcoordError as exc:
-                log.warning(
-                    "member %r could not leave cleanly: %s",
-                    member.id,
-                    exc,
-                    extra=member_fields(self, member.id),
-                )
+            self._leave_or_warn(member)
         for subscriber in subscribers:
             if isinstance(subscriber, LiveRing):
                 subscriber.close()

@@ -15,7 +15,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -23,28 +22,12 @@ import dcoord
 from dcoord.backends.etcd.locks import EtcdLocks, EtcdLockSlot
 from dcoord.cli import main
 from dcoord.cli.acl import etcd_rbac_commands
+from tests.participants import Voter
 from tests.servers import Certificates, Server
 
 NS = "app1"
 USER_PASSWORD = "app1-etcd-secret"
 ADMIN_PASSWORD = "root-etcd-secret"
-
-
-class Recorder:
-    """A 2PC participant that votes yes and remembers the outcome."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.outcomes: dict[str, str] = {}
-
-    def prepare(self, txid: str, payload: Any) -> bool:
-        return True
-
-    def commit(self, txid: str) -> None:
-        self.outcomes[txid] = "committed"
-
-    def abort(self, txid: str) -> None:
-        self.outcomes[txid] = "aborted"
 
 
 @pytest.fixture
@@ -107,7 +90,7 @@ def test_the_role_runs_every_primitive_in_its_namespace(url: str) -> None:
             ring.close()
         member.leave()
 
-        participant = Recorder("p")
+        participant = Voter("p")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             coordinator = a.coordinator(participants=[participant])

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import dcoord
 from dcoord.config import settings_from
 from tests.conformance.test_locks import stored_keys
+from tests.participants import Voter
 
 EXAMPLES = {"memory": 150, "redis": 25, "etcd": 25}
 # Loose: a slow machine must not fail it, a retried or hanging call must.
@@ -51,22 +52,6 @@ JSONISH = st.recursive(
 PAYLOADS = JSONISH | st.binary(max_size=20) | st.builds(object) | st.sets(st.integers())
 
 
-class Recorder:
-    """A 2PC participant that votes yes."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def prepare(self, txid: str, payload: Any) -> bool:
-        return True
-
-    def commit(self, txid: str) -> None:
-        pass
-
-    def abort(self, txid: str) -> None:
-        pass
-
-
 def lock_op(client: dcoord.Client, name: Any, ttl: Any) -> None:
     lock = client.lock(name, ttl=ttl)
     if lock.acquire(timeout=0):
@@ -82,7 +67,7 @@ def group_op(client: dcoord.Client, group: Any, member: Any, weight: Any, meta: 
 
 
 def twopc_op(client: dcoord.Client, name: Any, payload: Any) -> None:
-    participant = Recorder(name)
+    participant = Voter(name)
     with client.coordinator(participants=[participant]).transaction(timeout=10) as tx:
         tx.enlist(name, payload)
 

@@ -12,6 +12,7 @@ import pytest
 
 import dcoord
 from tests.otel import Readings, reading_metrics
+from tests.participants import Voter
 from tests.servers import Server
 
 Connect = Callable[..., dcoord.Client]
@@ -27,23 +28,6 @@ def readings() -> Iterator[Readings]:
 
 def here(backend: str, client: dcoord.Client, **more: str) -> dict[str, str]:
     return {"dcoord.backend": backend, "dcoord.namespace": client.namespace, **more}
-
-
-class Yes:
-    """A participant that votes ``vote`` and keeps nothing."""
-
-    def __init__(self, name: str, vote: bool = True) -> None:
-        self.name = name
-        self.vote = vote
-
-    def prepare(self, txid: str, payload: Any) -> bool:
-        return self.vote
-
-    def commit(self, txid: str) -> None:
-        pass
-
-    def abort(self, txid: str) -> None:
-        pass
 
 
 def test_lock_grants_waits_timeouts_holds_and_losses(
@@ -107,7 +91,7 @@ def test_transactions_commits_aborts_latency_recovery_and_resolutions(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             return client.coordinator(
-                [Yes("a"), Yes("b"), Yes("no", vote=False)], max_clock_skew=0, **options
+                [Voter("a"), Voter("b"), Voter("no", vote=False)], max_clock_skew=0, **options
             )
 
     coord = coordinator()

@@ -18,6 +18,7 @@ import redis
 import dcoord
 from dcoord.cli import main
 from dcoord.cli.acl import redis_acl_rule
+from tests.participants import Voter
 from tests.servers import HOST, ROOT, Server
 
 NS = "app1"
@@ -31,23 +32,6 @@ def documented_rule() -> list[str]:
     line = " ".join(rule)
     assert line in (ROOT / "docs" / "security.md").read_text().splitlines(), line
     return rule[3:]
-
-
-class Recorder:
-    """A 2PC participant that votes yes and remembers the outcome."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.outcomes: dict[str, str] = {}
-
-    def prepare(self, txid: str, payload: Any) -> bool:
-        return True
-
-    def commit(self, txid: str) -> None:
-        self.outcomes[txid] = "committed"
-
-    def abort(self, txid: str) -> None:
-        self.outcomes[txid] = "aborted"
 
 
 @pytest.fixture
@@ -96,7 +80,7 @@ def test_the_documented_rule_runs_every_primitive_in_its_namespace(server: Serve
         assert set(group.members()) == {"w1"}
         member.leave()
 
-        participant = Recorder("p")
+        participant = Voter("p")
         with warnings.catch_warnings():
             # CONFIG GET is not in the rule: the log's durability cannot be checked.
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)

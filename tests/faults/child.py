@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 
@@ -70,3 +74,63 @@ class LineReader:
         with self._cond:
             self._cond.wait_for(lambda: found() is not None or self._closed, timeout)
             return found()
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until the stream has ended and every line is read."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed, timeout)
+
+
+class DrivenChild:
+    """A child process a test drives: commands on its stdin, its answers read one line at
+    a time from its stdout, every wait bounded (a stuck child fails the test)."""
+
+    lost = False
+    """Whether the child reported LOST (it found what it held lost)."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, kind: str = "child") -> None:
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._lines = LineReader(self.proc.stdout)
+
+    def line(self, timeout: float = 30) -> str:
+        """The child's next line."""
+        line = self._lines.next(timeout)
+        if line is None:
+            raise AssertionError(f"{self.kind} {self.proc.pid} said nothing in {timeout} s")
+        self.lost |= line == "LOST"
+        return line
+
+    def expect(self, prefix: str, timeout: float = 30) -> str:
+        """The child's next line that starts with ``prefix``, skipping the others."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.line(deadline - time.monotonic())
+            if line.startswith(prefix):
+                return line
+            seen.append(line)
+        raise AssertionError(f"expected {prefix!r}, got {seen}")
+
+    def send(self, command: str) -> None:
+        """Write ``command`` as one line to the child's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the child."""
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """Kill the child (resumed first if it was paused) and close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._lines.wait_closed(timeout=10)  # read to the end before the pipe is closed
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()

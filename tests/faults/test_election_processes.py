@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.faults.child import DrivenChild
 from tests.faults.test_lock_processes import RESOURCE, stale_writes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,76 +67,13 @@ def candidate_main(url: str, namespace: str, ttl: float, log_path: str) -> None:
                 break
 
 
-class Child:
-    """A child process driven over stdin/stdout; a thread reads its lines (two lines may
-    come in one read, so a select() on the pipe cannot tell when the next one is due)."""
-
-    lost = False
-    """Whether the child reported LOST."""
-
-    def __init__(self, argv: list[str]) -> None:
-        # PYTHONFAULTHANDLER: a child stuck past its deadline is sent SIGABRT, and every
-        # thread's stack lands in the test's captured stderr.
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-        )
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-
-    def line(self, timeout: float = 30) -> str:
-        """The child's next line (bounded: a stuck child fails the test)."""
-        try:
-            line = self._lines.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            raise AssertionError(f"child {self.proc.pid} said nothing in {timeout} s") from None
-        self.lost |= line == "LOST"
-        return line
-
-    def expect(self, prefix: str, timeout: float = 30) -> str:
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.line(deadline - time.monotonic())
-            if line.startswith(prefix):
-                return line
-            seen.append(line)
-        raise AssertionError(f"expected {prefix!r}, got {seen}")
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=10)  # it reads to the end of the dead process's output
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-
-
-class Candidate(Child):
+class Candidate(DrivenChild):
     """A candidate process (stopped by the fixture even if the test fails)."""
 
     def __init__(self, url: str, namespace: str, ttl: float, log_path: Path) -> None:
-        super().__init__([sys.executable, __file__, url, namespace, str(ttl), str(log_path)])
+        super().__init__(
+            [sys.executable, __file__, url, namespace, str(ttl), str(log_path)], cwd=ROOT
+        )
 
     def elected_term(self, timeout: float = 30) -> int:
         return int(self.expect("ELECTED", timeout).split()[1])
@@ -378,7 +314,9 @@ def test_elect_and_leader_refuse_bad_usage_and_run_nothing(
 def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str) -> None:
     import dcoord as lib
 
-    candidate = Child(dcoord(real_backend_url, namespace, "leader", "watched", "--watch", "--json"))
+    candidate = DrivenChild(
+        dcoord(real_backend_url, namespace, "leader", "watched", "--watch", "--json"), cwd=ROOT
+    )
     proc = candidate.proc
     try:
         first = json.loads(candidate.line())
@@ -396,13 +334,7 @@ def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str)
             lead.resign()
             assert json.loads(candidate.line())["term"] is None
         proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGABRT)  # dumps every thread's stack on stderr
-            proc.wait(timeout=10)
-            pytest.fail("dcoord leader --watch did not stop within 20 s of SIGINT")
-        assert code == 130
+        assert proc.wait(timeout=20) == 130
     finally:
         candidate.stop()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.child import LineReader
+from tests.faults.child import DrivenChild
 
 ROOT = Path(__file__).resolve().parents[2]
 # Long enough that a renewal delayed by a loaded machine does not lose the lock early.
@@ -84,59 +84,18 @@ def test_checker_flags_a_write_with_a_smaller_fence(tmp_path: Path) -> None:
 # -- driving holders -------------------------------------------------------------------
 
 
-class Holder:
+class Holder(DrivenChild):
     """A holder process; stopped (SIGKILL) by the fixture even if the test fails."""
 
     def __init__(self, url: str, namespace: str, ttl: float, log_path: Path) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, __file__, url, namespace, "the-lock", str(ttl), str(log_path)],
             cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            kind="holder",
         )
-        self._lines = LineReader(self.proc.stdout)
-
-    lost = False
-    """Whether the holder reported LOST (its watchdog found the lock lost)."""
-
-    def line(self, timeout: float = 30) -> str:
-        """The holder's next line (bounded: a stuck holder fails the test)."""
-        line = self._lines.next(timeout)
-        if line is None:
-            raise AssertionError(f"holder {self.proc.pid} said nothing in {timeout} s")
-        self.lost |= line == "LOST"
-        return line
-
-    def expect(self, prefix: str, timeout: float = 30) -> str:
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.line(deadline - time.monotonic())
-            if line.startswith(prefix):
-                return line
-            seen.append(line)
-        raise AssertionError(f"expected {prefix!r}, got {seen}")
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
 
     def acquired_fence(self) -> int:
         return int(self.expect("ACQUIRED").split()[1])
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.fixture

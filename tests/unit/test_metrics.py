@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 import dcoord
 from dcoord import metrics
 from tests.otel import Readings, reading_metrics
+from tests.participants import Voter
 
 
 @pytest.fixture
@@ -128,28 +129,13 @@ class _Broken:
         raise RuntimeError(f"broken instrument: {name}")
 
 
-class Vote:
-    """A participant that votes yes and remembers nothing."""
-
-    name = "p"
-
-    def prepare(self, txid: str, payload: Any) -> bool:
-        return True
-
-    def commit(self, txid: str) -> None:
-        pass
-
-    def abort(self, txid: str) -> None:
-        pass
-
-
 def test_recording_errors_never_reach_the_caller(client: dcoord.Client) -> None:
     metrics.configure(meter_provider=_Broken())  # type: ignore[arg-type]
     try:
         with client.lock("a"):
             pass
         client.group("g").join("m").leave()
-        coord = client.coordinator([Vote()])
+        coord = client.coordinator([Voter("p")])
         with coord.transaction() as tx:
             tx.enlist("p")
         assert coord.resolve(tx.txid) == "committed"

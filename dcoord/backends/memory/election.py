@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING
 
+from ...perkey import PerKey
 from ..base import LockGrant
 from ..election_base import LeaderRecord
 
@@ -48,17 +48,12 @@ class _Table:
         self.cond.notify_all()
 
 
-_tables: weakref.WeakKeyDictionary[MemoryServer, _Table] = weakref.WeakKeyDictionary()
-_tables_mutex = threading.Lock()
+_table: PerKey[MemoryServer, _Table] = PerKey(lambda server: _Table())
 
 
 class MemoryElections:
     def __init__(self, server: MemoryServer, prefix: str) -> None:
-        with _tables_mutex:
-            table = _tables.get(server)
-            if table is None:
-                table = _tables[server] = _Table()
-        self._table = table
+        self._table = _table(server)
         self._prefix = prefix
 
     def _key(self, name: str) -> str:

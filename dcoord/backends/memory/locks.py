@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING
 
 from ...inspect import Identity, identity
+from ...perkey import PerKey
 from ..base import LockGrant
 
 if TYPE_CHECKING:
@@ -40,16 +40,7 @@ class _Table:
         self.fences: dict[str, int] = {}
 
 
-_tables: weakref.WeakKeyDictionary[MemoryServer, _Table] = weakref.WeakKeyDictionary()
-_tables_mutex = threading.Lock()
-
-
-def _table(server: MemoryServer) -> _Table:
-    with _tables_mutex:
-        table = _tables.get(server)
-        if table is None:
-            table = _tables[server] = _Table()
-        return table
+_table: PerKey[MemoryServer, _Table] = PerKey(lambda server: _Table())
 
 
 class MemoryLocks:
