@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -90,10 +91,23 @@ class DrivenChild:
 
     def __init__(self, argv: list[str], *, cwd: Path, kind: str = "child") -> None:
         self.kind = kind
+        # PYTHONFAULTHANDLER: a child stuck past a deadline can be sent SIGABRT (see
+        # dump_stacks), and every thread's stack lands in the test's captured stderr.
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            argv,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
         self._lines = LineReader(self.proc.stdout)
+
+    def dump_stacks(self) -> None:
+        """Have a stuck child print every thread's stack (on the test's stderr) and die."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=10)
 
     def line(self, timeout: float = 30) -> str:
         """The child's next line."""

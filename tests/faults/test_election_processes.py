@@ -334,7 +334,12 @@ def test_leader_watch_prints_every_change(real_backend_url: str, namespace: str)
             lead.resign()
             assert json.loads(candidate.line())["term"] is None
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            candidate.dump_stacks()
+            pytest.fail("dcoord leader --watch did not stop within 20 s of SIGINT")
+        assert code == 130
     finally:
         candidate.stop()
 
