@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING
 
+from ...perkey import PerKey
 from ..base import LockGrant
 
 if TYPE_CHECKING:
@@ -68,17 +68,8 @@ class _Table:
         self.queues: dict[str, _Queue] = {}
 
 
-_tables: weakref.WeakKeyDictionary[MemoryServer, _Table] = weakref.WeakKeyDictionary()
-_tables_mutex = threading.Lock()
-
-
-def queue_table(server: MemoryServer) -> _Table:
-    """The queues of ``server`` (shared by every client of that store)."""
-    with _tables_mutex:
-        table = _tables.get(server)
-        if table is None:
-            table = _tables[server] = _Table()
-        return table
+#: ``queue_table(server)``: the queues of ``server`` (shared by every client of that store).
+queue_table: PerKey[MemoryServer, _Table] = PerKey(lambda server: _Table())
 
 
 class MemoryQueueSlot:
