@@ -206,6 +206,34 @@ def test_participant_crash_between_prepare_and_commit(client: dcoord.Client, bac
     assert a2.get("alice") == 0 and b2.get("bob") == 100
 
 
+def test_swap_applies_or_returns_the_current_values(client: dcoord.Client) -> None:
+    kv = client.backend.kv
+    kv.put("a", b"1")
+    assert kv.swap({"b": b"2"}, ["a"], only_if={"a": b"1", "b": None}) is None
+    assert kv.get("a") is None and kv.get("b") == b"2"
+    # A wrong guess changes nothing and answers with the truth, absent keys as None.
+    assert kv.swap({"c": b"3"}, ["b"], only_if={"a": b"1", "b": None}) == {"a": None, "b": b"2"}
+    assert kv.get("b") == b"2" and kv.get("c") is None
+    assert kv.apply({"c": b"3"}, only_if={"b": b"2"}) is True
+    assert kv.apply({"c": b"4"}, only_if={"b": b"x"}) is False and kv.get("c") == b"3"
+
+
+def test_a_stale_remembered_value_never_costs_a_no_vote(client: dcoord.Client) -> None:
+    """An instance remembers alice=5 from its own commit; another process raises it to
+    100. Withdrawing 50 must be computed from 100 (a yes), not refused from 5; and a
+    withdrawal the true balance cannot cover is refused (the negative control)."""
+    here, there = bank(client, "a"), bank(client, "a")
+    seed(coordinator(client, [here]), {"a": {"alice": 5}})
+    seed(coordinator(client, [there]), {"a": {"alice": 100}})
+    coord = coordinator(client, [here])
+    with coord.transaction() as tx:
+        tx.enlist("a", {"add": {"alice": -50}})
+    assert here.get("alice") == 50
+    with pytest.raises(dcoord.TransactionAborted) as info, coord.transaction() as tx:
+        tx.enlist("a", {"add": {"alice": -51}})
+    assert info.value.votes["a"] is False and there.get("alice") == 50
+
+
 def test_prepare_paused_between_read_and_stage_cannot_stage_from_its_read(
     client: dcoord.Client,
 ) -> None:
