@@ -302,8 +302,9 @@ class KVParticipant:
         """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
         staged_key = self._staged(txid)
         with self._mutex:
-            self._staged_here.pop(txid, None)
-        raw = self._kv.get(staged_key)
+            raw = self._staged_here.pop(txid, None)
+        # As in commit: staged here, the conditional apply needs no read first.
+        raw = raw or self._kv.get(staged_key)
         if raw is None:
             return
         deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
