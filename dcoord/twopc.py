@@ -3,11 +3,11 @@
 The protocol (presumed abort)::
 
     1. create the record: started, participants, deadline      (log write, forced)
-    2. prepare every participant, in parallel                  (participant round 1)
+    2. prepare every participant, slow ones in parallel        (participant round 1)
     3. all voted yes -> compare-and-set started -> committing   (log write, forced)
        else          -> compare-and-set started -> aborting
-    4. commit (or abort) every participant, in parallel,       (participant round 2)
-       retried with backoff for a bounded time
+    4. commit (or abort) every participant, slow ones in       (participant round 2)
+       parallel, retried with backoff for a bounded time
     5. committing -> committed once all acknowledged            (off the critical path)
 
 Any process can finish what another started: :meth:`Coordinator.recover` drives every
@@ -249,11 +249,12 @@ class Coordinator:
     """Runs two-phase commit over ``participants`` with the decision log in the backend.
 
     Create it with :meth:`dcoord.Client.coordinator`. One coordinator may be used by many
-    threads at once and closes with its client. It asks participants from two thread pools
-    of ``workers`` threads each: one for prepares, one for phase 2 (commit/abort delivery
-    and the ``done`` log writes). A prepare may wait (wait-die at a KVParticipant) for the
-    commit of another transaction; if deliveries shared its pool, enough waiting prepares
-    would starve the very commits they wait for.
+    threads at once and closes with its client. Participants that answered fast last time
+    (within :data:`INLINE_BELOW`) are asked on the calling thread; the others from two
+    thread pools of ``workers`` threads each: one for prepares, one for phase 2
+    (commit/abort delivery and the ``done`` log writes). A prepare may wait (wait-die at
+    a KVParticipant) for the commit of another transaction; if deliveries shared its
+    pool, enough waiting prepares would starve the very commits they wait for.
 
     Deadlines are judged by the backend's clock where it has one (Redis, memory). On
     etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
