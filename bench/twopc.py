@@ -1,14 +1,22 @@
 """Benchmark two-phase commit: commits/s, p50/p99 latency, and what each commit costs.
 
-    python bench/twopc.py [--seconds S] [--quick]
+    python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR]
 
 Runs against the embedded backend and against Redis (the repository's redis.conf: AOF
 with appendfsync always) and etcd, which this script starts (tests.servers) and stops.
 Each transaction has 3 participants, each with 1 and 8 concurrent clients:
 
 * ``null``: participants that do nothing, so the numbers are the coordinator's own
-  cost: the log writes and the thread-pool rounds;
+  cost: the log writes and whatever it spends on asking participants;
+* ``slow``: participants that sleep 5 ms in prepare and in commit, where asking them in
+  parallel pays; ``slow-serial`` is the same with every participant asked inline, one
+  after the other (this tree only: it shows what the pools are worth);
 * ``kv``: three KVParticipants, each adding to one key (no conflicts between clients).
+
+``--against DIR`` measures every row also with the dcoord package found in DIR (e.g. a
+tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's, each
+row in a fresh process, and prints the ratio. The machine's load moves single numbers
+by 20 % or more: compare the ratios, over ``--repeat`` runs.
 
 For every commit it counts, from the coordinator's calls into the backend, the log
 writes and backend round trips on the critical path (before ``commit()`` returns) and
@@ -19,8 +27,11 @@ record + decision on the log, one prepare round and one commit round.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -30,13 +41,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+# A child measuring a reference tree imports that tree's dcoord (tests.servers is ours).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("DCOORD_BENCH_CODE", sys.path[0]))
 
 import dcoord
 from dcoord.participants import KVParticipant
 from tests.servers import start_server
 
+ROOT = Path(__file__).resolve().parents[1]
 PARTICIPANTS = ("p1", "p2", "p3")
+KINDS = ("null", "slow", "slow-serial", "kv")
+SLOW = 0.005
 
 
 class NullParticipant:
@@ -52,6 +68,27 @@ class NullParticipant:
         pass
 
     def abort(self, txid: str) -> None:
+        pass
+
+
+class SleepingParticipant(NullParticipant):
+    """Takes 5 ms to prepare and to commit, like a remote resource manager."""
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        time.sleep(SLOW)
+        return True
+
+    def commit(self, txid: str) -> None:
+        time.sleep(SLOW)
+
+
+class AlwaysInline:
+    """Stands in for the coordinator's record of participant speed: everyone is fast."""
+
+    def fast(self, phase: str, name: str) -> bool:
+        return True
+
+    def took(self, phase: str, name: str, seconds: float) -> None:
         pass
 
 
@@ -108,14 +145,18 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
         tally = Tally()
         if count:
             instrument(client, tally)
-        parts: list[Any] = (
-            [KVParticipant(client, n) for n in PARTICIPANTS]
-            if kind == "kv"
-            else [NullParticipant(n) for n in PARTICIPANTS]
-        )
+        parts: list[Any]
+        if kind == "kv":
+            parts = [KVParticipant(client, n) for n in PARTICIPANTS]
+        elif kind.startswith("slow"):
+            parts = [SleepingParticipant(n) for n in PARTICIPANTS]
+        else:
+            parts = [NullParticipant(n) for n in PARTICIPANTS]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             coord = client.coordinator(participants=parts)
+        if kind == "slow-serial":
+            coord._pace = AlwaysInline()  # type: ignore[attr-defined]
         latencies: list[float] = []
         mutex = threading.Lock()
         stop = time.monotonic() + seconds
@@ -162,30 +203,54 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
     }
 
 
-# Calls that send nothing to the server (a lock handle's slot is created locally) or
-# happen once per coordinator, not per commit.
-NOT_ROUND_TRIPS = ("locks.slot", "locks.close", "log.durability")
+# Calls that send nothing to the server (a lock handle's slot is created locally; the
+# shared clock is read from the server once per 5 s, not per call) or happen once per
+# coordinator, not per commit.
+NOT_ROUND_TRIPS = ("locks.slot", "locks.close", "log.durability", "log.now")
 
 
 def describe(counts: dict[str, float]) -> str:
     counts = {k: v for k, v in counts.items() if k not in NOT_ROUND_TRIPS}
-    log = sum(
-        v for k, v in counts.items() if k.startswith("log.") and k not in ("log.get", "log.now")
-    )
+    log = sum(v for k, v in counts.items() if k.startswith("log.") and k != "log.get")
     trips = sum(counts.values())
     detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(counts.items()))
     return f"log writes {log:.1f}, round trips {trips:.1f} ({detail})"
+
+
+def child_row(code: Path, url: str, kind: str, clients: int, seconds: float, count: bool) -> Any:
+    """One measurement in a fresh process importing the dcoord of ``code``."""
+    argv = [sys.executable, __file__, "--row", json.dumps([url, kind, clients, seconds, count])]
+    env = {**os.environ, "DCOORD_BENCH_CODE": str(code)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--quick", action="store_true", help="0.5 s per measurement")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every row")
+    parser.add_argument("--against", type=Path, help="a tree whose dcoord is the reference")
+    parser.add_argument("--backends", default="memory,redis,etcd")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one child measurement
     args = parser.parse_args()
+    if args.row:
+        url, kind, clients, seconds, count = json.loads(args.row)
+        print(json.dumps(measure(url, kind, clients, seconds, count)))
+        return
     seconds = 0.5 if args.quick else args.seconds
+    codes = {"this": ROOT} if args.against is None else {"this": ROOT, "ref": args.against}
     print(
         f"2PC benchmark: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{seconds:g} s per row"
+        f"{seconds:g} s per row, {args.repeat} run(s); "
+        + ", ".join(f"{k} = {v}" for k, v in codes.items())
     )
     redis_server = start_server("redis", persistent=True)  # appendfsync always
     etcd_server = start_server("etcd")
@@ -195,21 +260,43 @@ def main() -> None:
             "redis": redis_server.url,
             "etcd": etcd_server.url,
         }
-        head = f"{'backend':<8} {'parts':<5} {'clients':>7} {'commits/s':>10}"
-        print(f"{head} {'p50 ms':>8} {'p99 ms':>8}")
-        for backend, url in urls.items():
-            for kind in ("null", "kv"):
+        cols = "".join(f" {k + ' c/s':>10} {k + ' p50':>9}" for k in codes)
+        ratio = "  this/ref c/s: median (min-max)" if len(codes) > 1 else ""
+        print(f"{'backend':<8} {'parts':<11} {'clients':>7}{cols}{ratio}")
+        for backend in args.backends.split(","):
+            for kind in args.kinds.split(","):
                 for clients in (1, 8):
-                    r = measure(url, kind, clients, seconds, count=False)
-                    print(
-                        f"{backend:<8} {kind:<5} {clients:>7} {r['rate']:>10.0f} "
-                        f"{r['p50']:>8.2f} {r['p99']:>8.2f}"
-                    )
-        print("\nper commit, 1 client (counted on the redis run; same on every backend):")
-        for kind in ("null", "kv"):
-            r = measure(urls["redis"], kind, 1, min(seconds, 1.0), count=True)
-            print(f"  {kind}: critical path: {describe(r['critical'])}")
-            print(f"  {kind}: background:    {describe(r['background'])}")
+                    runs: dict[str, list[Any]] = {k: [] for k in codes}
+                    for _ in range(args.repeat):
+                        for name, code in codes.items():
+                            if kind == "slow-serial" and name != "this":
+                                continue  # the reference has no inline asking to force
+                            runs[name].append(
+                                child_row(code, urls[backend], kind, clients, seconds, False)
+                            )
+                    line = f"{backend:<8} {kind:<11} {clients:>7}"
+                    for name in codes:
+                        rates = [r["rate"] for r in runs[name]]
+                        p50s = [r["p50"] for r in runs[name]]
+                        if not rates:
+                            line += f" {'-':>10} {'-':>9}"
+                            continue
+                        line += (
+                            f" {statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
+                        )
+                    if len(codes) > 1 and runs.get("ref"):
+                        ratios = [
+                            t["rate"] / r["rate"]
+                            for t, r in zip(runs["this"], runs["ref"], strict=True)
+                        ]
+                        line += f"  {spread(ratios)}"
+                    print(line, flush=True)
+        print("\nper commit, 1 client, counted on the redis run (same on every backend):")
+        for name, code in codes.items():
+            for kind in ("null", "kv"):
+                r = child_row(code, urls["redis"], kind, 1, min(seconds, 1.0), True)
+                print(f"  {name} {kind}: critical path: {describe(r['critical'])}")
+                print(f"  {name} {kind}: background:    {describe(r['background'])}")
     finally:
         redis_server.stop()
         etcd_server.stop()

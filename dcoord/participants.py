@@ -3,19 +3,21 @@
 It is also the worked example for writing your own participant. Its state lives in the
 backend under ``kvp/<name>/``::
 
-    d/<key>    the committed value of <key>: {"v": value, "f": fence of its last writer}
-    s/<txid>   the writes <txid> staged at prepare: {"w": {key: value|null}, "f": {key: fence}}
+    d/<key>    the committed value of <key>: {"v": value, "f": version (1, 2, ...)}
+    s/<txid>   the writes <txid> staged at prepare: {"w": {key: value|null}, "f": {key: version}}
     o/<key>    <txid>: the key is reserved by a prepared transaction
 
 Three mechanisms, each for one failure:
 
-* ``prepare`` takes a dcoord lock per key (sorted order, bounded wait) for the
-  read-validate-stage step only. The lock has a TTL, is not renewed and is released as
-  soon as the writes are staged, so no lock is held while other participants prepare.
-* Staging is one atomic backend write that succeeds only if every key still holds exactly
-  the bytes read under the lock and is not reserved. The stored bytes carry the fence of
-  the lock that wrote them, so a holder whose lock expired (a pause longer than its TTL)
-  can neither stage from a stale read nor slip in behind a newer holder: it votes no.
+* ``prepare`` computes the new values from the current ones and stages them in one
+  atomic backend write (a Lua script on Redis, a transaction on etcd) that succeeds only
+  if every key still holds exactly the bytes computed from and none is reserved. If the
+  bytes were out of date the write fails, returns the current ones, and prepare computes
+  again: a prepare paused for any time between its read and its write cannot stage from
+  what it read. The participant remembers the bytes it last saw or wrote for each key,
+  so a prepare usually costs one round trip and takes no lock at all.
+* Each write of a key stores the next version with the value, so its bytes never repeat
+  and a condition on them cannot be met by an older state come back.
 * The reservation (``o/<key>``) has no TTL: it is the durable "prepared" row lock, held
   from prepare to commit/abort. A transaction that meets it settles the conflict by
   wait-die on the txids (the smaller waits, the larger votes no), so prepares running in
@@ -28,7 +30,6 @@ Three mechanisms, each for one failure:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -40,18 +41,19 @@ from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from .config import positive_seconds
-from .errors import ConfigError, LockNotOwned
+from .errors import ConfigError
 from .logfields import participant_fields
 
 if TYPE_CHECKING:
     from .client import Client
-    from .lock import Lock
 
 log = logging.getLogger("dcoord.participants")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_LOCK_TTL = 10.0
 DEFAULT_LOCK_TIMEOUT = 5.0
+# How many keys' last-seen bytes a participant keeps to prepare in one round trip.
+KNOWN_KEYS = 10_000
 
 # etcd refuses a transaction with more than --max-txn-ops (default 128) compares or
 # writes; staging or committing k keys takes 2k+1 of each (per key: its value and its
@@ -89,6 +91,10 @@ class KVParticipant:
         lock_ttl: float = DEFAULT_LOCK_TTL,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
+        """``lock_timeout`` bounds how long a prepare waits for a reservation to go (and
+        retries keys that keep changing) before it votes no. ``lock_ttl`` is only checked:
+        prepare takes no key locks any more; it is accepted so existing callers keep
+        working."""
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 "participant name must be 1-64 letters, digits, '_', '.', '-' "
@@ -102,6 +108,7 @@ class KVParticipant:
         self._kv = client.backend.kv
         self._root = f"kvp/{name}/"
         self._staged_here: dict[str, bytes] = {}  # txid -> staged bytes, until commit/abort
+        self._known: dict[str, bytes | None] = {}  # key -> its bytes as last seen or written
         self._mutex = threading.Lock()
 
     # -- reading ------------------------------------------------------------------
@@ -148,6 +155,10 @@ class KVParticipant:
     def prepare(self, txid: str, payload: Any) -> bool:
         """Validate and stage the writes, reserving their keys; True is a durable yes.
 
+        One round trip when this instance knows the keys' current bytes (it wrote or
+        read them last): the staging write is conditional on those bytes, and when they
+        were out of date it fails and returns the current ones, to compute from again.
+
         A key reserved by another prepared transaction is a conflict, settled by
         wait-die on the txids (a total order every participant agrees on): the smaller
         txid waits (up to ``lock_timeout``) for the reservation to go, the larger votes
@@ -155,85 +166,103 @@ class KVParticipant:
         """
         changes = _parse(payload)
         deadline = time.monotonic() + self.lock_timeout
+        keys = sorted(changes)
+        with self._mutex:
+            # A guess (None: absent) until the backend confirms it, by applying or by
+            # answering with the truth.
+            seen = {key: self._known.get(key) for key in keys}
+        confirmed = False
         while True:
-            locks: list[Lock] = []
+            staged = self._compute(changes, seen)
+            if isinstance(staged, ConfigError | str):
+                if confirmed:
+                    if isinstance(staged, ConfigError):
+                        raise staged  # adding to a non-number: the vote says why
+                    return self._vote_no(txid, staged)
+                # Refuse only on confirmed values: a stale guess must not cost a no.
+                truth = self._kv.swap({}, (), only_if={self._data(k): v for k, v in seen.items()})
+                confirmed = True
+                if truth is not None:
+                    seen = self._learn(keys, truth)
+                continue
+            current = self._stage(txid, keys, seen, staged)
+            if current is None:
+                return True
+            if current[self._staged(txid)] is not None:
+                return True  # our own staged record: a repeated prepare, already a yes
+            seen = self._learn(keys, current)
+            confirmed = True
+            for key in keys:
+                holder = current[self._owner(key)]
+                if holder is not None and holder.decode() != txid:
+                    if txid > holder.decode() or not self._wait_unreserved(
+                        key, holder.decode(), deadline
+                    ):
+                        return self._vote_no(txid, f"{key!r} is reserved by {holder.decode()}")
+                    break
+            if time.monotonic() >= deadline:
+                return self._vote_no(txid, "its keys kept changing until lock_timeout")
+
+    def _compute(self, changes: Mapping[str, _Change], seen: Mapping[str, bytes | None]) -> Any:
+        """The staged record from the values in ``seen``, or why it cannot be: the
+        ConfigError of an ``add`` to a non-number, or the validate callback's no (a str)."""
+        new: dict[str, Any] = {}
+        versions: dict[str, int] = {}
+        for key, change in changes.items():
+            stored = seen[key]
+            current = None if stored is None else _load(stored)
             try:
-                for key in sorted(changes):
-                    lock = self.client.lock(
-                        f"{self._root}{key}", ttl=self.lock_ttl, auto_renew=False
-                    )
-                    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                        log.info(
-                            "%s: %s votes no: key %r stayed locked",
-                            self.name,
-                            txid,
-                            key,
-                            extra=participant_fields(self.client.settings, self.name, txid),
-                        )
-                        return False
-                    locks.append(lock)
-                outcome = self._stage(txid, changes, locks)
-            finally:
-                for lock in locks:
-                    _release(lock)
-            if isinstance(outcome, bool):
-                return outcome
-            key, holder = outcome
-            if txid > holder or not self._wait_unreserved(key, holder, deadline):
-                log.info(
-                    "%s: %s votes no: %r is reserved by %s",
-                    self.name,
-                    txid,
-                    key,
-                    holder,
-                    extra=participant_fields(self.client.settings, self.name, txid),
-                )
-                return False
+                new[key] = change(None if current is None else current["v"])
+            except ConfigError as exc:
+                return exc
+            # Each write of a key gets the next version: its stored bytes never repeat,
+            # so a condition on them cannot be met by an older state come back.
+            versions[key] = 1 if current is None else current["f"] + 1
+        if self._validate_values is not None and not self._validate_values(new):
+            return "the validate callback refused the new values"
+        return {"w": new, "f": versions}
 
     def _stage(
-        self, txid: str, changes: Mapping[str, _Change], locks: list[Lock]
-    ) -> bool | tuple[str, str]:
-        """Stage under the key locks: True, False (vote no), or (key, reserving txid)."""
-        keys = sorted(changes)
-        raw = {key: self._kv.get(self._data(key)) for key in keys}
-        new: dict[str, Any] = {}
-        fences: dict[str, int] = {}
-        for key, lock in zip(keys, locks, strict=True):
-            stored = raw[key]
-            current = None if stored is None else _load(stored)
-            if current is not None and current["f"] >= lock.fence:
-                # A later lock holder wrote this key: our lock expired under us.
-                log.info(
-                    "%s: %s votes no: stale fence on %r",
-                    self.name,
-                    txid,
-                    key,
-                    extra=participant_fields(self.client.settings, self.name, txid),
-                )
-                return False
-            new[key] = changes[key](None if current is None else current["v"])
-            fences[key] = lock.fence
-        if self._validate_values is not None and not self._validate_values(new):
-            return False
+        self, txid: str, keys: list[str], seen: Mapping[str, bytes | None], staged: Any
+    ) -> dict[str, bytes | None] | None:
+        """One atomic write: stage and reserve if every key still holds ``seen`` and is
+        unreserved. None if staged, else what the condition keys hold."""
         staged_key = self._staged(txid)
         only_if: dict[str, bytes | None] = {staged_key: None}
-        only_if.update({self._data(key): raw[key] for key in keys})
+        only_if.update({self._data(key): seen[key] for key in keys})
         only_if.update({self._owner(key): None for key in keys})
-        puts = {
-            staged_key: _dump({"w": new, "f": fences}),
-            **{self._owner(key): txid.encode() for key in keys},
-        }
-        if self._kv.apply(puts, only_if=only_if):
+        record = _dump(staged)
+        puts = {staged_key: record, **{self._owner(key): txid.encode() for key in keys}}
+        current = self._kv.swap(puts, only_if=only_if)
+        if current is None:
             with self._mutex:
-                self._staged_here[txid] = puts[staged_key]
-            return True
-        for key in keys:
-            holder = self._kv.get(self._owner(key))
-            if holder is not None and holder.decode() != txid:
-                return key, holder.decode()
-        # Our own staged record: a repeated prepare, which already voted yes. Otherwise a
-        # key changed since read although locked: our lock expired meanwhile.
-        return self._kv.get(staged_key) is not None
+                self._staged_here[txid] = record
+        return current
+
+    def _learn(
+        self, keys: list[str], current: Mapping[str, bytes | None]
+    ) -> dict[str, bytes | None]:
+        """The data values in a backend answer, remembered for the next prepare."""
+        seen = {key: current[self._data(key)] for key in keys}
+        with self._mutex:
+            self._remember(seen)
+        return seen
+
+    def _remember(self, values: Mapping[str, bytes | None]) -> None:
+        # Called with _mutex held. A bounded memory: a forgotten key costs one round trip.
+        if len(self._known) + len(values) > KNOWN_KEYS:
+            self._known.clear()
+        self._known.update(values)
+
+    def _vote_no(self, txid: str, why: str) -> bool:
+        log.info(
+            "%s: %s votes no: %s",
+            self.name,
+            txid,
+            why,
+            extra=participant_fields(self.client.settings, self.name, txid),
+        )
+        return False
 
     def _wait_unreserved(self, key: str, holder: str, deadline: float) -> bool:
         """Wait (bounded backoff) until ``holder`` no longer reserves ``key``."""
@@ -265,14 +294,17 @@ class KVParticipant:
                 deletes.append(self._data(key))
             else:
                 puts[self._data(key)] = _dump({"v": value, "f": staged["f"][key]})
-        self._kv.apply(puts, deletes, only_if={staged_key: raw})
+        if self._kv.apply(puts, deletes, only_if={staged_key: raw}):
+            with self._mutex:
+                self._remember({key: puts.get(self._data(key)) for key in staged["w"]})
 
     def abort(self, txid: str) -> None:
         """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
         staged_key = self._staged(txid)
         with self._mutex:
-            self._staged_here.pop(txid, None)
-        raw = self._kv.get(staged_key)
+            raw = self._staged_here.pop(txid, None)
+        # As in commit: staged here, the conditional apply needs no read first.
+        raw = raw or self._kv.get(staged_key)
         if raw is None:
             return
         deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
@@ -291,12 +323,6 @@ class KVParticipant:
 
     def _staged(self, txid: str) -> str:
         return f"{self._root}s/{txid}"
-
-
-def _release(lock: Lock) -> None:
-    # LockNotOwned: its TTL ran out first; the reservation kept the key safe meanwhile.
-    with contextlib.suppress(LockNotOwned):
-        lock.release()
 
 
 def _check_key(key: object) -> str:

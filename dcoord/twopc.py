@@ -3,11 +3,11 @@
 The protocol (presumed abort)::
 
     1. create the record: started, participants, deadline      (log write, forced)
-    2. prepare every participant, in parallel                  (participant round 1)
+    2. prepare every participant, slow ones in parallel        (participant round 1)
     3. all voted yes -> compare-and-set started -> committing   (log write, forced)
        else          -> compare-and-set started -> aborting
-    4. commit (or abort) every participant, in parallel,       (participant round 2)
-       retried with backoff for a bounded time
+    4. commit (or abort) every participant, slow ones in       (participant round 2)
+       parallel, retried with backoff for a bounded time
     5. committing -> committed once all acknowledged            (off the critical path)
 
 Any process can finish what another started: :meth:`Coordinator.recover` drives every
@@ -66,6 +66,11 @@ DEFAULT_RETENTION = 7 * 86_400.0
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
+#: A participant whose last call of a phase answered faster than this (seconds) is asked
+#: on the transaction's own thread next time, not from a pool: about what a hand-off to a
+#: pool thread costs on a busy host, so that three such answers in a row still cost less
+#: than overlapping them would save.
+INLINE_BELOW = 0.0005
 
 #: The named points at which a :data:`Failpoint` is called, in protocol order.
 FAILPOINTS = (
@@ -244,11 +249,12 @@ class Coordinator:
     """Runs two-phase commit over ``participants`` with the decision log in the backend.
 
     Create it with :meth:`dcoord.Client.coordinator`. One coordinator may be used by many
-    threads at once and closes with its client. It asks participants from two thread pools
-    of ``workers`` threads each: one for prepares, one for phase 2 (commit/abort delivery
-    and the ``done`` log writes). A prepare may wait (wait-die at a KVParticipant) for the
-    commit of another transaction; if deliveries shared its pool, enough waiting prepares
-    would starve the very commits they wait for.
+    threads at once and closes with its client. Participants that answered fast last time
+    (within :data:`INLINE_BELOW`) are asked on the calling thread; the others from two
+    thread pools of ``workers`` threads each: one for prepares, one for phase 2
+    (commit/abort delivery and the ``done`` log writes). A prepare may wait (wait-die at
+    a KVParticipant) for the commit of another transaction; if deliveries shared its
+    pool, enough waiting prepares would starve the very commits they wait for.
 
     Deadlines are judged by the backend's clock where it has one (Redis, memory). On
     etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
@@ -301,6 +307,10 @@ class Coordinator:
         self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
+        self._pace = _Pace()
+        # The embedded log does no I/O: its done write costs less than a thread hand-off,
+        # so it is written before commit() returns instead of in the background.
+        self._local_log = client.backend.kind == "memory"
         self._mutex = threading.Lock()
         self._closed = False
         client.on_close(self.close)
@@ -459,22 +469,36 @@ class Coordinator:
     def _prepare_all(
         self, record: TxRecord, payloads: Mapping[str, Any], deadline: float
     ) -> dict[str, Vote]:
-        """Every participant's vote; ``deadline`` is on the monotonic clock."""
+        """Every participant's vote; ``deadline`` is on the monotonic clock.
+
+        Participants whose last prepare answered within :data:`INLINE_BELOW` are asked
+        on this thread, one after the other, while the others (slow, or not seen yet)
+        prepare in parallel in the pool: a thread hand-off costs more than such a
+        participant's whole answer, and only slow participants gain from overlapping.
+        """
+        names = record.participants
+        inline = [name for name in names if self._pace.fast("prepare", name)]
         futures = {
             self._prepares.submit(self._prepare_one, name, record.txid, payloads[name]): name
-            for name in record.participants
+            for name in names
+            if name not in inline
         }
         votes: dict[str, Vote] = {}
+        for name in inline:
+            if time.monotonic() >= deadline:
+                votes[name] = "no answer before the deadline"
+            elif not any(vote is not True for vote in votes.values()):
+                votes[name] = self._prepare_one(name, record.txid, payloads[name])
+            else:
+                votes[name] = "not needed: aborting"
         pending = set(futures)
-        while pending:
+        while pending and all(vote is True for vote in votes.values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
             for future in done:
                 votes[futures[future]] = future.result()
-            if any(vote is not True for vote in votes.values()):
-                break
         late = time.monotonic() >= deadline
         for future in pending:
             name = futures[future]
@@ -482,9 +506,10 @@ class Coordinator:
             # A late yes must not leave a prepared state behind: abort it when it lands.
             future.add_done_callback(self._late_prepare_handler(name, record.txid))
             future.cancel()
-        return {name: votes[name] for name in record.participants}
+        return {name: votes[name] for name in names}
 
     def _prepare_one(self, name: str, txid: str, payload: Any) -> Vote:
+        started = time.monotonic()
         try:
             vote = self.participants[name].prepare(txid, payload)
         except Exception as exc:
@@ -496,6 +521,8 @@ class Coordinator:
                 extra=tx_fields(self, txid, name),
             )
             return f"raised {type(exc).__name__}: {exc}"
+        finally:
+            self._pace.took("prepare", name, time.monotonic() - started)
         if vote is not True:
             return False
         self._hit("after_prepare", txid, name)
@@ -555,23 +582,38 @@ class Coordinator:
         return None if entry is None else _Stored(new, entry)
 
     def _phase2(self, stored: _Stored, *, background_done: bool) -> _Stored:
-        """Send the decision to every participant that has not acknowledged it."""
+        """Send the decision to every participant that has not acknowledged it.
+
+        As in :meth:`_prepare_all`, participants that answered fast last time are sent
+        the decision on this thread, the others in parallel from the phase-2 pool.
+        """
         outcome = stored.record.outcome
         assert outcome is not None
+        txid = stored.record.txid
         targets = [p for p in stored.record.unacked if p in self.participants]
+        inline = [name for name in targets if self._pace.fast(outcome, name)]
         futures = {
-            self._deliveries.submit(self._deliver, name, stored.record.txid, outcome): name
+            self._deliveries.submit(self._deliver, name, txid, outcome): name
             for name in targets
+            if name not in inline
         }
-        wait(futures)
-        acked = [futures[f] for f in futures if f.exception() is None]
-        for future in futures:
-            error = future.exception()
+        errors: dict[str, BaseException | None] = {}
+        for name in inline:
+            try:
+                self._deliver(name, txid, outcome)
+                errors[name] = None
+            except BaseException as exc:  # sorted out below, with the pool's
+                errors[name] = exc
+        if futures:
+            wait(futures)
+        errors.update({name: future.exception() for future, name in futures.items()})
+        for error in errors.values():
             if error is not None and not isinstance(error, Exception):
                 raise error  # not a participant failure: the coordinator itself must stop
+        acked = [name for name in targets if errors[name] is None]
         if not acked:
             return stored
-        if background_done:
+        if background_done and not self._local_log:
             self._submit_background(lambda: self._record_acks(stored, acked))
             return stored
         return self._record_acks(stored, acked)
@@ -579,13 +621,18 @@ class Coordinator:
     def _deliver(self, name: str, txid: str, outcome: Outcome) -> None:
         participant = self.participants[name]
         send = participant.commit if outcome == "committed" else participant.abort
-        retrying = Retrying(
-            stop=stop_after_delay(self.phase2_timeout),
-            wait=wait_random_exponential(multiplier=0.02, max=1.0),
-            reraise=True,
-        )
+        started = time.monotonic()
         try:
-            retrying(send, txid)
+            try:
+                send(txid)
+            except Exception:
+                # Retried with backoff for what is left of phase2_timeout; building the
+                # retrier only here keeps it off the path of a first-time success.
+                Retrying(
+                    stop=stop_after_delay(self.phase2_timeout - (time.monotonic() - started)),
+                    wait=wait_random_exponential(multiplier=0.02, max=1.0),
+                    reraise=True,
+                )(send, txid)
         except Exception as exc:
             log.warning(
                 "%s of %s at %s not acknowledged: %r",
@@ -596,6 +643,8 @@ class Coordinator:
                 extra=tx_fields(self, txid, name),
             )
             raise
+        finally:
+            self._pace.took(outcome, name, time.monotonic() - started)
         self._hit("after_commit" if outcome == "committed" else "after_abort", txid, name)
 
     def _record_acks(self, stored: _Stored, acked: list[str]) -> _Stored:
@@ -730,6 +779,24 @@ class Coordinator:
                 DurabilityWarning,
                 stacklevel=4,
             )
+
+
+class _Pace:
+    """How long each participant's last call of each phase took: who is asked inline.
+
+    Unseen participants count as slow (asked from the pool) until they answer once; a
+    slow answer sends a participant back to the pool. Updates race harmlessly: any
+    recent duration is good enough to choose where to ask from.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+
+    def fast(self, phase: str, name: str) -> bool:
+        return self._last.get((phase, name), INLINE_BELOW) < INLINE_BELOW
+
+    def took(self, phase: str, name: str, seconds: float) -> None:
+        self._last[(phase, name)] = seconds
 
 
 def _abort_reason(votes: Mapping[str, Vote]) -> str | None:

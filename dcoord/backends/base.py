@@ -80,6 +80,16 @@ class KVStore(Protocol):
         write ``puts`` and delete ``deletes`` and return True; else change nothing, False."""
         ...
 
+    def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None:
+        """:meth:`apply` that tells why it failed, in the same round trip: None if it
+        applied, else what every key of ``only_if`` held when the condition was checked."""
+        ...
+
 
 @dataclass(frozen=True)
 class LogEntry:

@@ -165,6 +165,74 @@ def test_a_silent_participant_aborts_at_the_deadline(coordinator: Any) -> None:
     assert not slow.committed
 
 
+class Stalling(Bank):
+    """Answers at once, until ``stall_until`` is set: then its prepare outlasts that
+    transaction's deadline (polled, no sleep-as-synchronisation) and votes yes."""
+
+    stall_until: float | None = None
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        while self.stall_until is not None and time.monotonic() < self.stall_until:
+            time.sleep(0.01)
+        return super().prepare(txid, payload)
+
+
+def test_a_fast_participant_that_stalls_past_the_deadline_is_still_aborted(
+    coordinator: Any,
+) -> None:
+    """Participants that answered fast are asked on the caller's thread, which cannot give
+    up on them at the deadline; their late yes must still end in abort, never commit."""
+    a, stalling = Bank("a"), Stalling("stalling")
+    coord = coordinator([a, stalling])
+    for _ in range(200):  # until an answer was timed fast (a busy host may delay some)
+        with coord.transaction(timeout=10) as tx:
+            tx.enlist("a", None)
+            tx.enlist("stalling", None)
+        if coord._pace.fast("prepare", "stalling"):
+            break
+    assert coord._pace.fast("prepare", "stalling")  # so the next one is asked inline
+    tx = coord.begin(timeout=0.3)
+    tx.enlist("a", None)
+    tx.enlist("stalling", None)
+    stalling.stall_until = time.monotonic() + 0.6
+    with pytest.raises(dcoord.TransactionAborted, match="deadline"):
+        tx.commit()
+    assert tx.txid in stalling.aborted and tx.txid in a.aborted
+    assert not stalling.committed & {tx.txid} and not a.committed & {tx.txid}
+    assert state_of(coord, tx.txid) in (TxState.ABORTING, TxState.ABORTED)
+    assert not coord._pace.fast("prepare", "stalling")  # back to the pool next time
+
+
+def test_slow_participants_are_asked_in_parallel(coordinator: Any) -> None:
+    """Participants that take long to answer prepare at the same time, from the pool: each
+    waits until all three are inside prepare together, which asking them one after the
+    other on the caller's thread would never reach (each would wait out its 5 s)."""
+    inside, mutex = [0], threading.Lock()
+    together = threading.Event()
+
+    class Slow(Bank):
+        def prepare(self, txid: str, payload: Any) -> bool:
+            with mutex:
+                inside[0] += 1
+                if inside[0] == 3:
+                    together.set()
+            reached = together.wait(5)
+            time.sleep(0.005)  # the participant's own work: slower than inline asking allows
+            with mutex:
+                inside[0] -= 1
+                if inside[0] == 0:
+                    together.clear()
+            assert reached, "the three prepares never ran at the same time"
+            return super().prepare(txid, payload)
+
+    parts = [Slow("a"), Slow("b"), Slow("c")]
+    coord = coordinator(parts)
+    for _ in range(3):
+        with coord.transaction(timeout=30) as tx:
+            for p in parts:
+                tx.enlist(p.name, None)
+
+
 def test_votes_are_as_documented_when_the_coordinator_stops_at_the_first_no(
     coordinator: Any,
 ) -> None:

@@ -50,16 +50,32 @@ class EtcdKV:
         deletes: Iterable[str] = (),
         only_if: Mapping[str, bytes | None] | None = None,
     ) -> bool:
+        return self.swap(puts, deletes, only_if) is None
+
+    def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None:
+        conditions = dict(only_if or {})
         compare = [
             ops.Version(self._prefix + key) == 0
             if expected is None
             else ops.Value(self._prefix + key) == expected
-            for key, expected in (only_if or {}).items()
+            for key, expected in conditions.items()
         ]
         success = [ops.Put(self._prefix + key, value) for key, value in puts.items()]
         success += [ops.Delete(self._prefix + key) for key in deletes]
-        succeeded, _ = self._backend.call(
-            lambda: self._etcd.transaction(compare=compare, success=success, failure=[]),
+        # On failure the same transaction reads the condition keys: no second round trip.
+        failure = [ops.Get(self._prefix + key) for key in conditions]
+        succeeded, responses = self._backend.call(
+            lambda: self._etcd.transaction(compare=compare, success=success, failure=failure),
             what=f"apply to {len(success)} keys",
         )
-        return bool(succeeded)
+        if succeeded:
+            return None
+        return {
+            key: bytes(found[0][0]) if found else None
+            for key, found in zip(conditions, responses, strict=True)
+        }

@@ -38,13 +38,22 @@ class MemoryKV:
         deletes: Iterable[str] = (),
         only_if: Mapping[str, bytes | None] | None = None,
     ) -> bool:
+        return self.swap(puts, deletes, only_if) is None
+
+    def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None:
         data = self._server.data
+        conditions = only_if or {}
         with self._server.cond:
-            for key, expected in (only_if or {}).items():
-                if data.get(self._prefix + key) != expected:
-                    return False
+            current = {key: data.get(self._prefix + key) for key in conditions}
+            if any(current[key] != expected for key, expected in conditions.items()):
+                return current
             for key in deletes:
                 data.pop(self._prefix + key, None)
             for key, value in puts.items():
                 data[self._prefix + key] = bytes(value)
-            return True
+            return None

@@ -56,13 +56,23 @@ class RedisKV:
         deletes: Iterable[str] = (),
         only_if: Mapping[str, bytes | None] | None = None,
     ) -> bool:
+        return self.swap(puts, deletes, only_if) is None
+
+    def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None:
         conditions = dict(only_if or {})
         keys = [self._prefix + k for k in (*conditions, *puts, *deletes)]
         args: list[bytes | str | int] = [len(conditions), len(puts)]
         for expected in conditions.values():
             args += ["0", ""] if expected is None else ["1", expected]
         args += list(puts.values())
-        applied = self._backend.call(
+        result = self._backend.call(
             lambda: self._apply(keys=keys, args=args), what=f"apply to {len(keys)} keys"
         )
-        return bool(applied)
+        if not isinstance(result, list):
+            return None
+        return dict(zip(conditions, cast("list[bytes | None]", result), strict=True))
