@@ -82,6 +82,14 @@ class LineReader:
             self._cond.wait_for(lambda: self._closed, timeout)
 
 
+# Reset SIGINT to its default, then become the real child (exec keeps SIG_DFL, and Python
+# then installs its KeyboardInterrupt handler; it would leave an inherited SIG_IGN alone).
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 class DrivenChild:
     """A child process a test drives: commands on its stdin, its answers read one line at
     a time from its stdout, every wait bounded (a stuck child fails the test)."""
@@ -93,8 +101,11 @@ class DrivenChild:
         self.kind = kind
         # PYTHONFAULTHANDLER: a child stuck past a deadline can be sent SIGABRT (see
         # dump_stacks), and every thread's stack lands in the test's captured stderr.
+        # The child starts with SIGINT at its default: a test run started in the
+        # background (where the shell ignores SIGINT, and children inherit that) must
+        # still be able to interrupt it.
         self.proc = subprocess.Popen(
-            argv,
+            [sys.executable, "-c", _DEFAULT_SIGINT, *argv],
             cwd=cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -7,17 +7,15 @@ holder process the tests drive over stdin/stdout.
 
 from __future__ import annotations
 
-import queue
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.faults.child import DrivenChild
 from tests.faults.test_lock_processes import Holder as LockHolder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,33 +53,16 @@ def holder_main(url: str, namespace: str, kind: str, ttl: float) -> None:
 
 
 class Holder(LockHolder):
-    """A holder process of this module: the lock test's driver (expect, send, signal,
-    stop) with another command line, and its own reader of the holder's lines."""
+    """A holder process of this module: the lock test's driver with another command line;
+    stopped (SIGKILL) by the fixture even if the test fails."""
 
     def __init__(self, url: str, namespace: str, kind: str, ttl: float) -> None:
-        self.proc = subprocess.Popen(
+        DrivenChild.__init__(
+            self,
             [sys.executable, __file__, url, namespace, kind, str(ttl)],
             cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            kind="holder",
         )
-        # A thread reads every line as it comes (select + readline can strand a line
-        # in readline's buffer); line() waits on the queue.
-        self._queue: queue.Queue[str] = queue.Queue()
-        stdout = self.proc.stdout
-        assert stdout is not None
-        threading.Thread(
-            target=lambda: [self._queue.put(line.strip()) for line in stdout], daemon=True
-        ).start()
-
-    def line(self, timeout: float = 30) -> str:
-        try:
-            line = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"holder {self.proc.pid} said nothing in {timeout} s") from None
-        self.lost |= line == "LOST"
-        return line
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.faults.child import LineReader
+from tests.faults.child import DrivenChild, LineReader
 
 
 def test_two_lines_written_at_once_are_both_read() -> None:
@@ -32,3 +34,22 @@ def test_two_lines_written_at_once_are_both_read() -> None:
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def test_a_driven_child_can_be_interrupted_even_if_the_test_run_ignores_sigint(
+    tmp_path: Path,
+) -> None:
+    """A test run started in the background inherits SIGINT ignored from the shell, and
+    so would its children: `dcoord leader --watch` then never saw the test's SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = DrivenChild(
+            [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+            cwd=tmp_path,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        assert child.line() == str(signal.default_int_handler)
+    finally:
+        child.stop()
