@@ -454,6 +454,16 @@ class Server:
         self.stop()
 
 
+def _stopped(task: Path) -> bool:
+    """Whether the thread ``/proc/PID/task/TID`` is stopped (or gone)."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True
+    # The state is the field after the parenthesised command name (which may hold spaces).
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "X", "Z")
+
+
 class ProcessServer(Server):
     """A ``redis-server`` or ``etcd`` process of this machine."""
 
@@ -500,7 +510,20 @@ class ProcessServer(Server):
             self.proc.wait()
 
     def pause(self) -> None:
+        """SIGSTOP the server and return once every one of its threads has stopped.
+
+        kill() only queues the signal: a thread busy on the other core could still
+        answer a request sent right after it (a ping a test expects to time out did).
+        """
         self._signal(signal.SIGSTOP)
+        if self.proc is None:
+            return
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        deadline = time.monotonic() + 10
+        while not all(_stopped(task) for task in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"{self} did not stop within 10 s of SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
