@@ -20,8 +20,10 @@ import operator
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
-from itertools import chain
+from functools import lru_cache
+from itertools import chain, compress, count, islice, repeat
 from numbers import Rational, Real
+from operator import eq
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
@@ -112,8 +114,49 @@ def _vnode_count(vnodes: int, weight: float) -> int:
     return max(1, round(vnodes * weight))
 
 
-def _node_points(node: str, count: int) -> list[tuple[int, str]]:
-    return [(_mmh3_32(f"{node}#{i}", 0, False), node) for i in range(count)]
+#: Nodes whose points stay cached (about 6 KB each at 160 vnodes): a live ring or a
+#: rebuild re-uses them instead of hashing ``vnodes`` names per node again.
+POINTS_CACHE_NODES = 8192
+
+
+@lru_cache(maxsize=POINTS_CACHE_NODES)
+def _node_points(node: str, count: int) -> tuple[int, ...]:
+    """The sorted points of ``node``'s ``count`` virtual nodes (hashed once, cached)."""
+    names = map(f"{node}#".__add__, map(str, range(count)))
+    return tuple(sorted(map(_mmh3_32, names, repeat(0), repeat(False))))
+
+
+def _build(counts: Mapping[str, int]) -> tuple[list[int], list[str]]:
+    """The sorted points of a ring of ``counts`` (node -> virtual nodes) and their owners.
+
+    Sorting ``(point, node)`` tuples costs most of a build (about 230 ms for 160,000
+    points here); sorting bare ints and mapping each point to its owner through a dict
+    costs a fraction of that, with no Python frame per point. Points that occur more
+    than once (about ``points**2 / 2**33`` of them: ~3 at 1,000 x 160) then get their
+    owners put in node id order.
+    """
+    per_node = [(node, _node_points(node, count)) for node, count in counts.items()]
+    points = sorted(chain.from_iterable(pts for _, pts in per_node))
+    owner_of = dict(
+        zip(
+            chain.from_iterable(pts for _, pts in per_node),
+            chain.from_iterable(repeat(node, len(pts)) for node, pts in per_node),
+            strict=True,
+        )
+    )
+    owners = list(map(owner_of.__getitem__, points))
+    if len(owner_of) < len(points):
+        # Some point occurs twice: find each (adjacent once sorted, found in C) and
+        # write its run of owners out in full, in node id order (ring order rule 3).
+        shared = {points[i] for i in compress(count(), map(eq, points, islice(points, 1, None)))}
+        tied: dict[int, list[str]] = {}
+        for node, pts in per_node:
+            for point in shared.intersection(pts):
+                tied.setdefault(point, []).extend(repeat(node, pts.count(point)))
+        for point, run in tied.items():
+            start = bisect_left(points, point)
+            owners[start : start + len(run)] = sorted(run)
+    return points, owners
 
 
 class HashRing:
@@ -170,16 +213,12 @@ class HashRing:
             raise ConfigError(f"a ring needs at least one node, got {nodes!r}")
         counts = {node: _vnode_count(vn, w) for node, w in weights.items()}
         _check_total(counts, vn)
-        entries: list[tuple[int, str]] = []
-        for node, count in counts.items():
-            entries.extend(_node_points(node, count))
-        entries.sort()
-        self._init(weights, vn, entries)
+        self._init(weights, vn, *_build(counts))
 
-    def _init(self, nodes: dict[str, float], vnodes: int, entries: list[tuple[int, str]]) -> None:
+    def _init(
+        self, nodes: dict[str, float], vnodes: int, points: list[int], owners: list[str]
+    ) -> None:
         # Private setters go through object.__setattr__: the public one refuses writes.
-        points = [p for p, _ in entries]
-        owners = [n for _, n in entries]
         owners.append(owners[0])  # bisect past the last point wraps to the first
         object.__setattr__(self, "_nodes", nodes)
         object.__setattr__(self, "_vnodes", vnodes)
@@ -187,24 +226,47 @@ class HashRing:
         object.__setattr__(self, "_owners", owners)
 
     @classmethod
-    def _from_entries(
-        cls, nodes: dict[str, float], vnodes: int, entries: list[tuple[int, str]]
+    def _make(
+        cls, nodes: dict[str, float], vnodes: int, points: list[int], owners: list[str]
     ) -> HashRing:
         ring = cls.__new__(cls)
-        ring._init(nodes, vnodes, entries)
+        ring._init(nodes, vnodes, points, owners)
         return ring
 
     # -- lookups ---------------------------------------------------------------------
 
     def node_for(self, key: Key) -> str:
         """Return the node that owns ``key`` (``str``, hashed as UTF-8, or ``bytes``)."""
-        # Hot path, kept to one hash, one bisect and one index; see key_hash().
-        if isinstance(key, str) and not key.isascii():
-            return self._owners[bisect_left(self._points, key_hash(key))]
+        # Hot path: one hash, one bisect, one index. str and bytes both have isascii(),
+        # so one call tells the common ASCII key from one that key_hash() must encode
+        # first (see there), and anything else fails on it or in mmh3.
         try:
-            return self._owners[bisect_left(self._points, _mmh3_32(key, 0, False))]
-        except TypeError:
+            if key.isascii():
+                return self._owners[bisect_left(self._points, _mmh3_32(key, 0, False))]
+        except (AttributeError, TypeError):
             _bad_key(key)
+        return self._owners[bisect_left(self._points, key_hash(key))]
+
+    def node_for_many(self, keys: Iterable[Key]) -> list[str]:
+        """Return ``[node_for(k) for k in keys]``, in the order given, faster.
+
+        For a batch of ASCII keys the hashing, bisecting and indexing run in C (``map``)
+        with no Python frame per key: about twice the rate of a ``node_for`` loop.
+        """
+        batch = keys if isinstance(keys, list | tuple) else list(keys)
+        try:
+            # The ASCII check must come first: mmh3 crashes on a lone surrogate.
+            ascii_only = all(map(_isascii, batch))
+        except (AttributeError, TypeError):
+            ascii_only = False
+        if ascii_only:
+            try:
+                hashes = list(map(_mmh3_32, batch, repeat(0), repeat(False)))
+            except TypeError:
+                hashes = list(map(key_hash, batch))  # names the bad key
+        else:
+            hashes = list(map(key_hash, batch))
+        return list(map(self._owners.__getitem__, map(bisect_left, repeat(self._points), hashes)))
 
     def nodes_for(self, key: Key, n: int) -> list[str]:
         """Return ``n`` distinct nodes for ``key``, walking the ring clockwise.
@@ -346,32 +408,94 @@ class HashRing:
 
         Only keys that the new node now owns move; all others keep their node.
         """
-        _check_node_id(node)
-        if node in self._nodes:
-            raise ConfigError(f"node {node!r} is already in the ring")
-        w = _check_weight(node, weight)
-        count = _vnode_count(self._vnodes, w)
-        _check_total({node: count}, self._vnodes, len(self._points))
-        nodes = {**self._nodes, node: w}
-        entries = list(zip(self._points, self._owners, strict=False))
-        # Timsort merges the sorted old run with the sorted new run in linear time:
-        # no existing point is re-hashed.
-        entries.extend(sorted(_node_points(node, count)))
-        entries.sort()
-        return HashRing._from_entries(nodes, self._vnodes, entries)
+        return self.with_changes(add={node: weight})
 
     def without_node(self, node: str) -> HashRing:
         """Return a new ring with ``node`` removed; this ring is unchanged.
 
         Only the removed node's keys move. Removing the last node is an error.
         """
-        if node not in self._nodes:
-            raise ConfigError(f"node {node!r} is not in the ring (nodes: {list(self._nodes)})")
-        if len(self._nodes) == 1:
+        if len(self._nodes) == 1 and node in self._nodes:
             raise ConfigError(f"cannot remove {node!r}: it is the ring's only node")
-        nodes = {n: w for n, w in self._nodes.items() if n != node}
-        entries = [e for e in zip(self._points, self._owners, strict=False) if e[1] != node]
-        return HashRing._from_entries(nodes, self._vnodes, entries)
+        return self.with_changes(remove=[node])
+
+    def with_changes(
+        self, add: Mapping[str, float] | None = None, remove: Iterable[str] = ()
+    ) -> HashRing:
+        """Return a new ring with the nodes ``remove`` taken out, then ``add`` (id ->
+        weight) put in; this ring is unchanged. Removing and adding one id re-weights it.
+
+        Equal to ``HashRing`` of the resulting weights, but only the changed nodes'
+        points are hashed (once per node and process: they are cached) and located, in
+        O(changed points * log(points)); the old arrays are copied around them by list
+        slicing, a memory copy, so a change costs well under a millisecond at 160,000
+        points. Raises ConfigError for a node to remove that is absent, one to add that
+        is present, or an empty result.
+        """
+        gone = list(dict.fromkeys(remove))
+        for node in gone:
+            if node not in self._nodes:
+                raise ConfigError(f"node {node!r} is not in the ring (nodes: {list(self._nodes)})")
+        nodes = (
+            {n: w for n, w in self._nodes.items() if n not in gone} if gone else dict(self._nodes)
+        )
+        added: dict[str, int] = {}
+        for node, weight in (add or {}).items():
+            if _check_node_id(node) in nodes:
+                raise ConfigError(f"node {node!r} is already in the ring")
+            nodes[node] = _check_weight(node, weight)
+            added[node] = _vnode_count(self._vnodes, nodes[node])
+        if not nodes:
+            raise ConfigError(f"cannot remove {gone!r}: the ring would have no node left")
+        old_points = self._points
+        _check_total(added, self._vnodes, len(old_points))
+        if len(gone) + len(added) > len(self._nodes) // 4:
+            # Many changes at once: a build from the cached points is cheaper.
+            counts = {n: _vnode_count(self._vnodes, w) for n, w in nodes.items()}
+            return HashRing._make(nodes, self._vnodes, *_build(counts))
+        points, owners = self._splice(gone, added)
+        return HashRing._make(nodes, self._vnodes, points, owners)
+
+    def _splice(self, gone: list[str], added: Mapping[str, int]) -> tuple[list[int], list[str]]:
+        """The point and owner arrays with ``gone``'s points cut out and ``added``'s in."""
+        points, owners = self._points, self._owners
+        size = len(points)
+        cut: set[int] = set()
+        for node in gone:
+            last = -1
+            # A node's points are sorted, so each search starts past the last one found
+            # (which also steps over a point the node has twice).
+            for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
+                i = max(bisect_left(points, point), last + 1)
+                while owners[i] != node:  # equal points of other nodes come first
+                    i += 1
+                cut.add(i)
+                last = i
+        inserts = sorted(
+            (point, node) for node, count in added.items() for point in _node_points(node, count)
+        )
+        at: list[int] = []
+        for point, node in inserts:
+            i = bisect_left(points, point)
+            # Among equal points the smaller node id comes first (ring order rule 3).
+            while i < size and points[i] == point and owners[i] < node:
+                i += 1
+            at.append(i)
+        new_points: list[int] = []
+        new_owners: list[str] = []
+        start = 0
+        j = 0
+        for stop in sorted(cut.union(at)):
+            new_points += points[start:stop]
+            new_owners += owners[start:stop]
+            while j < len(at) and at[j] == stop:
+                new_points.append(inserts[j][0])
+                new_owners.append(inserts[j][1])
+                j += 1
+            start = stop + 1 if stop in cut else stop
+        new_points += points[start:size]
+        new_owners += owners[start:size]
+        return new_points, new_owners
 
     # -- value-object protocol -------------------------------------------------------
 
@@ -404,6 +528,9 @@ class HashRing:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"HashRing is immutable ({name})")
+
+
+_isascii = operator.methodcaller("isascii")
 
 
 def _check_total(counts: Mapping[str, int], vnodes: int, existing: int = 0) -> None:
