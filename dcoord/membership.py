@@ -26,7 +26,7 @@ import operator
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from numbers import Real
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -242,12 +242,25 @@ class GroupView(Mapping[str, Member]):
         return f"GroupView(epoch={self.epoch}, members={sorted(self._members)!r})"
 
 
-def _view(snapshot: GroupSnapshot) -> GroupView:
+def _view(
+    snapshot: GroupSnapshot, decoded: dict[str, tuple[bytes, Member | None]] | None = None
+) -> GroupView:
+    """The snapshot's members, decoded. ``decoded`` (id -> (payload, member)) carries the
+    decodings of an earlier read: a member whose payload is unchanged is not decoded
+    again, so a follower of a large group pays JSON only for the members that changed.
+    It is updated in place to this snapshot's members."""
     members = {}
+    known = decoded if decoded is not None else {}
+    fresh: dict[str, tuple[bytes, Member | None]] = {}
     for member_id, payload in snapshot.members.items():
-        member = _decode(member_id, payload)
+        hit = known.get(member_id)
+        member = hit[1] if hit is not None and hit[0] == payload else _decode(member_id, payload)
+        fresh[member_id] = (payload, member)
         if member is not None:
             members[member_id] = member
+    if decoded is not None:
+        decoded.clear()
+        decoded.update(fresh)
     return GroupView(snapshot.epoch, members)
 
 
@@ -425,6 +438,7 @@ class _Follower:
         self._kick = threading.Event()
         self._started = False
         self._subscription: GroupSubscription | None = None
+        self._decoded: dict[str, tuple[bytes, Member | None]] = {}
         self.error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"dcoord-follow-{group.name}", daemon=True
@@ -522,7 +536,7 @@ class _Follower:
                 if seen == snapshot.members:
                     continue
                 if view is None:
-                    view = _view(snapshot)
+                    view = _view(snapshot, self._decoded)
                 self._subscribers[subscriber] = snapshot.members
                 try:
                     subscriber._deliver(view)
@@ -649,6 +663,10 @@ class LiveRing:
         """The member that owns ``key`` now."""
         return self._current().node_for(key)
 
+    def node_for_many(self, keys: Iterable[Key]) -> list[str]:
+        """The members that own ``keys`` now, in order (one ring for the whole batch)."""
+        return self._current().node_for_many(keys)
+
     def nodes_for(self, key: Key, n: int) -> list[str]:
         """``n`` distinct members for ``key`` in ring order (replicas).
 
@@ -700,16 +718,10 @@ class LiveRing:
         if old is None:
             return HashRing(weights, vnodes=self._vnodes)
         gone = [n for n, w in old.nodes.items() if weights.get(n) != w]
-        new = [n for n, w in weights.items() if old.nodes.get(n) != w]
-        if len(gone) + len(new) > 8 or len(gone) >= len(old):
-            return HashRing(weights, vnodes=self._vnodes)
-        # One join or leave moves only that member's points: derive, do not rebuild.
-        ring = old
-        for node in gone:
-            ring = ring.without_node(node)
-        for node in new:
-            ring = ring.with_node(node, weights[node])
-        return ring
+        new = {n: w for n, w in weights.items() if old.nodes.get(n) != w}
+        # Only the changed members' points are hashed (cached) and spliced in or out;
+        # with_changes() itself rebuilds from cached points when that is cheaper.
+        return old.with_changes(add=new, remove=gone) if gone or new else old
 
     def __len__(self) -> int:
         return len(self._view)
