@@ -21,9 +21,9 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from functools import lru_cache
-from itertools import chain, compress, count, islice, repeat
+from itertools import chain, compress, count, islice, repeat, tee
 from numbers import Rational, Real
-from operator import eq
+from operator import eq, getitem, itemgetter, rshift
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
@@ -176,12 +176,18 @@ class HashRing:
     All bad input raises :class:`~dcoord.errors.ConfigError` naming the bad value.
     """
 
-    __slots__ = ("_nodes", "_owners", "_points", "_vnodes")
+    __slots__ = ("_buckets", "_nodes", "_shift", "_size", "_vnodes")
 
     _nodes: dict[str, float]
     _vnodes: int
-    _points: list[int]  # sorted vnode points
-    _owners: list[str]  # owner of _points[i]; one extra entry (= _owners[0]) for the wrap
+    _size: int  # virtual nodes in all
+    # The sorted points cut by their top bits: bucket k holds the points p with
+    # p >> _shift == k, as (points, owners) where owners has one extra entry, the owner
+    # of the next point on the ring (in a later bucket, or wrapping to the first). A
+    # lookup bisects one bucket of ~40 points, not all of them, and a change copies only
+    # the buckets it touches (see with_changes()). A bucket's lists are never mutated.
+    _shift: int
+    _buckets: list[tuple[list[int], list[str]]]
 
     def __init__(
         self, nodes: Iterable[str] | Mapping[str, float], vnodes: int = DEFAULT_VNODES
@@ -218,12 +224,23 @@ class HashRing:
     def _init(
         self, nodes: dict[str, float], vnodes: int, points: list[int], owners: list[str]
     ) -> None:
+        shift = _shift_for(len(points))
+        self._set(nodes, vnodes, shift, _bucketize(points, owners, shift), len(points))
+
+    def _set(
+        self,
+        nodes: dict[str, float],
+        vnodes: int,
+        shift: int,
+        buckets: list[tuple[list[int], list[str]]],
+        size: int,
+    ) -> None:
         # Private setters go through object.__setattr__: the public one refuses writes.
-        owners.append(owners[0])  # bisect past the last point wraps to the first
         object.__setattr__(self, "_nodes", nodes)
         object.__setattr__(self, "_vnodes", vnodes)
-        object.__setattr__(self, "_points", points)
-        object.__setattr__(self, "_owners", owners)
+        object.__setattr__(self, "_shift", shift)
+        object.__setattr__(self, "_buckets", buckets)
+        object.__setattr__(self, "_size", size)
 
     @classmethod
     def _make(
@@ -233,6 +250,13 @@ class HashRing:
         ring._init(nodes, vnodes, points, owners)
         return ring
 
+    def _flat(self) -> tuple[list[int], list[str]]:
+        """All points in ring order and their owners (no wrap entry)."""
+        buckets = self._buckets
+        points = list(chain.from_iterable(b[0] for b in buckets))
+        owners = list(chain.from_iterable(b[1][:-1] for b in buckets))
+        return points, owners
+
     # -- lookups ---------------------------------------------------------------------
 
     def node_for(self, key: Key) -> str:
@@ -241,11 +265,11 @@ class HashRing:
         # so one call tells the common ASCII key from one that key_hash() must encode
         # first (see there), and anything else fails on it or in mmh3.
         try:
-            if key.isascii():
-                return self._owners[bisect_left(self._points, _mmh3_32(key, 0, False))]
+            h = _mmh3_32(key, 0, False) if key.isascii() else key_hash(key)
         except (AttributeError, TypeError):
             _bad_key(key)
-        return self._owners[bisect_left(self._points, key_hash(key))]
+        points, owners = self._buckets[h >> self._shift]
+        return owners[bisect_left(points, h)]
 
     def node_for_many(self, keys: Iterable[Key]) -> list[str]:
         """Return ``[node_for(k) for k in keys]``, in the order given, faster.
@@ -262,7 +286,14 @@ class HashRing:
         except TypeError:  # not all str
             direct = all(map(isinstance, batch, repeat(bytes)))
         hashes = map(_mmh3_32, batch, repeat(0), repeat(False)) if direct else map(key_hash, batch)
-        return list(map(self._owners.__getitem__, map(bisect_left, repeat(self._points), hashes)))
+        # node_for() per key, as a pipeline of C calls: the bucket of each hash, the
+        # bisect in its points, the owner at that index.
+        for_bucket, for_bisect = tee(hashes)
+        found, found_again = tee(
+            map(self._buckets.__getitem__, map(rshift, for_bucket, repeat(self._shift)))
+        )
+        index = map(bisect_left, map(_first, found), for_bisect)
+        return list(map(getitem, map(_second, found_again), index))
 
     def nodes_for(self, key: Key, n: int) -> list[str]:
         """Return ``n`` distinct nodes for ``key``, walking the ring clockwise.
@@ -280,12 +311,20 @@ class HashRing:
             raise ConfigError(f"n must be >= 1, got {n!r}")
         if want > len(self._nodes):
             raise ConfigError(f"n={n!r} is larger than the ring's {len(self._nodes)} nodes")
-        owners = self._owners
-        size = len(self._points)
-        start = bisect_left(self._points, key_hash(key)) % size
+        h = key_hash(key)
+        first = h >> self._shift
+        buckets = self._buckets
+        start = bisect_left(buckets[first][0], h)
+        # Every owner once, in ring order from the key's position, wrapping once.
+        walk = chain(
+            islice(buckets[first][1], start, len(buckets[first][0])),
+            chain.from_iterable(
+                b[1][:-1] for b in chain(islice(buckets, first + 1, None), islice(buckets, first))
+            ),
+            islice(buckets[first][1], start),
+        )
         found: list[str] = []
-        for i in chain(range(start, size), range(start)):
-            node = owners[i]
+        for node in walk:
             if node not in found:  # n is small: a list beats a set here
                 found.append(node)
                 if len(found) == want:
@@ -336,8 +375,7 @@ class HashRing:
                     order[run:j] = sorted(order[run:j], key=_tie_order)
                 run = j
 
-        owners = self._owners
-        points = self._points
+        points, owners = self._flat()
         size = len(points)
         positions: dict[str, list[int]] = {node: [] for node in self._nodes}
         for i in range(size):
@@ -374,8 +412,7 @@ class HashRing:
 
     def shares(self) -> dict[str, float]:
         """Return the exact fraction of the hash space each node owns (sums to 1.0)."""
-        points = self._points
-        owners = self._owners
+        points, owners = self._flat()
         arcs = dict.fromkeys(self._nodes, 0)
         # Position i owns (points[i-1], points[i]]; position 0 also owns the wrap-around.
         arcs[owners[0]] += points[0] + (1 << 32) - points[-1]
@@ -385,7 +422,7 @@ class HashRing:
 
     def points(self) -> list[tuple[int, str]]:
         """Return the ring as sorted ``(point, node)`` pairs (for checks and debugging)."""
-        return list(zip(self._points, self._owners, strict=False))
+        return list(zip(*self._flat(), strict=True))
 
     @property
     def nodes(self) -> Mapping[str, float]:
@@ -443,55 +480,86 @@ class HashRing:
             added[node] = _vnode_count(self._vnodes, nodes[node])
         if not nodes:
             raise ConfigError(f"cannot remove {gone!r}: the ring would have no node left")
-        old_points = self._points
-        _check_total(added, self._vnodes, len(old_points))
-        if len(gone) + len(added) > len(self._nodes) // 4:
-            # Many changes at once: a build from the cached points is cheaper.
+        _check_total(added, self._vnodes, self._size)
+        size = self._size + sum(added.values())
+        size -= sum(_vnode_count(self._vnodes, self._nodes[n]) for n in gone)
+        buckets = 1 << (32 - self._shift)
+        if len(gone) + len(added) > len(self._nodes) // 4 or not (
+            _MIN_FILL * buckets <= size <= _MAX_FILL * buckets or buckets == 1 == size // _MAX_FILL
+        ):
+            # Many changes at once, or buckets grown too full or empty: a build from
+            # the cached points is cheaper, and re-cuts the buckets.
             counts = {n: _vnode_count(self._vnodes, w) for n, w in nodes.items()}
             return HashRing._make(nodes, self._vnodes, *_build(counts))
-        points, owners = self._splice(gone, added)
-        return HashRing._make(nodes, self._vnodes, points, owners)
+        ring = HashRing.__new__(HashRing)
+        ring._set(nodes, self._vnodes, self._shift, self._splice(gone, added), size)
+        return ring
 
-    def _splice(self, gone: list[str], added: Mapping[str, int]) -> tuple[list[int], list[str]]:
-        """The point and owner arrays with ``gone``'s points cut out and ``added``'s in."""
-        points, owners = self._points, self._owners
-        size = len(points)
-        cut: set[int] = set()
+    def _splice(
+        self, gone: list[str], added: Mapping[str, int]
+    ) -> list[tuple[list[int], list[str]]]:
+        """The buckets with ``gone``'s points cut out and ``added``'s put in.
+
+        Only the buckets a changed point falls in are copied (and those whose wrap entry
+        names the first owner of a changed bucket); the rest are shared with this ring.
+        """
+        shift = self._shift
+        buckets = list(self._buckets)
+        edited: dict[int, tuple[list[int], list[str]]] = {}
+
+        def edit(k: int) -> tuple[list[int], list[str]]:
+            if k not in edited:
+                pts, own = buckets[k]
+                edited[k] = (list(pts), own[:-1])
+            return edited[k]
+
         for node in gone:
-            last = -1
-            # A node's points are sorted, so each search starts past the last one found
-            # (which also steps over a point the node has twice).
             for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
-                i = max(bisect_left(points, point), last + 1)
-                while owners[i] != node:  # equal points of other nodes come first
+                pts, own = edit(point >> shift)
+                i = bisect_left(pts, point)
+                while own[i] != node:  # equal points of other nodes may come first
                     i += 1
-                cut.add(i)
-                last = i
-        inserts = sorted(
-            (point, node) for node, count in added.items() for point in _node_points(node, count)
-        )
-        at: list[int] = []
-        for point, node in inserts:
-            i = bisect_left(points, point)
-            # Among equal points the smaller node id comes first (ring order rule 3).
-            while i < size and points[i] == point and owners[i] < node:
-                i += 1
-            at.append(i)
-        new_points: list[int] = []
-        new_owners: list[str] = []
-        start = 0
-        j = 0
-        for stop in sorted(cut.union(at)):
-            new_points += points[start:stop]
-            new_owners += owners[start:stop]
-            while j < len(at) and at[j] == stop:
-                new_points.append(inserts[j][0])
-                new_owners.append(inserts[j][1])
-                j += 1
-            start = stop + 1 if stop in cut else stop
-        new_points += points[start:size]
-        new_owners += owners[start:size]
-        return new_points, new_owners
+                del pts[i], own[i]
+        for node, points in added.items():
+            for point in _node_points(node, points):
+                pts, own = edit(point >> shift)
+                i = bisect_left(pts, point)
+                # Among equal points the smaller node id comes first (ring order rule 3).
+                while i < len(pts) and pts[i] == point and own[i] < node:
+                    i += 1
+                pts.insert(i, point)
+                own.insert(i, node)
+
+        # Wrap entries to redo: each edited bucket's, and those of the buckets before it
+        # back to (and including) the first that is not empty.
+        last = len(buckets) - 1
+        redo = set(edited)
+        for k in edited:
+            j = k - 1 if k else last
+            while j not in edited and j not in redo:
+                redo.add(j)
+                if buckets[j][0]:
+                    break
+                j = j - 1 if j else last
+
+        def content(k: int) -> tuple[list[int], list[str]]:
+            if k in edited:
+                return edited[k]
+            pts, own = buckets[k]
+            return pts, own[:-1]
+
+        def next_owner(k: int) -> str:
+            # The owner of the first point after bucket k (the ring is never empty).
+            while True:
+                k = k + 1 if k < last else 0
+                pts, own = content(k)
+                if pts:
+                    return own[0]
+
+        for k in redo:
+            pts, own = content(k)
+            buckets[k] = (pts, [*own, next_owner(k)])
+        return buckets
 
     # -- value-object protocol -------------------------------------------------------
 
@@ -524,6 +592,37 @@ class HashRing:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"HashRing is immutable ({name})")
+
+
+# Buckets are cut for about 40 points each and re-cut when a change leaves them at
+# fewer than 16 or more than 256 on average.
+_FILL, _MIN_FILL, _MAX_FILL = 64, 16, 256
+_first = itemgetter(0)
+_second = itemgetter(1)
+
+
+def _shift_for(size: int) -> int:
+    """Bucket shift for ``size`` points: 2**k buckets, k the largest with 64 * 2**k <= size."""
+    shift = 32
+    while shift > 0 and size >= _FILL << (33 - shift):
+        shift -= 1
+    return shift
+
+
+def _bucketize(
+    points: list[int], owners: list[str], shift: int
+) -> list[tuple[list[int], list[str]]]:
+    """Cut sorted ``points`` (owned by ``owners``) into buckets by ``point >> shift``."""
+    size = len(points)
+    many = 1 << (32 - shift)
+    bounds = [bisect_left(points, k << shift) for k in range(many)]
+    bounds.append(size)
+    buckets = []
+    for k in range(many):
+        lo, hi = bounds[k], bounds[k + 1]
+        wrap = owners[hi] if hi < size else owners[0]
+        buckets.append((points[lo:hi], [*owners[lo:hi], wrap]))
+    return buckets
 
 
 def _check_total(counts: Mapping[str, int], vnodes: int, existing: int = 0) -> None:
