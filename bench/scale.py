@@ -9,9 +9,10 @@
    a second client follows the group with a live ring, then a *rolling restart* makes
    ``--restart`` members leave and join again one after the other (2 changes each,
    paced so that the follower sees them one by one, as in a real rolling restart), and
-   again as one *burst* without pacing (the follower may coalesce). Reported: the CPU
-   time (user + system, from /proc) of the follower's thread per membership change
-   (epochs advanced), and whether the ring ended equal to a ring built from scratch.
+   again as one *burst* without pacing (the follower may coalesce), each ended by one
+   marker member joining. Reported: the CPU time (user + system, from /proc) of the
+   follower's thread per membership change (epochs advanced, the marker included), and
+   whether the ring ended equal to a ring built from scratch.
 
 Numbers depend on the machine's load; the machine these were taken on is shared, so run
 it twice and compare. A text table is printed (no plotting dependency).
@@ -95,12 +96,15 @@ def follower(url: str, n: int, restart: int) -> None:
                 time.sleep(pace)  # a restarting process is away for a moment
                 joined[member_id] = group.join(member_id, ttl=30)
                 time.sleep(pace)
-            target = group.epoch()
-            assert live.wait_for(lambda r, t=target: r.epoch >= t, 60), "ring fell behind"
+            # One more change marks the end: when the ring has it, it has all before it
+            # (a burst may coalesce to no change at all, so the epoch alone cannot tell).
+            marker = group.join(f"end-{mode}", ttl=30)
+            assert live.wait_for(lambda r, m=marker.id: m in r, 60), "ring fell behind"
             changes = live.epoch - epoch
             spent = _thread_cpu(thread) - cpu
             exact = live.ring == HashRing(live.members.weights())
             results.append((mode, changes, time.perf_counter() - started, spent, exact))
+            marker.leave()
         for mode, changes, wall, spent, exact in results:
             per = spent / max(changes, 1) * 1e3
             print(

@@ -469,9 +469,9 @@ class HashRing:
         for node in gone:
             if node not in self._nodes:
                 raise ConfigError(f"node {node!r} is not in the ring (nodes: {list(self._nodes)})")
-        nodes = (
-            {n: w for n, w in self._nodes.items() if n not in gone} if gone else dict(self._nodes)
-        )
+        nodes = dict(self._nodes)
+        for node in gone:
+            del nodes[node]
         added: dict[str, int] = {}
         for node, weight in (add or {}).items():
             if _check_node_id(node) in nodes:
@@ -501,64 +501,68 @@ class HashRing:
         """The buckets with ``gone``'s points cut out and ``added``'s put in.
 
         Only the buckets a changed point falls in are copied (and those whose wrap entry
-        names the first owner of a changed bucket); the rest are shared with this ring.
+        named the old first owner of a changed bucket); the rest are shared with this ring.
         """
         shift = self._shift
-        buckets = list(self._buckets)
+        old = self._buckets
+        buckets = list(old)
+        # Bucket -> its copy being edited; the copy keeps the wrap entry last.
         edited: dict[int, tuple[list[int], list[str]]] = {}
-
-        def edit(k: int) -> tuple[list[int], list[str]]:
-            if k not in edited:
-                pts, own = buckets[k]
-                edited[k] = (list(pts), own[:-1])
-            return edited[k]
-
         for node in gone:
             for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
-                pts, own = edit(point >> shift)
+                k = point >> shift
+                if k not in edited:
+                    edited[k] = (old[k][0][:], old[k][1][:])
+                pts, own = edited[k]
                 i = bisect_left(pts, point)
                 while own[i] != node:  # equal points of other nodes may come first
                     i += 1
                 del pts[i], own[i]
         for node, points in added.items():
             for point in _node_points(node, points):
-                pts, own = edit(point >> shift)
+                k = point >> shift
+                if k not in edited:
+                    edited[k] = (old[k][0][:], old[k][1][:])
+                pts, own = edited[k]
                 i = bisect_left(pts, point)
                 # Among equal points the smaller node id comes first (ring order rule 3).
                 while i < len(pts) and pts[i] == point and own[i] < node:
                     i += 1
                 pts.insert(i, point)
                 own.insert(i, node)
-
-        # Wrap entries to redo: each edited bucket's, and those of the buckets before it
-        # back to (and including) the first that is not empty.
+        for k, bucket in edited.items():
+            buckets[k] = bucket
         last = len(buckets) - 1
-        redo = set(edited)
-        for k in edited:
-            j = k - 1 if k else last
-            while j not in edited and j not in redo:
-                redo.add(j)
-                if buckets[j][0]:
-                    break
-                j = j - 1 if j else last
-
-        def content(k: int) -> tuple[list[int], list[str]]:
-            if k in edited:
-                return edited[k]
-            pts, own = buckets[k]
-            return pts, own[:-1]
 
         def next_owner(k: int) -> str:
             # The owner of the first point after bucket k (the ring is never empty).
             while True:
                 k = k + 1 if k < last else 0
-                pts, own = content(k)
+                pts, own = buckets[k]
                 if pts:
                     return own[0]
 
-        for k in redo:
-            pts, own = content(k)
-            buckets[k] = (pts, [*own, next_owner(k)])
+        # A bucket's wrap entry names the first owner of the next non-empty bucket: where
+        # a bucket's first owner changed, redo the wrap entries of the buckets before it,
+        # back to the first non-empty one (usually just the one before).
+        mine = set(edited)  # buckets whose lists are this ring's own copies
+        for k, (pts, own) in edited.items():
+            was_pts, was_own = old[k]
+            if (own[0] if pts else None) == (was_own[0] if was_pts else None):
+                continue
+            j = k
+            while True:
+                j = j - 1 if j else last
+                j_pts, j_own = buckets[j]
+                wrap = next_owner(j)
+                if j_own[-1] != wrap:
+                    if j not in mine:
+                        j_own = j_own[:]
+                        buckets[j] = (j_pts, j_own)
+                        mine.add(j)
+                    j_own[-1] = wrap
+                if j_pts or j == k:
+                    break
         return buckets
 
     # -- value-object protocol -------------------------------------------------------

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dcoord
+from dcoord import ring as ring_module
 from dcoord.backends.base import GroupSnapshot
 from dcoord.errors import ConfigError
-from dcoord.membership import GroupView, LiveRing, Member, _encode, _view
+from dcoord.membership import GroupView, LiveRing, Member, _Decoded, _encode, _view
 from dcoord.ring import HashRing, key_hash
 
 # mmh3("n16724#0") == mmh3("n100940#0") == 4158874788 (found by a birthday search).
@@ -195,13 +196,61 @@ def test_live_ring_follows_views_like_a_ring_from_scratch(
 
 
 def test_view_decodes_only_changed_payloads() -> None:
-    decoded: dict[str, tuple[bytes, Member | None]] = {}
+    decoded = _Decoded()
     first = _view(GroupSnapshot(1, {"a": _encode(1.0, {}), "b": _encode(1.0, {})}, None), decoded)
     second = _view(
         GroupSnapshot(2, {"a": _encode(1.0, {}), "b": _encode(3.0, {"x": 1})}, None), decoded
     )
     assert second["a"] is first["a"]  # unchanged payload: the same decoded member
     assert second["b"] == Member("b", 3.0, {"x": 1})
-    third = _view(GroupSnapshot(3, {"b": b"not json"}, None), decoded)
-    assert dict(third) == {}
-    assert set(decoded) == {"b"}  # members gone from the group are forgotten
+    third = _view(GroupSnapshot(3, {"b": b"not json", "c": _encode(2.0, {})}, None), decoded)
+    assert dict(third) == {"c": Member("c", 2.0, {})}  # "a" left, "b" is unreadable now
+    assert dict(_view(GroupSnapshot(4, {"b": _encode(1.0, {})}, None), decoded)) == {
+        "b": Member("b", 1.0, {})
+    }
+    assert second.epoch == 2 and dict(second) == {"a": first["a"], "b": second["b"]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.dictionaries(st.sampled_from(POOL), WEIGHTS, min_size=1, max_size=len(POOL)),
+    steps=changes,
+    vnodes=st.sampled_from([2, 5, 20]),
+)
+def test_changes_with_sparse_buckets_equal_a_ring_from_scratch(
+    start: dict[str, float], steps: list[tuple[list[str], dict[str, float]]], vnodes: int
+) -> None:
+    # Buckets of ~1 point, never re-cut: changes empty and refill buckets, so the wrap
+    # entries that point past empty buckets are redone on every path.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ring_module, "_FILL", 1)
+        mp.setattr(ring_module, "_MIN_FILL", 0)
+        mp.setattr(ring_module, "_MAX_FILL", 1 << 32)
+        ring = HashRing(start, vnodes=vnodes)
+        weights = dict(start)
+        for remove, add in steps:
+            gone = list(dict.fromkeys([n for n in [*remove, *add] if n in weights]))
+            if not {n: w for n, w in weights.items() if n not in gone} | add:
+                continue
+            # One node at a time: with_changes() rebuilds for many changes at once.
+            for node in gone:
+                if len(ring) > 1:
+                    ring = ring.without_node(node)
+                else:  # the last node out and the new ones in, in one step
+                    ring = ring.with_changes(remove=[node], add=add)
+                    weights = {}
+                weights.pop(node, None)
+            for node, w in add.items():
+                if node not in ring:
+                    ring = ring.with_node(node, w)
+            weights |= add
+            _assert_same_as_scratch(ring, weights)
+
+
+def test_sparse_buckets_have_empty_ones() -> None:
+    # The premise of the test above: with these settings some buckets are empty.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ring_module, "_FILL", 1)
+        ring = HashRing(["a", "b", "c"], vnodes=20)
+        assert len(ring._buckets) >= 32
+        assert any(not pts for pts, _ in ring._buckets)
