@@ -254,3 +254,37 @@ def test_sparse_buckets_have_empty_ones() -> None:
         ring = HashRing(["a", "b", "c"], vnodes=20)
         assert len(ring._buckets) >= 32
         assert any(not pts for pts, _ in ring._buckets)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    states=st.lists(
+        st.dictionaries(
+            st.sampled_from(POOL), st.one_of(WEIGHTS, st.just(None)), max_size=len(POOL)
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_live_ring_on_follower_views_equals_a_ring_from_scratch(
+    states: list[dict[str, float | None]],
+) -> None:
+    # Views made as the follower makes them (each with the ids changed since the one
+    # before); ``None`` is an unreadable record, which the view leaves out. One ring
+    # gets every view (the delta path), one every other view (the delta is against a
+    # view it never had: the full diff path).
+    decoded = _Decoded()
+    with dcoord.connect("memory://") as client:
+        every, alternate = LiveRing(client.group("g"), 3), LiveRing(client.group("g"), 3)
+        for epoch, state in enumerate(states, 1):
+            payloads = {n: b"{" if w is None else _encode(w, {}) for n, w in state.items()}
+            view = _view(GroupSnapshot(epoch, payloads, None), decoded)
+            weights = {n: w for n, w in state.items() if w is not None}
+            assert view.weights() == weights
+            for live in (every, alternate) if epoch % 2 else (every,):
+                live._deliver(view)
+                if weights:
+                    assert live.ring is not None
+                    _assert_same_as_scratch(live.ring, weights)
+                else:
+                    assert live.ring is None
