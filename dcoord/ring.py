@@ -21,9 +21,9 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from functools import lru_cache
-from itertools import chain, compress, count, islice, repeat, tee
+from itertools import chain, compress, count, islice, repeat
 from numbers import Rational, Real
-from operator import eq, getitem, itemgetter, rshift
+from operator import eq
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
@@ -274,8 +274,8 @@ class HashRing:
     def node_for_many(self, keys: Iterable[Key]) -> list[str]:
         """Return ``[node_for(k) for k in keys]``, in the order given, faster.
 
-        For a batch of ASCII ``str`` keys (or of ``bytes``) hashing, bisecting and
-        indexing run in C (``map``), with no Python frame per key.
+        For a batch of ASCII ``str`` keys (or of ``bytes``) the keys are checked and
+        hashed by C loops (``map``), so the per-key work left in Python is the bisect.
         """
         batch = keys if isinstance(keys, list | tuple) else list(keys)
         # mmh3 crashes on a str with a lone surrogate (see key_hash()): only a batch of
@@ -286,14 +286,15 @@ class HashRing:
         except TypeError:  # not all str
             direct = all(map(isinstance, batch, repeat(bytes)))
         hashes = map(_mmh3_32, batch, repeat(0), repeat(False)) if direct else map(key_hash, batch)
-        # node_for() per key, as a pipeline of C calls: the bucket of each hash, the
-        # bisect in its points, the owner at that index.
-        for_bucket, for_bisect = tee(hashes)
-        found, found_again = tee(
-            map(self._buckets.__getitem__, map(rshift, for_bucket, repeat(self._shift)))
-        )
-        index = map(bisect_left, map(_first, found), for_bisect)
-        return list(map(getitem, map(_second, found_again), index))
+        buckets, shift = self._buckets, self._shift
+
+        # node_for() after the hash. (A pipeline of C maps joined with tee() was
+        # slower than this one small frame per key.)
+        def owner(h: int) -> str:
+            points, owners = buckets[h >> shift]
+            return owners[bisect_left(points, h)]
+
+        return list(map(owner, hashes))
 
     def nodes_for(self, key: Key, n: int) -> list[str]:
         """Return ``n`` distinct nodes for ``key``, walking the ring clockwise.
@@ -601,8 +602,6 @@ class HashRing:
 # Buckets are cut for about 40 points each and re-cut when a change leaves them at
 # fewer than 16 or more than 256 on average.
 _FILL, _MIN_FILL, _MAX_FILL = 64, 16, 256
-_first = itemgetter(0)
-_second = itemgetter(1)
 
 
 def _shift_for(size: int) -> int:
