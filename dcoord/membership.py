@@ -282,6 +282,9 @@ def _view(snapshot: GroupSnapshot, decoded: _Decoded | None = None) -> GroupView
     view = GroupView(snapshot.epoch, members)
     if last.view is not None:
         view._delta = (last.view, gone.union(member_id for member_id, _ in changed))
+        # Subscribers are done with the last view's delta (delivery is synchronous):
+        # dropping it keeps each view from holding every view before it alive.
+        last.view._delta = None
     last.payloads, last.members, last.view = payloads, members, view
     return view
 

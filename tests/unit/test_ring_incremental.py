@@ -288,3 +288,10 @@ def test_live_ring_on_follower_views_equals_a_ring_from_scratch(
                     _assert_same_as_scratch(live.ring, weights)
                 else:
                     assert live.ring is None
+
+
+def test_views_do_not_chain_every_earlier_view() -> None:
+    decoded = _Decoded()
+    views = [_view(GroupSnapshot(e, {f"m{e}": _encode(1.0, {})}, None), decoded) for e in range(4)]
+    assert views[0]._delta is None and views[2]._delta is None
+    assert views[3]._delta == (views[2], {"m2", "m3"})
