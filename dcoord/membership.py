@@ -651,7 +651,9 @@ class LiveRing:
     expiries (see :class:`~dcoord.HashRing` for the placement).
 
     Each membership change swaps in a new immutable :class:`~dcoord.HashRing`, so lookups
-    take no lock and never see a half-built ring. :attr:`epoch` is the membership epoch
+    take no lock and never see a half-built ring. The new ring is derived from the last
+    one with :meth:`~dcoord.HashRing.with_changes`: only the changed members' points are
+    hashed and spliced in or out, never the whole group's. :attr:`epoch` is the membership epoch
     the current ring was built from. Lookups on a group with no live members raise
     :class:`~dcoord.NoMembers`. ``close()`` stops following (the client closing does too).
     """
