@@ -83,7 +83,8 @@ class RedisGroups:
     def read(self, group: str) -> GroupSnapshot:
         reply = self.run(group, "read members", "read")
         epoch, next_ms, flat = int(reply[0]), int(reply[1]), reply[2:]
-        members = {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+        # zip/map, not a comprehension: a follower reads the whole group on every change.
+        members = dict(zip(map(bytes.decode, flat[0::2]), map(bytes, flat[1::2]), strict=True))
         return GroupSnapshot(
             epoch=epoch,
             members=members,
