@@ -245,6 +245,7 @@ class EtcdLockSlot:
         self._locks = locks
         self._leases = locks.backend.leases
         self.name = name
+        self.what = f"lock {name!r}"  # how log lines name what queues here
         # The mutex prefix etcdctl lock and Go's concurrency.Mutex use too (docs/interop.md).
         # prefix and value let an election candidate queue by this same recipe under its
         # own prefix, its key holding the candidate's value (dcoord/election.py); a lock's
@@ -266,10 +267,10 @@ class EtcdLockSlot:
         while True:
             # A shared lease the server dropped unnoticed fails the put (nothing written):
             # attached() then queues once more on a fresh lease.
-            key, revision, owner, lease = self._leases.attached(self._new_lease, self._enqueue)
+            key, revision, ready, lease = self._leases.attached(self._new_lease, self._enqueue)
             self._key, self._revision, self._lease = key, revision, lease
             try:
-                outcome = "acquired" if owner == revision else self._wait(deadline)
+                outcome = "acquired" if ready else self._wait(deadline)
             except BaseException as exc:
                 self._key = None
                 self._forget_after(exc, key, revision, lease)
@@ -281,7 +282,7 @@ class EtcdLockSlot:
             self._locks.forget(key, revision, lease, self._private)
             if outcome == "timeout":
                 return None
-            log.info("lock %r: queue key %s expired while waiting; queueing again", self.name, key)
+            log.info("%s: queue key %s expired while waiting; queueing again", self.what, key)
 
     def _forget_after(self, error: BaseException, key: bytes, revision: int, lease: Lease) -> None:
         """Remove ``key`` after ``error`` failed the acquire, without hiding that error:
@@ -311,9 +312,9 @@ class EtcdLockSlot:
             keys_only=True,
         )
 
-    def _enqueue(self, lease: Lease) -> tuple[bytes, int, int, Lease]:
+    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
         """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
-        create revision, the owner's, and the lease."""
+        create revision, whether it holds the lock at once, and the lease."""
         key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
@@ -340,7 +341,7 @@ class EtcdLockSlot:
         else:
             revision = _first_kv(response.responses[0]).create_revision
         owner = _first_kv(response.responses[1])
-        return key, revision, owner.create_revision if owner is not None else revision, lease
+        return key, revision, owner is None or owner.create_revision == revision, lease
 
     def _create(self, request: Any, key: bytes, lease: Lease, *, what: str) -> Any:
         """Run the txn that puts our new queue ``key`` on ``lease``; if it fails, make

@@ -26,7 +26,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 from pyetcd.utils import prefix_range_end
 
-from ..base import LockGrant, key_segment
+from ..base import key_segment
 from .leases import Lease
 from .locks import EtcdLocks, EtcdLockSlot, _created_at, _first_kv, _range
 
@@ -54,6 +54,7 @@ class EtcdQueueSlot(EtcdLockSlot):
         auto_renew: bool,
     ) -> None:
         super().__init__(locks, what, ttl, auto_renew)
+        self.what = what
         self.prefix = own  # where our keys go (the lock slot's release/extend use _key)
         self._counted = counted
         self._counted_end = prefix_range_end(counted)
@@ -65,29 +66,10 @@ class EtcdQueueSlot(EtcdLockSlot):
             self._counted, self._counted_end, limit=self._limit, keys_only=True, **options
         )
 
-    def acquire(self, deadline: float | None) -> LockGrant | None:
-        while True:
-            # A shared lease the server dropped unnoticed fails the put (nothing written):
-            # attached() then queues once more on a fresh lease, as a lock's acquire does.
-            key, revision, ahead, lease = self._leases.attached(self._new_lease, self._put)
-            self._key, self._revision, self._lease = key, revision, lease
-            try:
-                outcome = "acquired" if ahead < self._limit else self._queue_wait(deadline)
-            except BaseException as exc:
-                self._key = None
-                self._forget_after(exc, key, revision, lease)
-                raise
-            if outcome == "acquired":
-                return LockGrant(revision, lease.expires_at)
-            self._key = None
-            self._locks.forget(key, revision, lease, self._private)
-            if outcome == "timeout":
-                return None
-            log.info("%s: queue key %s expired while waiting; queueing again", self.name, key)
-
-    def _put(self, lease: Lease) -> tuple[bytes, int, int, Lease]:
+    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
         """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
-        create revision, the number of counted keys ahead of it, and the lease."""
+        create revision, whether fewer than ``limit`` counted keys are ahead of it (it
+        holds at once), and the lease. The lock slot's acquire() runs the rest."""
         key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
@@ -100,16 +82,12 @@ class EtcdQueueSlot(EtcdLockSlot):
         )
         response = self._create(request, key, lease, what=f"acquire {self.name}")
         if response.succeeded:
-            return (
-                key,
-                response.header.revision,
-                len(response.responses[0].response_range.kvs),
-                lease,
-            )
+            ahead = len(response.responses[0].response_range.kvs)
+            return key, response.header.revision, ahead < self._limit, lease
         # A retry found the key its lost first attempt made: let the wait count.
-        return key, _first_kv(response.responses[0]).create_revision, self._limit, lease
+        return key, _first_kv(response.responses[0]).create_revision, False, lease
 
-    def _queue_wait(self, deadline: float | None) -> str:
+    def _wait(self, deadline: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
 
         Each round watches the counted range *first*, from the current revision, and
