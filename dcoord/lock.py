@@ -519,7 +519,7 @@ class _ClientLocks:
             self._due[lock] = (due, generation)
             try:
                 old = self._run_by(due)
-            except RuntimeError:  # the scheduler closed: the client is closing
+            except ClientClosed:  # the scheduler closed: the client is closing
                 return
         if old is not None:
             old.cancel()
@@ -527,7 +527,7 @@ class _ClientLocks:
     def _run_by(self, due: float) -> Job | None:
         """Make the job run by ``due`` (mutex held); returns a replaced job to cancel.
 
-        Raises RuntimeError, changing nothing, once the scheduler is closed.
+        Raises ClientClosed, changing nothing, once the scheduler is closed.
         """
         if due >= self._job_at:
             return None

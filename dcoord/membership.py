@@ -954,7 +954,7 @@ class Group:
         self.client.check_open()
 
     def _raise_if_closed(self, cause: Exception) -> None:
-        # Whatever a closing client made fail (a closed scheduler's RuntimeError, a closed
+        # Whatever a closing client made fail (a closed scheduler, a closed
         # connection), the caller is told the one reason that matters.
         if self.client.closed and not isinstance(cause, ClientClosed):
             raise ClientClosed(f"client {self.client.url} is closed") from cause

@@ -137,10 +137,10 @@ class Leases:
                     functools.partial(self._tick, seconds, lease),
                     name=f"etcd lease {lease.id:x} keep-alive",
                 )
-            except RuntimeError as exc:  # the client is closing: its scheduler has stopped
+            except ClientClosed:  # the client is closing: its scheduler has stopped
                 self._drop(seconds, lease)
                 self.revoke(lease)
-                raise ClientClosed(f"lease of {seconds} s: the client is closed") from exc
+                raise
         if stale is not None:
             stale.mark_lost()  # outside the mutex: its callbacks may take their time
         return lease

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, ClientClosed
 from ...inspect import holder_suffix
 from ...scheduler import JobResult, WorkerPool
 from ..base import LockGrant, key_segment
@@ -213,7 +213,7 @@ class _OrphanCleanup:
         delay, self._delay = self._delay, min(ORPHAN_RETRY_MAX, self._delay * 2)
         try:
             locks.scheduler.every(delay, self._again, name="redis lock orphan cleanup")
-        except RuntimeError:  # the scheduler is closed: the client is closing
+        except ClientClosed:  # the scheduler is closed: the client is closing
             log.info("lock %r: orphan cleanup stopped by close", slot.name)
 
 
