@@ -117,7 +117,10 @@ class Client:
 
         Options: ``retention`` (seconds finished records are kept, default 7 days),
         ``phase2_timeout`` (how long commit/abort is retried per call before it is left
-        to ``recover()``, default 5 s), ``workers`` (thread pool size). Warns with
+        to ``recover()``, default 5 s), ``workers`` (size of each of the prepare and
+        phase-2 thread pools), ``clock`` and ``max_clock_skew`` (where the backend has
+        no clock, as on etcd: this host's wall clock, and how far past a deadline an
+        undecided transaction waits before it is presumed aborted, default 1 s). Warns with
         :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
         option) when the backend would not keep decisions through a server crash.
         """
