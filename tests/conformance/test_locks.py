@@ -693,7 +693,10 @@ def test_redis_fence_skew_margin_lifts_the_first_fence_of_a_counter(
         old.acquire()
         assert clock_fence < old.fence < clock_fence + margin * 1e6
         old.release()
-    with dcoord.connect(f"{real_backend_url}?fence_skew_margin=0", namespace=namespace) as none:
+    query = "&" if "?" in real_backend_url else "?"  # the TLS run's URL has a query already
+    with dcoord.connect(
+        f"{real_backend_url}{query}fence_skew_margin=0", namespace=namespace
+    ) as none:
         lock = none.lock("newer")
         lock.acquire()
         assert lock.fence < clock_fence + margin * 1e6, "a margin of 0 lifts nothing"
