@@ -7,6 +7,11 @@ URL forms::
 
     memory://[NAME]                                   embedded; NAME selects an in-process store
     redis://[user:password@]host[:port][/db]          Redis 7 (rediss:// for TLS)
+    redis+sentinel://[user:password@]host[:port][,host[:port]...]/SERVICE[/db]
+                                                      Redis behind Sentinel: the hosts are
+                                                      the sentinels, SERVICE the primary's name
+    redis+cluster://[user:password@]host[:port][,host[:port]...]
+                                                      Redis Cluster: any of its nodes
     etcd://[user:password@]host[:port][,host[:port]...]   etcd v3 (etcds:// for TLS)
 
 Options may also be given as URL query parameters (``redis://h/0?connect_timeout=2``).
@@ -30,13 +35,20 @@ from .errors import ConfigError
 ENV_URL = "DCOORD_URL"
 DEFAULT_URL = "memory://"
 DEFAULT_PORTS = {"redis": 6379, "etcd": 2379}
+# scheme -> (backend kind, TLS, topology). The topology is how the servers of one kind
+# are arranged: one server, a Sentinel-watched primary with replicas, or a Redis Cluster.
 SCHEMES = {
-    "memory": ("memory", False),
-    "redis": ("redis", False),
-    "rediss": ("redis", True),
-    "etcd": ("etcd", False),
-    "etcds": ("etcd", True),
+    "memory": ("memory", False, "single"),
+    "redis": ("redis", False, "single"),
+    "rediss": ("redis", True, "single"),
+    "redis+sentinel": ("redis", False, "sentinel"),
+    "rediss+sentinel": ("redis", True, "sentinel"),
+    "redis+cluster": ("redis", False, "cluster"),
+    "rediss+cluster": ("redis", True, "cluster"),
+    "etcd": ("etcd", False, "single"),
+    "etcds": ("etcd", True, "single"),
 }
+DEFAULT_SENTINEL_PORT = 26379
 TLS_OPTIONS = ("ca_cert", "cert_file", "key_file")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # Patterns are used with fullmatch: "$" would also accept a trailing newline.
@@ -45,6 +57,8 @@ _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?")
 # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _DATABASE_RE = re.compile(r"[0-9]{1,2}")
+# A Sentinel service (master) name: what `sentinel monitor` accepts, kept printable.
+_SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # DNS limits; longer names fail later, inside the resolver, with a raw UnicodeError.
 MAX_HOST_NAME = 253
 MAX_HOST_LABEL = 63
@@ -116,6 +130,21 @@ def _namespace(name: str, value: object) -> str:
     return value
 
 
+def _text(name: str, value: object) -> str:
+    # May be a password: the message never shows the value.
+    if not isinstance(value, str) or not value or not is_utf8(value):
+        raise ConfigError(f"{name} must be a non-empty string")
+    return value
+
+
+def _replica_count(name: str, value: object) -> int:
+    if isinstance(value, str) and _DATABASE_RE.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
+        raise ConfigError(f"{name} must be a whole number 0-16, got {value!r:.120}")
+    return value
+
+
 def _margin(name: str, value: object) -> float:
     """A clock margin in seconds: 0 (none) up to an hour."""
     if isinstance(value, int | float | str) and not isinstance(value, bool):
@@ -142,6 +171,14 @@ OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     # Redis: seconds added to the server clock for the first fence of a lock whose
     # counter is missing, covering a new primary whose clock lags (docs/locks.md).
     "fence_skew_margin": (_margin, 0.0),
+    # Redis Sentinel: the sentinels' own credentials, when they differ from the data
+    # nodes' (the URL's user information is the data nodes').
+    "sentinel_username": (_text, None),
+    "sentinel_password": (_text, None),
+    # Redis with replicas: each forced decision-log write waits (WAIT) until this many
+    # replicas acknowledged it, for at most replica_timeout; fewer is a BackendUnavailable.
+    "min_replicas": (_replica_count, 0),
+    "replica_timeout": (positive_seconds, 1.0),
 }
 
 
@@ -149,8 +186,10 @@ OPTIONS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
 class Settings:
     """A validated connection configuration.
 
-    ``hosts`` is empty for ``memory://``; ``database`` is the Redis db number or the name
-    of the in-process memory store.
+    ``hosts`` is empty for ``memory://``; for Sentinel they are the sentinels, for a
+    Cluster its startup nodes. ``database`` is the Redis db number or the name of the
+    in-process memory store. ``topology`` is ``single``, ``sentinel`` (``service`` names
+    the monitored primary) or ``cluster``.
     """
 
     kind: str
@@ -160,6 +199,8 @@ class Settings:
     password: str | None = field(default=None, repr=False)
     database: str = "0"
     options: Mapping[str, Any] = field(default_factory=dict)
+    topology: str = "single"
+    service: str | None = None
 
     @property
     def namespace(self) -> str:
@@ -176,13 +217,18 @@ class Settings:
     @property
     def url(self) -> str:
         """The URL without the password, safe to print."""
-        scheme = next(s for s, v in SCHEMES.items() if v == (self.kind, self.tls))
+        key = (self.kind, self.tls, self.topology)
+        scheme = next(s for s, v in SCHEMES.items() if v == key)
         if self.kind == "memory":
             return f"memory://{'' if self.database == 'default' else self.database}"
         auth = f"{self.username or ''}:***@" if self.password else ""
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
-        db = f"/{self.database}" if self.kind == "redis" else ""
-        return f"{scheme}://{auth}{hosts}{db}"
+        path = ""
+        if self.topology == "sentinel":
+            path = f"/{self.service}/{self.database}"
+        elif self.kind == "redis" and self.topology == "single":
+            path = f"/{self.database}"
+        return f"{scheme}://{auth}{hosts}{path}"
 
 
 def settings_from(config: str | Mapping[str, Any] | None = None, **options: Any) -> Settings:
@@ -261,7 +307,7 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         raise ConfigError(
             f"unknown URL scheme {_quoted(scheme + '://')} in {shown}; known: {known}"
         )
-    kind, tls = SCHEMES[scheme]
+    kind, tls, topology = SCHEMES[scheme]
     # The user information first, by the last '@': a password may hold '/', '?' or '#'.
     userinfo, at, rest = rest.rpartition("@") if kind != "memory" else ("", "", rest)
     rest, _, query = rest.partition("?")
@@ -285,11 +331,29 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         user, colon, pw = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if colon else None
-    hosts = tuple(_parse_host(h, DEFAULT_PORTS[kind], shown) for h in hostlist.split(","))
-    database = "0"
-    if kind == "redis":
-        if len(hosts) != 1:
-            raise ConfigError(f"a redis URL names exactly one host, got {_quoted(hostlist)}")
+    default_port = DEFAULT_SENTINEL_PORT if topology == "sentinel" else DEFAULT_PORTS[kind]
+    hosts = tuple(_parse_host(h, default_port, shown) for h in hostlist.split(","))
+    database, service = "0", None
+    if topology == "sentinel":
+        service, _, path = path.strip("/").partition("/")
+        if not _SERVICE_RE.fullmatch(service):
+            raise ConfigError(
+                f"a {scheme}:// URL names its service after the sentinels "
+                f"({scheme}://host:port,.../SERVICE[/db]), got {_quoted(service)} in {shown}"
+            )
+    if topology == "cluster":
+        # A Cluster has one database, 0: accept only that, so a /db meant for a single
+        # server is not silently ignored.
+        if path.strip("/") not in ("", "0"):
+            raise ConfigError(
+                f"a Redis Cluster has database 0 only, got {_quoted('/' + path)} in {shown}"
+            )
+    elif kind == "redis":
+        if topology == "single" and len(hosts) != 1:
+            raise ConfigError(
+                f"a {scheme}:// URL names exactly one host, got {_quoted(hostlist)}; for "
+                f"several use redis+sentinel:// or redis+cluster://"
+            )
         database = path.strip("/") or "0"
         if not _DATABASE_RE.fullmatch(database) or int(database) > 15:
             raise ConfigError(
@@ -299,7 +363,10 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         raise ConfigError(f"an etcd URL takes no path, got {_quoted('/' + path)} in {shown}")
     if (validated["cert_file"] is None) != (validated["key_file"] is None):
         raise ConfigError("cert_file and key_file must be given together")
-    return Settings(kind, tls, hosts, username, password, database, validated)
+    sentinel_auth = (validated["sentinel_username"], validated["sentinel_password"])
+    if topology != "sentinel" and sentinel_auth != (None, None):
+        raise ConfigError(f"sentinel_username/sentinel_password given with {scheme}://")
+    return Settings(kind, tls, hosts, username, password, database, validated, topology, service)
 
 
 def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:

@@ -206,6 +206,9 @@ class Server:
     # a multi-member cluster sets both per member.
     etcd_name = "dcoord-test"
     etcd_cluster: str | None = None
+    # More redis-server arguments, for a member of a topology (tests/topologies/):
+    # ``--replicaof``, ``--cluster-enabled yes`` ...
+    redis_args: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -335,6 +338,7 @@ class Server:
                 ]
             if self.password is not None:
                 cmd += ["--requirepass", self.password]
+            cmd += self.redis_args
             return cmd if self.persistent else [*cmd, "--appendonly", "no"]
         scheme = "https" if self.tls else "http"
         peer = f"http://{HOST}:{self.peer_port}"

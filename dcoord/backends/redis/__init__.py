@@ -12,14 +12,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ... import metrics
 from ...config import Settings
 from ...errors import BackendError, BackendUnavailable, ConfigError, DcoordError, PermissionDenied
 from ...scheduler import Scheduler
 from ..base import ServerInfo, certificate_error, with_retries
+from . import topology
 from .election import RedisElections
 from .kv import RedisKV
 from .locks import RedisLocks
@@ -86,32 +85,11 @@ class RedisBackend:
     kind = "redis"
 
     def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
-        ((host, port),) = settings.hosts
         self.settings = settings
         self.scheduler = scheduler
-        self.endpoint = f"{host}:{port}"
+        self.endpoint = topology.endpoint(settings)
         self.prefix = f"dcoord:{settings.namespace}:"
-        tls = {}
-        if settings.tls:
-            tls = {
-                "ssl": True,
-                "ssl_ca_certs": settings.options["ca_cert"],
-                "ssl_certfile": settings.options["cert_file"],
-                "ssl_keyfile": settings.options["key_file"],
-            }
-        self.redis = redis.Redis(
-            host=host,
-            port=port,
-            db=int(settings.database),
-            username=settings.username,
-            password=settings.password,
-            socket_connect_timeout=settings.connect_timeout,
-            socket_timeout=settings.request_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-            client_name=f"dcoord:{settings.namespace}",
-            **tls,
-        )
+        self.redis = topology.make_client(settings)
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
         self.elections = RedisElections(self)  # its waiters use locks.notifier, made next

@@ -39,6 +39,7 @@ from ...inspect import holder_suffix
 from ...scheduler import JobResult, WorkerPool
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
+from .topology import Client
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -92,7 +93,7 @@ class LuaScript:
         """The script ``<name>.lua`` shipped beside this module."""
         return cls(resources.files(__package__).joinpath(f"{name}.lua").read_text())
 
-    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
         run: Any = client.execute_command  # untyped in redis-py
         try:
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
