@@ -9,10 +9,16 @@ processes or server faults). Servers come from tests/servers.py.
 URLs are ``rediss://`` / ``etcds://`` with the admin's credentials, and the ``connect``
 fixture (hence ``client``) connects as a user confined to the test's namespace by exactly
 what ``dcoord acl`` prints.
+
+``DCOORD_TEST_TOPOLOGY=sentinel|cluster|etcd3`` makes the shared redis (sentinel,
+cluster) or etcd (etcd3) server a multi-server topology from tests/topologies/, so every
+test of the shared server runs against it unchanged. Tests that start their own servers
+(``server_factory``) still get single servers.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -35,6 +41,12 @@ from tests.servers import (
 
 BACKENDS = ("memory", "redis", "etcd")
 REAL_BACKENDS = ("redis", "etcd")
+# DCOORD_TEST_TOPOLOGY -> (the backend kind it replaces, module in tests/topologies, class)
+TOPOLOGIES = {
+    "sentinel": ("redis", "sentinel", "SentinelSet"),
+    "cluster": ("redis", "cluster", "ClusterSet"),
+    "etcd3": ("etcd", "etcd", "EtcdCluster"),
+}
 SECURE = os.environ.get("DCOORD_TEST_SECURE", "").strip() not in ("", "0")
 # The admin password of secure test servers, and the password of each namespace's user.
 ADMIN_PASSWORD = "admin-pw-do-not-print"
@@ -66,7 +78,12 @@ class Servers:
     def url(self, kind: str) -> str:
         if kind not in self._urls:
             external = os.environ.get(f"DCOORD_TEST_{kind.upper()}_URL")
-            if external and not SECURE:
+            chosen = topology()
+            if chosen is not None and TOPOLOGIES[chosen][0] == kind:
+                server: Any = _start_topology_or_fail(chosen, **self.security())
+                self._started[kind] = server
+                self._urls[kind] = server.url
+            elif external and not SECURE:
                 self._urls[kind] = external
             else:
                 server = _start_or_fail(kind, **self.security())
@@ -89,6 +106,31 @@ class Servers:
             shutil.rmtree(self._certificates.directory, ignore_errors=True)
 
 
+def topology() -> str | None:
+    """The DCOORD_TEST_TOPOLOGY asked for (None: single servers)."""
+    chosen = os.environ.get("DCOORD_TEST_TOPOLOGY", "").strip().lower()
+    if chosen in ("", "single"):
+        return None
+    if chosen not in TOPOLOGIES:
+        known = ", ".join(["single", *TOPOLOGIES])
+        raise pytest.UsageError(f"DCOORD_TEST_TOPOLOGY={chosen!r}: expected one of {known}")
+    return chosen
+
+
+def _start_topology_or_fail(name: str, **options: Any) -> Any:
+    _, module, cls = TOPOLOGIES[name]
+    started = getattr(importlib.import_module(f"tests.topologies.{module}"), cls)(**options)
+    try:
+        started.start()
+    except ServerUnavailable as exc:
+        started.stop()
+        pytest.fail(f"cannot start a {name} topology for the tests: {exc}", pytrace=False)
+    except BaseException:
+        started.stop()
+        raise
+    return started
+
+
 def _start_or_fail(kind: str, **options: Any) -> Server:
     try:
         return start_server(kind, **options)
@@ -104,6 +146,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     external = [k for k in REAL_BACKENDS if os.environ.get(f"DCOORD_TEST_{k.upper()}_URL")]
     return (
         f"dcoord test servers: {chosen}"
+        + (f", topology {topology()}" if topology() else "")
         + (f" (external: {', '.join(external)})" if external and not SECURE else "")
         + (" with TLS and auth (DCOORD_TEST_SECURE)" if SECURE else "")
     )
