@@ -84,9 +84,9 @@ class RedisTxLog:
         return f"{self._bucket_prefix(number)}open"
 
     def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
-        self._ensure_migrated()
-        keys = [self.record_key(txid), self.index_key(bucket(txid))]
         what = f"create transaction record {txid!r}"
+        self._ensure_migrated(what)
+        keys = [self.record_key(txid), self.index_key(bucket(txid))]
         created = self._backend.call(
             lambda: self._backend.replication.write(
                 CREATE, keys, [data, repr(deadline), txid], what=what
@@ -98,20 +98,21 @@ class RedisTxLog:
     def cas(
         self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
     ) -> LogEntry | None:
-        self._ensure_migrated()
+        what = f"update transaction record {txid!r}"
+        self._ensure_migrated(what)
         keys = [self.record_key(txid), self.index_key(bucket(txid))]
         args = [expected.data, data, "1" if finished else "0", max(1, int(retention * 1000)), txid]
-        what = f"update transaction record {txid!r}"
         changed = self._backend.call(
             lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
         return LogEntry(bytes(data), bytes(data)) if changed else None
 
     def get(self, txid: str) -> LogEntry | None:
-        self._ensure_migrated()
+        what = f"read transaction record {txid!r}"
+        self._ensure_migrated(what)
         data = self._backend.call(
             lambda: cast("bytes | None", self._redis.get(self.record_key(txid))),
-            what=f"read transaction record {txid!r}",
+            what=what,
             retry=True,
         )
         return None if data is None else LogEntry(data, data)
@@ -148,7 +149,7 @@ class RedisTxLog:
         return cast("list[list[tuple[bytes, float]]]", pipe.execute())
 
     def scan(self) -> dict[str, LogEntry]:
-        self._ensure_migrated()
+        self._ensure_migrated("list transactions")
         tag = _GLOB_SPECIALS.sub(r"\\\1", f"{self._prefix}{{{self._namespace}:tx:")
         pattern = tag + "[0-9][0-9]}:r:*"
 
@@ -163,8 +164,9 @@ class RedisTxLog:
 
         return self._backend.call(read, what="list transactions", retry=True)
 
-    def _ensure_migrated(self) -> None:
-        """Move the unfinished records of the old layout, once per client."""
+    def _ensure_migrated(self, what: str) -> None:
+        """Move the unfinished records of the old layout, once per client, before the
+        operation ``what`` (which errors name)."""
         if self._migrated.is_set() or not self._legacy_possible:
             return
         found = self._backend.call(
@@ -172,13 +174,13 @@ class RedisTxLog:
                 "list[tuple[bytes, float]]",
                 self._redis.zrange(self._legacy_index, 0, -1, withscores=True),
             ),
-            what="look for transaction records of the old layout",
+            what=f"{what} (first looking for records of the old layout)",
             retry=True,
         )
         if found:
             self._backend.call(
                 lambda: self._migrate_legacy(found),
-                what="move transaction records of the old layout",
+                what=f"{what} (first moving records of the old layout)",
                 retry=True,
             )
         self._migrated.set()
