@@ -133,6 +133,11 @@ class KVParticipant:
         prefix = self._root + "s/"
         return sorted(k[len(prefix) :] for k in self._kv.scan(prefix))
 
+    def reserved(self) -> dict[str, str]:
+        """Key -> the txid of the prepared transaction that reserves it."""
+        prefix = self._root + "o/"
+        return {k[len(prefix) :]: v.decode() for k, v in self._kv.scan(prefix).items()}
+
     # -- the participant protocol ---------------------------------------------------
 
     def validate(self, payload: Any) -> None:

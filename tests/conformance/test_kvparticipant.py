@@ -388,3 +388,13 @@ def test_commit_and_abort_are_idempotent(client: dcoord.Client) -> None:
     a.abort("t1")  # after commit: nothing to drop
     a.abort("never-prepared")
     assert a.get("k") == 5 and a.in_doubt() == []
+
+
+def test_reserved_lists_the_keys_a_prepared_transaction_holds(client: dcoord.Client) -> None:
+    """What the randomized suite checks is left behind (none after the outcome)."""
+    a = bank(client, "a")
+    assert a.prepare("tx-1", {"set": {"alice": 1}, "delete": ["bob"]})
+    assert a.reserved() == {"alice": "tx-1", "bob": "tx-1"}
+    assert bank(client, "b").reserved() == {}  # another participant's keys are its own
+    a.abort("tx-1")
+    assert a.reserved() == {}
