@@ -19,7 +19,7 @@ import dcoord
 from dcoord import txlog
 from dcoord.backends.redis.slots import BUCKETS, bucket, slot
 from dcoord.participants import KVParticipant
-from tests.conftest import Servers, topology
+from tests.conftest import Servers
 
 # Commands whose arguments hold more than one key, and where the keys are.
 KEYS_FROM_NUMKEYS = {"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"}
@@ -215,11 +215,11 @@ def test_the_recorder_catches_a_step_across_slots(
     connect_redis: Callable[..., dcoord.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Negative control: keys without a common tag, on one server, are reported."""
-    if topology() == "cluster":
-        pytest.skip("a Cluster refuses the step itself (see the test below)")
     recorder = Recorder()
     recorder.install(monkeypatch)
     client = connect_redis()
+    if client.settings.topology == "cluster":
+        pytest.skip("a Cluster refuses the step itself (see the test below)")
     assert client.backend.kv.apply({"x": b"1", "y": b"2"})
     assert client.fence("orders").write(1, "balance", b"1")
     assert len(recorder.cross_slot()) == 2
@@ -228,9 +228,9 @@ def test_the_recorder_catches_a_step_across_slots(
 def test_steps_across_slots_are_refused_by_name_on_a_cluster(
     connect_redis: Callable[..., dcoord.Client],
 ) -> None:
-    if topology() != "cluster":
-        pytest.skip("only a Redis Cluster refuses keys in several slots")
     client = connect_redis()
+    if client.settings.topology != "cluster":
+        pytest.skip("only a Redis Cluster refuses keys in several slots")
     with pytest.raises(dcoord.ConfigError, match=r"'\{orders\}\.\.\.'.*balance"):
         client.fence("orders").write(1, "balance", b"1")
     with pytest.raises(dcoord.ConfigError, match="hash to 2 slots"):
@@ -305,9 +305,10 @@ def test_unfinished_records_of_the_old_layout_move_into_their_buckets(
     """A deployment upgraded from the single-index layout: a decided record that a
     participant may be waiting on is found by get(), resolve() and recover(); one written
     later by a process of the old version is moved by the next listing."""
-    if topology() == "cluster":
+    old_client = connect_redis()
+    if old_client.settings.topology == "cluster":
         pytest.skip("the old layout never ran on a Cluster (its steps span slots)")
-    old: Any = connect_redis().backend.redis
+    old: Any = old_client.backend.redis
     legacy_index = f"dcoord:{namespace}:tx:unfinished"
 
     def write_old(txid: str, state: str) -> None:

@@ -44,7 +44,8 @@ def require_one_slot(keys: Sequence[str], what: str) -> None:
     step; redis-py would say only "all keys must map to the same key slot")."""
     slots = {slot(key) for key in keys}
     if len(slots) > 1:
-        shown = ", ".join(repr(key) for key in keys[:4]) + (" ..." if len(keys) > 4 else "")
+        distinct = sorted(set(keys))
+        shown = ", ".join(map(repr, distinct[:4])) + (" ..." if len(distinct) > 4 else "")
         raise ConfigError(
             f"{what}: on a Redis Cluster every key of one atomic step must hash to one slot, "
             f"but {shown} hash to {len(slots)} slots; give the keys a common hash tag, "
@@ -62,7 +63,9 @@ def mget(client: Client, keys: Sequence[str]) -> list[bytes | None]:
         groups.setdefault(slot(key), []).append(index)
     pipe: Any = client.pipeline(transaction=False)
     for indexes in groups.values():
-        pipe.mget([keys[i] for i in indexes])
+        # Not pipe.mget(): a Cluster's pipeline refuses that method (any slot), while it
+        # routes the command itself by its keys' one slot.
+        pipe.execute_command("MGET", *(keys[i] for i in indexes))
     values: list[bytes | None] = [None] * len(keys)
     for indexes, found in zip(groups.values(), pipe.execute(), strict=True):
         for i, value in zip(indexes, cast("list[bytes | None]", found), strict=True):
