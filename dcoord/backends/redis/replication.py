@@ -40,6 +40,7 @@ class Replication:
         self._backend = backend
         self.min_replicas = int(settings.options["min_replicas"])
         self.timeout = float(settings.options["replica_timeout"])
+        self._loaded: set[tuple[int, str]] = set()  # (id of a primary's client, sha)
         if self.min_replicas and self.timeout >= settings.request_timeout:
             # The WAIT's reply would arrive after the socket gave up on it.
             raise ConfigError(
@@ -57,11 +58,16 @@ class Replication:
         client = self._backend.redis
         if not self.min_replicas:
             return script(client, keys, args)
+        primary: Any = self._primary_client(keys[0])
+        if (id(primary), script.sha) not in self._loaded:
+            # Loaded ahead, once per server: a refused EVALSHA would not stop the WAIT
+            # behind it, which would then wait its full timeout for nothing.
+            primary.execute_command("SCRIPT", "LOAD", script.source)
+            self._loaded.add((id(primary), script.sha))
         result, acks = self._send(script, keys, args)
         if isinstance(result, redis.exceptions.NoScriptError):
-            # First use on this server, or it restarted: load, then send both again (the
-            # WAIT of the refused attempt waited for nothing new).
-            primary: Any = self._primary_client(keys[0])
+            # The server restarted or failed over since: load, then send both again.
+            primary = self._primary_client(keys[0])
             primary.execute_command("SCRIPT", "LOAD", script.source)
             result, acks = self._send(script, keys, args)
         elif isinstance(result, redis.exceptions.AskError):  # MovedError is one too
