@@ -150,7 +150,7 @@ def test_forced_writes_succeed_with_a_replica_that_has_them(
 def test_a_decision_the_replicas_lack_is_not_reported_committed(
     connect: Callable[..., dcoord.Client], replica: Server
 ) -> None:
-    """The replica stops acknowledging between the record and the decision: the commit
+    """The replica stops acknowledging between the yes vote and the decision: the commit
     decision reaches the primary only. commit() must not report it committed nor tell
     any participant to commit (a failover could lose the decision after they did); once
     the replica is back, recover() confirms it and commits."""
@@ -158,7 +158,7 @@ def test_a_decision_the_replicas_lack_is_not_reported_committed(
     part = KVParticipant(client, "bank")
 
     def pause_replica(point: str, txid: str, participant: str | None) -> None:
-        if point == "after_record":
+        if point == "after_prepare":  # the participant's yes is on the replica
             replica.pause()
 
     coord = coordinator(client, part, failpoint=pause_replica)
@@ -178,3 +178,17 @@ def test_a_decision_the_replicas_lack_is_not_reported_committed(
     assert report.committed == [tx.txid], report
     assert part.get("alice") == 1 and part.in_doubt() == []
     coord.close()
+
+
+def test_a_participant_does_not_vote_yes_on_a_primary_alone(
+    connect: Callable[..., dcoord.Client],
+) -> None:
+    """KVParticipant's staging is a forced write too: without the replicas asked for, its
+    prepare fails instead of voting yes on a staged record a failover could lose."""
+    client = connect(min_replicas=1, replica_timeout=REPLICA_TIMEOUT)
+    part = KVParticipant(client, "bank")
+    with pytest.raises(dcoord.BackendUnavailable, match="min_replicas=1"):
+        part.prepare("tx-1", {"set": {"alice": 1}})
+    # Staged on the primary only, and no yes given: the coordinator aborts it (once the
+    # replicas answer: its abort is a forced write too).
+    assert part.in_doubt() == ["tx-1"]

@@ -3,7 +3,8 @@
 The prefix holds no ``{``, so a key's own hash tag decides its Redis Cluster slot: keys
 that one :meth:`RedisKV.apply` touches must share one (``{orders}balance`` and
 ``{orders}limit``) on a Cluster, where a step across slots is refused with a
-ConfigError naming the keys. One server runs any such step.
+ConfigError naming the keys. One server runs any such step. With ``min_replicas``,
+:meth:`RedisKV.apply` and :meth:`RedisKV.swap` are forced writes (see :mod:`.replication`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, cast
 
+from .locks import LuaScript
 from .scripts import lua
 from .slots import mget, require_one_slot
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from . import RedisBackend
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+APPLY = LuaScript(lua("kv_apply", checked=True))
 
 
 class RedisKV:
@@ -26,7 +29,6 @@ class RedisKV:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}kv:"
-        self._apply = self._redis.register_script(lua("kv_apply", checked=True))
         self._cluster = backend.settings.topology == "cluster"
 
     def get(self, key: str) -> bytes | None:
@@ -80,9 +82,16 @@ class RedisKV:
         for expected in conditions.values():
             args += ["0", ""] if expected is None else ["1", expected]
         args += list(puts.values())
-        result = self._backend.call(
-            lambda: self._apply(keys=keys, args=args), what=f"apply to {len(keys)} keys"
-        )
+        what = f"apply to {len(keys)} keys"
+        if puts or deletes:
+            # A forced write (with min_replicas, WAIT for replicas): KVParticipant stages
+            # its "yes" and applies its commit with it; neither may rest on the primary
+            # alone.
+            result = self._backend.call(
+                lambda: self._backend.replication.write(APPLY, keys, args, what=what), what=what
+            )
+        else:  # only reads the conditions: nothing to wait for
+            result = self._backend.call(lambda: APPLY(self._redis, keys, args), what=what)
         if not isinstance(result, list):
             return None
         return dict(zip(conditions, cast("list[bytes | None]", result), strict=True))
