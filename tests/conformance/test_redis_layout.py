@@ -20,7 +20,7 @@ from dcoord import txlog
 from dcoord.backends.redis.migrate import migrate_legacy_keys
 from dcoord.backends.redis.slots import BUCKETS, bucket, slot
 from dcoord.participants import KVParticipant
-from tests.conftest import Servers
+from tests.conftest import SECURE, Servers
 
 # Commands whose arguments hold more than one key, and where the keys are.
 KEYS_FROM_NUMKEYS = {"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"}
@@ -368,3 +368,48 @@ def test_migrate_legacy_keys_moves_fences_and_participant_keys(
     # Idempotent: only the conflict (left for an operator) is found again.
     assert migrate_legacy_keys(client) == {"fences": 0, "participant_keys": 0, "conflicts": 1}
     assert raw.get(f"{ns}:kv:kvp/bank/d/carol") == b'{"f":1,"v":"old"}'
+
+
+def test_a_forced_write_follows_its_slot_to_another_primary(
+    connect_redis: Callable[..., dcoord.Client],
+) -> None:
+    """With min_replicas, a forced write goes to the node redis-py's slot map names: when
+    the slot moved meanwhile, the node answers MOVED, the map is reread and the write
+    (and its WAIT) lands on the new owner."""
+    client = connect_redis(min_replicas=1, replica_timeout=2.0)
+    cluster: Any = client.backend.redis
+    if client.settings.topology != "cluster" or SECURE:
+        pytest.skip("needs a Redis Cluster and the admin's CLUSTER SETSLOT")
+    log = client.backend.txlog
+
+    def record(txid: str) -> bytes:
+        return txlog.encode(txlog.new_record(txid, {"p": None}, now=log.now(), timeout=30))
+
+    assert log.create("warm", record("warm"), 1e10) is not None  # the map is cached now
+    key = log.record_key("moved")
+    number = slot(key)
+    source = cluster.get_node_from_key(key)
+    target = next(n for n in cluster.get_primaries() if n.name != source.name)
+
+    def node(n: Any) -> Any:
+        return cluster.get_redis_connection(n)
+
+    source_id = node(source).execute_command("CLUSTER MYID")
+    target_id = node(target).execute_command("CLUSTER MYID")
+    node(target).execute_command("CLUSTER SETSLOT", number, "IMPORTING", source_id)
+    node(source).execute_command("CLUSTER SETSLOT", number, "MIGRATING", target_id)
+    for moving in node(source).execute_command("CLUSTER GETKEYSINSLOT", number, 1000):
+        node(source).execute_command("MIGRATE", target.host, target.port, moving, 0, 5000)
+    for primary in cluster.get_primaries():
+        node(primary).execute_command("CLUSTER SETSLOT", number, "NODE", target_id)
+    rereads: list[int] = []
+    reread = cluster.nodes_manager.initialize
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        rereads.append(1)
+        return reread(*args, **kwargs)
+
+    cluster.nodes_manager.initialize = counted
+    assert log.create("moved", record("moved"), 1e10) is not None
+    assert rereads == [1]
+    assert node(target).get(key) is not None
