@@ -11,6 +11,9 @@ for a Cluster already):
 * a :class:`~dcoord.KVParticipant`'s keys: ``{NAME}`` (``kvp/{NAME}/...``);
 * the 2PC log: :data:`BUCKETS` buckets, each a tag holding its records and its index of
   unfinished transactions (``txlog.py``).
+
+The only steps across slots move keys of the layout before tags (``migrate.py``,
+``txlog_migrate.lua``); they run only where that layout could exist: on one server.
 """
 
 from __future__ import annotations
