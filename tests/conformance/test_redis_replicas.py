@@ -192,3 +192,16 @@ def test_a_participant_does_not_vote_yes_on_a_primary_alone(
     # Staged on the primary only, and no yes given: the coordinator aborts it (once the
     # replicas answer: its abort is a forced write too).
     assert part.in_doubt() == ["tx-1"]
+
+
+def test_the_namespace_acl_rule_allows_the_wait(primary: Server, namespace: str) -> None:
+    """A user confined by what ``dcoord acl redis`` prints may send WAIT: it gets the
+    replica error, not PermissionDenied."""
+    url = primary.confine(namespace, f"u-{namespace}", "user-pw")
+    with (
+        dcoord.connect(
+            url, namespace=namespace, min_replicas=1, replica_timeout=REPLICA_TIMEOUT
+        ) as client,
+        pytest.raises(dcoord.BackendUnavailable, match="min_replicas=1"),
+    ):
+        client.backend.txlog.create("tx-1", started(client, "tx-1"), time.time() + 30)
