@@ -1,7 +1,8 @@
 """Ready-made 2PC participants: :class:`KVParticipant`, a key-value store in the backend.
 
 It is also the worked example for writing your own participant. Its state lives in the
-backend under ``kvp/<name>/``::
+backend's plain keys under ``kvp/<name>/`` (on Redis ``kvp/{<name>}/``: one hash tag, so
+that every multi-key step of a participant stays in one Redis Cluster slot)::
 
     d/<key>    the committed value of <key>: {"v": value, "f": version (1, 2, ...)}
     s/<txid>   the writes <txid> staged at prepare: {"w": {key: value|null}, "f": {key: version}}
@@ -106,7 +107,11 @@ class KVParticipant:
         self.lock_ttl = positive_seconds("lock_ttl", lock_ttl)
         self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
         self._kv = client.backend.kv
-        self._root = f"kvp/{name}/"
+        # Each prepare, commit and abort is one atomic step over several of these keys:
+        # on Redis they share a hash tag (a Cluster runs a step in one slot only). etcd
+        # keeps the untagged names it always had.
+        tag = f"{{{name}}}" if client.backend.kind == "redis" else name
+        self._root = f"kvp/{tag}/"
         self._staged_here: dict[str, bytes] = {}  # txid -> staged bytes, until commit/abort
         self._known: dict[str, bytes | None] = {}  # key -> its bytes as last seen or written
         self._mutex = threading.Lock()
@@ -127,6 +132,11 @@ class KVParticipant:
         """Transactions prepared here and not yet committed or aborted (like XA recover)."""
         prefix = self._root + "s/"
         return sorted(k[len(prefix) :] for k in self._kv.scan(prefix))
+
+    def reserved(self) -> dict[str, str]:
+        """Key -> the txid of the prepared transaction that reserves it."""
+        prefix = self._root + "o/"
+        return {k[len(prefix) :]: v.decode() for k, v in self._kv.scan(prefix).items()}
 
     # -- the participant protocol ---------------------------------------------------
 

@@ -311,6 +311,11 @@ class Coordinator:
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
         self._local_log = client.backend.kind == "memory"
+        # Redis with min_replicas: a decision read from the log may sit on the primary
+        # alone (its writer's WAIT fell short); it is confirmed before anyone acts on it.
+        self._confirm_replicas = (
+            client.backend.kind == "redis" and int(client.settings.options["min_replicas"]) > 0
+        )
         self._mutex = threading.Lock()
         self._closed = False
         client.on_close(self.close)
@@ -346,6 +351,7 @@ class Coordinator:
         if stored is None:
             return "aborted"
         if stored.record.outcome is not None:
+            self._durable(stored)  # the participant acts on it: it must not be lost
             return stored.record.outcome
         if not self._expired(stored.record, self._now()):
             return "pending"
@@ -552,7 +558,7 @@ class Coordinator:
         """
         for _ in range(100):  # each round trip loses only to a concurrent change
             if stored.record.outcome is not None:
-                return stored
+                return self._durable(stored)
             # decided_at is for operators only: this host's clock is good enough.
             decided = txlog.decide(stored.record, outcome, now=self.clock(), reason=reason)
             result = self._cas(stored, decided)
@@ -572,14 +578,38 @@ class Coordinator:
                 new.txid, stored.entry, data, finished=new.state.finished, retention=self.retention
             )
         except BackendUnavailable:
-            # Unknown outcome: read back; our exact bytes there mean it was applied.
+            # Unknown outcome: read back; our exact bytes there mean it was applied (but
+            # perhaps not replicated: the error may have been a WAIT that fell short).
             fresh = self._read(new.txid)
             if fresh is not None and fresh.entry.data == data:
-                return fresh
+                return self._durable(fresh)
             if fresh is None and new.state.finished:
                 raise  # applied and already expired, or never written: cannot tell
             return None
         return None if entry is None else _Stored(new, entry)
+
+    def _durable(self, stored: _Stored) -> _Stored:
+        """``stored``, once its decision is known to be on ``min_replicas`` replicas.
+
+        Only with min_replicas on Redis, and only for a decided, unfinished record: its
+        same bytes are written again, and that write's WAIT confirms everything before
+        it. Without this, a decision that only the primary holds could be sent to
+        participants and then be lost in a failover, and the transaction presumed
+        aborted after some of them committed. BackendUnavailable if not confirmed.
+        """
+        record = stored.record
+        if not self._confirm_replicas or record.outcome is None or record.state.finished:
+            return stored
+        data = txlog.encode(record)
+        entry = self._store.cas(
+            record.txid, stored.entry, data, finished=False, retention=self.retention
+        )
+        if entry is None:
+            raise BackendUnavailable(
+                f"transaction {record.txid!r} changed while its decision was being "
+                "confirmed on the replicas; retry"
+            )
+        return _Stored(record, entry)
 
     def _phase2(self, stored: _Stored, *, background_done: bool) -> _Stored:
         """Send the decision to every participant that has not acknowledged it.
@@ -694,6 +724,8 @@ class Coordinator:
                 report.pending.append(txid)
                 return
             stored = self._decide(stored, "aborted", "deadline passed; aborted by recovery")
+        else:
+            stored = self._durable(stored)
         unknown = [p for p in stored.record.unacked if p not in self.participants]
         stored = self._phase2(stored, background_done=False)
         if stored.record.state.finished:

@@ -47,6 +47,7 @@ REDIS_COMMANDS = (
     "subscribe",
     "unsubscribe",
     "ping",
+    "wait",  # after forced 2PC log writes, with min_replicas
 )
 
 

@@ -207,15 +207,18 @@ def test_participant_crash_between_prepare_and_commit(client: dcoord.Client, bac
 
 
 def test_swap_applies_or_returns_the_current_values(client: dcoord.Client) -> None:
-    kv = client.backend.kv
-    kv.put("a", b"1")
-    assert kv.swap({"b": b"2"}, ["a"], only_if={"a": b"1", "b": None}) is None
-    assert kv.get("a") is None and kv.get("b") == b"2"
+    kv = client.backend.kv  # one hash tag: one slot, as a Redis Cluster requires
+    kv.put("{s}a", b"1")
+    assert kv.swap({"{s}b": b"2"}, ["{s}a"], only_if={"{s}a": b"1", "{s}b": None}) is None
+    assert kv.get("{s}a") is None and kv.get("{s}b") == b"2"
     # A wrong guess changes nothing and answers with the truth, absent keys as None.
-    assert kv.swap({"c": b"3"}, ["b"], only_if={"a": b"1", "b": None}) == {"a": None, "b": b"2"}
-    assert kv.get("b") == b"2" and kv.get("c") is None
-    assert kv.apply({"c": b"3"}, only_if={"b": b"2"}) is True
-    assert kv.apply({"c": b"4"}, only_if={"b": b"x"}) is False and kv.get("c") == b"3"
+    assert kv.swap({"{s}c": b"3"}, ["{s}b"], only_if={"{s}a": b"1", "{s}b": None}) == {
+        "{s}a": None,
+        "{s}b": b"2",
+    }
+    assert kv.get("{s}b") == b"2" and kv.get("{s}c") is None
+    assert kv.apply({"{s}c": b"3"}, only_if={"{s}b": b"2"}) is True
+    assert kv.apply({"{s}c": b"4"}, only_if={"{s}b": b"x"}) is False and kv.get("{s}c") == b"3"
 
 
 def test_a_stale_remembered_value_never_costs_a_no_vote(client: dcoord.Client) -> None:
@@ -388,3 +391,13 @@ def test_commit_and_abort_are_idempotent(client: dcoord.Client) -> None:
     a.abort("t1")  # after commit: nothing to drop
     a.abort("never-prepared")
     assert a.get("k") == 5 and a.in_doubt() == []
+
+
+def test_reserved_lists_the_keys_a_prepared_transaction_holds(client: dcoord.Client) -> None:
+    """What the randomized suite checks is left behind (none after the outcome)."""
+    a = bank(client, "a")
+    assert a.prepare("tx-1", {"set": {"alice": 1}, "delete": ["bob"]})
+    assert a.reserved() == {"alice": "tx-1", "bob": "tx-1"}
+    assert bank(client, "b").reserved() == {}  # another participant's keys are its own
+    a.abort("tx-1")
+    assert a.reserved() == {}

@@ -502,16 +502,19 @@ def test_racing_deciders_never_record_different_outcomes(coordinator: Any) -> No
         tx.enlist("b", None)
         results: list[object] = []
         threads = [threading.Thread(target=_collect, args=(results, _commit, tx))]
+        threads[0].start()
+        record = None
+        while record is None:
+            record = coord.get(tx.txid)
+        # Resolvers only once the record exists, as participants ask only after their
+        # prepare: asked before, "no record" rightly means abort (presumed abort).
         threads += [
             threading.Thread(target=_collect, args=(results, r.resolve, tx.txid))
             for r in resolvers
             for _ in range(2)
         ]
-        for t in threads:
+        for t in threads[1:]:
             t.start()
-        record = None
-        while record is None:
-            record = coord.get(tx.txid)
         # Let everyone loose right at the deadline, so commit and abort race for real.
         time.sleep(max(0.0, record.deadline - time.time()))
         go.set()

@@ -23,6 +23,7 @@ from .election import RedisElections
 from .kv import RedisKV
 from .locks import RedisLocks
 from .membership import RedisGroups
+from .replication import Replication
 from .rwlock import RedisRWLocks
 from .semaphore import RedisSemaphores
 from .txlog import RedisTxLog
@@ -89,6 +90,7 @@ class RedisBackend:
         self.scheduler = scheduler
         self.endpoint = topology.endpoint(settings)
         self.prefix = f"dcoord:{settings.namespace}:"
+        self.replication = Replication(self)  # forced writes: WAIT for min_replicas
         self.redis = topology.make_client(settings)
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)

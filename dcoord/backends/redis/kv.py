@@ -1,4 +1,11 @@
-"""Plain keys on Redis: ``dcoord:<namespace>:kv:<key>``."""
+"""Plain keys on Redis: ``dcoord:<namespace>:kv:<key>``.
+
+The prefix holds no ``{``, so a key's own hash tag decides its Redis Cluster slot: keys
+that one :meth:`RedisKV.apply` touches must share one (``{orders}balance`` and
+``{orders}limit``) on a Cluster, where a step across slots is refused with a
+ConfigError naming the keys. One server runs any such step. With ``min_replicas``,
+:meth:`RedisKV.apply` and :meth:`RedisKV.swap` are forced writes (see :mod:`.replication`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, cast
 
+from .locks import LuaScript
 from .scripts import lua
+from .slots import mget, require_one_slot
 
 if TYPE_CHECKING:
     from . import RedisBackend
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+APPLY = LuaScript(lua("kv_apply", checked=True))
 
 
 class RedisKV:
@@ -19,7 +29,7 @@ class RedisKV:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}kv:"
-        self._apply = self._redis.register_script(lua("kv_apply", checked=True))
+        self._cluster = backend.settings.topology == "cluster"
 
     def get(self, key: str) -> bytes | None:
         value = self._backend.call(
@@ -44,9 +54,9 @@ class RedisKV:
         cut = len(self._prefix)
 
         def scan() -> dict[str, bytes]:
-            keys = list(self._redis.scan_iter(match=pattern, count=1000))
-            values = cast("list[bytes | None]", self._redis.mget(keys) if keys else [])
-            return {k.decode()[cut:]: v for k, v in zip(keys, values, strict=True) if v is not None}
+            keys = [k.decode() for k in self._redis.scan_iter(match=pattern, count=1000)]
+            values = mget(self._redis, keys)
+            return {k[cut:]: v for k, v in zip(keys, values, strict=True) if v is not None}
 
         return self._backend.call(scan, what=f"scan {prefix!r}", retry=True)
 
@@ -66,13 +76,22 @@ class RedisKV:
     ) -> dict[str, bytes | None] | None:
         conditions = dict(only_if or {})
         keys = [self._prefix + k for k in (*conditions, *puts, *deletes)]
+        if self._cluster:
+            require_one_slot(keys, f"apply to {len(keys)} keys")
         args: list[bytes | str | int] = [len(conditions), len(puts)]
         for expected in conditions.values():
             args += ["0", ""] if expected is None else ["1", expected]
         args += list(puts.values())
-        result = self._backend.call(
-            lambda: self._apply(keys=keys, args=args), what=f"apply to {len(keys)} keys"
-        )
+        what = f"apply to {len(keys)} keys"
+        if puts or deletes:
+            # A forced write (with min_replicas, WAIT for replicas): KVParticipant stages
+            # its "yes" and applies its commit with it; neither may rest on the primary
+            # alone.
+            result = self._backend.call(
+                lambda: self._backend.replication.write(APPLY, keys, args, what=what), what=what
+            )
+        else:  # only reads the conditions: nothing to wait for
+            result = self._backend.call(lambda: APPLY(self._redis, keys, args), what=what)
         if not isinstance(result, list):
             return None
         return dict(zip(conditions, cast("list[bytes | None]", result), strict=True))

@@ -7,6 +7,10 @@ Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one has
     dcoord:<ns>:lock:{NAME}:fence      the last fence handed out (never expires)
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
 
+The fence of a resource ``R`` (:class:`dcoord.Fence`, same encoding) is
+``dcoord:<ns>:fence:{R}``: a value written with ``Fence.write`` lands in the same script,
+so on a Redis Cluster its key must carry the tag ``{R}`` too (``kv`` key ``{R}balance``).
+
 Acquire is one script (SET NX PX, then the next fence; else the holder's PTTL as a wait
 hint), release and extend compare the token first. A waiter wakes when a release is
 published or when the holder's TTL ends, whichever comes first; every waiting handle of
@@ -39,6 +43,7 @@ from ...inspect import holder_suffix
 from ...scheduler import JobResult, WorkerPool
 from ..base import LockGrant, key_segment
 from .persistence import LockEvictionCheck
+from .slots import require_one_slot
 from .topology import Client
 
 if TYPE_CHECKING:
@@ -122,6 +127,7 @@ class RedisLocks:
         # Cleanups wait for the network; on a thread of their own they never delay the
         # scheduler's other jobs (lock deadlines, heart-beats).
         self.cleanups = WorkerPool("dcoord-redis-lock-cleanup", 1)
+        self.cluster = backend.settings.topology == "cluster"
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
         self._check_eviction = LockEvictionCheck(backend)
@@ -130,8 +136,13 @@ class RedisLocks:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
         return RedisLockSlot(self, name, ttl)
 
+    def fence_key(self, resource: str) -> str:
+        """The highest token admitted for ``resource``: ``dcoord:<ns>:fence:{RESOURCE}``,
+        tagged by the resource so that values written with it can share its slot."""
+        return f"{self.prefix}fence:{{{key_segment(resource)}}}"
+
     def admit(self, resource: str, token: int) -> bool:
-        key = f"{self.prefix}fence:{key_segment(resource)}"
+        key = self.fence_key(resource)
         # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
         return bool(
             self.backend.call(
@@ -142,8 +153,14 @@ class RedisLocks:
         )
 
     def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
-        fence_key = f"{self.prefix}fence:{key_segment(resource)}"
+        fence_key = self.fence_key(resource)
         value_key = f"{self.prefix}kv:{key}"
+        if self.cluster:
+            require_one_slot(
+                [fence_key, value_key],
+                f"fenced write of {key!r} for {resource!r} (tag the key "
+                f"'{{{key_segment(resource)}}}...' to put it in the fence's slot)",
+            )
         # Never retried: after a lost reply a newer holder may have written, and a retry
         # would then answer "rejected" for a write that happened (the caller gets
         # BackendUnavailable instead: outcome unknown).
@@ -155,7 +172,7 @@ class RedisLocks:
         )
 
     def highest(self, resource: str) -> int | None:
-        key = f"{self.prefix}fence:{key_segment(resource)}"
+        key = self.fence_key(resource)
         value = self.backend.call(
             lambda: self.redis.get(key), what=f"read fence of {resource!r}", retry=True
         )

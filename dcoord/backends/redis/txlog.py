@@ -1,25 +1,49 @@
 """The 2PC decision log on Redis; every change is one Lua script, so it is atomic.
 
-Keys::
+Keys, in :data:`~.slots.BUCKETS` buckets (``B`` = :func:`~.slots.bucket` of the txid,
+two digits), each bucket one hash tag, hence one Cluster slot::
 
-    dcoord:<ns>:tx:r:<txid>     the record (JSON); finished ones expire (PX retention)
-    dcoord:<ns>:tx:unfinished   sorted set of unfinished txids, scored by deadline
+    dcoord:<ns>:tx:{<ns>:tx:B}:r:<txid>   the record (JSON); finished ones expire (PX
+                                          retention)
+    dcoord:<ns>:tx:{<ns>:tx:B}:open       sorted set of the bucket's unfinished txids,
+                                          scored by deadline
+
+A record and the index its compare-and-set updates share a slot, so create and CAS stay
+one script on every topology, and the buckets spread the log over up to
+:data:`~.slots.BUCKETS` primaries of a Cluster. Listing the unfinished transactions reads
+every bucket (one pipeline: one round trip on one server), so it still costs time in
+proportion to the unfinished records, not to the log's history. The namespace is in the
+tag so that namespaces do not all crowd the same sixteen slots.
+
+Before this layout, one server held ``dcoord:<ns>:tx:r:<txid>`` and one index
+``dcoord:<ns>:tx:unfinished``. Such an index may still exist in a live deployment (never
+on a Cluster: that layout could not run there). Each client moves its unfinished records
+into their buckets before its first use of the log, and every listing of unfinished
+transactions moves any that appeared since (written by a process of the old version):
+see :meth:`RedisTxLog._migrate_legacy`. Finished records of the old layout are not
+moved; they expire after their retention as before, and until then only ``get`` of the
+old key (``redis-cli``) shows them.
 
 Compare-and-set compares the record's exact bytes (the record only grows along the
-state machine, so equal bytes mean no change). How durable a record is depends on the
-server's persistence and eviction policy: see :mod:`.persistence`.
+state machine, so equal bytes mean no change). Create and every CAS are forced writes
+(:class:`.replication.Replication`: with ``min_replicas``, WAIT for replicas). How
+durable a record is depends on the server's persistence and eviction policy: see
+:mod:`.persistence`.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..base import LogEntry
 from . import persistence
+from .locks import LuaScript
 from .scripts import lua
+from .slots import BUCKETS, bucket, mget
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -29,41 +53,66 @@ _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 # monotonic clock in between, so that TIME is not a round trip on every commit's path.
 _CLOCK_REREAD = 5.0
 
+CREATE = LuaScript(lua("txlog_create", checked=True))
+CAS = LuaScript(lua("txlog_cas", checked=True))
+MIGRATE = LuaScript(lua("txlog_migrate", checked=True))
+
 
 class RedisTxLog:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
         self._redis = backend.redis
-        self._records = f"{prefix}tx:r:"
-        self._unfinished = f"{prefix}tx:unfinished"
-        self._create = self._redis.register_script(lua("txlog_create", checked=True))
-        self._cas = self._redis.register_script(lua("txlog_cas", checked=True))
+        self._prefix = f"{prefix}tx:"
+        self._namespace = backend.settings.namespace
+        self._legacy_records = f"{prefix}tx:r:"
+        self._legacy_index = f"{prefix}tx:unfinished"
+        # The old layout can exist only where it could run: on one server.
+        self._legacy_possible = backend.settings.topology != "cluster"
+        self._migrated = threading.Event()
         self._clock_mutex = threading.Lock()
         self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 
+    def _bucket_prefix(self, number: int) -> str:
+        return f"{self._prefix}{{{self._namespace}:tx:{number:02d}}}:"
+
+    def record_key(self, txid: str) -> str:
+        """The key of ``txid``'s record."""
+        return f"{self._bucket_prefix(bucket(txid))}r:{txid}"
+
+    def index_key(self, number: int) -> str:
+        """The key of bucket ``number``'s index of unfinished transactions."""
+        return f"{self._bucket_prefix(number)}open"
+
     def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
+        what = f"create transaction record {txid!r}"
+        self._ensure_migrated(what)
+        keys = [self.record_key(txid), self.index_key(bucket(txid))]
         created = self._backend.call(
-            lambda: self._create(
-                keys=[self._records + txid, self._unfinished], args=[data, repr(deadline), txid]
+            lambda: self._backend.replication.write(
+                CREATE, keys, [data, repr(deadline), txid], what=what
             ),
-            what=f"create transaction record {txid!r}",
+            what=what,
         )
         return LogEntry(bytes(data), bytes(data)) if created else None
 
     def cas(
         self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
     ) -> LogEntry | None:
+        what = f"update transaction record {txid!r}"
+        self._ensure_migrated(what)
+        keys = [self.record_key(txid), self.index_key(bucket(txid))]
         args = [expected.data, data, "1" if finished else "0", max(1, int(retention * 1000)), txid]
         changed = self._backend.call(
-            lambda: self._cas(keys=[self._records + txid, self._unfinished], args=args),
-            what=f"update transaction record {txid!r}",
+            lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
         return LogEntry(bytes(data), bytes(data)) if changed else None
 
     def get(self, txid: str) -> LogEntry | None:
+        what = f"read transaction record {txid!r}"
+        self._ensure_migrated(what)
         data = self._backend.call(
-            lambda: cast("bytes | None", self._redis.get(self._records + txid)),
-            what=f"read transaction record {txid!r}",
+            lambda: cast("bytes | None", self._redis.get(self.record_key(txid))),
+            what=what,
             retry=True,
         )
         return None if data is None else LogEntry(data, data)
@@ -71,10 +120,17 @@ class RedisTxLog:
     def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]:
         def read() -> list[tuple[str, LogEntry | None]]:
             end = -1 if limit is None else limit - 1
-            found = cast("list[bytes]", self._redis.zrange(self._unfinished, 0, end))
-            txids = [t.decode() for t in found]
-            keys = [self._records + t for t in txids]
-            values = cast("list[bytes | None]", self._redis.mget(keys) if keys else [])
+            indexes = self._indexes(end, legacy=self._legacy_possible)
+            if self._legacy_possible:
+                legacy = indexes.pop()
+                if legacy:  # written by a process of the old version since we looked
+                    self._migrate_legacy(legacy)
+                    indexes = self._indexes(end, legacy=False)
+            # Each bucket is sorted by deadline: merge them, earliest first (ties by txid,
+            # as the other stores order them).
+            merged = heapq.merge(*([(score, m.decode()) for m, score in i] for i in indexes))
+            txids = [txid for _, txid in merged][:limit]
+            values = mget(self._redis, [self.record_key(t) for t in txids])
             return [
                 (t, None if v is None else LogEntry(v, v))
                 for t, v in zip(txids, values, strict=True)
@@ -82,20 +138,72 @@ class RedisTxLog:
 
         return self._backend.call(read, what="list unfinished transactions", retry=True)
 
+    def _indexes(self, end: int, *, legacy: bool) -> list[list[tuple[bytes, float]]]:
+        """Entries 0..``end`` of every bucket's index (and with ``legacy``, all of the old
+        layout's index, last), in one pipeline."""
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for number in range(BUCKETS):
+            pipe.zrange(self.index_key(number), 0, end, withscores=True)
+        if legacy:
+            pipe.zrange(self._legacy_index, 0, -1, withscores=True)
+        return cast("list[list[tuple[bytes, float]]]", pipe.execute())
+
     def scan(self) -> dict[str, LogEntry]:
-        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._records) + "*"
-        cut = len(self._records)
+        self._ensure_migrated("list transactions")
+        tag = _GLOB_SPECIALS.sub(r"\\\1", f"{self._prefix}{{{self._namespace}:tx:")
+        pattern = tag + "[0-9][0-9]}:r:*"
 
         def read() -> dict[str, LogEntry]:
-            keys = list(self._redis.scan_iter(match=pattern, count=1000))
-            values = cast("list[bytes | None]", self._redis.mget(keys) if keys else [])
+            keys = [k.decode() for k in self._redis.scan_iter(match=pattern, count=1000)]
+            values = mget(self._redis, keys)
             return {
-                k.decode()[cut:]: LogEntry(v, v)
+                k.split("}:r:", 1)[1]: LogEntry(v, v)
                 for k, v in zip(keys, values, strict=True)
                 if v is not None
             }
 
         return self._backend.call(read, what="list transactions", retry=True)
+
+    def _ensure_migrated(self, what: str) -> None:
+        """Move the unfinished records of the old layout, once per client, before the
+        operation ``what`` (which errors name)."""
+        if self._migrated.is_set() or not self._legacy_possible:
+            return
+        found = self._backend.call(
+            lambda: cast(
+                "list[tuple[bytes, float]]",
+                self._redis.zrange(self._legacy_index, 0, -1, withscores=True),
+            ),
+            what=f"{what} (first looking for records of the old layout)",
+            retry=True,
+        )
+        if found:
+            self._backend.call(
+                lambda: self._migrate_legacy(found),
+                what=f"{what} (first moving records of the old layout)",
+                retry=True,
+            )
+        self._migrated.set()
+
+    def _migrate_legacy(self, found: list[tuple[bytes, float]]) -> None:
+        """Move the records of old-layout index entries ``found`` into their buckets.
+
+        One script per record: the record, its old index entry, its new key and its
+        bucket's index change together, so a crash leaves each record in one layout or
+        the other, never in neither; repeating it is harmless. The four keys lie in
+        different slots, which one server (the only place the old layout exists) runs.
+        """
+        for member, score in found:
+            txid = member.decode()
+            keys = [
+                self._legacy_records + txid,
+                self._legacy_index,
+                self.record_key(txid),
+                self.index_key(bucket(txid)),
+            ]
+            self._backend.replication.write(
+                MIGRATE, keys, [txid, repr(score)], what=f"move transaction record {txid!r}"
+            )
 
     def now(self) -> float:
         with self._clock_mutex:

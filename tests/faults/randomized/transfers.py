@@ -145,7 +145,7 @@ def read_state(client: dcoord.Client, ttl: float) -> dict[str, Any]:
     coord = coordinator(client, ttl)
     state: dict[str, Any] = {"banks": {}, "log": {}}
     for bank in banks(client, ttl):
-        reserved = client.backend.kv.scan(f"kvp/{bank.name}/o/")
+        reserved = bank.reserved()
         state["banks"][bank.name] = {
             "items": bank.items(),
             "in_doubt": bank.in_doubt(),

@@ -43,7 +43,7 @@ from .history import FAIL, OK, UNKNOWN, History, Recorder
 
 LOCK = "counter"
 RESOURCE = "counter"
-FENCED = "fenced-counter"
+FENCED = "{counter}fenced-counter"  # the tag of RESOURCE: one slot with its fence
 UNFENCED = "unfenced-counter"
 
 
