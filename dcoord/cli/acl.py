@@ -48,6 +48,12 @@ REDIS_COMMANDS = (
     "unsubscribe",
     "ping",
     "wait",  # after forced 2PC log writes, with min_replicas
+    # Reads of a lock or a leader that must agree (value and TTL at one instant).
+    "multi",
+    "exec",
+    # `dcoord locks` counts a lock's waiters by its release channel's subscribers (this
+    # can count any channel's; it reads no message).
+    "pubsub|numsub",
 )
 
 

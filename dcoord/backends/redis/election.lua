@@ -6,8 +6,10 @@
 -- hint. extend / proclaim / resign: 1 if the token leads (and the step was done), else 0.
 local step = ARGV[1]
 if step == 'campaign' then
-  if redis.call('EXISTS', KEYS[1]) == 1 then
-    local pttl = redis.call('PTTL', KEYS[1])
+  -- PTTL, not EXISTS: the namespace ACL rule (docs/security.md) grants no EXISTS, and
+  -- -2 (no key) says the same.
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl ~= -2 then
     if pttl < 0 then
       return 0
     end
