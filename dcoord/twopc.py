@@ -310,7 +310,7 @@ class Coordinator:
         self._pace = _Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
-        self._local_log = client.backend.kind == "memory"
+        self._local_log = not client.capabilities.persistent
         self._mutex = threading.Lock()
         self._closed = False
         client.on_close(self.close)
@@ -773,7 +773,7 @@ class Coordinator:
             return
         if self.client.settings.options.get("require_durable"):
             raise ConfigError(f"require_durable is set but {problem}")
-        if self.client.backend.kind != "memory":  # embedded: nobody expects durability
+        if self.client.capabilities.persistent:  # embedded: nobody expects durability
             warnings.warn(
                 f"the transaction log on {self.client.url} may lose decisions: {problem}",
                 DurabilityWarning,
