@@ -32,6 +32,7 @@ __all__ = [
     "Driver",
     "Location",
     "Scheme",
+    "SchemeTable",
     "UrlParts",
     "driver",
     "drivers",
