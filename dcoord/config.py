@@ -299,10 +299,10 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     given = [name for name in TLS_OPTIONS if validated[name] is not None]
     if given and not scheme.tls:
         secure = [s.name for s in driver.schemes if s.tls and s.topology == scheme.topology]
+        hint = f"; use {secure[0]}://" if secure else ""
         raise ConfigError(
             f"{', '.join(given)} given with {scheme.name}://, which does not use TLS: the "
-            "connection and its password would go in plaintext"
-            + "".join(f"; use {name}://" for name in secure[:1])
+            f"connection and its password would go in plaintext{hint}"
         )
     hostlist, _, path = rest.partition("/")
     username = password = None
@@ -311,7 +311,7 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         username = unquote(user) or None
         password = unquote(pw) if colon else None
     default_port = scheme.default_port or driver.default_port
-    assert default_port is not None  # not embedded
+    assert default_port is not None  # only an embedded driver has none: it returned above
     hosts = tuple(_parse_host(h, default_port, shown) for h in hostlist.split(","))
     if len(hosts) > 1 and not scheme.multi_host:
         several = [s.name + "://" for s in driver.schemes if s.multi_host and s.tls == scheme.tls]

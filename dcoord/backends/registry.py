@@ -6,7 +6,7 @@ its default port, the hooks that read and write the path of its URLs, its factor
 dotted name, imported only when a client connects, so ``import dcoord`` never imports
 redis or grpc), the extra that installs its dependencies, and its :class:`Capabilities`.
 :mod:`dcoord.config` parses URLs, :func:`dcoord.backends.open_backend` connects and the
-test fixtures pick their backends from here; nothing else lists backends.
+test fixtures pick their backends from here, instead of if-chains on the backend kind.
 
 This module imports nothing of a driver and nothing of :mod:`dcoord.config` (which
 imports it): a declaration is data and small functions.
