@@ -310,7 +310,7 @@ class Coordinator:
         self._pace = _Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
-        self._local_log = not client.capabilities.persistent
+        self._local_log = client.backend.kind == "memory"
         self._mutex = threading.Lock()
         self._closed = False
         client.on_close(self.close)
