@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -9,10 +10,10 @@ from types import TracebackType
 from typing import Any
 
 from . import inspect
-from .backends import Backend, ServerInfo, open_backend
+from .backends import Backend, ServerInfo, open_backend, registry
 from .config import Settings, settings_from
 from .election import Election
-from .errors import ClientClosed
+from .errors import ClientClosed, ConfigError
 from .fence import Fence
 from .inspect import LockInfo
 from .lock import DEFAULT_TTL, Lock, OnLost
@@ -43,6 +44,8 @@ class Client:
             settings.connect_timeout,
             extra=client_fields(settings),
         )
+        self.capabilities = registry.driver(settings.kind).capabilities
+        """What the backend can do (see :class:`~dcoord.backends.registry.Capabilities`)."""
         self.backend: Backend = open_backend(settings, self.scheduler)
         log.info("connected to %s", settings.url, extra=client_fields(settings))
         self._closers: list[Callable[[], None]] = []
@@ -64,6 +67,15 @@ class Client:
         if self.closed:
             raise ClientClosed(f"client {self.url} is closed")
 
+    def _check(self, primitive: str) -> None:
+        """:meth:`check_open`, and raise ConfigError if the backend lacks ``primitive``."""
+        self.check_open()
+        if primitive not in self.capabilities.primitives:
+            raise ConfigError(
+                f"the {self.settings.kind} backend has no {primitive}; it provides "
+                f"{', '.join(sorted(self.capabilities.primitives))}"
+            )
+
     def ping(self) -> ServerInfo:
         """Ask the server for its kind and version (raises BackendUnavailable if it is gone)."""
         self.check_open()
@@ -84,7 +96,7 @@ class Client:
         ``auto_renew``: extend the held lock every ttl/3 from the client's scheduler
         thread. ``on_lost(lock)``: called if a held lock is lost. See :class:`Lock`.
         """
-        self.check_open()
+        self._check("locks")
         return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
 
     def locks(self, prefix: str = "") -> list[LockInfo]:
@@ -92,24 +104,24 @@ class Client:
         name: holder (host:pid and the ``label`` option of its client), fence, acquired
         at, TTL left and waiters (see :class:`~dcoord.inspect.LockInfo` for what each
         backend can tell)."""
-        self.check_open()
+        self._check("locks")
         return inspect.locks(self.backend, prefix)
 
     def fence(self, resource: str) -> Fence:
         """The fencing guard of ``resource``: ``fence(resource).admit(lock.fence)``."""
-        self.check_open()
+        self._check("locks")
         return Fence(self, resource)
 
     def election(self, name: str) -> Election:
         """The leader election ``name``: ``campaign()`` to lead it (a fenced, renewed
         :class:`~dcoord.election.Leadership`), ``leader()`` / ``watch()`` to follow it."""
-        self.check_open()
+        self._check("elections")
         return Election(self, name)
 
     def group(self, name: str) -> Group:
         """The membership group ``name``: join it, list or watch its members, or follow
         it with a live consistent-hash ring (see :mod:`dcoord.membership`)."""
-        self.check_open()
+        self._check("groups")
         return Group(self, name)
 
     def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
@@ -124,7 +136,7 @@ class Client:
         :class:`~dcoord.errors.DurabilityWarning` (or refuses, with the ``require_durable``
         option) when the backend would not keep decisions through a server crash.
         """
-        self.check_open()
+        self._check("txlog")
         return Coordinator(self, participants, **options)
 
     def semaphore(
@@ -138,7 +150,7 @@ class Client:
     ) -> Semaphore:
         """A handle on one permit of the counting semaphore ``name``: at most ``limit``
         handles hold it at once. Options as for :meth:`lock`; see :class:`Semaphore`."""
-        self.check_open()
+        self._check("semaphores")
         return Semaphore(
             self, name, limit, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
         )
@@ -149,7 +161,7 @@ class Client:
         """The read-write lock ``name``: ``.read()`` / ``.write()`` make holder handles
         (many readers or one writer; a waiting writer blocks new readers). See
         :class:`ReadWriteLock`."""
-        self.check_open()
+        self._check("rwlocks")
         return ReadWriteLock(self, name, ttl=ttl, timeout=timeout)
 
     def on_close(self, fn: Callable[[], None]) -> None:
@@ -163,19 +175,28 @@ class Client:
             self._closers.append(fn)
 
     def close(self) -> None:
-        """Stop background work, release what the client holds, and disconnect. Idempotent.
+        """Release what the client holds, stop background work, and disconnect. Idempotent
+        and thread-safe: the first call closes, a concurrent or later one returns at once.
 
-        Every close hook runs even if another fails (a failure is logged at warning with
-        its traceback, not raised: each hook cleans up something of its own, and the
-        server drops what a failed one held when its TTL runs out).
+        In this order, each step whatever the previous ones raised: the primitives (close
+        hooks, newest first: locks released, members left, coordinators drained), then
+        the backend's stores (:meth:`~dcoord.backends.base.Backend.close_stores`: their
+        notifier threads and shared leases), then the scheduler (background work; runs
+        in progress end), then the connection, which nothing uses any more. A failing
+        close hook is logged at warning with its traceback, not raised: each hook cleans
+        up something of its own, and the server drops what a failed one held when its
+        TTL runs out.
         """
         with self._close_lock:
             if self.closed:
                 return
             self.closed = True
             closers = self._closers[::-1]
-        self.scheduler.close()
-        try:
+        # An ExitStack runs its callbacks newest first, each even if one before it raised.
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.backend.close)
+            stack.callback(self.scheduler.close)
+            stack.callback(self.backend.close_stores)
             for fn in closers:
                 try:
                     fn()
@@ -187,8 +208,6 @@ class Client:
                         exc_info=True,
                         extra=client_fields(self.settings),
                     )
-        finally:
-            self.backend.close()
 
     def __enter__(self) -> Client:
         return self

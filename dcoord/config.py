@@ -30,25 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from .backends import registry
+from .backends.registry import quoted
 from .errors import ConfigError
 
 ENV_URL = "DCOORD_URL"
 DEFAULT_URL = "memory://"
-DEFAULT_PORTS = {"redis": 6379, "etcd": 2379}
-# scheme -> (backend kind, TLS, topology). The topology is how the servers of one kind
-# are arranged: one server, a Sentinel-watched primary with replicas, or a Redis Cluster.
-SCHEMES = {
-    "memory": ("memory", False, "single"),
-    "redis": ("redis", False, "single"),
-    "rediss": ("redis", True, "single"),
-    "redis+sentinel": ("redis", False, "sentinel"),
-    "rediss+sentinel": ("redis", True, "sentinel"),
-    "redis+cluster": ("redis", False, "cluster"),
-    "rediss+cluster": ("redis", True, "cluster"),
-    "etcd": ("etcd", False, "single"),
-    "etcds": ("etcd", True, "single"),
-}
-DEFAULT_SENTINEL_PORT = 26379
+# scheme -> (backend kind, TLS, topology) of every registered driver (a live view). The
+# topology is how the servers of one kind are arranged: one server, a Sentinel-watched
+# primary with replicas, or a Redis Cluster.
+SCHEMES: Mapping[str, tuple[str, bool, str]] = registry.SchemeTable()
 TLS_OPTIONS = ("ca_cert", "cert_file", "key_file")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # Patterns are used with fullmatch: "$" would also accept a trailing newline.
@@ -56,14 +47,10 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(.*))?")
 # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_DATABASE_RE = re.compile(r"[0-9]{1,2}")
-# A Sentinel service (master) name: what `sentinel monitor` accepts, kept printable.
-_SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REPLICAS_RE = re.compile(r"[0-9]{1,2}")
 # DNS limits; longer names fail later, inside the resolver, with a raw UnicodeError.
 MAX_HOST_NAME = 253
 MAX_HOST_LABEL = 63
-# How much of a value an error message quotes (a host may be a megabyte long).
-_SHOWN = 120
 
 
 def positive_seconds(name: str, value: object, *, maximum: float = 86_400.0 * 365) -> float:
@@ -138,7 +125,7 @@ def _text(name: str, value: object) -> str:
 
 
 def _replica_count(name: str, value: object) -> int:
-    if isinstance(value, str) and _DATABASE_RE.fullmatch(value):
+    if isinstance(value, str) and _REPLICAS_RE.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
         raise ConfigError(f"{name} must be a whole number 0-16, got {value!r:.120}")
@@ -217,18 +204,10 @@ class Settings:
     @property
     def url(self) -> str:
         """The URL without the password, safe to print."""
-        key = (self.kind, self.tls, self.topology)
-        scheme = next(s for s, v in SCHEMES.items() if v == key)
-        if self.kind == "memory":
-            return f"memory://{'' if self.database == 'default' else self.database}"
+        scheme = registry.scheme_name(self.kind, self.tls, self.topology)
         auth = f"{self.username or ''}:***@" if self.password else ""
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
-        path = ""
-        if self.topology == "sentinel":
-            path = f"/{self.service}/{self.database}"
-        elif self.kind == "redis" and self.topology == "single":
-            path = f"/{self.database}"
-        return f"{scheme}://{auth}{hosts}{path}"
+        return f"{scheme}://{auth}{hosts}{registry.driver(self.kind).format_path(self)}"
 
 
 def settings_from(config: str | Mapping[str, Any] | None = None, **options: Any) -> Settings:
@@ -288,42 +267,42 @@ def _split_scheme(url: str) -> tuple[str, str]:
     return (scheme, rest) if sep and _SCHEME_RE.fullmatch(scheme) else ("", url)
 
 
-def _quoted(text: str) -> str:
-    """``repr(text)``, of its start only when it is long."""
-    if len(text) <= _SHOWN:
-        return repr(text)
-    return f"{text[:_SHOWN]!r}... ({len(text)} characters)"
-
-
 def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
-    """Parse and validate a dcoord URL plus options into :class:`Settings`."""
-    shown = _quoted(redact_url(url))
-    scheme, rest = _split_scheme(url)
-    if not scheme:
+    """Parse and validate a dcoord URL plus options into :class:`Settings`.
+
+    What is common to every URL is read here; the scheme's driver (see
+    :mod:`dcoord.backends.registry`) gives its default port and reads the path.
+    """
+    shown = quoted(redact_url(url))
+    scheme_text, rest = _split_scheme(url)
+    if not scheme_text:
         raise ConfigError(f"not a dcoord URL (expected scheme://...): {shown}")
-    scheme = scheme.lower()
-    if scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ConfigError(
-            f"unknown URL scheme {_quoted(scheme + '://')} in {shown}; known: {known}"
-        )
-    kind, tls, topology = SCHEMES[scheme]
+    driver, scheme = registry.lookup(scheme_text.lower(), shown)
     # The user information first, by the last '@': a password may hold '/', '?' or '#'.
-    userinfo, at, rest = rest.rpartition("@") if kind != "memory" else ("", "", rest)
+    userinfo, at, rest = ("", "", rest) if driver.embedded else rest.rpartition("@")
     rest, _, query = rest.partition("?")
     merged = dict(parse_qsl(query, keep_blank_values=True))
     merged.update(options or {})
     validated = _validate_options(merged)
 
-    if kind == "memory":
-        name = rest.strip("/") or "default"
-        return Settings(kind=kind, database=name, options=validated)
+    if driver.embedded:
+        location = driver.parse_path(registry.UrlParts(scheme, rest, (), shown))
+        return Settings(
+            driver.kind,
+            scheme.tls,
+            database=location.database,
+            options=validated,
+            topology=scheme.topology,
+            service=location.service,
+        )
 
     given = [name for name in TLS_OPTIONS if validated[name] is not None]
-    if given and not tls:
+    if given and not scheme.tls:
+        secure = [s.name for s in driver.schemes if s.tls and s.topology == scheme.topology]
+        hint = f"; use {secure[0]}://" if secure else ""
         raise ConfigError(
-            f"{', '.join(given)} given with {scheme}://, which does not use TLS: the "
-            f"connection and its password would go in plaintext; use {scheme}s://"
+            f"{', '.join(given)} given with {scheme.name}://, which does not use TLS: the "
+            f"connection and its password would go in plaintext{hint}"
         )
     hostlist, _, path = rest.partition("/")
     username = password = None
@@ -331,48 +310,38 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         user, colon, pw = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if colon else None
-    default_port = DEFAULT_SENTINEL_PORT if topology == "sentinel" else DEFAULT_PORTS[kind]
+    default_port = scheme.default_port or driver.default_port
+    assert default_port is not None  # only an embedded driver has none: it returned above
     hosts = tuple(_parse_host(h, default_port, shown) for h in hostlist.split(","))
-    database, service = "0", None
-    if topology == "sentinel":
-        service, _, path = path.strip("/").partition("/")
-        if not _SERVICE_RE.fullmatch(service):
-            raise ConfigError(
-                f"a {scheme}:// URL names its service after the sentinels "
-                f"({scheme}://host:port,.../SERVICE[/db]), got {_quoted(service)} in {shown}"
-            )
-    if topology == "cluster":
-        # A Cluster has one database, 0: accept only that, so a /db meant for a single
-        # server is not silently ignored.
-        if path.strip("/") not in ("", "0"):
-            raise ConfigError(
-                f"a Redis Cluster has database 0 only, got {_quoted('/' + path)} in {shown}"
-            )
-    elif kind == "redis":
-        if topology == "single" and len(hosts) != 1:
-            raise ConfigError(
-                f"a {scheme}:// URL names exactly one host, got {_quoted(hostlist)}; for "
-                f"several use redis+sentinel:// or redis+cluster://"
-            )
-        database = path.strip("/") or "0"
-        if not _DATABASE_RE.fullmatch(database) or int(database) > 15:
-            raise ConfigError(
-                f"redis database must be a number 0-15, got {_quoted(database)} in {shown}"
-            )
-    elif path.strip("/"):
-        raise ConfigError(f"an etcd URL takes no path, got {_quoted('/' + path)} in {shown}")
+    if len(hosts) > 1 and not scheme.multi_host:
+        several = [s.name + "://" for s in driver.schemes if s.multi_host and s.tls == scheme.tls]
+        raise ConfigError(
+            f"a {scheme.name}:// URL names exactly one host, got {quoted(hostlist)}"
+            + (f"; for several use {' or '.join(several)}" if several else "")
+        )
+    location = driver.parse_path(registry.UrlParts(scheme, path, hosts, shown))
     if (validated["cert_file"] is None) != (validated["key_file"] is None):
         raise ConfigError("cert_file and key_file must be given together")
     sentinel_auth = (validated["sentinel_username"], validated["sentinel_password"])
-    if topology != "sentinel" and sentinel_auth != (None, None):
-        raise ConfigError(f"sentinel_username/sentinel_password given with {scheme}://")
-    return Settings(kind, tls, hosts, username, password, database, validated, topology, service)
+    if scheme.topology != "sentinel" and sentinel_auth != (None, None):
+        raise ConfigError(f"sentinel_username/sentinel_password given with {scheme.name}://")
+    return Settings(
+        driver.kind,
+        scheme.tls,
+        hosts,
+        username,
+        password,
+        location.database,
+        validated,
+        scheme.topology,
+        location.service,
+    )
 
 
 def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:
     match = _HOST_RE.fullmatch(text)
     if not match:
-        raise ConfigError(f"bad host {_quoted(text)} in {shown}")
+        raise ConfigError(f"bad host {quoted(text)} in {shown}")
     host, port_text = match.group(1), match.group(2)
     if host.startswith("["):
         host = host[1:-1]
@@ -381,13 +350,13 @@ def _parse_host(text: str, default_port: int, shown: str) -> tuple[str, int]:
         labels = name.split(".")
         if len(name) > MAX_HOST_NAME or not all(0 < len(x) <= MAX_HOST_LABEL for x in labels):
             raise ConfigError(
-                f"bad host name {_quoted(host)} in {shown}: at most {MAX_HOST_NAME} "
+                f"bad host name {quoted(host)} in {shown}: at most {MAX_HOST_NAME} "
                 f"characters, in dot-separated labels of 1-{MAX_HOST_LABEL}"
             )
     if port_text is None:
         return host, default_port
     if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"bad port {_quoted(port_text)} in {shown} (must be 1-65535)")
+        raise ConfigError(f"bad port {quoted(port_text)} in {shown} (must be 1-65535)")
     return host, int(port_text)
 
 
@@ -395,7 +364,7 @@ def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(
-            f"unknown option {_quoted(unknown[0])}; known: {', '.join(sorted(OPTIONS))}"
+            f"unknown option {quoted(unknown[0])}; known: {', '.join(sorted(OPTIONS))}"
         )
     validated = {}
     for name, (validate, default) in OPTIONS.items():

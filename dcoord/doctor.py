@@ -35,8 +35,6 @@ RTT_SAMPLES = 5
 #: A TTL must allow this many worst-case round trips: a renewal every TTL/3 that is
 #: retried a few times before the lock runs out.
 RTT_PER_TTL = 20
-#: etcd's smallest lease (1.5 x its default election timeout, rounded up).
-ETCD_MIN_TTL = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.tim
     ``clock`` is this machine's wall clock, the one the server's is compared with.
     """
     info = client.ping()
-    rtt = _rtt_check(_round_trips(client), ttl, info.kind)
+    rtt = _rtt_check(_round_trips(client), ttl, info.kind, client.capabilities.min_ttl)
     backend: Any = client.backend
     if info.kind == "redis":
         return [
@@ -111,15 +109,15 @@ def _round_trips(client: Client) -> list[float]:
     return rtts
 
 
-def _rtt_check(rtts: list[float], ttl: float, kind: str) -> Check:
+def _rtt_check(rtts: list[float], ttl: float, kind: str, min_ttl: float) -> Check:
     worst = max(rtts)
-    smallest = max(RTT_PER_TTL * worst, ETCD_MIN_TTL if kind == "etcd" else 0.0)
+    smallest = max(RTT_PER_TTL * worst, min_ttl)
     detail = (
         f"median {statistics.median(rtts) * 1000:.2f} ms, worst {worst * 1000:.2f} ms of "
         f"{len(rtts)}; smallest sensible TTL {smallest:.3g} s (TTL in use {ttl:g} s)"
     )
     if ttl < smallest:
-        why = "etcd's minimum lease" if smallest == ETCD_MIN_TTL else "the round trip"
+        why = f"{kind}'s minimum lease" if smallest == min_ttl else "the round trip"
         return Check(
             "round trip",
             "fail",

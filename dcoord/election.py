@@ -394,7 +394,6 @@ class _ClientElections:
     """
 
     def __init__(self, client: Client) -> None:
-        self._store = client.backend.elections
         self._mutex = threading.Lock()
         self._items: set[Leadership | Watch] = set()
         client.on_close(self.close)
@@ -409,7 +408,7 @@ class _ClientElections:
 
     def close(self) -> None:
         """Stop every watch, resign every leadership (best effort: the TTL covers the
-        rest), then stop the store's background work."""
+        rest); the store's background work is the backend's to stop, after this."""
         with self._mutex:
             items, self._items = list(self._items), set()
         for item in items:
@@ -421,7 +420,6 @@ class _ClientElections:
                     item.resign()
                 except DcoordError as exc:
                     log.info("election %r: not resigned at close: %s", item.election.name, exc)
-        self._store.close()
 
 
 _client_elections: PerKey[Client, _ClientElections] = PerKey(_ClientElections)

@@ -494,7 +494,6 @@ class _ClientLocks:
 
     def __init__(self, client: Client) -> None:
         self._scheduler = client.scheduler
-        self._store = client.backend.locks
         self._workers = WorkerPool("dcoord-lock-renewal", RENEWAL_WORKERS)
         self._mutex = threading.Lock()
         self._due: dict[Lock, tuple[float, int]] = {}
@@ -581,11 +580,9 @@ class _ClientLocks:
         if job is not None:
             job.cancel()
         self._workers.close()
-        try:
-            for lock in locks:
-                lock._abandon()
-        finally:
-            self._store.close()
+        # The store itself is the backend's to close (Backend.close_stores), after this.
+        for lock in locks:
+            lock._abandon()
 
 
 _client_locks: PerKey[Client, _ClientLocks] = PerKey(_ClientLocks)

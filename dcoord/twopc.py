@@ -805,7 +805,7 @@ class Coordinator:
             return
         if self.client.settings.options.get("require_durable"):
             raise ConfigError(f"require_durable is set but {problem}")
-        if self.client.backend.kind != "memory":  # embedded: nobody expects durability
+        if self.client.capabilities.persistent:  # embedded: nobody expects durability
             warnings.warn(
                 f"the transaction log on {self.client.url} may lose decisions: {problem}",
                 DurabilityWarning,

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 import dcoord
+from dcoord.backends import registry
 from tests.servers import (
     Certificates,
     Server,
@@ -39,8 +40,9 @@ from tests.servers import (
     start_server,
 )
 
-BACKENDS = ("memory", "redis", "etcd")
-REAL_BACKENDS = ("redis", "etcd")
+# Every registered driver; the server ones (tests/servers.py starts them) as real_backend.
+BACKENDS = tuple(driver.kind for driver in registry.drivers())
+REAL_BACKENDS = tuple(d.kind for d in registry.drivers() if d.capabilities.persistent)
 # DCOORD_TEST_TOPOLOGY -> (the backend kind it replaces, module in tests/topologies, class)
 TOPOLOGIES = {
     "sentinel": ("redis", "sentinel", "SentinelSet"),
@@ -178,8 +180,11 @@ def namespace() -> str:
 
 
 def _url_for(kind: str, servers: Servers) -> str:
-    # A memory store of its own per test: like a fresh server.
-    return f"memory://t-{uuid.uuid4().hex[:12]}" if kind == "memory" else servers.url(kind)
+    driver = registry.driver(kind)
+    if driver.embedded:
+        # An in-process store of its own per test: like a fresh server.
+        return f"{driver.schemes[0].name}://t-{uuid.uuid4().hex[:12]}"
+    return servers.url(kind)
 
 
 @pytest.fixture

@@ -1,36 +1,24 @@
-"""Backends: one package per server kind, each exposing the primitives of :mod:`.base`."""
+"""Backends: one package per server kind, each exposing the primitives of :mod:`.base`.
+
+Which package serves which URL scheme is declared once, in :mod:`.registry`.
+"""
 
 from __future__ import annotations
 
-from ..config import Settings
-from ..errors import ConfigError
-from ..scheduler import Scheduler
+from typing import TYPE_CHECKING
+
+from . import registry
 from .base import Backend, ServerInfo
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..scheduler import Scheduler
 
 __all__ = ["Backend", "ServerInfo", "open_backend"]
 
-# Top-level modules of each extra: a missing one means the extra is not installed.
-_EXTRA_MODULES = {"redis": {"redis"}, "etcd": {"pyetcd", "grpc", "google"}}
-
 
 def open_backend(settings: Settings, scheduler: Scheduler) -> Backend:
-    """Connect to the backend ``settings`` describe (raises BackendUnavailable if unreachable)."""
-    try:
-        if settings.kind == "memory":
-            from .memory import MemoryBackend
-
-            return MemoryBackend(settings, scheduler)
-        if settings.kind == "redis":
-            from .redis import RedisBackend
-
-            return RedisBackend(settings, scheduler)
-        from .etcd import EtcdBackend
-
-        return EtcdBackend(settings, scheduler)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in _EXTRA_MODULES.get(settings.kind, set()):
-            raise
-        raise ConfigError(
-            f"{settings.kind}:// needs the {exc.name!r} package: "
-            f"pip install 'dcoord[{settings.kind}]'"
-        ) from exc
+    """Connect to the backend ``settings`` describe, through its registered driver
+    (raises BackendUnavailable if unreachable, ConfigError if its extra is missing)."""
+    backend: Backend = registry.driver(settings.kind).load()(settings, scheduler)
+    return backend

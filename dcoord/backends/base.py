@@ -392,8 +392,19 @@ class Backend(Protocol):
 
     def ping(self) -> ServerInfo: ...
 
+    def close_stores(self) -> None:
+        """Stop the stores' own work (notifier threads, cleanups, shared leases), in the
+        order they depend on each other; idempotent.
+
+        :meth:`dcoord.Client.close` calls it once the primitives are closed (locks
+        released, members gone) and before the client's scheduler stops, so a store may
+        still use the connection and cancel its scheduler jobs here.
+        """
+        ...
+
     def close(self) -> None:
-        """Release connections, leases and watches; idempotent."""
+        """Release the connection; idempotent. Called last, once the scheduler stopped:
+        nothing uses the connection any more."""
         ...
 
 

@@ -296,15 +296,18 @@ class EtcdBackend:
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
 
+    def close_stores(self) -> None:
+        self.elections.close()
+        self.locks.close()
+        # Last: revoking the shared leases deletes the keys of every store at once.
+        self.leases.close()
+
     def close(self) -> None:
         if self._closed:
             return
-        try:
-            self.leases.close()
-        finally:
-            with self._idle:
-                self._closed = True
-                # A call still running (a keep-alive, a waiter's check) ends within its
-                # request timeout; closing the channel under it could crash the process.
-                self._idle.wait_for(lambda: self._calls == 0, timeout=self.settings.request_timeout)
-            self.etcd.close()
+        with self._idle:
+            self._closed = True
+            # A call still running (a keep-alive, a waiter's check) ends within its
+            # request timeout; closing the channel under it could crash the process.
+            self._idle.wait_for(lambda: self._calls == 0, timeout=self.settings.request_timeout)
+        self.etcd.close()

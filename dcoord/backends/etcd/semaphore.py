@@ -118,17 +118,21 @@ class EtcdQueueSlot(EtcdLockSlot):
         """An event set on every delete in the counted range from now on, while inside."""
         woken = threading.Event()
         etcd = self._locks.etcd
-        try:
-            watch_id = self._locks.backend.call(
-                lambda: etcd.add_watch_callback(
+
+        def watch() -> Any:
+            try:
+                return etcd.add_watch_callback(
                     self._counted,
                     lambda _response: woken.set(),
                     range_end=self._counted_end,
                     filters=[etcdrpc.WatchCreateRequest.NOPUT],
-                ),
-                what=f"watch {self.name}",
-            )
-        except etcd_errors.WatchTimedOut:
+                )
+            except etcd_errors.WatchTimedOut:
+                # Inside the call: past it, backend.call has made it BackendUnavailable.
+                return None
+
+        watch_id = self._locks.backend.call(watch, what=f"watch {self.name}")
+        if watch_id is None:
             # No watch: wake after a short while and check again (never wait blind).
             threading.Timer(0.1, woken.set).start()
             yield woken

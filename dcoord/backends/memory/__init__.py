@@ -63,5 +63,8 @@ class MemoryBackend:
             kind=self.kind, version=__version__, endpoint=f"memory://{self.server.name}"
         )
 
+    def close_stores(self) -> None:
+        """Nothing runs in the background: waiters wait on the store's condition."""
+
     def close(self) -> None:
         """Nothing to release: the store outlives its clients, like a server would."""

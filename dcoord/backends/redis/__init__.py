@@ -164,5 +164,10 @@ class RedisBackend:
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
 
+    def close_stores(self) -> None:
+        # Elections share the locks' notifier: its close wakes both kinds of waiter.
+        self.elections.close()
+        self.locks.close()
+
     def close(self) -> None:
         self.redis.close()

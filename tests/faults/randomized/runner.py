@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dcoord
+from dcoord.backends import registry
 from tests.servers import ROOT, Server, start_server
 
 from . import checkers, nemesis
@@ -36,7 +37,6 @@ from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
 from .workloads import Killed, Spec
 
-BACKENDS = ("memory", "redis", "etcd")
 WORKLOAD_NAMES = ("counter", "transfers", "election", "semaphore")
 
 # Lock TTLs: short, so that pauses past them are cheap; etcd grants no lease under ~2 s.
@@ -50,6 +50,8 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
     "etcd": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd-cluster": {**_CLIENT_FAULTS, "pause-member": 1, "kill-member": 2},
 }
+# The registered backends this runner has settings (the tables above) for.
+BACKENDS = tuple(d.kind for d in registry.drivers() if d.kind in TTL)
 
 
 @dataclass(frozen=True)
