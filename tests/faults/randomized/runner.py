@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import dcoord
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.etcd import EtcdCluster
 
 from . import checkers, nemesis
-from .cluster import EtcdCluster
 from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
 from .workloads import Killed, Spec
