@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from ...errors import (
 from ...scheduler import Scheduler
 from ..base import ServerInfo, certificate_error, with_retries
 from ..etcd_names import namespace_prefix
+from .client import EtcdClient
 from .election import EtcdElections
 from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
@@ -77,6 +79,12 @@ _NO_CLIENT_CERTIFICATE = "TSI_DATA_CORRUPTED"
 _BAD_CREDENTIALS_DETAILS = ("authentication failed", "authentication is not enabled", "user name")
 
 
+# A retried call on a cluster gives each attempt a third of its budget (at least
+# _MIN_ATTEMPT s): enough to try every member once, or to outlast an election.
+_ATTEMPTS = 3
+_MIN_ATTEMPT = 0.5
+
+
 class _Retryable(Exception):
     """A transient failure inside :meth:`EtcdBackend.call`; never escapes it."""
 
@@ -113,6 +121,8 @@ class EtcdBackend:
         self._calls = 0
         self._idle = threading.Condition()
         self._auth_mutex = threading.Lock()
+        # The timeout of each thread's current attempt (see _call): EtcdClient reads it.
+        self._attempt = threading.local()
         if (settings.username is None) != (settings.password is None):
             raise ConfigError(
                 f"etcd needs both a user and a password, or neither; got user "
@@ -127,22 +137,19 @@ class EtcdBackend:
                 settings.options["key_file"],
                 settings.options["cert_file"],
             )
-        # pyetcd marks an endpoint "failed" for time_retry seconds after one error and then
-        # refuses to use it; with one endpoint that would turn a blip into minutes of outage.
-        time_retry = 0.0 if len(settings.hosts) == 1 else 1.0
         endpoints = [
-            pyetcd.Endpoint(host, port, secure=settings.tls, creds=creds, time_retry=time_retry)
+            pyetcd.Endpoint(host, port, secure=settings.tls, creds=creds)
             for host, port in settings.hosts
         ]
         what = f"connect to etcd at {self.endpoint}"
 
-        def connect() -> Any:
-            etcd = pyetcd.MultiEndpointEtcd3Client(
-                endpoints=endpoints,
+        def connect() -> EtcdClient:
+            etcd = EtcdClient(
+                endpoints,
                 timeout=settings.connect_timeout,
+                narrowed=self._narrowed_timeout,
                 user=settings.username,
                 password=settings.password,
-                failover=len(endpoints) > 1,
             )
             if not settings.tls:
                 # gRPC refuses call credentials on a plain channel ("does not have a
@@ -196,17 +203,27 @@ class EtcdBackend:
                 self._idle.notify_all()
 
     def _call(self, fn: Callable[[], T], *, what: str, retry: bool, timeout: float | None) -> T:
+        budget = timeout or self.settings.request_timeout
+        deadline = time.monotonic() + budget
+        # On a cluster, each attempt of a retried call gets a share of the budget: a member
+        # that hangs (paused, or still forwarding to a dead leader) must leave time to try
+        # the next one. One server has nothing else to try.
+        share = budget
+        if retry and len(self.settings.hosts) > 1:
+            share = max(_MIN_ATTEMPT, budget / _ATTEMPTS)
+
         def attempt() -> T:
+            etcd: EtcdClient | None = getattr(self, "etcd", None)  # None while connecting
+            member = None if etcd is None else etcd.member
+            self._attempt.timeout = max(0.05, min(share, deadline - time.monotonic()))
             try:
-                return fn()
-            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
-                if not (self.settings.username and self._stale_token(exc)):
-                    raise self._mapped(exc, what) from exc
-            self._authenticate(what)
-            try:
-                return fn()
-            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
-                raise self._mapped(exc, what) from exc
+                return self._once(fn, what)
+            except _Retryable:
+                if etcd is not None and member is not None:
+                    etcd.move_on(member)  # the next attempt (or call) tries another member
+                raise
+            finally:
+                self._attempt.timeout = None
 
         try:
             if not retry:
@@ -215,7 +232,7 @@ class EtcdBackend:
                 attempt,
                 what=what,
                 transient=(_Retryable,),
-                timeout=timeout or self.settings.request_timeout,
+                timeout=budget,
             )
         except _Retryable as exc:
             raise BackendUnavailable(f"{what}: {exc}") from exc.__cause__
@@ -223,6 +240,25 @@ class EtcdBackend:
             if isinstance(exc.__cause__, _Retryable):  # with_retries gave up: chain the reply
                 raise BackendUnavailable(str(exc)) from exc.__cause__.__cause__
             raise
+
+    def _once(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` with its errors mapped; with an expired auth token, once more after
+        getting a fresh one."""
+        try:
+            return fn()
+        except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+            if not (self.settings.username and self._stale_token(exc)):
+                raise self._mapped(exc, what) from exc
+        self._authenticate(what)
+        try:
+            return fn()
+        except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+            raise self._mapped(exc, what) from exc
+
+    def _narrowed_timeout(self) -> float | None:
+        """The timeout of the calling thread's current attempt (None: not in one)."""
+        timeout: float | None = getattr(self._attempt, "timeout", None)
+        return timeout
 
     def _mapped(self, exc: BaseException, what: str) -> Exception:
         """The dcoord error for ``exc`` (or _Retryable when a retry may fix it)."""
