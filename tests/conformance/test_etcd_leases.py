@@ -568,3 +568,14 @@ def test_not_leader_is_retried_and_other_replies_are_backend_errors(
     # Raised at all means not retried: the retry would have got the answer.
     with pytest.raises(dcoord.BackendError, match="etcd answered: etcdserver: something else"):
         backend.call(failing([other]), what="read", retry=True)
+
+
+def test_a_server_side_deadline_is_transient(etcd_connect: Connect) -> None:
+    """etcd answers UNKNOWN "context deadline exceeded" when the request's deadline passed
+    on the server (a member forwarding to a leader that just died): retried like the
+    client's own deadline, never a BackendError."""
+    backend = backend_of(etcd_connect())
+    late = Reply(grpc.StatusCode.UNKNOWN, "context deadline exceeded")
+    assert backend.call(failing([late]), what="read", retry=True) == "answer"
+    with pytest.raises(dcoord.BackendUnavailable, match="context deadline exceeded"):
+        backend.call(failing([late]), what="write")  # not safe to repeat

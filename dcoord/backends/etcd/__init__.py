@@ -51,7 +51,15 @@ _TRANSIENT_CODES = (
     # gRPC's own transport failures (a reset stream); pyetcd fails the endpoint on them.
     grpc.StatusCode.INTERNAL,
 )
-_TRANSIENT_DETAILS = ("not leader", "leader changed", "no leader", "too many requests")
+# "context deadline exceeded" (code UNKNOWN): the request's deadline passed on the server,
+# typically a member still forwarding to a leader that died.
+_TRANSIENT_DETAILS = (
+    "not leader",
+    "leader changed",
+    "no leader",
+    "too many requests",
+    "context deadline exceeded",
+)
 # pyetcd's errors that carry no server reply: the connection, or a watch not created in time.
 _TRANSIENT_TYPES = (
     etcd_errors.ConnectionFailedError,
