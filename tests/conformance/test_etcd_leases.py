@@ -185,6 +185,11 @@ def test_a_failing_or_hanging_refresh_does_not_delay_another_lease(
 ) -> None:
     # A long request timeout: a hanging refresh would hold a sequential pass for 10 s.
     a, b = etcd_connect(request_timeout=10), etcd_connect()
+    if fault == "hangs" and len(backend_of(a).settings.hosts) > 1:
+        pytest.skip(
+            "on a cluster the client leaves a hanging member for another, and the fault "
+            "(one member's stub) with it; tests/faults/test_failover_etcd.py pauses members"
+        )
     lost = threading.Event()
     victim = a.lock("victim", ttl=6, on_lost=lambda _lock: lost.set())
     assert victim.acquire()
