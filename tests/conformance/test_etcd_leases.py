@@ -584,3 +584,33 @@ def test_a_server_side_deadline_is_transient(etcd_connect: Connect) -> None:
     assert backend.call(failing([late]), what="read", retry=True) == "answer"
     with pytest.raises(dcoord.BackendUnavailable, match="context deadline exceeded"):
         backend.call(failing([late]), what="write")  # not safe to repeat
+
+
+def test_the_watches_of_a_stream_given_up_end_with_an_error(etcd_connect: Connect) -> None:
+    """A request that fails for want of an answer gives up its member's stream (pyetcd
+    half-closes it, and on a hanging member it would stay silent forever): its watches
+    must hear so, to watch again on the member in use; a new watch works at once."""
+    client = etcd_connect()
+    backend = backend_of(client)
+    key = f"/dcoord/{client.namespace}/watched"
+    heard: list[Any] = []
+    ended = threading.Event()
+
+    def on_response(response: Any) -> None:
+        heard.append(response)
+        if isinstance(response, BaseException):
+            ended.set()
+
+    backend.call(lambda: backend.etcd.add_watch_callback(key, on_response), what="watch")
+
+    def no_answer(etcd: Any) -> None:
+        raise Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    with pytest.raises(dcoord.BackendUnavailable):
+        backend.call(lambda: backend.rpc(no_answer), what="read")
+    assert ended.wait(5), f"the watch never heard its stream was given up: {heard}"
+
+    again = threading.Event()
+    backend.call(lambda: backend.etcd.add_watch_callback(key, lambda _: again.set()), what="watch")
+    backend.call(lambda: backend.etcd.put(key, "v"), what="put")
+    assert again.wait(5)
