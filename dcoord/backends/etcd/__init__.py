@@ -193,8 +193,11 @@ class EtcdBackend:
         ``timeout`` (default: the request timeout) and end as BackendUnavailable;
         PERMISSION_DENIED is PermissionDenied, refused credentials ConfigError, a missing
         lease LeaseNotFound, any other reply BackendError quoting it. An expired auth
-        token is renewed once and the call repeated. Pass ``retry=True`` only for
-        operations that are safe to repeat; ``fn`` must not itself go through ``call``.
+        token is renewed once and the call repeated. On a cluster, a transient failure
+        sends the next attempt (or call) to the next member, and each attempt of a
+        retried call may take a third of its time (docs/topologies-etcd.md). Pass
+        ``retry=True`` only for operations that are safe to repeat; ``fn`` must not
+        itself go through ``call``.
         """
         with self._idle:
             if self._closed:
@@ -327,8 +330,9 @@ class EtcdBackend:
     def rpc(self, invoke: Callable[[Any], T]) -> T:
         """Run ``invoke(etcd)``, a raw gRPC stub call (for what pyetcd's API lacks).
 
-        A failing endpoint is marked failed, as pyetcd's own calls do, so that the next
-        attempt may fail over; the error is left for :meth:`call` to map.
+        A failure is handled as pyetcd's own calls handle it (no answer drops the member's
+        stubs and watch stream); the error is left for :meth:`call` to map, which moves
+        on to another member if it is transient.
         """
         etcd = self.etcd
         try:
