@@ -37,6 +37,8 @@ build() {  # build IMAGE BINARY...
     echo "built $image from $*"
 }
 
-# The CLIs go in too: docker-compose.yml's health checks use them.
-build "$REDIS_IMAGE" "$(command -v redis-server)" "$(command -v redis-cli)"
+# The CLIs go in too: docker-compose.yml's health checks use them. So do sh and cp: a
+# sentinel (compose profile sentinel) starts on a writable copy of its configuration.
+build "$REDIS_IMAGE" "$(command -v redis-server)" "$(command -v redis-cli)" \
+    "$(command -v sh)" "$(command -v cp)"
 build "$ETCD_IMAGE" "$(command -v etcd)" "$(command -v etcdctl)"

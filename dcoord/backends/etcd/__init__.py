@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from ...errors import (
 from ...scheduler import Scheduler
 from ..base import ServerInfo, certificate_error, with_retries
 from ..etcd_names import namespace_prefix
+from .client import EtcdClient
 from .election import EtcdElections
 from .kv import EtcdKV
 from .leases import LeaseNotFound, Leases
@@ -49,7 +51,15 @@ _TRANSIENT_CODES = (
     # gRPC's own transport failures (a reset stream); pyetcd fails the endpoint on them.
     grpc.StatusCode.INTERNAL,
 )
-_TRANSIENT_DETAILS = ("not leader", "leader changed", "no leader", "too many requests")
+# "context deadline exceeded" (code UNKNOWN): the request's deadline passed on the server,
+# typically a member still forwarding to a leader that died.
+_TRANSIENT_DETAILS = (
+    "not leader",
+    "leader changed",
+    "no leader",
+    "too many requests",
+    "context deadline exceeded",
+)
 # pyetcd's errors that carry no server reply: the connection, or a watch not created in time.
 _TRANSIENT_TYPES = (
     etcd_errors.ConnectionFailedError,
@@ -75,6 +85,12 @@ _CERTIFICATE_DETAILS = (
 _NO_CLIENT_CERTIFICATE = "TSI_DATA_CORRUPTED"
 # Credentials the server will never accept: bad input, not a run-time failure.
 _BAD_CREDENTIALS_DETAILS = ("authentication failed", "authentication is not enabled", "user name")
+
+
+# A retried call on a cluster gives each attempt a third of its budget (at least
+# _MIN_ATTEMPT s): enough to try every member once, or to outlast an election.
+_ATTEMPTS = 3
+_MIN_ATTEMPT = 0.5
 
 
 class _Retryable(Exception):
@@ -113,6 +129,8 @@ class EtcdBackend:
         self._calls = 0
         self._idle = threading.Condition()
         self._auth_mutex = threading.Lock()
+        # The timeout of each thread's current attempt (see _call): EtcdClient reads it.
+        self._attempt = threading.local()
         if (settings.username is None) != (settings.password is None):
             raise ConfigError(
                 f"etcd needs both a user and a password, or neither; got user "
@@ -127,22 +145,19 @@ class EtcdBackend:
                 settings.options["key_file"],
                 settings.options["cert_file"],
             )
-        # pyetcd marks an endpoint "failed" for time_retry seconds after one error and then
-        # refuses to use it; with one endpoint that would turn a blip into minutes of outage.
-        time_retry = 0.0 if len(settings.hosts) == 1 else 1.0
         endpoints = [
-            pyetcd.Endpoint(host, port, secure=settings.tls, creds=creds, time_retry=time_retry)
+            pyetcd.Endpoint(host, port, secure=settings.tls, creds=creds)
             for host, port in settings.hosts
         ]
         what = f"connect to etcd at {self.endpoint}"
 
-        def connect() -> Any:
-            etcd = pyetcd.MultiEndpointEtcd3Client(
-                endpoints=endpoints,
+        def connect() -> EtcdClient:
+            etcd = EtcdClient(
+                endpoints,
                 timeout=settings.connect_timeout,
+                narrowed=self._narrowed_timeout,
                 user=settings.username,
                 password=settings.password,
-                failover=len(endpoints) > 1,
             )
             if not settings.tls:
                 # gRPC refuses call credentials on a plain channel ("does not have a
@@ -178,8 +193,11 @@ class EtcdBackend:
         ``timeout`` (default: the request timeout) and end as BackendUnavailable;
         PERMISSION_DENIED is PermissionDenied, refused credentials ConfigError, a missing
         lease LeaseNotFound, any other reply BackendError quoting it. An expired auth
-        token is renewed once and the call repeated. Pass ``retry=True`` only for
-        operations that are safe to repeat; ``fn`` must not itself go through ``call``.
+        token is renewed once and the call repeated. On a cluster, a transient failure
+        sends the next attempt (or call) to the next member, and each attempt of a
+        retried call may take a third of its time (docs/topologies-etcd.md). Pass
+        ``retry=True`` only for operations that are safe to repeat; ``fn`` must not
+        itself go through ``call``.
         """
         with self._idle:
             if self._closed:
@@ -196,17 +214,27 @@ class EtcdBackend:
                 self._idle.notify_all()
 
     def _call(self, fn: Callable[[], T], *, what: str, retry: bool, timeout: float | None) -> T:
+        budget = timeout or self.settings.request_timeout
+        deadline = time.monotonic() + budget
+        # On a cluster, each attempt of a retried call gets a share of the budget: a member
+        # that hangs (paused, or still forwarding to a dead leader) must leave time to try
+        # the next one. One server has nothing else to try.
+        share = budget
+        if retry and len(self.settings.hosts) > 1:
+            share = max(_MIN_ATTEMPT, budget / _ATTEMPTS)
+
         def attempt() -> T:
+            etcd: EtcdClient | None = getattr(self, "etcd", None)  # None while connecting
+            member = None if etcd is None else etcd.member
+            self._attempt.timeout = max(0.05, min(share, deadline - time.monotonic()))
             try:
-                return fn()
-            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
-                if not (self.settings.username and self._stale_token(exc)):
-                    raise self._mapped(exc, what) from exc
-            self._authenticate(what)
-            try:
-                return fn()
-            except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
-                raise self._mapped(exc, what) from exc
+                return self._once(fn, what)
+            except _Retryable:
+                if etcd is not None and member is not None:
+                    etcd.move_on(member)  # the next attempt (or call) tries another member
+                raise
+            finally:
+                self._attempt.timeout = None
 
         try:
             if not retry:
@@ -215,7 +243,7 @@ class EtcdBackend:
                 attempt,
                 what=what,
                 transient=(_Retryable,),
-                timeout=timeout or self.settings.request_timeout,
+                timeout=budget,
             )
         except _Retryable as exc:
             raise BackendUnavailable(f"{what}: {exc}") from exc.__cause__
@@ -223,6 +251,25 @@ class EtcdBackend:
             if isinstance(exc.__cause__, _Retryable):  # with_retries gave up: chain the reply
                 raise BackendUnavailable(str(exc)) from exc.__cause__.__cause__
             raise
+
+    def _once(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` with its errors mapped; with an expired auth token, once more after
+        getting a fresh one."""
+        try:
+            return fn()
+        except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+            if not (self.settings.username and self._stale_token(exc)):
+                raise self._mapped(exc, what) from exc
+        self._authenticate(what)
+        try:
+            return fn()
+        except (grpc.RpcError, etcd_errors.Etcd3Exception) as exc:
+            raise self._mapped(exc, what) from exc
+
+    def _narrowed_timeout(self) -> float | None:
+        """The timeout of the calling thread's current attempt (None: not in one)."""
+        timeout: float | None = getattr(self._attempt, "timeout", None)
+        return timeout
 
     def _mapped(self, exc: BaseException, what: str) -> Exception:
         """The dcoord error for ``exc`` (or _Retryable when a retry may fix it)."""
@@ -283,8 +330,9 @@ class EtcdBackend:
     def rpc(self, invoke: Callable[[Any], T]) -> T:
         """Run ``invoke(etcd)``, a raw gRPC stub call (for what pyetcd's API lacks).
 
-        A failing endpoint is marked failed, as pyetcd's own calls do, so that the next
-        attempt may fail over; the error is left for :meth:`call` to map.
+        A failure is handled as pyetcd's own calls handle it (no answer drops the member's
+        stubs and watch stream); the error is left for :meth:`call` to map, which moves
+        on to another member if it is transient.
         """
         etcd = self.etcd
         try:

@@ -178,7 +178,7 @@ class Leases:
                 lambda etcd: list(
                     etcd.leasestub.LeaseKeepAlive(
                         iter([request]),
-                        limit,
+                        etcd.timeout,
                         credentials=etcd.call_credentials,
                         metadata=etcd.metadata,
                     )
@@ -186,7 +186,12 @@ class Leases:
             )
             return int(replies[-1].TTL) if replies else 0
 
-        if self._backend.call(once, what=f"keep lease {lease.id:x} alive") <= 0:
+        # Retried within the limit (a refresh is idempotent): on a cluster, a member that
+        # hangs or lost its leader must not cost the lease, while another member answers.
+        ttl = self._backend.call(
+            once, what=f"keep lease {lease.id:x} alive", retry=True, timeout=limit
+        )
+        if ttl <= 0:
             lease.mark_lost()
             return False
         lease.refreshed(sent)

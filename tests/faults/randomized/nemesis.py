@@ -18,6 +18,9 @@ pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store'
 restart-server    SIGKILL / container kill the server, start it again on the same data
 pause-member      pause one member of a three-member etcd cluster
 kill-member       kill one member of a three-member etcd cluster, restart it later
+pause-leader      pause the current leader of a three-member etcd cluster (an election
+                  follows), resume it later
+kill-leader       kill the current leader of a three-member etcd cluster, restart it later
 crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
                   after_prepare / after_decision / after_commit): the worker SIGKILLs
                   itself when it next reaches it (etcd robustness tests' failpoints); a
@@ -43,6 +46,8 @@ KINDS = (
     "restart-server",
     "pause-member",
     "kill-member",
+    "pause-leader",
+    "kill-leader",
     "crash-at",
 )
 
@@ -60,12 +65,12 @@ class Planned:
 
 
 def _duration(rng: random.Random, kind: str, ttl: float) -> float:
-    if kind in ("pause-client", "pause-holder", "pause-member"):
+    if kind in ("pause-client", "pause-holder", "pause-member", "pause-leader"):
         return rng.uniform(1.3, 2.5) * ttl  # longer than the TTL: the lock must expire
     if kind == "pause-server":
         # Half shorter than a request timeout (clients just wait), half past the TTL.
         return rng.uniform(0.2, 0.8) if rng.random() < 0.5 else rng.uniform(1.2, 2.0) * ttl
-    if kind in ("kill-client", "kill-member"):
+    if kind in ("kill-client", "kill-member", "kill-leader"):
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)

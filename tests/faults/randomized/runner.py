@@ -30,9 +30,9 @@ from typing import Any, Protocol
 import dcoord
 from dcoord.backends import registry
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.etcd import EtcdCluster
 
 from . import checkers, nemesis
-from .cluster import EtcdCluster
 from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
 from .workloads import Killed, Spec
@@ -48,7 +48,13 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
     "memory": {**_CLIENT_FAULTS, "pause-server": 1},
     "redis": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
-    "etcd-cluster": {**_CLIENT_FAULTS, "pause-member": 1, "kill-member": 2},
+    "etcd-cluster": {
+        **_CLIENT_FAULTS,
+        "pause-member": 1,
+        "kill-member": 1,
+        "pause-leader": 1,
+        "kill-leader": 1,
+    },
 }
 # The registered backends this runner has settings (the tables above) for.
 BACKENDS = tuple(d.kind for d in registry.drivers() if d.kind in TTL)
@@ -471,10 +477,7 @@ class Environment:
             if not self.server.running():
                 self.server.start()
         if self.cluster is not None:
-            for member in self.cluster.members:
-                member.resume()
-                if not member.running():
-                    member.start()
+            self.cluster.heal()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -510,14 +513,26 @@ class Environment:
                 lambda p: _act(server.kill, kind), lambda p: server.start()
             )
         if self.cluster is not None:
-            members = self.cluster.members
+            cluster, members = self.cluster, self.cluster.members
             controls["pause-member"] = nemesis.Control(
-                lambda p: _act(members[p.slot].pause, f"etcd member m{p.slot}"),
-                lambda p: members[p.slot].resume(),
+                lambda p: _act(lambda: cluster.pause(members[p.slot]), f"etcd member m{p.slot}"),
+                lambda p: cluster.resume(members[p.slot]),
             )
             controls["kill-member"] = nemesis.Control(
                 lambda p: _act(members[p.slot].kill, f"etcd member m{p.slot}"),
                 lambda p: members[p.slot].start(),
+            )
+            hit: list[Server] = []  # the leader a leader fault hit, until healed
+
+            def leader_fault(fault: Callable[[], Server]) -> str:
+                hit.append(fault())
+                return f"etcd leader {hit[-1].etcd_name}"
+
+            controls["pause-leader"] = nemesis.Control(
+                lambda p: leader_fault(cluster.pause_leader), lambda p: cluster.resume(hit.pop())
+            )
+            controls["kill-leader"] = nemesis.Control(
+                lambda p: leader_fault(cluster.kill_leader), lambda p: hit.pop().start()
             )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
