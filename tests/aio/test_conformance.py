@@ -1,0 +1,30 @@
+"""The lock and fence conformance suites, run a second time on the async API.
+
+The test functions are those of tests/conformance (imported, not copied); here the
+``connect`` and ``client`` fixtures (tests/aio/conftest.py) make dcoord.aio clients,
+seen through a thin sync adapter, so every assertion holds for both APIs. Left out:
+tests of one backend's internals (they poke the sync backend's objects) and the
+server-restart test (it connects with dcoord.connect itself).
+"""
+
+from __future__ import annotations
+
+from tests.conformance import test_fence_write, test_locks
+
+SYNC_ONLY = {
+    "test_fence_survives_a_server_restart",
+}
+
+
+def _imported() -> dict[str, object]:
+    tests: dict[str, object] = {}
+    for module in (test_locks, test_fence_write):
+        for name, value in vars(module).items():
+            backend_specific = name.startswith(("test_redis_", "test_etcd_"))
+            if name.startswith("test_") and callable(value) and not backend_specific:
+                if name not in SYNC_ONLY:
+                    tests[name] = value
+    return tests
+
+
+globals().update(_imported())
