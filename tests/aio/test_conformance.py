@@ -21,9 +21,9 @@ def _imported() -> dict[str, object]:
     for module in (test_locks, test_fence_write):
         for name, value in vars(module).items():
             backend_specific = name.startswith(("test_redis_", "test_etcd_"))
-            if name.startswith("test_") and callable(value) and not backend_specific:
-                if name not in SYNC_ONLY:
-                    tests[name] = value
+            wanted = name.startswith("test_") and name not in SYNC_ONLY
+            if wanted and callable(value) and not backend_specific:
+                tests[name] = value
     return tests
 
 
