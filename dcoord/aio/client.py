@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -58,6 +58,7 @@ class AsyncClient:
         self.closed = False
         self._started = False
         self._held: set[AsyncLock] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def namespace(self) -> str:
@@ -117,6 +118,12 @@ class AsyncClient:
         else:
             self._held.discard(lock)
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` (a lock's on_lost) as a task of this client, cancelled at close."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"dcoord lock {name!r}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
         """Release held locks (best effort: their TTL covers the rest), cancel the
         client's tasks, then disconnect. Idempotent."""
@@ -126,6 +133,9 @@ class AsyncClient:
         try:
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             await self.backend.close()
 

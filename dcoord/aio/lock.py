@@ -1,15 +1,15 @@
 """Async distributed locks: :class:`dcoord.Lock`'s semantics, driven by tasks.
 
 The rules are :mod:`dcoord.core.lockstate`'s, the same the sync lock follows; this
-module only does the I/O and the scheduling. Each held lock has a watchdog task of its
-own, so a renewal that hangs delays no other lock's, and the watchdog marks its lock
-lost at the deadline even while its renewal request is still unanswered.
+module only does the I/O and the scheduling. A held lock is looked after by a timer on
+the loop (``call_at``: a grant costs no task until a renewal is due); each renewal is a
+task of its own, so one that hangs delays no other lock's, and the timer marks its lock
+lost at the deadline even while the renewal request is still unanswered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -77,7 +77,8 @@ class AsyncLock:
         self._lost_reason: str | None = None
         self._last_fence: int | None = None
         self._acquiring = False
-        self._watchdog: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.Task[None] | None = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -130,10 +131,7 @@ class AsyncLock:
             self._lost_reason = None
             self._last_fence = grant.fence
             self._client._holding(self, True)
-            due = first_due(grant, self.ttl, self.auto_renew, time.monotonic())
-            self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch(self._generation, due), name=f"dcoord lock watchdog {self.name!r}"
-            )
+            self._schedule(first_due(grant, self.ttl, self.auto_renew, time.monotonic()))
             return True
         finally:
             self._acquiring = False
@@ -148,13 +146,16 @@ class AsyncLock:
             log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
 
     def _end_grant(self) -> LockGrant | None:
-        """Forget the grant and stop its watchdog; returns the grant it was."""
+        """Forget the grant, stop its timer and renewal; returns the grant it was."""
         grant, self._grant = self._grant, None
         self._generation += 1
         self._client._holding(self, False)
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None and watchdog is not asyncio.current_task():
-            watchdog.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and renewal is not asyncio.current_task():
+            renewal.cancel()  # an unanswered renewal of a released grant no longer matters
         return grant
 
     # -- release / extend ----------------------------------------------------------
@@ -195,61 +196,64 @@ class AsyncLock:
 
     # -- watchdog ------------------------------------------------------------------
 
-    async def _watch(self, generation: int, due: float) -> None:
-        """Look after one grant until it is released or lost (one task per grant)."""
-        renewal: asyncio.Task[LockGrant | None] | None = None
-        sent_for: LockGrant | None = None  # the grant the renewal in flight extends
+    def _schedule(self, due: float) -> None:
+        """Look after the current grant at the monotonic time ``due`` (the loop's clock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(due, self._on_due, self._generation)
+
+    def _on_due(self, generation: int) -> None:
+        """The timer fired: lose the lock at its deadline, or start a renewal."""
+        self._timer = None
+        grant = self._grant
+        if generation != self._generation or grant is None or self._lost_reason:
+            return
+        in_flight = self._renewal is not None
+        decision = tick(grant, time.monotonic(), auto_renew=self.auto_renew, in_flight=in_flight)
+        if decision.lost is not None:
+            self._client._spawn(self._mark_lost(generation, decision.lost), self.name)
+            return
+        if decision.renew:
+            self._renewal = asyncio.get_running_loop().create_task(
+                self._renew(generation, grant), name=f"dcoord lock renewal {self.name!r}"
+            )
+        assert decision.due is not None
+        self._schedule(decision.due)  # the deadline: a finished renewal moves it sooner
+
+    async def _renew(self, generation: int, sent_for: LockGrant) -> None:
+        """One renewal of the grant ``sent_for`` (a task), and what its answer means."""
+        new: LockGrant | None = None
+        failure: Exception | None = None
         try:
-            while True:
-                wait = max(0.0, due - time.monotonic())
-                if renewal is None:
-                    await asyncio.sleep(wait)
-                else:
-                    await asyncio.wait({renewal}, timeout=wait)
-                grant = self._grant
-                if generation != self._generation or grant is None or self._lost_reason:
-                    return
-                now = time.monotonic()
-                if renewal is not None and renewal.done():
-                    assert sent_for is not None
-                    failure = renewal.exception()
-                    new = None if failure is not None else renewal.result()
-                    renewal = None
-                    # A user's extend() that ran meanwhile may have moved the deadline.
-                    base = grant if grant.expires_at > sent_for.expires_at else sent_for
-                    outcome = after_renewal(base, self.ttl, now, new, failure)
-                    if outcome.lost is not None:
-                        await self._mark_lost(generation, outcome.lost)
-                        return
-                    if outcome.retrying:
-                        log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
-                    elif outcome.grant is not None and outcome.grant.expires_at > grant.expires_at:
-                        self._grant = outcome.grant
-                    assert outcome.due is not None
-                    due = outcome.due
-                    continue
-                decision = tick(
-                    grant, now, auto_renew=self.auto_renew, in_flight=renewal is not None
-                )
-                if decision.lost is not None:
-                    await self._mark_lost(generation, decision.lost)
-                    return
-                if decision.renew:
-                    sent_for = grant
-                    renewal = asyncio.get_running_loop().create_task(self._slot.extend(self.ttl))
-                assert decision.due is not None
-                due = decision.due
-        finally:
-            # Released, lost or closed: an unanswered renewal no longer matters.
-            if renewal is not None and not renewal.done():
-                renewal.cancel()
-                with contextlib.suppress(BaseException):
-                    await renewal
+            new = await self._slot.extend(self.ttl)
+        except Exception as exc:  # this lock's alone: after_renewal retries or loses it
+            failure = exc
+        if self._renewal is asyncio.current_task():
+            self._renewal = None
+        grant = self._grant
+        if generation != self._generation or grant is None or self._lost_reason:
+            return
+        # A user's extend() that ran meanwhile may have moved the deadline further.
+        base = grant if grant.expires_at > sent_for.expires_at else sent_for
+        outcome = after_renewal(base, self.ttl, time.monotonic(), new, failure)
+        if outcome.lost is not None:
+            await self._mark_lost(generation, outcome.lost)
+            return
+        if outcome.retrying:
+            log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
+        elif outcome.grant is not None and outcome.grant.expires_at > grant.expires_at:
+            self._grant = outcome.grant
+        assert outcome.due is not None
+        self._schedule(outcome.due)
 
     async def _mark_lost(self, generation: int, reason: str) -> None:
         if generation != self._generation or self._lost_reason is not None:
             return
         self._lost_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
         if self._on_lost is not None:
             try:
