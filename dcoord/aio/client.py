@@ -31,6 +31,10 @@ def _open(settings: Settings) -> AsyncBackend:
             from ..backends.redis.aio_locks import AsyncRedisBackend
 
             return AsyncRedisBackend(settings)
+        if settings.kind == "etcd":
+            from ..backends.etcd.aio_locks import AsyncEtcdBackend
+
+            return AsyncEtcdBackend(settings)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in _EXTRA_MODULES.get(settings.kind, set()):
             raise

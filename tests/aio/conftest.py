@@ -1,6 +1,6 @@
 """Fixtures of the async API's tests: async clients of the backend under test.
 
-``backend`` here covers the backends dcoord.aio supports (memory, redis); the root
+``backend`` here covers the backends dcoord.aio supports (memory, redis, etcd); the root
 conftest's servers, namespaces and URLs are reused as they are.
 """
 
@@ -14,18 +14,18 @@ import pytest
 from tests.aio.adapter import Loop, SyncView
 from tests.conftest import Servers
 
-AIO_BACKENDS = ("memory", "redis")
+AIO_BACKENDS = ("memory", "redis", "etcd")
 
 
 @pytest.fixture(params=AIO_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """The backend kind under test with the async API: memory, redis."""
+    """The backend kind under test with the async API: memory, redis, etcd."""
     return str(request.param)
 
 
-@pytest.fixture(params=["redis"])
+@pytest.fixture(params=["redis", "etcd"])
 def real_backend(request: pytest.FixtureRequest) -> str:
-    """A server backend kind the async API supports: redis."""
+    """A server backend kind: redis, etcd."""
     return str(request.param)
 
 

@@ -18,6 +18,7 @@ import pytest
 import dcoord
 from dcoord.aio import AsyncClient, AsyncLock, connect
 from dcoord.backends.base import LockGrant
+from dcoord.backends.etcd_names import etcd_lock_prefix
 from dcoord.backends.memory.locks import _table
 from tests.conformance.test_locks import stored_keys
 
@@ -41,10 +42,15 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> boo
     return True
 
 
-def waiters(client: AsyncClient, name: str) -> int:
+def waiters(client: AsyncClient, name: str, sync: dcoord.Client) -> int:
     """Waiters the client has registered on lock ``name`` (memory: on the store's entry,
-    Redis: on the client's pub/sub channel)."""
+    Redis: on the client's pub/sub channel; etcd: queue keys behind the holder's, read
+    by ``sync``, a sync client of the same namespace)."""
     backend: object = client.backend
+    if client.backend.kind == "etcd":
+        prefix = etcd_lock_prefix(client.namespace, name) + "/"
+        queue = sync.backend.etcd.get_prefix(prefix)  # type: ignore[attr-defined]
+        return max(0, len(list(queue)) - 1)
     if client.backend.kind == "memory":
         prefix = backend.locks._locks.lock_prefix  # type: ignore[attr-defined]
         entry = _table(backend.server).entries.get(prefix + name)  # type: ignore[attr-defined]
@@ -73,7 +79,7 @@ def test_a_cancelled_acquire_leaves_nothing_behind(
             if style == "cancel":
                 task = asyncio.create_task(waiter.acquire(timeout=60))
                 # Negative control: the helper does see a waiting acquire.
-                assert await eventually(lambda: waiters(b, "res") == 1)
+                assert await eventually(lambda: waiters(b, "res", sync_client) == 1)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
@@ -81,7 +87,7 @@ def test_a_cancelled_acquire_leaves_nothing_behind(
                 with pytest.raises(TimeoutError):
                     async with asyncio.timeout(0.3):
                         await waiter.acquire()
-            assert waiters(b, "res") == 0
+            assert waiters(b, "res", sync_client) == 0
             assert not waiter.held
             assert stored_keys(sync_client) == before
             await holder.release()
@@ -156,7 +162,7 @@ def test_sync_and_async_clients_exclude_each_other(
             assert await async_lock.acquire(timeout=0) is False
             # A sync release wakes an async waiter (no polling: the holder's TTL is 30 s).
             waiting = asyncio.create_task(async_lock.acquire(timeout=20))
-            assert await eventually(lambda: waiters(client, "res") == 1)
+            assert await eventually(lambda: waiters(client, "res", sync_client) == 1)
             released_at = time.monotonic()
             sync_lock.release()
             assert await waiting
@@ -245,7 +251,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+@pytest.mark.parametrize("backend", ["redis", "etcd"], indirect=True)
 def test_a_killed_async_holder_frees_its_lock_within_the_ttl(
     aio_url: str, namespace: str, sync_client: dcoord.Client
 ) -> None:
