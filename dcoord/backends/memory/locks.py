@@ -136,9 +136,9 @@ class MemoryLockSlot:
             entry = self.entry()
             while True:
                 now = time.monotonic()
-                grant = self.try_grant(token, now)
-                if grant is not None:
-                    return grant
+                if entry.free(now):
+                    self._token = token
+                    return entry.grant(token, self._ttl, self._holder, now)
                 if deadline is not None and now >= deadline:
                     return None
                 # Woken by a release; otherwise at the holder's expiry or our deadline.
