@@ -10,6 +10,7 @@ lost at the deadline even while the renewal request is still unanswered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -23,6 +24,7 @@ from ..errors import (
     BackendUnavailable,
     ClientClosed,
     ConfigError,
+    DcoordError,
     LockError,
     LockLost,
     LockNotOwned,
@@ -125,6 +127,11 @@ class AsyncLock:
             grant = await self._slot.acquire(deadline)
             if grant is None:
                 return False
+            if self._client.closed:
+                # Granted while the client closed: nobody would renew or release it.
+                with contextlib.suppress(DcoordError):
+                    await self._slot.release()
+                raise ClientClosed(f"cannot acquire lock {self.name!r}: the client is closed")
             grant = conservative(grant, self.ttl)
             self._grant = grant
             self._generation += 1
@@ -142,7 +149,7 @@ class AsyncLock:
         self._end_grant()
         try:
             await self._slot.release()
-        except BackendUnavailable as exc:
+        except DcoordError as exc:
             log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
 
     def _end_grant(self) -> LockGrant | None:

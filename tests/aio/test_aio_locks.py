@@ -283,3 +283,25 @@ def test_a_killed_async_holder_frees_its_lock_within_the_ttl(
         if child.poll() is None:
             child.kill()
             child.wait(timeout=10)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_an_acquire_still_waiting_at_close_holds_nothing_after_it(
+    aio_url: str, namespace: str, sync_client: dcoord.Client
+) -> None:
+    ttl = 0.5
+
+    async def main() -> None:
+        holder = sync_client.lock("res", ttl=ttl, auto_renew=False)
+        assert holder.acquire()
+        client = await connect(aio_url, namespace=namespace)
+        waiting = asyncio.create_task(client.lock("res", ttl=30).acquire(timeout=ttl + 10))
+        await asyncio.sleep(0.1)  # let it wait; it is woken by the holder's expiry
+        await client.close()
+        # Granted after the close (the holder expired), or failed on the closed
+        # connection: either way it raises, and leaves nothing held.
+        with pytest.raises(dcoord.DcoordError):
+            await waiting
+        assert sync_client.lock("res").acquire(timeout=ttl + MARGIN)
+
+    asyncio.run(main())
