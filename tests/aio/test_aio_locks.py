@@ -305,3 +305,28 @@ def test_an_acquire_still_waiting_at_close_holds_nothing_after_it(
         assert sync_client.lock("res").acquire(timeout=ttl + MARGIN)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["redis", "etcd"])
+def test_a_server_that_does_not_answer_is_backend_unavailable(kind: str) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> None:
+        started = time.monotonic()
+        with pytest.raises(dcoord.BackendUnavailable, match=f"127.0.0.1:{port}"):
+            await connect(f"{kind}://127.0.0.1:{port}", connect_timeout=1)
+        assert time.monotonic() - started < 1 + MARGIN
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "etcd://127.0.0.1:1,127.0.0.1:2"]
+)
+def test_topologies_not_covered_yet_are_refused_with_config_error(url: str) -> None:
+    with pytest.raises(dcoord.ConfigError, match="dcoord.aio"):
+        connect(url)
