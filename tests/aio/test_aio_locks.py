@@ -328,5 +328,5 @@ def test_a_server_that_does_not_answer_is_backend_unavailable(kind: str) -> None
     "url", ["redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "etcd://127.0.0.1:1,127.0.0.1:2"]
 )
 def test_topologies_not_covered_yet_are_refused_with_config_error(url: str) -> None:
-    with pytest.raises(dcoord.ConfigError, match="dcoord.aio"):
+    with pytest.raises(dcoord.ConfigError, match=r"dcoord\.aio"):
         connect(url)
