@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .. import metrics
 from ..backends.base import LockGrant
 from ..core.lockstate import after_renewal, conservative, first_due, is_held, release_problem, tick
 from ..errors import (
@@ -31,6 +32,7 @@ from ..errors import (
     LockTimeout,
 )
 from ..lock import validate_name, validate_timeout, validate_ttl
+from ..logfields import lock_fields
 
 if TYPE_CHECKING:
     from .client import AsyncClient
@@ -108,7 +110,8 @@ class AsyncLock:
         polling. Cancelling it leaves no grant, queue entry or waiter behind.
         """
         wait = self.timeout if timeout is None else validate_timeout("timeout", timeout)
-        deadline = None if wait is None else time.monotonic() + wait
+        started = time.monotonic()
+        deadline = None if wait is None else started + wait
         if self._client.closed:
             raise ClientClosed(f"cannot acquire lock {self.name!r}: the client is closed")
         if self._acquiring:
@@ -125,6 +128,7 @@ class AsyncLock:
             if self._grant is not None:
                 await self._drop_stale()
             grant = await self._slot.acquire(deadline)
+            metrics.lock_acquire(self, time.monotonic() - started, grant is not None)
             if grant is None:
                 return False
             if self._client.closed:
@@ -150,7 +154,12 @@ class AsyncLock:
         try:
             await self._slot.release()
         except DcoordError as exc:
-            log.info("lock %r: could not clean up a lost grant: %s", self.name, exc)
+            log.info(
+                "lock %r: could not clean up a lost grant: %s",
+                self.name,
+                exc,
+                extra=lock_fields(self),
+            )
 
     def _end_grant(self) -> LockGrant | None:
         """Forget the grant, stop its timer and renewal; returns the grant it was."""
@@ -180,6 +189,7 @@ class AsyncLock:
         grant = self._end_grant()
         if grant is None:
             return "never acquired, or already released"
+        metrics.lock_released(self)
         expired = time.monotonic() >= grant.expires_at
         released = await self._slot.release()
         return release_problem(reason, expired, released)
@@ -236,6 +246,7 @@ class AsyncLock:
             new = await self._slot.extend(self.ttl)
         except Exception as exc:  # this lock's alone: after_renewal retries or loses it
             failure = exc
+            metrics.lock_renewal_failed(self)
         if self._renewal is asyncio.current_task():
             self._renewal = None
         grant = self._grant
@@ -248,7 +259,9 @@ class AsyncLock:
             await self._mark_lost(generation, outcome.lost)
             return
         if outcome.retrying:
-            log.warning("lock %r: renewal failed, retrying: %r", self.name, failure)
+            log.warning(
+                "lock %r: renewal failed, retrying: %r", self.name, failure, extra=lock_fields(self)
+            )
         elif outcome.grant is not None and outcome.grant.expires_at > grant.expires_at:
             self._grant = outcome.grant
         assert outcome.due is not None
@@ -261,24 +274,37 @@ class AsyncLock:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        log.warning("lock %r (fence %s) lost: %s", self.name, self._last_fence, reason)
+        metrics.lock_lost(self)
+        log.warning(
+            "lock %r (fence %s) lost: %s",
+            self.name,
+            self._last_fence,
+            reason,
+            extra=lock_fields(self),
+        )
         if self._on_lost is not None:
             try:
                 result = self._on_lost(self)
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("on_lost callback of lock %r failed", self.name)
+                log.exception(
+                    "on_lost callback of lock %r failed", self.name, extra=lock_fields(self)
+                )
 
     async def _abandon(self) -> None:
         """Let go at client close: best effort, the TTL covers what this cannot do."""
         grant = self._end_grant()
         if grant is not None:
+            metrics.lock_released(self)
             try:
                 await self._slot.release()
             except Exception as exc:  # any failure: the other locks are still let go
                 log.info(
-                    "lock %r not released at close (it expires by its TTL): %r", self.name, exc
+                    "lock %r not released at close (it expires by its TTL): %r",
+                    self.name,
+                    exc,
+                    extra=lock_fields(self),
                 )
 
     # -- context manager -----------------------------------------------------------
@@ -306,13 +332,24 @@ class AsyncLock:
                 problem = await self._release()
         except BackendUnavailable as release_error:
             if exc is not None:
-                log.warning("lock %r: release after a failed block: %s", self.name, release_error)
+                log.warning(
+                    "lock %r: release after a failed block: %s",
+                    self.name,
+                    release_error,
+                    extra=lock_fields(self),
+                )
                 return
             raise
         if problem is None:
             return
         if exc is not None:
-            log.warning("lock %r: %s (while the block raised %r)", self.name, problem, exc)
+            log.warning(
+                "lock %r: %s (while the block raised %r)",
+                self.name,
+                problem,
+                exc,
+                extra=lock_fields(self),
+            )
             return
         raise LockLost(
             f"lock {self.name!r} (fence {self._last_fence}) was lost while the with-block "

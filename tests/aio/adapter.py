@@ -62,6 +62,10 @@ class SyncView:
     def closed(self) -> bool:
         return self.aio.closed
 
+    @property
+    def namespace(self) -> str:
+        return self.aio.namespace
+
     def lock(self, name: str, **options: Any) -> SyncLock:
         return SyncLock(self, name, options)
 
