@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -330,3 +331,46 @@ def test_a_server_that_does_not_answer_is_backend_unavailable(kind: str) -> None
 def test_topologies_not_covered_yet_are_refused_with_config_error(url: str) -> None:
     with pytest.raises(dcoord.ConfigError, match=r"dcoord\.aio"):
         connect(url)
+
+
+@pytest.mark.parametrize("undo", [True, False], ids=["undo", "negative-control-no-undo"])
+def test_redis_acquire_cancelled_in_flight_leaves_no_grant_behind(
+    server_factory: Callable[..., object],
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    undo: bool,
+) -> None:
+    """The acquire script was sent to a paused server and the acquire was cancelled: the
+    server still runs it once it resumes, and the grant must be undone."""
+    from dcoord.backends.redis.aio_locks import AsyncRedisLocks
+
+    if not undo:
+        monkeypatch.setattr(AsyncRedisLocks, "undo", lambda *args: None)
+    server: Any = server_factory("redis", persistent=False)
+
+    async def main() -> None:
+        client = await connect(server.url, namespace=namespace, request_timeout=1)
+        try:
+            warm = client.lock("res", ttl=60)  # loads the script: no NOSCRIPT round below
+            assert await warm.acquire()
+            await warm.release()
+            server.pause()
+            try:
+                # Sent on the pooled connection; the paused server's socket holds it.
+                task = asyncio.create_task(client.lock("res", ttl=60).acquire())
+                await asyncio.sleep(0.3)  # the script waits in the paused server's socket
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                server.resume()
+            with dcoord.connect(server.url, namespace=namespace) as sync:
+                if undo:
+                    assert await asyncio.to_thread(sync.lock("res").acquire, timeout=10)
+                else:
+                    await asyncio.sleep(1)
+                    assert sync.lock("res").acquire(timeout=0) is False, "the grant landed"
+        finally:
+            await client.close()
+
+    asyncio.run(main())
