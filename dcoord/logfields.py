@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .aio.lock import AsyncLock
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -41,7 +42,7 @@ def participant_fields(settings: Settings, participant: str, txid: str) -> Field
     return {**client_fields(settings), TXID: txid, PARTICIPANT: participant}
 
 
-def lock_fields(lock: Lock) -> Fields:
+def lock_fields(lock: Lock | AsyncLock) -> Fields:
     """A lock's client, name and latest fence (None before its first grant)."""
     return {**client_fields(lock._client.settings), LOCK: lock.name, FENCE: lock._last_fence}
 

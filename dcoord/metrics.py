@@ -34,6 +34,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter, MeterProvider
 
+    from .aio.lock import AsyncLock
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -161,7 +162,7 @@ _UNLOADED = _State(None)
 _state = _UNLOADED
 _load_mutex = threading.Lock()
 # Grant time of each held lock (monotonic), for dcoord.lock.held; only filled while on.
-_granted: weakref.WeakKeyDictionary[Lock, float] = weakref.WeakKeyDictionary()
+_granted: weakref.WeakKeyDictionary[Lock | AsyncLock, float] = weakref.WeakKeyDictionary()
 _granted_mutex = threading.Lock()
 
 
@@ -239,7 +240,7 @@ def _attributes(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     return attributes
 
 
-def _lock_attributes(instruments: _Instruments, lock: Lock) -> dict[str, str]:
+def _lock_attributes(instruments: _Instruments, lock: Lock | AsyncLock) -> dict[str, str]:
     extra = {LOCK_NAME: lock.name} if instruments.lock_names else None
     return _attributes(lock._client.settings, extra)
 
@@ -252,7 +253,7 @@ def _swallow(what: str, exc: Exception) -> None:
 # -- locks ----------------------------------------------------------------------------
 
 
-def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
+def lock_acquire(lock: Lock | AsyncLock, waited: float, granted: bool) -> None:
     """An acquire() ended after ``waited`` seconds, with a grant or without (timeout)."""
     instruments = _recording()
     if instruments is None:
@@ -269,14 +270,14 @@ def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
         _swallow("a lock acquire", exc)
 
 
-def _record_held(instruments: _Instruments, lock: Lock) -> None:
+def _record_held(instruments: _Instruments, lock: Lock | AsyncLock) -> None:
     with _granted_mutex:
         since = _granted.pop(lock, None)
     if since is not None:
         instruments.lock_held.record(time.monotonic() - since, _lock_attributes(instruments, lock))
 
 
-def lock_released(lock: Lock) -> None:
+def lock_released(lock: Lock | AsyncLock) -> None:
     """The grant of ``lock`` ended by release (or close); records its hold time."""
     instruments = _recording()
     if instruments is None:
@@ -287,7 +288,7 @@ def lock_released(lock: Lock) -> None:
         _swallow("a lock release", exc)
 
 
-def lock_lost(lock: Lock) -> None:
+def lock_lost(lock: Lock | AsyncLock) -> None:
     """A held lock was found lost; its hold time ends here."""
     instruments = _recording()
     if instruments is None:
@@ -299,7 +300,7 @@ def lock_lost(lock: Lock) -> None:
         _swallow("a lost lock", exc)
 
 
-def lock_renewal_failed(lock: Lock) -> None:
+def lock_renewal_failed(lock: Lock | AsyncLock) -> None:
     """A watchdog renewal of ``lock`` failed with an error."""
     instruments = _recording()
     if instruments is None:

@@ -147,19 +147,7 @@ class RedisBackend:
 
     def _error(self, what: str, exc: redis.RedisError) -> DcoordError:
         """The dcoord error for ``exc``, raised by the operation ``what``."""
-        user = self.settings.username or "default"
-        if isinstance(exc, CREDENTIALS):
-            return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
-        problem = certificate_problem(exc)
-        if problem is not None:
-            return certificate_error(what, problem)
-        if isinstance(exc, redis.ResponseError) and (
-            reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
-        ):
-            return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
-        if is_transient(exc):
-            return BackendUnavailable(f"{what}: {reply_text(exc)}")
-        return BackendError(f"{what}: redis replied: {reply_text(exc)}")
+        return error_for(self.settings, what, exc)
 
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
@@ -171,3 +159,21 @@ class RedisBackend:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def error_for(settings: Settings, what: str, exc: redis.RedisError) -> DcoordError:
+    """The dcoord error for the redis error ``exc`` of the operation ``what`` (shared by
+    the sync backend and :mod:`dcoord.backends.redis.aio_locks`: mapped once, here)."""
+    user = settings.username or "default"
+    if isinstance(exc, CREDENTIALS):
+        return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
+    problem = certificate_problem(exc)
+    if problem is not None:
+        return certificate_error(what, problem)
+    if isinstance(exc, redis.ResponseError) and (
+        reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
+    ):
+        return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
+    if is_transient(exc):
+        return BackendUnavailable(f"{what}: {reply_text(exc)}")
+    return BackendError(f"{what}: redis replied: {reply_text(exc)}")
