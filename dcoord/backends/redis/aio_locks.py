@@ -33,7 +33,7 @@ from ...config import Settings
 from ...errors import BackendUnavailable, ConfigError
 from ...inspect import holder_suffix
 from ..aio_base import with_retries_async
-from ..base import LockGrant, ServerInfo, key_segment
+from ..base import LockGrant, ServerInfo
 from . import error_for, is_transient, topology
 from .locks import (
     ACQUIRE,
@@ -46,6 +46,8 @@ from .locks import (
     RELEASE,
     LuaScript,
     answered,
+    fence_key,
+    lock_keys,
     milliseconds,
 )
 
@@ -189,7 +191,7 @@ class AsyncRedisLocks:
         return AsyncRedisLockSlot(self, name, ttl)
 
     def _fence_key(self, resource: str) -> str:
-        return f"{self.prefix}fence:{key_segment(resource)}"
+        return fence_key(self.prefix, resource)
 
     async def admit(self, resource: str, token: int) -> bool:
         key = self._fence_key(resource)
@@ -262,9 +264,7 @@ class AsyncRedisLockSlot:
         self._call = locks.backend.call
         self._redis = locks.redis
         self.name = name
-        self.key = f"{locks.prefix}lock:{{{key_segment(name)}}}"
-        self.fence_key = f"{self.key}:fence"
-        self.channel = f"{self.key}:released"
+        self.key, self.fence_key, self.channel = lock_keys(locks.prefix, name)
         self.ttl = ttl
         self._token: str | None = None
         self._fence = 0

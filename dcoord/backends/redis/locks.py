@@ -108,6 +108,19 @@ class LuaScript:
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+def lock_keys(prefix: str, name: str) -> tuple[str, str, str]:
+    """A lock's keys and channel, all tagged by its name (one slot): the holder's token,
+    the fence counter and the release channel (shared by the sync and async APIs)."""
+    base = f"{prefix}lock:{{{key_segment(name)}}}"
+    return base, f"{base}:fence", f"{base}:released"
+
+
+def fence_key(prefix: str, resource: str) -> str:
+    """The highest token admitted for ``resource``: ``dcoord:<ns>:fence:{RESOURCE}``,
+    tagged by the resource so that values written with it can share its slot."""
+    return f"{prefix}fence:{{{key_segment(resource)}}}"
+
+
 ACQUIRE = LuaScript.named("acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
@@ -137,9 +150,7 @@ class RedisLocks:
         return RedisLockSlot(self, name, ttl)
 
     def fence_key(self, resource: str) -> str:
-        """The highest token admitted for ``resource``: ``dcoord:<ns>:fence:{RESOURCE}``,
-        tagged by the resource so that values written with it can share its slot."""
-        return f"{self.prefix}fence:{{{key_segment(resource)}}}"
+        return fence_key(self.prefix, resource)
 
     def admit(self, resource: str, token: int) -> bool:
         key = self.fence_key(resource)
@@ -243,10 +254,7 @@ class RedisLockSlot:
         self._call = locks.backend.call
         self._redis = locks.redis
         self.name = name
-        base = f"{locks.prefix}lock:{{{key_segment(name)}}}"
-        self.key = base
-        self.fence_key = f"{base}:fence"
-        self.channel = f"{base}:released"
+        self.key, self.fence_key, self.channel = lock_keys(locks.prefix, name)
         self._ttl = ttl
         self._token: str | None = None
         self._fence = 0
