@@ -165,16 +165,17 @@ class SentinelSet:
         return self.user_url("default", self.password)
 
     def user_url(self, user: str, password: str | None, **options: str) -> str:
-        """The dcoord URL of ``user`` (the sentinels' password is the admin's)."""
+        """The dcoord URL of ``user`` (the sentinels' password is the admin's), with
+        ``min_replicas=1`` unless ``options`` say otherwise: what a deployment on
+        Sentinel needs for its decisions to survive a failover (``dcoord doctor``)."""
         scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
         auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
-        query = {**self.tls.client_options(), **options} if self.tls else dict(options)
+        query = {"min_replicas": "1", **(self.tls.client_options() if self.tls else {})}
+        query.update(options)
         if self.password is not None:
             query["sentinel_password"] = self.password
         hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinel_servers)
-        return f"{scheme}://{auth}{hosts}/{SERVICE}/0" + (
-            f"?{urlencode(query)}" if query else ""
-        )
+        return f"{scheme}://{auth}{hosts}/{SERVICE}/0?{urlencode(query)}"
 
     def confine(self, namespace: str, user: str, password: str) -> str:
         """Create ``user`` confined to ``namespace`` on every running data node (ACLs are
