@@ -1,0 +1,347 @@
+"""Redis Sentinel failovers, for real: what a dcoord client sees and what survives.
+
+Every test starts its own :class:`~tests.topologies.sentinel.SentinelSet` (a primary, two
+replicas, three sentinels) and kills or pauses its primary:
+
+- the same client follows the new primary (the time it takes is measured and printed);
+- a fence granted after a failover is larger than every fence granted before it, even
+  those the new primary never received (a counter-only fence, the negative control, is
+  not);
+- split brain: a paused primary that comes back still grants the lock a client already
+  holds from the new primary; a fenced resource stays exact, an unfenced one (the
+  negative control) loses an update;
+- 2PC: with ``min_replicas=1`` no acknowledged decision is lost by a failover; with 0 it
+  can be.
+
+Replication is cut deterministically where a test needs writes that no replica has
+(:func:`cut_off_replicas`): the replicas are paused and the primary drops their links, so
+nothing written after that reaches them, whatever the timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dcoord
+from dcoord.backends.redis import locks as redis_locks
+from tests.participants import Voter
+from tests.servers import Server
+from tests.topologies.sentinel import SentinelSet
+
+pytestmark = pytest.mark.slow
+
+# A generous bound on following a failover: the sentinels need down-after (1 s) plus an
+# election and a promotion; a loaded 2-core machine may add seconds.
+FOLLOW_BOUND = 20.0
+POLL = 0.02
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSet]:
+    with SentinelSet() as started:
+        started.start()
+        yield started
+
+
+def admin(node: Server) -> Any:
+    return node.redis_admin()
+
+
+def cut_off_replicas(topology: SentinelSet) -> list[Server]:
+    """Pause every replica and make the primary drop their links: from now on nothing the
+    primary writes reaches them. Returns the paused replicas (resume them later)."""
+    primary = topology.primary()
+    replicas = [n for n in topology.nodes if n is not primary and n.running()]
+    for replica in replicas:
+        replica.pause()
+    client = admin(primary)
+    try:
+        client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        deadline = time.monotonic() + 10
+        while int(client.info("replication")["connected_slaves"]) > 0:
+            assert time.monotonic() < deadline, "the primary kept its replicas"
+            time.sleep(POLL)
+    finally:
+        client.close()
+    return replicas
+
+
+def until(what: str, timeout: float, fn: Any) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = fn()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(POLL)
+
+
+def acquire_through(lock: dcoord.Lock, deadline: float) -> float:
+    """Acquire ``lock`` (its client following the primary), retrying while the backend is
+    unavailable; the monotonic time it succeeded."""
+    while True:
+        try:
+            if lock.acquire(timeout=1):
+                return time.monotonic()
+        except dcoord.BackendUnavailable:
+            pass
+        assert time.monotonic() < deadline, "the client did not follow the new primary"
+        time.sleep(POLL)
+
+
+# -- following the primary ---------------------------------------------------------------
+
+
+def test_client_follows_a_killed_primary(sentinels: SentinelSet) -> None:
+    """Kill the primary, again and again: the same client's next lock acquire succeeds on
+    the new primary within FOLLOW_BOUND (p50 and max are printed: docs/topologies.md)."""
+    follow: list[float] = []
+    with dcoord.connect(sentinels.url, namespace="follow") as client:
+        for run in range(3):
+            lock = client.lock("l", ttl=5)
+            with lock:
+                pass
+            old = sentinels.kill_primary()
+            killed = time.monotonic()
+            succeeded = acquire_through(lock, killed + FOLLOW_BOUND)
+            follow.append(succeeded - killed)
+            lock.release()
+            new = sentinels.wait_for_failover(old)
+            assert new is not old
+            # The killed node comes back as a replica: the next run has two again.
+            old.start()
+            sentinels.wait_for_replica(old)
+            print(f"run {run}: kill -> acquire on the new primary {follow[-1]:.2f} s")
+    print(
+        f"follow after kill: p50 {statistics.median(follow):.2f} s, max {max(follow):.2f} s "
+        f"of {len(follow)}"
+    )
+    assert max(follow) < FOLLOW_BOUND
+
+
+# -- fences ------------------------------------------------------------------------------
+
+# A fence that is only a counter: what the acquire script would be without max(counter+1,
+# server time). The negative control of the fence test.
+COUNTER_ONLY_ACQUIRE = redis_locks.LuaScript(
+    """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 0 then
+  return 0
+end
+return -pttl
+"""
+)
+
+
+def fences_across_a_failover(topology: SentinelSet) -> tuple[list[int], list[int], int, int]:
+    """Grant fences of one lock: some replicated, some only the primary has (replicas cut
+    off), then kill the primary; grant one more on the new primary.
+
+    Returns (replicated fences, unreplicated fences, the fence counter the new primary
+    has, the fence granted after the failover).
+    """
+    with dcoord.connect(topology.url, namespace="fence") as client:
+        lock = client.lock("l", ttl=5, auto_renew=False)
+        replicated = []
+        for _ in range(3):
+            with lock:
+                replicated.append(lock.fence)
+        primary = topology.primary()
+        paused = cut_off_replicas(topology)
+        unreplicated = []
+        try:
+            for _ in range(3):
+                with lock:
+                    unreplicated.append(lock.fence)
+        finally:
+            primary.kill()
+            for replica in paused:
+                replica.resume()
+        new = topology.wait_for_failover(primary)
+        backend: Any = client.backend
+        fence_key = redis_locks.RedisLockSlot(backend.locks, "l", 5).fence_key
+        survivor = admin(new)
+        try:
+            counter = int(survivor.get(fence_key))
+        finally:
+            survivor.close()
+        acquire_through(lock, time.monotonic() + FOLLOW_BOUND)
+        after = lock.fence
+        lock.release()
+    return replicated, unreplicated, counter, after
+
+
+def test_fence_after_failover_exceeds_fences_the_new_primary_never_saw(
+    sentinels: SentinelSet,
+) -> None:
+    replicated, unreplicated, counter, after = fences_across_a_failover(sentinels)
+    # The scenario happened: the new primary lost the last grants' fences ...
+    assert counter == replicated[-1] < unreplicated[0]
+    # ... and still grants a larger one than every fence handed out before.
+    assert after > max(replicated + unreplicated), (replicated, unreplicated, after)
+
+
+def test_negative_control_counter_fence_goes_backwards(
+    sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same failover with a counter-only fence: the fence after it repeats one that
+    was already granted, which is what the server-time floor prevents."""
+    monkeypatch.setattr(redis_locks, "ACQUIRE", COUNTER_ONLY_ACQUIRE)
+    replicated, unreplicated, counter, after = fences_across_a_failover(sentinels)
+    assert counter == replicated[-1] < unreplicated[0]
+    assert after <= max(unreplicated), (replicated, unreplicated, after)
+
+
+# -- split brain -------------------------------------------------------------------------
+
+
+class FencedCounter:
+    """A resource outside Redis that admits a write only with a fence at least as large
+    as every fence it admitted before (``fenced=False``: every write, the control)."""
+
+    def __init__(self, fenced: bool) -> None:
+        self.fenced = fenced
+        self.value = 0
+        self.highest = 0
+        self._mutex = threading.Lock()
+
+    def read(self) -> int:
+        with self._mutex:
+            return self.value
+
+    def write(self, fence: int, value: int) -> bool:
+        with self._mutex:
+            if self.fenced and fence < self.highest:
+                return False
+            self.highest = max(self.highest, fence)
+            self.value = value
+            return True
+
+
+def split_brain(topology: SentinelSet, resource: FencedCounter) -> tuple[int, int]:
+    """Two holders of one lock, one on each primary, each adding 1 to ``resource`` by
+    read-modify-write (both read before either writes: the interleaving that loses an
+    update). Returns (increments the holders believe they made, the resource's value)."""
+    url = topology.url
+    with dcoord.connect(url, namespace="split") as stale_client:
+        stale_client.ping()  # a pooled connection to the old primary, kept through it all
+        old = topology.pause_primary()
+        try:
+            new = topology.wait_for_failover(old)
+            with dcoord.connect(url, namespace="split") as fresh_client:
+                fresh = fresh_client.lock("l", ttl=30)
+                assert fresh.acquire(timeout=FOLLOW_BOUND)
+                topology.resume(old)
+                # The old primary still believes it is the primary (the sentinels demote
+                # it seconds after it answers again): it grants the same lock.
+                stale = stale_client.lock("l", ttl=30)
+                assert stale.acquire(timeout=5), "the resumed old primary refused the lock"
+                assert fresh.held and stale.held  # two clients believe they hold it
+                assert stale.fence != fresh.fence
+                seen_fresh, seen_stale = resource.read(), resource.read()
+                made = sum(
+                    [
+                        resource.write(stale.fence, seen_stale + 1),
+                        resource.write(fresh.fence, seen_fresh + 1),
+                    ]
+                )
+                # Once demoted, the old primary's grant is gone: the new primary's holder
+                # is the one the lock names, and the stale holder learns it lost the lock.
+                topology.wait_for_replica(old)
+                until("stale holder noticing its loss", FOLLOW_BOUND, lambda: not stale.held)
+                assert fresh.held
+                assert new is topology.primary()
+                fresh.release()
+        finally:
+            old.resume()
+    return made, resource.read()
+
+
+def test_split_brain_fenced_resource_stays_exact(sentinels: SentinelSet) -> None:
+    made, value = split_brain(sentinels, FencedCounter(fenced=True))
+    assert made == value == 1  # the older fence's write was refused, and its holder knows
+
+
+def test_negative_control_split_brain_unfenced_resource_loses_an_update(
+    sentinels: SentinelSet,
+) -> None:
+    made, value = split_brain(sentinels, FencedCounter(fenced=False))
+    assert made == 2 and value == 1  # two increments believed made, one in the counter
+
+
+# -- 2PC -------------------------------------------------------------------------------
+
+
+def commits_across_a_failover(topology: SentinelSet, min_replicas: int) -> tuple[int, list[str]]:
+    """Commit transactions while no replica receives anything, then kill the primary.
+
+    Returns (how many commits were acknowledged, those the new primary's log lacks).
+    """
+    url = topology.user_url("default", None, min_replicas=str(min_replicas))
+    with dcoord.connect(url, namespace="tx", replica_timeout=0.5) as client:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+            coord = client.coordinator(participants=[Voter("a"), Voter("b")])
+        with coord.transaction() as tx:  # a replicated one first: the log works
+            tx.enlist("a")
+            tx.enlist("b")
+        primary = topology.primary()
+        paused = cut_off_replicas(topology)
+        acknowledged = []
+        try:
+            for _ in range(5):
+                try:
+                    with coord.transaction() as tx:
+                        tx.enlist("a")
+                        tx.enlist("b")
+                except dcoord.DcoordError:
+                    continue  # not acknowledged: the log could not keep it
+                acknowledged.append(tx.txid)
+        finally:
+            primary.kill()
+            for replica in paused:
+                replica.resume()
+        topology.wait_for_failover(primary)
+        deadline = time.monotonic() + FOLLOW_BOUND
+        while True:
+            try:
+                lost = [txid for txid in acknowledged if coord.get(txid) is None]
+                break
+            except dcoord.BackendUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(POLL)
+        coord.close()
+    return len(acknowledged), lost
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="min_replicas makes forced decision-log writes WAIT for a replica (issue 11 part "
+    "3); until that is merged the option is only checked, and acknowledged decisions are "
+    "lost like with min_replicas=0",
+)
+def test_acknowledged_decisions_survive_a_failover_with_min_replicas(
+    sentinels: SentinelSet,
+) -> None:
+    acknowledged, lost = commits_across_a_failover(sentinels, min_replicas=1)
+    assert lost == [], f"{len(lost)} of {acknowledged} acknowledged decisions lost"
+
+
+def test_without_min_replicas_a_failover_loses_acknowledged_decisions(
+    sentinels: SentinelSet,
+) -> None:
+    """What min_replicas=0 means: the primary acknowledges decisions no replica has,
+    and the failover promotes a replica without them (docs/topologies.md)."""
+    acknowledged, lost = commits_across_a_failover(sentinels, min_replicas=0)
+    assert acknowledged == 5 and len(lost) == 5
