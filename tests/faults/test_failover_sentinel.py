@@ -345,3 +345,60 @@ def test_without_min_replicas_a_failover_loses_acknowledged_decisions(
     and the failover promotes a replica without them (docs/topologies.md)."""
     acknowledged, lost = commits_across_a_failover(sentinels, min_replicas=0)
     assert acknowledged == 5 and len(lost) == 5
+
+
+# -- wake-ups ----------------------------------------------------------------------------
+
+
+def test_waiter_is_woken_by_a_release_on_the_new_primary(sentinels: SentinelSet) -> None:
+    """A waiter's pub/sub subscription follows the failover: a release published on the
+    new primary wakes it at once, long before the holder's TTL (its wait hint) runs out."""
+    with (
+        dcoord.connect(sentinels.url, namespace="wake") as holder_client,
+        dcoord.connect(sentinels.url, namespace="wake") as waiter_client,
+    ):
+        holder = holder_client.lock("l", ttl=60)
+        assert holder.acquire(timeout=5)
+        waiter = waiter_client.lock("l", ttl=5)
+        acquired = threading.Event()
+
+        def wait() -> None:
+            # The waiter rides out the failover: an acquire that meets the dead primary
+            # raises BackendUnavailable, and the next one waits again.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if waiter.acquire(timeout=deadline - time.monotonic()):
+                        acquired.set()
+                        return
+                except dcoord.BackendUnavailable:
+                    time.sleep(POLL)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        slot: Any = holder._slot  # the channel name the waiter listens on
+        channel = slot.channel
+
+        def subscribed(node: Server) -> bool:
+            client = admin(node)
+            try:
+                return dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) > 0
+            finally:
+                client.close()
+
+        until("waiter subscribed", 30, lambda: subscribed(sentinels.primary()))
+        old = sentinels.kill_primary()
+        new = sentinels.wait_for_failover(old)
+        until("waiter subscribed on the new primary", FOLLOW_BOUND, lambda: subscribed(new))
+        while True:
+            try:
+                holder.release()
+                break
+            except dcoord.BackendUnavailable:
+                time.sleep(POLL)
+        released = time.monotonic()
+        # The holder's TTL had about a minute to go: only the release can wake it now.
+        assert acquired.wait(10), "the waiter slept through the release"
+        print(f"release -> waiter acquired on the new primary {time.monotonic() - released:.2f} s")
+        waiter.release()
+        thread.join(10)
