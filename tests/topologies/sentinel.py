@@ -334,6 +334,17 @@ class SentinelSet:
         found: Server = self._poll(time.monotonic() + timeout, promoted, "failover")
         return found
 
+    def rejoin(self, node: Server, timeout: float = 30.0) -> None:
+        """Heal a killed or paused primary: wait until the sentinels promoted another node
+        (the old one still down, so the failover is certain), bring it back (start or
+        resume) and wait until the sentinels made it a replica in sync."""
+        self.wait_for_failover(node, timeout)
+        if node.running():
+            node.resume()
+        else:
+            node.start()
+        self.wait_for_replica(node, timeout)
+
     def wait_for_replica(self, node: Server, timeout: float = 30.0) -> None:
         """Wait until ``node`` (an old primary, running again) is a replica in sync."""
 

@@ -18,6 +18,11 @@ pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store'
 restart-server    SIGKILL / container kill the server, start it again on the same data
 pause-member      pause one member of a three-member etcd cluster
 kill-member       kill one member of a three-member etcd cluster, restart it later
+kill-primary      Redis Sentinel: kill the primary; at heal, once the sentinels promoted a
+                  replica, start it again and wait until it is a replica in sync
+pause-primary     Redis Sentinel: pause the primary until the sentinels promoted a replica
+                  (at least the planned time), resume it (a split brain until they demote
+                  it) and wait until it is a replica in sync
 crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
                   after_prepare / after_decision / after_commit): the worker SIGKILLs
                   itself when it next reaches it (etcd robustness tests' failpoints); a
@@ -43,6 +48,8 @@ KINDS = (
     "restart-server",
     "pause-member",
     "kill-member",
+    "kill-primary",
+    "pause-primary",
     "crash-at",
 )
 
@@ -69,6 +76,8 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
+    if kind in ("kill-primary", "pause-primary"):
+        return rng.uniform(1.0, 3.0)  # the heal also waits for the failover and resync
     if kind == "crash-at":
         return rng.uniform(0.3, 1.0)  # how long the armed point waits to be reached
     raise ValueError(f"unknown fault kind {kind!r}")

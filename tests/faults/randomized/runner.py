@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import dcoord
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.sentinel import SentinelSet
 
 from . import checkers, nemesis
 from .cluster import EtcdCluster
@@ -49,7 +50,11 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
     "redis": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd-cluster": {**_CLIENT_FAULTS, "pause-member": 1, "kill-member": 2},
+    "redis-sentinel": {**_CLIENT_FAULTS, "kill-primary": 2, "pause-primary": 2},
 }
+# Faults after which a Redis Sentinel set may have lost acknowledged writes: replication
+# is asynchronous, and a paused primary accepts writes until the sentinels demote it.
+FAILOVER_FAULTS = ("kill-primary", "pause-primary")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Config:
     """Redis only: no persistence (every restart loses all data)."""
     cluster: bool = False
     """etcd only: three members; member faults instead of whole-server faults."""
+    sentinel: bool = False
+    """Redis only: a Sentinel set (primary, two replicas); failovers instead of restarts."""
     mutant: str | None = None
     faults: tuple[str, ...] | None = None
     """Fault kinds to inject (default: every kind that applies to the backend)."""
@@ -80,6 +87,8 @@ class Config:
     def variant(self) -> str:
         if self.backend == "etcd" and self.cluster:
             return "etcd-cluster"
+        if self.backend == "redis" and self.sentinel:
+            return "redis-sentinel"
         return self.backend
 
     @property
@@ -111,6 +120,8 @@ class Config:
             args.append("--volatile")
         if self.cluster:
             args.append("--cluster")
+        if self.sentinel:
+            args.append("--sentinel")
         if self.mutant:
             args.append(f"--mutant {self.mutant}")
         if self.faults is not None:
@@ -127,6 +138,8 @@ class Config:
             extra = " (no persistence)" if self.volatile else " (appendfsync always)"
         if self.cluster:
             extra = " (three members)"
+        if self.sentinel:
+            extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
@@ -436,6 +449,7 @@ class Environment:
         self.config = config
         self.server: Server | None = None
         self.cluster: EtcdCluster | None = None
+        self.sentinels: SentinelSet | None = None
         self.url = ""
         self._freeze: threading.Event | None = None
 
@@ -446,6 +460,10 @@ class Environment:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
             self.url = self.cluster.url
+        elif self.config.sentinel:
+            self.sentinels = SentinelSet(using=self.config.using)
+            self.sentinels.start()
+            self.url = self.sentinels.url
         else:
             self.server = start_server(
                 self.config.backend, persistent=not self.config.volatile, using=self.config.using
@@ -459,6 +477,8 @@ class Environment:
             self.server.stop()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.sentinels is not None:
+            self.sentinels.stop()
 
     def heal(self) -> None:
         """Undo anything a fault may have left (idempotent)."""
@@ -468,11 +488,11 @@ class Environment:
             self.server.resume()
             if not self.server.running():
                 self.server.start()
-        if self.cluster is not None:
-            for member in self.cluster.members:
-                member.resume()
-                if not member.running():
-                    member.start()
+        members = self.cluster.members if self.cluster is not None else []
+        for member in members + (self.sentinels.nodes if self.sentinels is not None else []):
+            member.resume()
+            if not member.running():
+                member.start()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -517,6 +537,19 @@ class Environment:
                 lambda p: _act(members[p.slot].kill, f"etcd member m{p.slot}"),
                 lambda p: members[p.slot].start(),
             )
+        if self.sentinels is not None:
+            topology, down = self.sentinels, []
+
+            def fail(action: Callable[[], Server]) -> str:
+                down.append(action())
+                return f"redis primary :{down[-1].port}"
+
+            controls["kill-primary"] = nemesis.Control(
+                lambda p: fail(topology.kill_primary), lambda p: topology.rejoin(down.pop())
+            )
+            controls["pause-primary"] = nemesis.Control(
+                lambda p: fail(topology.pause_primary), lambda p: topology.rejoin(down.pop())
+            )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
         return controls
@@ -546,7 +579,10 @@ class Environment:
             self._freeze.set()
 
     def loss_windows(self, history: History) -> list[tuple[float, float]]:
-        """When data may have been lost: restarts of a Redis that keeps nothing on disk."""
+        """When data may have been lost: restarts of a Redis that keeps nothing on disk,
+        failovers of a Sentinel set (from the fault until the old primary is a replica)."""
+        if self.sentinels is not None:
+            return [(f.start, f.end) for f in history.faults if f.kind in FAILOVER_FAULTS]
         if not (self.config.backend == "redis" and self.config.volatile):
             return []
         return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
@@ -634,6 +670,8 @@ def run(config: Config) -> Report:
         raise ValueError("--volatile applies to redis only")
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
+    if config.sentinel and (config.backend != "redis" or config.volatile):
+        raise ValueError("--sentinel applies to redis (with persistence) only")
     mutant_for = {
         "ignore-limit": "semaphore",
         "del-release": "counter",
@@ -800,6 +838,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
     parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument("--sentinel", action="store_true", help="redis: a Sentinel set")
     parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
@@ -817,6 +856,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         clients=args.clients,
         volatile=args.volatile,
         cluster=args.cluster,
+        sentinel=args.sentinel,
         mutant=args.mutant,
         faults=tuple(args.faults.split(",")) if args.faults else None,
         ttl=args.ttl,

@@ -28,6 +28,10 @@ CLEAN = [
     pytest.param(
         Config("etcd", "counter", seed=18, duration=15, cluster=True), id="etcd-cluster-counter"
     ),
+    pytest.param(
+        Config("redis", "counter", seed=19, duration=30, sentinel=True),
+        id="redis-sentinel-counter",
+    ),
 ]
 
 
@@ -130,6 +134,21 @@ def test_mutant_fence_admitting_every_token_is_caught() -> None:
     config = Config("redis", "counter", duration=8, mutant="admit-all", faults=("pause-holder",))
     report = first_caught(config, range(401, 404), "fenced-counter")
     assert any(v.checker == "fence-order" for v in report.violations), report.render()
+
+
+def test_mutant_fence_admitting_every_token_is_caught_across_sentinel_failovers() -> None:
+    """The Sentinel run's negative control: its failovers are loss windows, which excuse
+    what a failover loses, but not a stale holder's write between them."""
+    config = Config(
+        "redis",
+        "counter",
+        duration=20,
+        sentinel=True,
+        mutant="admit-all",
+        faults=("pause-holder", "kill-primary"),
+    )
+    report = first_caught(config, range(411, 414), "fenced-counter")
+    assert report.faults["kill-primary"] >= 1, report.render()
 
 
 @pytest.mark.parametrize(("backend", "duration"), [("memory", 6), ("redis", 8)])
