@@ -243,6 +243,7 @@ def split_brain(topology: SentinelSet, resource: FencedCounter) -> tuple[int, in
                 fresh = fresh_client.lock("l", ttl=30)
                 assert fresh.acquire(timeout=FOLLOW_BOUND)
                 topology.resume(old)
+                resumed = time.monotonic()
                 # The old primary still believes it is the primary (the sentinels demote
                 # it seconds after it answers again): it grants the same lock.
                 stale = stale_client.lock("l", ttl=30)
@@ -259,6 +260,7 @@ def split_brain(topology: SentinelSet, resource: FencedCounter) -> tuple[int, in
                 # Once demoted, the old primary's grant is gone: the new primary's holder
                 # is the one the lock names, and the stale holder learns it lost the lock.
                 topology.wait_for_replica(old)
+                print(f"old primary resumed -> a synced replica {time.monotonic() - resumed:.2f} s")
                 until("stale holder noticing its loss", FOLLOW_BOUND, lambda: not stale.held)
                 assert fresh.held
                 assert new is topology.primary()
@@ -402,3 +404,54 @@ def test_waiter_is_woken_by_a_release_on_the_new_primary(sentinels: SentinelSet)
         print(f"release -> waiter acquired on the new primary {time.monotonic() - released:.2f} s")
         waiter.release()
         thread.join(10)
+
+
+def commits_during_a_kill(topology: SentinelSet, min_replicas: int) -> tuple[int, list[str]]:
+    """Without cutting replication: commit transactions back to back and kill the primary
+    in the middle. Returns (commits acknowledged, those the new primary's log lacks)."""
+    url = topology.user_url("default", None, min_replicas=str(min_replicas))
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    with dcoord.connect(url, namespace="tx", replica_timeout=0.5) as client:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+            coord = client.coordinator(participants=[Voter("a")])
+
+        def commit() -> None:
+            while not stop.is_set():
+                try:
+                    with coord.transaction() as tx:
+                        tx.enlist("a")
+                except dcoord.DcoordError:
+                    continue
+                acknowledged.append(tx.txid)
+
+        thread = threading.Thread(target=commit, daemon=True)
+        thread.start()
+        until("some commits", 30, lambda: len(acknowledged) >= 50)
+        old = topology.kill_primary()
+        topology.wait_for_failover(old)
+        stop.set()
+        thread.join(30)
+        deadline = time.monotonic() + FOLLOW_BOUND
+        while True:
+            try:
+                lost = [txid for txid in list(acknowledged) if coord.get(txid) is None]
+                break
+            except dcoord.BackendUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(POLL)
+        coord.close()
+    return len(acknowledged), lost
+
+
+if __name__ == "__main__":
+    # python -m tests.faults.test_failover_sentinel [TRIALS]: how often a plain kill (no
+    # cut replication) loses acknowledged decisions with min_replicas=0 (docs/topologies.md).
+    import sys
+
+    for trial in range(int(sys.argv[1]) if len(sys.argv) > 1 else 5):
+        with SentinelSet() as fresh:
+            fresh.start()
+            count, missing = commits_during_a_kill(fresh, min_replicas=0)
+            print(f"trial {trial}: {count} acknowledged, {len(missing)} lost", flush=True)
