@@ -88,8 +88,13 @@ class _SentinelContainer(ContainerServer):
     def __init__(self, conf: str, **options: Any) -> None:
         self.conf = conf  # before ContainerServer.__init__, which builds the command
         super().__init__("redis", **options)
-        directory = str(Path(conf).parent)
-        self.container.with_volume_mapping(directory, directory, "rw")
+        directory = Path(conf).parent
+        # The image may run redis as its own user: it must read the file and write the
+        # directory (Sentinel rewrites its file through a temporary one beside it).
+        for path in (directory.parent, directory):
+            path.chmod(0o777)
+        Path(conf).chmod(0o666)
+        self.container.with_volume_mapping(str(directory), str(directory), "rw")
 
     def command(self, data_dir: str) -> list[str]:
         return _sentinel_command(self, self.conf)
