@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -144,15 +145,29 @@ return -pttl
 )
 
 
-def fences_across_a_failover(topology: SentinelSet) -> tuple[list[int], list[int], int, int]:
-    """Grant fences of one lock: some replicated, some only the primary has (replicas cut
-    off), then kill the primary; grant one more on the new primary.
+@dataclass
+class FenceRun:
+    """Fences of two locks around a failover. Lock "l": granted before the cut (replicated)
+    and during it (only the old primary has them); lock "m": granted during the cut only,
+    so the new primary has no fence counter for it at all."""
 
-    Returns (replicated fences, unreplicated fences, the fence counter the new primary
-    has, the fence granted after the failover).
-    """
+    replicated: list[int]
+    unreplicated: list[int]
+    counter: int | None
+    """Lock l's fence counter on the new primary."""
+    after: int
+    """Lock l's first fence on the new primary."""
+    fresh_before: int
+    fresh_counter: int | None
+    fresh_after: int
+
+
+def fences_across_a_failover(topology: SentinelSet) -> FenceRun:
+    """Grant fences, cut the replicas off, grant more, kill the primary; grant again on the
+    new primary through the same client."""
     with dcoord.connect(topology.url, namespace="fence") as client:
         lock = client.lock("l", ttl=5, auto_renew=False)
+        fresh = client.lock("m", ttl=5, auto_renew=False)
         replicated = []
         for _ in range(3):
             with lock:
@@ -164,43 +179,56 @@ def fences_across_a_failover(topology: SentinelSet) -> tuple[list[int], list[int
             for _ in range(3):
                 with lock:
                     unreplicated.append(lock.fence)
+            with fresh:
+                fresh_before = fresh.fence
         finally:
             primary.kill()
             for replica in paused:
                 replica.resume()
         new = topology.wait_for_failover(primary)
         backend: Any = client.backend
-        fence_key = redis_locks.RedisLockSlot(backend.locks, "l", 5).fence_key
         survivor = admin(new)
         try:
-            counter = int(survivor.get(fence_key))
+            counters = [
+                survivor.get(redis_locks.RedisLockSlot(backend.locks, name, 5).fence_key)
+                for name in ("l", "m")
+            ]
         finally:
             survivor.close()
-        acquire_through(lock, time.monotonic() + FOLLOW_BOUND)
-        after = lock.fence
-        lock.release()
-    return replicated, unreplicated, counter, after
+        after = []
+        for handle in (lock, fresh):
+            acquire_through(handle, time.monotonic() + FOLLOW_BOUND)
+            after.append(handle.fence)
+            handle.release()
+    counter, fresh_counter = (None if c is None else int(c) for c in counters)
+    return FenceRun(
+        replicated, unreplicated, counter, after[0], fresh_before, fresh_counter, after[1]
+    )
 
 
 def test_fence_after_failover_exceeds_fences_the_new_primary_never_saw(
     sentinels: SentinelSet,
 ) -> None:
-    replicated, unreplicated, counter, after = fences_across_a_failover(sentinels)
-    # The scenario happened: the new primary lost the last grants' fences ...
-    assert counter == replicated[-1] < unreplicated[0]
-    # ... and still grants a larger one than every fence handed out before.
-    assert after > max(replicated + unreplicated), (replicated, unreplicated, after)
+    run = fences_across_a_failover(sentinels)
+    # The scenario happened: the new primary lost the last grants' fences (a stale
+    # counter for l, none at all for m) ...
+    assert run.counter == run.replicated[-1] < run.unreplicated[0]
+    assert run.fresh_counter is None
+    # ... and still grants larger ones than every fence handed out before.
+    assert run.after > max(run.replicated + run.unreplicated), run
+    assert run.fresh_after > run.fresh_before, run
 
 
 def test_negative_control_counter_fence_goes_backwards(
     sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same failover with a counter-only fence: the fence after it repeats one that
-    was already granted, which is what the server-time floor prevents."""
+    """The same failover with a counter-only fence: the fences after it repeat ones that
+    were already granted, which is what the server-time floor prevents."""
     monkeypatch.setattr(redis_locks, "ACQUIRE", COUNTER_ONLY_ACQUIRE)
-    replicated, unreplicated, counter, after = fences_across_a_failover(sentinels)
-    assert counter == replicated[-1] < unreplicated[0]
-    assert after <= max(unreplicated), (replicated, unreplicated, after)
+    run = fences_across_a_failover(sentinels)
+    assert run.counter == run.replicated[-1] < run.unreplicated[0]
+    assert run.after <= max(run.unreplicated), run
+    assert run.fresh_after <= run.fresh_before, run
 
 
 # -- split brain -------------------------------------------------------------------------
