@@ -313,13 +313,18 @@ def test_negative_control_split_brain_unfenced_resource_loses_an_update(
 # -- 2PC -------------------------------------------------------------------------------
 
 
+COMMITS = 3
+
+
 def commits_across_a_failover(topology: SentinelSet, min_replicas: int) -> tuple[int, list[str]]:
     """Commit transactions while no replica receives anything, then kill the primary.
 
     Returns (how many commits were acknowledged, those the new primary's log lacks).
     """
     url = topology.user_url("default", None, min_replicas=str(min_replicas))
-    with dcoord.connect(url, namespace="tx", replica_timeout=0.5) as client:
+    # Short timeouts: a commit that cannot reach a replica fails fast, so the replicas are
+    # not paused long enough for the sentinels to distrust them as failover candidates.
+    with dcoord.connect(url, namespace="tx", replica_timeout=0.5, request_timeout=1) as client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dcoord.DurabilityWarning)
             coord = client.coordinator(participants=[Voter("a"), Voter("b")])
@@ -330,7 +335,7 @@ def commits_across_a_failover(topology: SentinelSet, min_replicas: int) -> tuple
         paused = cut_off_replicas(topology)
         acknowledged = []
         try:
-            for _ in range(5):
+            for _ in range(COMMITS):
                 try:
                     with coord.transaction() as tx:
                         tx.enlist("a")
@@ -342,7 +347,7 @@ def commits_across_a_failover(topology: SentinelSet, min_replicas: int) -> tuple
             primary.kill()
             for replica in paused:
                 replica.resume()
-        topology.wait_for_failover(primary)
+        topology.wait_for_failover(primary, timeout=60)
         deadline = time.monotonic() + FOLLOW_BOUND
         while True:
             try:
@@ -374,7 +379,7 @@ def test_without_min_replicas_a_failover_loses_acknowledged_decisions(
     """What min_replicas=0 means: the primary acknowledges decisions no replica has,
     and the failover promotes a replica without them (docs/topologies.md)."""
     acknowledged, lost = commits_across_a_failover(sentinels, min_replicas=0)
-    assert acknowledged == 5 and len(lost) == 5
+    assert acknowledged == COMMITS and len(lost) == COMMITS
 
 
 # -- wake-ups ----------------------------------------------------------------------------

@@ -184,7 +184,8 @@ class SentinelSet:
 
     def confine(self, namespace: str, user: str, password: str) -> str:
         """Create ``user`` confined to ``namespace`` on every running data node (ACLs are
-        not replicated, and any replica may become the primary); its URL."""
+        not replicated, and any replica may become the primary); its URL. ACLs live in
+        memory: a node killed and started again no longer has the user."""
         for node in self.nodes:
             if node.running():
                 node.confine(namespace, user, password)
