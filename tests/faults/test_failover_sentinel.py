@@ -160,6 +160,8 @@ class FenceRun:
     fresh_before: int
     fresh_counter: int | None
     fresh_after: int
+    others: dict[str, tuple[int, int]]
+    """An election's term and a semaphore's fence granted during the cut, and after."""
 
 
 def fences_across_a_failover(topology: SentinelSet) -> FenceRun:
@@ -181,6 +183,7 @@ def fences_across_a_failover(topology: SentinelSet) -> FenceRun:
                     unreplicated.append(lock.fence)
             with fresh:
                 fresh_before = fresh.fence
+            before = other_fences(client)
         finally:
             primary.kill()
             for replica in paused:
@@ -200,10 +203,28 @@ def fences_across_a_failover(topology: SentinelSet) -> FenceRun:
             acquire_through(handle, time.monotonic() + FOLLOW_BOUND)
             after.append(handle.fence)
             handle.release()
+        others = {k: (v, other_fences(client)[k]) for k, v in before.items()}
     counter, fresh_counter = (None if c is None else int(c) for c in counters)
     return FenceRun(
-        replicated, unreplicated, counter, after[0], fresh_before, fresh_counter, after[1]
+        replicated, unreplicated, counter, after[0], fresh_before, fresh_counter, after[1], others
     )
+
+
+def other_fences(client: dcoord.Client) -> dict[str, int]:
+    """A new election term and a new semaphore fence (retried through a failover)."""
+    deadline = time.monotonic() + FOLLOW_BOUND
+    while True:
+        try:
+            leadership = client.election("e").campaign(ttl=5, timeout=5)
+            assert leadership is not None
+            leadership.resign()
+            permit = client.semaphore("s", 2, ttl=5, auto_renew=False)
+            assert permit.acquire(timeout=5)
+            permit.release()
+            return {"election term": leadership.term, "semaphore fence": permit.fence}
+        except dcoord.BackendUnavailable:
+            assert time.monotonic() < deadline, "no grant on the new primary"
+            time.sleep(POLL)
 
 
 def test_fence_after_failover_exceeds_fences_the_new_primary_never_saw(
@@ -217,6 +238,8 @@ def test_fence_after_failover_exceeds_fences_the_new_primary_never_saw(
     # ... and still grants larger ones than every fence handed out before.
     assert run.after > max(run.replicated + run.unreplicated), run
     assert run.fresh_after > run.fresh_before, run
+    # Elections and semaphores take their fences the same way.
+    assert all(after > before for before, after in run.others.values()), run.others
 
 
 def test_negative_control_counter_fence_goes_backwards(
