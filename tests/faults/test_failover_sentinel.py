@@ -256,7 +256,12 @@ def test_negative_control_counter_fence_goes_backwards(
 
 class FencedCounter:
     """A resource outside Redis that admits a write only with a fence at least as large
-    as every fence it admitted before (``fenced=False``: every write, the control)."""
+    as every fence presented to it before (``fenced=False``: every write, the control).
+
+    A read presents the reader's fence too (as the randomized counter admits before it
+    reads): a read-modify-write by an older fence then fails, whichever holder writes
+    first.
+    """
 
     def __init__(self, fenced: bool) -> None:
         self.fenced = fenced
@@ -264,8 +269,9 @@ class FencedCounter:
         self.highest = 0
         self._mutex = threading.Lock()
 
-    def read(self) -> int:
+    def read(self, fence: int) -> int:
         with self._mutex:
+            self.highest = max(self.highest, fence)
             return self.value
 
     def write(self, fence: int, value: int) -> bool:
@@ -298,7 +304,7 @@ def split_brain(topology: SentinelSet, resource: FencedCounter) -> tuple[int, in
                 assert stale.acquire(timeout=5), "the resumed old primary refused the lock"
                 assert fresh.held and stale.held  # two clients believe they hold it
                 assert stale.fence != fresh.fence
-                seen_fresh, seen_stale = resource.read(), resource.read()
+                seen_fresh, seen_stale = resource.read(fresh.fence), resource.read(stale.fence)
                 made = sum(
                     [
                         resource.write(stale.fence, seen_stale + 1),
@@ -315,7 +321,7 @@ def split_brain(topology: SentinelSet, resource: FencedCounter) -> tuple[int, in
                 fresh.release()
         finally:
             old.resume()
-    return made, resource.read()
+    return made, resource.value
 
 
 def test_split_brain_fenced_resource_stays_exact(sentinels: SentinelSet) -> None:
