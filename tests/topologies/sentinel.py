@@ -198,9 +198,10 @@ class SentinelSet:
         and wait until all of them agree on the primary and know each other."""
         self._start_all(self.nodes)
         deadline = time.monotonic() + START_TIMEOUT
-        self._poll(deadline, self._in_sync, "replicas in sync with the primary")
+        primary = self.nodes[0]
+        self._poll(deadline, lambda: self._in_sync(primary), "replicas in sync with the primary")
         self._start_all(self.sentinel_servers)
-        self._poll(deadline, self._sentinels_agree, "sentinels agreeing on the primary")
+        self._poll(deadline, lambda: self._sentinels_agree(primary), "sentinels in agreement")
 
     def _start_all(self, servers: list[Server]) -> None:
         errors: list[BaseException] = []
@@ -232,8 +233,8 @@ class SentinelSet:
         logs = "\n".join(s.logs()[-1500:] for s in [*self.nodes, *self.sentinel_servers])
         raise ServerUnavailable(f"sentinel set: no {what} in time (last: {last!r}):\n{logs}")
 
-    def _in_sync(self) -> bool:
-        info = self._info(self.nodes[0])
+    def _in_sync(self, primary: Server) -> bool:
+        info = self._info(primary)
         replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
         return (
             info.get("role") == "master"
@@ -241,8 +242,9 @@ class SentinelSet:
             and all(r.get("state") == "online" for r in replicas)
         )
 
-    def _sentinels_agree(self) -> bool:
-        primary = self.nodes[0].port
+    def _sentinels_agree(self, primary: Server) -> bool:
+        """Every sentinel names ``primary``, knows the others and both replicas, and has
+        no failover under way (its flags say just "master")."""
         for sentinel in self.sentinel_servers:
             client = sentinel.redis_admin()
             try:
@@ -250,12 +252,33 @@ class SentinelSet:
             finally:
                 client.close()
             if (
-                int(state["port"]) != primary
+                int(state["port"]) != primary.port
+                or state["flags"] != "master"
                 or int(state["num-other-sentinels"]) != self.sentinels - 1
                 or int(state["num-slaves"]) != self.replicas
             ):
                 return False
         return True
+
+    def settled(self) -> Server | None:
+        """The primary, if the set is at rest: the sentinels agree on it with no failover
+        under way, and both replicas are in sync with it; else None."""
+        primary = self.primary()
+        if self._sentinels_agree(primary) and self._in_sync(primary):
+            return primary
+        return None
+
+    def save_logs(self, directory: Path) -> None:
+        """Write each server's log to ``directory`` (a container's: its tail)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, servers in (("node", self.nodes), ("sentinel", self.sentinel_servers)):
+            for server in servers:
+                text = (
+                    server.log_path.read_text(errors="replace")
+                    if isinstance(server, ProcessServer) and server.log_path.exists()
+                    else server.logs()
+                )
+                (directory / f"{name}-{server.port}.log").write_text(text)
 
     def stop(self) -> None:
         """Stop every server started (also after a failed start) and remove the files."""
@@ -343,13 +366,15 @@ class SentinelSet:
     def rejoin(self, node: Server, timeout: float = 30.0) -> None:
         """Heal a killed or paused primary: wait until the sentinels promoted another node
         (the old one still down, so the failover is certain), bring it back (start or
-        resume) and wait until the sentinels made it a replica in sync."""
+        resume) and wait until the set is at rest again (:meth:`settled`): the next fault
+        then starts from a primary with two replicas in sync and idle sentinels."""
         self.wait_for_failover(node, timeout)
         if node.running():
             node.resume()
         else:
             node.start()
         self.wait_for_replica(node, timeout)
+        self._poll(time.monotonic() + timeout, self.settled, "set at rest after a failover")
 
     def wait_for_replica(self, node: Server, timeout: float = 30.0) -> None:
         """Wait until ``node`` (an old primary, running again) is a replica in sync."""

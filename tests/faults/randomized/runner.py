@@ -450,6 +450,8 @@ class Environment:
         self.server: Server | None = None
         self.cluster: EtcdCluster | None = None
         self.sentinels: SentinelSet | None = None
+        self.directory = Path(tempfile.gettempdir())
+        """Where server logs go at stop (the run's directory)."""
         self.url = ""
         self._freeze: threading.Event | None = None
 
@@ -478,6 +480,9 @@ class Environment:
         if self.cluster is not None:
             self.cluster.stop()
         if self.sentinels is not None:
+            # Who was primary when, from the servers' side: removed with a clean run's
+            # directory, kept with the evidence of a violation.
+            self.sentinels.save_logs(self.directory)
             self.sentinels.stop()
 
     def heal(self) -> None:
@@ -702,6 +707,7 @@ def run(config: Config) -> Report:
     env = Environment(config)
     namespace = f"faults-{config.seed}-{uuid.uuid4().hex[:8]}"
     directory = _directory(config)
+    env.directory = directory
     try:
         env.start()
         try:
