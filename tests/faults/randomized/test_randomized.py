@@ -216,3 +216,24 @@ def test_leader_terms_checker_catches_two_leaders_and_older_terms() -> None:
         "1 terms led by two processes",
         "1 leader reads went back to an older term",
     ]
+
+
+def test_mutual_exclusion_leaves_out_only_sections_that_touch_a_loss_window() -> None:
+    """A failover (or a restart that forgets the lock) excuses two holders inside its
+    window, and nothing outside it."""
+    from .checkers import mutual_exclusion
+    from .history import OK, History, Op
+
+    def hold(process: str, fence: int, start: float, end: float) -> list[Op]:
+        acquire = Op(process, 1, "acquire", None, start - 0.01, start, OK, {"fence": fence})
+        release = Op(process, 2, "release", {"fence": fence}, end, end + 0.01, OK)
+        return [acquire, release]
+
+    def check(losses: list[tuple[float, float]]) -> list[str]:
+        holds = (hold("a", 1, 0.0, 1.0), hold("b", 2, 0.5, 1.5))
+        ops = sorted((op for h in holds for op in h), key=lambda op: op.invoke)
+        return [v.checker for v in mutual_exclusion(History(ops, [], {}), losses)]
+
+    assert check([]) == ["mutual-exclusion"]
+    assert check([(1.2, 3.0)]) == []  # b's section reaches into the window
+    assert check([(2.0, 3.0)]) == ["mutual-exclusion"]  # a window after both excuses nothing
