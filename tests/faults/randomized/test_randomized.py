@@ -138,7 +138,7 @@ def test_mutant_fence_admitting_every_token_is_caught() -> None:
 
 def test_mutant_fence_admitting_every_token_is_caught_across_sentinel_failovers() -> None:
     """The Sentinel run's negative control: its failovers are loss windows, which excuse
-    what a failover loses, but not a stale holder's write between them."""
+    what a failover loses, but not a stale holder's admission between them."""
     config = Config(
         "redis",
         "counter",
@@ -147,7 +147,7 @@ def test_mutant_fence_admitting_every_token_is_caught_across_sentinel_failovers(
         mutant="admit-all",
         faults=("pause-holder", "kill-primary"),
     )
-    report = first_caught(config, range(411, 414), "fenced-counter")
+    report = first_caught(config, range(411, 414), "fence-order")
     assert report.faults["kill-primary"] >= 1, report.render()
 
 
