@@ -172,10 +172,16 @@ class SentinelSet:
     def user_url(self, user: str, password: str | None, **options: str) -> str:
         """The dcoord URL of ``user`` (the sentinels' password is the admin's), with
         ``min_replicas=1`` unless ``options`` say otherwise: what a deployment on
-        Sentinel needs for its decisions to survive a failover (``dcoord doctor``)."""
+        Sentinel needs for its decisions to survive a failover (``dcoord doctor``).
+        ``replica_timeout`` 0.25 s (loopback replicas answer in milliseconds) stays below
+        the shortest ``request_timeout`` tests use (0.5 s), as it must."""
         scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
         auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
-        query = {"min_replicas": "1", **(self.tls.client_options() if self.tls else {})}
+        query = {
+            "min_replicas": "1",
+            "replica_timeout": "0.25",
+            **(self.tls.client_options() if self.tls else {}),
+        }
         query.update(options)
         if self.password is not None:
             query["sentinel_password"] = self.password

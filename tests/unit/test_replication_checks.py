@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcoord.backends.redis.persistence import Persistence, Replication, log_problem
+from dcoord.backends.redis.persistence import Persistence, ReplicationSetup, log_problem
 from dcoord.doctor import _redis_replication
 
 
@@ -21,7 +21,7 @@ def found(
         appendonly="yes",
         appendfsync="always",
         maxmemory_policy="noeviction",
-        replication=Replication(
+        replication=ReplicationSetup(
             topology=topology,
             role=role,
             connected_replicas=replicas,

@@ -34,12 +34,12 @@ class Persistence:
     maxmemory_policy: str | None
     unread: str = ""
     """Why some settings are None (CONFIG GET refused), empty when all were read."""
-    replication: Replication | None = None
+    replication: ReplicationSetup | None = None
     """The replication set-up; None where it was not read (INFO replication refused)."""
 
 
 @dataclass(frozen=True)
-class Replication:
+class ReplicationSetup:
     """Who copies the server's writes, and how many copies a write waits for."""
 
     topology: str
@@ -109,7 +109,7 @@ def read(backend: RedisBackend) -> Persistence | str:
 
 def read_replication(
     backend: RedisBackend, min_replicas_to_write: int | None
-) -> Replication | None:
+) -> ReplicationSetup | None:
     """The replication set-up of the server ``backend`` reaches (None: INFO refused)."""
     client: Any = backend.redis
     try:
@@ -118,7 +118,7 @@ def read_replication(
         )
     except BackendError:
         return None
-    return Replication(
+    return ReplicationSetup(
         topology=backend.settings.topology,
         role=_str(info.get("role")),
         connected_replicas=int(info.get("connected_slaves", 0)),
