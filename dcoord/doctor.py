@@ -159,7 +159,7 @@ def _redis_checks(
     else:
         checks.append(_redis_persistence(found))
         checks.append(_redis_eviction(found))
-    checks.append(_redis_replication(backend))
+    checks.append(_redis_replication(found))
     checks.append(_redis_clock(backend, ttl, clock))
     checks.append(_redis_acl(backend, namespace))
     checks.append(_redis_world_writable(backend, namespace))
@@ -200,38 +200,51 @@ def _redis_eviction(found: Any) -> Check:
     )
 
 
-def _redis_replication(backend: RedisBackend) -> Check:
-    client: Any = backend.redis
-    info = backend.call(lambda: client.info("replication"), what="read replication", retry=True)
-    role, replicas = info.get("role"), int(info.get("connected_slaves", 0))
-    if role != "master":
+def _redis_replication(found: Any) -> Check:
+    """Who has a copy of an acknowledged write when a replica is promoted."""
+    replication = None if isinstance(found, str) else found.replication
+    if replication is None:
         return Check(
             "replication",
             "fail",
-            f"connected to a {role}: it refuses writes or may be promoted without them",
+            "INFO replication cannot be read",
+            "grant this user INFO so that doctor and dcoord can check",
+        )
+    detail = replication.describe()
+    if replication.role != "master":
+        return Check(
+            "replication",
+            "fail",
+            f"{detail}: connected to a {replication.role}, which refuses writes or may be "
+            "promoted without them",
             "point the URL at the primary",
         )
-    if replicas == 0:
+    if replication.min_replicas > replication.connected_replicas:
+        return Check(
+            "replication",
+            "fail",
+            f"{detail}: every forced decision-log write waits for more replicas than "
+            "there are, and fails",
+            "connect more replicas, or lower the URL option min_replicas",
+        )
+    if replication.connected_replicas == 0 and not replication.failover:
         return Check("replication", "info", "single server, no replicas")
-    try:
-        config = backend.call(
-            lambda: client.config_get("min-replicas-to-write"), what="read min-replicas"
-        )
-        minimum = int(config.get("min-replicas-to-write", 0))
-    except DcoordError as exc:
+    if replication.failover and replication.min_replicas < 1:
+        # Sentinel and Cluster promote a replica by themselves, and replication is
+        # asynchronous: only a write that waited for a replica survives for sure.
         return Check(
             "replication",
             "fail",
-            f"{replicas} replica(s); min-replicas-to-write unreadable: {exc}",
-            "grant CONFIG GET, or check it by hand",
+            detail + ": a failover can lose acknowledged transaction decisions",
+            "add min_replicas=1 to the URL (a forced decision then waits for a replica)",
         )
-    detail = f"{replicas} replica(s), min-replicas-to-write {minimum}"
-    if minimum < 1:
+    if replication.min_replicas < 1 and (replication.min_replicas_to_write or 0) < 1:
         return Check(
             "replication",
             "fail",
-            detail + ": a failover can lose acknowledged grants (a lock held twice)",
-            "CONFIG SET min-replicas-to-write 1 (and min-replicas-max-lag)",
+            detail + ": a failover can lose acknowledged grants (a lock held twice) and decisions",
+            "CONFIG SET min-replicas-to-write 1 (and min-replicas-max-lag), or add "
+            "min_replicas=1 to the URL",
         )
     return Check("replication", "pass", detail)
 
@@ -350,13 +363,16 @@ def _quietly(fn: Callable[[], Any]) -> Any:
 def _redis_world_writable(backend: RedisBackend, namespace: str) -> Check:
     import redis
 
+    from .backends.redis import topology
+
     if backend.settings.password is None:
         return Check(
             "open access",
             "info",
             "the URL has no password: whoever reaches the port may take or drop any lock",
         )
-    host, port = backend.settings.hosts[0]
+    # The data node, not (with Sentinel) a sentinel, which would refuse SET either way.
+    host, port = topology.data_address(backend)
     key = f"{backend.prefix}doctor:{secrets.token_hex(4)}:anonymous"
     anonymous = redis.Redis(
         host=host,

@@ -31,10 +31,12 @@ from .txlog import RedisTxLog
 T = TypeVar("T")
 
 # Error replies after which the server may answer later: loading its data, busy running a
-# script, a replica (read-only, or its master down) during a failover, a cluster moving
-# slots or without quorum. OOM is not among them: memory rarely frees itself in seconds.
+# script, a replica (read-only, or its master down) during a failover, a primary short of
+# the replicas its min-replicas-to-write asks for (they reconnect, or a failover replaces
+# it), a cluster moving slots or without quorum. OOM is not among them: memory rarely
+# frees itself in seconds.
 TRANSIENT_REPLIES = frozenset(
-    {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
+    {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
 )
 # Redis 7.0 reports an ACL denial inside a script as a plain ERR with this text.
 SCRIPT_DENIED = "The user executing the script can't"

@@ -21,6 +21,11 @@ kill-member       kill one member of a three-member etcd cluster, restart it lat
 pause-leader      pause the current leader of a three-member etcd cluster (an election
                   follows), resume it later
 kill-leader       kill the current leader of a three-member etcd cluster, restart it later
+kill-primary      Redis Sentinel: kill the primary; at heal, once the sentinels promoted a
+                  replica, start it again and wait until it is a replica in sync
+pause-primary     Redis Sentinel: pause the primary until the sentinels promoted a replica
+                  (at least the planned time), resume it (a split brain until they demote
+                  it) and wait until it is a replica in sync
 crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
                   after_prepare / after_decision / after_commit): the worker SIGKILLs
                   itself when it next reaches it (etcd robustness tests' failpoints); a
@@ -48,6 +53,8 @@ KINDS = (
     "kill-member",
     "pause-leader",
     "kill-leader",
+    "kill-primary",
+    "pause-primary",
     "crash-at",
 )
 
@@ -74,6 +81,8 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
+    if kind in ("kill-primary", "pause-primary"):
+        return rng.uniform(1.0, 3.0)  # the heal also waits for the failover and resync
     if kind == "crash-at":
         return rng.uniform(0.3, 1.0)  # how long the armed point waits to be reached
     raise ValueError(f"unknown fault kind {kind!r}")

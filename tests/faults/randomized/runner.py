@@ -31,6 +31,7 @@ import dcoord
 from dcoord.backends import registry
 from tests.servers import ROOT, Server, start_server
 from tests.topologies.etcd import EtcdCluster
+from tests.topologies.sentinel import SentinelSet
 
 from . import checkers, nemesis
 from .history import History, Recorder, last_event, merge
@@ -55,9 +56,13 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
         "pause-leader": 1,
         "kill-leader": 1,
     },
+    "redis-sentinel": {**_CLIENT_FAULTS, "kill-primary": 2, "pause-primary": 2},
 }
 # The registered backends this runner has settings (the tables above) for.
 BACKENDS = tuple(d.kind for d in registry.drivers() if d.kind in TTL)
+# Faults after which a Redis Sentinel set may have lost acknowledged writes: replication
+# is asynchronous, and a paused primary accepts writes until the sentinels demote it.
+FAILOVER_FAULTS = ("kill-primary", "pause-primary")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Config:
     """Redis only: no persistence (every restart loses all data)."""
     cluster: bool = False
     """etcd only: three members; member faults instead of whole-server faults."""
+    sentinel: bool = False
+    """Redis only: a Sentinel set (primary, two replicas); failovers instead of restarts."""
     mutant: str | None = None
     faults: tuple[str, ...] | None = None
     """Fault kinds to inject (default: every kind that applies to the backend)."""
@@ -88,6 +95,8 @@ class Config:
     def variant(self) -> str:
         if self.backend == "etcd" and self.cluster:
             return "etcd-cluster"
+        if self.backend == "redis" and self.sentinel:
+            return "redis-sentinel"
         return self.backend
 
     @property
@@ -119,6 +128,8 @@ class Config:
             args.append("--volatile")
         if self.cluster:
             args.append("--cluster")
+        if self.sentinel:
+            args.append("--sentinel")
         if self.mutant:
             args.append(f"--mutant {self.mutant}")
         if self.faults is not None:
@@ -135,6 +146,8 @@ class Config:
             extra = " (no persistence)" if self.volatile else " (appendfsync always)"
         if self.cluster:
             extra = " (three members)"
+        if self.sentinel:
+            extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
@@ -444,6 +457,9 @@ class Environment:
         self.config = config
         self.server: Server | None = None
         self.cluster: EtcdCluster | None = None
+        self.sentinels: SentinelSet | None = None
+        self.directory = Path(tempfile.gettempdir())
+        """Where server logs go at stop (the run's directory)."""
         self.url = ""
         self._freeze: threading.Event | None = None
 
@@ -454,6 +470,10 @@ class Environment:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
             self.url = self.cluster.url
+        elif self.config.sentinel:
+            self.sentinels = SentinelSet(using=self.config.using)
+            self.sentinels.start()
+            self.url = self.sentinels.url
         else:
             self.server = start_server(
                 self.config.backend, persistent=not self.config.volatile, using=self.config.using
@@ -467,6 +487,11 @@ class Environment:
             self.server.stop()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.sentinels is not None:
+            # Who was primary when, from the servers' side: removed with a clean run's
+            # directory, kept with the evidence of a violation.
+            self.sentinels.save_logs(self.directory)
+            self.sentinels.stop()
 
     def heal(self) -> None:
         """Undo anything a fault may have left (idempotent)."""
@@ -478,6 +503,11 @@ class Environment:
                 self.server.start()
         if self.cluster is not None:
             self.cluster.heal()
+        if self.sentinels is not None:
+            for member in self.sentinels.nodes:
+                member.resume()
+                if not member.running():
+                    member.start()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -534,6 +564,19 @@ class Environment:
             controls["kill-leader"] = nemesis.Control(
                 lambda p: leader_fault(cluster.kill_leader), lambda p: hit.pop().start()
             )
+        if self.sentinels is not None:
+            topology, down = self.sentinels, []
+
+            def fail(action: Callable[[], Server]) -> str:
+                down.append(action())
+                return f"redis primary :{down[-1].port}"
+
+            controls["kill-primary"] = nemesis.Control(
+                lambda p: fail(topology.kill_primary), lambda p: topology.rejoin(down.pop())
+            )
+            controls["pause-primary"] = nemesis.Control(
+                lambda p: fail(topology.pause_primary), lambda p: topology.rejoin(down.pop())
+            )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
         return controls
@@ -563,7 +606,10 @@ class Environment:
             self._freeze.set()
 
     def loss_windows(self, history: History) -> list[tuple[float, float]]:
-        """When data may have been lost: restarts of a Redis that keeps nothing on disk."""
+        """When data may have been lost: restarts of a Redis that keeps nothing on disk,
+        failovers of a Sentinel set (from the fault until the old primary is a replica)."""
+        if self.sentinels is not None:
+            return [(f.start, f.end) for f in history.faults if f.kind in FAILOVER_FAULTS]
         if not (self.config.backend == "redis" and self.config.volatile):
             return []
         return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
@@ -651,6 +697,8 @@ def run(config: Config) -> Report:
         raise ValueError("--volatile applies to redis only")
     if config.cluster and config.backend != "etcd":
         raise ValueError("--cluster applies to etcd only")
+    if config.sentinel and (config.backend != "redis" or config.volatile):
+        raise ValueError("--sentinel applies to redis (with persistence) only")
     mutant_for = {
         "ignore-limit": "semaphore",
         "del-release": "counter",
@@ -681,6 +729,7 @@ def run(config: Config) -> Report:
     env = Environment(config)
     namespace = f"faults-{config.seed}-{uuid.uuid4().hex[:8]}"
     directory = _directory(config)
+    env.directory = directory
     try:
         env.start()
         try:
@@ -817,6 +866,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
     parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument("--sentinel", action="store_true", help="redis: a Sentinel set")
     parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
@@ -834,6 +884,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         clients=args.clients,
         volatile=args.volatile,
         cluster=args.cluster,
+        sentinel=args.sentinel,
         mutant=args.mutant,
         faults=tuple(args.faults.split(",")) if args.faults else None,
         ttl=args.ttl,

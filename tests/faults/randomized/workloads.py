@@ -269,7 +269,7 @@ class CounterWorkload:
     ) -> tuple[list[checkers.Violation], dict[str, Any]]:
         violations = [
             *checkers.lock_fences(history),
-            *checkers.mutual_exclusion(history),
+            *checkers.mutual_exclusion(history, losses),
             *checkers.stale_admissions(history, losses),
             *checkers.fenced_counter(history, final["fenced"], losses),
         ]
