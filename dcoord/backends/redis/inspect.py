@@ -1,9 +1,14 @@
-"""Inspection of Redis locks (see :mod:`dcoord.inspect`): SCAN, then one MULTI per lock."""
+"""Inspection of Redis locks (see :mod:`dcoord.inspect`): SCAN, then one MULTI per lock.
+
+On a Redis Cluster redis-py's SCAN visits every primary, and each MULTI stays in one
+slot (a lock's keys share its hash tag)."""
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
+
+from redis.cluster import RedisCluster
 
 from ...inspect import LockInfo, name_of_segment, parse_token
 from ..base import key_segment
@@ -46,8 +51,15 @@ def _read(backend: RedisBackend, key: str, name: str) -> LockInfo | None:
         pipe = client.pipeline(transaction=True)
         pipe.get(key).pttl(key).get(f"{key}:fence")
         result: list[Any] = pipe.execute()
-        # Every client waiting on the lock subscribes to its release channel.
-        result.append(client.pubsub_numsub(f"{key}:released")[0][1])
+        # Every client waiting on the lock subscribes to its release channel: on a
+        # Cluster a shard channel, counted by the node that serves its slot.
+        channel = f"{key}:released"
+        if isinstance(client, RedisCluster):
+            find: Any = client.get_node_from_key  # untyped in redis-py
+            node = find(channel)
+            result.append(client.pubsub_shardnumsub(channel, target_nodes=node)[0][1])
+        else:
+            result.append(client.pubsub_numsub(channel)[0][1])
         return result
 
     token, pttl, fence, subscribers = backend.call(read, what=f"inspect lock {name!r}", retry=True)
