@@ -114,8 +114,9 @@ class ClusterSet:
     def confine(self, namespace: str, user: str, password: str) -> str:
         """Create ``user`` confined to ``namespace`` on every node (a Cluster does not
         share ACLs between nodes) and return its URL."""
+        rule = redis_acl_rule(namespace, user=user, password=password, cluster=True)
         for node in self.live():
-            node.confine(namespace, user, password)
+            self._ask(node, *rule)
         return self.user_url(user, password)
 
     def live(self) -> list[Server]:
@@ -167,9 +168,7 @@ class ClusterSet:
             cert, key = self.tls.pair("client")
             args += ["--tls", "--cacert", self.tls.ca, "--cert", cert, "--key", key]
         if shutil.which("redis-cli") is not None:
-            done = subprocess.run(
-                ["redis-cli", *args], capture_output=True, text=True, timeout=120
-            )
+            done = subprocess.run(["redis-cli", *args], capture_output=True, text=True, timeout=120)
             code, output = done.returncode, done.stdout + done.stderr
         else:
             first = self.nodes[0]

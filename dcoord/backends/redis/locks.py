@@ -488,8 +488,9 @@ class _Notifier:
         # (no channel left on it), needs no reader.
         self._read(
             read,
-            lambda: name in pubsub.node_pubsub_mapping
-            and cluster.get_node(node_name=name) is not None,
+            lambda: (
+                name in pubsub.node_pubsub_mapping and cluster.get_node(node_name=name) is not None
+            ),
         )
 
     def _read(self, read: Callable[[], Any], wanted: Callable[[], bool]) -> None:

@@ -41,6 +41,7 @@ class RedisGroups:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}group:"
+
     def keys(self, group: str) -> tuple[list[str], str]:
         base = f"{self._prefix}{{{group}}}:"
         keys = [base + name for name in ("expiries", "payloads", "owners", "epoch")]
