@@ -18,6 +18,9 @@ pause-server      SIGSTOP / ``docker pause`` the server (memory: hold the store'
 restart-server    SIGKILL / container kill the server, start it again on the same data
 pause-member      pause one member of a three-member etcd cluster
 kill-member       kill one member of a three-member etcd cluster, restart it later
+kill-cluster-primary  kill the Redis Cluster primary serving the workload's lock, for
+                  longer than the node timeout (a replica is promoted); restart it
+                  (it rejoins as a replica) and wait until the Cluster is healthy
 crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
                   after_prepare / after_decision / after_commit): the worker SIGKILLs
                   itself when it next reaches it (etcd robustness tests' failpoints); a
@@ -43,6 +46,7 @@ KINDS = (
     "restart-server",
     "pause-member",
     "kill-member",
+    "kill-cluster-primary",
     "crash-at",
 )
 
@@ -67,6 +71,8 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
         return rng.uniform(0.2, 0.8) if rng.random() < 0.5 else rng.uniform(1.2, 2.0) * ttl
     if kind in ("kill-client", "kill-member"):
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
+    if kind == "kill-cluster-primary":
+        return rng.uniform(3.0, 6.0)  # past the node timeout (2 s): a failover happens
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
     if kind == "crash-at":

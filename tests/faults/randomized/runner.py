@@ -29,12 +29,13 @@ from typing import Any, Protocol
 
 import dcoord
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.cluster import ClusterSet
 
 from . import checkers, nemesis
 from .cluster import EtcdCluster
 from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
-from .workloads import Killed, Spec
+from .workloads import LOCK, Killed, Spec
 
 BACKENDS = ("memory", "redis", "etcd")
 WORKLOAD_NAMES = ("counter", "transfers", "election", "semaphore")
@@ -49,6 +50,7 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
     "redis": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd": {**_CLIENT_FAULTS, "pause-server": 1, "restart-server": 1},
     "etcd-cluster": {**_CLIENT_FAULTS, "pause-member": 1, "kill-member": 2},
+    "redis-cluster": {**_CLIENT_FAULTS, "kill-cluster-primary": 2},
 }
 
 
@@ -64,7 +66,8 @@ class Config:
     volatile: bool = False
     """Redis only: no persistence (every restart loses all data)."""
     cluster: bool = False
-    """etcd only: three members; member faults instead of whole-server faults."""
+    """etcd: three members, member faults; redis: a Redis Cluster (three primaries, one
+    replica each), primary kills; instead of whole-server faults."""
     mutant: str | None = None
     faults: tuple[str, ...] | None = None
     """Fault kinds to inject (default: every kind that applies to the backend)."""
@@ -78,8 +81,8 @@ class Config:
 
     @property
     def variant(self) -> str:
-        if self.backend == "etcd" and self.cluster:
-            return "etcd-cluster"
+        if self.cluster:
+            return f"{self.backend}-cluster"
         return self.backend
 
     @property
@@ -126,7 +129,7 @@ class Config:
         if self.backend == "redis":
             extra = " (no persistence)" if self.volatile else " (appendfsync always)"
         if self.cluster:
-            extra = " (three members)"
+            extra = " (three members)" if self.backend == "etcd" else " (Redis Cluster)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
@@ -436,12 +439,19 @@ class Environment:
         self.config = config
         self.server: Server | None = None
         self.cluster: EtcdCluster | None = None
+        self.redis_cluster: ClusterSet | None = None
         self.url = ""
         self._freeze: threading.Event | None = None
 
     def start(self) -> None:
         if self.config.backend == "memory":
             self.url = f"memory://faults-{uuid.uuid4().hex[:10]}"
+        elif self.config.variant == "redis-cluster":
+            # min-replicas-to-write 0: a promoted primary has no replica until the killed
+            # node is back, and the workload must go on meanwhile.
+            self.redis_cluster = ClusterSet(using=self.config.using, min_replicas_to_write=0)
+            self.redis_cluster.start()
+            self.url = self.redis_cluster.url
         elif self.config.cluster:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
@@ -459,6 +469,8 @@ class Environment:
             self.server.stop()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
 
     def heal(self) -> None:
         """Undo anything a fault may have left (idempotent)."""
@@ -473,6 +485,11 @@ class Environment:
                 member.resume()
                 if not member.running():
                     member.start()
+        if self.redis_cluster is not None:
+            for node in self.redis_cluster.nodes:
+                if not node.running():
+                    node.start()
+            self.redis_cluster.wait_healthy()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -516,6 +533,14 @@ class Environment:
             controls["kill-member"] = nemesis.Control(
                 lambda p: _act(members[p.slot].kill, f"etcd member m{p.slot}"),
                 lambda p: members[p.slot].start(),
+            )
+        if self.redis_cluster is not None:
+            redis_cluster = self.redis_cluster
+            # The lock key dcoord:NS:lock:{counter} hashes by its tag alone.
+            lock_tag = "{" + LOCK + "}"
+            controls["kill-cluster-primary"] = nemesis.Control(
+                lambda p: f"redis primary :{redis_cluster.kill_primary_of(lock_tag).port}",
+                lambda p: self.heal(),
             )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
@@ -632,8 +657,8 @@ def run(config: Config) -> Report:
         raise ValueError(f"unknown backend {config.backend!r}; choose from {', '.join(BACKENDS)}")
     if config.volatile and config.backend != "redis":
         raise ValueError("--volatile applies to redis only")
-    if config.cluster and config.backend != "etcd":
-        raise ValueError("--cluster applies to etcd only")
+    if config.cluster and config.backend == "memory":
+        raise ValueError("--cluster applies to redis and etcd only")
     mutant_for = {
         "ignore-limit": "semaphore",
         "del-release": "counter",
@@ -799,7 +824,11 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run")
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
-    parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="etcd: three members; redis: a Redis Cluster (three primaries, one replica each)",
+    )
     parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
