@@ -8,6 +8,7 @@ every fence granted before.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from redis.cluster import key_slot
 
 import dcoord
+from dcoord.cli import main
 from dcoord.errors import BackendUnavailable, DcoordError
 from tests.conftest import Servers
 from tests.servers import free_port
@@ -166,6 +168,24 @@ def test_a_killed_primary_is_followed_and_fences_keep_increasing(
     cluster.restart(old)  # it rejoins as a replica of the node that took over
     cluster.wait_healthy()
     assert cluster.primary_for(key) is new
+
+
+def test_doctor_reads_the_persistence_of_every_node(
+    cluster: ClusterSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A replica is promoted at a failover with its own settings: one that would lose
+    # writes must fail the check, whichever node the client asks by default.
+    replica = cluster.replicas_of(cluster.primary_for("{x}"))[0]
+    admin = replica.redis_admin()
+    try:
+        admin.config_set("appendfsync", "everysec")
+        main(["doctor", cluster.url, "--json"])
+        checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    finally:
+        admin.config_set("appendfsync", "always")
+        admin.close()
+    assert checks["persistence"]["status"] == "fail", checks["persistence"]
+    assert f"everysec on 127.0.0.1:{replica.port}" in checks["persistence"]["detail"]
 
 
 def test_lock_slots_are_spread_over_the_primaries(cluster: ClusterSet, namespace: str) -> None:

@@ -61,6 +61,9 @@ def _node(
         str(node.peer_port),
         "--min-replicas-to-write",
         str(min_replicas_to_write),
+        # A (re)joining replica syncs at once, not after the default 5 s wait for others.
+        "--repl-diskless-sync-delay",
+        "0",
     ]
     if password is not None:
         args += ["--masterauth", password]
@@ -152,6 +155,8 @@ class ClusterSet:
             raise errors[0]
         try:
             self._create()
+            self.wait_healthy(listed=False)
+            self._touch_every_primary()
             self.wait_healthy()
         except BaseException:
             self.stop()
@@ -179,19 +184,35 @@ class ClusterSet:
         if code != 0 or "[OK] All 16384 slots covered" not in output:
             raise ServerUnavailable(f"redis-cli --cluster create failed ({code}):\n{output}")
 
-    def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
+    def _touch_every_primary(self) -> None:
+        # CLUSTER SLOTS (what clients read) leaves out a replica whose replication
+        # offset is still 0, so a fresh, empty Cluster would show no replicas for up to
+        # the 10 s between replication pings: one write (and its undo) per primary.
+        ranges = self._ask(self.nodes[0], "CLUSTER", "SLOTS")
+        for first, last, primary, *_ in ranges:
+            key = next(
+                f"dcoord-test:{i}"
+                for i in range(100_000)
+                if first <= key_slot(f"dcoord-test:{i}".encode()) <= last
+            )
+            node = self.node_at(int(primary[1]))
+            self._ask(node, "SET", key, "1")
+            self._ask(node, "DEL", key)
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT, *, listed: bool = True) -> None:
         """Poll until every live node reports ``cluster_state:ok`` with all slots ok and
-        knows every node, and every live replica's link to its primary is up."""
+        knows every node, every live replica's link to its primary is up, and (``listed``)
+        the slot map lists a replica for every primary."""
         deadline = time.monotonic() + timeout
         problem = "not checked yet"
         while time.monotonic() < deadline:
-            problem = self._health_problem() or ""
+            problem = self._health_problem(listed) or ""
             if not problem:
                 return
             time.sleep(0.1)
         raise ServerUnavailable(f"redis cluster not healthy after {timeout:g} s: {problem}")
 
-    def _health_problem(self) -> str | None:
+    def _health_problem(self, listed: bool) -> str | None:
         for node in self.live():
             try:
                 info = _fields(self._ask(node, "CLUSTER", "INFO"))
@@ -204,6 +225,11 @@ class ClusterSet:
                 return f"node {node.port} knows {info.get('cluster_known_nodes')} nodes"
             if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                 return f"replica {node.port}: link to its primary is not up"
+        live = len(self.live())
+        if listed and live == len(self.nodes):
+            listed = sum(len(r) - 3 for r in self._ask(self.live()[0], "CLUSTER", "SLOTS"))
+            if listed < live - PRIMARIES:
+                return f"the slot map lists {listed} replicas of {live - PRIMARIES}"
         return None
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 Read with ``CONFIG GET``; where that is refused (an ACL without ``CONFIG``, or the
 command renamed) with ``INFO persistence`` / ``INFO memory``, which show whether the AOF
-is on and the eviction policy but not ``appendfsync``. The transaction log
+is on and the eviction policy but not ``appendfsync``. On a Redis Cluster every node is
+read (a replica becomes a primary at a failover, with its own settings). The transaction log
 (:meth:`~dcoord.backends.redis.txlog.RedisTxLog.durability`) and the locks
 (:class:`LockEvictionCheck`) turn what was read into a ``DurabilityWarning``.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BackendError, BackendUnavailable, DurabilityWarning
+from . import topology
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -39,7 +41,11 @@ def read(backend: RedisBackend) -> Persistence | str:
     client = backend.redis
     try:
         config = backend.call(
-            lambda: client.config_get("appendonly", "appendfsync", "maxmemory-policy"),
+            lambda: _merged(
+                topology.on_every_node(
+                    client, "config_get", "appendonly", "appendfsync", "maxmemory-policy"
+                )
+            ),
             what="read redis persistence settings",
             retry=True,
         )
@@ -51,9 +57,15 @@ def read(backend: RedisBackend) -> Persistence | str:
             appendfsync=_str(config.get("appendfsync")),
             maxmemory_policy=_str(config.get("maxmemory-policy")),
         )
+
+    def both() -> dict[str, Any]:
+        persistence = topology.on_every_node(client, "info", "persistence")
+        memory = topology.on_every_node(client, "info", "memory")
+        return _merged({node: {**persistence[node], **memory[node]} for node in persistence})
+
     try:
         info = backend.call(
-            lambda: {**client.info("persistence"), **client.info("memory")},
+            both,
             what="read redis persistence and memory info",
             retry=True,
         )
@@ -61,7 +73,8 @@ def read(backend: RedisBackend) -> Persistence | str:
         return f"{config_refused}; INFO refused: {exc}"
     aof = info.get("aof_enabled")
     return Persistence(
-        appendonly=None if aof is None else "yes" if int(aof) else "no",
+        # Nodes that differ give a text no check accepts (see _merged).
+        appendonly=None if aof is None else {"1": "yes", "0": "no"}.get(str(aof), str(aof)),
         appendfsync=None,  # INFO does not show it
         maxmemory_policy=_str(info.get("maxmemory_policy")),
         unread=config_refused,
@@ -141,6 +154,19 @@ class LockEvictionCheck:
                 DurabilityWarning,
                 stacklevel=5,  # this, RedisLocks.slot, Lock.__init__, Client.lock, the caller
             )
+
+
+def _merged(by_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings of every node as one: a setting the nodes of a Cluster disagree on
+    reads ``value on node, value on node ...``, which no check accepts."""
+    merged: dict[str, Any] = {}
+    for name in set().union(*by_node.values()):
+        values = {node: settings.get(name) for node, settings in sorted(by_node.items())}
+        if len({str(value) for value in values.values()}) == 1:
+            merged[name] = next(iter(values.values()))
+        else:
+            merged[name] = ", ".join(f"{value} on {node}" for node, value in values.items())
+    return merged
 
 
 def _str(value: Any) -> str | None:
