@@ -294,10 +294,17 @@ class ProcessPool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 killed.append(self.kill(slot))
+        # A replacement spawned just before the stop may get SIGTERM before its handler
+        # is installed: having recorded nothing, it did nothing.
         failed = [
             f"{self._names[s]} exited with {p.returncode}: {self._tail(self._names[s])}"
             for s, p in self._procs.items()
-            if p.returncode not in (0, -signal.SIGKILL) and self._names[s] not in killed
+            if p.returncode not in (0, -signal.SIGKILL)
+            and self._names[s] not in killed
+            and not (
+                p.returncode == -signal.SIGTERM
+                and not (self._dir / f"{self._names[s]}.jsonl").exists()
+            )
         ]
         return [f"{name} did not stop in {timeout:g} s: killed" for name in killed] + failed
 

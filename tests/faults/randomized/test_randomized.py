@@ -8,9 +8,12 @@ with a larger ``--duration`` and ``--seeds`` (docs/faults.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from .runner import Config, Report, run, with_seed
+from .runner import Config, ProcessPool, Report, run, with_seed
+from .workloads import Spec
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +30,13 @@ CLEAN = [
     pytest.param(Config("etcd", "transfers", seed=17, duration=15), id="etcd-transfers"),
     pytest.param(
         Config("etcd", "counter", seed=18, duration=15, cluster=True), id="etcd-cluster-counter"
+    ),
+    pytest.param(
+        Config("redis", "counter", seed=19, duration=30, cluster=True),
+        id="redis-cluster-counter",
+        # Fence.write's two keys share a slot only with the hash-tagged layout of the
+        # slots branch; drop this mark once it is merged.
+        marks=pytest.mark.xfail(reason="Fence.write is cross-slot before the slots branch"),
     ),
 ]
 
@@ -197,3 +207,16 @@ def test_leader_terms_checker_catches_two_leaders_and_older_terms() -> None:
         "1 terms led by two processes",
         "1 leader reads went back to an older term",
     ]
+
+
+def test_a_replacement_stopped_before_it_started_is_not_a_failure(tmp_path: Path) -> None:
+    # A heal that runs late (a Cluster's failover) spawns a replacement just before the
+    # run stops: its SIGTERM then lands while it still imports, before its handler.
+    def spec(name: str) -> Spec:
+        return Spec(
+            "counter", "memory://x", "ns", name, str(tmp_path / f"{name}.jsonl"), 1, 1.0, 1.0, 1.0
+        )
+
+    pool = ProcessPool(spec, tmp_path, 1)
+    pool.spawn(0)
+    assert pool.stop(10) == []
