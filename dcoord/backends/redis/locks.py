@@ -482,6 +482,8 @@ class _Notifier:
 
         def read() -> Any:
             node = cluster.get_node(node_name=name)
+            if node is None:  # without a target it would read every node's connection
+                return None
             return pubsub.get_sharded_message(timeout=1.0, target_node=node)
 
         # A node that left the cluster's map, or whose connection redis-py dropped
