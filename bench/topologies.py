@@ -1,6 +1,7 @@
 """Benchmark a Redis Cluster of three primaries against one Redis primary, in one run.
 
     python bench/topologies.py [--quick] [--seconds S] [--processes N] [--threads T]
+                               [--failovers K]
 
 Starts a single redis server and a Cluster (tests/topologies/cluster.py: three primaries
 with one replica each, the repository's redis.conf: AOF with appendfsync always) and
@@ -11,7 +12,10 @@ stops them at the end. On each it measures, with N client processes of T threads
 * ``2pc``: commits/s of a coordinator with three participants that do nothing, so the
   number is the decision log's cost (``2pc-kv``: three KVParticipants adding to a key);
 
-then how the keys and the script calls of the run spread over the Cluster's primaries.
+then how the keys and the script calls of the run spread over the Cluster's primaries,
+and with ``--failovers K`` the follow time K times on a Cluster of its own: SIGKILL the
+primary of a lock's slot, then acquire that lock in a loop through the same client
+(kill -> first grant), the killed node restarted and the Cluster healthy in between.
 Every server and client shares this machine's cores: on a small machine the Cluster
 cannot show its scale-out, only what its routing costs; read the numbers with that.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import statistics
 import sys
 import threading
 import time
@@ -164,12 +169,41 @@ def spread(cluster: ClusterSet) -> list[str]:
     return rows
 
 
+def follow_times(count: int) -> list[float]:
+    """Seconds from killing the primary of a lock's slot to the next grant, ``count`` times."""
+    cluster = ClusterSet(min_replicas_to_write=0)  # the promoted primary has no replica
+    times = []
+    try:
+        cluster.start()
+        with dcoord.connect(cluster.url, namespace="follow", request_timeout=2) as client:
+            lock = client.lock("followed", ttl=2, timeout=1)
+            for _ in range(count):
+                with lock:
+                    pass
+                killed_at = time.monotonic()
+                killed = cluster.kill_primary_of("{followed}")
+                while True:
+                    try:
+                        with lock:
+                            break
+                    except dcoord.DcoordError:
+                        if time.monotonic() - killed_at > 60:
+                            raise
+                times.append(time.monotonic() - killed_at)
+                cluster.restart(killed)
+                cluster.wait_healthy()
+    finally:
+        cluster.stop()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per measurement")
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per client process")
+    parser.add_argument("--failovers", type=int, default=0, help="follow-time measurements")
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     warnings.simplefilter("ignore", dcoord.DurabilityWarning)
@@ -196,6 +230,13 @@ def main() -> None:
         cluster.stop()
         if single is not None:
             single.stop()
+    if args.failovers:
+        times = sorted(follow_times(args.failovers))
+        print(
+            f"follow time after a primary kill ({len(times)} runs): "
+            f"p50 {statistics.median(times):.2f} s, max {times[-1]:.2f} s "
+            f"({', '.join(f'{t:.2f}' for t in times)})"
+        )
 
 
 if __name__ == "__main__":
