@@ -107,12 +107,15 @@ class ClusterSet:
         """The dcoord URL of the Cluster as the admin (``default``), with TLS options."""
         return self.user_url("default", self.password)
 
-    def user_url(self, user: str, password: str | None) -> str:
+    def user_url(self, user: str, password: str | None, **options: str) -> str:
+        """The URL as ``user``, with ``min_replicas=1`` unless ``options`` say otherwise
+        (what a deployment on a topology that fails over sets: a forced decision-log
+        write waits for a replica) and the TLS options."""
         scheme = "rediss+cluster" if self.tls else "redis+cluster"
         auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
         hosts = ",".join(f"{HOST}:{node.port}" for node in self.nodes[:PRIMARIES])
-        query = f"?{urlencode(self.tls.client_options())}" if self.tls else ""
-        return f"{scheme}://{auth}{hosts}{query}"
+        query = {"min_replicas": "1", **(self.tls.client_options() if self.tls else {})}
+        return f"{scheme}://{auth}{hosts}?{urlencode({**query, **options})}"
 
     def confine(self, namespace: str, user: str, password: str) -> str:
         """Create ``user`` confined to ``namespace`` on every node (a Cluster does not
