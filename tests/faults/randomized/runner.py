@@ -458,7 +458,9 @@ class Environment:
             # node is back, and the workload must go on meanwhile.
             self.redis_cluster = ClusterSet(using=self.config.using, min_replicas_to_write=0)
             self.redis_cluster.start()
-            self.url = self.redis_cluster.url
+            # min_replicas 0: the counter makes no forced (WAITed) writes, and the
+            # workers' request timeout is below the default replica_timeout.
+            self.url = self.redis_cluster.user_url("default", None, min_replicas="0")
         elif self.config.cluster:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
@@ -578,10 +580,16 @@ class Environment:
             self._freeze.set()
 
     def loss_windows(self, history: History) -> list[tuple[float, float]]:
-        """When data may have been lost: restarts of a Redis that keeps nothing on disk."""
-        if not (self.config.backend == "redis" and self.config.volatile):
+        """When data may have been lost: restarts of a Redis that keeps nothing on disk,
+        and failovers of a Redis Cluster (replication is asynchronous: a write the
+        killed primary acknowledged may not have reached the replica promoted)."""
+        if self.config.variant == "redis-cluster":
+            lossy = "kill-cluster-primary"
+        elif self.config.backend == "redis" and self.config.volatile:
+            lossy = "restart-server"
+        else:
             return []
-        return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
+        return [(f.start, f.end) for f in history.faults if f.kind == lossy]
 
 
 def _act(action: Callable[[], None], target: str) -> str:
