@@ -296,12 +296,16 @@ _REDIS_TRIES: tuple[tuple[str, ...], ...] = (
 
 def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
     client: Any = backend.redis
-    key = f"{backend.prefix}doctor:{secrets.token_hex(4)}"
+    sharded = backend.settings.topology == "cluster"
+    # One hash tag: on a Cluster the DEL and EXISTS of every scratch key are one slot.
+    key = f"{backend.prefix}doctor:{{{secrets.token_hex(4)}}}"
     refused: list[str] = []
     scratch = [key, f"{key}:n", f"{key}:h", f"{key}:z"]
     try:
         for command in _REDIS_TRIES:
             args = [a.replace("{k}", key) for a in command]
+            if sharded and args[0] == "PUBLISH":  # what dcoord sends there (locks.py)
+                args[0] = "SPUBLISH"
             _attempt(refused, args[0], lambda: client.execute_command(*args))  # noqa: B023
         _attempt(
             refused,
@@ -315,7 +319,11 @@ def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
             ),
         )
         _attempt(refused, "SCRIPT LOAD + EVALSHA", lambda: _evalsha(client))
-        _attempt(refused, "SUBSCRIBE", lambda: _subscribe(client, f"{key}:c"))
+        _attempt(
+            refused,
+            "SSUBSCRIBE" if sharded else "SUBSCRIBE",
+            lambda: _subscribe(client, f"{key}:c", sharded),
+        )
         _attempt(refused, "DEL", lambda: client.execute_command("DEL", *scratch))
     finally:
         leftover = _quietly(lambda: client.execute_command("EXISTS", *scratch))
@@ -335,18 +343,21 @@ def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
 
 
 def _evalsha(client: Any) -> None:
-    sha = client.execute_command("SCRIPT", "LOAD", "return 1")
-    client.execute_command("EVALSHA", sha, 0)
+    # script_load: on a Cluster it loads on every primary and answers one SHA.
+    sha = client.script_load("return 1")
+    client.evalsha(sha, 0)
 
 
-def _subscribe(client: Any, channel: str) -> None:
+def _subscribe(client: Any, channel: str, sharded: bool) -> None:
     pubsub = client.pubsub()
+    kind = "ssubscribe" if sharded else "subscribe"
+    get = pubsub.get_sharded_message if sharded else pubsub.get_message
     try:
-        pubsub.subscribe(channel)
+        getattr(pubsub, kind)(channel)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.5)
-            if message is not None and message["type"] == "subscribe":
+            message = get(timeout=0.5)
+            if message is not None and message["type"] == kind:
                 return
         raise TimeoutError("no subscribe confirmation in 2 s")
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from ... import metrics
 from ...config import Settings
@@ -42,6 +43,10 @@ TRANSIENT_REPLIES = frozenset(
 SCRIPT_DENIED = "The user executing the script can't"
 # redis-py makes these ConnectionErrors, but retrying cannot fix the credentials.
 CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+# What a redis-py client raises: RedisCluster raises RedisClusterException (not a
+# RedisError) for what it decides itself: a slot no node serves, no startup node
+# reachable (the cause chained), keys of one command in several slots.
+ClientError = redis.RedisError | RedisClusterException
 
 
 def reply_text(exc: redis.RedisError) -> str:
@@ -76,9 +81,14 @@ def certificate_problem(exc: BaseException) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether the request may succeed if sent again: the network, or a reply that says
-    "later" (see TRANSIENT_REPLIES)."""
+    "later" (see TRANSIENT_REPLIES), or a Cluster that has no node for a slot yet (a
+    failover) or could reach none of its nodes."""
     if isinstance(exc, CREDENTIALS) or certificate_problem(exc) is not None:
         return False
+    if isinstance(exc, SlotNotCoveredError):
+        return True
+    if isinstance(exc, RedisClusterException):
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return True
     return isinstance(exc, redis.ResponseError) and reply_code(exc) in TRANSIENT_REPLIES
@@ -93,7 +103,14 @@ class RedisBackend:
         self.endpoint = topology.endpoint(settings)
         self.prefix = f"dcoord:{settings.namespace}:"
         self.replication = Replication(self)  # forced writes: WAIT for min_replicas
-        self.redis = topology.make_client(settings)
+        what = f"connect to redis at {self.endpoint}"
+        # A Cluster client reads the slot map as it is made: that is connecting.
+        self.redis = self.call(
+            lambda: topology.make_client(settings),
+            what=what,
+            retry=True,
+            timeout=settings.connect_timeout,
+        )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
         self.elections = RedisElections(self)  # its waiters use locks.notifier, made next
@@ -104,7 +121,7 @@ class RedisBackend:
         try:
             self.info = self.call(
                 self._server_info,
-                what=f"connect to redis at {self.endpoint}",
+                what=what,
                 retry=True,
                 timeout=settings.connect_timeout,
             )
@@ -138,16 +155,17 @@ class RedisBackend:
                     timeout=timeout or self.settings.request_timeout,
                 )
             return fn()
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             error = self._error(what, exc)
             metrics.backend_error(self.settings, type(error))
             raise error from exc
         except BackendUnavailable as exc:
-            if retry and isinstance(exc.__cause__, redis.RedisError):  # the retries gave up
+            # the retries gave up
+            if retry and isinstance(exc.__cause__, redis.RedisError | RedisClusterException):
                 metrics.backend_error(self.settings, BackendUnavailable)
             raise
 
-    def _error(self, what: str, exc: redis.RedisError) -> DcoordError:
+    def _error(self, what: str, exc: ClientError) -> DcoordError:
         """The dcoord error for ``exc``, raised by the operation ``what``."""
         return error_for(self.settings, what, exc)
 
@@ -163,9 +181,15 @@ class RedisBackend:
         self.redis.close()
 
 
-def error_for(settings: Settings, what: str, exc: redis.RedisError) -> DcoordError:
+def error_for(settings: Settings, what: str, exc: ClientError) -> DcoordError:
     """The dcoord error for the redis error ``exc`` of the operation ``what`` (shared by
     the sync backend and :mod:`dcoord.backends.redis.aio_locks`: mapped once, here)."""
+    if isinstance(exc, RedisClusterException):
+        if isinstance(exc.__cause__, redis.RedisError):  # no node reachable: why
+            return error_for(settings, what, exc.__cause__)
+        if is_transient(exc):
+            return BackendUnavailable(f"{what}: {exc}")
+        return BackendError(f"{what}: {exc}")
     user = settings.username or "default"
     if isinstance(exc, CREDENTIALS):
         return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")

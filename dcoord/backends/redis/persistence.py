@@ -3,8 +3,10 @@ through a failover (replication).
 
 Read with ``CONFIG GET``; where that is refused (an ACL without ``CONFIG``, or the
 command renamed) with ``INFO persistence`` / ``INFO memory``, which show whether the AOF
-is on and the eviction policy but not ``appendfsync``. Replication comes from ``INFO
-replication`` and the client's own ``min_replicas`` option. The transaction log
+is on and the eviction policy but not ``appendfsync``. On a Redis Cluster every node is
+read (a replica becomes a primary at a failover, with its own settings). Replication
+comes from ``INFO replication`` and the client's own ``min_replicas`` option. The
+transaction log
 (:meth:`~dcoord.backends.redis.txlog.RedisTxLog.durability`) and the locks
 (:class:`LockEvictionCheck`) turn what was read into a ``DurabilityWarning``.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BackendError, BackendUnavailable, DurabilityWarning
+from . import topology
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -73,8 +76,15 @@ def read(backend: RedisBackend) -> Persistence | str:
     client = backend.redis
     try:
         config = backend.call(
-            lambda: client.config_get(
-                "appendonly", "appendfsync", "maxmemory-policy", "min-replicas-to-write"
+            lambda: _merged(
+                topology.on_every_node(
+                    client,
+                    "config_get",
+                    "appendonly",
+                    "appendfsync",
+                    "maxmemory-policy",
+                    "min-replicas-to-write",
+                )
             ),
             what="read redis persistence settings",
             retry=True,
@@ -87,11 +97,17 @@ def read(backend: RedisBackend) -> Persistence | str:
             appendonly=_str(config.get("appendonly")),
             appendfsync=_str(config.get("appendfsync")),
             maxmemory_policy=_str(config.get("maxmemory-policy")),
-            replication=read_replication(backend, None if minimum is None else int(minimum)),
+            replication=read_replication(backend, _lowest(minimum)),
         )
+
+    def both() -> dict[str, Any]:
+        persistence = topology.on_every_node(client, "info", "persistence")
+        memory = topology.on_every_node(client, "info", "memory")
+        return _merged({node: {**persistence[node], **memory[node]} for node in persistence})
+
     try:
         info = backend.call(
-            lambda: {**client.info("persistence"), **client.info("memory")},
+            both,
             what="read redis persistence and memory info",
             retry=True,
         )
@@ -99,7 +115,8 @@ def read(backend: RedisBackend) -> Persistence | str:
         return f"{config_refused}; INFO refused: {exc}"
     aof = info.get("aof_enabled")
     return Persistence(
-        appendonly=None if aof is None else "yes" if int(aof) else "no",
+        # Nodes that differ give a text no check accepts (see _merged).
+        appendonly=None if aof is None else {"1": "yes", "0": "no"}.get(str(aof), str(aof)),
         appendfsync=None,  # INFO does not show it
         maxmemory_policy=_str(info.get("maxmemory_policy")),
         unread=config_refused,
@@ -209,6 +226,27 @@ class LockEvictionCheck:
                 DurabilityWarning,
                 stacklevel=5,  # this, RedisLocks.slot, Lock.__init__, Client.lock, the caller
             )
+
+
+def _merged(by_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings of every node as one: a setting the nodes of a Cluster disagree on
+    reads ``value on node, value on node ...``, which no check accepts."""
+    merged: dict[str, Any] = {}
+    for name in set().union(*by_node.values()):
+        values = {node: settings.get(name) for node, settings in sorted(by_node.items())}
+        if len({str(value) for value in values.values()}) == 1:
+            merged[name] = next(iter(values.values()))
+        else:
+            merged[name] = ", ".join(f"{value} on {node}" for node, value in values.items())
+    return merged
+
+
+def _lowest(value: Any) -> int | None:
+    """The smallest of a setting's values (nodes of a Cluster that disagree read
+    ``value on node, ...``, see _merged): the weakest node is what a check must judge."""
+    if value is None:
+        return None
+    return min(int(part.split(" ", 1)[0]) for part in str(value).split(", "))
 
 
 def _str(value: Any) -> str | None:

@@ -95,3 +95,12 @@ def make_client(settings: Settings) -> Client:
         return primary
     ((host, port),) = settings.hosts
     return redis.Redis(host=host, port=port, db=int(settings.database), **common)
+
+
+def on_every_node(client: Client, method: str, *args: Any) -> dict[str, Any]:
+    """``client.<method>(*args)`` by server: on a Cluster on every node (a replica is
+    promoted with its own settings), keyed by node name; elsewhere on the one server
+    the client talks to, keyed ``"server"``. For server-wide reads: INFO, CONFIG GET."""
+    if isinstance(client, RedisCluster):
+        return dict(getattr(client, method)(*args, target_nodes=RedisCluster.ALL_NODES))
+    return {"server": getattr(client, method)(*args)}

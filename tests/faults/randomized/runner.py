@@ -30,13 +30,14 @@ from typing import Any, Protocol
 import dcoord
 from dcoord.backends import registry
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.cluster import ClusterSet
 from tests.topologies.etcd import EtcdCluster
 from tests.topologies.sentinel import SentinelSet
 
 from . import checkers, nemesis
 from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
-from .workloads import Killed, Spec
+from .workloads import LOCK, Killed, Spec
 
 WORKLOAD_NAMES = ("counter", "transfers", "election", "semaphore")
 
@@ -57,6 +58,7 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
         "kill-leader": 1,
     },
     "redis-sentinel": {**_CLIENT_FAULTS, "kill-primary": 2, "pause-primary": 2},
+    "redis-cluster": {**_CLIENT_FAULTS, "kill-cluster-primary": 2},
 }
 # The registered backends this runner has settings (the tables above) for.
 BACKENDS = tuple(d.kind for d in registry.drivers() if d.kind in TTL)
@@ -77,7 +79,8 @@ class Config:
     volatile: bool = False
     """Redis only: no persistence (every restart loses all data)."""
     cluster: bool = False
-    """etcd only: three members; member faults instead of whole-server faults."""
+    """etcd: three members, member faults; redis: a Redis Cluster (three primaries, one
+    replica each), primary kills; instead of whole-server faults."""
     sentinel: bool = False
     """Redis only: a Sentinel set (primary, two replicas); failovers instead of restarts."""
     mutant: str | None = None
@@ -93,8 +96,8 @@ class Config:
 
     @property
     def variant(self) -> str:
-        if self.backend == "etcd" and self.cluster:
-            return "etcd-cluster"
+        if self.cluster:
+            return f"{self.backend}-cluster"
         if self.backend == "redis" and self.sentinel:
             return "redis-sentinel"
         return self.backend
@@ -145,7 +148,7 @@ class Config:
         if self.backend == "redis":
             extra = " (no persistence)" if self.volatile else " (appendfsync always)"
         if self.cluster:
-            extra = " (three members)"
+            extra = " (three members)" if self.backend == "etcd" else " (Redis Cluster)"
         if self.sentinel:
             extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
@@ -312,10 +315,17 @@ class ProcessPool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 killed.append(self.kill(slot))
+        # A replacement spawned just before the stop may get SIGTERM before its handler
+        # is installed: having recorded nothing, it did nothing.
         failed = [
             f"{self._names[s]} exited with {p.returncode}: {self._tail(self._names[s])}"
             for s, p in self._procs.items()
-            if p.returncode not in (0, -signal.SIGKILL) and self._names[s] not in killed
+            if p.returncode not in (0, -signal.SIGKILL)
+            and self._names[s] not in killed
+            and not (
+                p.returncode == -signal.SIGTERM
+                and not (self._dir / f"{self._names[s]}.jsonl").exists()
+            )
         ]
         return [f"{name} did not stop in {timeout:g} s: killed" for name in killed] + failed
 
@@ -460,12 +470,21 @@ class Environment:
         self.sentinels: SentinelSet | None = None
         self.directory = Path(tempfile.gettempdir())
         """Where server logs go at stop (the run's directory)."""
+        self.redis_cluster: ClusterSet | None = None
         self.url = ""
         self._freeze: threading.Event | None = None
 
     def start(self) -> None:
         if self.config.backend == "memory":
             self.url = f"memory://faults-{uuid.uuid4().hex[:10]}"
+        elif self.config.variant == "redis-cluster":
+            # min-replicas-to-write 0: a promoted primary has no replica until the killed
+            # node is back, and the workload must go on meanwhile.
+            self.redis_cluster = ClusterSet(using=self.config.using, min_replicas_to_write=0)
+            self.redis_cluster.start()
+            # min_replicas 0: the counter makes no forced (WAITed) writes, and the
+            # workers' request timeout is below the default replica_timeout.
+            self.url = self.redis_cluster.user_url("default", None, min_replicas="0")
         elif self.config.cluster:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
@@ -492,6 +511,8 @@ class Environment:
             # directory, kept with the evidence of a violation.
             self.sentinels.save_logs(self.directory)
             self.sentinels.stop()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
 
     def heal(self) -> None:
         """Undo anything a fault may have left (idempotent)."""
@@ -508,6 +529,11 @@ class Environment:
                 member.resume()
                 if not member.running():
                     member.start()
+        if self.redis_cluster is not None:
+            for node in self.redis_cluster.nodes:
+                if not node.running():
+                    node.start()
+            self.redis_cluster.wait_healthy()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -577,6 +603,14 @@ class Environment:
             controls["pause-primary"] = nemesis.Control(
                 lambda p: fail(topology.pause_primary), lambda p: topology.rejoin(down.pop())
             )
+        if self.redis_cluster is not None:
+            redis_cluster = self.redis_cluster
+            # The lock key dcoord:NS:lock:{counter} hashes by its tag alone.
+            lock_tag = "{" + LOCK + "}"
+            controls["kill-cluster-primary"] = nemesis.Control(
+                lambda p: f"redis primary :{redis_cluster.kill_primary_of(lock_tag).port}",
+                lambda p: self.heal(),
+            )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
         return controls
@@ -607,12 +641,18 @@ class Environment:
 
     def loss_windows(self, history: History) -> list[tuple[float, float]]:
         """When data may have been lost: restarts of a Redis that keeps nothing on disk,
-        failovers of a Sentinel set (from the fault until the old primary is a replica)."""
+        failovers of a Sentinel set (from the fault until the old primary is a replica) and
+        of a Redis Cluster (replication is asynchronous: a write the killed primary
+        acknowledged may not have reached the replica promoted)."""
         if self.sentinels is not None:
             return [(f.start, f.end) for f in history.faults if f.kind in FAILOVER_FAULTS]
-        if not (self.config.backend == "redis" and self.config.volatile):
+        if self.config.variant == "redis-cluster":
+            lossy = "kill-cluster-primary"
+        elif self.config.backend == "redis" and self.config.volatile:
+            lossy = "restart-server"
+        else:
             return []
-        return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
+        return [(f.start, f.end) for f in history.faults if f.kind == lossy]
 
 
 def _act(action: Callable[[], None], target: str) -> str:
@@ -695,8 +735,8 @@ def run(config: Config) -> Report:
         raise ValueError(f"unknown backend {config.backend!r}; choose from {', '.join(BACKENDS)}")
     if config.volatile and config.backend != "redis":
         raise ValueError("--volatile applies to redis only")
-    if config.cluster and config.backend != "etcd":
-        raise ValueError("--cluster applies to etcd only")
+    if config.cluster and config.backend == "memory":
+        raise ValueError("--cluster applies to redis and etcd only")
     if config.sentinel and (config.backend != "redis" or config.volatile):
         raise ValueError("--sentinel applies to redis (with persistence) only")
     mutant_for = {
@@ -865,7 +905,11 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run")
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
-    parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="etcd: three members; redis: a Redis Cluster (three primaries, one replica each)",
+    )
     parser.add_argument("--sentinel", action="store_true", help="redis: a Sentinel set")
     parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")

@@ -8,9 +8,12 @@ with a larger ``--duration`` and ``--seeds`` (docs/faults.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from .runner import Config, Report, run, with_seed
+from .runner import Config, ProcessPool, Report, run, with_seed
+from .workloads import Spec
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +34,10 @@ CLEAN = [
     pytest.param(
         Config("redis", "counter", seed=19, duration=30, sentinel=True),
         id="redis-sentinel-counter",
+    ),
+    pytest.param(
+        Config("redis", "counter", seed=19, duration=30, cluster=True),
+        id="redis-cluster-counter",
     ),
 ]
 
@@ -237,3 +244,16 @@ def test_mutual_exclusion_leaves_out_only_sections_that_touch_a_loss_window() ->
     assert check([]) == ["mutual-exclusion"]
     assert check([(1.2, 3.0)]) == []  # b's section reaches into the window
     assert check([(2.0, 3.0)]) == ["mutual-exclusion"]  # a window after both excuses nothing
+
+
+def test_a_replacement_stopped_before_it_started_is_not_a_failure(tmp_path: Path) -> None:
+    # A heal that runs late (a Cluster's failover) spawns a replacement just before the
+    # run stops: its SIGTERM then lands while it still imports, before its handler.
+    def spec(name: str) -> Spec:
+        return Spec(
+            "counter", "memory://x", "ns", name, str(tmp_path / f"{name}.jsonl"), 1, 1.0, 1.0, 1.0
+        )
+
+    pool = ProcessPool(spec, tmp_path, 1)
+    pool.spawn(0)
+    assert pool.stop(10) == []
