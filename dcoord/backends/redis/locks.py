@@ -582,5 +582,8 @@ class _Notifier:
                 with contextlib.suppress(Exception):
                     self._pubsub.close()
         for thread in threads:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=5)
+            # A waiter makes the thread under _cond but starts it after subscribing: a
+            # close in between finds it unstarted (it returns at once when started).
+            if thread is None or thread.ident is None or thread is threading.current_thread():
+                continue
+            thread.join(timeout=5)
