@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +47,7 @@ def read(backend: RedisBackend) -> Persistence | str:
     except BackendError as exc:
         config_refused = f"CONFIG GET refused: {exc}"
     else:
-        return Persistence(
-            appendonly=_str(config.get("appendonly")),
-            appendfsync=_str(config.get("appendfsync")),
-            maxmemory_policy=_str(config.get("maxmemory-policy")),
-        )
+        return from_config(config)
     try:
         info = backend.call(
             lambda: {**client.info("persistence"), **client.info("memory")},
@@ -59,6 +56,20 @@ def read(backend: RedisBackend) -> Persistence | str:
         )
     except BackendError as exc:
         return f"{config_refused}; INFO refused: {exc}"
+    return from_info(info, config_refused)
+
+
+def from_config(config: Mapping[Any, Any]) -> Persistence:
+    """The settings a ``CONFIG GET`` answered (shared by the sync and async readers)."""
+    return Persistence(
+        appendonly=_str(config.get("appendonly")),
+        appendfsync=_str(config.get("appendfsync")),
+        maxmemory_policy=_str(config.get("maxmemory-policy")),
+    )
+
+
+def from_info(info: Mapping[str, Any], config_refused: str) -> Persistence:
+    """The settings ``INFO persistence`` + ``INFO memory`` show (no ``appendfsync``)."""
     aof = info.get("aof_enabled")
     return Persistence(
         appendonly=None if aof is None else "yes" if int(aof) else "no",
