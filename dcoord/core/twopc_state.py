@@ -26,6 +26,7 @@ from ..errors import BackendUnavailable, ConfigError, LogCorrupted, TransactionA
 from ..txlog import Outcome, TxRecord, TxState
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 Vote = bool | str
 """True is yes; False a plain no; a str says why there was no yes (raised, too late)."""
@@ -89,8 +90,9 @@ Steps = Generator[Request, Any, T]
 """A log program: yields requests, is sent their answers (or thrown their errors)."""
 
 
-def run(steps: Steps[T], answer: Callable[[Request], Any]) -> T:
-    """Drive ``steps`` with blocking calls: ``answer(request)`` for each request."""
+def run(steps: Generator[R, Any, T], answer: Callable[[R], Any]) -> T:
+    """Drive a program (these log programs, or a KVParticipant's) with blocking calls:
+    ``answer(request)`` for each request it yields."""
     reply: Any = None
     error: BaseException | None = None
     while True:
