@@ -173,15 +173,16 @@ class Pace:
 # -- pure rules -----------------------------------------------------------------------
 
 
-def named_participants(participants: Iterable[Any], kind: type) -> dict[str, Any]:
-    """Participants by name; ConfigError for one that is not a ``kind`` or a repeated name."""
+def named_participants(participants: Iterable[Any], kind: type, how: str = "") -> dict[str, Any]:
+    """Participants by name; ConfigError for one that is not a ``kind`` or a repeated name
+    (``how``: what the message adds about the methods, e.g. that they are coroutines)."""
     named: dict[str, Any] = {}
     for participant in participants:
         name = getattr(participant, "name", None)
         if not isinstance(participant, kind) or not isinstance(name, str):
             raise ConfigError(
-                f"{participant!r} is not a {kind.__name__} "
-                "(needs a str name and prepare/commit/abort)"
+                f"{participant!r} is not a Participant "
+                f"(needs a str name and prepare/commit/abort{how})"
             )
         if name in named:
             raise ConfigError(f"two participants are named {name!r}")
