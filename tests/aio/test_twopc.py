@@ -126,7 +126,7 @@ async def _state(coord: Any, txid: str, state: TxState) -> bool:
 def test_a_sync_participant_is_refused(aio_url: str, namespace: str) -> None:
     async def main() -> None:
         async with connect(aio_url, namespace=namespace) as client:
-            with pytest.raises(dcoord.ConfigError, match="not a Participant.*coroutine"):
+            with pytest.raises(dcoord.ConfigError, match=r"not a Participant.*coroutine"):
                 client.coordinator(participants=[object()])
             with pytest.raises(dcoord.ConfigError, match="its prepare is not a coroutine"):
                 client.coordinator(participants=[SyncLedger(Ledger("a"))])
