@@ -355,10 +355,18 @@ class Coordinator:
         self._hit("after_record", tx.txid)
         votes = self._prepare_all(record, tx.payloads, local_deadline)
         outcome, reason = core.decision(votes, late=time.monotonic() >= local_deadline)
-        decided = self._decide(stored, outcome, reason)
+        if outcome == "committed":
+            decided = self._commit_decision(stored)
+        else:
+            decided = self._decide(stored, outcome, reason)
         self._hit("after_decision", tx.txid)
         self._phase2(decided, background_done=True)
         return core.finished_outcome(tx.txid, decided.record, votes)
+
+    def _commit_decision(self, stored: Stored) -> Stored:
+        """Force the COMMIT decision into the log (before any participant hears commit);
+        the fault tests' negative controls replace it."""
+        return self._decide(stored, "committed", "")
 
     def _create(self, record: TxRecord) -> Stored:
         data = txlog.encode(record)
