@@ -185,8 +185,44 @@ class ThreadedParticipant:
         return txids
 
 
+class SyncKV:
+    """An :class:`dcoord.aio.AsyncKVParticipant` with :class:`dcoord.KVParticipant`'s
+    methods; a coordinator of the adapter gets the async participant itself."""
+
+    def __init__(self, client: SyncView, name: str, **options: Any) -> None:
+        self._client = client
+        self.aio = dcoord.aio.AsyncKVParticipant(client.aio, name, **options)
+        self.name = name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._client.run(self.aio.get(key, default))
+
+    def items(self) -> dict[str, Any]:
+        return self._client.run(self.aio.items())
+
+    def in_doubt(self) -> list[str]:
+        return self._client.run(self.aio.in_doubt())
+
+    def reserved(self) -> dict[str, str]:
+        return self._client.run(self.aio.reserved())
+
+    def validate(self, payload: Any) -> None:
+        self.aio.validate(payload)
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        return self._client.run(self.aio.prepare(txid, payload))
+
+    def commit(self, txid: str) -> None:
+        self._client.run(self.aio.commit(txid))
+
+    def abort(self, txid: str) -> None:
+        self._client.run(self.aio.abort(txid))
+
+
 def _participant(candidate: Any) -> Any:
     """Sync participants wrapped; anything else passed on for the library to refuse."""
+    if isinstance(candidate, SyncKV):
+        return candidate.aio
     methods = ("prepare", "commit", "abort")
     if all(callable(getattr(candidate, m, None)) for m in methods):
         return ThreadedParticipant(candidate)
