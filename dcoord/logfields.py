@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .aio.lock import AsyncLock
+    from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -53,7 +54,9 @@ def member_fields(group: Group, member_id: str | None = None) -> Fields:
 
 
 def tx_fields(
-    coordinator: Coordinator, txid: str | None = None, participant: str | None = None
+    coordinator: Coordinator | AsyncCoordinator,
+    txid: str | None = None,
+    participant: str | None = None,
 ) -> Fields:
     """A coordinator's client, and the transaction and participant concerned if any."""
     return {**client_fields(coordinator.client.settings), TXID: txid, PARTICIPANT: participant}

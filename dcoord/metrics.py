@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter, MeterProvider
 
     from .aio.lock import AsyncLock
+    from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -354,7 +355,7 @@ def group_size(group: Group, size: int) -> None:
 # -- two-phase commit -----------------------------------------------------------------
 
 
-def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
+def tx_ended(coordinator: Coordinator | AsyncCoordinator, outcome: str, seconds: float) -> None:
     """A commit() ended ``committed``, ``aborted`` or ``unknown`` after ``seconds``."""
     instruments = _recording()
     if instruments is None:
@@ -371,7 +372,7 @@ def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
         _swallow("a transaction", exc)
 
 
-def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
+def tx_recovered(coordinator: Coordinator | AsyncCoordinator, report: RecoveryReport) -> None:
     """A recover() run ended with ``report``."""
     instruments = _recording()
     if instruments is None:
@@ -386,7 +387,7 @@ def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
         _swallow("a recovery", exc)
 
 
-def tx_resolved(coordinator: Coordinator, outcome: str) -> None:
+def tx_resolved(coordinator: Coordinator | AsyncCoordinator, outcome: str) -> None:
     """resolve() answered ``outcome`` (committed, aborted, pending) for an in-doubt txid."""
     instruments = _recording()
     if instruments is None:

@@ -19,5 +19,16 @@ from __future__ import annotations
 from .client import AsyncClient, connect
 from .fence import AsyncFence
 from .lock import AsyncLock
+from .participants import AsyncKVParticipant, AsyncParticipant
+from .twopc import AsyncCoordinator, AsyncTransaction
 
-__all__ = ["AsyncClient", "AsyncFence", "AsyncLock", "connect"]
+__all__ = [
+    "AsyncClient",
+    "AsyncCoordinator",
+    "AsyncFence",
+    "AsyncKVParticipant",
+    "AsyncLock",
+    "AsyncParticipant",
+    "AsyncTransaction",
+    "connect",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,8 @@ from ..errors import ClientClosed
 from ..lock import DEFAULT_TTL
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
+from .participants import AsyncParticipant
+from .twopc import AsyncCoordinator
 
 log = logging.getLogger("dcoord")
 
@@ -42,6 +44,7 @@ class AsyncClient:
         self._started = False
         self._held: set[AsyncLock] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._coordinators: list[AsyncCoordinator] = []
 
     @property
     def namespace(self) -> str:
@@ -95,6 +98,17 @@ class AsyncClient:
         self.check_open()
         return AsyncFence(self, resource)
 
+    def coordinator(
+        self, participants: Iterable[AsyncParticipant] = (), **options: Any
+    ) -> AsyncCoordinator:
+        """A two-phase-commit coordinator over async ``participants``, logging in this
+        backend (the log sync coordinators use); options as
+        :meth:`dcoord.Client.coordinator` but ``workers``. Closes with the client."""
+        self.check_open()
+        coordinator = AsyncCoordinator(self, participants, **options)
+        self._coordinators.append(coordinator)
+        return coordinator
+
     def _holding(self, lock: AsyncLock, held: bool) -> None:
         if held:
             self._held.add(lock)
@@ -114,6 +128,7 @@ class AsyncClient:
             return
         self.closed = True
         try:
+            await asyncio.gather(*(c.close() for c in self._coordinators))
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
             for task in list(self._tasks):

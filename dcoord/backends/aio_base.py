@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
-from .base import LockGrant, ServerInfo
+from .base import LockGrant, LogEntry, ServerInfo
 
 T = TypeVar("T")
 
@@ -55,6 +55,42 @@ class AsyncLockStore(Protocol):
         ...
 
 
+class AsyncTxLogStore(Protocol):
+    """The 2PC decision log, async; see :class:`.base.TxLogStore` (same records, same
+    keys: a sync and an async coordinator share one log)."""
+
+    async def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None: ...
+
+    async def cas(
+        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+    ) -> LogEntry | None: ...
+
+    async def get(self, txid: str) -> LogEntry | None: ...
+
+    async def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]: ...
+
+    async def scan(self) -> dict[str, LogEntry]: ...
+
+    async def now(self) -> float | None: ...
+
+    async def durability(self) -> str | None: ...
+
+
+class AsyncKVStore(Protocol):
+    """Plain keys, async; see :class:`.base.KVStore` (the same keys as the sync store)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def scan(self, prefix: str) -> dict[str, bytes]: ...
+
+    async def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None: ...
+
+
 class AsyncBackend(Protocol):
     """A connected async backend, made by :func:`dcoord.aio.connect`."""
 
@@ -63,6 +99,14 @@ class AsyncBackend(Protocol):
 
     @property
     def locks(self) -> AsyncLockStore: ...
+
+    @property
+    def txlog(self) -> AsyncTxLogStore: ...
+
+    @property
+    def kv_store(self) -> AsyncKVStore:
+        """Plain keys (``kv`` is taken by the etcd backend's gRPC stub)."""
+        ...
 
     async def start(self) -> None:
         """Check the server answers (within ``connect_timeout``); closes itself if not."""

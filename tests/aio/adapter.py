@@ -3,7 +3,8 @@
 Test-only: one event loop runs on a thread of its own, and every call of a
 :class:`SyncView` client, lock or fence runs the async API's coroutine on that loop and
 waits for it. The library itself starts no thread; this adapter does, so that the
-conformance tests (written with threads) drive dcoord.aio unchanged. ``backend`` is the
+conformance tests (written with threads) drive dcoord.aio unchanged; the tests' sync
+2PC participants are called on threads too (:class:`ThreadedParticipant`). ``backend`` is the
 backend of a sync client of the same URL and namespace, for the tests' inspection
 helpers (``stored_keys``, ``backend.kv``), which read what the server holds.
 """
@@ -74,6 +75,9 @@ class SyncView:
 
     def ping(self) -> Any:
         return self._loop.run(self.aio.ping())
+
+    def coordinator(self, participants: Any = (), **options: Any) -> SyncCoordinator:
+        return _coordinator(self, participants, **options)
 
     def close(self) -> None:
         try:
@@ -151,3 +155,178 @@ class SyncFence:
 
     def highest(self) -> int | None:
         return self._client.run(self.aio.highest())
+
+
+class ThreadedParticipant:
+    """A sync test participant seen as a :class:`dcoord.aio.AsyncParticipant`: each call
+    runs on a thread (``asyncio.to_thread``), so a participant that blocks (a gate, a
+    stall) blocks only itself, as it does under the sync coordinator's pools."""
+
+    def __init__(self, sync: Any) -> None:
+        self.sync = sync
+        self.name = sync.name
+        if callable(getattr(sync, "validate", None)):
+            self.validate = sync.validate
+        if callable(getattr(sync, "in_doubt", None)):
+            self.in_doubt = self._in_doubt
+
+    async def prepare(self, txid: str, payload: Any) -> bool:
+        vote: bool = await asyncio.to_thread(self.sync.prepare, txid, payload)
+        return vote
+
+    async def commit(self, txid: str) -> None:
+        await asyncio.to_thread(self.sync.commit, txid)
+
+    async def abort(self, txid: str) -> None:
+        await asyncio.to_thread(self.sync.abort, txid)
+
+    async def _in_doubt(self) -> list[str]:
+        txids: list[str] = await asyncio.to_thread(self.sync.in_doubt)
+        return txids
+
+
+class SyncKV:
+    """An :class:`dcoord.aio.AsyncKVParticipant` with :class:`dcoord.KVParticipant`'s
+    methods; a coordinator of the adapter gets the async participant itself."""
+
+    def __init__(self, client: SyncView, name: str, **options: Any) -> None:
+        self._client = client
+        self.aio = dcoord.aio.AsyncKVParticipant(client.aio, name, **options)
+        self.name = name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._client.run(self.aio.get(key, default))
+
+    def items(self) -> dict[str, Any]:
+        return self._client.run(self.aio.items())
+
+    def in_doubt(self) -> list[str]:
+        return self._client.run(self.aio.in_doubt())
+
+    def reserved(self) -> dict[str, str]:
+        return self._client.run(self.aio.reserved())
+
+    def validate(self, payload: Any) -> None:
+        self.aio.validate(payload)
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        return self._client.run(self.aio.prepare(txid, payload))
+
+    def commit(self, txid: str) -> None:
+        self._client.run(self.aio.commit(txid))
+
+    def abort(self, txid: str) -> None:
+        self._client.run(self.aio.abort(txid))
+
+
+def _participant(candidate: Any) -> Any:
+    """Sync participants wrapped; anything else passed on for the library to refuse."""
+    if isinstance(candidate, SyncKV):
+        return candidate.aio
+    methods = ("prepare", "commit", "abort")
+    if all(callable(getattr(candidate, m, None)) for m in methods):
+        return ThreadedParticipant(candidate)
+    return candidate
+
+
+def _coordinator(client: SyncView, participants: Any = (), **options: Any) -> SyncCoordinator:
+    failpoint = options.pop("failpoint", None)
+    if failpoint is not None:
+        hook = failpoint
+
+        async def threaded(point: str, txid: str, participant: str | None) -> None:
+            # On a thread: a failpoint may block (gates) or call the coordinator back.
+            await asyncio.to_thread(hook, point, txid, participant)
+
+        options["failpoint"] = threaded
+    options.pop("workers", None)  # the async coordinator has no pools to size
+    coordinator = client.aio.coordinator([_participant(p) for p in participants], **options)
+    # The sync coordinator checks the log's durability when made; the async one at its
+    # first use or start(): start it here so the same assertions hold.
+    client.run(coordinator.start())
+    return SyncCoordinator(client, coordinator)
+
+
+class SyncCoordinator:
+    """An :class:`dcoord.aio.AsyncCoordinator` with :class:`dcoord.Coordinator`'s methods."""
+
+    def __init__(self, client: SyncView, coordinator: dcoord.aio.AsyncCoordinator) -> None:
+        self._client = client
+        self.aio = coordinator
+
+    @property
+    def participants(self) -> dict[str, Any]:
+        return self.aio.participants
+
+    def begin(self, timeout: float = 30.0) -> SyncTransaction:
+        return SyncTransaction(self._client, self.aio.begin(timeout))
+
+    def transaction(self, timeout: float = 30.0) -> SyncTransaction:
+        return self.begin(timeout)
+
+    def resolve(self, txid: str) -> str:
+        return self._client.run(self.aio.resolve(txid))
+
+    def get(self, txid: str) -> Any:
+        return self._client.run(self.aio.get(txid))
+
+    def transactions(self, state: Any = None) -> list[Any]:
+        return self._client.run(self.aio.transactions(state))
+
+    def recover(self) -> Any:
+        return self._client.run(self.aio.recover())
+
+    def close(self) -> None:
+        self._client.run(self.aio.close())
+
+
+class SyncTransaction:
+    """An :class:`dcoord.aio.AsyncTransaction` with :class:`dcoord.Transaction`'s methods."""
+
+    def __init__(self, client: SyncView, tx: dcoord.aio.AsyncTransaction) -> None:
+        self._client = client
+        self.aio = tx
+
+    @property
+    def txid(self) -> str:
+        return self.aio.txid
+
+    @txid.setter
+    def txid(self, value: str) -> None:
+        self.aio.txid = value
+
+    @property
+    def state(self) -> str:
+        return self.aio.state
+
+    @property
+    def record(self) -> Any:
+        return self.aio.record
+
+    @property
+    def timeout(self) -> float:
+        return self.aio.timeout
+
+    @property
+    def payloads(self) -> dict[str, Any]:
+        return self.aio.payloads
+
+    def enlist(self, name: str, payload: Any = None) -> None:
+        self.aio.enlist(name, payload)
+
+    def commit(self) -> Any:
+        return self._client.run(self.aio.commit())
+
+    def abort(self) -> None:
+        self.aio.abort()
+
+    def __enter__(self) -> SyncTransaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._client.run(self.aio.__aexit__(exc_type, exc, tb))

@@ -17,6 +17,7 @@ etcd server (a URL with several members is refused for now).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -38,6 +39,8 @@ from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
 from . import _Retryable, mapped_error, stale_token
+from .aio_kv import AsyncEtcdKV
+from .aio_txlog import AsyncEtcdTxLog
 from .locks import _created_at, _first_kv, _range, fenced_txn
 
 T = TypeVar("T")
@@ -169,6 +172,16 @@ class AsyncEtcdBackend:
 
     async def ping(self) -> ServerInfo:
         return await self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
+
+    @functools.cached_property
+    def txlog(self) -> AsyncEtcdTxLog:
+        """The 2PC log (the sync clients' log: same keys and transactions)."""
+        return AsyncEtcdTxLog(self)
+
+    @functools.cached_property
+    def kv_store(self) -> AsyncEtcdKV:
+        """Plain keys (the sync clients' keys)."""
+        return AsyncEtcdKV(self)
 
     async def close(self) -> None:
         if self._closed:

@@ -17,7 +17,11 @@ from ..._version import __version__
 from ...config import Settings
 from ..base import LockGrant, ServerInfo
 from . import memory_server
+from .aio_kv import AsyncMemoryKV
+from .aio_txlog import AsyncMemoryTxLog
+from .kv import MemoryKV
 from .locks import MemoryLocks, MemoryLockSlot
+from .txlog import MemoryTxLog
 
 
 class AsyncMemoryLocks:
@@ -105,6 +109,16 @@ class AsyncMemoryBackend:
         return ServerInfo(
             kind=self.kind, version=__version__, endpoint=f"memory://{self.server.name}"
         )
+
+    @functools.cached_property
+    def txlog(self) -> AsyncMemoryTxLog:
+        """The 2PC log (the sync clients' log of this store and namespace)."""
+        return AsyncMemoryTxLog(MemoryTxLog(self.server, self.prefix))
+
+    @functools.cached_property
+    def kv_store(self) -> AsyncMemoryKV:
+        """Plain keys (the sync clients' keys of this store and namespace)."""
+        return AsyncMemoryKV(MemoryKV(self.server, self.prefix))
 
     async def close(self) -> None:
         """The store outlives its clients, like a server would."""

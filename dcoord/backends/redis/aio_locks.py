@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -50,6 +51,10 @@ from .locks import (
     lock_keys,
     milliseconds,
 )
+
+if TYPE_CHECKING:
+    from .aio_kv import AsyncRedisKV
+    from .aio_txlog import AsyncRedisTxLog, AsyncReplication
 
 T = TypeVar("T")
 
@@ -164,6 +169,27 @@ class AsyncRedisBackend:
 
     async def ping(self) -> ServerInfo:
         return await self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
+
+    @functools.cached_property
+    def replication(self) -> AsyncReplication:
+        """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
+        from .aio_txlog import AsyncReplication  # it imports this module
+
+        return AsyncReplication(self)
+
+    @functools.cached_property
+    def txlog(self) -> AsyncRedisTxLog:
+        """The 2PC log (the sync clients' log: same keys and scripts)."""
+        from .aio_txlog import AsyncRedisTxLog  # it imports this module
+
+        return AsyncRedisTxLog(self)
+
+    @functools.cached_property
+    def kv_store(self) -> AsyncRedisKV:
+        """Plain keys (the sync clients' keys)."""
+        from .aio_kv import AsyncRedisKV  # it imports this module
+
+        return AsyncRedisKV(self)
 
     async def close(self) -> None:
         if self._closed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,13 +93,8 @@ def read(backend: RedisBackend) -> Persistence | str:
     except BackendError as exc:
         config_refused = f"CONFIG GET refused: {exc}"
     else:
-        minimum = config.get("min-replicas-to-write")
-        return Persistence(
-            appendonly=_str(config.get("appendonly")),
-            appendfsync=_str(config.get("appendfsync")),
-            maxmemory_policy=_str(config.get("maxmemory-policy")),
-            replication=read_replication(backend, _lowest(minimum)),
-        )
+        minimum = _lowest(config.get("min-replicas-to-write"))
+        return from_config(config, read_replication(backend, minimum))
 
     def both() -> dict[str, Any]:
         persistence = topology.on_every_node(client, "info", "persistence")
@@ -113,6 +109,25 @@ def read(backend: RedisBackend) -> Persistence | str:
         )
     except BackendError as exc:
         return f"{config_refused}; INFO refused: {exc}"
+    return from_info(info, config_refused, read_replication(backend, None))
+
+
+def from_config(
+    config: Mapping[Any, Any], replication: ReplicationSetup | None = None
+) -> Persistence:
+    """The settings a ``CONFIG GET`` answered (shared by the sync and async readers)."""
+    return Persistence(
+        appendonly=_str(config.get("appendonly")),
+        appendfsync=_str(config.get("appendfsync")),
+        maxmemory_policy=_str(config.get("maxmemory-policy")),
+        replication=replication,
+    )
+
+
+def from_info(
+    info: Mapping[str, Any], config_refused: str, replication: ReplicationSetup | None = None
+) -> Persistence:
+    """The settings ``INFO persistence`` + ``INFO memory`` show (no ``appendfsync``)."""
     aof = info.get("aof_enabled")
     return Persistence(
         # Nodes that differ give a text no check accepts (see _merged).
@@ -120,7 +135,7 @@ def read(backend: RedisBackend) -> Persistence | str:
         appendfsync=None,  # INFO does not show it
         maxmemory_policy=_str(info.get("maxmemory_policy")),
         unread=config_refused,
-        replication=read_replication(backend, None),
+        replication=replication,
     )
 
 

@@ -58,6 +58,27 @@ CAS = LuaScript(lua("txlog_cas", checked=True))
 MIGRATE = LuaScript(lua("txlog_migrate", checked=True))
 
 
+def _bucket_prefix(prefix: str, namespace: str, number: int) -> str:
+    return f"{prefix}{{{namespace}:tx:{number:02d}}}:"
+
+
+def record_key(prefix: str, namespace: str, txid: str) -> str:
+    """The key of ``txid``'s record under the log's ``prefix`` (``dcoord:<ns>:tx:``);
+    shared by the sync and the async log."""
+    return f"{_bucket_prefix(prefix, namespace, bucket(txid))}r:{txid}"
+
+
+def index_key(prefix: str, namespace: str, number: int) -> str:
+    """The key of bucket ``number``'s index of unfinished transactions."""
+    return f"{_bucket_prefix(prefix, namespace, number)}open"
+
+
+def record_pattern(prefix: str, namespace: str) -> str:
+    """A SCAN pattern matching every record key of the log."""
+    tag = _GLOB_SPECIALS.sub(r"\\\1", f"{prefix}{{{namespace}:tx:")
+    return tag + "[0-9][0-9]}:r:*"
+
+
 class RedisTxLog:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
@@ -72,16 +93,13 @@ class RedisTxLog:
         self._clock_mutex = threading.Lock()
         self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 
-    def _bucket_prefix(self, number: int) -> str:
-        return f"{self._prefix}{{{self._namespace}:tx:{number:02d}}}:"
-
     def record_key(self, txid: str) -> str:
         """The key of ``txid``'s record."""
-        return f"{self._bucket_prefix(bucket(txid))}r:{txid}"
+        return record_key(self._prefix, self._namespace, txid)
 
     def index_key(self, number: int) -> str:
         """The key of bucket ``number``'s index of unfinished transactions."""
-        return f"{self._bucket_prefix(number)}open"
+        return index_key(self._prefix, self._namespace, number)
 
     def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
         what = f"create transaction record {txid!r}"
@@ -150,8 +168,7 @@ class RedisTxLog:
 
     def scan(self) -> dict[str, LogEntry]:
         self._ensure_migrated("list transactions")
-        tag = _GLOB_SPECIALS.sub(r"\\\1", f"{self._prefix}{{{self._namespace}:tx:")
-        pattern = tag + "[0-9][0-9]}:r:*"
+        pattern = record_pattern(self._prefix, self._namespace)
 
         def read() -> dict[str, LogEntry]:
             keys = [k.decode() for k in self._redis.scan_iter(match=pattern, count=1000)]

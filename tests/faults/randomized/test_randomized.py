@@ -20,12 +20,20 @@ pytestmark = pytest.mark.slow
 CLEAN = [
     pytest.param(Config("memory", "counter", seed=11, duration=8), id="memory-counter"),
     pytest.param(Config("memory", "transfers", seed=12, duration=8), id="memory-transfers"),
+    pytest.param(
+        Config("memory", "transfers", seed=20, duration=8, clients=4, aio=True),
+        id="memory-transfers-aio",
+    ),
     pytest.param(Config("redis", "counter", seed=13, duration=12), id="redis-counter"),
     pytest.param(
         Config("redis", "counter", seed=14, duration=12, volatile=True),
         id="redis-volatile-counter",
     ),
     pytest.param(Config("redis", "transfers", seed=15, duration=12), id="redis-transfers"),
+    pytest.param(
+        Config("redis", "transfers", seed=19, duration=12, clients=4, aio=True),
+        id="redis-transfers-aio",
+    ),
     pytest.param(Config("etcd", "counter", seed=16, duration=15), id="etcd-counter"),
     pytest.param(Config("etcd", "transfers", seed=17, duration=15), id="etcd-transfers"),
     pytest.param(
