@@ -216,7 +216,8 @@ def test_a_hanging_renewal_delays_no_other_lock_and_loses_its_own_on_time(
     ttl = 1.0
 
     async def main() -> None:
-        threads = threading.active_count()
+        # Threads of earlier tests may end meanwhile: compare which threads are new.
+        before = set(threading.enumerate())
         async with connect(aio_url, namespace=namespace) as client:
             lost_at: list[float] = []
             stuck = client.lock(
@@ -232,7 +233,8 @@ def test_a_hanging_renewal_delays_no_other_lock_and_loses_its_own_on_time(
             assert not stuck.held
             await asyncio.sleep(ttl * 1.5)  # the other lock renews all along
             assert fine.held
-            assert threading.active_count() == threads, "renewals are tasks, not threads"
+            new = set(threading.enumerate()) - before
+            assert not new, f"renewals are tasks, not threads: {new}"
 
     asyncio.run(main())
 
