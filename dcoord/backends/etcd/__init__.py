@@ -196,7 +196,7 @@ class EtcdBackend:
         lease LeaseNotFound, any other reply BackendError quoting it. An expired auth
         token is renewed once and the call repeated. On a cluster, a transient failure
         sends the next attempt (or call) to the next member, and each attempt of a
-        retried call may take a third of its time (docs/topologies-etcd.md). Pass
+        retried call may take a third of its time (docs/topologies.md, etcd). Pass
         ``retry=True`` only for operations that are safe to repeat; ``fn`` must not
         itself go through ``call``.
         """
