@@ -19,5 +19,14 @@ from __future__ import annotations
 from .client import AsyncClient, connect
 from .fence import AsyncFence
 from .lock import AsyncLock
+from .membership import AsyncGroup, AsyncJoinedMember, AsyncLiveRing
 
-__all__ = ["AsyncClient", "AsyncFence", "AsyncLock", "connect"]
+__all__ = [
+    "AsyncClient",
+    "AsyncFence",
+    "AsyncGroup",
+    "AsyncJoinedMember",
+    "AsyncLiveRing",
+    "AsyncLock",
+    "connect",
+]

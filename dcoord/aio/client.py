@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,7 @@ from ..errors import ClientClosed
 from ..lock import DEFAULT_TTL
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
+from .membership import AsyncGroup
 
 log = logging.getLogger("dcoord")
 
@@ -42,6 +43,7 @@ class AsyncClient:
         self._started = False
         self._held: set[AsyncLock] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def namespace(self) -> str:
@@ -95,6 +97,15 @@ class AsyncClient:
         self.check_open()
         return AsyncFence(self, resource)
 
+    def group(self, name: str) -> AsyncGroup:
+        """The group ``name`` in this client's namespace (see :class:`AsyncGroup`)."""
+        self.check_open()
+        return AsyncGroup(self, name)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await ``closer()`` when the client closes, before it disconnects."""
+        self._closers.append(closer)
+
     def _holding(self, lock: AsyncLock, held: bool) -> None:
         if held:
             self._held.add(lock)
@@ -114,6 +125,8 @@ class AsyncClient:
             return
         self.closed = True
         try:
+            closers, self._closers = self._closers, []
+            await asyncio.gather(*(closer() for closer in closers))
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
             for task in list(self._tasks):

@@ -38,6 +38,7 @@ from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
 from . import _Retryable, mapped_error, stale_token
+from .aio_membership import AsyncEtcdGroups
 from .locks import _created_at, _first_kv, _range, fenced_txn
 
 T = TypeVar("T")
@@ -84,6 +85,8 @@ class AsyncEtcdBackend:
         self.metadata: tuple[tuple[str, str], ...] | None = None
         self.timeout = settings.request_timeout
         self.locks = AsyncEtcdLocks(self)
+        # Members' leases are granted, kept alive and revoked as the locks' are.
+        self.groups = AsyncEtcdGroups(self, self.locks)
         self._closed = False
 
     async def start(self) -> None:

@@ -17,7 +17,9 @@ from ..._version import __version__
 from ...config import Settings
 from ..base import LockGrant, ServerInfo
 from . import memory_server
+from .aio_membership import AsyncMemoryGroups
 from .locks import MemoryLocks, MemoryLockSlot
+from .membership import MemoryGroups
 
 
 class AsyncMemoryLocks:
@@ -97,6 +99,7 @@ class AsyncMemoryBackend:
         self.locks = AsyncMemoryLocks(
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
+        self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
 
     async def start(self) -> None:
         """Nothing to connect to."""
