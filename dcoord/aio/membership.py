@@ -362,7 +362,12 @@ _Subscriber = AsyncLiveRing | _Views
 
 
 class _Follower:
-    """One task per followed AsyncGroup: subscribe, re-read on change, hand out views."""
+    """One task per followed AsyncGroup: subscribe, re-read on change, hand out views.
+
+    It is stopped by a flag and a wake-up of its subscription, not by cancelling it in
+    the middle of a read: redis-py's pub/sub read, cancelled, could leave the task
+    hanging (seen on Python 3.11); a cancellation is only the fallback.
+    """
 
     def __init__(self, group: AsyncGroup) -> None:
         self._group = group
@@ -370,6 +375,9 @@ class _Follower:
         # Subscriber -> the members it was last given (None: nothing yet).
         self._subscribers: dict[_Subscriber, Mapping[str, bytes] | None] = {}
         self._decoded = _Decoded()
+        self._stopped = False
+        self._kick = asyncio.Event()
+        self._subscription: AsyncGroupSubscription | None = None
         self.error: BaseException | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"dcoord follow {group.name}"
@@ -379,27 +387,48 @@ class _Follower:
         self._subscribers[subscriber] = None
 
     def remove(self, subscriber: _Subscriber) -> bool:
-        """Drop ``subscriber``; True when it was the last one (the task is cancelled)."""
+        """Drop ``subscriber``; True when it was the last one (the follower stops)."""
         self._subscribers.pop(subscriber, None)
         if self._subscribers:
             return False
-        self.task.cancel()
+        # Flagged now: should the task below be cancelled (the client closing), the
+        # loop still ends at its next turn.
+        self._stopped = True
+        self._kick.set()
+        self._group.client._spawn(self.stop(), f"stop following {self._group.name}")
         return True
+
+    async def stop(self) -> None:
+        """Stop the task (within the request timeout, else cancel it) and wait for it."""
+        self._stopped = True
+        self._kick.set()
+        subscription = self._subscription
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.wake()
+        timeout = self._group.client.settings.request_timeout
+        done, _ = await asyncio.wait({self.task}, timeout=timeout)
+        if not done:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
     async def _run(self) -> None:
         name = self._group.name
         backoff = 0.05
         subscription: AsyncGroupSubscription | None = None
         try:
-            while True:
+            while not self._stopped:
                 try:
                     if subscription is None:
                         subscription = await self._store.subscribe(name)
+                        self._subscription = subscription
                     snapshot = await self._store.read(name)
                     metrics.group_size(self._group, len(snapshot.members))
                     self._publish(snapshot)
                     self.error = None
                     backoff = 0.05
+                    if self._stopped:
+                        return
                     timeout = RESYNC_INTERVAL
                     if snapshot.next_expiry is not None:
                         timeout = min(timeout, snapshot.next_expiry + _EXPIRY_SLACK)
@@ -419,9 +448,12 @@ class _Follower:
                         exc_info=not isinstance(exc, DcoordError),
                         extra=member_fields(self._group),
                     )
-                    await asyncio.sleep(backoff)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(backoff):
+                            await self._kick.wait()
                     backoff = min(backoff * 2, _MAX_BACKOFF)
         finally:
+            self._subscription = None
             if subscription is not None:
                 try:
                     await subscription.close()
@@ -455,6 +487,7 @@ class AsyncGroup:
         self._joins_done.set()
         self._joined: set[AsyncJoinedMember] = set()
         self._follower: _Follower | None = None
+        self._stopping: set[_Follower] = set()
         self._subscribers: set[_Subscriber] = set()
         self._registered = False
 
@@ -570,10 +603,9 @@ class AsyncGroup:
         for subscriber in list(self._subscribers):
             subscriber._stop()
         self._subscribers.clear()
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.task.cancel()
-            await asyncio.gather(follower.task, return_exceptions=True)
+        followers = [self._follower, *self._stopping]
+        self._follower = None
+        await asyncio.gather(*(f.stop() for f in followers if f is not None))
 
     # -- internals
 
@@ -607,6 +639,9 @@ class AsyncGroup:
         follower = self._follower
         if follower is not None and follower.remove(subscriber):
             self._follower = None
+            # close() waits for it too, in case the client closes before it ended.
+            self._stopping.add(follower)
+            follower.task.add_done_callback(lambda _: self._stopping.discard(follower))
 
     def __repr__(self) -> str:
         return f"<dcoord.aio.AsyncGroup {self.name!r} of {self.client!r}>"

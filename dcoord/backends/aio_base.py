@@ -79,7 +79,11 @@ class AsyncGroupSubscription(Protocol):
     async def wait(self, timeout: float) -> None:
         """Return when the group may have changed, or after ``timeout`` seconds; raise
         BackendUnavailable when the channel broke (the next call re-establishes it and
-        returns at once, so the caller re-reads and misses nothing). Cancellable."""
+        returns at once, so the caller re-reads and misses nothing)."""
+        ...
+
+    async def wake(self) -> None:
+        """Make a :meth:`wait` in progress (in another task) return now."""
         ...
 
     async def close(self) -> None: ...

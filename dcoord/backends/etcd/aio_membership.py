@@ -171,6 +171,9 @@ class AsyncEtcdSubscription:
             error = None if reader.cancelled() else reader.exception()
             raise BackendUnavailable(f"{self._what}: the watch stream broke: {error}") from error
 
+    async def wake(self) -> None:
+        self._changed.set()
+
     async def close(self) -> None:
         stream, self._stream = self._stream, None
         reader, self._reader = self._reader, None

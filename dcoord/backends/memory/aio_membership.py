@@ -72,6 +72,9 @@ class AsyncMemorySubscription:
                 await self._changed.wait()
         self._changed.clear()
 
+    async def wake(self) -> None:
+        self._changed.set()
+
     async def close(self) -> None:
         self._groups.remove_waker(self._group, self._wake)
 

@@ -147,11 +147,13 @@ class AsyncRedisRegistration:
 
 
 class AsyncRedisSubscription:
-    """A pub/sub connection of its own on the group's changes channel."""
+    """A pub/sub connection of its own on the group's changes channel, plus a private
+    wake-up channel (see :meth:`wake`), as the sync subscription."""
 
     def __init__(self, backend: AsyncRedisBackend, group: str) -> None:
         self._backend = backend
         self._channel = group_keys(backend.prefix, group)[1]
+        self._wake_channel = f"{backend.prefix}group:{{{group}}}:wake:{secrets.token_hex(8)}"
         self._what = f"subscribe to changes of group {group!r}"
         self._pubsub: Any = None
 
@@ -160,15 +162,16 @@ class AsyncRedisSubscription:
         deadline = time.monotonic() + self._backend.settings.request_timeout
 
         async def subscribe() -> None:
-            await pubsub.subscribe(self._channel)
-            # Wait for the confirmation: only then is no later change missed.
-            while True:
+            await pubsub.subscribe(self._channel, self._wake_channel)
+            # Wait for both confirmations: only then is no later change missed.
+            confirmed = 0
+            while confirmed < 2:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BackendUnavailable(f"{self._what}: no SUBSCRIBE confirmation")
                 message = await pubsub.get_message(timeout=remaining)
                 if message is not None and message["type"] == "subscribe":
-                    return
+                    confirmed += 1
 
         try:
             await self._backend.call(subscribe, what=self._what)
@@ -204,6 +207,16 @@ class AsyncRedisSubscription:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
             raise
+
+    async def wake(self) -> None:
+        # A message rather than a cancellation: redis-py's pub/sub read, cancelled,
+        # could leave its task hanging. In an outage the wait fails by itself anyway.
+        redis_client: Any = self._backend.redis
+        with contextlib.suppress(BackendUnavailable):
+            await self._backend.call(
+                lambda: redis_client.publish(self._wake_channel, b"wake"),
+                what="wake a group follower",
+            )
 
     async def close(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
