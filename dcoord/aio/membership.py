@@ -32,7 +32,14 @@ from .. import metrics
 from ..backends.aio_base import AsyncGroupStore, AsyncGroupSubscription, AsyncMemberRegistration
 from ..backends.base import GroupSnapshot
 from ..core.membership import beat_verdict, next_ring
-from ..errors import AlreadyJoined, BackendUnavailable, DcoordError, NoMembers, NotEnoughMembers
+from ..errors import (
+    AlreadyJoined,
+    BackendUnavailable,
+    ConfigError,
+    DcoordError,
+    NoMembers,
+    NotEnoughMembers,
+)
 from ..logfields import member_fields
 from ..membership import (
     _EXPIRY_SLACK,
@@ -512,6 +519,8 @@ class AsyncGroup:
         weight = _check_weight(member_id, weight)
         meta = _check_meta(member_id, meta)
         seconds = _check_ttl(ttl)
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be callable or None, got {on_lost!r}")
         self.client.check_open()
         self._register_close()
         self._joining += 1
@@ -576,7 +585,9 @@ class AsyncGroup:
 
         A reader slower than the changes gets only the newest set (never the same set
         twice in a row). The iteration ends when the client closes; leaving the loop,
-        or a cancellation of the waiting iteration, stops following.
+        or a cancellation of the waiting iteration, stops following. The first
+        iteration raises BackendUnavailable if the group cannot be read; after that,
+        outages are retried in the background (the next view comes once it is over).
         """
         views = _Views()
         self._follow(views)

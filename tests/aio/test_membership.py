@@ -251,3 +251,15 @@ def test_close_while_a_change_wakes_the_follower_does_not_hang(
             await _close_soon(client)
 
     asyncio.run(main())
+
+
+def test_a_non_callable_on_lost_is_a_config_error_and_joins_nothing(
+    aio_url: str, namespace: str
+) -> None:
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            with pytest.raises(dcoord.ConfigError, match="'soon'"):
+                await client.group("g").join("m", on_lost="soon")  # type: ignore[arg-type]
+            assert await client.group("g").members() == {}
+
+    asyncio.run(main())
