@@ -85,7 +85,7 @@ def test_cancelling_a_waiting_watch_iteration_stops_following(aio_url: str, name
             first = await anext(views)
             assert dict(first) == {}
             waiting = asyncio.create_task(anext(views))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # the iteration starts waiting
             assert [t for t in dcoord_tasks() if t.get_name() == "dcoord follow g"]
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
