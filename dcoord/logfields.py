@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .aio.lock import AsyncLock
+    from .aio.membership import AsyncGroup
     from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
@@ -48,7 +49,7 @@ def lock_fields(lock: Lock | AsyncLock) -> Fields:
     return {**client_fields(lock._client.settings), LOCK: lock.name, FENCE: lock._last_fence}
 
 
-def member_fields(group: Group, member_id: str | None = None) -> Fields:
+def member_fields(group: Group | AsyncGroup, member_id: str | None = None) -> Fields:
     """A group's client and name, and the member concerned if any."""
     return {**client_fields(group.client.settings), GROUP: group.name, MEMBER: member_id}
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
+from .core.membership import beat_verdict, next_ring
 from .errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -381,9 +382,12 @@ class JoinedMember(Member):
     def _beat(self) -> bool | None:
         if self._state != _ALIVE:
             return False
+        failure: Exception | None = None
+        still_there = False
         try:
             still_there = self._reg.refresh()
         except Exception as exc:  # unreachable, or refusing (e.g. a Redis out of memory)
+            failure = exc
             if not isinstance(exc, BackendUnavailable):
                 log.warning(
                     "heart-beat of %r failed: %s: %s",
@@ -392,12 +396,9 @@ class JoinedMember(Member):
                     exc,
                     extra=member_fields(self._group, self.id),
                 )
-            if time.monotonic() >= self._reg.expires_at:
-                self._mark_lost(f"heart-beats failed for longer than its ttl: {exc}")
-                return False
-            return None
-        if not still_there:
-            self._mark_lost("the server no longer has it: it expired before a heart-beat")
+        reason = beat_verdict(still_there, failure, time.monotonic(), self._reg.expires_at)
+        if reason is not None:
+            self._mark_lost(reason)
             return False
         return None
 
@@ -732,34 +733,11 @@ class LiveRing:
         return ring
 
     def _deliver(self, view: GroupView) -> None:
-        ring = self._next_ring(view)
+        ring = next_ring(self._ring, self._view, view, self._vnodes)
         with self._cond:
             self._ring, self._view = ring, view
             self._ready.set()
             self._cond.notify_all()
-
-    def _next_ring(self, view: GroupView) -> HashRing | None:
-        old = self._ring
-        if not view:
-            return None
-        if old is None:
-            return HashRing(view.weights(), vnodes=self._vnodes)
-        if view._delta is not None and view._delta[0] is self._view:
-            # The follower knows which ids changed since the view this ring was built
-            # from: look at those only.
-            ids = view._delta[1]
-            weights = {n: view[n].weight for n in ids if n in view}
-            nodes = old.nodes
-            gone = [n for n in ids if n in nodes and weights.get(n) != nodes[n]]
-            new = {n: w for n, w in weights.items() if nodes.get(n) != w}
-        else:
-            # Set operations on the (id, weight) pairs run in C: no Python step per member.
-            weights = view.weights()
-            gone = [n for n, _ in old.nodes.items() - weights.items()]
-            new = dict(weights.items() - old.nodes.items())
-        # Only the changed members' points are hashed (cached) and spliced in or out;
-        # with_changes() itself rebuilds from cached points when that is cheaper.
-        return old.with_changes(add=new, remove=gone) if gone or new else old
 
     def __len__(self) -> int:
         return len(self._view)

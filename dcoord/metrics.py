@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter, MeterProvider
 
     from .aio.lock import AsyncLock
+    from .aio.membership import AsyncGroup
     from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
@@ -315,7 +316,7 @@ def lock_renewal_failed(lock: Lock | AsyncLock) -> None:
 # -- membership -----------------------------------------------------------------------
 
 
-def _count_member(group: Group, instrument: str) -> None:
+def _count_member(group: Group | AsyncGroup, instrument: str) -> None:
     instruments = _recording()
     if instruments is None:
         return
@@ -326,22 +327,22 @@ def _count_member(group: Group, instrument: str) -> None:
         _swallow(instrument, exc)
 
 
-def member_joined(group: Group) -> None:
+def member_joined(group: Group | AsyncGroup) -> None:
     """A member joined ``group`` through this process."""
     _count_member(group, "member_joins")
 
 
-def member_left(group: Group) -> None:
+def member_left(group: Group | AsyncGroup) -> None:
     """A member of this process left ``group``."""
     _count_member(group, "member_leaves")
 
 
-def member_lost(group: Group) -> None:
+def member_lost(group: Group | AsyncGroup) -> None:
     """A member of this process was lost (expired) from ``group``."""
     _count_member(group, "member_expiries")
 
 
-def group_size(group: Group, size: int) -> None:
+def group_size(group: Group | AsyncGroup, size: int) -> None:
     """``group`` was read with ``size`` live members."""
     instruments = _recording()
     if instruments is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .client import AsyncClient, connect
 from .fence import AsyncFence
 from .lock import AsyncLock
+from .membership import AsyncGroup, AsyncJoinedMember, AsyncLiveRing
 from .participants import AsyncKVParticipant, AsyncParticipant
 from .twopc import AsyncCoordinator, AsyncTransaction
 
@@ -26,7 +27,10 @@ __all__ = [
     "AsyncClient",
     "AsyncCoordinator",
     "AsyncFence",
+    "AsyncGroup",
+    "AsyncJoinedMember",
     "AsyncKVParticipant",
+    "AsyncLiveRing",
     "AsyncLock",
     "AsyncParticipant",
     "AsyncTransaction",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,7 @@ from ..errors import ClientClosed
 from ..lock import DEFAULT_TTL
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
+from .membership import AsyncGroup
 from .participants import AsyncParticipant
 from .twopc import AsyncCoordinator
 
@@ -45,6 +46,7 @@ class AsyncClient:
         self._held: set[AsyncLock] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._coordinators: list[AsyncCoordinator] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def namespace(self) -> str:
@@ -109,6 +111,15 @@ class AsyncClient:
         self._coordinators.append(coordinator)
         return coordinator
 
+    def group(self, name: str) -> AsyncGroup:
+        """The group ``name`` in this client's namespace (see :class:`AsyncGroup`)."""
+        self.check_open()
+        return AsyncGroup(self, name)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await ``closer()`` when the client closes, before it disconnects."""
+        self._closers.append(closer)
+
     def _holding(self, lock: AsyncLock, held: bool) -> None:
         if held:
             self._held.add(lock)
@@ -129,6 +140,8 @@ class AsyncClient:
         self.closed = True
         try:
             await asyncio.gather(*(c.close() for c in self._coordinators))
+            closers, self._closers = self._closers, []
+            await asyncio.gather(*(closer() for closer in closers))
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
             for task in list(self._tasks):

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
-from .base import LockGrant, LogEntry, ServerInfo
+from .base import GroupSnapshot, LockGrant, LogEntry, ServerInfo
 
 T = TypeVar("T")
 
@@ -91,6 +91,57 @@ class AsyncKVStore(Protocol):
     ) -> dict[str, bytes | None] | None: ...
 
 
+class AsyncMemberRegistration(Protocol):
+    """One member joined by an async client; see :class:`.base.MemberRegistration`.
+
+    The core refreshes it every ``ttl / 3`` from a task (on etcd: a keep-alive of the
+    member's own lease), so there is no backend-side keep-alive and no on_lost hook.
+    """
+
+    @property
+    def ttl(self) -> float: ...
+
+    @property
+    def expires_at(self) -> float: ...
+
+    async def refresh(self) -> bool: ...
+
+    async def leave(self) -> bool: ...
+
+
+class AsyncGroupSubscription(Protocol):
+    """Change notifications of one group, for the task that follows it."""
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the group may have changed, or after ``timeout`` seconds; raise
+        BackendUnavailable when the channel broke (the next call re-establishes it and
+        returns at once, so the caller re-reads and misses nothing)."""
+        ...
+
+    async def wake(self) -> None:
+        """Make a :meth:`wait` in progress (in another task) return now."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class AsyncGroupStore(Protocol):
+    """Group membership, async; see :class:`.base.GroupStore` (same keys and records,
+    so sync and async members see each other)."""
+
+    async def join(
+        self, group: str, member_id: str, payload: bytes, ttl: float
+    ) -> AsyncMemberRegistration | None:
+        """As :meth:`.base.GroupStore.join`; a cancelled join leaves no member behind."""
+        ...
+
+    async def read(self, group: str) -> GroupSnapshot: ...
+
+    async def subscribe(self, group: str) -> AsyncGroupSubscription:
+        """Start listening (before the first read, so no change is missed)."""
+        ...
+
+
 class AsyncBackend(Protocol):
     """A connected async backend, made by :func:`dcoord.aio.connect`."""
 
@@ -107,6 +158,9 @@ class AsyncBackend(Protocol):
     def kv_store(self) -> AsyncKVStore:
         """Plain keys (``kv`` is taken by the etcd backend's gRPC stub)."""
         ...
+
+    @property
+    def groups(self) -> AsyncGroupStore: ...
 
     async def start(self) -> None:
         """Check the server answers (within ``connect_timeout``); closes itself if not."""

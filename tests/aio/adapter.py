@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import dcoord
 import dcoord.aio
 from dcoord.errors import ConfigError
+from tests.aio.membership_adapter import SyncGroup
 
 T = TypeVar("T")
 
@@ -69,6 +70,9 @@ class SyncView:
 
     def lock(self, name: str, **options: Any) -> SyncLock:
         return SyncLock(self, name, options)
+
+    def group(self, name: str) -> SyncGroup:
+        return SyncGroup(self, name)
 
     def fence(self, resource: str) -> SyncFence:
         return SyncFence(self, self.aio.fence(resource))

@@ -40,6 +40,7 @@ from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
 from . import _Retryable, mapped_error, stale_token
 from .aio_kv import AsyncEtcdKV
+from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
 from .locks import _created_at, _first_kv, _range, fenced_txn
 
@@ -87,6 +88,8 @@ class AsyncEtcdBackend:
         self.metadata: tuple[tuple[str, str], ...] | None = None
         self.timeout = settings.request_timeout
         self.locks = AsyncEtcdLocks(self)
+        # Members' leases are granted, kept alive and revoked as the locks' are.
+        self.groups = AsyncEtcdGroups(self, self.locks)
         self._closed = False
 
     async def start(self) -> None:

@@ -24,11 +24,31 @@ if TYPE_CHECKING:
     from . import EtcdBackend
 
 
+def members_prefix(prefix: str, group: str) -> str:
+    """The key prefix of ``group``'s members (``prefix``: the backend's namespace)."""
+    return f"{prefix}groups/{group}/members/"
+
+
+def member_value(token: str, payload: bytes) -> bytes:
+    """A member key's value: the join's token, a space, the payload."""
+    return token.encode() + b" " + payload
+
+
+def members_of(kvs: Any, prefix: str) -> dict[str, bytes]:
+    """Member id -> payload of the member keys ``kvs`` read under ``prefix``."""
+    cut = len(prefix)
+    members = {}
+    for kv in kvs:
+        _, _, payload = bytes(kv.value).partition(b" ")
+        members[kv.key.decode()[cut:]] = payload
+    return members
+
+
 class EtcdGroups:
     def __init__(self, backend: EtcdBackend, prefix: str) -> None:
         self._backend = backend
         self._etcd = backend.etcd
-        self._prefix = f"{prefix}groups/"
+        self._prefix = prefix
         # Lease id -> the registrations on it. The lease gets one lost-callback, not one
         # per member, so joining and leaving for a lease's lifetime does not pile them up.
         self._on_lease: dict[int, set[EtcdRegistration]] = {}
@@ -55,14 +75,14 @@ class EtcdGroups:
             registration.lost()
 
     def members_prefix(self, group: str) -> str:
-        return f"{self._prefix}{group}/members/"
+        return members_prefix(self._prefix, group)
 
     def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
     ) -> EtcdRegistration | None:
         key = self.members_prefix(group) + member_id
         token = secrets.token_hex(16)
-        value = token.encode() + b" " + payload
+        value = member_value(token, payload)
         tx = self._etcd.transactions
 
         def join(lease: Lease) -> tuple[bytes, Any]:
@@ -108,11 +128,7 @@ class EtcdGroups:
             what=f"read members of group {group!r}",
             retry=True,
         )
-        cut = len(prefix)
-        members = {}
-        for kv in response.kvs:
-            _, _, payload = bytes(kv.value).partition(b" ")
-            members[kv.key.decode()[cut:]] = payload
+        members = members_of(response.kvs, prefix)
         return GroupSnapshot(epoch=int(response.header.revision), members=members, next_expiry=None)
 
     def subscribe(self, group: str) -> EtcdSubscription:

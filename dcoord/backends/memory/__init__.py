@@ -8,6 +8,7 @@ linearization point), and TTLs run on the monotonic clock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from ..._version import __version__
 from ...config import Settings
@@ -29,6 +30,9 @@ class MemoryServer:
         self.name = name
         self.cond = threading.Condition()
         self.data: dict[str, bytes] = {}
+        # Key -> callables run (under cond) when it changes: async waiters, which cannot
+        # wait on the condition, get their event set on their own loop this way.
+        self.wakers: dict[str, set[Callable[[], object]]] = {}
 
 
 _servers: dict[str, MemoryServer] = {}

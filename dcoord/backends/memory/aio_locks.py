@@ -18,9 +18,11 @@ from ...config import Settings
 from ..base import LockGrant, ServerInfo
 from . import memory_server
 from .aio_kv import AsyncMemoryKV
+from .aio_membership import AsyncMemoryGroups
 from .aio_txlog import AsyncMemoryTxLog
 from .kv import MemoryKV
 from .locks import MemoryLocks, MemoryLockSlot
+from .membership import MemoryGroups
 from .txlog import MemoryTxLog
 
 
@@ -101,6 +103,7 @@ class AsyncMemoryBackend:
         self.locks = AsyncMemoryLocks(
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
+        self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
 
     async def start(self) -> None:
         """Nothing to connect to."""

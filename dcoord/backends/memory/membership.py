@@ -11,6 +11,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..base import GroupSnapshot, TokenRegistration
@@ -33,8 +34,11 @@ class MemoryGroups:
 
     def _store(self, group: str, record: dict[str, Any]) -> None:
         record["epoch"] += 1
-        self._server.data[self._prefix + group] = json.dumps(record).encode()
+        key = self._prefix + group
+        self._server.data[key] = json.dumps(record).encode()
         self._server.cond.notify_all()
+        for waker in self._server.wakers.get(key, ()):
+            waker()
 
     def _pruned(self, group: str) -> dict[str, Any]:
         record = self._load(group)
@@ -102,6 +106,19 @@ class MemoryGroups:
 
     def subscribe(self, group: str) -> MemorySubscription:
         return MemorySubscription(self, group)
+
+    def add_waker(self, group: str, waker: Callable[[], object]) -> None:
+        """Call ``waker`` (under the condition: it must not block) on every change of
+        ``group``; for async subscribers, which cannot wait on the condition."""
+        with self._server.cond:
+            self._server.wakers.setdefault(self._prefix + group, set()).add(waker)
+
+    def remove_waker(self, group: str, waker: Callable[[], object]) -> None:
+        with self._server.cond:
+            wakers = self._server.wakers.get(self._prefix + group, set())
+            wakers.discard(waker)
+            if not wakers:
+                self._server.wakers.pop(self._prefix + group, None)
 
     @property
     def cond(self) -> threading.Condition:

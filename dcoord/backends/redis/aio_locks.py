@@ -36,6 +36,7 @@ from ...inspect import holder_suffix
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo
 from . import error_for, is_transient, topology
+from .aio_membership import AsyncRedisGroups
 from .locks import (
     ACQUIRE,
     EXTEND,
@@ -119,6 +120,7 @@ class AsyncRedisBackend:
         self.prefix = f"dcoord:{settings.namespace}:"
         self.redis = make_async_client(settings)
         self.locks = AsyncRedisLocks(self)
+        self.groups = AsyncRedisGroups(self)
         self._closed = False
 
     async def start(self) -> None:
@@ -196,7 +198,7 @@ class AsyncRedisBackend:
             return
         self._closed = True
         try:
-            await self.locks.close()
+            await asyncio.gather(self.locks.close(), self.groups.close())
         finally:
             await self.redis.aclose()
 

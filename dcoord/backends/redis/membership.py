@@ -33,24 +33,42 @@ from .scripts import lua
 if TYPE_CHECKING:
     from . import RedisBackend
 
-_SCRIPT = LuaScript(lua("membership", checked=True))
+SCRIPT = LuaScript(lua("membership", checked=True))
+
+
+def group_keys(prefix: str, group: str) -> tuple[list[str], str]:
+    """The keys of ``group`` (``prefix``: the backend's) and its changes channel."""
+    base = f"{prefix}group:{{{group}}}:"
+    keys = [base + name for name in ("expiries", "payloads", "owners", "epoch")]
+    return keys, base + "changes"
+
+
+def snapshot_of(reply: Any) -> GroupSnapshot:
+    """The script's reply to ``read``: epoch, ms to the next expiry, then id, payload."""
+    epoch, next_ms, flat = int(reply[0]), int(reply[1]), reply[2:]
+    # zip/map, not a comprehension: a follower reads the whole group on every change.
+    members = dict(zip(map(bytes.decode, flat[0::2]), map(bytes, flat[1::2]), strict=True))
+    return GroupSnapshot(
+        epoch=epoch,
+        members=members,
+        next_expiry=None if next_ms < 0 else next_ms / 1000,
+    )
 
 
 class RedisGroups:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
         self._redis = backend.redis
+        self._backend_prefix = prefix
         self._prefix = f"{prefix}group:"
 
     def keys(self, group: str) -> tuple[list[str], str]:
-        base = f"{self._prefix}{{{group}}}:"
-        keys = [base + name for name in ("expiries", "payloads", "owners", "epoch")]
-        return keys, base + "changes"
+        return group_keys(self._backend_prefix, group)
 
     def run(self, group: str, what: str, *args: Any, retry: bool = True) -> Any:
         keys, channel = self.keys(group)
         return self._backend.call(
-            lambda: _SCRIPT(self._redis, keys, [channel, *args]),
+            lambda: SCRIPT(self._redis, keys, [channel, *args]),
             what=f"{what} in group {group!r}",
             retry=retry,
         )
@@ -84,15 +102,7 @@ class RedisGroups:
         return bool(self.run(group, f"leave {member_id!r}", "leave", member_id, token))
 
     def read(self, group: str) -> GroupSnapshot:
-        reply = self.run(group, "read members", "read")
-        epoch, next_ms, flat = int(reply[0]), int(reply[1]), reply[2:]
-        # zip/map, not a comprehension: a follower reads the whole group on every change.
-        members = dict(zip(map(bytes.decode, flat[0::2]), map(bytes, flat[1::2]), strict=True))
-        return GroupSnapshot(
-            epoch=epoch,
-            members=members,
-            next_expiry=None if next_ms < 0 else next_ms / 1000,
-        )
+        return snapshot_of(self.run(group, "read members", "read"))
 
     def subscribe(self, group: str) -> RedisSubscription:
         wake = f"{self._prefix}{{{group}}}:wake:{secrets.token_hex(8)}"
