@@ -26,6 +26,7 @@ beyond a deadline before presuming abort, which tolerates clocks that far apart.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -62,7 +63,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("dcoord.twopc")
 
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETENTION = 7 * 86_400.0
+DEFAULT_RETENTION = 3_600.0
+"""Seconds a finished record stays readable (``tx show``, ``tx list``). Nothing needs it
+back: recovery reads only unfinished records, and a missing record resolves as aborted,
+which is the truth for an aborted transaction and moot for a committed one (every
+participant acknowledged it). Sized for memory: see docs/transactions.md, "Retention"."""
+#: Records read per store call when :meth:`Coordinator.transactions` lists everything.
+LIST_PAGE = 1_000
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
@@ -110,6 +117,28 @@ class Participant(Protocol):
     def commit(self, txid: str) -> None: ...
 
     def abort(self, txid: str) -> None: ...
+
+
+class TxPage(list[TxRecord]):
+    """A list of records from :meth:`Coordinator.transactions`, plus where the next page
+    starts: :attr:`cursor`, None when this page reached the end of the log."""
+
+    cursor: str | None = None
+
+
+def _parse_cursor(cursor: object) -> tuple[float, str]:
+    """``"<created>:<txid>"`` (a :attr:`TxPage.cursor`) as ``(created, txid)``."""
+    bad = ConfigError(f"not a transaction-list cursor: {cursor!r}")
+    if not isinstance(cursor, str):
+        raise bad
+    created, _, txid = cursor.partition(":")
+    try:
+        when = float(created)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(when) or not txid:
+        raise bad
+    return when, txlog.check_txid(txid)
 
 
 @dataclass
@@ -360,23 +389,48 @@ class Coordinator:
         assert outcome is not None
         return outcome
 
-    def transactions(self, state: TxState | str | None = None) -> list[TxRecord]:
-        """Every retained record (optionally only those in ``state``), oldest first.
+    def transactions(
+        self,
+        state: TxState | str | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        newest_first: bool = False,
+    ) -> TxPage:
+        """Retained records (optionally only those in ``state``), oldest first, or newest
+        first with ``newest_first``; in both orders by creation time, then txid.
+
+        With ``limit``, one page of at most ``limit`` records: pass the page's
+        :attr:`TxPage.cursor` as ``cursor`` (with the same ``state`` and order) for the
+        next. A page is read through an index of each state, so its cost depends on
+        ``limit``, not on how many records the log retains. Without ``limit``, every
+        retained record (read page by page; in memory all at once, so mind the size).
 
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
         self._check_usable(needs_pools=False)
-        wanted = None if state is None else txlog.check_state(state)
-        records = []
-        for txid, entry in self._store.scan().items():
-            try:
-                record = txlog.decode(txid, entry.data)
-            except LogCorrupted as exc:
-                log.warning("%s", exc, extra=tx_fields(self, exc.txid))
-                continue
-            if wanted is None or record.state is wanted:
-                records.append(record)
-        return sorted(records, key=lambda r: (r.created, r.txid))
+        states = [s.value for s in TxState] if state is None else [txlog.check_state(state)]
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+        after = None if cursor is None else _parse_cursor(cursor)
+        page = TxPage()
+        while limit is None or len(page) < limit:
+            want = LIST_PAGE if limit is None else limit - len(page)
+            entries = self._store.page(states, after=after, limit=want, newest_first=newest_first)
+            for created, txid, entry in entries:
+                after = (created, txid)
+                if entry is None:
+                    continue  # expired between the index read and the record read
+                try:
+                    page.append(txlog.decode(txid, entry.data))
+                except LogCorrupted as exc:
+                    log.warning("%s", exc, extra=tx_fields(self, exc.txid))
+            if len(entries) < want:
+                return page  # the end of the log: no cursor
+        page.cursor = None if after is None else f"{after[0]!r}:{after[1]}"
+        return page
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
@@ -462,7 +516,7 @@ class Coordinator:
     def _create(self, record: TxRecord) -> _Stored:
         data = txlog.encode(record)
         try:
-            entry = self._store.create(record.txid, data, record.deadline)
+            entry = self._store.create(record.txid, data, record.deadline, record.created)
         except BackendUnavailable as exc:
             # Maybe written, but no participant was asked: it can only end as an abort.
             raise TransactionAborted(
@@ -575,7 +629,13 @@ class Coordinator:
         data = txlog.encode(new)
         try:
             entry = self._store.cas(
-                new.txid, stored.entry, data, finished=new.state.finished, retention=self.retention
+                new.txid,
+                stored.entry,
+                data,
+                finished=new.state.finished,
+                retention=self.retention,
+                state=new.state.value,
+                created=new.created,
             )
         except BackendUnavailable:
             # Unknown outcome: read back; our exact bytes there mean it was applied (but
@@ -602,7 +662,13 @@ class Coordinator:
             return stored
         data = txlog.encode(record)
         entry = self._store.cas(
-            record.txid, stored.entry, data, finished=False, retention=self.retention
+            record.txid,
+            stored.entry,
+            data,
+            finished=False,
+            retention=self.retention,
+            state=record.state.value,
+            created=record.created,
         )
         if entry is None:
             raise BackendUnavailable(

@@ -7,12 +7,20 @@ two digits), each bucket one hash tag, hence one Cluster slot::
                                           retention)
     dcoord:<ns>:tx:{<ns>:tx:B}:open       sorted set of the bucket's unfinished txids,
                                           scored by deadline
+    dcoord:<ns>:tx:{<ns>:tx:B}:s:<state>  sorted set of the bucket's txids in <state>,
+                                          scored by creation time (the listing's index)
+    dcoord:<ns>:tx:{<ns>:tx:B}:done       sorted set of the bucket's finished txids,
+                                          scored by when their record expires (server
+                                          ms): a finishing write drops up to 16 entries
+                                          past it from the state indexes
 
 A record and the index its compare-and-set updates share a slot, so create and CAS stay
 one script on every topology, and the buckets spread the log over up to
 :data:`~.slots.BUCKETS` primaries of a Cluster. Listing the unfinished transactions reads
 every bucket (one pipeline: one round trip on one server), so it still costs time in
-proportion to the unfinished records, not to the log's history. The namespace is in the
+proportion to the unfinished records, not to the log's history. A page of the listing
+reads at most ``limit + 1`` entries of each (bucket, state) index, again one pipeline,
+then the page's records with one MGET per bucket. The namespace is in the
 tag so that namespaces do not all crowd the same sixteen slots.
 
 Before this layout, one server held ``dcoord:<ns>:tx:r:<txid>`` and one index
@@ -22,7 +30,8 @@ into their buckets before its first use of the log, and every listing of unfinis
 transactions moves any that appeared since (written by a process of the old version):
 see :meth:`RedisTxLog._migrate_legacy`. Finished records of the old layout are not
 moved; they expire after their retention as before, and until then only ``get`` of the
-old key (``redis-cli``) shows them.
+old key (``redis-cli``) shows them. Records written before the state indexes existed
+appear in listings once they change state again (finished ones never: they expire).
 
 Compare-and-set compares the record's exact bytes (the record only grows along the
 state machine, so equal bytes mean no change). Create and every CAS are forced writes
@@ -34,12 +43,13 @@ durable a record is depends on the server's persistence and eviction policy: see
 from __future__ import annotations
 
 import heapq
-import re
+import itertools
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from ..base import LogEntry
+from ..base import TX_STATES, LogEntry
 from . import persistence
 from .locks import LuaScript
 from .scripts import lua
@@ -48,7 +58,6 @@ from .slots import BUCKETS, bucket, mget
 if TYPE_CHECKING:
     from . import RedisBackend
 
-_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 # The server clock is read with TIME at most this often and carried forward on the local
 # monotonic clock in between, so that TIME is not a round trip on every commit's path.
 _CLOCK_REREAD = 5.0
@@ -83,25 +92,49 @@ class RedisTxLog:
         """The key of bucket ``number``'s index of unfinished transactions."""
         return f"{self._bucket_prefix(number)}open"
 
-    def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
+    def state_key(self, number: int, state: str) -> str:
+        """The key of bucket ``number``'s index of the txids in ``state``."""
+        return f"{self._bucket_prefix(number)}s:{state}"
+
+    def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None:
         what = f"create transaction record {txid!r}"
         self._ensure_migrated(what)
-        keys = [self.record_key(txid), self.index_key(bucket(txid))]
-        created = self._backend.call(
+        number = bucket(txid)
+        keys = [self.record_key(txid), self.index_key(number), self.state_key(number, "started")]
+        when = deadline if created is None else created
+        done = self._backend.call(
             lambda: self._backend.replication.write(
-                CREATE, keys, [data, repr(deadline), txid], what=what
+                CREATE, keys, [data, repr(deadline), txid, repr(when)], what=what
             ),
             what=what,
         )
-        return LogEntry(bytes(data), bytes(data)) if created else None
+        return LogEntry(bytes(data), bytes(data)) if done else None
 
     def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
     ) -> LogEntry | None:
         what = f"update transaction record {txid!r}"
         self._ensure_migrated(what)
-        keys = [self.record_key(txid), self.index_key(bucket(txid))]
-        args = [expected.data, data, "1" if finished else "0", max(1, int(retention * 1000)), txid]
+        number = bucket(txid)
+        keys = [
+            self.record_key(txid),
+            self.index_key(number),
+            self.state_key(number, state),
+            f"{self._bucket_prefix(number)}done",
+            *(self.state_key(number, s) for s in TX_STATES),
+        ]
+        retention_ms = max(1, int(retention * 1000))
+        args = [expected.data, data, "1" if finished else "0", retention_ms, txid, repr(created)]
         changed = self._backend.call(
             lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
@@ -148,19 +181,25 @@ class RedisTxLog:
             pipe.zrange(self._legacy_index, 0, -1, withscores=True)
         return cast("list[list[tuple[bytes, float]]]", pipe.execute())
 
-    def scan(self) -> dict[str, LogEntry]:
-        self._ensure_migrated("list transactions")
-        tag = _GLOB_SPECIALS.sub(r"\\\1", f"{self._prefix}{{{self._namespace}:tx:")
-        pattern = tag + "[0-9][0-9]}:r:*"
+    def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]:
+        keys = [self.state_key(n, s) for n in range(BUCKETS) for s in states]
 
-        def read() -> dict[str, LogEntry]:
-            keys = [k.decode() for k in self._redis.scan_iter(match=pattern, count=1000)]
-            values = mget(self._redis, keys)
-            return {
-                k.split("}:r:", 1)[1]: LogEntry(v, v)
-                for k, v in zip(keys, values, strict=True)
-                if v is not None
-            }
+        def read() -> list[tuple[float, str, LogEntry | None]]:
+            runs = _after_cursor(self._redis, keys, after, limit, newest_first)
+            merged = heapq.merge(*runs, reverse=newest_first)
+            entries = list(itertools.islice(merged, limit))
+            values = mget(self._redis, [self.record_key(t) for _, t in entries])
+            return [
+                (created, txid, None if v is None else LogEntry(v, v))
+                for (created, txid), v in zip(entries, values, strict=True)
+            ]
 
         return self._backend.call(read, what="list transactions", retry=True)
 
@@ -225,3 +264,43 @@ class RedisTxLog:
 
     def durability(self) -> str | None:
         return persistence.log_problem(persistence.read(self._backend))
+
+
+def _after_cursor(
+    redis: Any, keys: list[str], after: tuple[float, str] | None, limit: int, newest_first: bool
+) -> list[list[tuple[float, str]]]:
+    """The first ``limit`` entries ``(score, member)`` of each index in ``keys`` strictly
+    past ``after`` in the listing's order, each run in that order.
+
+    The score bound is inclusive (a zset orders equal scores by member, as the listing
+    does): entries at the cursor's score but not past its txid are dropped, and an index
+    whose run came up short because of them is read again further on. ``limit + 1``
+    covers the usual case (the cursor's own entry) in the first round trip.
+    """
+    runs: dict[int, list[tuple[float, str]]] = {i: [] for i in range(len(keys))}
+    offsets = dict.fromkeys(runs, 0)
+    todo = list(runs)
+    count = limit + 1
+    while todo:
+        pipe = redis.pipeline(transaction=False)
+        for i in todo:
+            if after is None:
+                low, high = ("+inf", "-inf") if newest_first else ("-inf", "+inf")
+            else:
+                low, high = (repr(after[0]), "-inf") if newest_first else (repr(after[0]), "+inf")
+            pipe.zrange(
+                keys[i], low, high, byscore=True, desc=newest_first,
+                offset=offsets[i], num=count, withscores=True,
+            )  # fmt: skip
+        replies = cast("list[list[tuple[bytes, float]]]", pipe.execute())
+        again = []
+        for i, reply in zip(todo, replies, strict=True):
+            for member, score in reply:
+                entry = (score, member.decode())
+                if after is None or (entry < after if newest_first else entry > after):
+                    runs[i].append(entry)
+            offsets[i] += len(reply)
+            if len(reply) == count and len(runs[i]) < limit:
+                again.append(i)
+        todo = again
+    return [runs[i][:limit] for i in range(len(keys))]
