@@ -170,16 +170,29 @@ class EtcdTxLog:
         self, state: str, after: tuple[float, str] | None, limit: int, newest_first: bool
     ) -> list[tuple[str, str, float]]:
         """Up to ``limit`` entries ``(sort key, txid, created)`` of ``state``'s index past
-        ``after``, in the listing's order."""
+        ``after``, in the listing's order: one range read of keys only.
+
+        Only ``limit`` keys come back, but etcd 3.4 walks every key of the range in its
+        in-memory index to count them (and sorts them all for a descending read): the
+        server's cost grows with the state's index past the cursor. See
+        docs/transactions.md, "Listing", for the measured cost.
+        """
         directory = f"{self._states}{state}/"
-        start, end = directory.encode(), prefix_range_end(directory.encode())
+        low, high = directory.encode(), prefix_range_end(directory.encode())
         if after is not None:
             cursor = f"{directory}{_sortable(after[0])}/{after[1]}".encode()
             if newest_first:
-                end = cursor
+                high = cursor
             else:
-                start = cursor + b"\0"  # the first key after the cursor's
-        order = "descend" if newest_first else "ascend"
+                low = cursor + b"\0"  # the first key after the cursor's
+        return self._keys(directory, low, high, limit, newest_first)
+
+    def _keys(
+        self, directory: str, start: bytes, end: bytes, limit: int, newest_first: bool
+    ) -> list[tuple[str, str, float]]:
+        # Ascending is the order etcd keeps keys in: asking no order lets it stop at the
+        # limit; a descending range is sorted by the server.
+        order = "descend" if newest_first else None
         pairs = self._etcd.get_range(start, end, limit=limit, sort_order=order, keys_only=True)
         cut = len(directory)
         run = []
