@@ -222,3 +222,23 @@ def test_cli_lists_a_page_and_prints_the_next_cursor(
     assert main(["tx", "list", "--all", "--json", *args]) == 0
     assert len(json.loads(capsys.readouterr().out)) == len(order)
     assert main(["tx", "list", "--cursor", "nonsense", *args]) == 2
+
+
+def test_doctor_states_the_size_formula_with_what_it_found(
+    client: dcoord.Client,
+    mixed_log: dict[str, TxRecord],
+    backend: str,
+    backend_url: str,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["doctor", backend_url, "--namespace", namespace, "--json"]) in (0, 1)
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    if backend == "memory":
+        assert "txlog size" not in checks  # nothing outlives the process: nothing to size
+        return
+    size = checks["txlog size"]
+    assert size["status"] == "info"
+    finished = sum(r.state.finished for r in mixed_log.values())
+    assert size["detail"].startswith(f"{len(mixed_log)} record(s) retained, {finished} finished")
+    assert "bytes/record x rate x retention" in size["detail"]

@@ -52,8 +52,12 @@ class EtcdTxLog:
         self._retention_lease: tuple[float, float, Lease] | None = None  # retention, until
         self._mutex = threading.Lock()
 
+    def index_prefix(self, state: str) -> str:
+        """The prefix of the keys of ``state``'s index."""
+        return f"{self._states}{state}/"
+
     def _index_key(self, state: str, created: float, txid: str) -> str:
-        return f"{self._states}{state}/{_sortable(created)}/{txid}"
+        return f"{self.index_prefix(state)}{_sortable(created)}/{txid}"
 
     def create(
         self, txid: str, data: bytes, deadline: float, created: float | None = None
@@ -177,7 +181,7 @@ class EtcdTxLog:
         server's cost grows with the state's index past the cursor. See
         docs/transactions.md, "Listing", for the measured cost.
         """
-        directory = f"{self._states}{state}/"
+        directory = self.index_prefix(state)
         low, high = directory.encode(), prefix_range_end(directory.encode())
         if after is not None:
             cursor = f"{directory}{_sortable(after[0])}/{after[1]}".encode()
@@ -190,8 +194,8 @@ class EtcdTxLog:
     def _keys(
         self, directory: str, start: bytes, end: bytes, limit: int, newest_first: bool
     ) -> list[tuple[str, str, float]]:
-        # Ascending is the order etcd keeps keys in: asking no order lets it stop at the
-        # limit; a descending range is sorted by the server.
+        # Ascending is the order etcd keeps keys in: asking no order spares the server a
+        # sort of the whole range, which a descending read cannot avoid.
         order = "descend" if newest_first else None
         pairs = self._etcd.get_range(start, end, limit=limit, sort_order=order, keys_only=True)
         cut = len(directory)
