@@ -242,3 +242,28 @@ def test_doctor_states_the_size_formula_with_what_it_found(
     finished = sum(r.state.finished for r in mixed_log.values())
     assert size["detail"].startswith(f"{len(mixed_log)} record(s) retained, {finished} finished")
     assert "bytes/record x rate x retention" in size["detail"]
+
+
+def test_status_reads_only_the_unfinished_states(
+    client: dcoord.Client,
+    mixed_log: dict[str, TxRecord],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `dcoord status` redraws often: reading the finished history (millions of records)
+    # for the few unfinished ones would make each screen cost the whole log.
+    from dcoord.cli.status import render
+
+    store = client.backend.txlog
+    asked: list[str] = []
+    page = store.page
+
+    def spy(states: list[str], **options: object) -> object:
+        asked.extend(states)
+        return page(states, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "page", spy)
+    lines = render(client, coordinator(client))
+    assert set(asked) == {"started", "committing", "aborting"}
+    unfinished = [r for r in mixed_log.values() if not r.state.finished]
+    assert f"{len(unfinished)} unfinished transaction(s)" in lines
