@@ -636,6 +636,7 @@ class Coordinator:
                 retention=self.retention,
                 state=new.state.value,
                 created=new.created,
+                previous=stored.record.state.value,
             )
         except BackendUnavailable:
             # Unknown outcome: read back; our exact bytes there mean it was applied (but
@@ -669,6 +670,7 @@ class Coordinator:
             retention=self.retention,
             state=record.state.value,
             created=record.created,
+            previous=record.state.value,
         )
         if entry is None:
             raise BackendUnavailable(

@@ -127,12 +127,15 @@ class TxLogStore(Protocol):
         retention: float,
         state: str,
         created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         """Replace the record only if it is still exactly ``expected``; None if it changed.
 
         The record moves to the index of ``state`` (one of :data:`TX_STATES`) at
-        ``created``. With ``finished`` it leaves the unfinished index (in the same atomic
-        step) and expires ``retention`` seconds later, its index entry with it."""
+        ``created``, from that of ``previous``, the state ``expected`` is in (None: not
+        known, so from whichever it is in, at some more cost). With ``finished`` it
+        leaves the unfinished index (in the same atomic step) and expires ``retention``
+        seconds later, its index entry with it."""
         ...
 
     def get(self, txid: str) -> LogEntry | None: ...

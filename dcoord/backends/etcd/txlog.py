@@ -90,15 +90,20 @@ class EtcdTxLog:
         retention: float,
         state: str,
         created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         key = self._records + txid
         lease = None if not finished else self._lease_for(retention).id
         success = [ops.Put(key, data, lease=lease)]
         if finished:
             success.append(ops.Delete(self._open + txid))
-        # The entry of the old state is wherever it is: delete it in every state, then
-        # put the new one (a transaction may not touch one key twice; they differ).
-        success += [ops.Delete(self._index_key(s, created, txid)) for s in TX_STATES if s != state]
+        # Move the entry from the state it was in (unknown: any), then put the new one
+        # (a transaction may not touch one key twice: not the same state's).
+        success += [
+            ops.Delete(self._index_key(s, created, txid))
+            for s in ((previous,) if previous else TX_STATES)
+            if s != state
+        ]
         success.append(ops.Put(self._index_key(state, created, txid), b"", lease=lease))
         succeeded, responses = self._backend.call(
             lambda: self._etcd.transaction(

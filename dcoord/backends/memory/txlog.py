@@ -65,6 +65,7 @@ class MemoryTxLog:
         retention: float,
         state: str,
         created: float,
+        previous: str | None = None,  # not needed: ``indexed`` says where each entry is
     ) -> LogEntry | None:
         with self._server.cond:
             self._expire()

@@ -122,6 +122,7 @@ class RedisTxLog:
         retention: float,
         state: str,
         created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         what = f"update transaction record {txid!r}"
         self._ensure_migrated(what)
@@ -131,7 +132,9 @@ class RedisTxLog:
             self.index_key(number),
             self.state_key(number, state),
             f"{self._bucket_prefix(number)}done",
-            *(self.state_key(number, s) for s in TX_STATES),
+            self.state_key(number, "committed"),
+            self.state_key(number, "aborted"),
+            *(self.state_key(number, s) for s in ((previous,) if previous else TX_STATES)),
         ]
         retention_ms = max(1, int(retention * 1000))
         args = [expected.data, data, "1" if finished else "0", retention_ms, txid, repr(created)]

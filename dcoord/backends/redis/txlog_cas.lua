@@ -3,8 +3,9 @@
 -- index and expires after the retention; its index entry is forgotten by a later
 -- finishing write of the bucket (the "done" zset says when).
 -- KEYS[1] record, KEYS[2] unfinished index, KEYS[3] index of the new state,
--- KEYS[4] done (zset of finished txids by expiry, server ms), KEYS[5..9] the index of
--- every state (started, committing, aborting, committed, aborted)
+-- KEYS[4] done (zset of finished txids by expiry, server ms), KEYS[5] and KEYS[6] the
+-- committed and aborted indexes, KEYS[7..] the indexes the entry may be in now (that of
+-- the state it was read in, or every state's when the caller does not know)
 -- ARGV[1] expected bytes, ARGV[2] new bytes, ARGV[3] "1" if finished,
 -- ARGV[4] retention in ms, ARGV[5] txid, ARGV[6] creation time
 check('SET', KEYS[1], ARGV[2], 'PX', '1')
@@ -14,7 +15,7 @@ check('ZADD', KEYS[4], '0', ARGV[5])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return 0
 end
-for i = 5, 9 do
+for i = 7, #KEYS do
     redis.call('ZREM', KEYS[i], ARGV[5])
 end
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
@@ -29,7 +30,7 @@ if ARGV[3] == '1' then
     redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[5])
     local gone = redis.call('ZRANGE', KEYS[4], '-inf', now, 'BYSCORE', 'LIMIT', 0, 16)
     if #gone > 0 then
-        for i = 8, 9 do
+        for i = 5, 6 do
             redis.call('ZREM', KEYS[i], unpack(gone))
         end
         redis.call('ZREM', KEYS[4], unpack(gone))
