@@ -249,7 +249,7 @@ def _redis_checks(
     else:
         checks.append(_redis_persistence(found))
         checks.append(_redis_eviction(found))
-    checks.append(_redis_replication(backend))
+    checks.append(_redis_replication(found))
     checks.append(_redis_clock(backend, ttl, clock))
     checks.append(_redis_acl(backend, namespace))
     checks.append(_redis_world_writable(backend, namespace))
@@ -291,38 +291,51 @@ def _redis_eviction(found: Any) -> Check:
     )
 
 
-def _redis_replication(backend: RedisBackend) -> Check:
-    client: Any = backend.redis
-    info = backend.call(lambda: client.info("replication"), what="read replication", retry=True)
-    role, replicas = info.get("role"), int(info.get("connected_slaves", 0))
-    if role != "master":
+def _redis_replication(found: Any) -> Check:
+    """Who has a copy of an acknowledged write when a replica is promoted."""
+    replication = None if isinstance(found, str) else found.replication
+    if replication is None:
         return Check(
             "replication",
             "fail",
-            f"connected to a {role}: it refuses writes or may be promoted without them",
+            "INFO replication cannot be read",
+            "grant this user INFO so that doctor and dcoord can check",
+        )
+    detail = replication.describe()
+    if replication.role != "master":
+        return Check(
+            "replication",
+            "fail",
+            f"{detail}: connected to a {replication.role}, which refuses writes or may be "
+            "promoted without them",
             "point the URL at the primary",
         )
-    if replicas == 0:
+    if replication.min_replicas > replication.connected_replicas:
+        return Check(
+            "replication",
+            "fail",
+            f"{detail}: every forced decision-log write waits for more replicas than "
+            "there are, and fails",
+            "connect more replicas, or lower the URL option min_replicas",
+        )
+    if replication.connected_replicas == 0 and not replication.failover:
         return Check("replication", "info", "single server, no replicas")
-    try:
-        config = backend.call(
-            lambda: client.config_get("min-replicas-to-write"), what="read min-replicas"
-        )
-        minimum = int(config.get("min-replicas-to-write", 0))
-    except DcoordError as exc:
+    if replication.failover and replication.min_replicas < 1:
+        # Sentinel and Cluster promote a replica by themselves, and replication is
+        # asynchronous: only a write that waited for a replica survives for sure.
         return Check(
             "replication",
             "fail",
-            f"{replicas} replica(s); min-replicas-to-write unreadable: {exc}",
-            "grant CONFIG GET, or check it by hand",
+            detail + ": a failover can lose acknowledged transaction decisions",
+            "add min_replicas=1 to the URL (a forced decision then waits for a replica)",
         )
-    detail = f"{replicas} replica(s), min-replicas-to-write {minimum}"
-    if minimum < 1:
+    if replication.min_replicas < 1 and (replication.min_replicas_to_write or 0) < 1:
         return Check(
             "replication",
             "fail",
-            detail + ": a failover can lose acknowledged grants (a lock held twice)",
-            "CONFIG SET min-replicas-to-write 1 (and min-replicas-max-lag)",
+            detail + ": a failover can lose acknowledged grants (a lock held twice) and decisions",
+            "CONFIG SET min-replicas-to-write 1 (and min-replicas-max-lag), or add "
+            "min_replicas=1 to the URL",
         )
     return Check("replication", "pass", detail)
 
@@ -374,12 +387,16 @@ _REDIS_TRIES: tuple[tuple[str, ...], ...] = (
 
 def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
     client: Any = backend.redis
-    key = f"{backend.prefix}doctor:{secrets.token_hex(4)}"
+    sharded = backend.settings.topology == "cluster"
+    # One hash tag: on a Cluster the DEL and EXISTS of every scratch key are one slot.
+    key = f"{backend.prefix}doctor:{{{secrets.token_hex(4)}}}"
     refused: list[str] = []
     scratch = [key, f"{key}:n", f"{key}:h", f"{key}:z"]
     try:
         for command in _REDIS_TRIES:
             args = [a.replace("{k}", key) for a in command]
+            if sharded and args[0] == "PUBLISH":  # what dcoord sends there (locks.py)
+                args[0] = "SPUBLISH"
             _attempt(refused, args[0], lambda: client.execute_command(*args))  # noqa: B023
         _attempt(
             refused,
@@ -393,7 +410,11 @@ def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
             ),
         )
         _attempt(refused, "SCRIPT LOAD + EVALSHA", lambda: _evalsha(client))
-        _attempt(refused, "SUBSCRIBE", lambda: _subscribe(client, f"{key}:c"))
+        _attempt(
+            refused,
+            "SSUBSCRIBE" if sharded else "SUBSCRIBE",
+            lambda: _subscribe(client, f"{key}:c", sharded),
+        )
         _attempt(refused, "DEL", lambda: client.execute_command("DEL", *scratch))
     finally:
         leftover = _quietly(lambda: client.execute_command("EXISTS", *scratch))
@@ -413,18 +434,21 @@ def _redis_acl(backend: RedisBackend, namespace: str) -> Check:
 
 
 def _evalsha(client: Any) -> None:
-    sha = client.execute_command("SCRIPT", "LOAD", "return 1")
-    client.execute_command("EVALSHA", sha, 0)
+    # script_load: on a Cluster it loads on every primary and answers one SHA.
+    sha = client.script_load("return 1")
+    client.evalsha(sha, 0)
 
 
-def _subscribe(client: Any, channel: str) -> None:
+def _subscribe(client: Any, channel: str, sharded: bool) -> None:
     pubsub = client.pubsub()
+    kind = "ssubscribe" if sharded else "subscribe"
+    get = pubsub.get_sharded_message if sharded else pubsub.get_message
     try:
-        pubsub.subscribe(channel)
+        getattr(pubsub, kind)(channel)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.5)
-            if message is not None and message["type"] == "subscribe":
+            message = get(timeout=0.5)
+            if message is not None and message["type"] == kind:
                 return
         raise TimeoutError("no subscribe confirmation in 2 s")
     finally:
@@ -441,13 +465,16 @@ def _quietly(fn: Callable[[], Any]) -> Any:
 def _redis_world_writable(backend: RedisBackend, namespace: str) -> Check:
     import redis
 
+    from .backends.redis import topology
+
     if backend.settings.password is None:
         return Check(
             "open access",
             "info",
             "the URL has no password: whoever reaches the port may take or drop any lock",
         )
-    host, port = backend.settings.hosts[0]
+    # The data node, not (with Sentinel) a sentinel, which would refuse SET either way.
+    host, port = topology.data_address(backend)
     key = f"{backend.prefix}doctor:{secrets.token_hex(4)}:anonymous"
     anonymous = redis.Redis(
         host=host,

@@ -40,7 +40,7 @@ class Fence:
         (one holder writing several times).
         """
         self._client.check_open()
-        return self._store.admit(self.resource, _validate_token(token))
+        return self._store.admit(self.resource, validate_token(token))
 
     def write(self, token: int, key: str, value: bytes) -> bool:
         """Admit ``token`` as :meth:`admit` does and, only if admitted, write ``value`` at
@@ -54,12 +54,9 @@ class Fence:
         write can land between your read and your write. The write is not retried after
         a lost reply (BackendUnavailable: it may or may not have happened).
         """
-        token = _validate_token(token)
-        validate_name("key", key)
+        token, data = validate_write(token, key, value)
         self._client.check_open()
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise ConfigError(f"value must be bytes, got {type(value).__name__}")
-        return self._store.write(self.resource, token, key, bytes(value))
+        return self._store.write(self.resource, token, key, data)
 
     def highest(self) -> int | None:
         """The greatest token admitted so far, or None if none was."""
@@ -70,7 +67,17 @@ class Fence:
         return f"<dcoord.Fence {self.resource!r}>"
 
 
-def _validate_token(token: object) -> int:
+def validate_write(token: object, key: object, value: object) -> tuple[int, bytes]:
+    """The checked arguments of a fenced write (shared with :class:`dcoord.aio.AsyncFence`)."""
+    checked = validate_token(token)
+    validate_name("key", key)
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ConfigError(f"value must be bytes, got {type(value).__name__}")
+    return checked, bytes(value)
+
+
+def validate_token(token: object) -> int:
+    """A fencing token: an int in [0, 2**63)."""
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN:
         raise ConfigError(f"fencing token must be an int in [0, 2**63), got {token!r}")
     return token

@@ -21,6 +21,18 @@ from typing import TYPE_CHECKING
 from . import inspect, metrics
 from .backends.base import LockGrant
 from .config import is_utf8, positive_seconds
+
+# Re-exported: the other fenced primitives (election) renew by the same rules.
+from .core.lockstate import CLOCK_DRIFT as CLOCK_DRIFT
+from .core.lockstate import RENEW_FRACTION as RENEW_FRACTION
+from .core.lockstate import (
+    after_renewal,
+    conservative,
+    first_due,
+    is_held,
+    release_problem,
+    tick,
+)
 from .errors import (
     BackendUnavailable,
     ClientClosed,
@@ -45,12 +57,6 @@ DEFAULT_TTL = 30.0
 MIN_TTL = 0.001
 MAX_TTL = 86_400.0 * 365
 MAX_NAME_LENGTH = 1024
-# Renew at a third of the TTL, as etcd sessions and Redisson do: two renewals may fail
-# (or be late) before the lock is at risk.
-RENEW_FRACTION = 1 / 3
-# Client and server clocks may run at slightly different rates; the client-side
-# deadline is shortened by this fraction of the TTL so that it errs early.
-CLOCK_DRIFT = 0.01
 # Renewal requests of a client run on at most this many threads (started only when one
 # is busy): a renewal stuck on a slow request leaves the others to renew the rest.
 RENEWAL_WORKERS = 4
@@ -157,7 +163,7 @@ class Lock:
         """
         with self._mutex:
             grant, lost = self._grant, self._lost_reason is not None
-        return grant is not None and not lost and time.monotonic() < grant.expires_at
+        return is_held(grant, lost, time.monotonic())
 
     @property
     def fence(self) -> int:
@@ -220,15 +226,15 @@ class Lock:
             metrics.lock_acquire(self, time.monotonic() - started, grant is not None)
             if grant is None:
                 return False
-            grant = self._conservative(grant)
+            grant = conservative(grant, self.ttl)
             with self._mutex:
                 self._grant = grant
                 self._generation += 1
                 self._lost_reason = None
                 self._last_fence = grant.fence
                 generation = self._generation
-            first = time.monotonic() + self.ttl * RENEW_FRACTION
-            self._registry.add(self, generation, first if self.auto_renew else grant.expires_at)
+            due = first_due(grant, self.ttl, self.auto_renew, time.monotonic())
+            self._registry.add(self, generation, due)
             return True
         finally:
             with self._mutex:
@@ -251,10 +257,6 @@ class Lock:
                 exc,
                 extra=lock_fields(self),
             )
-
-    def _conservative(self, grant: LockGrant) -> LockGrant:
-        # Clock rates differ a little between client and server: err early.
-        return LockGrant(grant.fence, grant.expires_at - CLOCK_DRIFT * self.ttl)
 
     # -- release / extend ----------------------------------------------------------
 
@@ -282,11 +284,7 @@ class Lock:
         expired = time.monotonic() >= grant.expires_at
         with self._op:
             released = self._slot.release()
-        if reason is not None:
-            return f"it was lost ({reason})"
-        if expired or not released:
-            return "its TTL passed before the release"
-        return None
+        return release_problem(reason, expired, released)
 
     def extend(self, ttl: float | None = None) -> None:
         """Reset the lock's remaining time to ``ttl`` seconds (default: the lock's TTL).
@@ -304,7 +302,7 @@ class Lock:
         with self._op:
             new = self._slot.extend(seconds)
         if new is not None:
-            new = self._conservative(new)
+            new = conservative(new, self.ttl)
         if new is None:
             self._mark_lost(generation, "the server no longer has it")
             raise LockNotOwned(f"lock {self.name!r} was lost: the server no longer has it")
@@ -326,17 +324,15 @@ class Lock:
             if generation != self._generation or grant is None or self._lost_reason:
                 return None, False
             in_flight = self._renewing == generation
-        if time.monotonic() >= grant.expires_at:
-            suffix = " (a renewal request is still unanswered)" if in_flight else ""
-            self._mark_lost(generation, "its TTL passed without a successful renewal" + suffix)
+        decision = tick(grant, time.monotonic(), auto_renew=self.auto_renew, in_flight=in_flight)
+        if decision.lost is not None:
+            self._mark_lost(generation, decision.lost)
             return None, False
-        renew = self.auto_renew and not in_flight
-        if renew:
+        if decision.renew:
             with self._mutex:  # only this thread sets it; the renewal clears it when done
                 self._renewing = generation
-        # Due again at the deadline at the latest, so that the handle is lost on time
-        # even while its renewal hangs; a finished renewal reschedules it sooner.
-        return grant.expires_at, renew
+        # A finished renewal reschedules it sooner than this (the deadline).
+        return decision.due, decision.renew
 
     def _renew(self, generation: int) -> None:
         """Send one renewal (on a renewal worker), then have the lock looked after again."""
@@ -362,31 +358,24 @@ class Lock:
                 new = self._slot.extend(self.ttl)
             except Exception as exc:  # handled below, without _op: on_lost may release
                 new, failure = None, exc
+        # Whatever the failure (a DcoordError or, say, a server error reply nobody
+        # mapped), it is this lock's alone: after_renewal retries it until the deadline.
         if failure is not None:
-            # Whatever the failure (a DcoordError or, say, a server error reply nobody
-            # mapped), it is this lock's alone: retry until the deadline, then lose it.
             metrics.lock_renewal_failed(self)
-            remaining = grant.expires_at - time.monotonic()
-            if remaining <= 0:
-                self._mark_lost(generation, f"renewal failed: {failure!r}")
-                return None
+        outcome = after_renewal(grant, self.ttl, time.monotonic(), new, failure)
+        if outcome.lost is not None:
+            self._mark_lost(generation, outcome.lost)
+            return None
+        if outcome.retrying:
             log.warning(
                 "lock %r: renewal failed, retrying: %r", self.name, failure, extra=lock_fields(self)
             )
-            return time.monotonic() + max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
-        if new is None:
-            self._mark_lost(generation, "the server no longer has it (expired or taken over)")
-            return None
-        if time.monotonic() >= grant.expires_at:
-            # Answered after the deadline, when the handle was (or is about to be) marked
-            # lost: a late reply never makes a lost handle held again.
-            self._mark_lost(generation, "its TTL passed before the renewal was answered")
-            return None
+            return outcome.due
         with self._mutex:
             if generation != self._generation or self._lost_reason is not None:
                 return None
-            self._grant = self._conservative(new)
-        return time.monotonic() + self.ttl * RENEW_FRACTION
+            self._grant = outcome.grant
+        return outcome.due
 
     def _mark_lost(self, generation: int, reason: str) -> None:
         with self._mutex:

@@ -14,6 +14,8 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .aio.lock import AsyncLock
+    from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -41,7 +43,7 @@ def participant_fields(settings: Settings, participant: str, txid: str) -> Field
     return {**client_fields(settings), TXID: txid, PARTICIPANT: participant}
 
 
-def lock_fields(lock: Lock) -> Fields:
+def lock_fields(lock: Lock | AsyncLock) -> Fields:
     """A lock's client, name and latest fence (None before its first grant)."""
     return {**client_fields(lock._client.settings), LOCK: lock.name, FENCE: lock._last_fence}
 
@@ -52,7 +54,9 @@ def member_fields(group: Group, member_id: str | None = None) -> Fields:
 
 
 def tx_fields(
-    coordinator: Coordinator, txid: str | None = None, participant: str | None = None
+    coordinator: Coordinator | AsyncCoordinator,
+    txid: str | None = None,
+    participant: str | None = None,
 ) -> Fields:
     """A coordinator's client, and the transaction and participant concerned if any."""
     return {**client_fields(coordinator.client.settings), TXID: txid, PARTICIPANT: participant}

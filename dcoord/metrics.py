@@ -34,6 +34,8 @@ from ._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter, MeterProvider
 
+    from .aio.lock import AsyncLock
+    from .aio.twopc import AsyncCoordinator
     from .config import Settings
     from .lock import Lock
     from .membership import Group
@@ -161,7 +163,7 @@ _UNLOADED = _State(None)
 _state = _UNLOADED
 _load_mutex = threading.Lock()
 # Grant time of each held lock (monotonic), for dcoord.lock.held; only filled while on.
-_granted: weakref.WeakKeyDictionary[Lock, float] = weakref.WeakKeyDictionary()
+_granted: weakref.WeakKeyDictionary[Lock | AsyncLock, float] = weakref.WeakKeyDictionary()
 _granted_mutex = threading.Lock()
 
 
@@ -239,7 +241,7 @@ def _attributes(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     return attributes
 
 
-def _lock_attributes(instruments: _Instruments, lock: Lock) -> dict[str, str]:
+def _lock_attributes(instruments: _Instruments, lock: Lock | AsyncLock) -> dict[str, str]:
     extra = {LOCK_NAME: lock.name} if instruments.lock_names else None
     return _attributes(lock._client.settings, extra)
 
@@ -252,7 +254,7 @@ def _swallow(what: str, exc: Exception) -> None:
 # -- locks ----------------------------------------------------------------------------
 
 
-def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
+def lock_acquire(lock: Lock | AsyncLock, waited: float, granted: bool) -> None:
     """An acquire() ended after ``waited`` seconds, with a grant or without (timeout)."""
     instruments = _recording()
     if instruments is None:
@@ -269,14 +271,14 @@ def lock_acquire(lock: Lock, waited: float, granted: bool) -> None:
         _swallow("a lock acquire", exc)
 
 
-def _record_held(instruments: _Instruments, lock: Lock) -> None:
+def _record_held(instruments: _Instruments, lock: Lock | AsyncLock) -> None:
     with _granted_mutex:
         since = _granted.pop(lock, None)
     if since is not None:
         instruments.lock_held.record(time.monotonic() - since, _lock_attributes(instruments, lock))
 
 
-def lock_released(lock: Lock) -> None:
+def lock_released(lock: Lock | AsyncLock) -> None:
     """The grant of ``lock`` ended by release (or close); records its hold time."""
     instruments = _recording()
     if instruments is None:
@@ -287,7 +289,7 @@ def lock_released(lock: Lock) -> None:
         _swallow("a lock release", exc)
 
 
-def lock_lost(lock: Lock) -> None:
+def lock_lost(lock: Lock | AsyncLock) -> None:
     """A held lock was found lost; its hold time ends here."""
     instruments = _recording()
     if instruments is None:
@@ -299,7 +301,7 @@ def lock_lost(lock: Lock) -> None:
         _swallow("a lost lock", exc)
 
 
-def lock_renewal_failed(lock: Lock) -> None:
+def lock_renewal_failed(lock: Lock | AsyncLock) -> None:
     """A watchdog renewal of ``lock`` failed with an error."""
     instruments = _recording()
     if instruments is None:
@@ -353,7 +355,7 @@ def group_size(group: Group, size: int) -> None:
 # -- two-phase commit -----------------------------------------------------------------
 
 
-def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
+def tx_ended(coordinator: Coordinator | AsyncCoordinator, outcome: str, seconds: float) -> None:
     """A commit() ended ``committed``, ``aborted`` or ``unknown`` after ``seconds``."""
     instruments = _recording()
     if instruments is None:
@@ -370,7 +372,7 @@ def tx_ended(coordinator: Coordinator, outcome: str, seconds: float) -> None:
         _swallow("a transaction", exc)
 
 
-def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
+def tx_recovered(coordinator: Coordinator | AsyncCoordinator, report: RecoveryReport) -> None:
     """A recover() run ended with ``report``."""
     instruments = _recording()
     if instruments is None:
@@ -385,7 +387,7 @@ def tx_recovered(coordinator: Coordinator, report: RecoveryReport) -> None:
         _swallow("a recovery", exc)
 
 
-def tx_resolved(coordinator: Coordinator, outcome: str) -> None:
+def tx_resolved(coordinator: Coordinator | AsyncCoordinator, outcome: str) -> None:
     """resolve() answered ``outcome`` (committed, aborted, pending) for an in-doubt txid."""
     instruments = _recording()
     if instruments is None:

@@ -37,11 +37,13 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
 from numbers import Real
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import positive_seconds
+from .core.twopc_state import run
 from .errors import ConfigError
 from .logfields import participant_fields
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 log = logging.getLogger("dcoord.participants")
+T = TypeVar("T")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_LOCK_TTL = 10.0
@@ -70,32 +73,50 @@ Validator = Callable[[Mapping[str, Any]], bool]
 delete); returning False votes no."""
 
 
-class KVParticipant:
-    """A key-value store in the client's backend that takes part in two-phase commit.
+@dataclass(frozen=True)
+class Get:
+    """Request of a participant program: the bytes of ``key`` (None: absent)."""
 
-    The payload of a transaction is a mapping of operations::
+    key: str
 
-        {"set": {"k": value}, "add": {"balance:alice": -10}, "delete": ["k2"]}
 
-    Values are anything JSON can hold; ``add`` adds a number to a numeric value (a
-    missing key counts as 0). Each key may appear in one operation only. On etcd one
-    payload may touch at most :data:`ETCD_MAX_KEYS` keys (63). :meth:`validate` checks
-    all this when the payload is enlisted.
+@dataclass(frozen=True)
+class Swap:
+    """Request: the store's ``swap(puts, deletes, only_if)`` (None: applied, else what
+    the condition keys hold)."""
+
+    puts: Mapping[str, bytes]
+    deletes: tuple[str, ...] = ()
+    only_if: Mapping[str, bytes | None] | None = None
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Request: wait ``seconds`` (a wait-die wait for a reservation to go)."""
+
+    seconds: float
+
+
+Request = Get | Swap | Sleep
+Steps = Generator[Request, Any, T]
+
+
+class KVCore:
+    """What a sync and an async KVParticipant share: checks, keys, the memory of the
+    keys' last bytes, and the protocol itself as programs (:data:`Steps`) that yield
+    store requests; :class:`KVParticipant` answers them with blocking calls,
+    :class:`dcoord.aio.AsyncKVParticipant` with awaits. See :class:`KVParticipant`.
     """
 
     def __init__(
         self,
-        client: Client,
+        client: Any,
         name: str,
         *,
         validate: Validator | None = None,
         lock_ttl: float = DEFAULT_LOCK_TTL,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
-        """``lock_timeout`` bounds how long a prepare waits for a reservation to go (and
-        retries keys that keep changing) before it votes no. ``lock_ttl`` is only checked:
-        prepare takes no key locks any more; it is accepted so existing callers keep
-        working."""
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 "participant name must be 1-64 letters, digits, '_', '.', '-' "
@@ -106,37 +127,33 @@ class KVParticipant:
         self._validate_values = validate
         self.lock_ttl = positive_seconds("lock_ttl", lock_ttl)
         self.lock_timeout = positive_seconds("lock_timeout", lock_timeout)
-        self._kv = client.backend.kv
+        self._kind: str = client.backend.kind
         # Each prepare, commit and abort is one atomic step over several of these keys:
         # on Redis they share a hash tag (a Cluster runs a step in one slot only). etcd
         # keeps the untagged names it always had.
-        tag = f"{{{name}}}" if client.backend.kind == "redis" else name
+        tag = f"{{{name}}}" if self._kind == "redis" else name
         self._root = f"kvp/{tag}/"
         self._staged_here: dict[str, bytes] = {}  # txid -> staged bytes, until commit/abort
         self._known: dict[str, bytes | None] = {}  # key -> its bytes as last seen or written
+        # Never held across a request: a sync and an async driver may share it.
         self._mutex = threading.Lock()
 
-    # -- reading ------------------------------------------------------------------
+    # -- what reads return --------------------------------------------------------
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The committed value of ``key`` (``default`` if it has none)."""
-        raw = self._kv.get(self._data(_check_key(key)))
+    def _value(self, raw: bytes | None, default: Any) -> Any:
         return default if raw is None else _load(raw)["v"]
 
-    def items(self) -> dict[str, Any]:
-        """Every committed key and value."""
+    def _items(self, found: Mapping[str, bytes]) -> dict[str, Any]:
         prefix = self._root + "d/"
-        return {k[len(prefix) :]: _load(v)["v"] for k, v in self._kv.scan(prefix).items()}
+        return {k[len(prefix) :]: _load(v)["v"] for k, v in found.items()}
 
-    def in_doubt(self) -> list[str]:
-        """Transactions prepared here and not yet committed or aborted (like XA recover)."""
+    def _txids(self, found: Mapping[str, bytes]) -> list[str]:
         prefix = self._root + "s/"
-        return sorted(k[len(prefix) :] for k in self._kv.scan(prefix))
+        return sorted(k[len(prefix) :] for k in found)
 
-    def reserved(self) -> dict[str, str]:
-        """Key -> the txid of the prepared transaction that reserves it."""
+    def _owners(self, found: Mapping[str, bytes]) -> dict[str, str]:
         prefix = self._root + "o/"
-        return {k[len(prefix) :]: v.decode() for k, v in self._kv.scan(prefix).items()}
+        return {k[len(prefix) :]: v.decode() for k, v in found.items()}
 
     # -- the participant protocol ---------------------------------------------------
 
@@ -148,7 +165,7 @@ class KVParticipant:
         ``validate`` callback of the constructor) is still a "no" vote at prepare.
         """
         changes = _parse(payload)
-        if self.client.backend.kind != "etcd":
+        if self._kind != "etcd":
             return
         if len(changes) > ETCD_MAX_KEYS:
             raise ConfigError(
@@ -162,18 +179,8 @@ class KVParticipant:
                 f"{ETCD_MAX_PAYLOAD_BYTES} fit in one transaction (--max-request-bytes)"
             )
 
-    def prepare(self, txid: str, payload: Any) -> bool:
-        """Validate and stage the writes, reserving their keys; True is a durable yes.
-
-        One round trip when this instance knows the keys' current bytes (it wrote or
-        read them last): the staging write is conditional on those bytes, and when they
-        were out of date it fails and returns the current ones, to compute from again.
-
-        A key reserved by another prepared transaction is a conflict, settled by
-        wait-die on the txids (a total order every participant agrees on): the smaller
-        txid waits (up to ``lock_timeout``) for the reservation to go, the larger votes
-        no at once. So parallel prepares at several participants never deadlock.
-        """
+    def _prepare_steps(self, txid: str, payload: Any) -> Steps[bool]:
+        """The prepare of :meth:`KVParticipant.prepare`, as a program."""
         changes = _parse(payload)
         deadline = time.monotonic() + self.lock_timeout
         keys = sorted(changes)
@@ -190,12 +197,12 @@ class KVParticipant:
                         raise staged  # adding to a non-number: the vote says why
                     return self._vote_no(txid, staged)
                 # Refuse only on confirmed values: a stale guess must not cost a no.
-                truth = self._kv.swap({}, (), only_if={self._data(k): v for k, v in seen.items()})
+                truth = yield Swap({}, (), {self._data(k): v for k, v in seen.items()})
                 confirmed = True
                 if truth is not None:
                     seen = self._learn(keys, truth)
                 continue
-            current = self._stage(txid, keys, seen, staged)
+            current = yield from self._stage(txid, keys, seen, staged)
             if current is None:
                 return True
             if current[self._staged(txid)] is not None:
@@ -205,8 +212,8 @@ class KVParticipant:
             for key in keys:
                 holder = current[self._owner(key)]
                 if holder is not None and holder.decode() != txid:
-                    if txid > holder.decode() or not self._wait_unreserved(
-                        key, holder.decode(), deadline
+                    if txid > holder.decode() or not (
+                        yield from self._wait_unreserved(key, holder.decode(), deadline)
                     ):
                         return self._vote_no(txid, f"{key!r} is reserved by {holder.decode()}")
                     break
@@ -234,7 +241,7 @@ class KVParticipant:
 
     def _stage(
         self, txid: str, keys: list[str], seen: Mapping[str, bytes | None], staged: Any
-    ) -> dict[str, bytes | None] | None:
+    ) -> Steps[dict[str, bytes | None] | None]:
         """One atomic write: stage and reserve if every key still holds ``seen`` and is
         unreserved. None if staged, else what the condition keys hold."""
         staged_key = self._staged(txid)
@@ -243,7 +250,7 @@ class KVParticipant:
         only_if.update({self._owner(key): None for key in keys})
         record = _dump(staged)
         puts = {staged_key: record, **{self._owner(key): txid.encode() for key in keys}}
-        current = self._kv.swap(puts, only_if=only_if)
+        current: dict[str, bytes | None] | None = yield Swap(puts, (), only_if)
         if current is None:
             with self._mutex:
                 self._staged_here[txid] = record
@@ -274,25 +281,25 @@ class KVParticipant:
         )
         return False
 
-    def _wait_unreserved(self, key: str, holder: str, deadline: float) -> bool:
+    def _wait_unreserved(self, key: str, holder: str, deadline: float) -> Steps[bool]:
         """Wait (bounded backoff) until ``holder`` no longer reserves ``key``."""
         delay = 0.005
         while time.monotonic() + delay < deadline:
-            time.sleep(delay)
-            current = self._kv.get(self._owner(key))
+            yield Sleep(delay)
+            current = yield Get(self._owner(key))
             if current is None or current.decode() != holder:
                 return True
             delay = min(delay * 2, 0.1)
         return False
 
-    def commit(self, txid: str) -> None:
-        """Apply the staged writes atomically and release the keys; idempotent."""
+    def _commit_steps(self, txid: str) -> Steps[None]:
+        """The commit of :meth:`KVParticipant.commit`, as a program."""
         staged_key = self._staged(txid)
         with self._mutex:
             raw = self._staged_here.pop(txid, None)
         # Staged by this instance: skip the read. The apply below is conditional on the
         # staged bytes, so it is a no-op if someone else committed them meanwhile.
-        raw = raw or self._kv.get(staged_key)
+        raw = raw or (yield Get(staged_key))
         if raw is None:
             return  # already committed (or never prepared: nothing of ours to apply)
         staged = _load(raw)
@@ -304,24 +311,21 @@ class KVParticipant:
                 deletes.append(self._data(key))
             else:
                 puts[self._data(key)] = _dump({"v": value, "f": staged["f"][key]})
-        if self._kv.apply(puts, deletes, only_if={staged_key: raw}):
+        if (yield Swap(puts, tuple(deletes), {staged_key: raw})) is None:
             with self._mutex:
                 self._remember({key: puts.get(self._data(key)) for key in staged["w"]})
 
-    def abort(self, txid: str) -> None:
-        """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
+    def _abort_steps(self, txid: str) -> Steps[None]:
+        """The abort of :meth:`KVParticipant.abort`, as a program."""
         staged_key = self._staged(txid)
         with self._mutex:
             raw = self._staged_here.pop(txid, None)
         # As in commit: staged here, the conditional apply needs no read first.
-        raw = raw or self._kv.get(staged_key)
+        raw = raw or (yield Get(staged_key))
         if raw is None:
             return
-        deletes = [staged_key, *(self._owner(key) for key in _load(raw)["w"])]
-        self._kv.apply({}, deletes, only_if={staged_key: raw})
-
-    def __repr__(self) -> str:
-        return f"<dcoord.KVParticipant {self.name!r} on {self.client.url}>"
+        deletes = (staged_key, *(self._owner(key) for key in _load(raw)["w"]))
+        yield Swap({}, deletes, {staged_key: raw})
 
     # -- helpers ------------------------------------------------------------------
 
@@ -333,6 +337,91 @@ class KVParticipant:
 
     def _staged(self, txid: str) -> str:
         return f"{self._root}s/{txid}"
+
+
+class KVParticipant(KVCore):
+    """A key-value store in the client's backend that takes part in two-phase commit.
+
+    The payload of a transaction is a mapping of operations::
+
+        {"set": {"k": value}, "add": {"balance:alice": -10}, "delete": ["k2"]}
+
+    Values are anything JSON can hold; ``add`` adds a number to a numeric value (a
+    missing key counts as 0). Each key may appear in one operation only. On etcd one
+    payload may touch at most :data:`ETCD_MAX_KEYS` keys (63). :meth:`validate` checks
+    all this when the payload is enlisted.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        validate: Validator | None = None,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        """``lock_timeout`` bounds how long a prepare waits for a reservation to go (and
+        retries keys that keep changing) before it votes no. ``lock_ttl`` is only checked:
+        prepare takes no key locks any more; it is accepted so existing callers keep
+        working."""
+        super().__init__(
+            client, name, validate=validate, lock_ttl=lock_ttl, lock_timeout=lock_timeout
+        )
+        self._kv = client.backend.kv
+
+    # -- reading ------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The committed value of ``key`` (``default`` if it has none)."""
+        return self._value(self._kv.get(self._data(_check_key(key))), default)
+
+    def items(self) -> dict[str, Any]:
+        """Every committed key and value."""
+        return self._items(self._kv.scan(self._root + "d/"))
+
+    def in_doubt(self) -> list[str]:
+        """Transactions prepared here and not yet committed or aborted (like XA recover)."""
+        return self._txids(self._kv.scan(self._root + "s/"))
+
+    def reserved(self) -> dict[str, str]:
+        """Key -> the txid of the prepared transaction that reserves it."""
+        return self._owners(self._kv.scan(self._root + "o/"))
+
+    # -- the participant protocol ---------------------------------------------------
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        """Validate and stage the writes, reserving their keys; True is a durable yes.
+
+        One round trip when this instance knows the keys' current bytes (it wrote or
+        read them last): the staging write is conditional on those bytes, and when they
+        were out of date it fails and returns the current ones, to compute from again.
+
+        A key reserved by another prepared transaction is a conflict, settled by
+        wait-die on the txids (a total order every participant agrees on): the smaller
+        txid waits (up to ``lock_timeout``) for the reservation to go, the larger votes
+        no at once. So parallel prepares at several participants never deadlock.
+        """
+        return run(self._prepare_steps(txid, payload), self._answer)
+
+    def commit(self, txid: str) -> None:
+        """Apply the staged writes atomically and release the keys; idempotent."""
+        run(self._commit_steps(txid), self._answer)
+
+    def abort(self, txid: str) -> None:
+        """Drop the staged writes and release the keys; idempotent, fine if never prepared."""
+        run(self._abort_steps(txid), self._answer)
+
+    def _answer(self, request: Request) -> Any:
+        if isinstance(request, Get):
+            return self._kv.get(request.key)
+        if isinstance(request, Swap):
+            return self._kv.swap(request.puts, request.deletes, request.only_if)
+        time.sleep(request.seconds)
+        return None
+
+    def __repr__(self) -> str:
+        return f"<dcoord.KVParticipant {self.name!r} on {self.client.url}>"
 
 
 def _check_key(key: object) -> str:

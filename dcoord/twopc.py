@@ -26,7 +26,6 @@ beyond a deadline before presuming abort, which tolerates clocks that far apart.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -36,14 +35,14 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from tenacity import Retrying, stop_after_delay, wait_random_exponential
 
 from . import metrics, txlog
-from .backends.base import LogEntry
 from .config import positive_seconds
+from .core import twopc_state as core
+from .core.twopc_state import FAILPOINTS, INLINE_BELOW, RecoveryReport, Stored, TxPage, Vote
 from .errors import (
     BackendUnavailable,
     ClientClosed,
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 log = logging.getLogger("dcoord.twopc")
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETENTION = 3_600.0
@@ -68,32 +68,25 @@ DEFAULT_RETENTION = 3_600.0
 back: recovery reads only unfinished records, and a missing record resolves as aborted,
 which is the truth for an aborted transaction and moot for a committed one (every
 participant acknowledged it). Sized for memory: see docs/transactions.md, "Retention"."""
-#: Records read per store call when :meth:`Coordinator.transactions` lists everything.
-LIST_PAGE = 1_000
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
-#: A participant whose last call of a phase answered faster than this (seconds) is asked
-#: on the transaction's own thread next time, not from a pool: about what a hand-off to a
-#: pool thread costs on a busy host, so that three such answers in a row still cost less
-#: than overlapping them would save.
-INLINE_BELOW = 0.0005
-
-#: The named points at which a :data:`Failpoint` is called, in protocol order.
-FAILPOINTS = (
-    "after_record",  # the started record is in the log; no participant asked yet
-    "after_prepare",  # one participant voted yes (called once per yes vote)
-    "after_decision",  # the commit/abort decision is in the log; nobody told yet
-    "after_commit",  # one participant acknowledged commit (once per participant)
-    "after_abort",  # one participant acknowledged abort (once per participant)
-)
+__all__ = [
+    "FAILPOINTS",
+    "INLINE_BELOW",
+    "Coordinator",
+    "Failpoint",
+    "Participant",
+    "RecoveryReport",
+    "Transaction",
+    "TxPage",
+    "Vote",
+]
 
 Failpoint = Callable[[str, str, "str | None"], None]
 """``hook(point, txid, participant)``: called at each of :data:`FAILPOINTS` (participant
 is None for log points). Tests and fault injection use it to stop or kill a coordinator
 at a precise point; it is never needed in production."""
-
-Vote = bool | str
 
 
 @runtime_checkable
@@ -117,76 +110,6 @@ class Participant(Protocol):
     def commit(self, txid: str) -> None: ...
 
     def abort(self, txid: str) -> None: ...
-
-
-class TxPage(list[TxRecord]):
-    """A list of records from :meth:`Coordinator.transactions`, plus where the next page
-    starts: :attr:`cursor`, None when this page reached the end of the log."""
-
-    cursor: str | None = None
-
-
-def _parse_cursor(cursor: object) -> tuple[float, str]:
-    """``"<created>:<txid>"`` (a :attr:`TxPage.cursor`) as ``(created, txid)``."""
-    bad = ConfigError(f"not a transaction-list cursor: {cursor!r}")
-    if not isinstance(cursor, str):
-        raise bad
-    created, _, txid = cursor.partition(":")
-    try:
-        when = float(created)
-    except ValueError:
-        raise bad from None
-    if not math.isfinite(when) or not txid:
-        raise bad
-    return when, txlog.check_txid(txid)
-
-
-@dataclass
-class RecoveryReport:
-    """What :meth:`Coordinator.recover` found and did."""
-
-    scanned: int = 0
-    """Unfinished log records examined (recovery never reads finished ones)."""
-    committed: list[str] = field(default_factory=list)
-    """Decided commits driven to the end (commit re-sent to who had not acknowledged)."""
-    aborted: list[str] = field(default_factory=list)
-    """Transactions driven to abort (undecided past their deadline, or decided abort)."""
-    pending: list[str] = field(default_factory=list)
-    """Undecided and before their deadline: left to their coordinator."""
-    incomplete: dict[str, str] = field(default_factory=dict)
-    """txid -> why it could not be finished now (a participant unreachable or unknown)."""
-    corrupted: dict[str, str] = field(default_factory=dict)
-    """txid -> the LogCorrupted message; recovery carried on with the others."""
-    in_doubt_resolved: list[str] = field(default_factory=list)
-    """Prepared states found at participants (``in_doubt()``) whose outcome was sent."""
-
-    @property
-    def actions(self) -> int:
-        """How many transactions recovery moved forward."""
-        return len(self.committed) + len(self.aborted) + len(self.in_doubt_resolved)
-
-    @property
-    def clean(self) -> bool:
-        """Nothing is left in doubt except transactions still within their deadline."""
-        return not self.incomplete and not self.corrupted
-
-    def __str__(self) -> str:
-        parts = [
-            f"scanned {self.scanned}",
-            f"committed {len(self.committed)}",
-            f"aborted {len(self.aborted)}",
-            f"pending {len(self.pending)}",
-            f"incomplete {len(self.incomplete)}",
-            f"corrupted {len(self.corrupted)}",
-            f"in-doubt resolved {len(self.in_doubt_resolved)}",
-        ]
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class _Stored:
-    record: TxRecord
-    entry: LogEntry
 
 
 class Transaction:
@@ -214,16 +137,7 @@ class Transaction:
         :class:`~dcoord.TransactionStateError` once :meth:`commit` or :meth:`abort` ran.
         """
         self._check_open()
-        participant = self.coordinator.participants.get(name)
-        if participant is None:
-            known = ", ".join(sorted(self.coordinator.participants)) or "none"
-            raise ConfigError(f"unknown participant {name!r}; this coordinator has: {known}")
-        if name in self.payloads:
-            raise ConfigError(f"participant {name!r} is already enlisted in {self.txid!r}")
-        validate = getattr(participant, "validate", None)
-        if callable(validate):
-            validate(payload)
-        txlog.digest(payload, what=f"the payload for {name!r}")
+        core.check_enlist(self.txid, self.coordinator.participants, self.payloads, name, payload)
         self.payloads[name] = payload
 
     def commit(self) -> TxRecord:
@@ -307,18 +221,9 @@ class Coordinator:
         failpoint: Failpoint | None = None,
     ) -> None:
         self.client = client
-        self.participants: dict[str, Participant] = {}
-        for participant in participants:
-            if not isinstance(participant, Participant) or not isinstance(
-                getattr(participant, "name", None), str
-            ):
-                raise ConfigError(
-                    f"{participant!r} is not a Participant "
-                    "(needs a str name and prepare/commit/abort)"
-                )
-            if participant.name in self.participants:
-                raise ConfigError(f"two participants are named {participant.name!r}")
-            self.participants[participant.name] = participant
+        self.participants: dict[str, Participant] = core.named_participants(
+            participants, Participant
+        )
         self.retention = positive_seconds("retention", retention)
         self.phase2_timeout = positive_seconds("phase2_timeout", phase2_timeout)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -336,7 +241,7 @@ class Coordinator:
         self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
-        self._pace = _Pace()
+        self._pace = core.Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
         self._local_log = client.backend.kind == "memory"
@@ -371,22 +276,15 @@ class Coordinator:
         No record at all means abort (presumed abort).
         """
         self._check_usable(needs_pools=False)
-        outcome = self._resolve(txlog.check_txid(txid))
+        outcome = self._log(
+            core.resolve(
+                txlog.check_txid(txid),
+                skew_grace=self._skew_grace,
+                decided_at=self.clock(),
+                confirm=self._confirm_replicas,
+            )
+        )
         metrics.tx_resolved(self, outcome)
-        return outcome
-
-    def _resolve(self, txid: str) -> Literal["committed", "aborted", "pending"]:
-        stored = self._read(txid)
-        if stored is None:
-            return "aborted"
-        if stored.record.outcome is not None:
-            self._durable(stored)  # the participant acts on it: it must not be lost
-            return stored.record.outcome
-        if not self._expired(stored.record, self._now()):
-            return "pending"
-        decided = self._decide(stored, "aborted", "deadline passed; presumed abort by resolve")
-        outcome = decided.record.outcome
-        assert outcome is not None
         return outcome
 
     def transactions(
@@ -409,33 +307,12 @@ class Coordinator:
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
         self._check_usable(needs_pools=False)
-        states = [s.value for s in TxState] if state is None else [txlog.check_state(state)]
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise ConfigError(f"limit must be a positive integer, got {limit!r}")
-        after = None if cursor is None else _parse_cursor(cursor)
-        page = TxPage()
-        while limit is None or len(page) < limit:
-            want = LIST_PAGE if limit is None else limit - len(page)
-            entries = self._store.page(states, after=after, limit=want, newest_first=newest_first)
-            for created, txid, entry in entries:
-                after = (created, txid)
-                if entry is None:
-                    continue  # expired between the index read and the record read
-                try:
-                    page.append(txlog.decode(txid, entry.data))
-                except LogCorrupted as exc:
-                    log.warning("%s", exc, extra=tx_fields(self, exc.txid))
-            if len(entries) < want:
-                return page  # the end of the log: no cursor
-        page.cursor = None if after is None else f"{after[0]!r}:{after[1]}"
-        return page
+        return self._log(core.listing(state, limit, cursor, newest_first, self._corrupted))
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
         self._check_usable(needs_pools=False)
-        stored = self._read(txlog.check_txid(txid))
+        stored = self._log(core.read(txlog.check_txid(txid)))
         return None if stored is None else stored.record
 
     def recover(self) -> RecoveryReport:
@@ -459,7 +336,7 @@ class Coordinator:
                 continue
             try:
                 record = txlog.decode(txid, entry.data)
-                self._recover_one(_Stored(record, entry), report, now)
+                self._recover_one(Stored(record, entry), report, now)
             except LogCorrupted as exc:
                 report.corrupted[txid] = str(exc)
             except DcoordError as exc:
@@ -495,25 +372,21 @@ class Coordinator:
         stored = self._create(record)
         self._hit("after_record", tx.txid)
         votes = self._prepare_all(record, tx.payloads, local_deadline)
-        reason = _abort_reason(votes)
-        if reason is None and time.monotonic() >= local_deadline:
-            reason = "deadline passed before the decision"
-        if reason is None:
+        outcome, reason = core.decision(votes, late=time.monotonic() >= local_deadline)
+        if outcome == "committed":
             decided = self._commit_decision(stored)
         else:
-            decided = self._decide(stored, "aborted", reason)
+            decided = self._decide(stored, outcome, reason)
         self._hit("after_decision", tx.txid)
         self._phase2(decided, background_done=True)
-        if decided.record.outcome == "committed":
-            return decided.record
-        # Lost to a resolver that aborted past the deadline: its reason is the true one.
-        raise TransactionAborted(tx.txid, votes, decided.record.reason)
+        return core.finished_outcome(tx.txid, decided.record, votes)
 
-    def _commit_decision(self, stored: _Stored) -> _Stored:
-        """Force the COMMIT decision into the log (before any participant hears commit)."""
+    def _commit_decision(self, stored: Stored) -> Stored:
+        """Force the COMMIT decision into the log (before any participant hears commit);
+        the fault tests' negative controls replace it."""
         return self._decide(stored, "committed", "")
 
-    def _create(self, record: TxRecord) -> _Stored:
+    def _create(self, record: TxRecord) -> Stored:
         data = txlog.encode(record)
         try:
             entry = self._store.create(record.txid, data, record.deadline, record.created)
@@ -524,7 +397,7 @@ class Coordinator:
             ) from exc
         if entry is None:
             raise TransactionStateError(f"transaction {record.txid!r} already exists in the log")
-        return _Stored(record, entry)
+        return Stored(record, entry)
 
     def _prepare_all(
         self, record: TxRecord, payloads: Mapping[str, Any], deadline: float
@@ -546,11 +419,11 @@ class Coordinator:
         votes: dict[str, Vote] = {}
         for name in inline:
             if time.monotonic() >= deadline:
-                votes[name] = "no answer before the deadline"
+                votes[name] = core.NO_ANSWER
             elif not any(vote is not True for vote in votes.values()):
                 votes[name] = self._prepare_one(name, record.txid, payloads[name])
             else:
-                votes[name] = "not needed: aborting"
+                votes[name] = core.NOT_NEEDED
         pending = set(futures)
         while pending and all(vote is True for vote in votes.values()):
             remaining = deadline - time.monotonic()
@@ -562,7 +435,7 @@ class Coordinator:
         late = time.monotonic() >= deadline
         for future in pending:
             name = futures[future]
-            votes[name] = "no answer before the deadline" if late else "not needed: aborting"
+            votes[name] = core.unasked_vote(late)
             # A late yes must not leave a prepared state behind: abort it when it lands.
             future.add_done_callback(self._late_prepare_handler(name, record.txid))
             future.cancel()
@@ -605,81 +478,18 @@ class Coordinator:
 
         return abort_if_prepared
 
-    def _decide(self, stored: _Stored, outcome: Outcome, reason: str) -> _Stored:
-        """Move a started record to ``outcome``; returns whatever decision the log holds.
-
-        If someone else decided first, their decision is returned (never overwritten).
-        """
-        for _ in range(100):  # each round trip loses only to a concurrent change
-            if stored.record.outcome is not None:
-                return self._durable(stored)
-            # decided_at is for operators only: this host's clock is good enough.
-            decided = txlog.decide(stored.record, outcome, now=self.clock(), reason=reason)
-            result = self._cas(stored, decided)
-            if result is not None:
-                return result
-            fresh = self._read(stored.record.txid)
-            if fresh is None:
-                raise LogCorrupted(stored.record.txid, "the record vanished before its decision")
-            stored = fresh
-        raise BackendUnavailable(f"could not decide {stored.record.txid!r}: too much contention")
-
-    def _cas(self, stored: _Stored, new: TxRecord) -> _Stored | None:
-        """Compare-and-set ``stored`` -> ``new``; None if the record changed meanwhile."""
-        data = txlog.encode(new)
-        try:
-            entry = self._store.cas(
-                new.txid,
-                stored.entry,
-                data,
-                finished=new.state.finished,
-                retention=self.retention,
-                state=new.state.value,
-                created=new.created,
-                previous=stored.record.state.value,
-            )
-        except BackendUnavailable:
-            # Unknown outcome: read back; our exact bytes there mean it was applied (but
-            # perhaps not replicated: the error may have been a WAIT that fell short).
-            fresh = self._read(new.txid)
-            if fresh is not None and fresh.entry.data == data:
-                return self._durable(fresh)
-            if fresh is None and new.state.finished:
-                raise  # applied and already expired, or never written: cannot tell
-            return None
-        return None if entry is None else _Stored(new, entry)
-
-    def _durable(self, stored: _Stored) -> _Stored:
-        """``stored``, once its decision is known to be on ``min_replicas`` replicas.
-
-        Only with min_replicas on Redis, and only for a decided, unfinished record: its
-        same bytes are written again, and that write's WAIT confirms everything before
-        it. Without this, a decision that only the primary holds could be sent to
-        participants and then be lost in a failover, and the transaction presumed
-        aborted after some of them committed. BackendUnavailable if not confirmed.
-        """
-        record = stored.record
-        if not self._confirm_replicas or record.outcome is None or record.state.finished:
-            return stored
-        data = txlog.encode(record)
-        entry = self._store.cas(
-            record.txid,
-            stored.entry,
-            data,
-            finished=False,
-            retention=self.retention,
-            state=record.state.value,
-            created=record.created,
-            previous=record.state.value,
+    def _decide(self, stored: Stored, outcome: Outcome, reason: str) -> Stored:
+        """Move a started record to ``outcome``; returns whatever decision the log holds
+        (someone else's, if they decided first: it is never overwritten)."""
+        return self._log(
+            core.decide(stored, outcome, reason, now=self.clock(), confirm=self._confirm_replicas)
         )
-        if entry is None:
-            raise BackendUnavailable(
-                f"transaction {record.txid!r} changed while its decision was being "
-                "confirmed on the replicas; retry"
-            )
-        return _Stored(record, entry)
 
-    def _phase2(self, stored: _Stored, *, background_done: bool) -> _Stored:
+    def _durable(self, stored: Stored) -> Stored:
+        """``stored``, once its decision is confirmed on ``min_replicas`` replicas."""
+        return self._log(core.durable(stored, self._confirm_replicas))
+
+    def _phase2(self, stored: Stored, *, background_done: bool) -> Stored:
         """Send the decision to every participant that has not acknowledged it.
 
         As in :meth:`_prepare_all`, participants that answered fast last time are sent
@@ -688,7 +498,7 @@ class Coordinator:
         outcome = stored.record.outcome
         assert outcome is not None
         txid = stored.record.txid
-        targets = [p for p in stored.record.unacked if p in self.participants]
+        targets = core.phase2_targets(stored.record, self.participants)
         inline = [name for name in targets if self._pace.fast(outcome, name)]
         futures = {
             self._deliveries.submit(self._deliver, name, txid, outcome): name
@@ -745,21 +555,8 @@ class Coordinator:
             self._pace.took(outcome, name, time.monotonic() - started)
         self._hit("after_commit" if outcome == "committed" else "after_abort", txid, name)
 
-    def _record_acks(self, stored: _Stored, acked: list[str]) -> _Stored:
-        for _ in range(100):
-            if stored.record.state.finished:  # another coordinator or recoverer got there
-                return stored
-            new = txlog.acknowledge(stored.record, acked)
-            if new == stored.record:
-                return stored
-            result = self._cas(stored, new)
-            if result is not None:
-                return result
-            fresh = self._read(stored.record.txid)
-            if fresh is None:  # finished by someone else and already expired
-                return stored
-            stored = fresh
-        return stored
+    def _record_acks(self, stored: Stored, acked: list[str]) -> Stored:
+        return self._log(core.record_acks(stored, acked, self._confirm_replicas))
 
     def _submit_background(self, fn: Callable[[], object]) -> None:
         def run() -> None:
@@ -785,30 +582,23 @@ class Coordinator:
 
     # -- recovery -----------------------------------------------------------------
 
-    def _recover_one(self, stored: _Stored, report: RecoveryReport, now: float) -> None:
-        txid = stored.record.txid
-        if stored.record.state is TxState.STARTED:
-            if not self._expired(stored.record, now):
-                report.pending.append(txid)
-                return
-            stored = self._decide(stored, "aborted", "deadline passed; aborted by recovery")
+    def _recover_one(self, stored: Stored, report: RecoveryReport, now: float) -> None:
+        core.warn_if_ahead(
+            log, stored.record, now, self._skew_grace, tx_fields(self, stored.record.txid)
+        )
+        plan = core.recovery_plan(stored.record, now, self._skew_grace)
+        if plan == "pending":
+            report.pending.append(stored.record.txid)
+            return
+        if plan == "abort":
+            stored = self._decide(stored, "aborted", core.RECOVERY_ABORT_REASON)
         else:
             stored = self._durable(stored)
-        unknown = [p for p in stored.record.unacked if p not in self.participants]
         stored = self._phase2(stored, background_done=False)
-        if stored.record.state.finished:
-            outcome = stored.record.outcome
-            (report.committed if outcome == "committed" else report.aborted).append(txid)
-        elif unknown:
-            report.incomplete[txid] = (
-                f"{stored.record.outcome}: participants not known here: {', '.join(unknown)}"
-            )
-        else:
-            waiting = ", ".join(stored.record.unacked)
-            report.incomplete[txid] = f"{stored.record.outcome}: no acknowledgement from {waiting}"
+        core.file_recovered(report, stored.record, self.participants)
 
     def _recover_in_doubt(self, report: RecoveryReport) -> None:
-        seen = set(report.committed) | set(report.aborted) | set(report.incomplete)
+        seen = report.seen()
         for name, participant in self.participants.items():
             in_doubt = getattr(participant, "in_doubt", None)
             if in_doubt is None:
@@ -831,29 +621,40 @@ class Coordinator:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _read(self, txid: str) -> _Stored | None:
-        entry = self._store.get(txid)
-        if entry is None:
-            return None
-        return _Stored(txlog.decode(txid, entry.data), entry)
+    def _log(self, steps: core.Steps[T]) -> T:
+        """Run a log program of :mod:`dcoord.core.twopc_state` on this coordinator's store."""
+        return core.run(steps, self._answer)
+
+    def _answer(self, request: core.Request) -> Any:
+        if isinstance(request, core.Read):
+            return self._store.get(request.txid)
+        if isinstance(request, core.Cas):
+            return self._store.cas(
+                request.txid,
+                request.expected,
+                request.data,
+                finished=request.finished,
+                retention=self.retention,
+                state=request.state,
+                created=request.created,
+                previous=request.previous,
+            )
+        if isinstance(request, core.Page):
+            return self._store.page(
+                request.states,
+                after=request.after,
+                limit=request.limit,
+                newest_first=request.newest_first,
+            )
+        return self._now()
 
     def _now(self) -> float:
         """Wall-clock time by the clock every coordinator shares (else by ``clock``)."""
         shared = self._store.now()
         return self.clock() if shared is None else shared
 
-    def _expired(self, record: TxRecord, now: float) -> bool:
-        """Past the deadline by ``now``, with the clock-skew grace where clocks differ."""
-        if self._skew_grace and record.created - now > self._skew_grace:
-            log.warning(
-                "transaction %s was created %.1f s in this host's future: the clock of %s "
-                "is ahead of ours by more than max_clock_skew",
-                record.txid,
-                record.created - now,
-                record.coordinator,
-                extra=tx_fields(self, record.txid),
-            )
-        return record.expired(now - self._skew_grace)
+    def _corrupted(self, exc: LogCorrupted) -> None:
+        log.warning("%s", exc, extra=tx_fields(self, exc.txid))
 
     def _hit(self, point: str, txid: str, participant: str | None = None) -> None:
         if self.failpoint is not None:
@@ -879,30 +680,3 @@ class Coordinator:
                 DurabilityWarning,
                 stacklevel=4,
             )
-
-
-class _Pace:
-    """How long each participant's last call of each phase took: who is asked inline.
-
-    Unseen participants count as slow (asked from the pool) until they answer once; a
-    slow answer sends a participant back to the pool. Updates race harmlessly: any
-    recent duration is good enough to choose where to ask from.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], float] = {}
-
-    def fast(self, phase: str, name: str) -> bool:
-        return self._last.get((phase, name), INLINE_BELOW) < INLINE_BELOW
-
-    def took(self, phase: str, name: str, seconds: float) -> None:
-        self._last[(phase, name)] = seconds
-
-
-def _abort_reason(votes: Mapping[str, Vote]) -> str | None:
-    refused = {name: vote for name, vote in votes.items() if vote is not True}
-    if not refused:
-        return None
-    return "; ".join(
-        f"{name} voted no" if vote is False else f"{name}: {vote}" for name, vote in refused.items()
-    )

@@ -305,6 +305,7 @@ MEMORY = register(
         kind="memory",
         schemes=(Scheme("memory"),),
         factory="dcoord.backends.memory:MemoryBackend",
+        async_factory="dcoord.backends.memory.aio_locks:AsyncMemoryBackend",
         capabilities=Capabilities(persistent=False),
         parse_path=_memory_path,
         format_path=_memory_format,
@@ -328,6 +329,7 @@ REDIS = register(
             Scheme("rediss+cluster", tls=True, topology="cluster", multi_host=True),
         ),
         factory="dcoord.backends.redis:RedisBackend",
+        async_factory="dcoord.backends.redis.aio_locks:AsyncRedisBackend",
         capabilities=Capabilities(persistent=True),
         default_port=6379,
         parse_path=_redis_path,
@@ -341,6 +343,7 @@ ETCD = register(
         kind="etcd",
         schemes=(Scheme("etcd", multi_host=True), Scheme("etcds", tls=True, multi_host=True)),
         factory="dcoord.backends.etcd:EtcdBackend",
+        async_factory="dcoord.backends.etcd.aio_locks:AsyncEtcdBackend",
         # etcd rounds a lease up to whole seconds, and to a minimum of about 2 s.
         capabilities=Capabilities(persistent=True, min_ttl=2.0),
         default_port=2379,

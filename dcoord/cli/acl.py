@@ -55,18 +55,30 @@ REDIS_COMMANDS = (
     # can count any channel's; it reads no message).
     "pubsub|numsub",
 )
+# What a Redis Cluster client sends as well: redis-py reads the slot map and the command
+# table when it connects, and dcoord's wake-ups are shard channels there.
+REDIS_CLUSTER_COMMANDS = ("cluster|slots", "command", "spublish", "ssubscribe", "sunsubscribe")
 
 
 def redis_acl_rule(
-    namespace: str, *, user: str | None = None, password: str = PASSWORD, database: int = 0
+    namespace: str,
+    *,
+    user: str | None = None,
+    password: str = PASSWORD,
+    database: int = 0,
+    cluster: bool = False,
 ) -> list[str]:
     """The ``ACL SETUSER`` command (as arguments) for a user confined to ``namespace``.
 
     Keys and pub/sub channels of a namespace both start with ``dcoord:NS:``. ``user``
-    defaults to the namespace; ``database`` other than 0 needs ``select`` too.
+    defaults to the namespace; ``database`` other than 0 needs ``select`` too, a Redis
+    Cluster (``cluster``; run the rule on every node: they do not share users) the
+    commands of REDIS_CLUSTER_COMMANDS.
     """
     ns = _namespace("namespace", namespace)
     commands = [*REDIS_COMMANDS, "select"] if database else list(REDIS_COMMANDS)
+    if cluster:
+        commands += REDIS_CLUSTER_COMMANDS
     return [
         "ACL",
         "SETUSER",
@@ -132,6 +144,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=0,
         help="redis: the database number the URL names (not 0 adds +select)",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="redis: for a Redis Cluster (run the rule on every node)",
+    )
     p.set_defaults(func=run)
 
 
@@ -140,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if args.server == "redis":
         # Unquoted, as redis-cli's prompt takes it; a shell would read ">PASSWORD" as a
         # redirection, hence no "redis-cli" prefix to invite pasting it there.
-        print(" ".join(redis_acl_rule(args.namespace, user=args.user, database=args.database)))
+        rule = redis_acl_rule(
+            args.namespace, user=args.user, database=args.database, cluster=args.cluster
+        )
+        print(" ".join(rule))
     else:
         for command in etcd_rbac_commands(args.namespace, user=args.user):
             print(shlex.join(command))

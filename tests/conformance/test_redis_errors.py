@@ -179,6 +179,25 @@ def test_readonly_replica_is_unavailable_and_retried_writes_give_up(
     assert client.backend.kv.get("k") == b"after"
 
 
+def test_primary_short_of_replicas_is_unavailable_not_an_error(
+    admin: redis.Redis, connect: Callable[..., dcoord.Client]
+) -> None:
+    """min-replicas-to-write with its replicas gone (a failover under way, a network cut):
+    NOREPLICAS says "later", like READONLY, so a retried write waits for them."""
+    client = connect(request_timeout=1)
+    admin.config_set("min-replicas-to-write", 1)
+    try:
+        with pytest.raises(dcoord.BackendUnavailable) as info:
+            client.backend.kv.delete("k")
+        assert "NOREPLICAS" in str(info.value)
+        with pytest.raises(dcoord.BackendUnavailable, match="gave up"):
+            client.backend.kv.put("k", b"after")  # retried, then given up
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+    client.backend.kv.put("k", b"after")  # negative control: enough replicas again
+    assert client.backend.kv.get("k") == b"after"
+
+
 class BusyScript:
     """A script that keeps the test's server busy from ``start()`` until ``kill()``."""
 

@@ -1,6 +1,9 @@
 """Paging through the 2PC log: cursor, limit, order, state index; retention of finished
 records and of their index entries. Records are written through the store as the
-coordinator writes them, with chosen creation times, so that the order is known."""
+coordinator writes them, with chosen creation times, so that the order is known.
+
+tests/aio/test_txlog_paging.py runs these tests on the async API: its coordinators and
+its store (:func:`store`) are the async ones, seen through tests/aio/adapter.py."""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import pytest
 
 import dcoord
 from dcoord import twopc, txlog
+from dcoord.backends.base import TxLogStore
 from dcoord.backends.redis.slots import bucket
 from dcoord.cli import main
+from dcoord.core import twopc_state
 from dcoord.txlog import TxRecord, TxState
 
 # Creation times far in the past, a quarter second apart (exact in binary and in etcd's
@@ -28,14 +33,19 @@ FINISHED_PATHS = {
 }
 
 
+def store(client: dcoord.Client) -> TxLogStore:
+    """The log store the records are written and read through (the async run swaps it)."""
+    return client.backend.txlog
+
+
 def write(
     client: dcoord.Client, txid: str, created: float, state: TxState, retention: float = 3600
 ) -> TxRecord:
     """A record of ``txid`` created at ``created``, moved to ``state`` as the coordinator
     moves it (one compare-and-set per edge)."""
-    store = client.backend.txlog
+    log = store(client)
     record = txlog.new_record(txid, {"a": None, "b": None}, now=created, timeout=10**6)
-    entry = store.create(txid, txlog.encode(record), record.deadline, record.created)
+    entry = log.create(txid, txlog.encode(record), record.deadline, record.created)
     assert entry is not None
     for step in FINISHED_PATHS[state]:
         if step == "ack":
@@ -44,7 +54,7 @@ def write(
             record = txlog.decide(
                 record, "committed" if step == "committed" else "aborted", now=created
             )
-        entry = store.cas(
+        entry = log.cas(
             txid,
             entry,
             txlog.encode(record),
@@ -111,7 +121,7 @@ def test_pages_walk_the_log_once_in_either_order_and_by_state(
 def test_the_old_call_still_lists_every_record_oldest_first(
     client: dcoord.Client, mixed_log: dict[str, TxRecord], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(twopc, "LIST_PAGE", 4)  # so that it takes several store pages
+    monkeypatch.setattr(twopc_state, "LIST_PAGE", 4)  # so that it takes several store pages
     coord = coordinator(client)
     everything = coord.transactions()
     assert everything == sorted(mixed_log.values(), key=lambda r: (r.created, r.txid))
@@ -142,10 +152,10 @@ def test_a_transaction_moves_between_state_indexes_as_it_runs(client: dcoord.Cli
         return [s.value for s in TxState if [r.txid for r in coord.transactions(s)] == ["moving"]]
 
     assert where() == ["committing"]
-    stored = client.backend.txlog.get("moving")
+    stored = store(client).get("moving")
     assert stored is not None
     record = txlog.acknowledge(txlog.decode("moving", stored.data), ["a", "b"])
-    assert client.backend.txlog.cas(
+    assert store(client).cas(
         "moving",
         stored,
         txlog.encode(record),
@@ -182,13 +192,13 @@ def test_finished_records_and_their_index_entries_expire_after_retention(
     write(client, first, BASE + 1, TxState.COMMITTED, retention=0.05)
     coord = coordinator(client)
     deadline = time.monotonic() + 60  # etcd's shortest lease is a few seconds
-    while client.backend.txlog.get(first) is not None:
+    while store(client).get(first) is not None:
         assert time.monotonic() < deadline, f"{first} outlived its retention"
         time.sleep(0.05)
     write(client, second, BASE + 2, TxState.COMMITTED, retention=3600)
     assert [r.txid for r in coord.transactions("committed")] == ["kept", second]
     # The index itself forgot it (not only the listing, which skips missing records).
-    page = client.backend.txlog.page(["committed"], after=None, limit=10, newest_first=False)
+    page = store(client).page(["committed"], after=None, limit=10, newest_first=False)
     assert [txid for _, txid, _ in page] == ["kept", second]
     if backend == "redis":
         log = client.backend.txlog

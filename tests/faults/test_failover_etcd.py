@@ -4,7 +4,7 @@ holds a lock, is in a group, or runs two-phase commits.
 The client talks to the leader itself when the fault hits (the worst case: every request
 in flight hangs or fails, and so does its watch stream). The quorum of the two other
 members elects a new leader and keeps serving; the client must follow within
-``FOLLOW_BOUND`` (measured: about 1.5 s for both faults, see docs/topologies-etcd.md),
+``FOLLOW_BOUND`` (measured: about 1.5 s for both faults, see docs/topologies.md, etcd),
 its lease must survive (the new leader extends every lease on election), fences stay
 increasing, and every 2PC decision acknowledged to the caller is still in the log.
 

@@ -97,13 +97,14 @@ class _Retryable(Exception):
     """A transient failure inside :meth:`EtcdBackend.call`; never escapes it."""
 
 
-def _reply(exc: BaseException) -> grpc.Call | None:
-    """The gRPC reply behind ``exc``: pyetcd raises its own error while handling it."""
+def _reply(exc: BaseException) -> grpc.Call | grpc.aio.AioRpcError | None:
+    """The gRPC reply behind ``exc``: pyetcd raises its own error while handling it
+    (grpc.aio raises AioRpcError, which has a reply's code and details too)."""
     seen: BaseException | None = exc
     for _ in range(4):
         if seen is None:
             return None
-        if isinstance(seen, grpc.Call):
+        if isinstance(seen, grpc.Call | grpc.aio.AioRpcError):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
@@ -195,7 +196,7 @@ class EtcdBackend:
         lease LeaseNotFound, any other reply BackendError quoting it. An expired auth
         token is renewed once and the call repeated. On a cluster, a transient failure
         sends the next attempt (or call) to the next member, and each attempt of a
-        retried call may take a third of its time (docs/topologies-etcd.md). Pass
+        retried call may take a third of its time (docs/topologies.md, etcd). Pass
         ``retry=True`` only for operations that are safe to repeat; ``fn`` must not
         itself go through ``call``.
         """
@@ -273,35 +274,11 @@ class EtcdBackend:
 
     def _mapped(self, exc: BaseException, what: str) -> Exception:
         """The dcoord error for ``exc`` (or _Retryable when a retry may fix it)."""
-        code, details = _describe(exc)
-        if any(text in details for text in _CERTIFICATE_DETAILS):
-            return certificate_error(what, details)
-        if _NO_CLIENT_CERTIFICATE in details and self.settings.options["cert_file"] is None:
-            return certificate_error(
-                what, f"{details} (the server asks for a client certificate: cert_file, key_file)"
-            )
-        if (
-            code in _TRANSIENT_CODES
-            or (code is None and isinstance(exc, _TRANSIENT_TYPES))
-            or any(text in details for text in _TRANSIENT_DETAILS)
-        ):
-            return _Retryable(details)
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            return PermissionDenied(
-                f"{what}: etcd refused user {self.settings.username!r}: {details}"
-            )
-        if code == grpc.StatusCode.UNAUTHENTICATED or any(
-            text in details for text in _BAD_CREDENTIALS_DETAILS
-        ):
-            return ConfigError(f"{what}: etcd refused the credentials: {details}")
-        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-            return LeaseNotFound(f"{what}: {details}")
-        return BackendError(f"{what}: etcd answered: {details}")
+        return mapped_error(self.settings, exc, what)
 
     @staticmethod
     def _stale_token(exc: BaseException) -> bool:
-        _, details = _describe(exc)
-        return any(text in details for text in _STALE_TOKEN_DETAILS)
+        return stale_token(exc)
 
     def _authenticate(self, what: str) -> None:
         """Get a fresh auth token for every later request (pyetcd never renews it)."""
@@ -359,3 +336,37 @@ class EtcdBackend:
             # request timeout; closing the channel under it could crash the process.
             self._idle.wait_for(lambda: self._calls == 0, timeout=self.settings.request_timeout)
         self.etcd.close()
+
+
+def mapped_error(settings: Settings, exc: BaseException, what: str) -> Exception:
+    """The dcoord error for the gRPC / pyetcd error ``exc`` of the operation ``what``, or
+    _Retryable when a retry may fix it (shared by the sync backend and
+    :mod:`dcoord.backends.etcd.aio_locks`: mapped once, here)."""
+    code, details = _describe(exc)
+    if any(text in details for text in _CERTIFICATE_DETAILS):
+        return certificate_error(what, details)
+    if _NO_CLIENT_CERTIFICATE in details and settings.options["cert_file"] is None:
+        return certificate_error(
+            what, f"{details} (the server asks for a client certificate: cert_file, key_file)"
+        )
+    if (
+        code in _TRANSIENT_CODES
+        or (code is None and isinstance(exc, _TRANSIENT_TYPES))
+        or any(text in details for text in _TRANSIENT_DETAILS)
+    ):
+        return _Retryable(details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"{what}: etcd refused user {settings.username!r}: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED or any(
+        text in details for text in _BAD_CREDENTIALS_DETAILS
+    ):
+        return ConfigError(f"{what}: etcd refused the credentials: {details}")
+    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+        return LeaseNotFound(f"{what}: {details}")
+    return BackendError(f"{what}: etcd answered: {details}")
+
+
+def stale_token(exc: BaseException) -> bool:
+    """Whether ``exc`` says the auth token expired or predates an auth change."""
+    _, details = _describe(exc)
+    return any(text in details for text in _STALE_TOKEN_DETAILS)

@@ -67,6 +67,33 @@ def _first_kv(response: Any) -> Any:
     return kvs[0] if kvs else None
 
 
+def fenced_txn(prefix: str, resource: str, token: int, also: list[Any]) -> Any:
+    """A txn that admits ``token`` for ``resource`` and, only then, runs ``also``
+    (shared by :class:`EtcdLocks` and :mod:`.aio_locks`)."""
+    key = f"{prefix}fence/{key_segment(resource)}".encode()
+    value = str(token).zfill(_FENCE_WIDTH).encode()
+    above = str(token + 1).zfill(_FENCE_WIDTH).encode()
+    put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+    # value < token+1 fails on a missing key (etcd: no value to compare), so the
+    # failure branch creates the key if it does not exist yet.
+    create = etcdrpc.TxnRequest(
+        compare=[_created_at(key, 0)],
+        success=[put, *also],
+    )
+    return etcdrpc.TxnRequest(
+        compare=[
+            etcdrpc.Compare(
+                key=key,
+                target=etcdrpc.Compare.VALUE,
+                result=etcdrpc.Compare.LESS,
+                value=above,
+            )
+        ],
+        success=[put, *also],
+        failure=[etcdrpc.RequestOp(request_txn=create)],
+    )
+
+
 class EtcdLocks:
     """The lock store of one etcd backend."""
 
@@ -97,7 +124,7 @@ class EtcdLocks:
         return EtcdLockSlot(self, name, ttl, auto_renew)
 
     def admit(self, resource: str, token: int) -> bool:
-        request = self._fenced(resource, token, [])
+        request = fenced_txn(self.prefix, resource, token, [])
         # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
         response = self.txn(request, what=f"admit fence {token} for {resource!r}", retry=True)
         return bool(response.succeeded or response.responses[0].response_txn.succeeded)
@@ -109,35 +136,10 @@ class EtcdLocks:
         # Never retried: after a lost reply a newer holder may have written, and a retry
         # would then answer "rejected" for a write that happened.
         response = self.txn(
-            self._fenced(resource, token, [put]),
+            fenced_txn(self.prefix, resource, token, [put]),
             what=f"fenced write of {key!r} with fence {token} for {resource!r}",
         )
         return bool(response.succeeded or response.responses[0].response_txn.succeeded)
-
-    def _fenced(self, resource: str, token: int, also: list[Any]) -> Any:
-        """A txn that admits ``token`` for ``resource`` and, only then, runs ``also``."""
-        key = f"{self.prefix}fence/{key_segment(resource)}".encode()
-        value = str(token).zfill(_FENCE_WIDTH).encode()
-        above = str(token + 1).zfill(_FENCE_WIDTH).encode()
-        put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
-        # value < token+1 fails on a missing key (etcd: no value to compare), so the
-        # failure branch creates the key if it does not exist yet.
-        create = etcdrpc.TxnRequest(
-            compare=[_created_at(key, 0)],
-            success=[put, *also],
-        )
-        return etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=key,
-                    target=etcdrpc.Compare.VALUE,
-                    result=etcdrpc.Compare.LESS,
-                    value=above,
-                )
-            ],
-            success=[put, *also],
-            failure=[etcdrpc.RequestOp(request_txn=create)],
-        )
 
     def highest(self, resource: str) -> int | None:
         key = f"{self.prefix}fence/{key_segment(resource)}"

@@ -26,7 +26,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyetcd import transactions as ops
@@ -40,6 +40,58 @@ if TYPE_CHECKING:
 
 # etcd caps the operations of one transaction (--max-txn-ops, 128 by default).
 _BATCH = 100
+
+
+def index_key(states: str, state: str, created: float, txid: str) -> str:
+    """``txid``'s entry in the index of ``state``, under ``states`` (``<prefix>tx/s/``);
+    shared by the sync and the async log."""
+    return f"{states}{state}/{_sortable(created)}/{txid}"
+
+
+def moved_from(
+    states: str, txid: str, state: str, created: float, previous: str | None
+) -> list[str]:
+    """The index entries a compare-and-set to ``state`` deletes: the one of ``previous``
+    (the state the record was read in; None: not known, so any), never the one it puts
+    (a transaction may not touch one key twice)."""
+    return [
+        index_key(states, s, created, txid)
+        for s in ((previous,) if previous else TX_STATES)
+        if s != state
+    ]
+
+
+def run_bounds(
+    directory: str, after: tuple[float, str] | None, newest_first: bool
+) -> tuple[bytes, bytes]:
+    """The key range of one state's index (``directory``) strictly past ``after`` in the
+    listing's order."""
+    low, high = directory.encode(), prefix_range_end(directory.encode())
+    if after is not None:
+        cursor = f"{directory}{_sortable(after[0])}/{after[1]}".encode()
+        if newest_first:
+            high = cursor
+        else:
+            low = cursor + b"\0"  # the first key after the cursor's
+    return low, high
+
+
+def parse_run(directory: str, keys: Iterable[bytes]) -> list[tuple[str, str, float]]:
+    """Index keys of ``directory`` as ``(sort key, txid, created)``."""
+    cut = len(directory)
+    run = []
+    for key in keys:
+        rest = key.decode()[cut:]
+        when, txid = rest.split("/", 1)
+        run.append((rest, txid, int(when) / 1e6))
+    return run
+
+
+def merge_runs(
+    runs: Iterable[list[tuple[str, str, float]]], limit: int, newest_first: bool
+) -> list[tuple[str, str, float]]:
+    """The first ``limit`` entries of the states' runs, in the listing's order."""
+    return list(itertools.islice(heapq.merge(*runs, reverse=newest_first), limit))
 
 
 class EtcdTxLog:
@@ -56,9 +108,6 @@ class EtcdTxLog:
         """The prefix of the keys of ``state``'s index."""
         return f"{self._states}{state}/"
 
-    def _index_key(self, state: str, created: float, txid: str) -> str:
-        return f"{self.index_prefix(state)}{_sortable(created)}/{txid}"
-
     def create(
         self, txid: str, data: bytes, deadline: float, created: float | None = None
     ) -> LogEntry | None:
@@ -70,7 +119,7 @@ class EtcdTxLog:
                 success=[
                     ops.Put(key, data),
                     ops.Put(self._open + txid, repr(deadline)),
-                    ops.Put(self._index_key(TX_STATES[0], when, txid), b""),
+                    ops.Put(index_key(self._states, TX_STATES[0], when, txid), b""),
                 ],
                 failure=[],
             ),
@@ -97,14 +146,9 @@ class EtcdTxLog:
         success = [ops.Put(key, data, lease=lease)]
         if finished:
             success.append(ops.Delete(self._open + txid))
-        # Move the entry from the state it was in (unknown: any), then put the new one
-        # (a transaction may not touch one key twice: not the same state's).
-        success += [
-            ops.Delete(self._index_key(s, created, txid))
-            for s in ((previous,) if previous else TX_STATES)
-            if s != state
-        ]
-        success.append(ops.Put(self._index_key(state, created, txid), b"", lease=lease))
+        # Move the entry from the state it was in to the new one.
+        success += [ops.Delete(k) for k in moved_from(self._states, txid, state, created, previous)]
+        success.append(ops.Put(index_key(self._states, state, created, txid), b"", lease=lease))
         succeeded, responses = self._backend.call(
             lambda: self._etcd.transaction(
                 compare=[ops.Mod(key) == int(expected.version)], success=success, failure=[]
@@ -162,8 +206,7 @@ class EtcdTxLog:
     ) -> list[tuple[float, str, LogEntry | None]]:
         def read() -> list[tuple[float, str, LogEntry | None]]:
             runs = [self._run(state, after, limit, newest_first) for state in states]
-            merged = heapq.merge(*runs, reverse=newest_first)
-            entries = list(itertools.islice(merged, limit))
+            entries = merge_runs(runs, limit, newest_first)
             found: dict[str, LogEntry] = {}
             txids = [txid for _, txid, _ in entries]
             for start in range(0, len(txids), _BATCH):
@@ -187,29 +230,12 @@ class EtcdTxLog:
         docs/transactions.md, "Listing", for the measured cost.
         """
         directory = self.index_prefix(state)
-        low, high = directory.encode(), prefix_range_end(directory.encode())
-        if after is not None:
-            cursor = f"{directory}{_sortable(after[0])}/{after[1]}".encode()
-            if newest_first:
-                high = cursor
-            else:
-                low = cursor + b"\0"  # the first key after the cursor's
-        return self._keys(directory, low, high, limit, newest_first)
-
-    def _keys(
-        self, directory: str, start: bytes, end: bytes, limit: int, newest_first: bool
-    ) -> list[tuple[str, str, float]]:
+        low, high = run_bounds(directory, after, newest_first)
         # Ascending is the order etcd keeps keys in: asking no order spares the server a
         # sort of the whole range, which a descending read cannot avoid.
         order = "descend" if newest_first else None
-        pairs = self._etcd.get_range(start, end, limit=limit, sort_order=order, keys_only=True)
-        cut = len(directory)
-        run = []
-        for _, meta in pairs:
-            rest = meta.key.decode()[cut:]
-            when, txid = rest.split("/", 1)
-            run.append((rest, txid, int(when) / 1e6))
-        return run
+        pairs = self._etcd.get_range(low, high, limit=limit, sort_order=order, keys_only=True)
+        return parse_run(directory, (meta.key for _, meta in pairs))
 
     def now(self) -> None:
         return None  # etcd has no clock API; leases count durations, not wall time

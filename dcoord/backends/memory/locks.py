@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...inspect import Identity, identity
@@ -26,9 +27,25 @@ class _Entry:
         self.holder: Identity | None = None
         self.acquired_at = 0.0
         self.waiters = 0
+        # Async waiters (dcoord.backends.memory.aio_locks): each wakes its own task on
+        # its own loop, thread-safely, so sync and async clients of one store interoperate.
+        self.wakers: set[Callable[[], object]] = set()
 
     def free(self, now: float) -> bool:
         return self.token is None or now >= self.expires_at
+
+    def grant(self, token: object, ttl: float, holder: Identity, now: float) -> LockGrant:
+        """Hand the free lock to ``token`` (mutex held): the next fence, a new deadline."""
+        self.fence += 1
+        self.token, self.expires_at = token, now + ttl
+        self.holder, self.acquired_at = holder, time.time()
+        return LockGrant(self.fence, self.expires_at)
+
+    def wake(self) -> None:
+        """Wake every waiter, sync and async (mutex held)."""
+        self.cond.notify_all()
+        for waker in self.wakers:
+            waker()
 
 
 class _Table:
@@ -98,24 +115,30 @@ class MemoryLockSlot:
         self._token: object | None = None
         self._holder = holder
 
-    def _entry(self) -> _Entry:
+    def entry(self) -> _Entry:
+        """This lock's entry, created on first use (mutex held)."""
         entry = self._table.entries.get(self._key)
         if entry is None:
             entry = self._table.entries[self._key] = _Entry(self._table.mutex)
         return entry
 
+    def try_grant(self, token: object, now: float) -> LockGrant | None:
+        """Take the lock for ``token`` if it is free at ``now`` (mutex held)."""
+        entry = self.entry()
+        if not entry.free(now):
+            return None
+        self._token = token
+        return entry.grant(token, self._ttl, self._holder, now)
+
     def acquire(self, deadline: float | None) -> LockGrant | None:
         token = object()
         with self._table.mutex:
-            entry = self._entry()
+            entry = self.entry()
             while True:
                 now = time.monotonic()
                 if entry.free(now):
-                    entry.fence += 1
-                    entry.token, entry.expires_at = token, now + self._ttl
-                    entry.holder, entry.acquired_at = self._holder, time.time()
                     self._token = token
-                    return LockGrant(entry.fence, entry.expires_at)
+                    return entry.grant(token, self._ttl, self._holder, now)
                 if deadline is not None and now >= deadline:
                     return None
                 # Woken by a release; otherwise at the holder's expiry or our deadline.
@@ -134,7 +157,7 @@ class MemoryLockSlot:
                 return False
             held = not entry.free(time.monotonic())
             entry.token = None
-            entry.cond.notify_all()
+            entry.wake()
             return held
 
     def extend(self, ttl: float) -> LockGrant | None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from ... import metrics
 from ...config import Settings
@@ -31,15 +32,21 @@ from .txlog import RedisTxLog
 T = TypeVar("T")
 
 # Error replies after which the server may answer later: loading its data, busy running a
-# script, a replica (read-only, or its master down) during a failover, a cluster moving
-# slots or without quorum. OOM is not among them: memory rarely frees itself in seconds.
+# script, a replica (read-only, or its master down) during a failover, a primary short of
+# the replicas its min-replicas-to-write asks for (they reconnect, or a failover replaces
+# it), a cluster moving slots or without quorum. OOM is not among them: memory rarely
+# frees itself in seconds.
 TRANSIENT_REPLIES = frozenset(
-    {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
+    {"LOADING", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
 )
 # Redis 7.0 reports an ACL denial inside a script as a plain ERR with this text.
 SCRIPT_DENIED = "The user executing the script can't"
 # redis-py makes these ConnectionErrors, but retrying cannot fix the credentials.
 CREDENTIALS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+# What a redis-py client raises: RedisCluster raises RedisClusterException (not a
+# RedisError) for what it decides itself: a slot no node serves, no startup node
+# reachable (the cause chained), keys of one command in several slots.
+ClientError = redis.RedisError | RedisClusterException
 
 
 def reply_text(exc: redis.RedisError) -> str:
@@ -74,9 +81,14 @@ def certificate_problem(exc: BaseException) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether the request may succeed if sent again: the network, or a reply that says
-    "later" (see TRANSIENT_REPLIES)."""
+    "later" (see TRANSIENT_REPLIES), or a Cluster that has no node for a slot yet (a
+    failover) or could reach none of its nodes."""
     if isinstance(exc, CREDENTIALS) or certificate_problem(exc) is not None:
         return False
+    if isinstance(exc, SlotNotCoveredError):
+        return True
+    if isinstance(exc, RedisClusterException):
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return True
     return isinstance(exc, redis.ResponseError) and reply_code(exc) in TRANSIENT_REPLIES
@@ -91,7 +103,14 @@ class RedisBackend:
         self.endpoint = topology.endpoint(settings)
         self.prefix = f"dcoord:{settings.namespace}:"
         self.replication = Replication(self)  # forced writes: WAIT for min_replicas
-        self.redis = topology.make_client(settings)
+        what = f"connect to redis at {self.endpoint}"
+        # A Cluster client reads the slot map as it is made: that is connecting.
+        self.redis = self.call(
+            lambda: topology.make_client(settings),
+            what=what,
+            retry=True,
+            timeout=settings.connect_timeout,
+        )
         self.kv = RedisKV(self, self.prefix)
         self.groups = RedisGroups(self, self.prefix)
         self.elections = RedisElections(self)  # its waiters use locks.notifier, made next
@@ -102,7 +121,7 @@ class RedisBackend:
         try:
             self.info = self.call(
                 self._server_info,
-                what=f"connect to redis at {self.endpoint}",
+                what=what,
                 retry=True,
                 timeout=settings.connect_timeout,
             )
@@ -136,30 +155,19 @@ class RedisBackend:
                     timeout=timeout or self.settings.request_timeout,
                 )
             return fn()
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             error = self._error(what, exc)
             metrics.backend_error(self.settings, type(error))
             raise error from exc
         except BackendUnavailable as exc:
-            if retry and isinstance(exc.__cause__, redis.RedisError):  # the retries gave up
+            # the retries gave up
+            if retry and isinstance(exc.__cause__, redis.RedisError | RedisClusterException):
                 metrics.backend_error(self.settings, BackendUnavailable)
             raise
 
-    def _error(self, what: str, exc: redis.RedisError) -> DcoordError:
+    def _error(self, what: str, exc: ClientError) -> DcoordError:
         """The dcoord error for ``exc``, raised by the operation ``what``."""
-        user = self.settings.username or "default"
-        if isinstance(exc, CREDENTIALS):
-            return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
-        problem = certificate_problem(exc)
-        if problem is not None:
-            return certificate_error(what, problem)
-        if isinstance(exc, redis.ResponseError) and (
-            reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
-        ):
-            return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
-        if is_transient(exc):
-            return BackendUnavailable(f"{what}: {reply_text(exc)}")
-        return BackendError(f"{what}: redis replied: {reply_text(exc)}")
+        return error_for(self.settings, what, exc)
 
     def ping(self) -> ServerInfo:
         return self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
@@ -171,3 +179,27 @@ class RedisBackend:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def error_for(settings: Settings, what: str, exc: ClientError) -> DcoordError:
+    """The dcoord error for the redis error ``exc`` of the operation ``what`` (shared by
+    the sync backend and :mod:`dcoord.backends.redis.aio_locks`: mapped once, here)."""
+    if isinstance(exc, RedisClusterException):
+        if isinstance(exc.__cause__, redis.RedisError):  # no node reachable: why
+            return error_for(settings, what, exc.__cause__)
+        if is_transient(exc):
+            return BackendUnavailable(f"{what}: {exc}")
+        return BackendError(f"{what}: {exc}")
+    user = settings.username or "default"
+    if isinstance(exc, CREDENTIALS):
+        return ConfigError(f"{what}: redis refused the credentials of user {user!r}: {exc}")
+    problem = certificate_problem(exc)
+    if problem is not None:
+        return certificate_error(what, problem)
+    if isinstance(exc, redis.ResponseError) and (
+        reply_code(exc) == "NOPERM" or SCRIPT_DENIED in str(exc)
+    ):
+        return PermissionDenied(f"{what}: redis denied it to user {user!r}: {reply_text(exc)}")
+    if is_transient(exc):
+        return BackendUnavailable(f"{what}: {reply_text(exc)}")
+    return BackendError(f"{what}: redis replied: {reply_text(exc)}")

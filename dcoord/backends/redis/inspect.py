@@ -1,9 +1,14 @@
-"""Inspection of Redis locks (see :mod:`dcoord.inspect`): SCAN, then one MULTI per lock."""
+"""Inspection of Redis locks (see :mod:`dcoord.inspect`): SCAN, then one MULTI per lock.
+
+On a Redis Cluster redis-py's SCAN visits every primary, and each MULTI stays in one
+slot (a lock's keys share its hash tag)."""
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
+
+from redis.cluster import RedisCluster
 
 from ...inspect import LockInfo, name_of_segment, parse_token
 from ..base import key_segment
@@ -47,10 +52,10 @@ def _read(backend: RedisBackend, key: str, name: str) -> LockInfo | None:
         pipe.get(key).pttl(key).get(f"{key}:fence")
         result: list[Any] = pipe.execute()
         # Every client waiting on the lock subscribes to its release channel.
-        result.append(client.pubsub_numsub(f"{key}:released")[0][1])
+        result.append(subscribers(backend, f"{key}:released"))
         return result
 
-    token, pttl, fence, subscribers = backend.call(read, what=f"inspect lock {name!r}", retry=True)
+    token, pttl, fence, waiting = backend.call(read, what=f"inspect lock {name!r}", retry=True)
     if token is None or fence is None:
         return None  # released (or expired) since the SCAN, or not a dcoord lock
     who = parse_token(token.decode(errors="replace"))
@@ -65,8 +70,19 @@ def _read(backend: RedisBackend, key: str, name: str) -> LockInfo | None:
         # clock stepped back): then it is a little after the grant.
         acquired_at=fence_value / 1e6,
         ttl_left=pttl / 1000 if pttl >= 0 else None,
-        waiters=int(subscribers),
+        waiters=int(waiting),
     )
+
+
+def subscribers(backend: RedisBackend, channel: str) -> int:
+    """How many clients subscribe to ``channel`` (each waiting client once): on a
+    Cluster a shard channel, counted by the node that serves its slot."""
+    client: Any = backend.redis
+    if isinstance(client, RedisCluster):
+        find: Any = client.get_node_from_key  # untyped in redis-py
+        node = find(channel)
+        return int(client.pubsub_shardnumsub(channel, target_nodes=node)[0][1])
+    return int(client.pubsub_numsub(channel)[0][1])
 
 
 def groups(backend: RedisBackend) -> set[str]:

@@ -24,6 +24,21 @@ _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 APPLY = LuaScript(lua("kv_apply", checked=True))
 
 
+def apply_call(
+    prefix: str,
+    puts: Mapping[str, bytes],
+    deletes: Iterable[str],
+    conditions: Mapping[str, bytes | None],
+) -> tuple[list[str], list[bytes | str | int]]:
+    """The keys and arguments of :data:`APPLY` for one swap (sync and async stores)."""
+    keys = [prefix + k for k in (*conditions, *puts, *deletes)]
+    args: list[bytes | str | int] = [len(conditions), len(puts)]
+    for expected in conditions.values():
+        args += ["0", ""] if expected is None else ["1", expected]
+    args += list(puts.values())
+    return keys, args
+
+
 class RedisKV:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
@@ -75,13 +90,9 @@ class RedisKV:
         only_if: Mapping[str, bytes | None] | None = None,
     ) -> dict[str, bytes | None] | None:
         conditions = dict(only_if or {})
-        keys = [self._prefix + k for k in (*conditions, *puts, *deletes)]
+        keys, args = apply_call(self._prefix, puts, deletes, conditions)
         if self._cluster:
             require_one_slot(keys, f"apply to {len(keys)} keys")
-        args: list[bytes | str | int] = [len(conditions), len(puts)]
-        for expected in conditions.values():
-            args += ["0", ""] if expected is None else ["1", expected]
-        args += list(puts.values())
         what = f"apply to {len(keys)} keys"
         if puts or deletes:
             # A forced write (with min_replicas, WAIT for replicas): KVParticipant stages

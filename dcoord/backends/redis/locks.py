@@ -32,11 +32,12 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from ...errors import BackendUnavailable, ClientClosed
 from ...inspect import holder_suffix
@@ -61,6 +62,10 @@ IDLE_UNSUBSCRIBE = 5.0
 # ORPHAN_RETRY_MAX: a grant that lands after an undo stands about that long at most.
 ORPHAN_RETRY_FIRST = 0.05
 ORPHAN_RETRY_MAX = 1.0
+# Pub/sub messages that wake a channel's waiters: a release (or a shard channel's), a
+# (re)subscription confirmation, and on a Cluster an sunsubscribe the server sends when
+# the channel's slot moved to another node.
+WAKING_MESSAGES = frozenset({"message", "subscribe", "smessage", "ssubscribe", "sunsubscribe"})
 
 
 def milliseconds(seconds: float) -> int:
@@ -85,27 +90,61 @@ def answered(exc: BaseException | None) -> bool:
 
 
 class LuaScript:
-    """A Lua script run by EVALSHA; loaded into the server on its first NOSCRIPT."""
+    """A Lua script run by EVALSHA; loaded into the server on its first NOSCRIPT.
+
+    On a Redis Cluster it runs as :meth:`sharded`: its ``PUBLISH`` become ``SPUBLISH``.
+    A plain PUBLISH there is broadcast to every node over the cluster bus; a shard
+    channel goes only to the nodes of its slot, and every channel dcoord publishes on
+    carries its keys' hash tag, so it is in the script's own slot (which Redis requires
+    of a script's SPUBLISH).
+    """
 
     def __init__(self, source: str) -> None:
         import hashlib
 
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._sharded: LuaScript | None = None
 
     @classmethod
     def named(cls, name: str) -> LuaScript:
         """The script ``<name>.lua`` shipped beside this module."""
         return cls(resources.files(__package__).joinpath(f"{name}.lua").read_text())
 
+    def sharded(self) -> LuaScript:
+        """This script with ``SPUBLISH`` for every ``PUBLISH`` (calls and ACL checks)."""
+        if self._sharded is None:
+            sharded = LuaScript(self.source.replace("'PUBLISH'", "'SPUBLISH'"))
+            sharded._sharded = sharded
+            self._sharded = sharded
+        return self._sharded
+
     def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if isinstance(client, RedisCluster):
+            script = self.sharded()
+            if script is not self:
+                return script(client, keys, args)
         run: Any = client.execute_command  # untyped in redis-py
         try:
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            # First use on this server, or the server restarted / ran SCRIPT FLUSH.
+            # First use on this server, or it restarted / ran SCRIPT FLUSH, or (on a
+            # Cluster) a replica took over: redis-py sends SCRIPT LOAD to every primary.
             run("SCRIPT", "LOAD", self.source)
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def lock_keys(prefix: str, name: str) -> tuple[str, str, str]:
+    """A lock's keys and channel, all tagged by its name (one slot): the holder's token,
+    the fence counter and the release channel (shared by the sync and async APIs)."""
+    base = f"{prefix}lock:{{{key_segment(name)}}}"
+    return base, f"{base}:fence", f"{base}:released"
+
+
+def fence_key(prefix: str, resource: str) -> str:
+    """The highest token admitted for ``resource``: ``dcoord:<ns>:fence:{RESOURCE}``,
+    tagged by the resource so that values written with it can share its slot."""
+    return f"{prefix}fence:{{{key_segment(resource)}}}"
 
 
 ACQUIRE = LuaScript.named("acquire")
@@ -137,9 +176,7 @@ class RedisLocks:
         return RedisLockSlot(self, name, ttl)
 
     def fence_key(self, resource: str) -> str:
-        """The highest token admitted for ``resource``: ``dcoord:<ns>:fence:{RESOURCE}``,
-        tagged by the resource so that values written with it can share its slot."""
-        return f"{self.prefix}fence:{{{key_segment(resource)}}}"
+        return fence_key(self.prefix, resource)
 
     def admit(self, resource: str, token: int) -> bool:
         key = self.fence_key(resource)
@@ -243,10 +280,7 @@ class RedisLockSlot:
         self._call = locks.backend.call
         self._redis = locks.redis
         self.name = name
-        base = f"{locks.prefix}lock:{{{key_segment(name)}}}"
-        self.key = base
-        self.fence_key = f"{base}:fence"
-        self.channel = f"{base}:released"
+        self.key, self.fence_key, self.channel = lock_keys(locks.prefix, name)
         self._ttl = ttl
         self._token: str | None = None
         self._fence = 0
@@ -356,6 +390,12 @@ class _Notifier:
     channel's generation; waiters sleep until it changes or their TTL hint runs out.
     Sharing costs one SUBSCRIBE per newly contended lock instead of a connection (and a
     connect handshake) per waiter.
+
+    On a Redis Cluster the channels are shard channels (SSUBSCRIBE; the scripts
+    SPUBLISH, see :class:`LuaScript`) through redis-py's cluster pub/sub, which keeps one
+    connection per primary that serves a subscribed channel and moves subscriptions
+    after a failover. Each of those connections gets a reader thread of its own, so a
+    message never waits behind another node's read timeout.
     """
 
     def __init__(self, backend: RedisBackend) -> None:
@@ -366,6 +406,14 @@ class _Notifier:
         self._pubsub: Any = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._sharded = backend.settings.topology == "cluster"
+        self._subscribe, self._unsubscribe = (
+            ("ssubscribe", "sunsubscribe") if self._sharded else ("subscribe", "unsubscribe")
+        )
+        # Cluster only: a reader thread per node name, and what wakes the thread that
+        # starts them when a subscription may have added a node.
+        self._readers: dict[str, threading.Thread] = {}
+        self._nodes_changed = threading.Event()
 
     @contextlib.contextmanager
     def interest(self, channel_name: str) -> Iterator[_Channel]:
@@ -381,14 +429,17 @@ class _Notifier:
                 redis_client: Any = self._backend.redis
                 self._pubsub = redis_client.pubsub()
                 self._thread = threading.Thread(
-                    target=self._run, name="dcoord-redis-lock-notifier", daemon=True
+                    target=self._supervise if self._sharded else self._run_single,
+                    name="dcoord-redis-lock-notifier",
+                    daemon=True,
                 )
                 start = True
             else:
                 start = False
         try:
             if new:
-                self._command("subscribe", key)
+                self._command(self._subscribe, key)
+                self._nodes_changed.set()
             if start:
                 assert self._thread is not None
                 self._thread.start()
@@ -412,15 +463,74 @@ class _Notifier:
             # Waiters still wake by their TTL hint; the reader reconnects.
             log.info("lock notifier: %s failed: %s", command, exc)
 
-    def _run(self) -> None:
-        backoff = 0.05
+    def _run_single(self) -> None:
         last_prune = time.monotonic()
+
+        def read() -> Any:
+            nonlocal last_prune
+            now = time.monotonic()
+            if now - last_prune >= 1.0:
+                last_prune = now
+                self._prune(now)
+            return self._pubsub.get_message(timeout=1.0)
+
+        self._read(read, lambda: True)
+
+    def _supervise(self) -> None:
+        """Cluster: start a reader per node connection of the cluster pub/sub (new ones
+        appear when a channel of another node is subscribed, or when redis-py moves the
+        subscriptions after a failover), and unsubscribe idle channels."""
+        cluster: Any = self._backend.redis
         while True:
             with self._cond:
                 if self._closed:
                     return
+            # list() of a dict is one step under the GIL: no concurrent-change error.
+            for name in list(self._pubsub.node_pubsub_mapping):
+                reader = self._readers.get(name)
+                if (reader is None or not reader.is_alive()) and cluster.get_node(node_name=name):
+                    reader = threading.Thread(
+                        target=self._run_node,
+                        args=(name,),
+                        name=f"dcoord-redis-lock-notifier-{name}",
+                        daemon=True,
+                    )
+                    self._readers[name] = reader
+                    reader.start()
+            self._prune(time.monotonic())
+            self._nodes_changed.wait(1.0)
+            self._nodes_changed.clear()
+
+    def _run_node(self, name: str) -> None:
+        cluster: Any = self._backend.redis
+        pubsub = self._pubsub
+
+        def read() -> Any:
+            node = cluster.get_node(node_name=name)
+            if node is None:  # without a target it would read every node's connection
+                return None
+            return pubsub.get_sharded_message(timeout=1.0, target_node=node)
+
+        # A node that left the cluster's map, or whose connection redis-py dropped
+        # (no channel left on it), needs no reader.
+        self._read(
+            read,
+            lambda: (
+                name in pubsub.node_pubsub_mapping and cluster.get_node(node_name=name) is not None
+            ),
+        )
+
+    def _read(self, read: Callable[[], Any], wanted: Callable[[], bool]) -> None:
+        """Deliver what ``read`` returns to the waiters until close (or not ``wanted``)."""
+        backoff = 0.05
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+            if not wanted():
+                return
             try:
-                message = self._pubsub.get_message(timeout=1.0)
+                message = read()
                 backoff = 0.05
             except Exception as exc:  # the connection broke (or was closed by close())
                 with self._cond:
@@ -434,16 +544,12 @@ class _Notifier:
                 time.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
-            if message is not None and message["type"] in ("message", "subscribe"):
+            if message is not None and message["type"] in WAKING_MESSAGES:
                 with self._cond:
                     woken = self._channels.get(message["channel"])
                     if woken is not None:
                         woken.generation += 1
                         self._cond.notify_all()
-            now = time.monotonic()
-            if now - last_prune >= 1.0:
-                last_prune = now
-                self._prune(now)
 
     def _prune(self, now: float) -> None:
         # Holding _send from the removal until the UNSUBSCRIBE is sent keeps a waiter that
@@ -459,7 +565,7 @@ class _Notifier:
                     del self._channels[name]
             if idle and self._pubsub is not None and not self._closed:
                 try:
-                    self._pubsub.unsubscribe(*idle)
+                    getattr(self._pubsub, self._unsubscribe)(*idle)
                 except (redis.RedisError, OSError) as exc:
                     log.info("lock notifier: unsubscribe failed: %s", exc)
 
@@ -469,10 +575,15 @@ class _Notifier:
                 return
             self._closed = True
             self._cond.notify_all()
-            thread = self._thread
+            threads = [self._thread, *self._readers.values()]
+        self._nodes_changed.set()
         with self._send:
             if self._pubsub is not None:
                 with contextlib.suppress(Exception):
                     self._pubsub.close()
-        if thread is not None and thread is not threading.current_thread():
+        for thread in threads:
+            # A waiter makes the thread under _cond but starts it after subscribing: a
+            # close in between finds it unstarted (it returns at once when started).
+            if thread is None or thread.ident is None or thread is threading.current_thread():
+                continue
             thread.join(timeout=5)

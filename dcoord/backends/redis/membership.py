@@ -7,9 +7,12 @@ Keys of group ``g`` (one hash slot, thanks to the ``{g}`` tag)::
     dcoord:<ns>:group:{g}:owners     hash        member id -> token of the join
     dcoord:<ns>:group:{g}:epoch      counter     INCRed on every change
     dcoord:<ns>:group:{g}:changes    channel     the new epoch, on every change
+    dcoord:<ns>:group:{g}:wake:<id>  channel     wakes one follower (see wake())
 
-Every operation is ``membership.lua`` (sent once, then run by SHA; redis-py reloads it
-on NOSCRIPT), which first prunes expired members, so a read never returns a dead one.
+Every operation is ``membership.lua`` (sent once, then run by SHA; reloaded on
+NOSCRIPT), which first prunes expired members, so a read never returns a dead one. On a
+Redis Cluster the channels are shard channels (SPUBLISH / SSUBSCRIBE): both carry the
+group's hash tag, so one connection to the group's primary serves a follower.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import redis
 
 from ...errors import BackendUnavailable
 from ..base import GroupSnapshot, TokenRegistration
+from .locks import LuaScript
 from .scripts import lua
 
 if TYPE_CHECKING:
     from . import RedisBackend
 
-_SCRIPT = lua("membership", checked=True)
+_SCRIPT = LuaScript(lua("membership", checked=True))
 
 
 class RedisGroups:
@@ -37,7 +41,6 @@ class RedisGroups:
         self._backend = backend
         self._redis = backend.redis
         self._prefix = f"{prefix}group:"
-        self._script = self._redis.register_script(_SCRIPT)
 
     def keys(self, group: str) -> tuple[list[str], str]:
         base = f"{self._prefix}{{{group}}}:"
@@ -47,7 +50,7 @@ class RedisGroups:
     def run(self, group: str, what: str, *args: Any, retry: bool = True) -> Any:
         keys, channel = self.keys(group)
         return self._backend.call(
-            lambda: self._script(keys=keys, args=[channel, *args]),
+            lambda: _SCRIPT(self._redis, keys, [channel, *args]),
             what=f"{what} in group {group!r}",
             retry=retry,
         )
@@ -92,32 +95,41 @@ class RedisGroups:
         )
 
     def subscribe(self, group: str) -> RedisSubscription:
-        return RedisSubscription(self._backend, self.keys(group)[1], group)
+        wake = f"{self._prefix}{{{group}}}:wake:{secrets.token_hex(8)}"
+        return RedisSubscription(self._backend, self.keys(group)[1], wake, group)
 
 
 class RedisSubscription:
     """A pub/sub connection on the group's channel plus a private wake-up channel."""
 
-    def __init__(self, backend: RedisBackend, channel: str, group: str) -> None:
+    def __init__(self, backend: RedisBackend, channel: str, wake_channel: str, group: str) -> None:
         self._backend = backend
         self._channel = channel
-        self._wake_channel = f"{backend.prefix}wake:{secrets.token_hex(8)}"
+        self._wake_channel = wake_channel
         self._what = f"subscribe to changes of group {group!r}"
+        self._sharded = backend.settings.topology == "cluster"
         self._pubsub: Any = None
         self._connect()
 
+    def _get(self, pubsub: Any, timeout: float) -> Any:
+        """The next message (or None after ``timeout``), shard channels' on a Cluster."""
+        if self._sharded:
+            return pubsub.get_sharded_message(timeout=timeout)
+        return pubsub.get_message(timeout=timeout)
+
     def _connect(self) -> None:
         pubsub = self._backend.redis.pubsub()  # type: ignore[no-untyped-call]
+        confirmation = "ssubscribe" if self._sharded else "subscribe"
 
         def subscribe() -> None:
-            pubsub.subscribe(self._channel, self._wake_channel)
+            getattr(pubsub, confirmation)(self._channel, self._wake_channel)
             # Wait for both confirmations: only then is no later change missed.
             confirmed, deadline = 0, time.monotonic() + self._backend.settings.request_timeout
             while confirmed < 2:
                 if time.monotonic() >= deadline:
                     raise redis.TimeoutError("no SUBSCRIBE confirmation")
-                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-                if message is not None and message["type"] == "subscribe":
+                message = self._get(pubsub, max(0.0, deadline - time.monotonic()))
+                if message is not None and message["type"] == confirmation:
                     confirmed += 1
 
         try:
@@ -139,10 +151,10 @@ class RedisSubscription:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                message = pubsub.get_message(timeout=remaining)
-                if message is not None and message["type"] == "message":
+                message = self._get(pubsub, remaining)
+                if message is not None and message["type"] in ("message", "smessage"):
                     # Drain what else arrived: one re-read covers every change so far.
-                    while pubsub.get_message(timeout=0) is not None:
+                    while self._get(pubsub, 0) is not None:
                         pass
                     return
 
@@ -154,11 +166,12 @@ class RedisSubscription:
             raise
 
     def wake(self) -> None:
+        client: Any = self._backend.redis
+        publish = client.spublish if self._sharded else client.publish
         # In an outage the follower's wait fails too, and it re-reads anyway.
         with contextlib.suppress(BackendUnavailable):
             self._backend.call(
-                lambda: self._backend.redis.publish(self._wake_channel, b"wake"),
-                what="wake a group follower",
+                lambda: publish(self._wake_channel, b"wake"), what="wake a group follower"
             )
 
     def close(self) -> None:

@@ -1,8 +1,12 @@
-"""What a Redis server keeps: through a crash (AOF, fsync) and under memory pressure.
+"""What a Redis server keeps: through a crash (AOF, fsync), under memory pressure and
+through a failover (replication).
 
 Read with ``CONFIG GET``; where that is refused (an ACL without ``CONFIG``, or the
 command renamed) with ``INFO persistence`` / ``INFO memory``, which show whether the AOF
-is on and the eviction policy but not ``appendfsync``. The transaction log
+is on and the eviction policy but not ``appendfsync``. On a Redis Cluster every node is
+read (a replica becomes a primary at a failover, with its own settings). Replication
+comes from ``INFO replication`` and the client's own ``min_replicas`` option. The
+transaction log
 (:meth:`~dcoord.backends.redis.txlog.RedisTxLog.durability`) and the locks
 (:class:`LockEvictionCheck`) turn what was read into a ``DurabilityWarning``.
 """
@@ -12,10 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BackendError, BackendUnavailable, DurabilityWarning
+from . import topology
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -32,6 +38,38 @@ class Persistence:
     maxmemory_policy: str | None
     unread: str = ""
     """Why some settings are None (CONFIG GET refused), empty when all were read."""
+    replication: ReplicationSetup | None = None
+    """The replication set-up; None where it was not read (INFO replication refused)."""
+
+
+@dataclass(frozen=True)
+class ReplicationSetup:
+    """Who copies the server's writes, and how many copies a write waits for."""
+
+    topology: str
+    """The client's topology: ``single``, ``sentinel`` or ``cluster``."""
+    role: str | None
+    """``master`` or ``slave`` (INFO's words) of the server the client reached."""
+    connected_replicas: int
+    min_replicas_to_write: int | None
+    """The server's ``min-replicas-to-write`` (None: CONFIG GET refused)."""
+    min_replicas: int
+    """The client's ``min_replicas`` option: replicas a forced log write waits for."""
+
+    @property
+    def failover(self) -> bool:
+        """Whether something may promote a replica over this server's head: Sentinel
+        and Cluster do it by themselves."""
+        return self.topology in ("sentinel", "cluster")
+
+    def describe(self) -> str:
+        """One line for messages and ``dcoord doctor``."""
+        server = "unreadable" if self.min_replicas_to_write is None else self.min_replicas_to_write
+        return (
+            f"{self.topology} topology, role {self.role or '?'}, "
+            f"{self.connected_replicas} connected replica(s), "
+            f"min-replicas-to-write {server} (server), min_replicas {self.min_replicas} (client)"
+        )
 
 
 def read(backend: RedisBackend) -> Persistence | str:
@@ -39,32 +77,85 @@ def read(backend: RedisBackend) -> Persistence | str:
     client = backend.redis
     try:
         config = backend.call(
-            lambda: client.config_get("appendonly", "appendfsync", "maxmemory-policy"),
+            lambda: _merged(
+                topology.on_every_node(
+                    client,
+                    "config_get",
+                    "appendonly",
+                    "appendfsync",
+                    "maxmemory-policy",
+                    "min-replicas-to-write",
+                )
+            ),
             what="read redis persistence settings",
             retry=True,
         )
     except BackendError as exc:
         config_refused = f"CONFIG GET refused: {exc}"
     else:
-        return Persistence(
-            appendonly=_str(config.get("appendonly")),
-            appendfsync=_str(config.get("appendfsync")),
-            maxmemory_policy=_str(config.get("maxmemory-policy")),
-        )
+        minimum = _lowest(config.get("min-replicas-to-write"))
+        return from_config(config, read_replication(backend, minimum))
+
+    def both() -> dict[str, Any]:
+        persistence = topology.on_every_node(client, "info", "persistence")
+        memory = topology.on_every_node(client, "info", "memory")
+        return _merged({node: {**persistence[node], **memory[node]} for node in persistence})
+
     try:
         info = backend.call(
-            lambda: {**client.info("persistence"), **client.info("memory")},
+            both,
             what="read redis persistence and memory info",
             retry=True,
         )
     except BackendError as exc:
         return f"{config_refused}; INFO refused: {exc}"
+    return from_info(info, config_refused, read_replication(backend, None))
+
+
+def from_config(
+    config: Mapping[Any, Any], replication: ReplicationSetup | None = None
+) -> Persistence:
+    """The settings a ``CONFIG GET`` answered (shared by the sync and async readers)."""
+    return Persistence(
+        appendonly=_str(config.get("appendonly")),
+        appendfsync=_str(config.get("appendfsync")),
+        maxmemory_policy=_str(config.get("maxmemory-policy")),
+        replication=replication,
+    )
+
+
+def from_info(
+    info: Mapping[str, Any], config_refused: str, replication: ReplicationSetup | None = None
+) -> Persistence:
+    """The settings ``INFO persistence`` + ``INFO memory`` show (no ``appendfsync``)."""
     aof = info.get("aof_enabled")
     return Persistence(
-        appendonly=None if aof is None else "yes" if int(aof) else "no",
+        # Nodes that differ give a text no check accepts (see _merged).
+        appendonly=None if aof is None else {"1": "yes", "0": "no"}.get(str(aof), str(aof)),
         appendfsync=None,  # INFO does not show it
         maxmemory_policy=_str(info.get("maxmemory_policy")),
         unread=config_refused,
+        replication=replication,
+    )
+
+
+def read_replication(
+    backend: RedisBackend, min_replicas_to_write: int | None
+) -> ReplicationSetup | None:
+    """The replication set-up of the server ``backend`` reaches (None: INFO refused)."""
+    client: Any = backend.redis
+    try:
+        info = backend.call(
+            lambda: client.info("replication"), what="read redis replication", retry=True
+        )
+    except BackendError:
+        return None
+    return ReplicationSetup(
+        topology=backend.settings.topology,
+        role=_str(info.get("role")),
+        connected_replicas=int(info.get("connected_slaves", 0)),
+        min_replicas_to_write=min_replicas_to_write,
+        min_replicas=int(backend.settings.options["min_replicas"]),
     )
 
 
@@ -90,6 +181,15 @@ def log_problem(found: Persistence | str) -> str | None:
     eviction = _eviction(found, "unfinished transaction records and their index")
     if eviction is not None:
         problems.append(eviction)
+    replication = found.replication
+    if replication is not None and replication.failover and replication.min_replicas < 1:
+        # Replication is asynchronous: the primary acknowledges a decision before any
+        # replica has it, and a failover in between promotes a replica without it.
+        problems.append(
+            f"min_replicas is 0 on a redis {replication.topology} topology: a failover "
+            "can lose acknowledged decisions; set the URL option min_replicas=1 (each "
+            "forced decision then waits for a replica)"
+        )
     return "; ".join(problems) or None
 
 
@@ -141,6 +241,27 @@ class LockEvictionCheck:
                 DurabilityWarning,
                 stacklevel=5,  # this, RedisLocks.slot, Lock.__init__, Client.lock, the caller
             )
+
+
+def _merged(by_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings of every node as one: a setting the nodes of a Cluster disagree on
+    reads ``value on node, value on node ...``, which no check accepts."""
+    merged: dict[str, Any] = {}
+    for name in set().union(*by_node.values()):
+        values = {node: settings.get(name) for node, settings in sorted(by_node.items())}
+        if len({str(value) for value in values.values()}) == 1:
+            merged[name] = next(iter(values.values()))
+        else:
+            merged[name] = ", ".join(f"{value} on {node}" for node, value in values.items())
+    return merged
+
+
+def _lowest(value: Any) -> int | None:
+    """The smallest of a setting's values (nodes of a Cluster that disagree read
+    ``value on node, ...``, see _merged): the weakest node is what a check must judge."""
+    if value is None:
+        return None
+    return min(int(part.split(" ", 1)[0]) for part in str(value).split(", "))
 
 
 def _str(value: Any) -> str | None:

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
     from . import RedisBackend
 
 
+def check_acks(acks: object, min_replicas: int, timeout: float, what: str) -> None:
+    """BackendUnavailable naming ``what`` if a WAIT answered fewer than ``min_replicas``
+    (shared by the sync and the async forced writes)."""
+    if int(str(acks)) < min_replicas:
+        raise BackendUnavailable(
+            f"{what}: only {acks} replica(s) of min_replicas={min_replicas} acknowledged "
+            f"the write within replica_timeout={timeout:g} s; it is on the "
+            "primary, but a failover may lose it"
+        )
+
+
 class Replication:
     """Runs the forced writes of one Redis backend (see the module docstring)."""
 
@@ -79,12 +90,7 @@ class Replication:
             raise result
         if isinstance(acks, Exception):
             raise acks
-        if int(acks) < self.min_replicas:
-            raise BackendUnavailable(
-                f"{what}: only {acks} replica(s) of min_replicas={self.min_replicas} acknowledged "
-                f"the write within replica_timeout={self.timeout:g} s; it is on the "
-                "primary, but a failover may lose it"
-            )
+        check_acks(acks, self.min_replicas, self.timeout, what)
         return result
 
     def _send(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:

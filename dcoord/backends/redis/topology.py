@@ -8,7 +8,7 @@ topologies (pub/sub, server info, replication) asks :attr:`Settings.topology`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -17,6 +17,9 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ...config import Settings
+
+if TYPE_CHECKING:
+    from . import RedisBackend
 
 # What this client's type is, for the code that must tell: redis.Redis for a single
 # server and for Sentinel's primary, RedisCluster for a Cluster.
@@ -30,6 +33,22 @@ def endpoint(settings: Settings) -> str:
     if settings.topology == "sentinel":
         return f"{settings.service}@{hosts}"
     return hosts
+
+
+def data_address(backend: RedisBackend) -> tuple[str, int]:
+    """The (host, port) of a data node the backend's client talks to: with Sentinel the
+    primary the sentinels name now (asked again), else the URL's first host."""
+    if backend.settings.topology == "sentinel":
+        client: Any = backend.redis
+        pool = client.connection_pool  # a SentinelConnectionPool
+        address: tuple[str, int] = backend.call(
+            pool.get_master_address,
+            what=f"ask the sentinels {endpoint(backend.settings)} for the primary",
+            retry=True,
+        )
+        return address
+    host, port = backend.settings.hosts[0]
+    return host, port
 
 
 def _tls(settings: Settings) -> dict[str, Any]:
@@ -76,3 +95,12 @@ def make_client(settings: Settings) -> Client:
         return primary
     ((host, port),) = settings.hosts
     return redis.Redis(host=host, port=port, db=int(settings.database), **common)
+
+
+def on_every_node(client: Client, method: str, *args: Any) -> dict[str, Any]:
+    """``client.<method>(*args)`` by server: on a Cluster on every node (a replica is
+    promoted with its own settings), keyed by node name; elsewhere on the one server
+    the client talks to, keyed ``"server"``. For server-wide reads: INFO, CONFIG GET."""
+    if isinstance(client, RedisCluster):
+        return dict(getattr(client, method)(*args, target_nodes=RedisCluster.ALL_NODES))
+    return {"server": getattr(client, method)(*args)}

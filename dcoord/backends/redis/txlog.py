@@ -46,9 +46,11 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from ...core.twopc_state import run
 from ..base import TX_STATES, LogEntry
 from . import persistence
 from .locks import LuaScript
@@ -67,6 +69,77 @@ CAS = LuaScript(lua("txlog_cas", checked=True))
 MIGRATE = LuaScript(lua("txlog_migrate", checked=True))
 
 
+def _bucket_prefix(prefix: str, namespace: str, number: int) -> str:
+    return f"{prefix}{{{namespace}:tx:{number:02d}}}:"
+
+
+def record_key(prefix: str, namespace: str, txid: str) -> str:
+    """The key of ``txid``'s record under the log's ``prefix`` (``dcoord:<ns>:tx:``);
+    shared by the sync and the async log."""
+    return f"{_bucket_prefix(prefix, namespace, bucket(txid))}r:{txid}"
+
+
+def index_key(prefix: str, namespace: str, number: int) -> str:
+    """The key of bucket ``number``'s index of unfinished transactions."""
+    return f"{_bucket_prefix(prefix, namespace, number)}open"
+
+
+def state_key(prefix: str, namespace: str, number: int, state: str) -> str:
+    """The key of bucket ``number``'s index of the txids in ``state``."""
+    return f"{_bucket_prefix(prefix, namespace, number)}s:{state}"
+
+
+def create_call(
+    prefix: str, namespace: str, txid: str, data: bytes, deadline: float, created: float | None
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``CREATE`` for ``txid`` (the sync and async logs')."""
+    number = bucket(txid)
+    keys = [
+        record_key(prefix, namespace, txid),
+        index_key(prefix, namespace, number),
+        state_key(prefix, namespace, number, "started"),
+    ]
+    when = deadline if created is None else created
+    return keys, [data, repr(deadline), txid, repr(when)]
+
+
+def cas_call(
+    prefix: str,
+    namespace: str,
+    txid: str,
+    expected: LogEntry,
+    data: bytes,
+    *,
+    finished: bool,
+    retention: float,
+    state: str,
+    created: float,
+    previous: str | None,
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``CAS`` for ``txid`` (the sync and async logs')."""
+    number = bucket(txid)
+    keys = [
+        record_key(prefix, namespace, txid),
+        index_key(prefix, namespace, number),
+        state_key(prefix, namespace, number, state),
+        f"{_bucket_prefix(prefix, namespace, number)}done",
+        state_key(prefix, namespace, number, "committed"),
+        state_key(prefix, namespace, number, "aborted"),
+        *(
+            state_key(prefix, namespace, number, s)
+            for s in ((previous,) if previous else TX_STATES)
+        ),
+    ]
+    retention_ms = max(1, int(retention * 1000))
+    args = [expected.data, data, "1" if finished else "0", retention_ms, txid, repr(created)]
+    return keys, args
+
+
+def page_keys(prefix: str, namespace: str, states: Sequence[str]) -> list[str]:
+    """Every (bucket, state) index a page of ``states`` reads."""
+    return [state_key(prefix, namespace, n, s) for n in range(BUCKETS) for s in states]
+
+
 class RedisTxLog:
     def __init__(self, backend: RedisBackend, prefix: str) -> None:
         self._backend = backend
@@ -81,34 +154,26 @@ class RedisTxLog:
         self._clock_mutex = threading.Lock()
         self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 
-    def _bucket_prefix(self, number: int) -> str:
-        return f"{self._prefix}{{{self._namespace}:tx:{number:02d}}}:"
-
     def record_key(self, txid: str) -> str:
         """The key of ``txid``'s record."""
-        return f"{self._bucket_prefix(bucket(txid))}r:{txid}"
+        return record_key(self._prefix, self._namespace, txid)
 
     def index_key(self, number: int) -> str:
         """The key of bucket ``number``'s index of unfinished transactions."""
-        return f"{self._bucket_prefix(number)}open"
+        return index_key(self._prefix, self._namespace, number)
 
     def state_key(self, number: int, state: str) -> str:
         """The key of bucket ``number``'s index of the txids in ``state``."""
-        return f"{self._bucket_prefix(number)}s:{state}"
+        return state_key(self._prefix, self._namespace, number, state)
 
     def create(
         self, txid: str, data: bytes, deadline: float, created: float | None = None
     ) -> LogEntry | None:
         what = f"create transaction record {txid!r}"
         self._ensure_migrated(what)
-        number = bucket(txid)
-        keys = [self.record_key(txid), self.index_key(number), self.state_key(number, "started")]
-        when = deadline if created is None else created
+        keys, args = create_call(self._prefix, self._namespace, txid, data, deadline, created)
         done = self._backend.call(
-            lambda: self._backend.replication.write(
-                CREATE, keys, [data, repr(deadline), txid, repr(when)], what=what
-            ),
-            what=what,
+            lambda: self._backend.replication.write(CREATE, keys, args, what=what), what=what
         )
         return LogEntry(bytes(data), bytes(data)) if done else None
 
@@ -126,18 +191,18 @@ class RedisTxLog:
     ) -> LogEntry | None:
         what = f"update transaction record {txid!r}"
         self._ensure_migrated(what)
-        number = bucket(txid)
-        keys = [
-            self.record_key(txid),
-            self.index_key(number),
-            self.state_key(number, state),
-            f"{self._bucket_prefix(number)}done",
-            self.state_key(number, "committed"),
-            self.state_key(number, "aborted"),
-            *(self.state_key(number, s) for s in ((previous,) if previous else TX_STATES)),
-        ]
-        retention_ms = max(1, int(retention * 1000))
-        args = [expected.data, data, "1" if finished else "0", retention_ms, txid, repr(created)]
+        keys, args = cas_call(
+            self._prefix,
+            self._namespace,
+            txid,
+            expected,
+            data,
+            finished=finished,
+            retention=retention,
+            state=state,
+            created=created,
+            previous=previous,
+        )
         changed = self._backend.call(
             lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
@@ -192,12 +257,10 @@ class RedisTxLog:
         limit: int,
         newest_first: bool,
     ) -> list[tuple[float, str, LogEntry | None]]:
-        keys = [self.state_key(n, s) for n in range(BUCKETS) for s in states]
+        keys = page_keys(self._prefix, self._namespace, states)
 
         def read() -> list[tuple[float, str, LogEntry | None]]:
-            runs = _after_cursor(self._redis, keys, after, limit, newest_first)
-            merged = heapq.merge(*runs, reverse=newest_first)
-            entries = list(itertools.islice(merged, limit))
+            entries = run(past_cursor(keys, after, limit, newest_first), self._zranges)
             values = mget(self._redis, [self.record_key(t) for _, t in entries])
             return [
                 (created, txid, None if v is None else LogEntry(v, v))
@@ -205,6 +268,13 @@ class RedisTxLog:
             ]
 
         return self._backend.call(read, what="list transactions", retry=True)
+
+    def _zranges(self, ranges: list[ZRange]) -> list[list[tuple[bytes, float]]]:
+        """The replies of ``ranges``, in one pipeline."""
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for zrange in ranges:
+            zrange.queue(pipe)
+        return cast("list[list[tuple[bytes, float]]]", pipe.execute())
 
     def _ensure_migrated(self, what: str) -> None:
         """Move the unfinished records of the old layout, once per client, before the
@@ -269,11 +339,32 @@ class RedisTxLog:
         return persistence.log_problem(persistence.read(self._backend))
 
 
-def _after_cursor(
-    redis: Any, keys: list[str], after: tuple[float, str] | None, limit: int, newest_first: bool
-) -> list[list[tuple[float, str]]]:
-    """The first ``limit`` entries ``(score, member)`` of each index in ``keys`` strictly
-    past ``after`` in the listing's order, each run in that order.
+@dataclass(frozen=True)
+class ZRange:
+    """One ``ZRANGE key low high BYSCORE [REV] LIMIT offset count WITHSCORES``."""
+
+    key: str
+    low: str
+    high: str
+    desc: bool
+    offset: int
+    count: int
+
+    def queue(self, pipe: Any) -> None:
+        """Add it to ``pipe`` (a sync or an async redis-py pipeline)."""
+        pipe.zrange(
+            self.key, self.low, self.high, desc=self.desc, withscores=True, byscore=True,
+            offset=self.offset, num=self.count,
+        )  # fmt: skip
+
+
+def past_cursor(
+    keys: list[str], after: tuple[float, str] | None, limit: int, newest_first: bool
+) -> Generator[list[ZRange], list[list[tuple[bytes, float]]], list[tuple[float, str]]]:
+    """The first ``limit`` entries ``(score, member)`` of the indexes ``keys`` merged,
+    strictly past ``after`` in the listing's order: a program yielding the ZRANGEs to run
+    together (one pipeline) and sent their replies, so the sync and the async log read a
+    page in the same steps.
 
     The score bound is inclusive (a zset orders equal scores by member, as the listing
     does): entries at the cursor's score but not past its txid are dropped, and an index
@@ -284,18 +375,12 @@ def _after_cursor(
     offsets = dict.fromkeys(runs, 0)
     todo = list(runs)
     count = limit + 1
+    if after is None:
+        low, high = ("+inf", "-inf") if newest_first else ("-inf", "+inf")
+    else:
+        low, high = (repr(after[0]), "-inf") if newest_first else (repr(after[0]), "+inf")
     while todo:
-        pipe = redis.pipeline(transaction=False)
-        for i in todo:
-            if after is None:
-                low, high = ("+inf", "-inf") if newest_first else ("-inf", "+inf")
-            else:
-                low, high = (repr(after[0]), "-inf") if newest_first else (repr(after[0]), "+inf")
-            pipe.zrange(
-                keys[i], low, high, byscore=True, desc=newest_first,
-                offset=offsets[i], num=count, withscores=True,
-            )  # fmt: skip
-        replies = cast("list[list[tuple[bytes, float]]]", pipe.execute())
+        replies = yield [ZRange(keys[i], low, high, newest_first, offsets[i], count) for i in todo]
         again = []
         for i, reply in zip(todo, replies, strict=True):
             for member, score in reply:
@@ -306,4 +391,5 @@ def _after_cursor(
             if len(reply) == count and len(runs[i]) < limit:
                 again.append(i)
         todo = again
-    return [runs[i][:limit] for i in range(len(keys))]
+    merged = heapq.merge(*(runs[i][:limit] for i in runs), reverse=newest_first)
+    return list(itertools.islice(merged, limit))

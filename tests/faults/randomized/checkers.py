@@ -116,9 +116,22 @@ def critical_sections(history: History) -> list[tuple[Op, Op]]:
     return pairs
 
 
-def mutual_exclusion(history: History) -> list[Violation]:
-    """No two confirmed critical sections overlap in real time."""
-    sections = sorted(critical_sections(history), key=lambda pair: pair[0].complete)
+def mutual_exclusion(history: History, losses: Sequence[Window] = ()) -> list[Violation]:
+    """No two confirmed critical sections overlap in real time.
+
+    A section that overlaps a loss window is left out: the server that confirmed it may
+    have forgotten the grant since (a restart without persistence), or another server
+    granted the lock too (a Sentinel failover promotes a replica while the old primary,
+    or a replica promoted too early, still takes writes).
+    """
+    sections = sorted(
+        (
+            (acquire, release)
+            for acquire, release in critical_sections(history)
+            if not any(start <= release.complete and acquire.invoke <= end for start, end in losses)
+        ),
+        key=lambda pair: pair[0].complete,
+    )
     overlaps = []
     widest: tuple[Op, Op] | None = None
     for acquire, release in sections:

@@ -21,6 +21,14 @@ kill-member       kill one member of a three-member etcd cluster, restart it lat
 pause-leader      pause the current leader of a three-member etcd cluster (an election
                   follows), resume it later
 kill-leader       kill the current leader of a three-member etcd cluster, restart it later
+kill-primary      Redis Sentinel: kill the primary; at heal, once the sentinels promoted a
+                  replica, start it again and wait until it is a replica in sync
+pause-primary     Redis Sentinel: pause the primary until the sentinels promoted a replica
+                  (at least the planned time), resume it (a split brain until they demote
+                  it) and wait until it is a replica in sync
+kill-cluster-primary  kill the Redis Cluster primary serving the workload's lock, for
+                  longer than the node timeout (a replica is promoted); restart it
+                  (it rejoins as a replica) and wait until the Cluster is healthy
 crash-at          arm a named failpoint in a worker (the workload's own points, e.g. 2PC's
                   after_prepare / after_decision / after_commit): the worker SIGKILLs
                   itself when it next reaches it (etcd robustness tests' failpoints); a
@@ -48,6 +56,9 @@ KINDS = (
     "kill-member",
     "pause-leader",
     "kill-leader",
+    "kill-primary",
+    "pause-primary",
+    "kill-cluster-primary",
     "crash-at",
 )
 
@@ -72,8 +83,12 @@ def _duration(rng: random.Random, kind: str, ttl: float) -> float:
         return rng.uniform(0.2, 0.8) if rng.random() < 0.5 else rng.uniform(1.2, 2.0) * ttl
     if kind in ("kill-client", "kill-member", "kill-leader"):
         return rng.uniform(0.2, 1.5)  # downtime before the replacement / restart
+    if kind == "kill-cluster-primary":
+        return rng.uniform(3.0, 6.0)  # past the node timeout (2 s): a failover happens
     if kind == "restart-server":
         return rng.uniform(0.1, 1.0)
+    if kind in ("kill-primary", "pause-primary"):
+        return rng.uniform(1.0, 3.0)  # the heal also waits for the failover and resync
     if kind == "crash-at":
         return rng.uniform(0.3, 1.0)  # how long the armed point waits to be reached
     raise ValueError(f"unknown fault kind {kind!r}")

@@ -30,12 +30,14 @@ from typing import Any, Protocol
 import dcoord
 from dcoord.backends import registry
 from tests.servers import ROOT, Server, start_server
+from tests.topologies.cluster import ClusterSet
 from tests.topologies.etcd import EtcdCluster
+from tests.topologies.sentinel import SentinelSet
 
 from . import checkers, nemesis
 from .history import History, Recorder, last_event, merge
 from .mutants import MUTANTS
-from .workloads import Killed, Spec
+from .workloads import LOCK, Killed, Spec
 
 WORKLOAD_NAMES = ("counter", "transfers", "election", "semaphore")
 
@@ -55,9 +57,14 @@ DEFAULT_FAULTS: dict[str, dict[str, float]] = {
         "pause-leader": 1,
         "kill-leader": 1,
     },
+    "redis-sentinel": {**_CLIENT_FAULTS, "kill-primary": 2, "pause-primary": 2},
+    "redis-cluster": {**_CLIENT_FAULTS, "kill-cluster-primary": 2},
 }
 # The registered backends this runner has settings (the tables above) for.
 BACKENDS = tuple(d.kind for d in registry.drivers() if d.kind in TTL)
+# Faults after which a Redis Sentinel set may have lost acknowledged writes: replication
+# is asynchronous, and a paused primary accepts writes until the sentinels demote it.
+FAILOVER_FAULTS = ("kill-primary", "pause-primary")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,10 @@ class Config:
     volatile: bool = False
     """Redis only: no persistence (every restart loses all data)."""
     cluster: bool = False
-    """etcd only: three members; member faults instead of whole-server faults."""
+    """etcd: three members, member faults; redis: a Redis Cluster (three primaries, one
+    replica each), primary kills; instead of whole-server faults."""
+    sentinel: bool = False
+    """Redis only: a Sentinel set (primary, two replicas); failovers instead of restarts."""
     mutant: str | None = None
     faults: tuple[str, ...] | None = None
     """Fault kinds to inject (default: every kind that applies to the backend)."""
@@ -83,11 +93,15 @@ class Config:
     """Directory to keep the history in (default: a temporary one, removed if clean)."""
     using: str | None = None
     """Server provider: containers or processes (default: tests/servers.py's choice)."""
+    aio: bool = False
+    """transfers: the odd-numbered workers use dcoord.aio, mixed with sync ones."""
 
     @property
     def variant(self) -> str:
-        if self.backend == "etcd" and self.cluster:
-            return "etcd-cluster"
+        if self.cluster:
+            return f"{self.backend}-cluster"
+        if self.backend == "redis" and self.sentinel:
+            return "redis-sentinel"
         return self.backend
 
     @property
@@ -119,6 +133,8 @@ class Config:
             args.append("--volatile")
         if self.cluster:
             args.append("--cluster")
+        if self.sentinel:
+            args.append("--sentinel")
         if self.mutant:
             args.append(f"--mutant {self.mutant}")
         if self.faults is not None:
@@ -127,6 +143,8 @@ class Config:
             args.append(f"--ttl {self.ttl:g}")
         if self.points is not None:
             args.append(f"--points {','.join(self.points)}")
+        if self.aio:
+            args.append("--aio")
         return "python -m tests.faults.randomized " + " ".join(args)
 
     def describe(self) -> str:
@@ -134,11 +152,14 @@ class Config:
         if self.backend == "redis":
             extra = " (no persistence)" if self.volatile else " (appendfsync always)"
         if self.cluster:
-            extra = " (three members)"
+            extra = " (three members)" if self.backend == "etcd" else " (Redis Cluster)"
+        if self.sentinel:
+            extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
+        aio = ", odd workers async" if self.aio else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
-            f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}"
+            f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}{aio}"
         )
 
 
@@ -299,10 +320,17 @@ class ProcessPool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 killed.append(self.kill(slot))
+        # A replacement spawned just before the stop may get SIGTERM before its handler
+        # is installed: having recorded nothing, it did nothing.
         failed = [
             f"{self._names[s]} exited with {p.returncode}: {self._tail(self._names[s])}"
             for s, p in self._procs.items()
-            if p.returncode not in (0, -signal.SIGKILL) and self._names[s] not in killed
+            if p.returncode not in (0, -signal.SIGKILL)
+            and self._names[s] not in killed
+            and not (
+                p.returncode == -signal.SIGTERM
+                and not (self._dir / f"{self._names[s]}.jsonl").exists()
+            )
         ]
         return [f"{name} did not stop in {timeout:g} s: killed" for name in killed] + failed
 
@@ -444,16 +472,32 @@ class Environment:
         self.config = config
         self.server: Server | None = None
         self.cluster: EtcdCluster | None = None
+        self.sentinels: SentinelSet | None = None
+        self.directory = Path(tempfile.gettempdir())
+        """Where server logs go at stop (the run's directory)."""
+        self.redis_cluster: ClusterSet | None = None
         self.url = ""
         self._freeze: threading.Event | None = None
 
     def start(self) -> None:
         if self.config.backend == "memory":
             self.url = f"memory://faults-{uuid.uuid4().hex[:10]}"
+        elif self.config.variant == "redis-cluster":
+            # min-replicas-to-write 0: a promoted primary has no replica until the killed
+            # node is back, and the workload must go on meanwhile.
+            self.redis_cluster = ClusterSet(using=self.config.using, min_replicas_to_write=0)
+            self.redis_cluster.start()
+            # min_replicas 0: the counter makes no forced (WAITed) writes, and the
+            # workers' request timeout is below the default replica_timeout.
+            self.url = self.redis_cluster.user_url("default", None, min_replicas="0")
         elif self.config.cluster:
             self.cluster = EtcdCluster(self.config.using)
             self.cluster.start()
             self.url = self.cluster.url
+        elif self.config.sentinel:
+            self.sentinels = SentinelSet(using=self.config.using)
+            self.sentinels.start()
+            self.url = self.sentinels.url
         else:
             self.server = start_server(
                 self.config.backend, persistent=not self.config.volatile, using=self.config.using
@@ -467,6 +511,13 @@ class Environment:
             self.server.stop()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.sentinels is not None:
+            # Who was primary when, from the servers' side: removed with a clean run's
+            # directory, kept with the evidence of a violation.
+            self.sentinels.save_logs(self.directory)
+            self.sentinels.stop()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
 
     def heal(self) -> None:
         """Undo anything a fault may have left (idempotent)."""
@@ -478,6 +529,16 @@ class Environment:
                 self.server.start()
         if self.cluster is not None:
             self.cluster.heal()
+        if self.sentinels is not None:
+            for member in self.sentinels.nodes:
+                member.resume()
+                if not member.running():
+                    member.start()
+        if self.redis_cluster is not None:
+            for node in self.redis_cluster.nodes:
+                if not node.running():
+                    node.start()
+            self.redis_cluster.wait_healthy()
 
     def controls(self, pool: Pool, busy: Callable[[str], bool]) -> dict[str, nemesis.Control]:
         """The fault controls of this environment; ``busy(process)`` tells whether a
@@ -534,6 +595,27 @@ class Environment:
             controls["kill-leader"] = nemesis.Control(
                 lambda p: leader_fault(cluster.kill_leader), lambda p: hit.pop().start()
             )
+        if self.sentinels is not None:
+            topology, down = self.sentinels, []
+
+            def fail(action: Callable[[], Server]) -> str:
+                down.append(action())
+                return f"redis primary :{down[-1].port}"
+
+            controls["kill-primary"] = nemesis.Control(
+                lambda p: fail(topology.kill_primary), lambda p: topology.rejoin(down.pop())
+            )
+            controls["pause-primary"] = nemesis.Control(
+                lambda p: fail(topology.pause_primary), lambda p: topology.rejoin(down.pop())
+            )
+        if self.redis_cluster is not None:
+            redis_cluster = self.redis_cluster
+            # The lock key dcoord:NS:lock:{counter} hashes by its tag alone.
+            lock_tag = "{" + LOCK + "}"
+            controls["kill-cluster-primary"] = nemesis.Control(
+                lambda p: f"redis primary :{redis_cluster.kill_primary_of(lock_tag).port}",
+                lambda p: self.heal(),
+            )
         if self.config.backend == "memory":
             controls["pause-server"] = nemesis.Control(self._freeze_memory, self._thaw_memory)
         return controls
@@ -563,10 +645,19 @@ class Environment:
             self._freeze.set()
 
     def loss_windows(self, history: History) -> list[tuple[float, float]]:
-        """When data may have been lost: restarts of a Redis that keeps nothing on disk."""
-        if not (self.config.backend == "redis" and self.config.volatile):
+        """When data may have been lost: restarts of a Redis that keeps nothing on disk,
+        failovers of a Sentinel set (from the fault until the old primary is a replica) and
+        of a Redis Cluster (replication is asynchronous: a write the killed primary
+        acknowledged may not have reached the replica promoted)."""
+        if self.sentinels is not None:
+            return [(f.start, f.end) for f in history.faults if f.kind in FAILOVER_FAULTS]
+        if self.config.variant == "redis-cluster":
+            lossy = "kill-cluster-primary"
+        elif self.config.backend == "redis" and self.config.volatile:
+            lossy = "restart-server"
+        else:
             return []
-        return [(f.start, f.end) for f in history.faults if f.kind == "restart-server"]
+        return [(f.start, f.end) for f in history.faults if f.kind == lossy]
 
 
 def _act(action: Callable[[], None], target: str) -> str:
@@ -649,8 +740,10 @@ def run(config: Config) -> Report:
         raise ValueError(f"unknown backend {config.backend!r}; choose from {', '.join(BACKENDS)}")
     if config.volatile and config.backend != "redis":
         raise ValueError("--volatile applies to redis only")
-    if config.cluster and config.backend != "etcd":
-        raise ValueError("--cluster applies to etcd only")
+    if config.cluster and config.backend == "memory":
+        raise ValueError("--cluster applies to redis and etcd only")
+    if config.sentinel and (config.backend != "redis" or config.volatile):
+        raise ValueError("--sentinel applies to redis (with persistence) only")
     mutant_for = {
         "ignore-limit": "semaphore",
         "del-release": "counter",
@@ -681,6 +774,7 @@ def run(config: Config) -> Report:
     env = Environment(config)
     namespace = f"faults-{config.seed}-{uuid.uuid4().hex[:8]}"
     directory = _directory(config)
+    env.directory = directory
     try:
         env.start()
         try:
@@ -731,6 +825,7 @@ def _run(
             request_timeout=request_timeout,
             acquire_timeout=2 * ttl + 1.0,
             mutant=config.mutant,
+            extra={"aio": True} if config.aio else None,
         )
 
     with dcoord.connect(env.url, namespace=namespace) as admin:
@@ -816,13 +911,19 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run")
     parser.add_argument("--clients", type=int, default=3, help="worker processes (default 3)")
     parser.add_argument("--volatile", action="store_true", help="redis: no persistence")
-    parser.add_argument("--cluster", action="store_true", help="etcd: three members")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="etcd: three members; redis: a Redis Cluster (three primaries, one replica each)",
+    )
+    parser.add_argument("--sentinel", action="store_true", help="redis: a Sentinel set")
     parser.add_argument("--mutant", choices=MUTANTS)
     parser.add_argument("--faults", help="comma-separated fault kinds (default: all that apply)")
     parser.add_argument("--ttl", type=float, help="lock TTL in seconds")
     parser.add_argument("--points", help="crash-at: comma-separated failpoints to choose from")
     parser.add_argument("--keep", metavar="DIR", help="keep the history files in DIR")
     parser.add_argument("--servers", choices=("containers", "processes"), dest="using")
+    parser.add_argument("--aio", action="store_true", help="transfers: odd workers async")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.seeds < 1:
         parser.error("--clients, --duration and --seeds must be positive")
@@ -834,12 +935,14 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         clients=args.clients,
         volatile=args.volatile,
         cluster=args.cluster,
+        sentinel=args.sentinel,
         mutant=args.mutant,
         faults=tuple(args.faults.split(",")) if args.faults else None,
         ttl=args.ttl,
         points=tuple(args.points.split(",")) if args.points else None,
         keep=args.keep,
         using=args.using,
+        aio=args.aio,
     )
     return config, args.seeds
 

@@ -8,25 +8,44 @@ with a larger ``--duration`` and ``--seeds`` (docs/faults.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from .runner import Config, Report, run, with_seed
+from .runner import Config, ProcessPool, Report, run, with_seed
+from .workloads import Spec
 
 pytestmark = pytest.mark.slow
 
 CLEAN = [
     pytest.param(Config("memory", "counter", seed=11, duration=8), id="memory-counter"),
     pytest.param(Config("memory", "transfers", seed=12, duration=8), id="memory-transfers"),
+    pytest.param(
+        Config("memory", "transfers", seed=20, duration=8, clients=4, aio=True),
+        id="memory-transfers-aio",
+    ),
     pytest.param(Config("redis", "counter", seed=13, duration=12), id="redis-counter"),
     pytest.param(
         Config("redis", "counter", seed=14, duration=12, volatile=True),
         id="redis-volatile-counter",
     ),
     pytest.param(Config("redis", "transfers", seed=15, duration=12), id="redis-transfers"),
+    pytest.param(
+        Config("redis", "transfers", seed=19, duration=12, clients=4, aio=True),
+        id="redis-transfers-aio",
+    ),
     pytest.param(Config("etcd", "counter", seed=16, duration=15), id="etcd-counter"),
     pytest.param(Config("etcd", "transfers", seed=17, duration=15), id="etcd-transfers"),
     pytest.param(
         Config("etcd", "counter", seed=18, duration=15, cluster=True), id="etcd-cluster-counter"
+    ),
+    pytest.param(
+        Config("redis", "counter", seed=19, duration=30, sentinel=True),
+        id="redis-sentinel-counter",
+    ),
+    pytest.param(
+        Config("redis", "counter", seed=19, duration=30, cluster=True),
+        id="redis-cluster-counter",
     ),
 ]
 
@@ -132,6 +151,21 @@ def test_mutant_fence_admitting_every_token_is_caught() -> None:
     assert any(v.checker == "fence-order" for v in report.violations), report.render()
 
 
+def test_mutant_fence_admitting_every_token_is_caught_across_sentinel_failovers() -> None:
+    """The Sentinel run's negative control: its failovers are loss windows, which excuse
+    what a failover loses, but not a stale holder's admission between them."""
+    config = Config(
+        "redis",
+        "counter",
+        duration=20,
+        sentinel=True,
+        mutant="admit-all",
+        faults=("pause-holder", "kill-primary"),
+    )
+    report = first_caught(config, range(411, 414), "fence-order")
+    assert report.faults["kill-primary"] >= 1, report.render()
+
+
 @pytest.mark.parametrize(("backend", "duration"), [("memory", 6), ("redis", 8)])
 def test_mutant_commit_before_logging_is_caught(backend: str, duration: float) -> None:
     """Crashes at phase-2 failpoints: after the decision, after a commit, after an abort.
@@ -197,3 +231,37 @@ def test_leader_terms_checker_catches_two_leaders_and_older_terms() -> None:
         "1 terms led by two processes",
         "1 leader reads went back to an older term",
     ]
+
+
+def test_mutual_exclusion_leaves_out_only_sections_that_touch_a_loss_window() -> None:
+    """A failover (or a restart that forgets the lock) excuses two holders inside its
+    window, and nothing outside it."""
+    from .checkers import mutual_exclusion
+    from .history import OK, History, Op
+
+    def hold(process: str, fence: int, start: float, end: float) -> list[Op]:
+        acquire = Op(process, 1, "acquire", None, start - 0.01, start, OK, {"fence": fence})
+        release = Op(process, 2, "release", {"fence": fence}, end, end + 0.01, OK)
+        return [acquire, release]
+
+    def check(losses: list[tuple[float, float]]) -> list[str]:
+        holds = (hold("a", 1, 0.0, 1.0), hold("b", 2, 0.5, 1.5))
+        ops = sorted((op for h in holds for op in h), key=lambda op: op.invoke)
+        return [v.checker for v in mutual_exclusion(History(ops, [], {}), losses)]
+
+    assert check([]) == ["mutual-exclusion"]
+    assert check([(1.2, 3.0)]) == []  # b's section reaches into the window
+    assert check([(2.0, 3.0)]) == ["mutual-exclusion"]  # a window after both excuses nothing
+
+
+def test_a_replacement_stopped_before_it_started_is_not_a_failure(tmp_path: Path) -> None:
+    # A heal that runs late (a Cluster's failover) spawns a replacement just before the
+    # run stops: its SIGTERM then lands while it still imports, before its handler.
+    def spec(name: str) -> Spec:
+        return Spec(
+            "counter", "memory://x", "ns", name, str(tmp_path / f"{name}.jsonl"), 1, 1.0, 1.0, 1.0
+        )
+
+    pool = ProcessPool(spec, tmp_path, 1)
+    pool.spawn(0)
+    assert pool.stop(10) == []

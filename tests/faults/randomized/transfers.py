@@ -18,6 +18,7 @@ runner recovers until nothing is pending, then checks the end state (checkers.py
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import types
@@ -26,12 +27,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dcoord
+import dcoord.aio
+from dcoord.aio import AsyncKVParticipant
 from dcoord.participants import KVParticipant
 from dcoord.twopc import FAILPOINTS
 
 from . import checkers
 from .history import OK, UNKNOWN, History, Recorder
-from .workloads import Failpoint, Spec, backoff, open_worker
+from .workloads import Failpoint, Spec, backoff, open_worker, recorder_and_rng
 
 BANKS = ("bank-0", "bank-1", "bank-2")
 ACCOUNTS = tuple(f"acct-{i}" for i in range(9))
@@ -85,13 +88,20 @@ def payloads(src: str, dst: str, amount: int, txid: str) -> dict[str, dict[str, 
     return out
 
 
-def transfer(coord: Any, rec: Recorder, src: str, dst: str, amount: int, ttl: float) -> str:
-    """One recorded transfer; returns its result."""
+def begin(coord: Any, src: str, dst: str, amount: int, ttl: float) -> tuple[Any, dict[str, Any]]:
+    """A transfer's transaction (sync or async: enlisting is sync on both) and what the
+    history records of it."""
     tx = coord.begin(timeout=tx_timeout(ttl))
     plan = payloads(src, dst, amount, tx.txid)
     for name, payload in plan.items():
         tx.enlist(name, payload)
     value = {"txid": tx.txid, "from": src, "to": dst, "amount": amount, "banks": sorted(plan)}
+    return tx, value
+
+
+def transfer(coord: Any, rec: Recorder, src: str, dst: str, amount: int, ttl: float) -> str:
+    """One recorded transfer; returns its result."""
+    tx, value = begin(coord, src, dst, amount, ttl)
     with rec.invoke("transfer", value) as op:
         tx.commit()
     assert op.result is not None
@@ -116,7 +126,11 @@ def transfers_worker(
     failpoint: Failpoint | None = None,
     connected: Callable[[dcoord.Client], None] | None = None,
 ) -> None:
-    """A coordinator looping over random transfers until ``stop`` is set."""
+    """A coordinator looping over random transfers until ``stop`` is set; with
+    ``aio`` in the spec's extra, the odd slots' workers are async (:func:`aio_worker`)."""
+    if (spec.extra or {}).get("aio") and is_async_slot(spec.process):
+        asyncio.run(aio_worker(spec, stop, failpoint))
+        return
     rec, rng, client = open_worker(spec, connected)
     coord = coordinator(client, spec.ttl, failpoint)
     if spec.mutant == "commit-before-log":
@@ -138,6 +152,57 @@ def transfers_worker(
     finally:
         rec.close()
         client.close()
+
+
+def is_async_slot(process: str) -> bool:
+    """Workers ``c1``, ``c3``, ... (and their restarts ``c1.2``) run on dcoord.aio."""
+    return int(process[1:].split(".")[0]) % 2 == 1
+
+
+async def aio_worker(spec: Spec, stop: threading.Event, failpoint: Failpoint | None) -> None:
+    """:func:`transfers_worker` on dcoord.aio: an AsyncCoordinator over
+    AsyncKVParticipants of the same banks, racing the sync workers on one log and one
+    set of keys. A pause blocks its loop at a failpoint, as SIGSTOP stops a process."""
+    rec, rng = recorder_and_rng(spec)
+    client = await dcoord.aio.connect(
+        spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
+    )
+    hook = None if failpoint is None else (lambda point, txid, bank: failpoint(point))
+    parts = [
+        AsyncKVParticipant(
+            client,
+            name,
+            validate=non_negative,
+            lock_ttl=spec.ttl,
+            lock_timeout=tx_timeout(spec.ttl) / 2,
+        )
+        for name in BANKS
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcoord.DurabilityWarning)
+        coord = await client.coordinator(
+            participants=parts, phase2_timeout=tx_timeout(spec.ttl), failpoint=hook
+        ).start()
+    next_recovery = time.monotonic() + rng.uniform(1.0, 3.0)
+    try:
+        while not stop.is_set():
+            if failpoint is not None:
+                failpoint("transfer")
+            src, dst = rng.sample(ACCOUNTS, 2)
+            tx, value = begin(coord, src, dst, rng.randint(1, 30), spec.ttl)
+            with rec.invoke("transfer", value) as op:
+                await tx.commit()
+            if op.result == UNKNOWN:
+                await asyncio.sleep(rng.uniform(0.05, 0.2))  # as backoff(), on the loop
+            if time.monotonic() >= next_recovery:
+                next_recovery = time.monotonic() + rng.uniform(1.0, 3.0)
+                if failpoint is not None:
+                    failpoint("recover")
+                with rec.invoke("recover") as op:
+                    op.ok(str(await coord.recover()))
+    finally:
+        rec.close()
+        await client.close()
 
 
 def read_state(client: dcoord.Client, ttl: float) -> dict[str, Any]:

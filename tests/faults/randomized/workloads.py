@@ -114,12 +114,18 @@ def decode(raw: bytes | None) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
+def recorder_and_rng(spec: Spec) -> tuple[Recorder, random.Random]:
+    """A worker's history recorder and its seeded random source (sync or async worker)."""
+    return Recorder(Path(spec.history), spec.process), random.Random(
+        f"worker:{spec.seed}:{spec.process}"
+    )
+
+
 def open_worker(
     spec: Spec, connected: Callable[[dcoord.Client], None] | None
 ) -> tuple[Recorder, random.Random, dcoord.Client]:
     """A worker's history recorder, its seeded random source, and its client."""
-    rec = Recorder(Path(spec.history), spec.process)
-    rng = random.Random(f"worker:{spec.seed}:{spec.process}")
+    rec, rng = recorder_and_rng(spec)
     client = dcoord.connect(
         spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
     )
@@ -269,7 +275,7 @@ class CounterWorkload:
     ) -> tuple[list[checkers.Violation], dict[str, Any]]:
         violations = [
             *checkers.lock_fences(history),
-            *checkers.mutual_exclusion(history),
+            *checkers.mutual_exclusion(history, losses),
             *checkers.stale_admissions(history, losses),
             *checkers.fenced_counter(history, final["fenced"], losses),
         ]

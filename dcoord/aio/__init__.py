@@ -1,0 +1,34 @@
+"""The asyncio API: the same locks and fences as :mod:`dcoord`, on the caller's loop.
+
+::
+
+    async with dcoord.aio.connect("redis://localhost:6379") as client:
+        async with client.lock("reports", ttl=30) as lock:
+            await client.fence("reports").write(lock.fence, "report", b"...")
+
+I/O is native (``redis.asyncio``; the memory store wakes tasks itself): no thread pool,
+no background thread. Renewals and pub/sub wake-ups are tasks on the loop that made the
+client; :meth:`AsyncClient.close` cancels them. The rules (validity deadline, renewal
+schedule, when a lock is lost) are :mod:`dcoord.core.lockstate`, shared with the sync
+API, and so are the backends' scripts, keys and error mapping: a sync and an async
+client on one server and namespace exclude each other on one lock name.
+"""
+
+from __future__ import annotations
+
+from .client import AsyncClient, connect
+from .fence import AsyncFence
+from .lock import AsyncLock
+from .participants import AsyncKVParticipant, AsyncParticipant
+from .twopc import AsyncCoordinator, AsyncTransaction
+
+__all__ = [
+    "AsyncClient",
+    "AsyncCoordinator",
+    "AsyncFence",
+    "AsyncKVParticipant",
+    "AsyncLock",
+    "AsyncParticipant",
+    "AsyncTransaction",
+    "connect",
+]

@@ -1,0 +1,163 @@
+"""The async side of the backend boundary: the protocols :mod:`dcoord.aio` drives.
+
+They mirror :mod:`.base` (same names, same semantics, same typed errors) with
+coroutines in place of blocking calls. An async store does its I/O natively on the
+caller's event loop (redis.asyncio, grpc.aio, or the memory store's own wake-ups):
+no thread pool, no background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
+
+from ..errors import BackendUnavailable
+from .base import LockGrant, LogEntry, ServerInfo
+
+T = TypeVar("T")
+
+# Jittered exponential backoff of async retries, as base.with_retries (tenacity's
+# wait_random_exponential(multiplier=0.05, max=1.0)).
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
+class AsyncLockSlot(Protocol):
+    """One async lock handle's state on the backend; see :class:`.base.LockSlot`.
+
+    A cancelled :meth:`acquire` leaves nothing of its attempt behind (no grant, no
+    queue entry, no registered waiter), as one that timed out.
+    """
+
+    async def acquire(self, deadline: float | None) -> LockGrant | None: ...
+
+    async def release(self) -> bool: ...
+
+    async def extend(self, ttl: float) -> LockGrant | None: ...
+
+
+class AsyncLockStore(Protocol):
+    """Fenced locks and fences, async; see :class:`.base.LockStore`."""
+
+    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncLockSlot: ...
+
+    async def admit(self, resource: str, token: int) -> bool: ...
+
+    async def write(self, resource: str, token: int, key: str, value: bytes) -> bool: ...
+
+    async def highest(self, resource: str) -> int | None: ...
+
+    async def close(self) -> None:
+        """Cancel the store's tasks (notifications, cleanups); idempotent."""
+        ...
+
+
+class AsyncTxLogStore(Protocol):
+    """The 2PC decision log, async; see :class:`.base.TxLogStore` (same records, same
+    keys: a sync and an async coordinator share one log)."""
+
+    async def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None: ...
+
+    async def cas(
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
+    ) -> LogEntry | None: ...
+
+    async def get(self, txid: str) -> LogEntry | None: ...
+
+    async def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]: ...
+
+    async def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]: ...
+
+    async def now(self) -> float | None: ...
+
+    async def durability(self) -> str | None: ...
+
+
+class AsyncKVStore(Protocol):
+    """Plain keys, async; see :class:`.base.KVStore` (the same keys as the sync store)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def scan(self, prefix: str) -> dict[str, bytes]: ...
+
+    async def swap(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        only_if: Mapping[str, bytes | None] | None = None,
+    ) -> dict[str, bytes | None] | None: ...
+
+
+class AsyncBackend(Protocol):
+    """A connected async backend, made by :func:`dcoord.aio.connect`."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def locks(self) -> AsyncLockStore: ...
+
+    @property
+    def txlog(self) -> AsyncTxLogStore: ...
+
+    @property
+    def kv_store(self) -> AsyncKVStore:
+        """Plain keys (``kv`` is taken by the etcd backend's gRPC stub)."""
+        ...
+
+    async def start(self) -> None:
+        """Check the server answers (within ``connect_timeout``); closes itself if not."""
+        ...
+
+    async def ping(self) -> ServerInfo: ...
+
+    async def close(self) -> None:
+        """Close the stores, then the connections; idempotent."""
+        ...
+
+
+async def with_retries_async(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    timeout: float,
+    transient: Callable[[BaseException], bool],
+) -> T:
+    """:func:`.base.with_retries` for coroutines: retry transient errors with jittered
+    backoff for up to ``timeout`` seconds, then raise BackendUnavailable naming ``what``
+    with the last error chained. Use it only for operations that are safe to repeat."""
+    started = time.monotonic()
+    ceiling = RETRY_FIRST
+    while True:
+        try:
+            return await fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            remaining = timeout - (time.monotonic() - started)
+            delay = random.uniform(0, ceiling)
+            if remaining <= delay:
+                raise BackendUnavailable(f"{what}: {exc} (gave up after {timeout:g} s)") from exc
+            ceiling = min(RETRY_MAX, ceiling * 2)
+        await asyncio.sleep(delay)

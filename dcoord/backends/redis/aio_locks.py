@@ -1,0 +1,494 @@
+"""Async fenced locks on Redis through ``redis.asyncio``: the sync module's scripts and keys.
+
+The same Lua scripts (:data:`.locks.ACQUIRE`, ``RELEASE``, ``EXTEND``, ``FENCE_ADMIT``)
+run on the same keys (:class:`.locks.RedisLockSlot` names them), so a sync and an async
+client exclude each other on one lock name. Redis errors become dcoord errors in one
+place, :func:`dcoord.backends.redis.error_for`, shared with the sync backend.
+
+Everything runs as tasks on the loop of the caller: one pub/sub connection per client
+read by one task wakes the waiters (:class:`_Notifier`), and the undo of an acquire
+whose reply was lost, or that was cancelled in flight, runs as a task too
+(:meth:`AsyncRedisLocks.undo`). Topologies: a single server and Sentinel (through
+``redis.asyncio.sentinel``); Cluster is refused with a ConfigError for now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ... import metrics
+from ...config import Settings
+from ...errors import BackendUnavailable, ConfigError
+from ...inspect import holder_suffix
+from ..aio_base import with_retries_async
+from ..base import LockGrant, ServerInfo
+from . import error_for, is_transient, topology
+from .locks import (
+    ACQUIRE,
+    EXTEND,
+    FENCE_ADMIT,
+    IDLE_UNSUBSCRIBE,
+    NO_HINT_WAIT,
+    ORPHAN_RETRY_FIRST,
+    ORPHAN_RETRY_MAX,
+    RELEASE,
+    LuaScript,
+    answered,
+    fence_key,
+    lock_keys,
+    milliseconds,
+)
+
+if TYPE_CHECKING:
+    from .aio_kv import AsyncRedisKV
+    from .aio_txlog import AsyncRedisTxLog, AsyncReplication
+
+T = TypeVar("T")
+
+log = logging.getLogger("dcoord.redis")
+
+
+def make_async_client(settings: Settings) -> redis.asyncio.Redis:
+    """A ``redis.asyncio`` client for ``settings``, configured as the sync one
+    (:func:`.topology.make_client`): redis-py's own retry off, connections on first use."""
+    common: dict[str, Any] = {
+        "username": settings.username,
+        "password": settings.password,
+        "socket_connect_timeout": settings.connect_timeout,
+        "socket_timeout": settings.request_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+        "client_name": f"dcoord:{settings.namespace}",
+        **topology._tls(settings),
+    }
+    if settings.topology == "cluster":
+        raise ConfigError(
+            f"dcoord.aio does not support Redis Cluster yet ({settings.url}): "
+            "use a single server or Sentinel, or the sync API"
+        )
+    if settings.topology == "sentinel":
+        sentinel_options = {
+            key: common[key]
+            for key in ("socket_connect_timeout", "socket_timeout", *topology._tls(settings))
+        }
+        sentinel_options["username"] = settings.options["sentinel_username"]
+        sentinel_options["password"] = settings.options["sentinel_password"]
+        sentinels: Any = redis.asyncio.sentinel.Sentinel  # untyped in redis-py
+        sentinel = sentinels(list(settings.hosts), sentinel_kwargs=sentinel_options)
+        primary: redis.asyncio.Redis = sentinel.master_for(
+            settings.service, db=int(settings.database), **common
+        )
+        return primary
+    ((host, port),) = settings.hosts
+    return redis.asyncio.Redis(host=host, port=port, db=int(settings.database), **common)
+
+
+async def run_script(
+    script: LuaScript, client: redis.asyncio.Redis, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT."""
+    run: Any = client.execute_command  # untyped in redis-py
+    try:
+        return await run("EVALSHA", script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        await run("SCRIPT", "LOAD", script.source)
+        return await run("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+class AsyncRedisBackend:
+    """The async Redis backend: one ``redis.asyncio`` client, keys as the sync backend's."""
+
+    kind = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.endpoint = topology.endpoint(settings)
+        self.prefix = f"dcoord:{settings.namespace}:"
+        self.redis = make_async_client(settings)
+        self.locks = AsyncRedisLocks(self)
+        self._closed = False
+
+    async def start(self) -> None:
+        """Connect (retrying for up to ``connect_timeout``); closes itself on failure."""
+        try:
+            await self.call(
+                self._server_info,
+                what=f"connect to redis at {self.endpoint}",
+                retry=True,
+                timeout=self.settings.connect_timeout,
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _server_info(self) -> ServerInfo:
+        info = await self.redis.info("server")
+        version = str(info.get("redis_version", "unknown"))
+        return ServerInfo(kind=self.kind, version=version, endpoint=self.endpoint)
+
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        what: str,
+        retry: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """:meth:`RedisBackend.call` for coroutines: errors mapped once, retries only
+        where ``retry`` says the operation is safe to repeat."""
+        try:
+            if retry:
+                return await with_retries_async(
+                    fn,
+                    what=what,
+                    transient=is_transient,
+                    timeout=timeout or self.settings.request_timeout,
+                )
+            return await fn()
+        except redis.RedisError as exc:
+            error = error_for(self.settings, what, exc)
+            metrics.backend_error(self.settings, type(error))
+            raise error from exc
+        except BackendUnavailable as exc:
+            if retry and isinstance(exc.__cause__, redis.RedisError):
+                metrics.backend_error(self.settings, BackendUnavailable)
+            raise
+
+    async def ping(self) -> ServerInfo:
+        return await self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
+
+    @functools.cached_property
+    def replication(self) -> AsyncReplication:
+        """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
+        from .aio_txlog import AsyncReplication  # it imports this module
+
+        return AsyncReplication(self)
+
+    @functools.cached_property
+    def txlog(self) -> AsyncRedisTxLog:
+        """The 2PC log (the sync clients' log: same keys and scripts)."""
+        from .aio_txlog import AsyncRedisTxLog  # it imports this module
+
+        return AsyncRedisTxLog(self)
+
+    @functools.cached_property
+    def kv_store(self) -> AsyncRedisKV:
+        """Plain keys (the sync clients' keys)."""
+        from .aio_kv import AsyncRedisKV  # it imports this module
+
+        return AsyncRedisKV(self)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.locks.close()
+        finally:
+            await self.redis.aclose()
+
+
+class AsyncRedisLocks:
+    """The async lock store of one Redis backend."""
+
+    def __init__(self, backend: AsyncRedisBackend) -> None:
+        self.backend = backend
+        self.redis = backend.redis
+        self.prefix = backend.prefix
+        self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
+        self.holder = holder_suffix(backend.settings.options["label"])
+        self.notifier = _Notifier(backend.redis)
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncRedisLockSlot:
+        return AsyncRedisLockSlot(self, name, ttl)
+
+    def _fence_key(self, resource: str) -> str:
+        return fence_key(self.prefix, resource)
+
+    async def admit(self, resource: str, token: int) -> bool:
+        key = self._fence_key(resource)
+        # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
+        return bool(
+            await self.backend.call(
+                lambda: run_script(FENCE_ADMIT, self.redis, [key], [str(token)]),
+                what=f"admit fence {token} for {resource!r}",
+                retry=True,
+            )
+        )
+
+    async def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
+        keys = [self._fence_key(resource), f"{self.prefix}kv:{key}"]
+        # Never retried: see RedisLocks.write (a retry could deny a write that happened).
+        return bool(
+            await self.backend.call(
+                lambda: run_script(FENCE_ADMIT, self.redis, keys, [str(token), value]),
+                what=f"fenced write of {key!r} with fence {token} for {resource!r}",
+            )
+        )
+
+    async def highest(self, resource: str) -> int | None:
+        key = self._fence_key(resource)
+        value = await self.backend.call(
+            lambda: self.redis.get(key), what=f"read fence of {resource!r}", retry=True
+        )
+        return None if value is None else int(value)
+
+    def undo(self, slot: AsyncRedisLockSlot, token: str, sent: float) -> None:
+        """Undo, in a task, an acquire whose reply was lost or that was cancelled in
+        flight: it may have run, or may still run (see :class:`.locks._OrphanCleanup`)."""
+        task = asyncio.get_running_loop().create_task(self._undo(slot, token, sent + slot.ttl))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _undo(self, slot: AsyncRedisLockSlot, token: str, sure_after: float) -> None:
+        delay = ORPHAN_RETRY_FIRST
+        while True:
+            started = time.monotonic()
+            try:
+                deleted = await self.backend.call(
+                    lambda: run_script(RELEASE, self.redis, [slot.key], [token, slot.channel]),
+                    what=f"undo the acquire of lock {slot.name!r} whose reply was lost",
+                )
+            except BackendUnavailable as exc:
+                log.info("%s; retrying", exc)
+            except Exception as exc:  # refused (permissions, ...): retrying cannot help
+                log.warning("%r; the grant, if the acquire ran, expires by its TTL", exc)
+                return
+            else:
+                if deleted or started >= sure_after:
+                    return
+            await asyncio.sleep(delay)
+            delay = min(ORPHAN_RETRY_MAX, delay * 2)
+
+    async def close(self) -> None:
+        """Cancel the undo tasks (the TTL covers them) and the notifier."""
+        for task in list(self._cleanups):
+            task.cancel()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
+        await self.notifier.close()
+
+
+class AsyncRedisLockSlot:
+    """One async handle's token on one lock (keys as :class:`.locks.RedisLockSlot`)."""
+
+    def __init__(self, locks: AsyncRedisLocks, name: str, ttl: float) -> None:
+        self._locks = locks
+        self._call = locks.backend.call
+        self._redis = locks.redis
+        self.name = name
+        self.key, self.fence_key, self.channel = lock_keys(locks.prefix, name)
+        self.ttl = ttl
+        self._token: str | None = None
+        self._fence = 0
+
+    async def acquire(self, deadline: float | None) -> LockGrant | None:
+        token = secrets.token_hex(16) + self._locks.holder  # a new token per grant
+        result, sent = await self._try(token)
+        if result <= 0 and deadline is not None and time.monotonic() >= deadline:
+            return None
+        if result <= 0:
+            result, sent = await self._wait(token, deadline)
+            if result <= 0:
+                return None
+        self._token, self._fence = token, result
+        return LockGrant(result, sent + self.ttl)
+
+    async def _try(self, token: str) -> tuple[int, float]:
+        sent = time.monotonic()
+        args = [token, milliseconds(self.ttl), self._locks.skew_margin_us]
+        try:
+            result = await self._call(
+                lambda: run_script(ACQUIRE, self._redis, [self.key, self.fence_key], args),
+                what=f"acquire lock {self.name!r}",
+            )
+        except BaseException as exc:
+            # Not an error reply (a lost reply, or a cancellation while the script was
+            # in flight): it may have run or run yet. Undo it rather than leave a grant.
+            if not answered(exc):
+                self._locks.undo(self, token, sent)
+            raise
+        return int(result), sent
+
+    async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
+        async with self._locks.notifier.interest(self.channel) as channel:
+            while True:
+                # Take the wake-up before trying: a release published after the try
+                # then sets it, so the wait below cannot miss it.
+                woken = channel.woken
+                result, sent = await self._try(token)
+                if result > 0:
+                    return result, sent
+                hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
+                now = time.monotonic()
+                if deadline is not None:
+                    if now >= deadline:
+                        return 0, sent
+                    hint = min(hint, deadline - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), hint)
+
+    async def release(self) -> bool:
+        token, self._token = self._token, None
+        if token is None:
+            return False
+        reply_lost = False
+
+        async def release() -> Any:
+            nonlocal reply_lost
+            try:
+                return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
+            except BaseException as exc:
+                reply_lost = reply_lost or not answered(exc)
+                raise
+
+        what = f"release lock {self.name!r}"
+        released = await self._call(release, what=what, retry=True)
+        if not released and reply_lost:
+            raise BackendUnavailable(
+                f"{what}: the outcome is unknown: an attempt's reply was lost and the retry "
+                "found the lock gone (released by that attempt, or lost before it)"
+            )
+        return bool(released)
+
+    async def extend(self, ttl: float) -> LockGrant | None:
+        token = self._token
+        if token is None:
+            return None
+        sent = time.monotonic()
+        ms = milliseconds(ttl)
+        extended = await self._call(
+            lambda: run_script(EXTEND, self._redis, [self.key], [token, ms]),
+            what=f"extend lock {self.name!r}",
+        )
+        return LockGrant(self._fence, sent + ttl) if extended else None
+
+
+class _Channel:
+    """Waiters of one lock in this client; ``woken`` is set (and replaced) per wake-up."""
+
+    __slots__ = ("idle_since", "name", "waiters", "woken")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.woken = asyncio.Event()
+        self.waiters = 0
+        self.idle_since = 0.0
+
+    def wake(self) -> None:
+        self.woken.set()
+        self.woken = asyncio.Event()
+
+
+class _Notifier:
+    """One pub/sub connection per client, read by one task, shared by every waiter.
+
+    As the sync :class:`.locks._Notifier`: a release message, a subscription
+    confirmation and a reconnect each wake the channel's waiters; a channel nobody waits
+    on is unsubscribed after IDLE_UNSUBSCRIBE seconds.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self._channels: dict[bytes, _Channel] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+        # Held from a channel's creation (or removal) until its SUBSCRIBE (UNSUBSCRIBE)
+        # is sent, so a prune never unsubscribes a channel a new waiter just subscribed.
+        self._send = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def interest(self, channel_name: str) -> AsyncIterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+        key = channel_name.encode()
+        async with self._send:
+            channel = self._channels.get(key)
+            new = channel is None
+            if channel is None:
+                channel = self._channels[key] = _Channel(key)
+            channel.waiters += 1
+        try:
+            if self._reader is None and not self._closed:
+                self._pubsub = self._client.pubsub()
+                self._reader = asyncio.get_running_loop().create_task(
+                    self._run(), name="dcoord redis lock notifier"
+                )
+            if new:
+                async with self._send:
+                    await self._command("subscribe", key)
+            yield channel
+        finally:
+            channel.waiters -= 1
+            channel.idle_since = time.monotonic()
+
+    async def _command(self, command: str, *channels: bytes) -> None:
+        if self._pubsub is None or self._closed:
+            return
+        try:
+            await getattr(self._pubsub, command)(*channels)
+        except (redis.RedisError, OSError) as exc:
+            # Waiters still wake by their TTL hint; the reader reconnects.
+            log.info("lock notifier: %s failed: %s", command, exc)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        last_prune = time.monotonic()
+        while not self._closed:
+            try:
+                if not self._pubsub.subscribed:
+                    await asyncio.sleep(0.05)  # nothing to read before the first SUBSCRIBE
+                    message = None
+                else:
+                    message = await self._pubsub.get_message(timeout=1.0)
+                backoff = 0.05
+            except Exception as exc:  # the connection broke
+                # Messages may have been lost: every waiter re-tries now.
+                for channel in self._channels.values():
+                    channel.wake()
+                log.info("lock notifier reconnecting after: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            if message is not None and message["type"] in ("message", "subscribe"):
+                woken = self._channels.get(message["channel"])
+                if woken is not None:
+                    woken.wake()
+            now = time.monotonic()
+            if now - last_prune >= 1.0:
+                last_prune = now
+                await self._prune(now)
+
+    async def _prune(self, now: float) -> None:
+        async with self._send:
+            idle = [
+                name
+                for name, channel in self._channels.items()
+                if channel.waiters == 0 and now - channel.idle_since >= IDLE_UNSUBSCRIBE
+            ]
+            for name in idle:
+                del self._channels[name]
+            if idle:
+                await self._command("unsubscribe", *idle)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
