@@ -4,11 +4,11 @@ Everything the coordinator decides lives here once, for :class:`dcoord.Coordinat
 (threads) and :class:`dcoord.aio.AsyncCoordinator` (tasks): what the votes decide, when
 a record is past its deadline, what recovery does with a record and how it reports it,
 which participants still have to hear a decision, and the compare-and-set loops on the
-log (decide, acknowledge, confirm on replicas, resolve).
+log (decide, acknowledge, confirm on replicas, resolve), and the paged listing.
 
 The loops are generators: each yields a request for the log (:class:`Read`,
-:class:`Cas`, :class:`Now`) and is sent its answer, or thrown the error the store
-raised. :func:`run` drives one with blocking calls; the async coordinator drives it
+:class:`Cas`, :class:`Now`, :class:`Page`) and is sent its answer, or thrown the error
+the store raised. :func:`run` drives one with blocking calls; the async coordinator drives it
 with awaits (:func:`dcoord.aio.twopc.AsyncCoordinator._run_log`). So a sync and an async
 coordinator take the same steps on the same log and can never disagree on an outcome.
 """
