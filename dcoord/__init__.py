@@ -41,7 +41,7 @@ from .participants import KVParticipant
 from .ring import HashRing
 from .rwlock import ReadLock, ReadWriteLock, WriteLock
 from .semaphore import Semaphore
-from .twopc import Coordinator, Participant, RecoveryReport, Transaction
+from .twopc import Coordinator, Participant, RecoveryReport, Transaction, TxPage
 from .txlog import TxRecord, TxState
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "TransactionAborted",
     "TransactionError",
     "TransactionStateError",
+    "TxPage",
     "TxRecord",
     "TxState",
     "Watch",

@@ -127,7 +127,7 @@ class Client:
     def coordinator(self, participants: Iterable[Participant] = (), **options: Any) -> Coordinator:
         """A two-phase-commit coordinator over ``participants``, logging in this backend.
 
-        Options: ``retention`` (seconds finished records are kept, default 7 days),
+        Options: ``retention`` (seconds finished records are kept, default 1 hour),
         ``phase2_timeout`` (how long commit/abort is retried per call before it is left
         to ``recover()``, default 5 s), ``workers`` (size of each of the prepare and
         phase-2 thread pools), ``clock`` and ``max_clock_skew`` (where the backend has

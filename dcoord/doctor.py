@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .backends.base import TX_STATES
 from .errors import DcoordError
 
 if TYPE_CHECKING:
@@ -79,6 +80,95 @@ def run_checks(client: Client, ttl: float, clock: Callable[[], float] = time.tim
         Check("clock offset", "pass", "0 s: the store runs on this process's clocks"),
         Check("durability", "info", "memory:// keeps nothing past this process"),
     ]
+
+
+# -- the 2PC log's size -----------------------------------------------------------------
+
+#: The transaction rate the size estimate is given for when the log shows none.
+EXAMPLE_TX_RATE = 100
+#: Records whose MEMORY USAGE is averaged (the newest finished ones).
+SIZE_SAMPLE = 20
+
+
+def _txlog_size(kind: str, records: int, finished: int, per_record: float, how: str) -> Check:
+    """The formula, bytes per record x rate x retention, with the numbers found."""
+    from .twopc import DEFAULT_RETENTION
+
+    # Finished records stay for the retention: their count over it is the rate they
+    # arrive at, if the log has been running that long with the default retention.
+    rate = finished / DEFAULT_RETENTION if finished else EXAMPLE_TX_RATE
+    where = "observed" if finished else "example"
+    projected = per_record * rate * DEFAULT_RETENTION
+    return Check(
+        "txlog size",
+        "info",
+        f"{records} record(s) retained, {finished} finished; {per_record:.0f} B/record "
+        f"({how}); bytes/record x rate x retention = {per_record:.0f} B x {rate:.2f}/s "
+        f"({where}) x {DEFAULT_RETENTION:.0f} s (default retention) = "
+        f"{projected / 1e6:.1f} MB on {kind} (docs/transactions.md, Retention)",
+    )
+
+
+def _redis_txlog_size(backend: RedisBackend) -> Check:
+    from .backends.redis.slots import BUCKETS
+
+    log = backend.txlog
+    states = TX_STATES
+
+    def read() -> tuple[dict[str, int], float]:
+        pipe: Any = backend.redis.pipeline(transaction=False)
+        for number in range(BUCKETS):
+            for state in states:
+                pipe.zcard(log.state_key(number, state))
+        counts = pipe.execute()
+        by_state = {s: sum(counts[i :: len(states)]) for i, s in enumerate(states)}
+        newest = log.page(["committed", "aborted"], after=None, limit=SIZE_SAMPLE,
+                          newest_first=True)  # fmt: skip
+        usages = [backend.redis.memory_usage(log.record_key(t)) for _, t, _ in newest]
+        sizes = [u for u in usages if u]
+        # Each record also has an entry in its state's index and, finished, in the
+        # expiry index: two sorted-set entries, ~190 B each (bench/scale_txlog.py).
+        return by_state, (statistics.mean(sizes) if sizes else 500.0) + _REDIS_INDEX_BYTES
+
+    try:
+        by_state, per_record = backend.call(read, what="measure the 2PC log", retry=True)
+    except DcoordError as exc:
+        return Check("txlog size", "info", f"cannot be measured: {exc}")
+    finished = by_state["committed"] + by_state["aborted"]
+    how = "MEMORY USAGE of the newest records + their index entries"
+    return _txlog_size("redis", sum(by_state.values()), finished, per_record, how)
+
+
+#: Redis memory of a record's index entries, beyond MEMORY USAGE of its key (measured
+#: with bench/scale_txlog.py: used_memory grows ~900 B per 3-participant record, of
+#: which MEMORY USAGE of the record key is ~500).
+_REDIS_INDEX_BYTES = 400.0
+
+
+def _etcd_txlog_size(backend: EtcdBackend) -> Check:
+    log = backend.txlog
+
+    def read() -> tuple[int, int, int]:
+        def count(directory: str) -> int:
+            return int(backend.etcd.get_prefix_response(directory, count_only=True).count)
+
+        finished = count(log.index_prefix("committed")) + count(log.index_prefix("aborted"))
+        total = sum(count(log.index_prefix(s)) for s in TX_STATES)
+        return total, finished, int(backend.etcd.status().db_size)
+
+    try:
+        records, finished, db_size = backend.call(read, what="measure the 2PC log", retry=True)
+    except DcoordError as exc:
+        return Check("txlog size", "info", f"cannot be measured: {exc}")
+    # The database holds everything else too, and old revisions until compaction: per
+    # record it is an upper bound; with no records, the measured ~2,400 B stands in.
+    per_record = db_size / records if records else float(_ETCD_RECORD_BYTES)
+    how = "db size / records, an upper bound" if records else "measured by bench/scale_txlog.py"
+    return _txlog_size("etcd", records, finished, per_record, how)
+
+
+#: etcd database bytes per 3-participant committed record (bench/scale_txlog.py).
+_ETCD_RECORD_BYTES = 2_400
 
 
 # -- common -----------------------------------------------------------------------------
@@ -163,6 +253,7 @@ def _redis_checks(
     checks.append(_redis_clock(backend, ttl, clock))
     checks.append(_redis_acl(backend, namespace))
     checks.append(_redis_world_writable(backend, namespace))
+    checks.append(_redis_txlog_size(backend))
     return checks
 
 
@@ -421,6 +512,7 @@ def _etcd_checks(
         _etcd_clock(backend, ttl, clock),
         _etcd_rbac(backend, namespace),
         _etcd_world_writable(backend, namespace),
+        _etcd_txlog_size(backend),
     ]
 
 

@@ -42,7 +42,7 @@ from tenacity import Retrying, stop_after_delay, wait_random_exponential
 from . import metrics, txlog
 from .config import positive_seconds
 from .core import twopc_state as core
-from .core.twopc_state import FAILPOINTS, INLINE_BELOW, RecoveryReport, Stored, Vote
+from .core.twopc_state import FAILPOINTS, INLINE_BELOW, RecoveryReport, Stored, TxPage, Vote
 from .errors import (
     BackendUnavailable,
     ClientClosed,
@@ -63,7 +63,11 @@ log = logging.getLogger("dcoord.twopc")
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETENTION = 7 * 86_400.0
+DEFAULT_RETENTION = 3_600.0
+"""Seconds a finished record stays readable (``tx show``, ``tx list``). Nothing needs it
+back: recovery reads only unfinished records, and a missing record resolves as aborted,
+which is the truth for an aborted transaction and moot for a committed one (every
+participant acknowledged it). Sized for memory: see docs/transactions.md, "Retention"."""
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
@@ -75,6 +79,7 @@ __all__ = [
     "Participant",
     "RecoveryReport",
     "Transaction",
+    "TxPage",
     "Vote",
 ]
 
@@ -282,14 +287,27 @@ class Coordinator:
         metrics.tx_resolved(self, outcome)
         return outcome
 
-    def transactions(self, state: TxState | str | None = None) -> list[TxRecord]:
-        """Every retained record (optionally only those in ``state``), oldest first.
+    def transactions(
+        self,
+        state: TxState | str | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        newest_first: bool = False,
+    ) -> TxPage:
+        """Retained records (optionally only those in ``state``), oldest first, or newest
+        first with ``newest_first``; in both orders by creation time, then txid.
+
+        With ``limit``, one page of at most ``limit`` records: pass the page's
+        :attr:`TxPage.cursor` as ``cursor`` (with the same ``state`` and order) for the
+        next. A page is read through an index of each state, so its cost depends on
+        ``limit``, not on how many records the log retains. Without ``limit``, every
+        retained record (read page by page; in memory all at once, so mind the size).
 
         Corrupted records are skipped with a logged warning; :meth:`recover` reports them.
         """
         self._check_usable(needs_pools=False)
-        wanted = None if state is None else txlog.check_state(state)
-        return core.decoded_records(self._store.scan(), wanted, self._corrupted)
+        return self._log(core.listing(state, limit, cursor, newest_first, self._corrupted))
 
     def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
@@ -371,7 +389,7 @@ class Coordinator:
     def _create(self, record: TxRecord) -> Stored:
         data = txlog.encode(record)
         try:
-            entry = self._store.create(record.txid, data, record.deadline)
+            entry = self._store.create(record.txid, data, record.deadline, record.created)
         except BackendUnavailable as exc:
             # Maybe written, but no participant was asked: it can only end as an abort.
             raise TransactionAborted(
@@ -617,6 +635,16 @@ class Coordinator:
                 request.data,
                 finished=request.finished,
                 retention=self.retention,
+                state=request.state,
+                created=request.created,
+                previous=request.previous,
+            )
+        if isinstance(request, core.Page):
+            return self._store.page(
+                request.states,
+                after=request.after,
+                limit=request.limit,
+                newest_first=request.newest_first,
             )
         return self._now()
 

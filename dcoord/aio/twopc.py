@@ -34,7 +34,7 @@ from .. import metrics, txlog
 from ..backends.aio_base import with_retries_async
 from ..config import positive_seconds
 from ..core import twopc_state as core
-from ..core.twopc_state import RecoveryReport, Stored, Vote
+from ..core.twopc_state import RecoveryReport, Stored, TxPage, Vote
 from ..errors import (
     BackendUnavailable,
     ClientClosed,
@@ -225,11 +225,19 @@ class AsyncCoordinator:
         metrics.tx_resolved(self, outcome)
         return outcome
 
-    async def transactions(self, state: TxState | str | None = None) -> list[TxRecord]:
-        """Every retained record (optionally only those in ``state``), oldest first."""
+    async def transactions(
+        self,
+        state: TxState | str | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        newest_first: bool = False,
+    ) -> TxPage:
+        """Retained records (optionally only those in ``state``) by creation time, then
+        txid, in pages: as :meth:`dcoord.Coordinator.transactions`, whose cursors this
+        accepts (one log, one index, for both APIs)."""
         self._check_usable(needs_open=False)
-        wanted = None if state is None else txlog.check_state(state)
-        return core.decoded_records(await self._store.scan(), wanted, self._corrupted)
+        return await self._log(core.listing(state, limit, cursor, newest_first, self._corrupted))
 
     async def get(self, txid: str) -> TxRecord | None:
         """The record of ``txid``, or None; LogCorrupted if it does not parse."""
@@ -302,7 +310,7 @@ class AsyncCoordinator:
     async def _create(self, record: TxRecord) -> Stored:
         data = txlog.encode(record)
         try:
-            entry = await self._store.create(record.txid, data, record.deadline)
+            entry = await self._store.create(record.txid, data, record.deadline, record.created)
         except BackendUnavailable as exc:
             # Maybe written, but no participant was asked: it can only end as an abort.
             raise TransactionAborted(
@@ -534,6 +542,16 @@ class AsyncCoordinator:
                 request.data,
                 finished=request.finished,
                 retention=self.retention,
+                state=request.state,
+                created=request.created,
+                previous=request.previous,
+            )
+        if isinstance(request, core.Page):
+            return await self._store.page(
+                request.states,
+                after=request.after,
+                limit=request.limit,
+                newest_first=request.newest_first,
             )
         return await self._now()
 

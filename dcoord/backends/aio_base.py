@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
@@ -59,17 +59,35 @@ class AsyncTxLogStore(Protocol):
     """The 2PC decision log, async; see :class:`.base.TxLogStore` (same records, same
     keys: a sync and an async coordinator share one log)."""
 
-    async def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None: ...
+    async def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None: ...
 
     async def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
     ) -> LogEntry | None: ...
 
     async def get(self, txid: str) -> LogEntry | None: ...
 
     async def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]: ...
 
-    async def scan(self) -> dict[str, LogEntry]: ...
+    async def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]: ...
 
     async def now(self) -> float | None: ...
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -100,22 +100,42 @@ class LogEntry:
     """Opaque to the core: what :meth:`TxLogStore.cas` compares (etcd: mod_revision)."""
 
 
+TX_STATES = ("started", "committing", "aborting", "committed", "aborted")
+"""Every state a record can be in (:class:`dcoord.txlog.TxState`): a store indexes each."""
+
+
 class TxLogStore(Protocol):
     """The 2PC decision log: one record per transaction, changed only by compare-and-set,
     plus an index of unfinished records by deadline. The core owns the record format and
     the state machine (:mod:`dcoord.txlog`); a store only keeps bytes."""
 
-    def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
-        """Write a new record, indexed as unfinished by ``deadline``; None if it exists."""
+    def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None:
+        """Write a new record, indexed as unfinished by ``deadline`` and as ``started`` by
+        ``created`` (default: ``deadline``, for callers without a record); None if it
+        exists."""
         ...
 
     def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         """Replace the record only if it is still exactly ``expected``; None if it changed.
 
-        With ``finished`` the record leaves the unfinished index (in the same atomic step)
-        and expires ``retention`` seconds later."""
+        The record moves to the index of ``state`` (one of :data:`TX_STATES`) at
+        ``created``, from that of ``previous``, the state ``expected`` is in (None: not
+        known, so from whichever it is in, at some more cost). With ``finished`` it
+        leaves the unfinished index (in the same atomic step) and expires ``retention``
+        seconds later, its index entry with it."""
         ...
 
     def get(self, txid: str) -> LogEntry | None: ...
@@ -126,8 +146,19 @@ class TxLogStore(Protocol):
         Costs time proportional to the unfinished records, not to the log's history."""
         ...
 
-    def scan(self) -> dict[str, LogEntry]:
-        """Every record still retained, finished or not (for operators)."""
+    def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]:
+        """Up to ``limit`` index entries ``(created, txid, record)`` of the given states,
+        in ``(created, txid)`` order (reversed with ``newest_first``), strictly past
+        ``after``; record None: indexed but gone (expired meanwhile). Fewer than ``limit``
+        only at the end of the log. Costs time in proportion to ``limit`` (and a log
+        factor of the log's size), for operators' listings."""
         ...
 
     def durability(self) -> str | None:

@@ -11,6 +11,7 @@ import time
 from .. import inspect
 from ..client import Client
 from ..twopc import Coordinator
+from ..txlog import TxState
 from .common import connect_to, global_options
 from .locks import age, table
 from .tx import in_doubt_first, is_stuck, quiet_coordinator
@@ -86,7 +87,8 @@ def render(client: Client, coord: Coordinator) -> list[str]:
             f"{', '.join(ids[:MEMBERS_SHOWN])}{more}"
         )
     lines += [f"{live} group(s) with live members", "", "UNFINISHED TRANSACTIONS"]
-    unfinished = [r for r in coord.transactions() if not r.state.finished]
+    # Through the unfinished states' indexes: never a read of the finished history.
+    unfinished = [r for s in TxState if not s.finished for r in coord.transactions(s)]
     records = in_doubt_first(unfinished, now)
     for record in records:
         stuck = "  STUCK: past its deadline" if is_stuck(record, now) else ""

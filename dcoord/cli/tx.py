@@ -1,7 +1,13 @@
 """``dcoord tx``: look at and finish two-phase-commit transactions, for operators.
 
-dcoord tx list [--state S]      every retained transaction: unfinished (stuck past the
-                                deadline first) before finished, oldest first, with age
+dcoord tx list [--state S] [--limit N] [--cursor C] [--newest]
+                                one page of retained transactions in creation order
+                                (oldest first unless --newest), with age; the next
+                                page's cursor is printed last (on stderr with --json)
+dcoord tx list --all [--state S]
+                                every retained transaction: unfinished (stuck past the
+                                deadline first) before finished, oldest first; reads the
+                                whole log, so mind its size
 dcoord tx show TXID             one record in full
 dcoord tx recover [--kv NAMES]  drive unfinished transactions to their end
 dcoord tx resolve TXID          the outcome; aborts an undecided one past its deadline
@@ -17,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,6 +38,8 @@ from ..txlog import TxRecord, TxState
 from .common import FAILURE, connect_to, global_options, print_json
 from .locks import age
 
+#: Transactions per page of ``tx list``.
+LIST_LIMIT = 100
 NOT_IN_LOG = (
     "not in the log: presumed aborted (never logged, or finished and removed after its retention)"
 )
@@ -47,9 +56,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     global_options(parser, backend=True)
     commands = parser.add_subparsers(title="tx commands", metavar="ACTION", required=True)
 
-    listing = commands.add_parser("list", help="list retained transactions")
+    listing = commands.add_parser(
+        "list",
+        help="list retained transactions, a page at a time",
+        description=(
+            "List one page of retained transactions in creation order (oldest first, or "
+            "newest first with --newest). When there are more, the last line gives the "
+            "--cursor of the next page (on stderr with --json, whose output stays a JSON "
+            "list). A page costs the same however long the log is; --all reads it whole."
+        ),
+    )
     listing.add_argument(
         "--state", choices=[s.value for s in TxState], help="only transactions in this state"
+    )
+    listing.add_argument(
+        "--limit",
+        type=int,
+        default=LIST_LIMIT,
+        help=f"transactions per page (default {LIST_LIMIT})",
+    )
+    listing.add_argument("--cursor", help="where the page starts (printed after the last one)")
+    listing.add_argument("--newest", action="store_true", help="newest first")
+    listing.add_argument(
+        "--all",
+        action="store_true",
+        help="every retained transaction, unfinished (stuck first) before finished",
     )
     listing.set_defaults(func=run, action="list")
 
@@ -104,20 +135,7 @@ def run(args: argparse.Namespace) -> int:
             participants = [KVParticipant(client, name) for name in names]
         coord = quiet_coordinator(client, participants)
         if args.action == "list":
-            now = time.time()
-            records = in_doubt_first(coord.transactions(state=args.state), now)
-            if args.json:
-                print_json([record_json(r) for r in records])
-                return 0
-            print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  {'age':>7}  participants")
-            for record in records:
-                stuck = " (stuck: past its deadline)" if is_stuck(record, now) else ""
-                print(
-                    f"{record.txid:<32}  {record.state.value:<10}  {_time(record.created)}"
-                    f"  {age(now - record.created):>7}  {','.join(record.participants)}{stuck}"
-                )
-            print(f"{len(records)} transaction(s)")
-            return 0
+            return _list(coord, args)
         if args.action == "show":
             found = coord.get(args.txid)
             if args.json:
@@ -146,6 +164,37 @@ def run(args: argparse.Namespace) -> int:
         for txid, why in {**report.incomplete, **report.corrupted}.items():
             print(f"  {txid}: {why}")
         return 0 if report.clean else FAILURE
+
+
+def _list(coord: Coordinator, args: argparse.Namespace) -> int:
+    now = time.time()
+    if args.all:
+        records: list[TxRecord] = in_doubt_first(coord.transactions(state=args.state), now)
+        cursor = None
+    else:
+        page = coord.transactions(
+            state=args.state, limit=args.limit, cursor=args.cursor, newest_first=args.newest
+        )
+        records, cursor = page, page.cursor
+    more = (
+        ""
+        if cursor is None
+        else f"next page: --cursor '{cursor}'{' --newest' if args.newest else ''}"
+    )
+    if args.json:
+        print_json([record_json(r) for r in records])
+        if more:
+            print(more, file=sys.stderr)
+        return 0
+    print(f"{'txid':<32}  {'state':<10}  {'created (UTC)':<19}  {'age':>7}  participants")
+    for record in records:
+        stuck = " (stuck: past its deadline)" if is_stuck(record, now) else ""
+        print(
+            f"{record.txid:<32}  {record.state.value:<10}  {_time(record.created)}"
+            f"  {age(now - record.created):>7}  {','.join(record.participants)}{stuck}"
+        )
+    print(f"{len(records)} transaction(s)" + (f"; {more}" if more else ""))
+    return 0
 
 
 def in_doubt_first(records: list[TxRecord], now: float) -> list[TxRecord]:

@@ -4,11 +4,11 @@ Everything the coordinator decides lives here once, for :class:`dcoord.Coordinat
 (threads) and :class:`dcoord.aio.AsyncCoordinator` (tasks): what the votes decide, when
 a record is past its deadline, what recovery does with a record and how it reports it,
 which participants still have to hear a decision, and the compare-and-set loops on the
-log (decide, acknowledge, confirm on replicas, resolve).
+log (decide, acknowledge, confirm on replicas, resolve), and the paged listing.
 
 The loops are generators: each yields a request for the log (:class:`Read`,
-:class:`Cas`, :class:`Now`) and is sent its answer, or thrown the error the store
-raised. :func:`run` drives one with blocking calls; the async coordinator drives it
+:class:`Cas`, :class:`Now`, :class:`Page`) and is sent its answer, or thrown the error
+the store raised. :func:`run` drives one with blocking calls; the async coordinator drives it
 with awaits (:func:`dcoord.aio.twopc.AsyncCoordinator._run_log`). So a sync and an async
 coordinator take the same steps on the same log and can never disagree on an outcome.
 """
@@ -16,7 +16,8 @@ coordinator take the same steps on the same log and can never disagree on an out
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterable, Mapping
+import math
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -72,12 +73,31 @@ class Read:
 @dataclass(frozen=True)
 class Cas:
     """Request: compare-and-set ``txid`` from ``expected`` to ``data``; the new entry, or
-    None if the record changed meanwhile. ``finished`` records get the retention."""
+    None if the record changed meanwhile. ``finished`` records get the retention.
+
+    ``state`` and ``created`` are the new record's, ``previous`` the state ``expected``
+    is in: the store moves the record's entry between its state indexes (the listing's)
+    in the same atomic step, so every driver keeps them right."""
 
     txid: str
     expected: LogEntry
     data: bytes
     finished: bool
+    state: str
+    created: float
+    previous: str
+
+
+@dataclass(frozen=True)
+class Page:
+    """Request: up to ``limit`` index entries ``(created, txid, entry or None)`` of the
+    records in ``states``, strictly past ``after`` in (created, txid) order (reversed
+    with ``newest_first``): the store's ``page``."""
+
+    states: tuple[str, ...]
+    after: tuple[float, str] | None
+    limit: int
+    newest_first: bool
 
 
 @dataclass(frozen=True)
@@ -85,7 +105,7 @@ class Now:
     """Request: wall-clock time by the clock every coordinator shares (else this host's)."""
 
 
-Request = Read | Cas | Now
+Request = Read | Cas | Now | Page
 Steps = Generator[Request, Any, T]
 """A log program: yields requests, is sent their answers (or thrown their errors)."""
 
@@ -302,7 +322,15 @@ def cas(stored: Stored, new: TxRecord, confirm: bool) -> Steps[Stored | None]:
     """Compare-and-set ``stored`` -> ``new``; None if the record changed meanwhile."""
     data = txlog.encode(new)
     try:
-        entry = yield Cas(new.txid, stored.entry, data, new.state.finished)
+        entry = yield Cas(
+            new.txid,
+            stored.entry,
+            data,
+            new.state.finished,
+            new.state.value,
+            new.created,
+            stored.record.state.value,
+        )
     except BackendUnavailable:
         # Unknown outcome: read back; our exact bytes there mean it was applied (but
         # perhaps not replicated: the error may have been a WAIT that fell short).
@@ -327,7 +355,10 @@ def durable(stored: Stored, confirm: bool) -> Steps[Stored]:
     record = stored.record
     if not confirm or record.outcome is None or record.state.finished:
         return stored
-    entry = yield Cas(record.txid, stored.entry, txlog.encode(record), False)
+    state = record.state.value
+    entry = yield Cas(
+        record.txid, stored.entry, txlog.encode(record), False, state, record.created, state
+    )
     if entry is None:
         raise BackendUnavailable(
             f"transaction {record.txid!r} changed while its decision was being "
@@ -397,23 +428,67 @@ def resolve(txid: str, *, skew_grace: float, decided_at: float, confirm: bool) -
     return outcome
 
 
-def decoded_records(
-    entries: Mapping[str, LogEntry],
-    state: TxState | None,
+class TxPage(list[TxRecord]):
+    """A list of records from ``transactions()``, plus where the next page starts:
+    :attr:`cursor`, None when this page reached the end of the log."""
+
+    cursor: str | None = None
+
+
+#: Records read per store call when ``transactions()`` lists everything.
+LIST_PAGE = 1_000
+
+
+def parse_cursor(cursor: object) -> tuple[float, str]:
+    """``"<created>:<txid>"`` (a :attr:`TxPage.cursor`) as ``(created, txid)``."""
+    bad = ConfigError(f"not a transaction-list cursor: {cursor!r}")
+    if not isinstance(cursor, str):
+        raise bad
+    created, _, txid = cursor.partition(":")
+    try:
+        when = float(created)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(when) or not txid:
+        raise bad
+    return when, txlog.check_txid(txid)
+
+
+def listing(
+    state: TxState | str | None,
+    limit: int | None,
+    cursor: str | None,
+    newest_first: bool,
     on_corrupted: Callable[[LogCorrupted], None],
-) -> list[TxRecord]:
-    """The records of a log scan (only those in ``state`` if given), oldest first;
-    unparsable ones are passed to ``on_corrupted`` and skipped."""
-    records = []
-    for txid, entry in entries.items():
-        try:
-            record = txlog.decode(txid, entry.data)
-        except LogCorrupted as exc:
-            on_corrupted(exc)
-            continue
-        if state is None or record.state is state:
-            records.append(record)
-    return sorted(records, key=lambda r: (r.created, r.txid))
+) -> Steps[TxPage]:
+    """``transactions()``: one page of at most ``limit`` records (every retained record
+    without it, read :data:`LIST_PAGE` at a time) in ``state`` (any if None), past
+    ``cursor``; unparsable ones are passed to ``on_corrupted`` and skipped. The
+    arguments are checked before the first request."""
+    states: Sequence[str] = (
+        [s.value for s in TxState] if state is None else [txlog.check_state(state)]
+    )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+    after = None if cursor is None else parse_cursor(cursor)
+    page = TxPage()
+    while limit is None or len(page) < limit:
+        want = LIST_PAGE if limit is None else limit - len(page)
+        entries: list[tuple[float, str, LogEntry | None]] = yield Page(
+            tuple(states), after, want, newest_first
+        )
+        for created, txid, entry in entries:
+            after = (created, txid)
+            if entry is None:
+                continue  # expired between the index read and the record read
+            try:
+                page.append(txlog.decode(txid, entry.data))
+            except LogCorrupted as exc:
+                on_corrupted(exc)
+        if len(entries) < want:
+            return page  # the end of the log: no cursor
+    page.cursor = None if after is None else f"{after[0]!r}:{after[1]}"
+    return page
 
 
 def warn_if_ahead(

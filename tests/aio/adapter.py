@@ -83,6 +83,11 @@ class SyncView:
     def coordinator(self, participants: Any = (), **options: Any) -> SyncCoordinator:
         return _coordinator(self, participants, **options)
 
+    @property
+    def txlog(self) -> SyncTxLog:
+        """The async client's 2PC log store, with the sync store's methods."""
+        return SyncTxLog(self, self.aio.backend.txlog)
+
     def close(self) -> None:
         try:
             self._loop.run(self.aio.close())
@@ -251,6 +256,19 @@ def _coordinator(client: SyncView, participants: Any = (), **options: Any) -> Sy
     return SyncCoordinator(client, coordinator)
 
 
+class SyncTxLog:
+    """An async 2PC log store (:class:`dcoord.backends.aio_base.AsyncTxLogStore`) with the
+    sync store's methods: each call runs the coroutine on the loop and waits."""
+
+    def __init__(self, client: SyncView, store: Any) -> None:
+        self._client = client
+        self._store = store
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._store, name)
+        return lambda *args, **options: self._client.run(method(*args, **options))
+
+
 class SyncCoordinator:
     """An :class:`dcoord.aio.AsyncCoordinator` with :class:`dcoord.Coordinator`'s methods."""
 
@@ -274,8 +292,12 @@ class SyncCoordinator:
     def get(self, txid: str) -> Any:
         return self._client.run(self.aio.get(txid))
 
-    def transactions(self, state: Any = None) -> list[Any]:
-        return self._client.run(self.aio.transactions(state))
+    @property
+    def retention(self) -> float:
+        return self.aio.retention
+
+    def transactions(self, state: Any = None, **options: Any) -> Any:
+        return self._client.run(self.aio.transactions(state, **options))
 
     def recover(self) -> Any:
         return self._client.run(self.aio.recover())

@@ -157,7 +157,7 @@ def test_tx_list_puts_stuck_transactions_first(
     ]
     for record in records:
         assert client.backend.txlog.create(record.txid, txlog.encode(record), record.deadline)
-    assert main(["tx", "list", "--url", backend_url, "--namespace", namespace]) == 0
+    assert main(["tx", "list", "--all", "--url", backend_url, "--namespace", namespace]) == 0
     lines = capsys.readouterr().out.splitlines()[1:4]
     assert [line.split()[0] for line in lines] == ["c-stuck", "b-open", "a-done"]
     assert "stuck" in lines[0] and "stuck" not in lines[1]

@@ -168,7 +168,7 @@ def _finish(client: dcoord.Client) -> None:
     log = client.backend.txlog
     entry = log.get("tx1")
     assert entry is not None
-    log.cas("tx1", entry, b'{"done": 1}', finished=True, retention=60)
+    log.cas("tx1", entry, b'{"done": 1}', finished=True, retention=60, state="committed", created=1)
 
 
 @pytest.mark.parametrize(

@@ -550,7 +550,9 @@ def test_store_cas_admits_exactly_one_of_racing_writers(client: dcoord.Client) -
         outcome = "committed" if i % 2 else "aborted"
         new = txlog.decide(record, outcome, now=time.time(), reason=str(i))
         barrier.wait()
-        if store.cas("race1", entry, txlog.encode(new), finished=False, retention=60):
+        data = txlog.encode(new)
+        state = new.state.value
+        if store.cas("race1", entry, data, finished=False, retention=60, state=state, created=1):
             wins.append(outcome)
 
     threads = [threading.Thread(target=decide, args=(i,)) for i in range(8)]
@@ -563,7 +565,11 @@ def test_store_cas_admits_exactly_one_of_racing_writers(client: dcoord.Client) -
     assert current is not None
     assert txlog.decode("race1", current.data).outcome == wins[0]
     # A stale version is refused even when the state would be the same.
-    assert store.cas("race1", entry, txlog.encode(record), finished=False, retention=60) is None
+    stale = txlog.encode(record)
+    assert (
+        store.cas("race1", entry, stale, finished=False, retention=60, state="started", created=1)
+        is None
+    )
 
 
 def test_invalid_transitions_are_refused_and_leave_the_log_unchanged(

@@ -7,6 +7,8 @@ and a sync and an async coordinator of one ``memory://`` store share one log.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..base import LogEntry
 from .txlog import MemoryTxLog
 
@@ -15,13 +17,33 @@ class AsyncMemoryTxLog:
     def __init__(self, log: MemoryTxLog) -> None:
         self._log = log
 
-    async def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
-        return self._log.create(txid, data, deadline)
+    async def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None:
+        return self._log.create(txid, data, deadline, created)
 
     async def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
-        return self._log.cas(txid, expected, data, finished=finished, retention=retention)
+        return self._log.cas(
+            txid,
+            expected,
+            data,
+            finished=finished,
+            retention=retention,
+            state=state,
+            created=created,
+            previous=previous,
+        )
 
     async def get(self, txid: str) -> LogEntry | None:
         return self._log.get(txid)
@@ -29,8 +51,15 @@ class AsyncMemoryTxLog:
     async def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]:
         return self._log.unfinished(limit)
 
-    async def scan(self) -> dict[str, LogEntry]:
-        return self._log.scan()
+    async def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]:
+        return self._log.page(states, after=after, limit=limit, newest_first=newest_first)
 
     async def now(self) -> float:
         return self._log.now()

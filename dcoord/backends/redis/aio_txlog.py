@@ -1,8 +1,9 @@
 """The 2PC decision log on Redis through ``redis.asyncio``: the sync log's keys and scripts.
 
-Records, bucket indexes and scripts are those of :mod:`.txlog` (:func:`.txlog.record_key`,
-:func:`.txlog.index_key`, ``CREATE``, ``CAS``, ``MIGRATE``), so a sync and an async
-coordinator read and decide one log. Forced writes are :class:`AsyncReplication`, the
+Records, bucket and state indexes and scripts are those of :mod:`.txlog`
+(:func:`.txlog.create_call`, :func:`.txlog.cas_call`, ``MIGRATE``), and a page is read
+by the same program (:func:`.txlog.past_cursor`), so a sync and an async coordinator
+read, decide and list one log. Forced writes are :class:`AsyncReplication`, the
 async twin of :class:`.replication.Replication` (the script and ``WAIT min_replicas``
 in one pipeline on one connection, the same shortfall error). Unfinished records of the
 pre-bucket layout are moved as the sync log moves them, before first use and whenever a
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 
+from ...aio.participants import drive
 from ...errors import BackendError
 from ..base import LogEntry
 from . import persistence
@@ -26,7 +28,19 @@ from .aio_locks import run_script
 from .locks import LuaScript
 from .replication import check_acks
 from .slots import BUCKETS, bucket, slot
-from .txlog import _CLOCK_REREAD, CAS, CREATE, MIGRATE, index_key, record_key, record_pattern
+from .txlog import (
+    _CLOCK_REREAD,
+    CAS,
+    CREATE,
+    MIGRATE,
+    ZRange,
+    cas_call,
+    create_call,
+    index_key,
+    page_keys,
+    past_cursor,
+    record_key,
+)
 
 if TYPE_CHECKING:
     from .aio_locks import AsyncRedisBackend
@@ -106,27 +120,47 @@ class AsyncRedisTxLog:
             index_key(self._prefix, self._namespace, bucket(txid)),
         ]
 
-    async def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
+    async def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None:
         what = f"create transaction record {txid!r}"
         await self._ensure_migrated(what)
+        keys, args = create_call(self._prefix, self._namespace, txid, data, deadline, created)
         replication = self._backend.replication
-        created = await self._backend.call(
-            lambda: replication.write(
-                CREATE, self._keys(txid), [data, repr(deadline), txid], what=what
-            ),
-            what=what,
+        done = await self._backend.call(
+            lambda: replication.write(CREATE, keys, args, what=what), what=what
         )
-        return LogEntry(bytes(data), bytes(data)) if created else None
+        return LogEntry(bytes(data), bytes(data)) if done else None
 
     async def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         what = f"update transaction record {txid!r}"
         await self._ensure_migrated(what)
-        args = [expected.data, data, "1" if finished else "0", max(1, int(retention * 1000)), txid]
+        keys, args = cas_call(
+            self._prefix,
+            self._namespace,
+            txid,
+            expected,
+            data,
+            finished=finished,
+            retention=retention,
+            state=state,
+            created=created,
+            previous=previous,
+        )
         replication = self._backend.replication
         changed = await self._backend.call(
-            lambda: replication.write(CAS, self._keys(txid), args, what=what), what=what
+            lambda: replication.write(CAS, keys, args, what=what), what=what
         )
         return LogEntry(bytes(data), bytes(data)) if changed else None
 
@@ -167,20 +201,33 @@ class AsyncRedisTxLog:
             pipe.zrange(self._legacy_index, 0, -1, withscores=True)
         return list(await pipe.execute())
 
-    async def scan(self) -> dict[str, LogEntry]:
-        await self._ensure_migrated("list transactions")
-        pattern = record_pattern(self._prefix, self._namespace)
+    async def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]:
+        keys = page_keys(self._prefix, self._namespace, states)
 
-        async def read() -> dict[str, LogEntry]:
-            keys = [k.decode() async for k in self._redis.scan_iter(match=pattern, count=1000)]
-            values = await mget(self._redis, keys)
-            return {
-                k.split("}:r:", 1)[1]: LogEntry(v, v)
-                for k, v in zip(keys, values, strict=True)
-                if v is not None
-            }
+        async def read() -> list[tuple[float, str, LogEntry | None]]:
+            entries = await drive(past_cursor(keys, after, limit, newest_first), self._zranges)
+            found = [record_key(self._prefix, self._namespace, t) for _, t in entries]
+            values = await mget(self._redis, found)
+            return [
+                (created, txid, None if v is None else LogEntry(v, v))
+                for (created, txid), v in zip(entries, values, strict=True)
+            ]
 
         return await self._backend.call(read, what="list transactions", retry=True)
+
+    async def _zranges(self, ranges: list[ZRange]) -> list[list[tuple[bytes, float]]]:
+        """The replies of ``ranges``, in one pipeline."""
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for zrange in ranges:
+            zrange.queue(pipe)
+        return list(await pipe.execute())
 
     async def _ensure_migrated(self, what: str) -> None:
         """As :meth:`.txlog.RedisTxLog._ensure_migrated`: once per client."""

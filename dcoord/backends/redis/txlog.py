@@ -7,12 +7,20 @@ two digits), each bucket one hash tag, hence one Cluster slot::
                                           retention)
     dcoord:<ns>:tx:{<ns>:tx:B}:open       sorted set of the bucket's unfinished txids,
                                           scored by deadline
+    dcoord:<ns>:tx:{<ns>:tx:B}:s:<state>  sorted set of the bucket's txids in <state>,
+                                          scored by creation time (the listing's index)
+    dcoord:<ns>:tx:{<ns>:tx:B}:done       sorted set of the bucket's finished txids,
+                                          scored by when their record expires (server
+                                          ms): a finishing write drops up to 16 entries
+                                          past it from the state indexes
 
 A record and the index its compare-and-set updates share a slot, so create and CAS stay
 one script on every topology, and the buckets spread the log over up to
 :data:`~.slots.BUCKETS` primaries of a Cluster. Listing the unfinished transactions reads
 every bucket (one pipeline: one round trip on one server), so it still costs time in
-proportion to the unfinished records, not to the log's history. The namespace is in the
+proportion to the unfinished records, not to the log's history. A page of the listing
+reads at most ``limit + 1`` entries of each (bucket, state) index, again one pipeline,
+then the page's records with one MGET per bucket. The namespace is in the
 tag so that namespaces do not all crowd the same sixteen slots.
 
 Before this layout, one server held ``dcoord:<ns>:tx:r:<txid>`` and one index
@@ -22,7 +30,8 @@ into their buckets before its first use of the log, and every listing of unfinis
 transactions moves any that appeared since (written by a process of the old version):
 see :meth:`RedisTxLog._migrate_legacy`. Finished records of the old layout are not
 moved; they expire after their retention as before, and until then only ``get`` of the
-old key (``redis-cli``) shows them.
+old key (``redis-cli``) shows them. Records written before the state indexes existed
+appear in listings once they change state again (finished ones never: they expire).
 
 Compare-and-set compares the record's exact bytes (the record only grows along the
 state machine, so equal bytes mean no change). Create and every CAS are forced writes
@@ -34,12 +43,15 @@ durable a record is depends on the server's persistence and eviction policy: see
 from __future__ import annotations
 
 import heapq
-import re
+import itertools
 import threading
 import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..base import LogEntry
+from ...core.twopc_state import run
+from ..base import TX_STATES, LogEntry
 from . import persistence
 from .locks import LuaScript
 from .scripts import lua
@@ -48,7 +60,6 @@ from .slots import BUCKETS, bucket, mget
 if TYPE_CHECKING:
     from . import RedisBackend
 
-_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 # The server clock is read with TIME at most this often and carried forward on the local
 # monotonic clock in between, so that TIME is not a round trip on every commit's path.
 _CLOCK_REREAD = 5.0
@@ -73,10 +84,60 @@ def index_key(prefix: str, namespace: str, number: int) -> str:
     return f"{_bucket_prefix(prefix, namespace, number)}open"
 
 
-def record_pattern(prefix: str, namespace: str) -> str:
-    """A SCAN pattern matching every record key of the log."""
-    tag = _GLOB_SPECIALS.sub(r"\\\1", f"{prefix}{{{namespace}:tx:")
-    return tag + "[0-9][0-9]}:r:*"
+def state_key(prefix: str, namespace: str, number: int, state: str) -> str:
+    """The key of bucket ``number``'s index of the txids in ``state``."""
+    return f"{_bucket_prefix(prefix, namespace, number)}s:{state}"
+
+
+def create_call(
+    prefix: str, namespace: str, txid: str, data: bytes, deadline: float, created: float | None
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``CREATE`` for ``txid`` (the sync and async logs')."""
+    number = bucket(txid)
+    keys = [
+        record_key(prefix, namespace, txid),
+        index_key(prefix, namespace, number),
+        state_key(prefix, namespace, number, "started"),
+    ]
+    when = deadline if created is None else created
+    return keys, [data, repr(deadline), txid, repr(when)]
+
+
+def cas_call(
+    prefix: str,
+    namespace: str,
+    txid: str,
+    expected: LogEntry,
+    data: bytes,
+    *,
+    finished: bool,
+    retention: float,
+    state: str,
+    created: float,
+    previous: str | None,
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``CAS`` for ``txid`` (the sync and async logs')."""
+    number = bucket(txid)
+    keys = [
+        record_key(prefix, namespace, txid),
+        index_key(prefix, namespace, number),
+        state_key(prefix, namespace, number, state),
+        f"{_bucket_prefix(prefix, namespace, number)}done",
+        state_key(prefix, namespace, number, "committed"),
+        state_key(prefix, namespace, number, "aborted"),
+        *(
+            state_key(prefix, namespace, number, s)
+            for s in ((previous,) if previous else TX_STATES)
+        ),
+    ]
+    retention_ms = max(1, int(retention * 1000))
+    args = [expected.data, data, "1" if finished else "0", retention_ms, txid, repr(created)]
+    return keys, args
+
+
+def page_keys(prefix: str, namespace: str, states: Sequence[str]) -> list[str]:
+    """Every (bucket, state) index a page of ``states`` reads."""
+    return [state_key(prefix, namespace, n, s) for n in range(BUCKETS) for s in states]
 
 
 class RedisTxLog:
@@ -101,25 +162,47 @@ class RedisTxLog:
         """The key of bucket ``number``'s index of unfinished transactions."""
         return index_key(self._prefix, self._namespace, number)
 
-    def create(self, txid: str, data: bytes, deadline: float) -> LogEntry | None:
+    def state_key(self, number: int, state: str) -> str:
+        """The key of bucket ``number``'s index of the txids in ``state``."""
+        return state_key(self._prefix, self._namespace, number, state)
+
+    def create(
+        self, txid: str, data: bytes, deadline: float, created: float | None = None
+    ) -> LogEntry | None:
         what = f"create transaction record {txid!r}"
         self._ensure_migrated(what)
-        keys = [self.record_key(txid), self.index_key(bucket(txid))]
-        created = self._backend.call(
-            lambda: self._backend.replication.write(
-                CREATE, keys, [data, repr(deadline), txid], what=what
-            ),
-            what=what,
+        keys, args = create_call(self._prefix, self._namespace, txid, data, deadline, created)
+        done = self._backend.call(
+            lambda: self._backend.replication.write(CREATE, keys, args, what=what), what=what
         )
-        return LogEntry(bytes(data), bytes(data)) if created else None
+        return LogEntry(bytes(data), bytes(data)) if done else None
 
     def cas(
-        self, txid: str, expected: LogEntry, data: bytes, *, finished: bool, retention: float
+        self,
+        txid: str,
+        expected: LogEntry,
+        data: bytes,
+        *,
+        finished: bool,
+        retention: float,
+        state: str,
+        created: float,
+        previous: str | None = None,
     ) -> LogEntry | None:
         what = f"update transaction record {txid!r}"
         self._ensure_migrated(what)
-        keys = [self.record_key(txid), self.index_key(bucket(txid))]
-        args = [expected.data, data, "1" if finished else "0", max(1, int(retention * 1000)), txid]
+        keys, args = cas_call(
+            self._prefix,
+            self._namespace,
+            txid,
+            expected,
+            data,
+            finished=finished,
+            retention=retention,
+            state=state,
+            created=created,
+            previous=previous,
+        )
         changed = self._backend.call(
             lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
@@ -166,20 +249,32 @@ class RedisTxLog:
             pipe.zrange(self._legacy_index, 0, -1, withscores=True)
         return cast("list[list[tuple[bytes, float]]]", pipe.execute())
 
-    def scan(self) -> dict[str, LogEntry]:
-        self._ensure_migrated("list transactions")
-        pattern = record_pattern(self._prefix, self._namespace)
+    def page(
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[float, str] | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[tuple[float, str, LogEntry | None]]:
+        keys = page_keys(self._prefix, self._namespace, states)
 
-        def read() -> dict[str, LogEntry]:
-            keys = [k.decode() for k in self._redis.scan_iter(match=pattern, count=1000)]
-            values = mget(self._redis, keys)
-            return {
-                k.split("}:r:", 1)[1]: LogEntry(v, v)
-                for k, v in zip(keys, values, strict=True)
-                if v is not None
-            }
+        def read() -> list[tuple[float, str, LogEntry | None]]:
+            entries = run(past_cursor(keys, after, limit, newest_first), self._zranges)
+            values = mget(self._redis, [self.record_key(t) for _, t in entries])
+            return [
+                (created, txid, None if v is None else LogEntry(v, v))
+                for (created, txid), v in zip(entries, values, strict=True)
+            ]
 
         return self._backend.call(read, what="list transactions", retry=True)
+
+    def _zranges(self, ranges: list[ZRange]) -> list[list[tuple[bytes, float]]]:
+        """The replies of ``ranges``, in one pipeline."""
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for zrange in ranges:
+            zrange.queue(pipe)
+        return cast("list[list[tuple[bytes, float]]]", pipe.execute())
 
     def _ensure_migrated(self, what: str) -> None:
         """Move the unfinished records of the old layout, once per client, before the
@@ -242,3 +337,59 @@ class RedisTxLog:
 
     def durability(self) -> str | None:
         return persistence.log_problem(persistence.read(self._backend))
+
+
+@dataclass(frozen=True)
+class ZRange:
+    """One ``ZRANGE key low high BYSCORE [REV] LIMIT offset count WITHSCORES``."""
+
+    key: str
+    low: str
+    high: str
+    desc: bool
+    offset: int
+    count: int
+
+    def queue(self, pipe: Any) -> None:
+        """Add it to ``pipe`` (a sync or an async redis-py pipeline)."""
+        pipe.zrange(
+            self.key, self.low, self.high, desc=self.desc, withscores=True, byscore=True,
+            offset=self.offset, num=self.count,
+        )  # fmt: skip
+
+
+def past_cursor(
+    keys: list[str], after: tuple[float, str] | None, limit: int, newest_first: bool
+) -> Generator[list[ZRange], list[list[tuple[bytes, float]]], list[tuple[float, str]]]:
+    """The first ``limit`` entries ``(score, member)`` of the indexes ``keys`` merged,
+    strictly past ``after`` in the listing's order: a program yielding the ZRANGEs to run
+    together (one pipeline) and sent their replies, so the sync and the async log read a
+    page in the same steps.
+
+    The score bound is inclusive (a zset orders equal scores by member, as the listing
+    does): entries at the cursor's score but not past its txid are dropped, and an index
+    whose run came up short because of them is read again further on. ``limit + 1``
+    covers the usual case (the cursor's own entry) in the first round trip.
+    """
+    runs: dict[int, list[tuple[float, str]]] = {i: [] for i in range(len(keys))}
+    offsets = dict.fromkeys(runs, 0)
+    todo = list(runs)
+    count = limit + 1
+    if after is None:
+        low, high = ("+inf", "-inf") if newest_first else ("-inf", "+inf")
+    else:
+        low, high = (repr(after[0]), "-inf") if newest_first else (repr(after[0]), "+inf")
+    while todo:
+        replies = yield [ZRange(keys[i], low, high, newest_first, offsets[i], count) for i in todo]
+        again = []
+        for i, reply in zip(todo, replies, strict=True):
+            for member, score in reply:
+                entry = (score, member.decode())
+                if after is None or (entry < after if newest_first else entry > after):
+                    runs[i].append(entry)
+            offsets[i] += len(reply)
+            if len(reply) == count and len(runs[i]) < limit:
+                again.append(i)
+        todo = again
+    merged = heapq.merge(*(runs[i][:limit] for i in runs), reverse=newest_first)
+    return list(itertools.islice(merged, limit))
