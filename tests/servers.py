@@ -577,6 +577,9 @@ class ContainerServer(Server):
     def start(self) -> None:
         try:
             if not self.started:
+                # The command line as of now: a topology sets ports, member names and
+                # redis_args after the constructor (which set it too, for its logs).
+                self.container.with_command(self.command("/data"))
                 self.container.start()
                 self.started = True
             else:
