@@ -120,7 +120,8 @@ class EtcdLocks:
             )
         )
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> EtcdLockSlot:
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> EtcdLockSlot:
+        # Every etcd lock is fair: the mutex recipe queues by create revision.
         return EtcdLockSlot(self, name, ttl, auto_renew)
 
     def admit(self, resource: str, token: int) -> bool:
