@@ -1,36 +1,17 @@
--- Fair lock, the queue half: run in front of acquire.lua (one script, see
--- dcoord/backends/redis/locks.py FAIR_ACQUIRE), which it falls through to when the
--- caller may take the lock: the lock is free and the caller heads the queue (or the
--- queue is empty). Otherwise the caller queues (or refreshes its entry) and waits.
--- KEYS[1] the lock key, KEYS[2] its fence counter, KEYS[3] the waiters' queue (a list
--- of tokens in arrival order), KEYS[4] each waiter's expiry (a zset, ms of server time);
--- every key carries the lock's hash tag. ARGV[1..3] as acquire.lua (token, TTL ms, fence
--- skew margin), ARGV[4] the lock's release channel, ARGV[5] how long a waiter's entry
--- lives unless it calls again (ms): a dead waiter leaves the queue after that; 0: do not
--- queue (a single attempt).
--- Returns what acquire.lua returns; a queued caller gets -(ms to wait at most) (< 0).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- Drop dead waiters from the head only: one further back blocks nobody until it gets
--- there, and this keeps the script's cost independent of the queue's length.
-local head = redis.call('LINDEX', KEYS[3], 0)
-local purged = false
-while head do
-  local expires = redis.call('ZSCORE', KEYS[4], head)
-  if expires and tonumber(expires) > now then
-    break
-  end
-  redis.call('LPOP', KEYS[3])
-  redis.call('ZREM', KEYS[4], head)
-  purged = true
-  head = redis.call('LINDEX', KEYS[3], 0)
-end
+-- Fair lock acquire, the queue half: fair_purge.lua runs before it and acquire.lua after
+-- it (one script), which it falls through to when the caller may take the lock: the lock
+-- is free and the caller heads the queue (or the queue is empty). Otherwise the caller
+-- queues (or refreshes its entry) and waits to be called ("next:<its token>").
+-- Keys as fair_purge.lua. ARGV[1..3] as acquire.lua (token, TTL ms, fence skew margin),
+-- ARGV[4] the lock's release channel, ARGV[5] how long a waiter's entry lives unless it
+-- calls again (ms): a dead waiter leaves the queue after that; 0: do not queue.
+-- Returns what acquire.lua returns; a caller not granted gets -(ms to wait at most).
 local held = redis.call('PTTL', KEYS[1])
 local ours = held == -2 and (not head or head == ARGV[1])
 if purged and held == -2 and not ours then
-  -- A new head that nobody told: wake the waiters. (Should the channel be denied, the
-  -- script fails having only dropped dead entries.)
-  redis.call('PUBLISH', ARGV[4], 'next')
+  -- A new head that nobody called: call it. (Should the channel be denied, the script
+  -- fails having only dropped dead entries.)
+  redis.call('PUBLISH', ARGV[4], 'next:' .. head)
 end
 if ours then
   if head then
@@ -54,7 +35,7 @@ else
     return 0 -- a holder without TTL (not written by dcoord): no hint
   end
   if held == -2 then
-    -- Free, but another waiter heads the queue: it was woken; if it is dead, it is
+    -- Free, but another waiter heads the queue: it was called; if it is dead, it is
     -- dropped when its entry expires.
     held = tonumber(redis.call('ZSCORE', KEYS[4], head)) - now
   end

@@ -166,10 +166,20 @@ def fence_key(prefix: str, resource: str) -> str:
 ACQUIRE = LuaScript.named("acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
-# The queue half runs first and falls through to the plain acquire when it is our turn:
-# one script, one round trip, and the fence logic lives in acquire.lua only.
-FAIR_ACQUIRE = LuaScript(LuaScript.named("fair_queue").source + ACQUIRE.source)
-FAIR_CANCEL = LuaScript.named("fair_cancel")
+
+
+def _fair(*names: str) -> LuaScript:
+    """A fair lock script: fair_purge.lua, then the files ``names``."""
+    return LuaScript("".join(LuaScript.named(name).source for name in ("fair_purge", *names)))
+
+
+# The queue half falls through to the plain acquire when it is our turn: one script,
+# one round trip, and the fence logic lives in acquire.lua only.
+FAIR_ACQUIRE = _fair("fair_queue", "acquire")
+FAIR_RELEASE = _fair("fair_release")
+FAIR_CANCEL = _fair("fair_cancel")
+# What a fair script publishes to call the waiter whose token follows.
+CALL_PREFIX = b"next:"
 FENCE_ADMIT = LuaScript.named("fence_admit")
 
 
@@ -319,8 +329,7 @@ class RedisLockSlot:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock (no retries: see :class:`_OrphanCleanup`)."""
         if self._fair:
-            keys = [self.key, *fair_keys(self.key)]
-            return FAIR_CANCEL(self._redis, keys, [token, self.channel])
+            return FAIR_CANCEL(self._redis, self._keys, [token, self.channel])
         return self._locks.release_script(self._redis, [self.key], [token, self.channel])
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
@@ -370,11 +379,16 @@ class RedisLockSlot:
         return int(result), sent
 
     def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        with self._locks.notifier.interest(self.channel) as channel:
+        # A fair waiter sleeps until called by name (or a generic wake-up).
+        called = token.encode() if self._fair else None
+        with self._locks.notifier.interest(self.channel, called) as channel:
             while True:
-                # Read the generation before trying: a release published after the try
-                # then changes it, so the wait below cannot miss it.
+                # Read the generation (and forget a call) before trying: a release
+                # published after the try then changes it, so the wait below cannot
+                # miss it.
                 seen = channel.generation
+                if called is not None:
+                    channel.called.discard(called)
                 result, sent = self._try(token)
                 if result > 0:
                     return result, sent
@@ -384,7 +398,7 @@ class RedisLockSlot:
                     if now >= deadline:
                         return 0, sent
                     hint = min(hint, deadline - now)
-                self._locks.notifier.wait(channel, seen, hint)
+                self._locks.notifier.wait(channel, seen, hint, called)
 
     def _leave(self, token: str) -> None:
         """Take a fair waiter that timed out out of the queue; if that fails, the
@@ -405,6 +419,8 @@ class RedisLockSlot:
         def release() -> Any:
             nonlocal reply_lost
             try:
+                if self._fair:
+                    return FAIR_RELEASE(self._redis, self._keys, [token, self.channel])
                 return self._locks.release_script(self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -435,15 +451,18 @@ class RedisLockSlot:
 
 
 class _Channel:
-    """Waiters of one lock in this client; ``generation`` counts wake-ups."""
+    """Waiters of one lock in this client; ``generation`` counts wake-ups for all, and
+    ``called`` holds the tokens of fair waiters called by name (``next:<token>``)."""
 
-    __slots__ = ("generation", "idle_since", "name", "waiters")
+    __slots__ = ("called", "generation", "idle_since", "name", "tokens", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.generation = 0
         self.waiters = 0
         self.idle_since = 0.0
+        self.tokens: set[bytes] = set()  # fair waiters of this client
+        self.called: set[bytes] = set()
 
 
 class _Notifier:
@@ -479,8 +498,9 @@ class _Notifier:
         self._nodes_changed = threading.Event()
 
     @contextlib.contextmanager
-    def interest(self, channel_name: str) -> Iterator[_Channel]:
-        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+    def interest(self, channel_name: str, token: bytes | None = None) -> Iterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
+        waiter gives its ``token``, by which a release calls it."""
         key = channel_name.encode()
         with self._cond:
             channel = self._channels.get(key)
@@ -488,6 +508,8 @@ class _Notifier:
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
             channel.waiters += 1
+            if token is not None:
+                channel.tokens.add(token)
             if self._thread is None and not self._closed:
                 redis_client: Any = self._backend.redis
                 self._pubsub = redis_client.pubsub()
@@ -511,11 +533,20 @@ class _Notifier:
             with self._cond:
                 channel.waiters -= 1
                 channel.idle_since = time.monotonic()
+                if token is not None:
+                    channel.tokens.discard(token)
+                    channel.called.discard(token)
 
-    def wait(self, channel: _Channel, seen: int, timeout: float) -> None:
-        """Sleep until ``channel`` is woken after generation ``seen``, or ``timeout``."""
+    def wait(
+        self, channel: _Channel, seen: int, timeout: float, token: bytes | None = None
+    ) -> None:
+        """Sleep until ``channel`` is woken after generation ``seen`` (or ``token`` is
+        called), or ``timeout``."""
         with self._cond:
-            self._cond.wait_for(lambda: channel.generation != seen or self._closed, timeout)
+            self._cond.wait_for(
+                lambda: channel.generation != seen or token in channel.called or self._closed,
+                timeout,
+            )
 
     def _command(self, command: str, *channels: bytes) -> None:
         try:
@@ -611,7 +642,15 @@ class _Notifier:
                 with self._cond:
                     woken = self._channels.get(message["channel"])
                     if woken is not None:
-                        woken.generation += 1
+                        data = message["data"]
+                        if isinstance(data, bytes) and data.startswith(CALL_PREFIX):
+                            # One fair waiter's turn: the others sleep on (no herd).
+                            called = data[len(CALL_PREFIX) :]
+                            if called not in woken.tokens:
+                                continue
+                            woken.called.add(called)
+                        else:
+                            woken.generation += 1
                         self._cond.notify_all()
 
     def _prune(self, now: float) -> None:
