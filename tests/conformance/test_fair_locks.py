@@ -157,3 +157,36 @@ def test_redis_dead_fair_waiter_leaves_the_queue_when_its_entry_expires(
 def test_fair_option_is_checked(client: dcoord.Client) -> None:
     with pytest.raises(dcoord.ConfigError, match="fair must be True or False, got 'yes'"):
         client.lock("res", fair="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("real_backend", ["etcd"], indirect=True)
+def test_etcd_waiter_watches_before_it_reads_never_from_a_past_revision(
+    real_backend_url: str, namespace: str
+) -> None:
+    """A watch from a past revision is served by etcd's catch-up loop (every 100 ms);
+    the waiter watches first, from now, and then reads its place."""
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        etcd = b.backend.etcd  # type: ignore[attr-defined]
+        watches: list[dict[str, object]] = []
+        real_watch = etcd.add_watch_callback
+
+        def watch(*args: object, **kwargs: object) -> object:
+            watches.append(kwargs)
+            return real_watch(*args, **kwargs)
+
+        etcd.add_watch_callback = watch
+        holder = a.lock("res", ttl=30)
+        assert holder.acquire()
+        got = threading.Event()
+        waiter = b.lock("res", ttl=30)
+        threading.Thread(target=lambda: waiter.acquire(timeout=20) and got.set()).start()
+        assert wait_until(lambda: bool(watches), 5)
+        holder.release()
+        assert got.wait(10)
+        waiter.release()
+        assert watches and all(w.get("start_revision") is None for w in watches), watches
+    finally:
+        a.close()
+        b.close()
