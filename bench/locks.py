@@ -1,7 +1,7 @@
 """Benchmark dcoord locks against the libraries users would pick instead.
 
     python bench/locks.py [--quick] [--seconds S] [--contended-seconds S] [--persistent]
-                          [--only uncontended|contended]
+                          [--only uncontended|contended|breakdown]
 
 Everything runs in one go against servers this script starts (tests.servers) and stops:
 
@@ -13,6 +13,9 @@ Everything runs in one go against servers this script starts (tests.servers) and
   its defaults; the same for dcoord on etcd (whose locks are FIFO).
 * etcd, uncontended cycles/s: dcoord vs pyetcd's own ``Lock`` and the raw floor
   (put + delete).
+* Where a Redis cycle's microseconds go (``--only breakdown``): client CPU (this
+  thread's), server CPU (``INFO commandstats``) and wall time per cycle, layer by layer:
+  raw commands, the two lock scripts called directly, the backend's slot, the full Lock.
 * Hand-off latency: from ``release()`` returning in one client to ``acquire()``
   returning in a waiting client (threads of one process, so one clock).
 * Waiter set-up: one shared pub/sub connection per client vs a connection per waiter.
@@ -159,6 +162,52 @@ def etcd_uncontended(url: str, port: int, seconds: float) -> dict[str, float]:
         )
     etcd.close()
     return results
+
+
+def redis_breakdown(url: str, port: int, cycles: int = 2000, rounds: int = 3) -> None:
+    """Print client CPU, server CPU and wall time per cycle of each layer (medians)."""
+    from dcoord.backends.redis.locks import ACQUIRE, RELEASE, lock_keys
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    admin = redis.Redis(host="127.0.0.1", port=port)
+    with dcoord.connect(url, namespace=f"bench{uuid.uuid4().hex[:6]}") as client:
+        lock, fair = client.lock("a"), client.lock("f", fair=True)
+        slot = client.backend.locks.slot("b", 30.0, True)
+        key, fence, channel = lock_keys(client.backend.prefix, "c")  # type: ignore[attr-defined]
+        redis_py = r.lock("bench:redis-py", timeout=30)
+        candidates: dict[str, Callable[[], object]] = {
+            "raw SET NX PX + DEL": lambda: (r.set("raw", "t", nx=True, px=30_000), r.delete("raw")),
+            "redis-py Lock": cycle_of(redis_py),
+            "acquire.lua + release.lua, called directly": lambda: (
+                ACQUIRE(r, [key, fence], ["token", 30_000, 0]),
+                RELEASE(r, [key], ["token", channel]),
+            ),
+            "dcoord backend slot": lambda: (slot.acquire(None), slot.release()),
+            "dcoord Lock (fenced, auto-renew)": cycle_of(lock),
+            "dcoord Lock fair=True": cycle_of(fair),
+        }
+        rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in candidates}
+        for _ in range(rounds):
+            for name, cycle in candidates.items():
+                for _ in range(100):
+                    cycle()
+                admin.config_resetstat()
+                cpu, wall = time.thread_time(), time.perf_counter()
+                for _ in range(cycles):
+                    cycle()
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                stats = admin.info("commandstats")
+                server = sum(
+                    v["usec"] for k, v in stats.items() if not k.endswith(("config", "info"))
+                )
+                rows[name].append((cpu * 1e6 / cycles, server / cycles, wall * 1e6 / cycles))
+    r.close()
+    admin.close()
+    print(f"\nRedis, where a cycle's time goes (us per acquire+release, median of {rounds})")
+    print(f"  {'':44s} {'client CPU':>10s} {'server CPU':>10s} {'wall':>8s}")
+    for name, measured in rows.items():
+        cpu, server, wall = (statistics.median(m[i] for m in measured) for i in range(3))
+        print(f"  {name:44s} {cpu:10.1f} {server:10.1f} {wall:8.1f}")
 
 
 # -- contended -------------------------------------------------------------------------
@@ -379,7 +428,9 @@ def main() -> None:
     parser.add_argument("--contended-seconds", type=float, help="seconds of contention")
     parser.add_argument("--persistent", action="store_true", help="Redis with AOF fsync always")
     parser.add_argument("--metrics", action="store_true", help="only the metrics-cost rows")
-    parser.add_argument("--only", choices=("uncontended", "contended"), help="only these rows")
+    parser.add_argument(
+        "--only", choices=("uncontended", "contended", "breakdown"), help="only these rows"
+    )
     args = parser.parse_args()
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     contended_seconds = args.contended_seconds or (3.0 if args.quick else 10.0)
@@ -394,6 +445,10 @@ def main() -> None:
     try:
         redis_server = start_server("redis", persistent=args.persistent)
         servers.append(redis_server)
+        if args.only in (None, "breakdown"):
+            redis_breakdown(redis_server.url, redis_server.port)
+        if args.only == "breakdown":
+            return
         if args.only is None:
             print("\nMetrics cost, uncontended acquire+release (fenced, auto-renew)")
             for name, url in (("memory", "memory://bench"), ("redis", redis_server.url)):
