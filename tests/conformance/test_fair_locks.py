@@ -190,3 +190,32 @@ def test_etcd_waiter_watches_before_it_reads_never_from_a_past_revision(
     finally:
         a.close()
         b.close()
+
+
+class Interrupted(Exception):
+    """Stands for an interrupt (KeyboardInterrupt, a signal handler's exception)."""
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_waiter_interrupted_while_waiting_leaves_the_queue(
+    real_backend_url: str, namespace: str
+) -> None:
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        assert a.lock("res", ttl=30, fair=True).acquire()
+        before = stored_keys(a)
+        notifier = b.backend.locks.notifier  # type: ignore[attr-defined]
+
+        def interrupt(*args: object) -> None:
+            raise Interrupted
+
+        notifier.wait = interrupt
+        with pytest.raises(Interrupted):
+            b.lock("res", ttl=30, fair=True).acquire(timeout=20)
+        # It had queued (its first attempt found the lock held); the cleanup takes it
+        # out at once, not after its entry's 5 s.
+        assert wait_until(lambda: stored_keys(a) == before, 2), (before, stored_keys(a))
+    finally:
+        a.close()
+        b.close()
