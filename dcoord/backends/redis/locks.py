@@ -714,5 +714,11 @@ class _Notifier:
                 with contextlib.suppress(Exception):
                     self._pubsub.close()
         for thread in threads:
-            if thread is not None and thread is not threading.current_thread():
+            # A reader that interest() made but has not started yet (close raced it)
+            # cannot be joined; started after this, it sees _closed and ends at once.
+            if (
+                thread is not None
+                and thread.ident is not None
+                and thread is not threading.current_thread()
+            ):
                 thread.join(timeout=5)
