@@ -1,6 +1,7 @@
 """Benchmark dcoord locks against the libraries users would pick instead.
 
     python bench/locks.py [--quick] [--seconds S] [--contended-seconds S] [--persistent]
+                          [--only uncontended|contended|breakdown]
 
 Everything runs in one go against servers this script starts (tests.servers) and stops:
 
@@ -8,8 +9,13 @@ Everything runs in one go against servers this script starts (tests.servers) and
   redis-py ``Lock``, the raw floor of two round trips (``SET NX PX`` + ``DEL``),
   pottery ``Redlock`` (one master) and python-redis-lock.
 * Redis, contended: 4 processes on one lock, 1 ms critical section: grants/s, p50/p99
-  wait, grants per process, dcoord vs redis-py ``Lock`` with its defaults.
-* etcd, uncontended cycles/s: dcoord vs pyetcd's own ``Lock``.
+  wait, grants per process, dcoord (default and ``fair=True``) vs redis-py ``Lock`` with
+  its defaults; the same for dcoord on etcd (whose locks are FIFO).
+* etcd, uncontended cycles/s: dcoord vs pyetcd's own ``Lock`` and the raw floor
+  (put + delete).
+* Where a Redis cycle's microseconds go (``--only breakdown``): client CPU (this
+  thread's), server CPU (``INFO commandstats``) and wall time per cycle, layer by layer:
+  raw commands, the two lock scripts called directly, the backend's slot, the full Lock.
 * Hand-off latency: from ``release()`` returning in one client to ``acquire()``
   returning in a waiting client (threads of one process, so one clock).
 * Waiter set-up: one shared pub/sub connection per client vs a connection per waiter.
@@ -119,6 +125,7 @@ def redis_uncontended(url: str, port: int, seconds: float) -> dict[str, float]:
             {
                 "dcoord Lock (fenced, auto-renew)": cycle_of(client.lock("a")),
                 "dcoord Lock (fenced, no auto-renew)": cycle_of(client.lock("b", auto_renew=False)),
+                "dcoord Lock fair=True (fenced, auto-renew)": cycle_of(client.lock("c", fair=True)),
                 "raw SET NX PX + DEL (floor)": raw_cycle,
                 "redis-py Lock": cycle_of(r.lock("bench:redis-py", timeout=30)),
                 "pottery Redlock (1 master)": cycle_of(
@@ -157,6 +164,52 @@ def etcd_uncontended(url: str, port: int, seconds: float) -> dict[str, float]:
     return results
 
 
+def redis_breakdown(url: str, port: int, cycles: int = 2000, rounds: int = 3) -> None:
+    """Print client CPU, server CPU and wall time per cycle of each layer (medians)."""
+    from dcoord.backends.redis.locks import ACQUIRE, RELEASE, lock_keys
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    admin = redis.Redis(host="127.0.0.1", port=port)
+    with dcoord.connect(url, namespace=f"bench{uuid.uuid4().hex[:6]}") as client:
+        lock, fair = client.lock("a"), client.lock("f", fair=True)
+        slot = client.backend.locks.slot("b", 30.0, True)
+        key, fence, channel = lock_keys(client.backend.prefix, "c")  # type: ignore[attr-defined]
+        redis_py = r.lock("bench:redis-py", timeout=30)
+        candidates: dict[str, Callable[[], object]] = {
+            "raw SET NX PX + DEL": lambda: (r.set("raw", "t", nx=True, px=30_000), r.delete("raw")),
+            "redis-py Lock": cycle_of(redis_py),
+            "acquire.lua + release.lua, called directly": lambda: (
+                ACQUIRE(r, [key, fence], ["token", 30_000, 0]),
+                RELEASE(r, [key], ["token", channel]),
+            ),
+            "dcoord backend slot": lambda: (slot.acquire(None), slot.release()),
+            "dcoord Lock (fenced, auto-renew)": cycle_of(lock),
+            "dcoord Lock fair=True": cycle_of(fair),
+        }
+        rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in candidates}
+        for _ in range(rounds):
+            for name, cycle in candidates.items():
+                for _ in range(100):
+                    cycle()
+                admin.config_resetstat()
+                cpu, wall = time.thread_time(), time.perf_counter()
+                for _ in range(cycles):
+                    cycle()
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                stats = admin.info("commandstats")
+                server = sum(
+                    v["usec"] for k, v in stats.items() if not k.endswith(("config", "info"))
+                )
+                rows[name].append((cpu * 1e6 / cycles, server / cycles, wall * 1e6 / cycles))
+    r.close()
+    admin.close()
+    print(f"\nRedis, where a cycle's time goes (us per acquire+release, median of {rounds})")
+    print(f"  {'':44s} {'client CPU':>10s} {'server CPU':>10s} {'wall':>8s}")
+    for name, measured in rows.items():
+        cpu, server, wall = (statistics.median(m[i] for m in measured) for i in range(3))
+        print(f"  {name:44s} {cpu:10.1f} {server:10.1f} {wall:8.1f}")
+
+
 # -- contended -------------------------------------------------------------------------
 
 
@@ -165,9 +218,9 @@ def contended_worker(
 ) -> None:
     """One process: acquire, 1 ms critical section, release, ``think`` s of other work."""
     waits: list[float] = []
-    if kind == "dcoord":
+    if kind.startswith("dcoord"):
         client = dcoord.connect(url, namespace="bench-contended")
-        lock: Any = client.lock("contended", ttl=10)
+        lock: Any = client.lock("contended", ttl=10, fair=kind.endswith("fair"))
     else:
         r = redis.Redis(host="127.0.0.1", port=port)
         lock = r.lock("bench:contended", timeout=10)  # redis-py's defaults: sleep=0.1
@@ -181,7 +234,7 @@ def contended_worker(
         lock.release()
         if think:
             time.sleep(think)
-    if kind == "dcoord":
+    if kind.startswith("dcoord"):
         client.close()
     out.put(waits)
 
@@ -203,11 +256,13 @@ def contended(kind: str, url: str, port: int, seconds: float, think: float) -> d
             if proc.is_alive():
                 proc.kill()
     waits = [w for per in results for w in per]
+    grants = sorted(len(per) for per in results)
     return {
+        "max/min": grants[-1] / max(1, grants[0]),
         "grants/s": len(waits) / seconds,
         "p50 wait ms": percentile(waits, 0.5) * 1000,
         "p99 wait ms": percentile(waits, 0.99) * 1000,
-        "grants per process": sorted(len(per) for per in results),
+        "grants per process": grants,
     }
 
 
@@ -322,6 +377,50 @@ def table(title: str, results: dict[str, float], base: str, unit: str = "cycles/
         print(f"  {name:42s} {value:10.0f} {unit}   x{results[base] / value:5.2f} (dcoord / this)")
 
 
+def uncontended_rows(redis_server: Server, etcd_server: Server, seconds: float) -> None:
+    r = redis_uncontended(redis_server.url, redis_server.port, seconds)
+    table("Redis, uncontended acquire+release", r, "dcoord Lock (fenced, auto-renew)")
+    dcoord_rate = r["dcoord Lock (fenced, auto-renew)"]
+    fair_cost = 1e6 / r["dcoord Lock fair=True (fenced, auto-renew)"] - 1e6 / dcoord_rate
+    print(
+        f"  goal: >= 1.1x redis-py Lock -> {dcoord_rate / r['redis-py Lock']:.2f}x; "
+        f">= 0.95x the floor -> {dcoord_rate / r['raw SET NX PX + DEL (floor)']:.2f}x; "
+        f"fair=True costs {fair_cost:+.1f} us/cycle"
+    )
+
+    e = etcd_uncontended(etcd_server.url, etcd_server.port, seconds)
+    table("etcd, uncontended acquire+release", e, "dcoord Lock (fenced, shared lease)")
+    dcoord_rate = e["dcoord Lock (fenced, shared lease)"]
+    print(
+        f"  goal: >= 1.5x pyetcd Lock -> {dcoord_rate / e['pyetcd Lock']:.2f}x; "
+        f">= 0.95x the floor -> {dcoord_rate / e['raw put + delete (floor)']:.2f}x"
+    )
+
+
+def contended_rows(redis_server: Server, etcd_server: Server, seconds: float, think: float) -> None:
+    print(
+        f"\nContended: {WORKERS} processes, {CRITICAL_SECTION * 1000:g} ms critical section, "
+        f"{think * 1000:g} ms of other work between grants, {seconds:g} s"
+    )
+    runs = {
+        f"redis {kind}": contended(kind, redis_server.url, redis_server.port, seconds, think)
+        for kind in ("dcoord", "dcoord fair", "redis-py")
+    }
+    runs["etcd dcoord (FIFO)"] = contended("dcoord", etcd_server.url, 0, seconds, think)
+    for kind, result in runs.items():
+        print(
+            f"  {kind:20s} {result['grants/s']:6.0f} grants/s   "
+            f"p50 wait {result['p50 wait ms']:7.2f} ms   "
+            f"p99 wait {result['p99 wait ms']:8.2f} ms   "
+            f"per process {result['grants per process']} (max/min {result['max/min']:.2f})"
+        )
+    fair = runs["redis dcoord fair"]
+    print(
+        f"  redis fair goal: p99 <= {10 * CRITICAL_SECTION * 1000:g} ms -> "
+        f"{fair['p99 wait ms']:.2f} ms; max/min <= 1.2 -> {fair['max/min']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (about 30 s total)")
@@ -329,6 +428,9 @@ def main() -> None:
     parser.add_argument("--contended-seconds", type=float, help="seconds of contention")
     parser.add_argument("--persistent", action="store_true", help="Redis with AOF fsync always")
     parser.add_argument("--metrics", action="store_true", help="only the metrics-cost rows")
+    parser.add_argument(
+        "--only", choices=("uncontended", "contended", "breakdown"), help="only these rows"
+    )
     args = parser.parse_args()
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     contended_seconds = args.contended_seconds or (3.0 if args.quick else 10.0)
@@ -343,51 +445,26 @@ def main() -> None:
     try:
         redis_server = start_server("redis", persistent=args.persistent)
         servers.append(redis_server)
-        print("\nMetrics cost, uncontended acquire+release (fenced, auto-renew)")
-        for name, url in (("memory", "memory://bench"), ("redis", redis_server.url)):
-            metrics_table(name, metrics_cost(url, seconds * 2))
+        if args.only in (None, "breakdown"):
+            redis_breakdown(redis_server.url, redis_server.port)
+        if args.only == "breakdown":
+            return
+        if args.only is None:
+            print("\nMetrics cost, uncontended acquire+release (fenced, auto-renew)")
+            for name, url in (("memory", "memory://bench"), ("redis", redis_server.url)):
+                metrics_table(name, metrics_cost(url, seconds * 2))
         if args.metrics:
             return
         etcd_server = start_server("etcd")
         servers.append(etcd_server)
 
-        r = redis_uncontended(redis_server.url, redis_server.port, seconds)
-        table("Redis, uncontended acquire+release", r, "dcoord Lock (fenced, auto-renew)")
-        print(
-            f"  goal: >= 1.1x redis-py Lock -> "
-            f"{r['dcoord Lock (fenced, auto-renew)'] / r['redis-py Lock']:.2f}x; "
-            f">= 0.9x the floor -> "
-            f"{r['dcoord Lock (fenced, auto-renew)'] / r['raw SET NX PX + DEL (floor)']:.2f}x"
-        )
-
-        e = etcd_uncontended(etcd_server.url, etcd_server.port, seconds)
-        table("etcd, uncontended acquire+release", e, "dcoord Lock (fenced, shared lease)")
-        print(
-            f"  goal: >= 1.5x pyetcd Lock -> "
-            f"{e['dcoord Lock (fenced, shared lease)'] / e['pyetcd Lock']:.2f}x"
-        )
-
-        for think in THINK_TIMES:
-            print(
-                f"\nRedis, contended: {WORKERS} processes, {CRITICAL_SECTION * 1000:g} ms "
-                f"critical section, {think * 1000:g} ms of other work between grants, "
-                f"{contended_seconds:g} s"
-            )
-            runs = {
-                kind: contended(kind, redis_server.url, redis_server.port, contended_seconds, think)
-                for kind in ("dcoord", "redis-py")
-            }
-            for kind, result in runs.items():
-                print(
-                    f"  {kind:9s} {result['grants/s']:8.0f} grants/s   "
-                    f"p50 wait {result['p50 wait ms']:7.2f} ms   "
-                    f"p99 wait {result['p99 wait ms']:8.2f} ms   "
-                    f"per process {result['grants per process']}"
-                )
-            print(
-                f"  dcoord / redis-py grants/s: "
-                f"{runs['dcoord']['grants/s'] / runs['redis-py']['grants/s']:.2f}x (goal >= 10x)"
-            )
+        if args.only in (None, "uncontended"):
+            uncontended_rows(redis_server, etcd_server, seconds)
+        if args.only in (None, "contended"):
+            for think in THINK_TIMES:
+                contended_rows(redis_server, etcd_server, contended_seconds, think)
+        if args.only is not None:
+            return
 
         print(f"\nHand-off latency, release -> waiter's acquire returns ({rounds} rounds)")
         for name, url in (

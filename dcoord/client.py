@@ -88,16 +88,27 @@ class Client:
         timeout: float | None = None,
         auto_renew: bool = True,
         on_lost: OnLost | None = None,
+        fair: bool = False,
     ) -> Lock:
         """A handle on the distributed lock ``name`` (nothing is written until acquired).
 
         ``ttl``: seconds the lock outlives a holder that stops renewing (default 30).
         ``timeout``: how long ``with lock:`` / ``acquire()`` wait (None: for ever).
         ``auto_renew``: extend the held lock every ttl/3 from the client's scheduler
-        thread. ``on_lost(lock)``: called if a held lock is lost. See :class:`Lock`.
+        thread. ``on_lost(lock)``: called if a held lock is lost. ``fair``: grant in
+        arrival order (FIFO); etcd locks always are, Redis queues waiters for it, and on
+        memory waiters queue in the process (docs/locks.md). See :class:`Lock`.
         """
         self._check("locks")
-        return Lock(self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost)
+        return Lock(
+            self,
+            name,
+            ttl=ttl,
+            timeout=timeout,
+            auto_renew=auto_renew,
+            on_lost=on_lost,
+            fair=fair,
+        )
 
     def locks(self, prefix: str = "") -> list[LockInfo]:
         """The locks held now in this namespace whose names start with ``prefix``, by

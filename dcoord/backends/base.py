@@ -339,11 +339,12 @@ class LockSlot(Protocol):
 class LockStore(Protocol):
     """Fenced locks and fences. Lock names are non-empty strings, validated by the core."""
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> LockSlot:
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> LockSlot:
         """A new slot for one handle of lock ``name`` (nothing is written yet).
 
         ``auto_renew`` tells a backend whose leases are kept alive by the client (etcd)
-        that the core will keep extending this lock, so it may share a lease.
+        that the core will keep extending this lock, so it may share a lease. ``fair``:
+        grant the waiters of fair slots in arrival order.
         """
         ...
 

@@ -17,11 +17,12 @@ release revokes it. etcd rounds lease TTLs up to whole seconds, with a minimum o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -120,7 +121,8 @@ class EtcdLocks:
             )
         )
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> EtcdLockSlot:
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> EtcdLockSlot:
+        # Every etcd lock is fair: the mutex recipe queues by create revision.
         return EtcdLockSlot(self, name, ttl, auto_renew)
 
     def admit(self, resource: str, token: int) -> bool:
@@ -229,6 +231,28 @@ class EtcdLocks:
 
     def close(self) -> None:
         """Queue keys go with the client's leases, which the backend revokes at close."""
+
+
+class _Deletes:
+    """The keys a watch saw deleted (the watch callback is :meth:`record`)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._keys: set[bytes] = set()
+        self.broken = False
+
+    def record(self, response: Any) -> None:
+        with self._cond:
+            if isinstance(response, Exception):
+                self.broken = True  # the watch is gone: whoever waits checks again
+            else:
+                self._keys.update(event.key for event in response.events)
+            self._cond.notify_all()
+
+    def wait(self, key: bytes, timeout: float) -> bool:
+        """Until ``key`` is deleted or the watch broke (True), or ``timeout`` (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: key in self._keys or self.broken, timeout)
 
 
 class EtcdLockSlot:
@@ -364,7 +388,25 @@ class EtcdLockSlot:
             raise
 
     def _wait(self, deadline: float | None) -> str:
-        """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished)."""
+        """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
+
+        The queue's deletes are watched *first*, from the current revision, and then our
+        place is checked: a delete before the watch is seen by the check, one after it
+        by the watch, so the watch never starts in the past. (One that does is
+        "unsynced" and served by etcd's catch-up loop, every 100 ms: under contention,
+        where other writes land between a check and the watch, that was every other
+        wait.) A waiter still wakes for its predecessor's delete only.
+        """
+        assert self._key is not None and self._lease is not None
+        while True:
+            with self._queue_deletes() as deletes:
+                outcome = self._wait_watched(deletes, deadline)
+                if outcome is not None:
+                    return outcome
+            # The watch broke (or could not be made): check again under a new one.
+
+    def _wait_watched(self, deletes: _Deletes, deadline: float | None) -> str | None:
+        """:meth:`_wait` under one watch; None when that watch has broken."""
         assert self._key is not None and self._lease is not None
         key, revision, lease = self._key, self._revision, self._lease
         check = etcdrpc.TxnRequest(
@@ -382,7 +424,7 @@ class EtcdLockSlot:
                 ),
             ]
         )
-        while True:
+        while not deletes.broken:
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
             if not lease.usable:
@@ -396,9 +438,7 @@ class EtcdLockSlot:
                     return "acquired"
                 if predecessor is None:
                     continue  # deleted between the two reads of one txn: cannot happen
-                if not self._wait_deleted(
-                    predecessor.key, response.header.revision + 1, lease, deadline
-                ):
+                if not self._sleep_until_deleted(deletes, predecessor.key, lease, deadline):
                     return "requeue"
             except BackendUnavailable as exc:
                 # The server may be back before our lease runs out: a waiter keeps its
@@ -407,52 +447,62 @@ class EtcdLockSlot:
                     raise
                 log.info("lock %r: waiting on through a failure: %s", self.name, exc)
                 lease.lost.wait(min(1.0, lease.ttl / 3))  # back off before the next try
+        return None
 
-    def _wait_deleted(
-        self, key: bytes, from_revision: int, lease: Lease, deadline: float | None
-    ) -> bool:
-        """Return when ``key`` is deleted (after ``from_revision``) or at the deadline:
-        True, or False as soon as our own lease is gone."""
-        woken = threading.Event()
+    @contextlib.contextmanager
+    def _queue_deletes(self) -> Iterator[_Deletes]:
+        """The deletes in our queue from now on, while inside (one watch)."""
+        deletes = _Deletes()
         etcd = self._locks.etcd
 
         def watch() -> Any:
             try:
                 return etcd.add_watch_callback(
-                    key,
-                    lambda _response: woken.set(),
-                    start_revision=from_revision,
+                    self.prefix,
+                    deletes.record,
+                    range_end=self._range_end,
                     filters=[etcdrpc.WatchCreateRequest.NOPUT],
                 )
-            except etcd_errors.RevisionCompactedError:
-                return None  # the history since our read is gone: re-check at once
+            except etcd_errors.WatchTimedOut:
+                # Inside the call: past it, backend.call has made it BackendUnavailable.
+                return None
 
         watch_id = self._locks.backend.call(watch, what=f"watch lock {self.name!r}")
         if watch_id is None:
-            return True
+            # No watch: check again after a short while (never wait blind).
+            deletes.broken = True
+            time.sleep(0.1)
+            yield deletes
+            return
         try:
-            while not woken.is_set():
-                # Wake at least once per lease TTL: a private lease is kept alive by its
-                # waiter (more often as a failing keep-alive eats into its validity), and
-                # a lost shared lease (our key gone) is noticed.
-                if self._private:
-                    wait = max(0.05, min(lease.ttl, lease.expires_at - time.monotonic()) / 3)
-                else:
-                    wait = float(lease.ttl)
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return True
-                if woken.wait(wait):
-                    return True
-                if not self._renew(lease):
-                    return False
-            return True
+            yield deletes
         finally:
             try:
                 etcd.cancel_watch(watch_id)
             except Exception as exc:  # the watch stream may be gone already
                 log.debug("cancel watch %s: %s", watch_id, exc)
+
+    def _sleep_until_deleted(
+        self, deletes: _Deletes, predecessor: bytes, lease: Lease, deadline: float | None
+    ) -> bool:
+        """Until ``predecessor`` is deleted, the watch breaks or the deadline: True;
+        False as soon as our own lease is gone."""
+        while True:
+            # Wake at least once per lease TTL: a private lease is kept alive by its
+            # waiter (more often as a failing keep-alive eats into its validity), and
+            # a lost shared lease (our key gone) is noticed.
+            if self._private:
+                wait = max(0.05, min(lease.ttl, lease.expires_at - time.monotonic()) / 3)
+            else:
+                wait = float(lease.ttl)
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return True
+            if deletes.wait(predecessor, wait):
+                return True
+            if not self._renew(lease):
+                return False
 
     def _renew(self, lease: Lease) -> bool:
         """Keep a waiter's private lease alive; False once it is gone, or presumed gone

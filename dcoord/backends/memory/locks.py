@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ class _Entry:
         # Async waiters (dcoord.backends.memory.aio_locks): each wakes its own task on
         # its own loop, thread-safely, so sync and async clients of one store interoperate.
         self.wakers: set[Callable[[], object]] = set()
+        # Fair waiters' tokens in arrival order: the lock goes to the head.
+        self.queue: deque[object] = deque()
 
     def free(self, now: float) -> bool:
         return self.token is None or now >= self.expires_at
@@ -77,8 +80,8 @@ class MemoryLocks:
         """The table key of lock ``NAME`` is this prefix + ``NAME``."""
         return f"{self._prefix}lock/"
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> MemoryLockSlot:
-        return MemoryLockSlot(self._table, self.lock_prefix + name, ttl, self._identity)
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> MemoryLockSlot:
+        return MemoryLockSlot(self._table, self.lock_prefix + name, ttl, self._identity, fair)
 
     def admit(self, resource: str, token: int) -> bool:
         key = f"{self._prefix}fence/{resource}"
@@ -108,7 +111,10 @@ class MemoryLocks:
 
 
 class MemoryLockSlot:
-    def __init__(self, table: _Table, key: str, ttl: float, holder: Identity) -> None:
+    def __init__(
+        self, table: _Table, key: str, ttl: float, holder: Identity, fair: bool = False
+    ) -> None:
+        self._fair = fair
         self._table = table
         self._key = key
         self._ttl = ttl
@@ -134,20 +140,38 @@ class MemoryLockSlot:
         token = object()
         with self._table.mutex:
             entry = self.entry()
-            while True:
-                now = time.monotonic()
-                if entry.free(now):
-                    self._token = token
-                    return entry.grant(token, self._ttl, self._holder, now)
-                if deadline is not None and now >= deadline:
-                    return None
-                # Woken by a release; otherwise at the holder's expiry or our deadline.
-                wait = entry.expires_at - now
-                entry.waiters += 1
-                try:
-                    entry.cond.wait(wait if deadline is None else min(wait, deadline - now))
-                finally:
-                    entry.waiters -= 1
+            queued = False
+            try:
+                while True:
+                    now = time.monotonic()
+                    free = entry.free(now)
+                    if free and (not self._fair or not entry.queue or entry.queue[0] is token):
+                        if queued:
+                            entry.queue.popleft()
+                            queued = False
+                            # Waiters behind us wait for the lock free: tell them it is not.
+                            entry.cond.notify_all()
+                        self._token = token
+                        return entry.grant(token, self._ttl, self._holder, now)
+                    if deadline is not None and now >= deadline:
+                        return None
+                    if self._fair and not queued:
+                        entry.queue.append(token)
+                        queued = True
+                    # Woken by a release; otherwise at the holder's expiry or our deadline.
+                    # A free lock another fair waiter is due to take: until it has.
+                    wait: float | None = None if free else entry.expires_at - now
+                    if deadline is not None:
+                        wait = deadline - now if wait is None else min(wait, deadline - now)
+                    entry.waiters += 1
+                    try:
+                        entry.cond.wait(wait)
+                    finally:
+                        entry.waiters -= 1
+            finally:
+                if queued:  # gave up (deadline, interrupt): the next in line may go
+                    entry.queue.remove(token)
+                    entry.wake()
 
     def release(self) -> bool:
         token, self._token = self._token, None

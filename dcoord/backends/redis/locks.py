@@ -6,6 +6,8 @@ Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one has
                                        holds it (see dcoord.inspect)
     dcoord:<ns>:lock:{NAME}:fence      the last fence handed out (never expires)
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
+    dcoord:<ns>:lock:{NAME}:queue      fair locks: the waiters' tokens in arrival order
+    dcoord:<ns>:lock:{NAME}:waiters    fair locks: each waiter's expiry (zset, server ms)
 
 The fence of a resource ``R`` (:class:`dcoord.Fence`, same encoding) is
 ``dcoord:<ns>:fence:{R}``: a value written with ``Fence.write`` lands in the same script,
@@ -15,6 +17,12 @@ Acquire is one script (SET NX PX, then the next fence; else the holder's PTTL as
 hint), release and extend compare the token first. A waiter wakes when a release is
 published or when the holder's TTL ends, whichever comes first; every waiting handle of
 a client shares one pub/sub connection and one reader thread (:class:`_Notifier`).
+
+A fair lock (``fair=True``, after Redisson's fair lock) runs :data:`FAIR_ACQUIRE`
+instead: a caller that finds the lock held, or another waiter ahead of it, joins the
+queue; the lock goes to the queue's head. A waiter's entry expires unless it calls again
+within :data:`FAIR_WAITER_TTL` (or the lock's TTL, if shorter), so a dead waiter blocks
+the queue that long at most; a waiter that gives up leaves it (:data:`FAIR_CANCEL`).
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
@@ -27,6 +35,7 @@ is retried, and a retry that finds nothing reports an unknown outcome rather tha
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -65,6 +74,9 @@ ORPHAN_RETRY_MAX = 1.0
 # Pub/sub messages that wake a channel's waiters: a release (or a shard channel's), a
 # (re)subscription confirmation, and on a Cluster an sunsubscribe the server sends when
 # the channel's slot moved to another node.
+# How long a fair lock's waiter keeps its place without calling again (it calls every
+# third of this): what a dead waiter at the head of the queue costs the others.
+FAIR_WAITER_TTL = 5.0
 WAKING_MESSAGES = frozenset({"message", "subscribe", "smessage", "ssubscribe", "sunsubscribe"})
 
 
@@ -124,7 +136,11 @@ class LuaScript:
             script = self.sharded()
             if script is not self:
                 return script(client, keys, args)
-        run: Any = client.execute_command  # untyped in redis-py
+        run: Any = (
+            functools.partial(_execute, client)
+            if isinstance(client, redis.Redis)
+            else client.execute_command  # untyped in redis-py
+        )
         try:
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
@@ -134,11 +150,41 @@ class LuaScript:
             return run("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+def _execute(client: redis.Redis, *args: Any) -> Any:
+    """``client.execute_command(*args)`` on a single server or Sentinel primary, minus
+    redis-py's per-command bookkeeping (observability hooks, events, its retry loop,
+    which dcoord turns off anyway): about 6 us of client CPU of a lock's ~45 us per
+    command (docs/performance.md). The reply is raw, as for EVALSHA it is anyway.
+
+    As redis-py does, a connection whose reply was not read (a timeout, a broken
+    connection, an interrupt) is closed before the error is raised, never reused; an
+    error reply leaves it in order. The connection class is redis-py's, so a Sentinel
+    primary's READONLY still turns into a reconnect to the new primary.
+    """
+    pool: Any = client.connection_pool  # untyped in redis-py
+    connection = pool.get_connection()
+    try:
+        connection.send_command(*args)
+        return connection.read_response()
+    except redis.ResponseError:
+        raise
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
 def lock_keys(prefix: str, name: str) -> tuple[str, str, str]:
     """A lock's keys and channel, all tagged by its name (one slot): the holder's token,
     the fence counter and the release channel (shared by the sync and async APIs)."""
     base = f"{prefix}lock:{{{key_segment(name)}}}"
     return base, f"{base}:fence", f"{base}:released"
+
+
+def fair_keys(lock_key: str) -> tuple[str, str]:
+    """A fair lock's queue (tokens in arrival order) and waiters' expiries (a zset)."""
+    return f"{lock_key}:queue", f"{lock_key}:waiters"
 
 
 def fence_key(prefix: str, resource: str) -> str:
@@ -150,6 +196,20 @@ def fence_key(prefix: str, resource: str) -> str:
 ACQUIRE = LuaScript.named("acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
+
+
+def _fair(*names: str) -> LuaScript:
+    """A fair lock script: fair_purge.lua, then the files ``names``."""
+    return LuaScript("".join(LuaScript.named(name).source for name in ("fair_purge", *names)))
+
+
+# The queue half falls through to the plain acquire when it is our turn: one script,
+# one round trip, and the fence logic lives in acquire.lua only.
+FAIR_ACQUIRE = _fair("fair_queue", "acquire")
+FAIR_RELEASE = _fair("fair_release")
+FAIR_CANCEL = _fair("fair_cancel")
+# What a fair script publishes to call the waiter whose token follows.
+CALL_PREFIX = b"next:"
 FENCE_ADMIT = LuaScript.named("fence_admit")
 
 
@@ -171,9 +231,9 @@ class RedisLocks:
         self.notifier = _Notifier(backend)
         self._check_eviction = LockEvictionCheck(backend)
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> RedisLockSlot:
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> RedisLockSlot:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
-        return RedisLockSlot(self, name, ttl)
+        return RedisLockSlot(self, name, ttl, fair)
 
     def fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -254,7 +314,7 @@ class _OrphanCleanup:
         started = time.monotonic()
         try:
             deleted = locks.backend.call(
-                lambda: locks.release_script(locks.redis, [slot.key], [self._token, slot.channel]),
+                lambda: slot.undo(self._token),
                 what=f"undo the acquire of lock {slot.name!r} whose reply was lost",
             )
         except BackendUnavailable as exc:
@@ -275,7 +335,7 @@ class _OrphanCleanup:
 class RedisLockSlot:
     """One handle's token on one lock."""
 
-    def __init__(self, locks: RedisLocks, name: str, ttl: float) -> None:
+    def __init__(self, locks: RedisLocks, name: str, ttl: float, fair: bool = False) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -284,26 +344,58 @@ class RedisLockSlot:
         self._ttl = ttl
         self._token: str | None = None
         self._fence = 0
+        self._fair = fair
+        waiter_ttl = min(FAIR_WAITER_TTL, ttl)
+        self._waiter_ms = milliseconds(waiter_ttl)
+        # A fair waiter calls again within a third of its entry's life, however long the
+        # holder's TTL: its place in the queue must not expire while it lives.
+        self._max_wait = waiter_ttl / 3 if fair else math.inf
+        if fair:
+            self._keys = [self.key, self.fence_key, *fair_keys(self.key)]
+        else:
+            self._keys = [self.key, self.fence_key]
+
+    def undo(self, token: str) -> Any:
+        """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
+        the lock (no retries: see :class:`_OrphanCleanup`)."""
+        if self._fair:
+            return FAIR_CANCEL(self._redis, self._keys, [token, self.channel])
+        return self._locks.release_script(self._redis, [self.key], [token, self.channel])
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
         token = secrets.token_hex(16)  # a new token per grant: an old one can never act
         token += holder_suffix(self._locks.backend.settings.options["label"])  # inspection
-        result, sent = self._try(token)
+        # A single attempt (deadline already past) never queues: nothing to leave after.
+        once = deadline is not None and time.monotonic() >= deadline
+        result, sent = self._try(token, queue=not once)
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
+            if self._fair and not once:
+                self._leave(token)
             return None
         if result <= 0:
-            result, sent = self._wait(token, deadline)
+            try:
+                result, sent = self._wait(token, deadline)
+            except BaseException:
+                if self._fair:  # a waiter that gives up leaves the queue behind it
+                    _OrphanCleanup(self, token, time.monotonic(), self._ttl).start()
+                raise
             if result <= 0:
+                if self._fair:
+                    self._leave(token)
                 return None
         self._token, self._fence = token, result
         return LockGrant(result, sent + self._ttl)
 
-    def _try(self, token: str) -> tuple[int, float]:
+    def _try(self, token: str, queue: bool = True) -> tuple[int, float]:
         sent = time.monotonic()
-        args = [token, milliseconds(self._ttl), self._locks.skew_margin_us]
+        args: list[Any] = [token, milliseconds(self._ttl), self._locks.skew_margin_us]
+        script = ACQUIRE
+        if self._fair:
+            script = FAIR_ACQUIRE
+            args += [self.channel, self._waiter_ms if queue else 0]
         try:
             result = self._call(
-                lambda: ACQUIRE(self._redis, [self.key, self.fence_key], args),
+                lambda: script(self._redis, self._keys, args),
                 what=f"acquire lock {self.name!r}",
             )
         except BaseException as exc:
@@ -317,21 +409,36 @@ class RedisLockSlot:
         return int(result), sent
 
     def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        with self._locks.notifier.interest(self.channel) as channel:
+        # A fair waiter sleeps until called by name (or a generic wake-up).
+        called = token.encode() if self._fair else None
+        with self._locks.notifier.interest(self.channel, called) as channel:
             while True:
-                # Read the generation before trying: a release published after the try
-                # then changes it, so the wait below cannot miss it.
+                # Read the generation (and forget a call) before trying: a release
+                # published after the try then changes it, so the wait below cannot
+                # miss it.
                 seen = channel.generation
+                if called is not None:
+                    channel.called.discard(called)
                 result, sent = self._try(token)
                 if result > 0:
                     return result, sent
-                hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
+                hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
                     if now >= deadline:
                         return 0, sent
                     hint = min(hint, deadline - now)
-                self._locks.notifier.wait(channel, seen, hint)
+                self._locks.notifier.wait(channel, seen, hint, called)
+
+    def _leave(self, token: str) -> None:
+        """Take a fair waiter that timed out out of the queue; if that fails, the
+        background undo keeps trying (its entry would expire anyway)."""
+        sent = time.monotonic()
+        try:
+            self._call(lambda: self.undo(token), what=f"leave the queue of lock {self.name!r}")
+        except BackendUnavailable as exc:
+            log.info("%s; retrying in the background", exc)
+            _OrphanCleanup(self, token, sent, self._ttl).start()
 
     def release(self) -> bool:
         token, self._token = self._token, None
@@ -342,6 +449,8 @@ class RedisLockSlot:
         def release() -> Any:
             nonlocal reply_lost
             try:
+                if self._fair:
+                    return FAIR_RELEASE(self._redis, self._keys, [token, self.channel])
                 return self._locks.release_script(self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -372,15 +481,18 @@ class RedisLockSlot:
 
 
 class _Channel:
-    """Waiters of one lock in this client; ``generation`` counts wake-ups."""
+    """Waiters of one lock in this client; ``generation`` counts wake-ups for all, and
+    ``called`` holds the tokens of fair waiters called by name (``next:<token>``)."""
 
-    __slots__ = ("generation", "idle_since", "name", "waiters")
+    __slots__ = ("called", "generation", "idle_since", "name", "tokens", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.generation = 0
         self.waiters = 0
         self.idle_since = 0.0
+        self.tokens: set[bytes] = set()  # fair waiters of this client
+        self.called: set[bytes] = set()
 
 
 class _Notifier:
@@ -416,8 +528,9 @@ class _Notifier:
         self._nodes_changed = threading.Event()
 
     @contextlib.contextmanager
-    def interest(self, channel_name: str) -> Iterator[_Channel]:
-        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+    def interest(self, channel_name: str, token: bytes | None = None) -> Iterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
+        waiter gives its ``token``, by which a release calls it."""
         key = channel_name.encode()
         with self._cond:
             channel = self._channels.get(key)
@@ -425,6 +538,8 @@ class _Notifier:
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
             channel.waiters += 1
+            if token is not None:
+                channel.tokens.add(token)
             if self._thread is None and not self._closed:
                 redis_client: Any = self._backend.redis
                 self._pubsub = redis_client.pubsub()
@@ -448,11 +563,20 @@ class _Notifier:
             with self._cond:
                 channel.waiters -= 1
                 channel.idle_since = time.monotonic()
+                if token is not None:
+                    channel.tokens.discard(token)
+                    channel.called.discard(token)
 
-    def wait(self, channel: _Channel, seen: int, timeout: float) -> None:
-        """Sleep until ``channel`` is woken after generation ``seen``, or ``timeout``."""
+    def wait(
+        self, channel: _Channel, seen: int, timeout: float, token: bytes | None = None
+    ) -> None:
+        """Sleep until ``channel`` is woken after generation ``seen`` (or ``token`` is
+        called), or ``timeout``."""
         with self._cond:
-            self._cond.wait_for(lambda: channel.generation != seen or self._closed, timeout)
+            self._cond.wait_for(
+                lambda: channel.generation != seen or token in channel.called or self._closed,
+                timeout,
+            )
 
     def _command(self, command: str, *channels: bytes) -> None:
         try:
@@ -548,7 +672,15 @@ class _Notifier:
                 with self._cond:
                     woken = self._channels.get(message["channel"])
                     if woken is not None:
-                        woken.generation += 1
+                        data = message["data"]
+                        if isinstance(data, bytes) and data.startswith(CALL_PREFIX):
+                            # One fair waiter's turn: the others sleep on (no herd).
+                            called = data[len(CALL_PREFIX) :]
+                            if called not in woken.tokens:
+                                continue
+                            woken.called.add(called)
+                        else:
+                            woken.generation += 1
                         self._cond.notify_all()
 
     def _prune(self, now: float) -> None:
