@@ -8,11 +8,19 @@ check, without a topology or with one started here, what made that run fail.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+import dcoord
+import dcoord.aio
+from dcoord.backends.etcd_names import etcd_lock_prefix
 from dcoord.backends.redis.aio_locks import AsyncRedisBackend
 from dcoord.config import settings_from
+from tests.servers import HOST, Server
+from tests.topologies.etcd import EtcdCluster
 
 
 async def swallows_cancellation() -> str:
@@ -60,3 +68,109 @@ def test_a_cancellation_lost_inside_redis_py_still_cancels_the_call() -> None:
             await backend.close()
 
     asyncio.run(main())
+
+
+# etcd failover, as tests/faults/test_failover_etcd.py for the sync API: an election
+# takes 1-2 s (etcd.env); generous bounds for a loaded 2-core machine.
+FOLLOW_BOUND = 10.0
+REQUEST_TIMEOUT = 3.0
+TTL = 6.0
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(servers: Any) -> Iterator[EtcdCluster]:
+    with EtcdCluster(**servers.security()) as started:
+        started.start()
+        yield started
+
+
+def with_timeout(url: str, seconds: float) -> str:
+    return f"{url}{'&' if '?' in url else '?'}request_timeout={seconds:g}"
+
+
+def on_member(client: dcoord.aio.AsyncClient, member: Server) -> None:
+    """Send ``client``'s requests to ``member`` (it starts with the URL's first)."""
+    client.backend._use(f"{HOST}:{member.port}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["kill", "pause"])
+def test_async_etcd_locks_follow_a_leader_failover(
+    etcd_cluster: EtcdCluster, namespace: str, kind: str
+) -> None:
+    """Holder and waiter talk to the leader (the waiter watches its predecessor there)
+    when it is killed or paused: the release goes through another member, the waiter
+    gets the lock with a higher fence, within FOLLOW_BOUND."""
+    url = with_timeout(etcd_cluster.url, REQUEST_TIMEOUT)
+
+    async def main() -> None:
+        async with (
+            dcoord.aio.connect(url, namespace=namespace) as a,
+            dcoord.aio.connect(url, namespace=namespace) as b,
+        ):
+            leader = etcd_cluster.leader()
+            on_member(a, leader)
+            on_member(b, leader)
+            holder = a.lock("failover", ttl=TTL)
+            assert await holder.acquire(timeout=10)
+            first = holder.fence
+            waiter = b.lock("failover", ttl=TTL)
+            waiting = asyncio.create_task(waiter.acquire(timeout=3 * FOLLOW_BOUND))
+            # The waiter is queued (its watch on the leader) before the fault.
+            assert await eventually(lambda: queued(a, "failover") == 2)
+            await asyncio.to_thread(
+                etcd_cluster.kill_leader if kind == "kill" else etcd_cluster.pause_leader
+            )
+            started = time.monotonic()
+            while True:
+                try:
+                    await holder.release()
+                    break
+                except dcoord.BackendUnavailable:
+                    assert time.monotonic() - started < 3 * FOLLOW_BOUND
+            assert await waiting
+            took = time.monotonic() - started
+            assert took < FOLLOW_BOUND, f"the waiter got the lock {took:.2f} s after the fault"
+            assert waiter.fence > first
+            await waiter.release()
+
+    try:
+        asyncio.run(main())
+    finally:
+        etcd_cluster.heal()
+
+
+def test_async_etcd_client_of_the_paused_leader_alone_cannot_follow(
+    etcd_cluster: EtcdCluster, namespace: str
+) -> None:
+    """Negative control: with the leader's address alone the client has nowhere to go:
+    BackendUnavailable, which shows that the pause does cut the leader off."""
+    leader = etcd_cluster.leader()
+    url = with_timeout(leader.url, 1)
+
+    async def main() -> None:
+        async with dcoord.aio.connect(url, namespace=namespace) as client:
+            await asyncio.to_thread(etcd_cluster.pause, leader)
+            with pytest.raises(dcoord.BackendUnavailable):
+                await client.lock("alone", ttl=TTL).acquire(timeout=2)
+
+    try:
+        asyncio.run(main())
+    finally:
+        etcd_cluster.heal()
+
+
+def queued(client: dcoord.aio.AsyncClient, name: str) -> int:
+    """Keys in lock ``name``'s queue, read by a sync client of the same server."""
+    with dcoord.connect(client.url, namespace=client.namespace) as sync:
+        prefix = etcd_lock_prefix(client.namespace, name) + "/"
+        return len(list(sync.backend.etcd.get_prefix(prefix)))  # type: ignore[attr-defined]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` (off the loop: it may block) until it holds or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
