@@ -174,3 +174,25 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bo
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_many_tasks_of_one_redis_client_contend_without_running_out_of_connections(
+    aio_url: str, namespace: str
+) -> None:
+    """Found by bench/aio_locks.py (1,000 tasks, 10 locks): redis-py's async pool
+    raises MaxConnectionsError past 100 connections instead of waiting."""
+    tasks = 300
+
+    async def main() -> None:
+        async with dcoord.aio.connect(aio_url, namespace=namespace, request_timeout=30) as client:
+
+            async def cycle(i: int) -> int:
+                async with client.lock(f"many-{i}", ttl=60) as lock:
+                    return lock.fence
+
+            # Started together: their acquire scripts are all in flight at once.
+            fences = await asyncio.gather(*(cycle(i) for i in range(tasks)))
+            assert len(fences) == tasks and all(fence > 0 for fence in fences)
+
+    asyncio.run(main())

@@ -62,6 +62,12 @@ T = TypeVar("T")
 log = logging.getLogger("dcoord.redis")
 
 
+# Requests of one client in flight at once. redis-py's async connection pool (100
+# connections; per node on a Cluster) raises MaxConnectionsError beyond its size instead
+# of waiting: a thousand tasks of one client contending for locks would fail. Above this
+# many, a request waits for one to finish (each is bounded by the request timeout).
+MAX_IN_FLIGHT = 64
+
 # What the async client's type is: redis.asyncio.Redis for a single server and for
 # Sentinel's primary, RedisCluster for a Cluster (as :data:`.topology.Client`).
 AsyncClient = redis.asyncio.Redis | RedisCluster
@@ -147,6 +153,7 @@ class AsyncRedisBackend:
         self.prefix = f"dcoord:{settings.namespace}:"
         self.redis = make_async_client(settings)
         self.locks = AsyncRedisLocks(self)
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closed = False
 
     async def start(self) -> None:
@@ -179,18 +186,24 @@ class AsyncRedisBackend:
         timeout: float | None = None,
     ) -> T:
         """:meth:`RedisBackend.call` for coroutines: errors mapped once, retries only
-        where ``retry`` says the operation is safe to repeat."""
+        where ``retry`` says the operation is safe to repeat; at most MAX_IN_FLIGHT
+        requests at once (retries wait their backoff outside that bound)."""
+
+        async def bounded() -> T:
+            async with self._in_flight:
+                return await fn()
+
         try:
             if retry:
                 return await keep_cancellation(
                     with_retries_async(
-                        fn,
+                        bounded,
                         what=what,
                         transient=is_transient,
                         timeout=timeout or self.settings.request_timeout,
                     )
                 )
-            return await keep_cancellation(fn())
+            return await keep_cancellation(bounded())
         except redis.RedisError as exc:
             error = error_for(self.settings, what, exc)
             metrics.backend_error(self.settings, type(error))
