@@ -93,6 +93,8 @@ class Config:
     """Directory to keep the history in (default: a temporary one, removed if clean)."""
     using: str | None = None
     """Server provider: containers or processes (default: tests/servers.py's choice)."""
+    aio: bool = False
+    """transfers: the odd-numbered workers use dcoord.aio, mixed with sync ones."""
 
     @property
     def variant(self) -> str:
@@ -141,6 +143,8 @@ class Config:
             args.append(f"--ttl {self.ttl:g}")
         if self.points is not None:
             args.append(f"--points {','.join(self.points)}")
+        if self.aio:
+            args.append("--aio")
         return "python -m tests.faults.randomized " + " ".join(args)
 
     def describe(self) -> str:
@@ -152,9 +156,10 @@ class Config:
         if self.sentinel:
             extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
+        aio = ", odd workers async" if self.aio else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
-            f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}"
+            f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}{aio}"
         )
 
 
@@ -820,6 +825,7 @@ def _run(
             request_timeout=request_timeout,
             acquire_timeout=2 * ttl + 1.0,
             mutant=config.mutant,
+            extra={"aio": True} if config.aio else None,
         )
 
     with dcoord.connect(env.url, namespace=namespace) as admin:
@@ -917,6 +923,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--points", help="crash-at: comma-separated failpoints to choose from")
     parser.add_argument("--keep", metavar="DIR", help="keep the history files in DIR")
     parser.add_argument("--servers", choices=("containers", "processes"), dest="using")
+    parser.add_argument("--aio", action="store_true", help="transfers: odd workers async")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.seeds < 1:
         parser.error("--clients, --duration and --seeds must be positive")
@@ -935,6 +942,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         points=tuple(args.points.split(",")) if args.points else None,
         keep=args.keep,
         using=args.using,
+        aio=args.aio,
     )
     return config, args.seeds
 

@@ -24,6 +24,7 @@ resource first, and from then on every older fence is rejected.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -114,12 +115,18 @@ def decode(raw: bytes | None) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
+def recorder_and_rng(spec: Spec) -> tuple[Recorder, random.Random]:
+    """A worker's history recorder and its seeded random source (sync or async worker)."""
+    return Recorder(Path(spec.history), spec.process), random.Random(
+        f"worker:{spec.seed}:{spec.process}"
+    )
+
+
 def open_worker(
     spec: Spec, connected: Callable[[dcoord.Client], None] | None
 ) -> tuple[Recorder, random.Random, dcoord.Client]:
     """A worker's history recorder, its seeded random source, and its client."""
-    rec = Recorder(Path(spec.history), spec.process)
-    rng = random.Random(f"worker:{spec.seed}:{spec.process}")
+    rec, rng = recorder_and_rng(spec)
     client = dcoord.connect(
         spec.url, namespace=spec.namespace, request_timeout=spec.request_timeout
     )
@@ -134,9 +141,15 @@ def counter_worker(
     failpoint: Failpoint = _no_failpoint,
     connected: Callable[[dcoord.Client], None] | None = None,
 ) -> None:
-    """The fenced-counter loop, until ``stop`` is set."""
+    """The fenced-counter loop, until ``stop`` is set; with ``aio`` in the spec's extra,
+    the odd slots' workers run it on dcoord.aio (:mod:`.aio_counter`)."""
     from . import mutants
 
+    if (spec.extra or {}).get("aio") and is_async_slot(spec.process):
+        from .aio_counter import aio_counter_worker
+
+        asyncio.run(aio_counter_worker(spec, stop, failpoint))
+        return
     rec, rng, client = open_worker(spec, connected)
     mutants.apply(spec.mutant, client)
     kv = client.backend.kv
@@ -163,6 +176,12 @@ def counter_worker(
     finally:
         rec.close()
         client.close()
+
+
+def is_async_slot(process: str) -> bool:
+    """With ``--aio``: workers ``c1``, ``c3``, ... (and their restarts ``c1.2``) run on
+    dcoord.aio, the even ones on the sync API."""
+    return int(process[1:].split(".")[0]) % 2 == 1
 
 
 def backoff(rng: random.Random) -> None:
