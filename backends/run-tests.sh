@@ -95,7 +95,8 @@ echo "processes path took $((SECONDS - start)) s"
 step "locks and membership over TLS with namespace-confined users, local processes"
 start=$SECONDS
 DCOORD_TEST_SECURE=1 DCOORD_TEST_SERVERS=processes timeout 600 .venv/bin/pytest \
-    tests/conformance/test_locks.py tests/conformance/test_membership.py -k "redis or etcd" -x "$@"
+    tests/conformance/test_locks.py tests/conformance/test_membership.py tests/aio \
+    -k "redis or etcd" -x "$@"
 echo "TLS + auth path took $((SECONDS - start)) s"
 
 step "topologies: a conformance subset on Sentinel, Cluster and three-member etcd; failovers"
@@ -104,7 +105,8 @@ step "topologies: a conformance subset on Sentinel, Cluster and three-member etc
 start=$SECONDS
 SUBSET=(tests/conformance/test_locks.py tests/conformance/test_fence_write.py
     tests/conformance/test_membership.py tests/conformance/test_twopc.py
-    tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py)
+    tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py
+    tests/aio)
 for topology in sentinel cluster etcd3; do
     kind=redis
     [[ $topology == etcd3 ]] && kind=etcd
