@@ -18,6 +18,7 @@ sync backend's).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -358,20 +359,31 @@ class AsyncRedisLockSlot:
     async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
         async with self._locks.notifier.interest(self.channel) as channel:
             while True:
-                # Take the wake-up before trying: a release published after the try
-                # then sets it, so the wait below cannot miss it.
-                woken = channel.woken
-                result, sent = await self._try(token)
+                # Park before trying: a release published after the try then wakes
+                # us (or a waiter before us), so the wait below cannot miss it.
+                woken = channel.park()
+                try:
+                    result, sent = await self._try(token)
+                except BaseException:
+                    channel.leave(woken)
+                    raise
                 if result > 0:
+                    woken.cancel()  # a wake-up got meanwhile was for this grant
                     return result, sent
                 hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
                 now = time.monotonic()
                 if deadline is not None:
                     if now >= deadline:
+                        channel.leave(woken)
                         return 0, sent
                     hint = min(hint, deadline - now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), hint)
+                try:
+                    await asyncio.wait_for(woken, hint)  # cancels ``woken`` on timeout
+                except TimeoutError:
+                    pass
+                except BaseException:
+                    channel.leave(woken)
+                    raise
 
     async def release(self) -> bool:
         token, self._token = self._token, None
@@ -410,19 +422,51 @@ class AsyncRedisLockSlot:
 
 
 class _Channel:
-    """Waiters of one lock in this client; ``woken`` is set (and replaced) per wake-up."""
+    """Waiters of one lock in this client, parked in FIFO order.
 
-    __slots__ = ("idle_since", "name", "waiters", "woken")
+    A release wakes one of them (:meth:`wake_one`): only one can take the lock, and
+    waking all of them made every one but the winner run the acquire script again for
+    nothing (about as many scripts per grant as waiters). A waiter woken that leaves
+    without trying again passes the wake-up on (:meth:`leave`). A subscription
+    confirmation or a reconnect, after which a release may have gone unseen, wakes all.
+    """
+
+    __slots__ = ("idle_since", "name", "parked", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.woken = asyncio.Event()
+        self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiters = 0
         self.idle_since = 0.0
 
-    def wake(self) -> None:
-        self.woken.set()
-        self.woken = asyncio.Event()
+    def park(self) -> asyncio.Future[None]:
+        """A wake-up for one waiter, queued behind the others'."""
+        while self.parked and self.parked[0].done():  # left by timed-out waits
+            self.parked.popleft()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.parked.append(future)
+        return future
+
+    def wake_one(self) -> None:
+        while self.parked:
+            future = self.parked.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        parked, self.parked = self.parked, collections.deque()
+        for future in parked:
+            if not future.done():
+                future.set_result(None)
+
+    def leave(self, woken: asyncio.Future[None]) -> None:
+        """The waiter of ``woken`` stops waiting without another try: a wake-up it got
+        goes to the next waiter."""
+        if woken.done() and not woken.cancelled():
+            self.wake_one()
+        else:
+            woken.cancel()
 
 
 class _Notifier:
@@ -558,15 +602,19 @@ class _Notifier:
             except Exception as exc:  # the connection broke
                 # Messages may have been lost: every waiter re-tries now.
                 for channel in self._channels.values():
-                    channel.wake()
+                    channel.wake_all()
                 log.info("lock notifier reconnecting after: %s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
             if message is not None and message["type"] in WAKING_MESSAGES:
                 woken = self._channels.get(message["channel"])
-                if woken is not None:
-                    woken.wake()
+                if woken is None:
+                    pass
+                elif message["type"] in ("message", "smessage"):
+                    woken.wake_one()  # a release: one waiter can take the lock
+                else:  # (re)subscribed: a release may have gone unseen
+                    woken.wake_all()
 
     async def _prune(self, now: float) -> None:
         async with self._send:
