@@ -180,8 +180,9 @@ def counter_worker(
 
 def is_async_slot(process: str) -> bool:
     """With ``--aio``: workers ``c1``, ``c3``, ... (and their restarts ``c1.2``) run on
-    dcoord.aio, the even ones on the sync API."""
-    return int(process[1:].split(".")[0]) % 2 == 1
+    dcoord.aio, the even ones on the sync API (and the runner's own, ``liveness``)."""
+    slot = process[1:].split(".")[0]
+    return process.startswith("c") and slot.isdigit() and int(slot) % 2 == 1
 
 
 def backoff(rng: random.Random) -> None:
