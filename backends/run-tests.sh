@@ -93,10 +93,12 @@ DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance "$@"
 echo "processes path took $((SECONDS - start)) s"
 
 step "locks and membership over TLS with namespace-confined users, local processes"
+# (test_resources_and_namespaces_are_separate uses a second namespace, which a user
+# confined to the test's own may not: it fails so on the sync API too.)
 start=$SECONDS
 DCOORD_TEST_SECURE=1 DCOORD_TEST_SERVERS=processes timeout 600 .venv/bin/pytest \
     tests/conformance/test_locks.py tests/conformance/test_membership.py tests/aio \
-    -k "redis or etcd" -x "$@"
+    -k "(redis or etcd) and not namespaces_are_separate" -x "$@"
 echo "TLS + auth path took $((SECONDS - start)) s"
 
 step "topologies: a conformance subset on Sentinel, Cluster and three-member etcd; failovers"

@@ -116,7 +116,7 @@ def test_async_etcd_locks_follow_a_leader_failover(
             waiter = b.lock("failover", ttl=TTL)
             waiting = asyncio.create_task(waiter.acquire(timeout=3 * FOLLOW_BOUND))
             # The waiter is queued (its watch on the leader) before the fault.
-            assert await eventually(lambda: queued(a, "failover") == 2)
+            assert await eventually(lambda: queued(url, namespace, "failover") == 2)
             await asyncio.to_thread(
                 etcd_cluster.kill_leader if kind == "kill" else etcd_cluster.pause_leader
             )
@@ -159,10 +159,10 @@ def test_async_etcd_client_of_the_paused_leader_alone_cannot_follow(
         etcd_cluster.heal()
 
 
-def queued(client: dcoord.aio.AsyncClient, name: str) -> int:
-    """Keys in lock ``name``'s queue, read by a sync client of the same server."""
-    with dcoord.connect(client.url, namespace=client.namespace) as sync:
-        prefix = etcd_lock_prefix(client.namespace, name) + "/"
+def queued(url: str, namespace: str, name: str) -> int:
+    """Keys in lock ``name``'s queue, read by a sync client of ``url``."""
+    with dcoord.connect(url, namespace=namespace) as sync:
+        prefix = etcd_lock_prefix(namespace, name) + "/"
         return len(list(sync.backend.etcd.get_prefix(prefix)))  # type: ignore[attr-defined]
 
 
