@@ -93,9 +93,12 @@ DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance "$@"
 echo "processes path took $((SECONDS - start)) s"
 
 step "locks and membership over TLS with namespace-confined users, local processes"
+# (test_resources_and_namespaces_are_separate uses a second namespace, which a user
+# confined to the test's own may not: it fails so on the sync API too.)
 start=$SECONDS
 DCOORD_TEST_SECURE=1 DCOORD_TEST_SERVERS=processes timeout 600 .venv/bin/pytest \
-    tests/conformance/test_locks.py tests/conformance/test_membership.py -k "redis or etcd" -x "$@"
+    tests/conformance/test_locks.py tests/conformance/test_membership.py tests/aio \
+    -k "(redis or etcd) and not namespaces_are_separate" -x "$@"
 echo "TLS + auth path took $((SECONDS - start)) s"
 
 step "topologies: a conformance subset on Sentinel, Cluster and three-member etcd; failovers"
@@ -104,7 +107,8 @@ step "topologies: a conformance subset on Sentinel, Cluster and three-member etc
 start=$SECONDS
 SUBSET=(tests/conformance/test_locks.py tests/conformance/test_fence_write.py
     tests/conformance/test_membership.py tests/conformance/test_twopc.py
-    tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py)
+    tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py
+    tests/aio)
 for topology in sentinel cluster etcd3; do
     kind=redis
     [[ $topology == etcd3 ]] && kind=etcd

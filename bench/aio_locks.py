@@ -1,9 +1,10 @@
 """Benchmark the asyncio API's locks against redis-py's own asyncio lock.
 
-    python bench/aio_locks.py [--seconds S] [--rounds N]
+    python bench/aio_locks.py [--seconds S] [--rounds N] [--tasks T] [--locks L]
+                              [--grants G] [--skip-uncontended] [--skip-contended]
 
-Starts a Redis server (tests.servers, no persistence) and stops it at the end. One event
-loop, one task, back-to-back acquire+release cycles (uncontended), for:
+Starts a Redis and an etcd server (tests.servers, no persistence) and stops them at the
+end. Uncontended: one event loop, one task, back-to-back acquire+release cycles, for:
 
 * dcoord.aio, fenced, auto-renewal on (the default: a watchdog task per grant);
 * dcoord.aio with ``auto_renew=False``;
@@ -11,7 +12,19 @@ loop, one task, back-to-back acquire+release cycles (uncontended), for:
 * dcoord.aio on ``memory://`` (no network: the cost of the async layer itself).
 
 The candidates take turns in rounds so that load from elsewhere on the machine hits them
-alike; the ratio dcoord / redis-py is printed (goal: >= 1.0).
+alike; the ratio dcoord / redis-py is printed (goal: >= 1.0) with the spread over the
+rounds (each round's own rate: min / median / max).
+
+Contended, on Redis and on etcd: T tasks in one process (one client) contend for L locks
+(task i wants lock i mod L) until G grants in all. Printed: grants/s; the hand-off (from
+the holder's ``release()`` call to the next holder's grant on that lock) p50 / p99; the
+backend calls per grant (every request the client sends, counted at the backend's one
+``call`` boundary: a client that polled would show calls growing with the wait, not
+with the grants); and memory per waiting task (tracemalloc: T tasks parked behind L held
+locks, traced bytes after minus before, divided by T). The wake-up path: Redis, a
+release script PUBLISHes on the lock's channel, one pub/sub connection per client reads
+it and wakes that lock's waiters, who retry the acquire script; etcd, each waiter
+watches the delete of its predecessor's queue key (FIFO), so a release wakes one task.
 """
 
 from __future__ import annotations
@@ -19,11 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import statistics
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,18 +48,23 @@ import redis.asyncio
 import redis.asyncio.lock
 
 import dcoord.aio
+from dcoord.backends.etcd_names import etcd_lock_prefix
 from tests.servers import start_server
 
 Cycle = Callable[[], Awaitable[None]]
 
 
-async def rates(cycles: dict[str, Cycle], seconds: float, rounds: int) -> dict[str, float]:
-    """Cycles per second of each candidate, in ``rounds`` interleaved slices."""
+async def rates(
+    cycles: dict[str, Cycle], seconds: float, rounds: int
+) -> dict[str, tuple[float, list[float]]]:
+    """Cycles per second of each candidate, in ``rounds`` interleaved slices: the overall
+    rate and each round's."""
     for cycle in cycles.values():
         for _ in range(50):  # warm up connections and script caches
             await cycle()
     counts = dict.fromkeys(cycles, 0)
     spent = dict.fromkeys(cycles, 0.0)
+    per_round: dict[str, list[float]] = {name: [] for name in cycles}
     for _ in range(rounds):
         for name, cycle in cycles.items():
             started = time.perf_counter()
@@ -52,9 +73,11 @@ async def rates(cycles: dict[str, Cycle], seconds: float, rounds: int) -> dict[s
             while time.perf_counter() < deadline:
                 await cycle()
                 n += 1
-            spent[name] += time.perf_counter() - started
+            took = time.perf_counter() - started
+            spent[name] += took
             counts[name] += n
-    return {name: counts[name] / spent[name] for name in cycles}
+            per_round[name].append(n / took)
+    return {name: (counts[name] / spent[name], per_round[name]) for name in cycles}
 
 
 def dcoord_cycle(lock: dcoord.aio.AsyncLock) -> Cycle:
@@ -73,7 +96,9 @@ def redis_py_cycle(lock: redis.asyncio.lock.Lock) -> Cycle:
     return cycle
 
 
-async def main_async(url: str, seconds: float, rounds: int) -> dict[str, float]:
+async def uncontended(
+    url: str, seconds: float, rounds: int
+) -> dict[str, tuple[float, list[float]]]:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     async with (
         dcoord.aio.connect(url, namespace=namespace) as client,
@@ -96,25 +121,166 @@ async def main_async(url: str, seconds: float, rounds: int) -> dict[str, float]:
             await raw.aclose()
 
 
+class Counted:
+    """Counts the requests of one async backend at its ``call`` boundary (every request
+    of the lock store goes through it)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.calls = 0
+        inner = backend.call
+
+        async def call(fn: Any, **options: Any) -> Any:
+            self.calls += 1
+            return await inner(fn, **options)
+
+        backend.call = call
+
+
+async def contended(url: str, tasks: int, locks: int, grants: int) -> dict[str, float]:
+    """T tasks, L locks, until G grants: see the module's docstring."""
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    async with dcoord.aio.connect(url, namespace=namespace, request_timeout=30) as client:
+        counted = Counted(client.backend)
+        names = [f"lock-{n}" for n in range(locks)]
+        for name in names:  # warm up: scripts loaded, connections made
+            lock = client.lock(name, ttl=30, auto_renew=False)
+            assert await lock.acquire()
+            await lock.release()
+        released_at: dict[str, float] = {}
+        handoffs: list[float] = []
+        left = grants
+        done = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            nonlocal left
+            name = names[i % locks]
+            lock = client.lock(name, ttl=30, auto_renew=False)
+            while left > 0:
+                if not await lock.acquire(timeout=120):
+                    raise RuntimeError(f"{name}: no grant in 120 s")
+                granted = time.perf_counter()
+                if name in released_at:
+                    handoffs.append(granted - released_at.pop(name))
+                left -= 1
+                if left <= 0:
+                    done.set()
+                released_at[name] = time.perf_counter()
+                await lock.release()
+            done.set()
+
+        calls_before = counted.calls
+        started = time.perf_counter()
+        workers = [asyncio.create_task(worker(i)) for i in range(tasks)]
+        await done.wait()
+        took = time.perf_counter() - started
+        made = grants - left
+        calls = counted.calls - calls_before
+        for task in workers:  # the rest were still waiting: not part of the measure
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        handoffs.sort()
+        result = {
+            "grants/s": made / took,
+            "hand-off p50 ms": 1000 * statistics.median(handoffs),
+            "hand-off p99 ms": 1000 * handoffs[min(len(handoffs) - 1, len(handoffs) * 99 // 100)],
+            "calls/grant": calls / made,
+        }
+        result["bytes/waiting task"] = await waiting_memory(client, names, tasks)
+        return result
+
+
+async def waiting_memory(client: dcoord.aio.AsyncClient, names: list[str], tasks: int) -> float:
+    """Traced bytes per task parked behind a held lock (tracemalloc, after - before)."""
+    holders = [client.lock(name, ttl=60) for name in names]
+    for holder in holders:
+        assert await holder.acquire()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        waiters = [
+            asyncio.create_task(client.lock(names[i % len(names)], ttl=60).acquire(timeout=300))
+            for i in range(tasks)
+        ]
+        deadline = time.monotonic() + 300
+        while await parked(client, names) < tasks:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the waiters did not all park in 300 s")
+            await asyncio.sleep(0.2)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    for holder in holders:
+        await holder.release()
+    return (after - before) / tasks
+
+
+async def parked(client: dcoord.aio.AsyncClient, names: list[str]) -> int:
+    """Waiters parked now: on Redis registered on the notifier's channels, on etcd queue
+    keys behind the holders'."""
+    backend: Any = client.backend
+    if backend.kind == "redis":
+        return sum(channel.waiters for channel in backend.locks.notifier._channels.values())
+    from pyetcd import etcdrpc
+    from pyetcd.utils import prefix_range_end
+
+    total = 0
+    for name in names:
+        prefix = f"{etcd_lock_prefix(client.namespace, name)}/".encode()
+        request = etcdrpc.RangeRequest(
+            key=prefix, range_end=prefix_range_end(prefix), count_only=True
+        )
+        reply = await backend.kv.Range(request, timeout=10)
+        total += max(0, int(reply.count) - 1)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per candidate")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved slices")
+    parser.add_argument("--tasks", type=int, default=1000, help="contending tasks")
+    parser.add_argument("--locks", type=int, default=10, help="locks they contend for")
+    parser.add_argument("--grants", type=int, default=5000, help="grants in all")
+    parser.add_argument("--skip-uncontended", action="store_true")
+    parser.add_argument("--skip-contended", action="store_true")
     args = parser.parse_args()
-    server = start_server("redis", using="processes", persistent=False)
-    try:
-        result = asyncio.run(main_async(server.url, args.seconds, args.rounds))
-    finally:
-        server.stop()
     print(
         f"dcoord {dcoord.__version__} asyncio locks: Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, Redis no persistence, one task, uncontended"
+        f"redis-py {redis.__version__}, servers without persistence, one process"
     )
-    for name, rate in result.items():
-        print(f"  {name:45s} {rate:9.0f} cycles/s")
-    base = result["redis.asyncio.lock.Lock"]
-    for name in ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)"):
-        print(f"  {name} / redis.asyncio.lock.Lock: {result[name] / base:.2f}x")
+    if not args.skip_uncontended:
+        server = start_server("redis", using="processes", persistent=False)
+        try:
+            result = asyncio.run(uncontended(server.url, args.seconds, args.rounds))
+        finally:
+            server.stop()
+        print(f"uncontended, one task, {args.rounds} rounds (rate: all / per round min med max)")
+        for name, (rate, rounds) in result.items():
+            spread = " ".join(
+                f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
+            )
+            print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})")
+        base, base_rounds = result["redis.asyncio.lock.Lock"]
+        for name in ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)"):
+            rate, rounds = result[name]
+            ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
+            print(
+                f"  {name} / redis.asyncio.lock.Lock: {rate / base:.2f}x "
+                f"(per round {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
+            )
+    if not args.skip_contended:
+        print(f"contended: {args.tasks} tasks, {args.locks} locks, {args.grants} grants")
+        for kind in ("redis", "etcd"):
+            server = start_server(kind, using="processes", persistent=False)
+            try:
+                figures = asyncio.run(contended(server.url, args.tasks, args.locks, args.grants))
+            finally:
+                server.stop()
+            shown = ", ".join(f"{key} {value:.1f}" for key, value in figures.items())
+            print(f"  {kind:5s} {shown}")
 
 
 if __name__ == "__main__":

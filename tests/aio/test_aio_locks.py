@@ -327,14 +327,6 @@ def test_a_server_that_does_not_answer_is_backend_unavailable(kind: str) -> None
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "url", ["redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "etcd://127.0.0.1:1,127.0.0.1:2"]
-)
-def test_topologies_not_covered_yet_are_refused_with_config_error(url: str) -> None:
-    with pytest.raises(dcoord.ConfigError, match=r"dcoord\.aio"):
-        connect(url)
-
-
 @pytest.mark.parametrize("undo", [True, False], ids=["undo", "negative-control-no-undo"])
 def test_redis_acquire_cancelled_in_flight_leaves_no_grant_behind(
     server_factory: Callable[..., object],

@@ -10,13 +10,20 @@ sync backend; fenced writes are :func:`.locks.fenced_txn`.
 One difference in this first slice: every attempt gets a lease of its own (the sync
 backend shares one lease per TTL between auto-renewed locks). The handle's renewal is a
 keep-alive of that lease; release revokes it, which deletes the key; a cancelled or
-timed-out attempt revokes it too, so nothing of it is left in the queue. Topology: one
-etcd server (a URL with several members is refused for now).
+timed-out attempt revokes it too, so nothing of it is left in the queue.
+
+Topologies: one server, or a cluster of several members named in the URL. As the sync
+backend (:mod:`.client`), requests go to one member at a time; a transient failure
+there sends the next attempt (or call) to the next member in URL order, and each attempt
+of a retried call gets a share of its budget, so that a paused member leaves time to
+try another one. A watch on a member that was given up is abandoned and made again on
+the member now in use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import itertools
 import logging
@@ -38,7 +45,7 @@ from ...inspect import identity_json
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
-from . import _Retryable, mapped_error, stale_token
+from . import _ATTEMPTS, _MIN_ATTEMPT, _Retryable, mapped_error, stale_token
 from .aio_kv import AsyncEtcdKV
 from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
@@ -48,49 +55,76 @@ T = TypeVar("T")
 
 log = logging.getLogger("dcoord.etcd")
 
+# The timeout of the current attempt of a call, per task (None: not in one), as the sync
+# backend's per-thread ``_attempt.timeout``.
+_attempt_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "dcoord_etcd_attempt_timeout", default=None
+)
+
 
 class AsyncEtcdBackend:
-    """The async etcd backend: one ``grpc.aio`` channel, keys as the sync backend's."""
+    """The async etcd backend: a ``grpc.aio`` channel per member (made on first use),
+    requests to one member at a time; keys as the sync backend's."""
 
     kind = "etcd"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        if len(settings.hosts) != 1:
-            raise ConfigError(
-                f"dcoord.aio supports one etcd server for now, got {len(settings.hosts)} "
-                f"({settings.url}): use the sync API for a cluster URL"
-            )
         if (settings.username is None) != (settings.password is None):
             raise ConfigError(
                 f"etcd needs both a user and a password, or neither; got user "
                 f"{settings.username!r} and {'no' if settings.password is None else 'a'} password"
             )
-        ((host, port),) = settings.hosts
-        self.endpoint = f"{host}:{port}"
+        self.members = [f"{host}:{port}" for host, port in settings.hosts]
+        self.endpoint = ",".join(self.members)
         self.prefix = namespace_prefix(settings.namespace)
+        self._credentials: grpc.ChannelCredentials | None = None
         if settings.tls:
             if settings.options["ca_cert"] is None:
                 raise ConfigError("etcds:// needs the ca_cert option (path to the CA bundle)")
-            creds = grpc.ssl_channel_credentials(
+            self._credentials = grpc.ssl_channel_credentials(
                 _read(settings.options["ca_cert"]),
                 _read(settings.options["key_file"]),
                 _read(settings.options["cert_file"]),
             )
-            self.channel = grpc.aio.secure_channel(self.endpoint, creds)
-        else:
-            self.channel = grpc.aio.insecure_channel(self.endpoint)
-        self.kv = rpc_pb2_grpc.KVStub(self.channel)
-        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
-        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
-        self._maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
-        self._auth = rpc_pb2_grpc.AuthStub(self.channel)
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self.metadata: tuple[tuple[str, str], ...] | None = None
-        self.timeout = settings.request_timeout
+        self._use(self.members[0])
         self.locks = AsyncEtcdLocks(self)
         # Members' leases are granted, kept alive and revoked as the locks' are.
         self.groups = AsyncEtcdGroups(self, self.locks)
         self._closed = False
+
+    def _use(self, member: str) -> None:
+        """Send requests to ``member`` from now on (its channel made on first use)."""
+        channel = self._channels.get(member)
+        if channel is None:
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(member, self._credentials)
+            else:
+                channel = grpc.aio.insecure_channel(member)
+            self._channels[member] = channel
+        self.member = member
+        self.kv = rpc_pb2_grpc.KVStub(channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(channel)
+        self.watch = rpc_pb2_grpc.WatchStub(channel)
+        self._maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+        self._auth = rpc_pb2_grpc.AuthStub(channel)
+
+    def move_on(self, failed: str) -> None:
+        """After a transient failure on member ``failed``, use the next member in URL
+        order; nothing if another task has already moved on from it."""
+        if len(self.members) < 2 or self.member != failed:
+            return
+        self._use(self.members[(self.members.index(failed) + 1) % len(self.members)])
+        log.info("etcd member %s failed; now using %s", failed, self.member)
+
+    @property
+    def timeout(self) -> float:
+        """The timeout of a request: the current attempt's (see :meth:`call`), else the
+        request timeout."""
+        narrowed = _attempt_timeout.get()
+        return self.settings.request_timeout if narrowed is None else narrowed
 
     async def start(self) -> None:
         """Authenticate (with a user) and read the server's version, within
@@ -117,7 +151,7 @@ class AsyncEtcdBackend:
         status = await self._maintenance.Status(
             etcdrpc.StatusRequest(), timeout=self.timeout, metadata=self.metadata
         )
-        return ServerInfo(kind=self.kind, version=str(status.version), endpoint=self.endpoint)
+        return ServerInfo(kind=self.kind, version=str(status.version), endpoint=self.member)
 
     async def call(
         self,
@@ -130,9 +164,16 @@ class AsyncEtcdBackend:
     ) -> T:
         """:meth:`EtcdBackend.call` for coroutines: errors mapped once
         (:func:`mapped_error`), a stale auth token renewed once, transient failures
-        retried only where ``retry`` says the operation is safe to repeat."""
+        retried only where ``retry`` says the operation is safe to repeat. On a cluster
+        a transient failure moves on to the next member, and each attempt of a retried
+        call may take a share of its budget (as the sync backend's)."""
+        budget = timeout or self.settings.request_timeout
+        deadline = time.monotonic() + budget
+        share = budget
+        if retry and len(self.members) > 1:
+            share = max(_MIN_ATTEMPT, budget / _ATTEMPTS)
 
-        async def attempt() -> T:
+        async def once() -> T:
             try:
                 return await fn()
             except grpc.aio.AioRpcError as exc:
@@ -144,6 +185,17 @@ class AsyncEtcdBackend:
             except grpc.aio.AioRpcError as exc:
                 raise mapped_error(self.settings, exc, what) from exc
 
+        async def attempt() -> T:
+            member = self.member
+            narrowed = _attempt_timeout.set(max(0.05, min(share, deadline - time.monotonic())))
+            try:
+                return await once()
+            except _Retryable:
+                self.move_on(member)  # the next attempt (or call) tries another member
+                raise
+            finally:
+                _attempt_timeout.reset(narrowed)
+
         try:
             if not retry:
                 return await attempt()
@@ -151,7 +203,7 @@ class AsyncEtcdBackend:
                 attempt,
                 what=what,
                 transient=lambda exc: isinstance(exc, _Retryable),
-                timeout=timeout or self.settings.request_timeout,
+                timeout=budget,
             )
         except _Retryable as exc:
             metrics.backend_error(self.settings, BackendUnavailable)
@@ -193,7 +245,7 @@ class AsyncEtcdBackend:
         try:
             await self.locks.close()
         finally:
-            await self.channel.close()
+            await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -281,7 +333,8 @@ class AsyncEtcdLocks:
                 ttl = int(reply.TTL)
             return ttl
 
-        return await backend.call(once, what=f"keep lease {lease:x} alive")
+        # Refreshing a lease twice is harmless: retried (on the next member of a cluster).
+        return await backend.call(once, what=f"keep lease {lease:x} alive", retry=True)
 
     async def revoke(self, lease: int) -> bool:
         """Revoke ``lease`` (deleting its key); False if it had already expired."""
@@ -461,6 +514,7 @@ class AsyncEtcdLockSlot:
         """Return when ``key`` is deleted (after ``from_revision``), at the deadline, or
         when our lease is gone; keeps our lease alive meanwhile. Returns its deadline."""
         backend = self._backend
+        member = backend.member
         watch = backend.watch.Watch(metadata=backend.metadata)
         create = etcdrpc.WatchCreateRequest(
             key=key, start_revision=from_revision, filters=[etcdrpc.WatchCreateRequest.NOPUT]
@@ -484,11 +538,21 @@ class AsyncEtcdLockSlot:
                     if ttl <= 0:
                         return 0.0  # our key went with the lease: requeue
                     expires_at = sent + ttl
+                    if backend.member != member:
+                        # The watch's member was given up (it may hang, and its watch
+                        # stay silent): re-check, and watch again on the member in use.
+                        return expires_at
                 reader.result()  # a broken watch raises: mapped below
             finally:
                 reader.cancel()
         except grpc.aio.AioRpcError as exc:
-            raise mapped_error(backend.settings, exc, f"watch lock {self.name!r}") from exc
+            error = mapped_error(backend.settings, exc, f"watch lock {self.name!r}")
+            if not isinstance(error, _Retryable):
+                raise error from exc
+            # The member failed (or was killed): the caller re-checks, through a call
+            # that retries, and watches again on the member now in use.
+            log.info("lock %r: watch on etcd member %s failed: %s", self.name, member, error)
+            backend.move_on(member)
         finally:
             watch.cancel()
         return expires_at

@@ -8,13 +8,17 @@ place, :func:`dcoord.backends.redis.error_for`, shared with the sync backend.
 Everything runs as tasks on the loop of the caller: one pub/sub connection per client
 read by one task wakes the waiters (:class:`_Notifier`), and the undo of an acquire
 whose reply was lost, or that was cancelled in flight, runs as a task too
-(:meth:`AsyncRedisLocks.undo`). Topologies: a single server and Sentinel (through
-``redis.asyncio.sentinel``); Cluster is refused with a ConfigError for now.
+(:meth:`AsyncRedisLocks.undo`). Topologies: a single server, Sentinel (through
+``redis.asyncio.sentinel``, which follows the primary across failovers) and Cluster
+(through ``redis.asyncio.cluster.RedisCluster``: the scripts run sharded, see
+:meth:`.locks.LuaScript.sharded`, and the waiters are woken on shard channels, as the
+sync backend's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -34,7 +39,7 @@ from ...config import Settings
 from ...errors import BackendUnavailable, ConfigError
 from ...inspect import holder_suffix
 from ..aio_base import with_retries_async
-from ..base import LockGrant, ServerInfo
+from ..base import LockGrant, ServerInfo, key_segment
 from . import error_for, is_transient, topology
 from .aio_membership import AsyncRedisGroups
 from .locks import (
@@ -46,12 +51,14 @@ from .locks import (
     ORPHAN_RETRY_FIRST,
     ORPHAN_RETRY_MAX,
     RELEASE,
+    WAKING_MESSAGES,
     LuaScript,
     answered,
     fence_key,
     lock_keys,
     milliseconds,
 )
+from .slots import require_one_slot
 
 if TYPE_CHECKING:
     from .aio_kv import AsyncRedisKV
@@ -62,7 +69,18 @@ T = TypeVar("T")
 log = logging.getLogger("dcoord.redis")
 
 
-def make_async_client(settings: Settings) -> redis.asyncio.Redis:
+# Requests of one client in flight at once. redis-py's async connection pool (100
+# connections; per node on a Cluster) raises MaxConnectionsError beyond its size instead
+# of waiting: a thousand tasks of one client contending for locks would fail. Above this
+# many, a request waits for one to finish (each is bounded by the request timeout).
+MAX_IN_FLIGHT = 64
+
+# What the async client's type is: redis.asyncio.Redis for a single server and for
+# Sentinel's primary, RedisCluster for a Cluster (as :data:`.topology.Client`).
+AsyncClient = redis.asyncio.Redis | RedisCluster
+
+
+def make_async_client(settings: Settings) -> AsyncClient:
     """A ``redis.asyncio`` client for ``settings``, configured as the sync one
     (:func:`.topology.make_client`): redis-py's own retry off, connections on first use."""
     common: dict[str, Any] = {
@@ -76,10 +94,8 @@ def make_async_client(settings: Settings) -> redis.asyncio.Redis:
         **topology._tls(settings),
     }
     if settings.topology == "cluster":
-        raise ConfigError(
-            f"dcoord.aio does not support Redis Cluster yet ({settings.url}): "
-            "use a single server or Sentinel, or the sync API"
-        )
+        node: Any = ClusterNode  # untyped in redis-py
+        return RedisCluster(startup_nodes=[node(h, p) for h, p in settings.hosts], **common)
     if settings.topology == "sentinel":
         sentinel_options = {
             key: common[key]
@@ -97,16 +113,51 @@ def make_async_client(settings: Settings) -> redis.asyncio.Redis:
     return redis.asyncio.Redis(host=host, port=port, db=int(settings.database), **common)
 
 
+async def keep_cancellation(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, raising CancelledError if the task was cancelled meanwhile
+    and the cancellation got lost below.
+
+    redis-py wraps socket reads and writes in ``asyncio.wait_for``, which on Python 3.11
+    returns the inner result when it completes in the same step as a cancel of the
+    caller, dropping the cancellation (CPython gh-86296, fixed in 3.12). A cancelled
+    ``acquire()`` would then wait on as if nothing happened. Only a cancel requested
+    during this await counts: a task that is already cancelling (releasing on its way
+    out of ``async with``) still completes its calls.
+    """
+    task = asyncio.current_task()
+    requested = 0 if task is None else task.cancelling()
+    result = await awaitable
+    if task is not None and task.cancelling() > requested:
+        raise asyncio.CancelledError
+    return result
+
+
 async def run_script(
-    script: LuaScript, client: redis.asyncio.Redis, keys: Sequence[str], args: Sequence[Any]
+    script: LuaScript, client: AsyncClient, keys: Sequence[str], args: Sequence[Any]
 ) -> Any:
-    """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT."""
+    """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT;
+    sharded on a Cluster (its PUBLISH become SPUBLISH)."""
+    if isinstance(client, RedisCluster):
+        script = script.sharded()
     run: Any = client.execute_command  # untyped in redis-py
     try:
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
-        await run("SCRIPT", "LOAD", script.source)
+        # One command name: the Cluster client routes "SCRIPT LOAD" to every primary
+        # (it cannot route "SCRIPT" "LOAD", which carries no key).
+        await run("SCRIPT LOAD", script.source)
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def refuse_cluster(settings: Settings, what: str) -> None:
+    """ConfigError for the async ``what`` on a Redis Cluster: async locks and fences run
+    there, async membership and 2PC not yet (their pub/sub and WAIT need the Cluster's
+    shard routing); the sync client has both."""
+    if settings.topology == "cluster":
+        raise ConfigError(
+            f"dcoord.aio {what} on a Redis Cluster ({settings.url}) is not supported yet; "
+            "use the sync client (dcoord.connect) for it: they interoperate"
+        )
 
 
 class AsyncRedisBackend:
@@ -121,6 +172,7 @@ class AsyncRedisBackend:
         self.redis = make_async_client(settings)
         self.locks = AsyncRedisLocks(self)
         self.groups = AsyncRedisGroups(self)
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closed = False
 
     async def start(self) -> None:
@@ -137,7 +189,10 @@ class AsyncRedisBackend:
             raise
 
     async def _server_info(self) -> ServerInfo:
-        info = await self.redis.info("server")
+        info: Any = await self.redis.info("server")
+        if isinstance(self.redis, RedisCluster):
+            # The async Cluster client answers INFO by node: {node name: its INFO}.
+            info = next(iter(info.values()), {}) if "redis_version" not in info else info
         version = str(info.get("redis_version", "unknown"))
         return ServerInfo(kind=self.kind, version=version, endpoint=self.endpoint)
 
@@ -150,16 +205,24 @@ class AsyncRedisBackend:
         timeout: float | None = None,
     ) -> T:
         """:meth:`RedisBackend.call` for coroutines: errors mapped once, retries only
-        where ``retry`` says the operation is safe to repeat."""
+        where ``retry`` says the operation is safe to repeat; at most MAX_IN_FLIGHT
+        requests at once (retries wait their backoff outside that bound)."""
+
+        async def bounded() -> T:
+            async with self._in_flight:
+                return await fn()
+
         try:
             if retry:
-                return await with_retries_async(
-                    fn,
-                    what=what,
-                    transient=is_transient,
-                    timeout=timeout or self.settings.request_timeout,
+                return await keep_cancellation(
+                    with_retries_async(
+                        bounded,
+                        what=what,
+                        transient=is_transient,
+                        timeout=timeout or self.settings.request_timeout,
+                    )
                 )
-            return await fn()
+            return await keep_cancellation(bounded())
         except redis.RedisError as exc:
             error = error_for(self.settings, what, exc)
             metrics.backend_error(self.settings, type(error))
@@ -175,6 +238,7 @@ class AsyncRedisBackend:
     @functools.cached_property
     def replication(self) -> AsyncReplication:
         """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
+        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncReplication  # it imports this module
 
         return AsyncReplication(self)
@@ -182,6 +246,7 @@ class AsyncRedisBackend:
     @functools.cached_property
     def txlog(self) -> AsyncRedisTxLog:
         """The 2PC log (the sync clients' log: same keys and scripts)."""
+        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncRedisTxLog  # it imports this module
 
         return AsyncRedisTxLog(self)
@@ -189,6 +254,7 @@ class AsyncRedisBackend:
     @functools.cached_property
     def kv_store(self) -> AsyncRedisKV:
         """Plain keys (the sync clients' keys)."""
+        refuse_cluster(self.settings, "KVParticipant")
         from .aio_kv import AsyncRedisKV  # it imports this module
 
         return AsyncRedisKV(self)
@@ -212,6 +278,7 @@ class AsyncRedisLocks:
         self.prefix = backend.prefix
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.holder = holder_suffix(backend.settings.options["label"])
+        self.cluster = isinstance(backend.redis, RedisCluster)
         self.notifier = _Notifier(backend.redis)
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -234,6 +301,12 @@ class AsyncRedisLocks:
 
     async def write(self, resource: str, token: int, key: str, value: bytes) -> bool:
         keys = [self._fence_key(resource), f"{self.prefix}kv:{key}"]
+        if self.cluster:
+            require_one_slot(
+                keys,
+                f"fenced write of {key!r} for {resource!r} (tag the key "
+                f"'{{{key_segment(resource)}}}...' to put it in the fence's slot)",
+            )
         # Never retried: see RedisLocks.write (a retry could deny a write that happened).
         return bool(
             await self.backend.call(
@@ -328,20 +401,31 @@ class AsyncRedisLockSlot:
     async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
         async with self._locks.notifier.interest(self.channel) as channel:
             while True:
-                # Take the wake-up before trying: a release published after the try
-                # then sets it, so the wait below cannot miss it.
-                woken = channel.woken
-                result, sent = await self._try(token)
+                # Park before trying: a release published after the try then wakes
+                # us (or a waiter before us), so the wait below cannot miss it.
+                woken = channel.park()
+                try:
+                    result, sent = await self._try(token)
+                except BaseException:
+                    channel.leave(woken)
+                    raise
                 if result > 0:
+                    woken.cancel()  # a wake-up got meanwhile was for this grant
                     return result, sent
                 hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
                 now = time.monotonic()
                 if deadline is not None:
                     if now >= deadline:
+                        channel.leave(woken)
                         return 0, sent
                     hint = min(hint, deadline - now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), hint)
+                try:
+                    await asyncio.wait_for(woken, hint)  # cancels ``woken`` on timeout
+                except TimeoutError:
+                    pass
+                except BaseException:
+                    channel.leave(woken)
+                    raise
 
     async def release(self) -> bool:
         token, self._token = self._token, None
@@ -380,19 +464,51 @@ class AsyncRedisLockSlot:
 
 
 class _Channel:
-    """Waiters of one lock in this client; ``woken`` is set (and replaced) per wake-up."""
+    """Waiters of one lock in this client, parked in FIFO order.
 
-    __slots__ = ("idle_since", "name", "waiters", "woken")
+    A release wakes one of them (:meth:`wake_one`): only one can take the lock, and
+    waking all of them made every one but the winner run the acquire script again for
+    nothing (about as many scripts per grant as waiters). A waiter woken that leaves
+    without trying again passes the wake-up on (:meth:`leave`). A subscription
+    confirmation or a reconnect, after which a release may have gone unseen, wakes all.
+    """
+
+    __slots__ = ("idle_since", "name", "parked", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.woken = asyncio.Event()
+        self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiters = 0
         self.idle_since = 0.0
 
-    def wake(self) -> None:
-        self.woken.set()
-        self.woken = asyncio.Event()
+    def park(self) -> asyncio.Future[None]:
+        """A wake-up for one waiter, queued behind the others'."""
+        while self.parked and self.parked[0].done():  # left by timed-out waits
+            self.parked.popleft()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.parked.append(future)
+        return future
+
+    def wake_one(self) -> None:
+        while self.parked:
+            future = self.parked.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        parked, self.parked = self.parked, collections.deque()
+        for future in parked:
+            if not future.done():
+                future.set_result(None)
+
+    def leave(self, woken: asyncio.Future[None]) -> None:
+        """The waiter of ``woken`` stops waiting without another try: a wake-up it got
+        goes to the next waiter."""
+        if woken.done() and not woken.cancelled():
+            self.wake_one()
+        else:
+            woken.cancel()
 
 
 class _Notifier:
@@ -400,10 +516,14 @@ class _Notifier:
 
     As the sync :class:`.locks._Notifier`: a release message, a subscription
     confirmation and a reconnect each wake the channel's waiters; a channel nobody waits
-    on is unsubscribed after IDLE_UNSUBSCRIBE seconds.
+    on is unsubscribed after IDLE_UNSUBSCRIBE seconds. On a Cluster the channels are
+    shard channels (SSUBSCRIBE) through redis-py's async cluster pub/sub, which keeps a
+    connection per primary serving a subscribed channel and moves the subscriptions
+    after a failover; each of those connections is read by a task of its own, so a
+    message never waits behind another node's read timeout.
     """
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self._client = client
         self._channels: dict[bytes, _Channel] = {}
         self._pubsub: Any = None
@@ -412,6 +532,14 @@ class _Notifier:
         # Held from a channel's creation (or removal) until its SUBSCRIBE (UNSUBSCRIBE)
         # is sent, so a prune never unsubscribes a channel a new waiter just subscribed.
         self._send = asyncio.Lock()
+        self._sharded = isinstance(client, RedisCluster)
+        self._subscribe, self._unsubscribe = (
+            ("ssubscribe", "sunsubscribe") if self._sharded else ("subscribe", "unsubscribe")
+        )
+        # Cluster only: a reader task per node name, and what wakes the supervisor
+        # when a subscription may have added a node.
+        self._node_readers: dict[str, asyncio.Task[None]] = {}
+        self._nodes_changed = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def interest(self, channel_name: str) -> AsyncIterator[_Channel]:
@@ -427,11 +555,13 @@ class _Notifier:
             if self._reader is None and not self._closed:
                 self._pubsub = self._client.pubsub()
                 self._reader = asyncio.get_running_loop().create_task(
-                    self._run(), name="dcoord redis lock notifier"
+                    self._supervise() if self._sharded else self._run_single(),
+                    name="dcoord redis lock notifier",
                 )
             if new:
                 async with self._send:
-                    await self._command("subscribe", key)
+                    await self._command(self._subscribe, key)
+                self._nodes_changed.set()
             yield channel
         finally:
             channel.waiters -= 1
@@ -441,38 +571,92 @@ class _Notifier:
         if self._pubsub is None or self._closed:
             return
         try:
-            await getattr(self._pubsub, command)(*channels)
+            await keep_cancellation(getattr(self._pubsub, command)(*channels))
         except (redis.RedisError, OSError) as exc:
             # Waiters still wake by their TTL hint; the reader reconnects.
             log.info("lock notifier: %s failed: %s", command, exc)
 
-    async def _run(self) -> None:
-        backoff = 0.05
+    async def _run_single(self) -> None:
         last_prune = time.monotonic()
-        while not self._closed:
-            try:
-                if not self._pubsub.subscribed:
-                    await asyncio.sleep(0.05)  # nothing to read before the first SUBSCRIBE
-                    message = None
-                else:
-                    message = await self._pubsub.get_message(timeout=1.0)
-                backoff = 0.05
-            except Exception as exc:  # the connection broke
-                # Messages may have been lost: every waiter re-tries now.
-                for channel in self._channels.values():
-                    channel.wake()
-                log.info("lock notifier reconnecting after: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(1.0, backoff * 2)
-                continue
-            if message is not None and message["type"] in ("message", "subscribe"):
-                woken = self._channels.get(message["channel"])
-                if woken is not None:
-                    woken.wake()
+
+        async def read() -> Any:
+            nonlocal last_prune
             now = time.monotonic()
             if now - last_prune >= 1.0:
                 last_prune = now
                 await self._prune(now)
+            if not self._pubsub.subscribed:
+                await asyncio.sleep(0.05)  # nothing to read before the first SUBSCRIBE
+                return None
+            return await self._pubsub.get_message(timeout=1.0)
+
+        await self._read(read, lambda: True)
+
+    async def _supervise(self) -> None:
+        """Cluster: start a reader per node connection of the cluster pub/sub (new ones
+        appear when a channel of another node is subscribed, or when redis-py moves the
+        subscriptions after a failover), and unsubscribe idle channels."""
+        loop = asyncio.get_running_loop()
+        cluster: Any = self._client
+        try:
+            while not self._closed:
+                for name in list(self._pubsub.node_pubsub_mapping):
+                    reader = self._node_readers.get(name)
+                    if (reader is None or reader.done()) and cluster.get_node(node_name=name):
+                        self._node_readers[name] = loop.create_task(
+                            self._run_node(name), name=f"dcoord redis lock notifier {name}"
+                        )
+                await self._prune(time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nodes_changed.wait(), 1.0)
+                self._nodes_changed.clear()
+        finally:
+            for reader in self._node_readers.values():
+                reader.cancel()
+            await asyncio.gather(*self._node_readers.values(), return_exceptions=True)
+
+    async def _run_node(self, name: str) -> None:
+        cluster: Any = self._client
+        pubsub = self._pubsub
+
+        async def read() -> Any:
+            node = cluster.get_node(node_name=name)
+            if node is None:  # without a target it would read every node's connection
+                return None
+            return await pubsub.get_sharded_message(timeout=1.0, target_node=node)
+
+        # A node that left the cluster's map, or whose connection redis-py dropped
+        # (no channel left on it), needs no reader.
+        await self._read(
+            read,
+            lambda: (
+                name in pubsub.node_pubsub_mapping and cluster.get_node(node_name=name) is not None
+            ),
+        )
+
+    async def _read(self, read: Callable[[], Awaitable[Any]], wanted: Callable[[], bool]) -> None:
+        """Deliver what ``read`` returns to the waiters until close (or not ``wanted``)."""
+        backoff = 0.05
+        while not self._closed and wanted():
+            try:
+                message = await read()
+                backoff = 0.05
+            except Exception as exc:  # the connection broke
+                # Messages may have been lost: every waiter re-tries now.
+                for channel in self._channels.values():
+                    channel.wake_all()
+                log.info("lock notifier reconnecting after: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            if message is not None and message["type"] in WAKING_MESSAGES:
+                woken = self._channels.get(message["channel"])
+                if woken is None:
+                    pass
+                elif message["type"] in ("message", "smessage"):
+                    woken.wake_one()  # a release: one waiter can take the lock
+                else:  # (re)subscribed: a release may have gone unseen
+                    woken.wake_all()
 
     async def _prune(self, now: float) -> None:
         async with self._send:
@@ -484,7 +668,7 @@ class _Notifier:
             for name in idle:
                 del self._channels[name]
             if idle:
-                await self._command("unsubscribe", *idle)
+                await self._command(self._unsubscribe, *idle)
 
     async def close(self) -> None:
         self._closed = True

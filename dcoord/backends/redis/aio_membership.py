@@ -4,7 +4,8 @@ Every operation is :data:`.membership.SCRIPT` on :func:`.membership.group_keys`,
 through ``redis.asyncio`` (:func:`.aio_locks.run_script`), so sync and async members
 of one group see each other, and liveness is decided by the server's clock as before.
 A follower's subscription is a pub/sub connection of its own on the group's channel
-(plain SUBSCRIBE: single server and Sentinel; the async client refuses a Cluster).
+(plain SUBSCRIBE: single server and Sentinel; refused on a Cluster, see
+:func:`.aio_locks.refuse_cluster`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class AsyncRedisGroups:
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def run(self, group: str, what: str, *args: Any, retry: bool = True) -> Any:
+        aio_locks.refuse_cluster(self.backend.settings, "membership")
         keys, channel = group_keys(self.backend.prefix, group)
         return await self.backend.call(
             lambda: aio_locks.run_script(SCRIPT, self.backend.redis, keys, [channel, *args]),
@@ -105,6 +107,7 @@ class AsyncRedisGroups:
         return snapshot_of(await self.run(group, "read members", "read"))
 
     async def subscribe(self, group: str) -> AsyncRedisSubscription:
+        aio_locks.refuse_cluster(self.backend.settings, "membership")
         subscription = AsyncRedisSubscription(self.backend, group)
         await subscription.connect()
         return subscription

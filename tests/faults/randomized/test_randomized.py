@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .runner import Config, ProcessPool, Report, run, with_seed
-from .workloads import Spec
+from .workloads import Spec, is_async_slot
 
 pytestmark = pytest.mark.slow
 
@@ -265,3 +265,51 @@ def test_a_replacement_stopped_before_it_started_is_not_a_failure(tmp_path: Path
     pool = ProcessPool(spec, tmp_path, 1)
     pool.spawn(0)
     assert pool.stop(10) == []
+
+
+# The counter with its odd workers on dcoord.aio (--aio), racing sync workers on one lock,
+# one fence and one counter: the checkers see one history.
+AIO_COUNTER = [
+    pytest.param(
+        Config("memory", "counter", seed=31, duration=8, clients=4, aio=True),
+        id="memory-counter-aio",
+    ),
+    pytest.param(
+        Config("redis", "counter", seed=32, duration=12, clients=4, aio=True),
+        id="redis-counter-aio",
+    ),
+    pytest.param(
+        Config("etcd", "counter", seed=33, duration=15, clients=4, aio=True),
+        id="etcd-counter-aio",
+    ),
+]
+
+
+def async_writes(report: Report) -> int:
+    """Fenced increments the async workers (c1, c3, ...) made."""
+    return sum(1 for op in report.history.by_f("write") if op.ok and is_async_slot(op.process))
+
+
+@pytest.mark.parametrize("config", AIO_COUNTER)
+def test_async_counter_workers_mixed_with_sync_ones_show_no_violations(config: Config) -> None:
+    report = run(config)
+    print(report.render())
+    assert report.ok, report.render()
+    assert sum(report.faults.values()) >= 2, report.render()
+    assert async_writes(report) >= 10, report.render()  # the async workers took part
+
+
+def test_mutant_fence_admitting_every_token_is_caught_with_async_workers() -> None:
+    """Negative control of the mixed run: the admit-all mutant, applied to the async
+    workers' clients as to the sync ones', is caught as in the sync run."""
+    config = Config(
+        "redis",
+        "counter",
+        duration=8,
+        clients=4,
+        aio=True,
+        mutant="admit-all",
+        faults=("pause-holder",),
+    )
+    report = first_caught(config, range(421, 424), "fenced-counter")
+    assert async_writes(report) > 0, report.render()

@@ -24,6 +24,7 @@ resource first, and from then on every older fence is rejected.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -140,9 +141,15 @@ def counter_worker(
     failpoint: Failpoint = _no_failpoint,
     connected: Callable[[dcoord.Client], None] | None = None,
 ) -> None:
-    """The fenced-counter loop, until ``stop`` is set."""
+    """The fenced-counter loop, until ``stop`` is set; with ``aio`` in the spec's extra,
+    the odd slots' workers run it on dcoord.aio (:mod:`.aio_counter`)."""
     from . import mutants
 
+    if (spec.extra or {}).get("aio") and is_async_slot(spec.process):
+        from .aio_counter import aio_counter_worker
+
+        asyncio.run(aio_counter_worker(spec, stop, failpoint))
+        return
     rec, rng, client = open_worker(spec, connected)
     mutants.apply(spec.mutant, client)
     kv = client.backend.kv
@@ -169,6 +176,13 @@ def counter_worker(
     finally:
         rec.close()
         client.close()
+
+
+def is_async_slot(process: str) -> bool:
+    """With ``--aio``: workers ``c1``, ``c3``, ... (and their restarts ``c1.2``) run on
+    dcoord.aio, the even ones on the sync API (and the runner's own, ``liveness``)."""
+    slot = process[1:].split(".")[0]
+    return process.startswith("c") and slot.isdigit() and int(slot) % 2 == 1
 
 
 def backoff(rng: random.Random) -> None:
