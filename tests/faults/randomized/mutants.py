@@ -71,8 +71,8 @@ def apply(name: str | None, client: dcoord.Client) -> None:
     release = _etcd_delete_by_name if kind == "etcd" else _memory_release_any
     original = locks.slot
 
-    def slot(name: str, ttl: float, auto_renew: bool) -> Any:
-        made = original(name, ttl, auto_renew)
+    def slot(name: str, ttl: float, auto_renew: bool, fair: bool = False) -> Any:
+        made = original(name, ttl, auto_renew, fair)
         made.release = types.MethodType(release, made)
         return made
 

@@ -169,7 +169,10 @@ class Nemesis:
     def stop(self) -> None:
         """Stop injecting; a fault in progress is healed before this returns."""
         self._stop.set()
-        self._thread.join()
+        # Not started when the workers failed to start: that error must surface, not a
+        # "cannot join thread before it is started" raised over it.
+        if self._thread.ident is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         try:
