@@ -70,8 +70,6 @@ def _node(
     if tls is not None:
         args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
     node.redis_args = tuple(args)
-    if isinstance(node, ContainerServer):  # its command was set before redis_args were
-        node.container.with_command(node.command("/data"))
     return node
 
 

@@ -38,8 +38,6 @@ def _member(
     member = (ContainerServer if using == "containers" else ProcessServer)("etcd", tls=tls)
     member.etcd_name, member.etcd_cluster = name, cluster
     member.port, member.peer_port = ports  # Server.__init__ picked ports of its own
-    if isinstance(member, ContainerServer):
-        member.container.with_command(member.command("/data"))
     return member
 
 

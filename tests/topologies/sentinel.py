@@ -135,8 +135,6 @@ class SentinelSet:
             if tls is not None:
                 args += ["--tls-replication", "yes"]
             node.redis_args = tuple(args)
-            if isinstance(node, ContainerServer):  # its command was built in __init__
-                node.container.with_command(node.command("/data"))
         sentinel_class = _SentinelContainer if self.using == "containers" else _SentinelProcess
         self.sentinel_servers: list[Server] = []
         for i in range(self.sentinels):
