@@ -26,7 +26,6 @@ from .backends.election_base import CandidateSlot
 from .core.election import (
     TTL_PASSED,
     WATCH_RETRY,
-    Leader,
     leader_of,
     lost_in_block_error,
     not_held_error,
@@ -34,6 +33,9 @@ from .core.election import (
     replaced_error,
     value_bytes,
     watch_wait,
+)
+from .core.election import (
+    Leader as Leader,  # re-exported: dcoord.election.Leader is public
 )
 from .errors import BackendUnavailable, ConfigError, DcoordError
 from .lock import (
