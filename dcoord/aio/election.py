@@ -148,10 +148,12 @@ class AsyncLeadership:
                 # A renewal unanswered at the deadline is a lost leadership, on time.
                 async with asyncio.timeout_at(grant.expires_at):
                     new = await self._slot.extend(self.ttl)
-            except TimeoutError:
-                await self._lose("its TTL passed (a renewal request is still unanswered)")
-                return
-            except DcoordError as exc:
+            except TimeoutError as exc:
+                if time.monotonic() >= grant.expires_at:
+                    await self._lose("its TTL passed (a renewal request is still unanswered)")
+                    return
+                failure = exc
+            except Exception as exc:  # this leadership's alone: retried until the deadline
                 failure = exc
             outcome = after_renewal(grant, self.ttl, time.monotonic(), new, failure)
             if outcome.lost is not None:

@@ -286,3 +286,33 @@ def test_coroutine_on_lost_runs_when_the_server_forgets_the_leader(
             assert not await lead.resign()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("failure", ["hangs", "fails"])
+def test_a_renewal_that_hangs_or_fails_loses_leadership_at_its_deadline(
+    aio_url: str, namespace: str, backend: str, failure: str
+) -> None:
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            called = asyncio.Event()
+            ttl = TTL[backend]
+            lead = await client.election("e").campaign("v", ttl=ttl, on_lost=lambda _: called.set())
+            assert lead is not None
+            attempts = 0
+
+            async def extend(seconds: float) -> None:
+                nonlocal attempts
+                attempts += 1
+                if failure == "hangs":
+                    await asyncio.Event().wait()
+                raise dcoord.BackendUnavailable("renewal refused by the test")
+
+            lead._slot.extend = extend  # type: ignore[method-assign]
+            started = time.monotonic()
+            await asyncio.wait_for(called.wait(), ttl * 2 + MARGIN * 2)
+            assert not lead.held and attempts >= 1
+            assert time.monotonic() - started < ttl + MARGIN
+            if failure == "fails":
+                assert attempts > 1, "a failed renewal is retried until the deadline"
+
+    asyncio.run(main())
