@@ -37,9 +37,9 @@ from .core.election import (
 from .core.election import (
     Leader as Leader,  # re-exported: dcoord.election.Leader is public
 )
+from .core.lockstate import after_renewal, conservative
 from .errors import BackendUnavailable, ConfigError, DcoordError
 from .lock import (
-    CLOCK_DRIFT,
     DEFAULT_TTL,
     RENEW_FRACTION,
     validate_name,
@@ -86,16 +86,12 @@ class Leadership:
         # the slot's calls (user calls and renewal).
         self._mutex = threading.Lock()
         self._op = threading.Lock()
-        self._expires_at = self._conservative(grant)
+        self._expires_at = conservative(grant, ttl).expires_at
         self._resigned = False
         self._lost_reason: str | None = None
         self._job: Job = election.client.scheduler.every(
             ttl * RENEW_FRACTION, self._renew, name=f"dcoord election {election.name!r}"
         )
-
-    def _conservative(self, grant: LockGrant) -> float:
-        # Client and server clocks run at slightly different rates: err early.
-        return grant.expires_at - CLOCK_DRIFT * self.ttl
 
     @property
     def value(self) -> str:
@@ -159,24 +155,30 @@ class Leadership:
         if time.monotonic() >= expires_at:
             self._lose(TTL_PASSED)
             return False
+        new: LockGrant | None = None
+        failure: DcoordError | None = None
         try:
             with self._op:
                 with self._mutex:
                     if self._resigned:
                         return False
-                grant = self._slot.extend(self.ttl)
+                new = self._slot.extend(self.ttl)
         except DcoordError as exc:
-            remaining = expires_at - time.monotonic()
-            if remaining <= 0:
-                self._lose(f"renewal failed: {exc}")
-                return False
-            log.warning("election %r: renewal failed, retrying: %s", self.election.name, exc)
-            return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
-        if grant is None:
-            self._lose("the server no longer has this leader (expired or replaced)")
+            failure = exc
+        # The lock's rules (dcoord.core.lockstate), as the async leadership's: a failure
+        # is retried until the deadline; an answer after it does not make us lead again.
+        now = time.monotonic()
+        outcome = after_renewal(LockGrant(self.term, expires_at), self.ttl, now, new, failure)
+        if outcome.lost is not None:
+            self._lose(outcome.lost)
             return False
+        assert outcome.due is not None
+        if outcome.retrying:
+            log.warning("election %r: renewal failed, retrying: %s", self.election.name, failure)
+            return outcome.due - now
+        assert outcome.grant is not None
         with self._mutex:
-            self._expires_at = self._conservative(grant)
+            self._expires_at = outcome.grant.expires_at
         return None
 
     def _lose(self, reason: str) -> None:

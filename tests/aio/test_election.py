@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from types import SimpleNamespace
 
@@ -12,10 +13,12 @@ import pytest
 
 import dcoord
 from dcoord.aio import AsyncClient, AsyncLeadership, connect
+from dcoord.backends.base import LockGrant
 from dcoord.backends.memory.election import MemoryElections
 from dcoord.election import Leader
 from tests.aio.test_aio_locks import dcoord_tasks, eventually, sync_client  # noqa: F401
 from tests.conformance.test_election import TTL, election_keys, sabotage
+from tests.conformance.test_locks import wait_until
 
 # Slack for task wake-ups and round trips on a loaded 2-core machine.
 MARGIN = 1.5
@@ -314,5 +317,48 @@ def test_a_renewal_that_hangs_or_fails_loses_leadership_at_its_deadline(
             assert time.monotonic() - started < ttl + MARGIN
             if failure == "fails":
                 assert attempts > 1, "a failed renewal is retried until the deadline"
+
+    asyncio.run(main())
+
+
+def test_a_renewal_answered_after_the_deadline_leaves_leadership_lost(namespace: str) -> None:
+    """Both APIs: a leadership whose deadline passed while its renewal was unanswered
+    stays lost when the server then says yes (the rule of dcoord.core.lockstate)."""
+    url = f"memory://late-{namespace}"
+    ttl = 1.0
+    with dcoord.connect(url, namespace=namespace) as client:
+        lost = threading.Event()
+        lead = client.election("sync").campaign("v", ttl=ttl, on_lost=lambda _: lost.set())
+        assert lead is not None
+        answer = threading.Event()
+
+        def late_extend(seconds: float) -> LockGrant:
+            answer.wait(30)
+            return LockGrant(lead.term, time.monotonic() + seconds)  # "yes", too late
+
+        lead._slot.extend = late_extend  # type: ignore[method-assign]
+        assert wait_until(lambda: not lead.held, ttl * 2 + MARGIN)
+        answer.set()
+        assert lost.wait(MARGIN * 2), "the late answer was taken as a renewal"
+        assert not lead.held
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            called = asyncio.Event()
+            lead = await client.election("async").campaign(
+                "v", ttl=ttl, on_lost=lambda _: called.set()
+            )
+            assert lead is not None
+            answer = asyncio.Event()
+
+            async def late_extend(seconds: float) -> LockGrant:
+                await answer.wait()
+                return LockGrant(lead.term, time.monotonic() + seconds)
+
+            lead._slot.extend = late_extend  # type: ignore[method-assign]
+            assert await eventually(lambda: not lead.held, ttl * 2 + MARGIN)
+            answer.set()
+            await asyncio.wait_for(called.wait(), MARGIN * 2)
+            assert not lead.held
 
     asyncio.run(main())
