@@ -18,15 +18,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .backends.base import LockGrant
 from .backends.election_base import CandidateSlot
-from .errors import BackendUnavailable, ConfigError, DcoordError, LockLost, LockNotOwned
+from .core.election import (
+    TTL_PASSED,
+    WATCH_RETRY,
+    leader_of,
+    lost_in_block_error,
+    not_held_error,
+    not_held_reason,
+    replaced_error,
+    value_bytes,
+    watch_wait,
+)
+from .core.election import (
+    Leader as Leader,  # re-exported: dcoord.election.Leader is public
+)
+from .core.lockstate import after_renewal, conservative
+from .errors import BackendUnavailable, ConfigError, DcoordError
 from .lock import (
-    CLOCK_DRIFT,
     DEFAULT_TTL,
     RENEW_FRACTION,
     validate_name,
@@ -41,44 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dcoord.election")
 
-MAX_VALUE_BYTES = 64 * 1024
-# A watcher re-reads the leader at least this often even if no notification came: a
-# backstop for notifications lost with a broken connection, not the way changes arrive.
-WATCH_BACKSTOP = 10.0
-# After a failed read a watcher retries after this long (the backend already retried).
-WATCH_RETRY = 0.5
-
 OnLeadershipLost = Callable[["Leadership"], object]
-
-
-def _value_bytes(value: object) -> bytes:
-    if isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, bytes | bytearray):
-        data = bytes(value)
-    else:
-        raise ConfigError(f"election value must be str or bytes, got {value!r}")
-    if len(data) > MAX_VALUE_BYTES:
-        raise ConfigError(
-            f"election value must be at most {MAX_VALUE_BYTES} bytes, got {len(data)} bytes "
-            f"starting {data[:40]!r}"
-        )
-    return data
-
-
-@dataclass(frozen=True)
-class Leader:
-    """The leader of an election at one moment: what :meth:`Election.leader` returns."""
-
-    term: int
-    """The leader's term (greater than that of every earlier leader of the election)."""
-    raw: bytes
-    """The leader's value as stored."""
-
-    @property
-    def value(self) -> str:
-        """The value as text (UTF-8; undecodable bytes, say from another tool, replaced)."""
-        return self.raw.decode(errors="replace")
 
 
 class Leadership:
@@ -110,16 +86,12 @@ class Leadership:
         # the slot's calls (user calls and renewal).
         self._mutex = threading.Lock()
         self._op = threading.Lock()
-        self._expires_at = self._conservative(grant)
+        self._expires_at = conservative(grant, ttl).expires_at
         self._resigned = False
         self._lost_reason: str | None = None
         self._job: Job = election.client.scheduler.every(
             ttl * RENEW_FRACTION, self._renew, name=f"dcoord election {election.name!r}"
         )
-
-    def _conservative(self, grant: LockGrant) -> float:
-        # Client and server clocks run at slightly different rates: err early.
-        return grant.expires_at - CLOCK_DRIFT * self.ttl
 
     @property
     def value(self) -> str:
@@ -130,37 +102,31 @@ class Leadership:
     def held(self) -> bool:
         """True while this process leads by a conservative client-side clock; never errs
         towards True (False after resign, loss, or a TTL that passed unrenewed)."""
+        return self._not_held() is None
+
+    def _not_held(self) -> str | None:
         with self._mutex:
-            if self._resigned or self._lost_reason is not None:
-                return False
-            return time.monotonic() < self._expires_at
+            return not_held_reason(
+                self._resigned, self._lost_reason, self._expires_at, time.monotonic()
+            )
 
     def _require_held(self, what: str) -> None:
-        with self._mutex:
-            reason = self._lost_reason or ("resigned" if self._resigned else None)
-        if reason is None and not self.held:
-            reason = "its TTL passed without a successful renewal"
+        reason = self._not_held()
         if reason is not None:
-            raise LockNotOwned(
-                f"cannot {what}: leadership of election {self.election.name!r} "
-                f"(term {self.term}) is not held: {reason}"
-            )
+            raise not_held_error(self.election.name, self.term, what, reason)
 
     def proclaim(self, value: str | bytes) -> None:
         """Change the leader's value (followers see it); the term stays the same.
 
         Raises LockNotOwned, writing nothing, if this process does not lead any more.
         """
-        data = _value_bytes(value)
+        data = value_bytes(value)
         self._require_held("proclaim")
         with self._op:
             done = self._slot.proclaim(data)
         if not done:
             self._lose("the server no longer has this leader")
-            raise LockNotOwned(
-                f"cannot proclaim: election {self.election.name!r} term {self.term} "
-                "is not led by this process any more"
-            )
+            raise replaced_error(self.election.name, self.term)
         self._raw = data
 
     def resign(self) -> bool:
@@ -187,26 +153,32 @@ class Leadership:
                 return False
             expires_at = self._expires_at
         if time.monotonic() >= expires_at:
-            self._lose("its TTL passed without a successful renewal")
+            self._lose(TTL_PASSED)
             return False
+        new: LockGrant | None = None
+        failure: DcoordError | None = None
         try:
             with self._op:
                 with self._mutex:
                     if self._resigned:
                         return False
-                grant = self._slot.extend(self.ttl)
+                new = self._slot.extend(self.ttl)
         except DcoordError as exc:
-            remaining = expires_at - time.monotonic()
-            if remaining <= 0:
-                self._lose(f"renewal failed: {exc}")
-                return False
-            log.warning("election %r: renewal failed, retrying: %s", self.election.name, exc)
-            return max(0.01, min(self.ttl * RENEW_FRACTION, remaining / 4))
-        if grant is None:
-            self._lose("the server no longer has this leader (expired or replaced)")
+            failure = exc
+        # The lock's rules (dcoord.core.lockstate), as the async leadership's: a failure
+        # is retried until the deadline; an answer after it does not make us lead again.
+        now = time.monotonic()
+        outcome = after_renewal(LockGrant(self.term, expires_at), self.ttl, now, new, failure)
+        if outcome.lost is not None:
+            self._lose(outcome.lost)
             return False
+        assert outcome.due is not None
+        if outcome.retrying:
+            log.warning("election %r: renewal failed, retrying: %s", self.election.name, failure)
+            return outcome.due - now
+        assert outcome.grant is not None
         with self._mutex:
-            self._expires_at = self._conservative(grant)
+            self._expires_at = outcome.grant.expires_at
         return None
 
     def _lose(self, reason: str) -> None:
@@ -237,7 +209,7 @@ class Leadership:
             lost = self._lost_reason
             if lost is None and not self._resigned and time.monotonic() >= self._expires_at:
                 # The renewal job may not have run yet: the clock alone says it is over.
-                lost = "its TTL passed without a successful renewal"
+                lost = TTL_PASSED
         try:
             self.resign()
         except BackendUnavailable as resign_error:
@@ -248,11 +220,7 @@ class Leadership:
                 return
             raise
         if lost is not None and exc is None:
-            raise LockLost(
-                f"leadership of election {self.election.name!r} (term {self.term}) was lost "
-                f"while the with-block ran: {lost}. Another leader may have run at the same "
-                "time; guard writes with the term (client.fence(...).admit(leadership.term))."
-            )
+            raise lost_in_block_error(self.election.name, self.term, lost)
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -283,19 +251,15 @@ class Watch:
                     log.info("election %r watch: read failed: %s", self._election.name, exc)
                     self._stopped.wait(WATCH_RETRY)
                     continue
-                leader = None if record is None else Leader(record.term, record.value)
+                leader = leader_of(record)
                 if leader != last:
                     last = leader
                     try:
                         self._callback(leader)
                     except Exception:
                         log.exception("watch callback of election %r failed", self._election.name)
-                wait = WATCH_BACKSTOP
-                if record is not None and record.expires_in is not None:
-                    # A leader that stops renewing expires without a notification.
-                    wait = min(wait, record.expires_in + 0.001)
                 try:
-                    self._subscription.wait(wait)
+                    self._subscription.wait(watch_wait(record))
                 except BackendUnavailable as exc:
                     log.info("election %r watch: %s", self._election.name, exc)
                     self._stopped.wait(WATCH_RETRY)
@@ -346,7 +310,7 @@ class Election:
         ever, 0 makes one attempt. Waiting is notified (the leader's resignation or
         expiry), not polled. ``on_lost(leadership)`` is called if leadership is lost.
         """
-        data = _value_bytes(value)
+        data = value_bytes(value)
         seconds = validate_ttl(ttl)
         wait = None if timeout is None else validate_timeout("timeout", timeout)
         if on_lost is not None and not callable(on_lost):
@@ -364,8 +328,7 @@ class Election:
     def leader(self) -> Leader | None:
         """The current leader, or None if nobody leads."""
         self.client.check_open()
-        record = self.store.leader(self.name)
-        return None if record is None else Leader(record.term, record.value)
+        return leader_of(self.store.leader(self.name))
 
     def watch(self, callback: Callable[[Leader | None], object]) -> Watch:
         """Call ``callback(leader)`` from a thread of its own now and on every change of

@@ -11,12 +11,14 @@ no background thread. Renewals and pub/sub wake-ups are tasks on the loop that m
 client; :meth:`AsyncClient.close` cancels them. The rules (validity deadline, renewal
 schedule, when a lock is lost) are :mod:`dcoord.core.lockstate`, shared with the sync
 API, and so are the backends' scripts, keys and error mapping: a sync and an async
-client on one server and namespace exclude each other on one lock name.
+client on one server and namespace exclude each other on one lock name (and campaign in
+one election: ``client.election(name)``).
 """
 
 from __future__ import annotations
 
 from .client import AsyncClient, connect
+from .election import AsyncElection, AsyncLeadership, AsyncLeaderWatch
 from .fence import AsyncFence
 from .lock import AsyncLock
 from .membership import AsyncGroup, AsyncJoinedMember, AsyncLiveRing
@@ -26,10 +28,13 @@ from .twopc import AsyncCoordinator, AsyncTransaction
 __all__ = [
     "AsyncClient",
     "AsyncCoordinator",
+    "AsyncElection",
     "AsyncFence",
     "AsyncGroup",
     "AsyncJoinedMember",
     "AsyncKVParticipant",
+    "AsyncLeaderWatch",
+    "AsyncLeadership",
     "AsyncLiveRing",
     "AsyncLock",
     "AsyncParticipant",

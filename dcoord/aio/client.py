@@ -14,6 +14,7 @@ from ..backends.base import ServerInfo
 from ..config import Settings, settings_from
 from ..errors import ClientClosed
 from ..lock import DEFAULT_TTL
+from .election import AsyncElection
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
 from .membership import AsyncGroup
@@ -115,6 +116,12 @@ class AsyncClient:
         """The group ``name`` in this client's namespace (see :class:`AsyncGroup`)."""
         self.check_open()
         return AsyncGroup(self, name)
+
+    def election(self, name: str) -> AsyncElection:
+        """The leader election ``name`` in this client's namespace (see
+        :class:`AsyncElection`); sync clients campaign in the same election."""
+        self.check_open()
+        return AsyncElection(self, name)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Await ``closer()`` when the client closes, before it disconnects."""

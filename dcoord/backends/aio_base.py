@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
 from .base import GroupSnapshot, LockGrant, LogEntry, ServerInfo
+from .election_base import LeaderRecord
 
 T = TypeVar("T")
 
@@ -160,6 +161,26 @@ class AsyncGroupStore(Protocol):
         ...
 
 
+class AsyncCandidateSlot(AsyncLockSlot, Protocol):
+    """One async campaign; see :class:`.election_base.CandidateSlot` (acquire = lead,
+    fence = term, release = resign). A cancelled acquire leaves no candidate behind."""
+
+    async def proclaim(self, value: bytes) -> bool: ...
+
+
+class AsyncElectionStore(Protocol):
+    """Leader elections, async; see :class:`.election_base.ElectionStore` (same keys and
+    scripts: sync and async candidates compete in one election)."""
+
+    def candidate(self, name: str, ttl: float, value: bytes) -> AsyncCandidateSlot: ...
+
+    async def leader(self, name: str) -> LeaderRecord | None: ...
+
+    async def subscribe(self, name: str) -> AsyncGroupSubscription:
+        """Start listening for changes of leader (before the first read)."""
+        ...
+
+
 class AsyncBackend(Protocol):
     """A connected async backend, made by :func:`dcoord.aio.connect`."""
 
@@ -179,6 +200,9 @@ class AsyncBackend(Protocol):
 
     @property
     def groups(self) -> AsyncGroupStore: ...
+
+    @property
+    def elections(self) -> AsyncElectionStore: ...
 
     async def start(self) -> None:
         """Check the server answers (within ``connect_timeout``); closes itself if not."""

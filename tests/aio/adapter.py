@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any, TypeVar
 
 import dcoord
 import dcoord.aio
+from dcoord.aio.election import _client_elections
+from dcoord.election import Leader
 from dcoord.errors import ConfigError
 from tests.aio.membership_adapter import SyncGroup
 
@@ -73,6 +75,18 @@ class SyncView:
 
     def group(self, name: str) -> SyncGroup:
         return SyncGroup(self, name)
+
+    def election(self, name: str) -> SyncElection:
+        return SyncElection(self, self.aio.election(name))
+
+    @property
+    def scheduler(self) -> PausedRenewals:
+        """What the election tests close to make a client's leaders go silent."""
+        return PausedRenewals(self)
+
+    @property
+    def _closers(self) -> list[Any]:
+        return self.aio._closers
 
     def fence(self, resource: str) -> SyncFence:
         return SyncFence(self, self.aio.fence(resource))
@@ -164,6 +178,127 @@ class SyncFence:
 
     def highest(self) -> int | None:
         return self._client.run(self.aio.highest())
+
+
+class PausedRenewals:
+    """``client.scheduler.close()`` of the sync tests, which stops a client's renewals
+    as a pause would: here it cancels the renewal tasks of the async client's
+    leaderships (their server records then expire; an etcd candidate's lease is kept
+    alive by that task alone)."""
+
+    def __init__(self, client: SyncView) -> None:
+        self._client = client
+
+    def close(self) -> None:
+        async def pause() -> None:
+            for item in list(_client_elections(self._client.aio)._items):
+                if isinstance(item, dcoord.aio.AsyncLeadership):
+                    item._renewal.cancel()
+
+        self._client.run(pause())
+
+
+class SyncElection:
+    """An :class:`dcoord.aio.AsyncElection` with :class:`dcoord.Election`'s methods."""
+
+    def __init__(self, client: SyncView, election: dcoord.aio.AsyncElection) -> None:
+        self._client = client
+        self.aio = election
+        self.name = election.name
+
+    def campaign(self, value: Any = b"", **options: Any) -> SyncLeadership | None:
+        user: Callable[[SyncLeadership], object] | None = options.pop("on_lost", None)
+        holder: list[SyncLeadership] = []
+        if user is not None and callable(user):
+            options["on_lost"] = lambda _: user(holder[0])
+        elif user is not None:
+            options["on_lost"] = user  # let the library refuse it
+        leadership = self._client.run(self.aio.campaign(value, **options))
+        if leadership is None:
+            return None
+        holder.append(SyncLeadership(self, leadership))
+        return holder[0]
+
+    def leader(self) -> Leader | None:
+        return self._client.run(self.aio.leader())
+
+    def watch(self, callback: Callable[[Leader | None], object]) -> SyncElectionWatch:
+        # The async watch is an iterator and takes no callback: this check is the
+        # adapter's (it mirrors dcoord.Election.watch's message).
+        if not callable(callback):
+            raise ConfigError(f"watch callback must be callable, got {callback!r}")
+        return SyncElectionWatch(self._client, self.aio.watch(), callback)
+
+
+class SyncLeadership:
+    """An :class:`dcoord.aio.AsyncLeadership` with :class:`dcoord.Leadership`'s methods."""
+
+    def __init__(self, election: SyncElection, leadership: dcoord.aio.AsyncLeadership) -> None:
+        self.election = election
+        self._client = election._client
+        self.aio = leadership
+        self.term = leadership.term
+
+    @property
+    def held(self) -> bool:
+        return self.aio.held
+
+    @property
+    def value(self) -> str:
+        return self.aio.value
+
+    @property
+    def _slot(self) -> Any:
+        """What the tests read of a sync etcd candidate: its key, its lease's id."""
+        slot: Any = self.aio._slot
+        return SimpleNamespace(_key=slot._key, _lease=SimpleNamespace(id=slot._lease))
+
+    def proclaim(self, value: Any) -> None:
+        self._client.run(self.aio.proclaim(value))
+
+    def resign(self) -> bool:
+        return self._client.run(self.aio.resign())
+
+    def __enter__(self) -> SyncLeadership:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._client.run(self.aio.__aexit__(exc_type, exc, tb))
+
+
+class SyncElectionWatch:
+    """``async for`` over :meth:`dcoord.aio.AsyncElection.watch` in a task of the loop,
+    calling the sync test's callback with each leader."""
+
+    def __init__(
+        self,
+        client: SyncView,
+        watch: dcoord.aio.AsyncLeaderWatch,
+        callback: Callable[[Leader | None], object],
+    ) -> None:
+        self._client = client
+        self.aio = watch
+
+        async def follow() -> None:
+            async for leader in watch:
+                callback(leader)
+
+        async def start() -> asyncio.Task[None]:
+            return asyncio.get_running_loop().create_task(follow())
+
+        self._task = client.run(start())
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            await self.aio.aclose()
+            await self._task
+
+        self._client.run(stop())
 
 
 class ThreadedParticipant:

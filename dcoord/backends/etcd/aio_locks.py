@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -50,6 +50,9 @@ from .aio_kv import AsyncEtcdKV
 from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
 from .locks import _created_at, _first_kv, _range, fenced_txn
+
+if TYPE_CHECKING:
+    from .aio_election import AsyncEtcdElections
 
 T = TypeVar("T")
 
@@ -234,6 +237,13 @@ class AsyncEtcdBackend:
         return AsyncEtcdTxLog(self)
 
     @functools.cached_property
+    def elections(self) -> AsyncEtcdElections:
+        """Leader elections (the sync clients' keys and recipe)."""
+        from .aio_election import AsyncEtcdElections  # it imports this module
+
+        return AsyncEtcdElections(self)
+
+    @functools.cached_property
     def kv_store(self) -> AsyncEtcdKV:
         """Plain keys (the sync clients' keys)."""
         return AsyncEtcdKV(self)
@@ -402,11 +412,23 @@ class AsyncEtcdLocks:
 class AsyncEtcdLockSlot:
     """One async handle's place in one lock's queue, on a lease of its own."""
 
-    def __init__(self, locks: AsyncEtcdLocks, name: str, ttl: float) -> None:
+    def __init__(
+        self,
+        locks: AsyncEtcdLocks,
+        name: str,
+        ttl: float,
+        *,
+        prefix: str | None = None,
+        value: bytes | None = None,
+    ) -> None:
         self._locks = locks
         self._backend = locks.backend
         self.name = name
-        self.prefix = f"{etcd_lock_prefix(locks.namespace, name)}/".encode()
+        # As the sync EtcdLockSlot: an election candidate queues by this recipe under its
+        # own prefix, its key holding the candidate's value (aio_election.py).
+        self.value = value
+        where = prefix if prefix is not None else etcd_lock_prefix(locks.namespace, name)
+        self.prefix = f"{where}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
         self._key: bytes | None = None
@@ -453,7 +475,10 @@ class AsyncEtcdLockSlot:
         """Create our key on ``lease`` (idempotent: a retry finds it); return it, its
         create revision, and whether it holds the lock at once."""
         key = self.prefix + f"{lease:016x}-{self._locks.next_serial():x}".encode()
-        put = etcdrpc.PutRequest(key=key, value=identity_json(self._locks.label, time.time()))
+        value = self.value
+        if value is None:
+            value = identity_json(self._locks.label, time.time())
+        put = etcdrpc.PutRequest(key=key, value=value)
         put.lease = lease
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],

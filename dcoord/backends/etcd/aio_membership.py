@@ -108,10 +108,12 @@ class AsyncEtcdRegistration:
 class AsyncEtcdSubscription:
     """A watch stream on the group's prefix; a task reads it and sets an event."""
 
-    def __init__(self, backend: AsyncEtcdBackend, group: str) -> None:
+    def __init__(self, backend: AsyncEtcdBackend, group: str, *, prefix: str | None = None) -> None:
         self._backend = backend
-        self._prefix = members_prefix(backend.prefix, group).encode()
-        self._what = f"watch group {group!r}"
+        # ``prefix``: an election's (aio_election.py), whose watchers this serves too.
+        where = members_prefix(backend.prefix, group) if prefix is None else prefix
+        self._prefix = where.encode()
+        self._what = f"watch {'group' if prefix is None else 'election'} {group!r}"
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()

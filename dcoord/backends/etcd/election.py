@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from . import EtcdBackend
 
 
+def election_prefix(namespace_prefix: str, name: str) -> str:
+    """The election's prefix, without the trailing slash (as ``etcdctl elect`` takes it)."""
+    return f"{namespace_prefix}election/{key_segment(name)}"
+
+
 class EtcdElections:
     def __init__(self, backend: EtcdBackend) -> None:
         self._backend = backend
@@ -35,7 +40,7 @@ class EtcdElections:
 
     def prefix(self, name: str) -> str:
         """The election's prefix, without the trailing slash (as ``etcdctl elect`` takes it)."""
-        return f"{self._backend.prefix}election/{key_segment(name)}"
+        return election_prefix(self._backend.prefix, name)
 
     def leader(self, name: str) -> LeaderRecord | None:
         slot = self.candidate(name, 1, b"")

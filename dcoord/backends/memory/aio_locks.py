@@ -17,9 +17,11 @@ from ..._version import __version__
 from ...config import Settings
 from ..base import LockGrant, ServerInfo
 from . import memory_server
+from .aio_election import AsyncMemoryElections
 from .aio_kv import AsyncMemoryKV
 from .aio_membership import AsyncMemoryGroups
 from .aio_txlog import AsyncMemoryTxLog
+from .election import MemoryElections
 from .kv import MemoryKV
 from .locks import MemoryLocks, MemoryLockSlot
 from .membership import MemoryGroups
@@ -104,6 +106,7 @@ class AsyncMemoryBackend:
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
         self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
+        self.elections = AsyncMemoryElections(MemoryElections(self.server, self.prefix))
 
     async def start(self) -> None:
         """Nothing to connect to."""

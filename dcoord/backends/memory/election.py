@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...perkey import PerKey
@@ -36,6 +37,9 @@ class _Table:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.elections: dict[str, _Election] = {}
+        # Async candidates and watchers (aio_election.py): called under ``cond`` on every
+        # change, each wakes its task on its own loop, thread-safely.
+        self.wakers: set[Callable[[], None]] = set()
 
     def get(self, key: str) -> _Election:
         election = self.elections.get(key)
@@ -46,6 +50,8 @@ class _Table:
     def changed(self, election: _Election) -> None:
         election.version += 1
         self.cond.notify_all()
+        for wake in self.wakers:
+            wake()
 
 
 _table: PerKey[MemoryServer, _Table] = PerKey(lambda server: _Table())
@@ -85,24 +91,35 @@ class MemoryCandidate:
         self._value = value
         self._token: object | None = None
 
+    def try_lead(self, token: object, now: float) -> LockGrant | None:
+        """Lead if the election is vacant (under the table's ``cond``); else None."""
+        election = self._table.get(self._key)
+        if not election.vacant(now):
+            return None
+        election.term += 1
+        election.token, election.value = token, self._value
+        election.expires_at = now + self._ttl
+        self._token = token
+        self._table.changed(election)
+        return LockGrant(election.term, election.expires_at)
+
+    def wait_for(self, now: float, deadline: float | None) -> float:
+        """How long a candidate that did not lead waits unless woken by a change: until
+        the leader's expiry or its own deadline (under the table's ``cond``)."""
+        wait = self._table.get(self._key).expires_at - now
+        return wait if deadline is None else min(wait, deadline - now)
+
     def acquire(self, deadline: float | None) -> LockGrant | None:
         token = object()
         with self._table.cond:
-            election = self._table.get(self._key)
             while True:
                 now = time.monotonic()
-                if election.vacant(now):
-                    election.term += 1
-                    election.token, election.value = token, self._value
-                    election.expires_at = now + self._ttl
-                    self._token = token
-                    self._table.changed(election)
-                    return LockGrant(election.term, election.expires_at)
+                grant = self.try_lead(token, now)
+                if grant is not None:
+                    return grant
                 if deadline is not None and now >= deadline:
                     return None
-                # Woken by any change; otherwise at the leader's expiry or our deadline.
-                wait = election.expires_at - now
-                self._table.cond.wait(wait if deadline is None else min(wait, deadline - now))
+                self._table.cond.wait(self.wait_for(now, deadline))
 
     def release(self) -> bool:
         token, self._token = self._token, None

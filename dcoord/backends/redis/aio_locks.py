@@ -61,6 +61,7 @@ from .locks import (
 from .slots import require_one_slot
 
 if TYPE_CHECKING:
+    from .aio_election import AsyncRedisElections
     from .aio_kv import AsyncRedisKV
     from .aio_txlog import AsyncRedisTxLog, AsyncReplication
 
@@ -252,6 +253,13 @@ class AsyncRedisBackend:
         return AsyncRedisTxLog(self)
 
     @functools.cached_property
+    def elections(self) -> AsyncRedisElections:
+        """Leader elections (the sync clients' keys and script)."""
+        from .aio_election import AsyncRedisElections  # it imports this module
+
+        return AsyncRedisElections(self)
+
+    @functools.cached_property
     def kv_store(self) -> AsyncRedisKV:
         """Plain keys (the sync clients' keys)."""
         refuse_cluster(self.settings, "KVParticipant")
@@ -322,22 +330,22 @@ class AsyncRedisLocks:
         )
         return None if value is None else int(value)
 
-    def undo(self, slot: AsyncRedisLockSlot, token: str, sent: float) -> None:
-        """Undo, in a task, an acquire whose reply was lost or that was cancelled in
-        flight: it may have run, or may still run (see :class:`.locks._OrphanCleanup`)."""
-        task = asyncio.get_running_loop().create_task(self._undo(slot, token, sent + slot.ttl))
+    def undo(self, step: Callable[[], Awaitable[Any]], what: str, sure_after: float) -> None:
+        """Undo, in a task, a grant whose reply was lost or that was cancelled in flight
+        (a lock's acquire, an election's campaign): it may have run, or may still run
+        (see :class:`.locks._OrphanCleanup`). ``step`` deletes it if its token holds it
+        (truthy then); it is repeated until it does, or ``sure_after`` (the grant, had it
+        run, has expired by then)."""
+        task = asyncio.get_running_loop().create_task(self._undo(step, what, sure_after))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _undo(self, slot: AsyncRedisLockSlot, token: str, sure_after: float) -> None:
+    async def _undo(self, step: Callable[[], Awaitable[Any]], what: str, sure_after: float) -> None:
         delay = ORPHAN_RETRY_FIRST
         while True:
             started = time.monotonic()
             try:
-                deleted = await self.backend.call(
-                    lambda: run_script(RELEASE, self.redis, [slot.key], [token, slot.channel]),
-                    what=f"undo the acquire of lock {slot.name!r} whose reply was lost",
-                )
+                deleted = await self.backend.call(step, what=what)
             except BackendUnavailable as exc:
                 log.info("%s; retrying", exc)
             except Exception as exc:  # refused (permissions, ...): retrying cannot help
@@ -394,7 +402,11 @@ class AsyncRedisLockSlot:
             # Not an error reply (a lost reply, or a cancellation while the script was
             # in flight): it may have run or run yet. Undo it rather than leave a grant.
             if not answered(exc):
-                self._locks.undo(self, token, sent)
+                self._locks.undo(
+                    lambda: run_script(RELEASE, self._redis, [self.key], [token, self.channel]),
+                    f"undo the acquire of lock {self.name!r} whose reply was lost",
+                    sent + self.ttl,
+                )
             raise
         return int(result), sent
 
@@ -473,13 +485,16 @@ class _Channel:
     confirmation or a reconnect, after which a release may have gone unseen, wakes all.
     """
 
-    __slots__ = ("idle_since", "name", "parked", "waiters")
+    __slots__ = ("broadcast", "idle_since", "name", "parked", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiters = 0
         self.idle_since = 0.0
+        # An election's channel: every message wakes every waiter (watchers all need
+        # it, and a resignation must reach the candidates past any watcher).
+        self.broadcast = False
 
     def park(self) -> asyncio.Future[None]:
         """A wake-up for one waiter, queued behind the others'."""
@@ -542,8 +557,11 @@ class _Notifier:
         self._nodes_changed = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def interest(self, channel_name: str) -> AsyncIterator[_Channel]:
-        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+    async def interest(
+        self, channel_name: str, *, broadcast: bool = False
+    ) -> AsyncIterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new); with
+        ``broadcast`` every message on it wakes all its waiters, not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
@@ -551,6 +569,7 @@ class _Notifier:
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
             channel.waiters += 1
+            channel.broadcast = channel.broadcast or broadcast
         try:
             if self._reader is None and not self._closed:
                 self._pubsub = self._client.pubsub()
@@ -653,9 +672,9 @@ class _Notifier:
                 woken = self._channels.get(message["channel"])
                 if woken is None:
                     pass
-                elif message["type"] in ("message", "smessage"):
+                elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
-                else:  # (re)subscribed: a release may have gone unseen
+                else:  # (re)subscribed (a release may have gone unseen), or an election
                     woken.wake_all()
 
     async def _prune(self, now: float) -> None:

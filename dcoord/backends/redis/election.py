@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 ELECTION = LuaScript.named("election")
 
 
+def election_keys(prefix: str, name: str) -> tuple[str, str, str]:
+    """The record key, the term key and the channel of election ``name``."""
+    base = f"{prefix}election:{{{key_segment(name)}}}"
+    return base, f"{base}:term", f"{base}:changed"
+
+
 class RedisElections:
     def __init__(self, backend: RedisBackend) -> None:
         self.backend = backend
@@ -38,8 +44,7 @@ class RedisElections:
 
     def keys(self, name: str) -> tuple[str, str, str]:
         """The record key, the term key and the channel of election ``name``."""
-        base = f"{self.prefix}election:{{{key_segment(name)}}}"
-        return base, f"{base}:term", f"{base}:changed"
+        return election_keys(self.prefix, name)
 
     def candidate(self, name: str, ttl: float, value: bytes) -> RedisCandidate:
         return RedisCandidate(self, name, ttl, value)
