@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -50,6 +50,10 @@ from .aio_kv import AsyncEtcdKV
 from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
 from .locks import _created_at, _first_kv, _range, fenced_txn
+
+if TYPE_CHECKING:
+    from .aio_rwlock import AsyncEtcdRWLocks
+    from .aio_semaphore import AsyncEtcdSemaphores
 
 T = TypeVar("T")
 
@@ -227,6 +231,20 @@ class AsyncEtcdBackend:
 
     async def ping(self) -> ServerInfo:
         return await self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
+
+    @functools.cached_property
+    def semaphores(self) -> AsyncEtcdSemaphores:
+        """Counting semaphores (the sync clients' keys)."""
+        from .aio_semaphore import AsyncEtcdSemaphores  # it imports this module
+
+        return AsyncEtcdSemaphores(self)
+
+    @functools.cached_property
+    def rwlocks(self) -> AsyncEtcdRWLocks:
+        """Read-write locks (the sync clients' keys)."""
+        from .aio_rwlock import AsyncEtcdRWLocks  # it imports this module
+
+        return AsyncEtcdRWLocks(self)
 
     @functools.cached_property
     def txlog(self) -> AsyncEtcdTxLog:
@@ -509,15 +527,25 @@ class AsyncEtcdLockSlot:
             )
 
     async def _wait_deleted(
-        self, key: bytes, from_revision: int, lease: int, expires_at: float, deadline: float | None
+        self,
+        key: bytes,
+        from_revision: int,
+        lease: int,
+        expires_at: float,
+        deadline: float | None,
+        range_end: bytes = b"",
     ) -> float:
-        """Return when ``key`` is deleted (after ``from_revision``), at the deadline, or
-        when our lease is gone; keeps our lease alive meanwhile. Returns its deadline."""
+        """Return when ``key`` (with ``range_end``: a key of that range) is deleted
+        (after ``from_revision``), at the deadline, or when our lease is gone; keeps our
+        lease alive meanwhile. Returns its deadline."""
         backend = self._backend
         member = backend.member
         watch = backend.watch.Watch(metadata=backend.metadata)
         create = etcdrpc.WatchCreateRequest(
-            key=key, start_revision=from_revision, filters=[etcdrpc.WatchCreateRequest.NOPUT]
+            key=key,
+            range_end=range_end,
+            start_revision=from_revision,
+            filters=[etcdrpc.WatchCreateRequest.NOPUT],
         )
         try:
             await watch.write(etcdrpc.WatchRequest(create_request=create))

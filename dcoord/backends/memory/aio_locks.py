@@ -19,10 +19,14 @@ from ..base import LockGrant, ServerInfo
 from . import memory_server
 from .aio_kv import AsyncMemoryKV
 from .aio_membership import AsyncMemoryGroups
+from .aio_rwlock import AsyncMemoryRWLocks
+from .aio_semaphore import AsyncMemorySemaphores
 from .aio_txlog import AsyncMemoryTxLog
 from .kv import MemoryKV
 from .locks import MemoryLocks, MemoryLockSlot
 from .membership import MemoryGroups
+from .rwlock import MemoryRWLocks
+from .semaphore import MemorySemaphores
 from .txlog import MemoryTxLog
 
 
@@ -104,6 +108,8 @@ class AsyncMemoryBackend:
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
         self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
+        self.semaphores = AsyncMemorySemaphores(MemorySemaphores(self.server, self.prefix))
+        self.rwlocks = AsyncMemoryRWLocks(MemoryRWLocks(self.server, self.prefix))
 
     async def start(self) -> None:
         """Nothing to connect to."""

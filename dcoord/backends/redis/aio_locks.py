@@ -62,6 +62,8 @@ from .slots import require_one_slot
 
 if TYPE_CHECKING:
     from .aio_kv import AsyncRedisKV
+    from .aio_rwlock import AsyncRedisRWLocks
+    from .aio_semaphore import AsyncRedisSemaphores
     from .aio_txlog import AsyncRedisTxLog, AsyncReplication
 
 T = TypeVar("T")
@@ -236,6 +238,20 @@ class AsyncRedisBackend:
         return await self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
 
     @functools.cached_property
+    def semaphores(self) -> AsyncRedisSemaphores:
+        """Counting semaphores (the sync clients' keys and script)."""
+        from .aio_semaphore import AsyncRedisSemaphores  # it imports this module
+
+        return AsyncRedisSemaphores(self)
+
+    @functools.cached_property
+    def rwlocks(self) -> AsyncRedisRWLocks:
+        """Read-write locks (the sync clients' keys and script)."""
+        from .aio_rwlock import AsyncRedisRWLocks  # it imports this module
+
+        return AsyncRedisRWLocks(self)
+
+    @functools.cached_property
     def replication(self) -> AsyncReplication:
         """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
         refuse_cluster(self.settings, "2PC")
@@ -325,19 +341,29 @@ class AsyncRedisLocks:
     def undo(self, slot: AsyncRedisLockSlot, token: str, sent: float) -> None:
         """Undo, in a task, an acquire whose reply was lost or that was cancelled in
         flight: it may have run, or may still run (see :class:`.locks._OrphanCleanup`)."""
-        task = asyncio.get_running_loop().create_task(self._undo(slot, token, sent + slot.ttl))
+        self.undo_with(
+            lambda: run_script(RELEASE, self.redis, [slot.key], [token, slot.channel]),
+            f"undo the acquire of lock {slot.name!r} whose reply was lost",
+            sent + slot.ttl,
+        )
+
+    def undo_with(
+        self, attempt: Callable[[], Awaitable[Any]], what: str, sure_after: float
+    ) -> None:
+        """Run ``attempt`` (an undo) in a task, again after a failure or a false answer
+        until the monotonic time ``sure_after`` (when what it undoes surely ran)."""
+        task = asyncio.get_running_loop().create_task(self._undo(attempt, what, sure_after))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _undo(self, slot: AsyncRedisLockSlot, token: str, sure_after: float) -> None:
+    async def _undo(
+        self, attempt: Callable[[], Awaitable[Any]], what: str, sure_after: float
+    ) -> None:
         delay = ORPHAN_RETRY_FIRST
         while True:
             started = time.monotonic()
             try:
-                deleted = await self.backend.call(
-                    lambda: run_script(RELEASE, self.redis, [slot.key], [token, slot.channel]),
-                    what=f"undo the acquire of lock {slot.name!r} whose reply was lost",
-                )
+                deleted = await self.backend.call(attempt, what=what)
             except BackendUnavailable as exc:
                 log.info("%s; retrying", exc)
             except Exception as exc:  # refused (permissions, ...): retrying cannot help
@@ -473,10 +499,13 @@ class _Channel:
     confirmation or a reconnect, after which a release may have gone unseen, wakes all.
     """
 
-    __slots__ = ("idle_since", "name", "parked", "waiters")
+    __slots__ = ("broadcast", "idle_since", "name", "parked", "waiters")
 
-    def __init__(self, name: bytes) -> None:
+    def __init__(self, name: bytes, broadcast: bool) -> None:
         self.name = name
+        # A release wakes every waiter (semaphores, rwlocks: it may admit several, and
+        # a waiter that is refused again would not pass a single wake-up on).
+        self.broadcast = broadcast
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiters = 0
         self.idle_since = 0.0
@@ -542,14 +571,17 @@ class _Notifier:
         self._nodes_changed = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def interest(self, channel_name: str) -> AsyncIterator[_Channel]:
-        """Register a waiter on ``channel_name`` (subscribing if it is new)."""
+    async def interest(
+        self, channel_name: str, *, broadcast: bool = False
+    ) -> AsyncIterator[_Channel]:
+        """Register a waiter on ``channel_name`` (subscribing if it is new); with
+        ``broadcast`` a release message wakes every waiter of the channel, not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
             new = channel is None
             if channel is None:
-                channel = self._channels[key] = _Channel(key)
+                channel = self._channels[key] = _Channel(key, broadcast)
             channel.waiters += 1
         try:
             if self._reader is None and not self._closed:
@@ -653,7 +685,7 @@ class _Notifier:
                 woken = self._channels.get(message["channel"])
                 if woken is None:
                     pass
-                elif message["type"] in ("message", "smessage"):
+                elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
                 else:  # (re)subscribed: a release may have gone unseen
                     woken.wake_all()
