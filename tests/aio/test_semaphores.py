@@ -206,3 +206,93 @@ def test_a_release_wakes_every_waiter_it_admits(
                 await waiter.release()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "writer"])
+@pytest.mark.parametrize("undo", [True, False], ids=["undo", "negative-control-no-undo"])
+def test_redis_acquire_cancelled_in_flight_leaves_no_grant_behind(
+    server_factory: Callable[..., object],
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    undo: bool,
+) -> None:
+    """The acquire script was sent to a paused server and the acquire was cancelled: the
+    server still runs it once it resumes, and the permit (or write grant) must be undone."""
+    from dcoord.backends.redis.aio_locks import AsyncRedisLocks
+
+    if not undo:
+        monkeypatch.setattr(AsyncRedisLocks, "undo_with", lambda *args: None)
+    server: Any = server_factory("redis", persistent=False)
+
+    def sync_handle(sync: dcoord.Client) -> dcoord.Lock:
+        if kind == "semaphore":
+            return sync.semaphore("pool", 1)
+        return sync.rwlock("pool").write()
+
+    async def main() -> None:
+        client = await connect(server.url, namespace=namespace, request_timeout=1)
+        try:
+            warm = make_waiter(client, kind)  # loads the script: no NOSCRIPT round below
+            assert await warm.acquire()
+            await warm.release()
+            server.pause()
+            try:
+                # Sent on the pooled connection; the paused server's socket holds it.
+                task = asyncio.create_task(make_waiter(client, kind).acquire())
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                server.resume()
+            with dcoord.connect(server.url, namespace=namespace) as sync:
+                if undo:
+                    assert await asyncio.to_thread(sync_handle(sync).acquire, timeout=10)
+                else:
+                    await asyncio.sleep(1)
+                    assert sync_handle(sync).acquire(timeout=0) is False, "the grant landed"
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_redis_user_confined_to_the_documented_commands_runs_both(
+    server_factory: Callable[..., object],
+) -> None:
+    """The async slots need no more commands than docs/semaphore.md lists (the sync
+    suite's test of it connects with dcoord.connect)."""
+    import redis
+
+    from tests.conformance.test_semaphore import CLIENT_COMMANDS, SCRIPT_COMMANDS
+
+    server: Any = server_factory("redis", persistent=False)
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    grants = [f"+{c}" for c in f"{SCRIPT_COMMANDS} {CLIENT_COMMANDS}".split()]
+    admin.execute_command(
+        "ACL", "SETUSER", "app1", "reset", "on", ">pw", "~dcoord:app1:*", "&dcoord:app1:*", *grants
+    )
+    admin.close()
+    url = f"redis://app1:pw@127.0.0.1:{server.port}/0"
+
+    async def main() -> None:
+        async with connect(url, namespace="app1") as a, connect(url, namespace="app1") as b:
+            permit = a.semaphore("pool", 1)
+            assert await permit.acquire()
+            await permit.extend()
+            waiter = asyncio.create_task(b.semaphore("pool", 1).acquire(timeout=5))
+            await asyncio.sleep(0.1)
+            await permit.release()
+            assert await waiter
+            reader = a.rwlock("doc").read()
+            assert await reader.acquire()
+            await reader.extend()
+            assert await b.rwlock("doc", timeout=0.3).write().acquire() is False  # claims
+            await reader.release()
+            writer = b.rwlock("doc").write()
+            assert await writer.acquire(timeout=0)
+            await writer.extend()
+            await writer.release()
+
+    asyncio.run(main())
