@@ -296,3 +296,33 @@ def test_redis_user_confined_to_the_documented_commands_runs_both(
             await writer.release()
 
     asyncio.run(main())
+
+
+def test_redis_closing_the_client_stops_its_waiters_with_client_closed(
+    server_factory: Callable[..., object], namespace: str
+) -> None:
+    """The async side of the sync suite's test: waiters of a closing client end with
+    ClientClosed at their next wake-up (at most a third of the TTL), not at their timeout,
+    and leave no task behind."""
+    server: Any = server_factory("redis", persistent=False)
+    ttl = 1.5
+
+    async def main() -> None:
+        with dcoord.connect(server.url, namespace=namespace) as holder:
+            assert holder.semaphore("pool", 1).acquire()
+            assert holder.rwlock("doc").read().acquire()
+            client = await connect(server.url, namespace=namespace)
+            handles: list[AsyncLock] = [
+                client.semaphore("pool", 1, ttl=ttl),
+                client.rwlock("doc", ttl=ttl).write(),
+            ]
+            tasks = [asyncio.create_task(h.acquire(timeout=20)) for h in handles]
+            await asyncio.sleep(0.3)  # both wait
+            started = time.monotonic()
+            await client.close()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert [type(o) for o in outcomes] == [dcoord.ClientClosed] * 2, outcomes
+            assert time.monotonic() - started < ttl / 3 + MARGIN
+            assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+
+    asyncio.run(main())

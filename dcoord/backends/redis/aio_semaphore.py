@@ -54,6 +54,12 @@ class AsyncScriptSlot:
             await self._eval(self._recipe.give_up, token, self._ttl)
         return released
 
+    def _undo_later(self, token: str, what: str, sure_after: float) -> None:
+        """:meth:`_undo` in a task of the lock store (retried until ``sure_after``); not
+        once the client closed: nobody would stop the task, and the TTL covers it."""
+        if not self._locks.notifier._closed:
+            self._locks.undo_with(lambda: self._undo(token), what, sure_after)
+
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         token = secrets.token_hex(16)  # one id per grant: an old one can never act
         try:
@@ -64,9 +70,7 @@ class AsyncScriptSlot:
             if self._recipe.give_up is not None:
                 # Cancelled or failed while waiting: a writer's claim would block the
                 # readers until its TTL; withdraw it (a task: we may be cancelled).
-                self._locks.undo_with(
-                    lambda: self._undo(token), f"withdraw {self._recipe.what}", 0.0
-                )
+                self._undo_later(token, f"withdraw {self._recipe.what}", 0.0)
             raise
         if result <= 0:
             if self._recipe.give_up is not None:
@@ -91,11 +95,8 @@ class AsyncScriptSlot:
             # in flight): it may have run or run yet. Undo it rather than leave a permit
             # nobody knows of until its TTL.
             if not answered(exc):
-                self._locks.undo_with(
-                    lambda: self._undo(token),
-                    f"undo the acquire of {self._recipe.what} whose reply was lost",
-                    sent + self._ttl,
-                )
+                what = f"undo the acquire of {self._recipe.what} whose reply was lost"
+                self._undo_later(token, what, sent + self._ttl)
             raise
         return result, sent
 
