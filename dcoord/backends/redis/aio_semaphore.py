@@ -3,9 +3,11 @@ channel, operations) run through ``redis.asyncio``, so sync and async handles of
 name share its permits; read-write locks (:mod:`.aio_rwlock`) use the same slot.
 
 A waiter wakes on a release message through the async lock store's one notifier per
-client (:class:`.aio_locks._Notifier`, a broadcast channel: a release may admit several
-waiters), or at the script's hint (a holder's expiry, at most a third of the TTL),
-whichever comes first. Cancellation leaves nothing behind: an attempt cancelled while
+client (:class:`.aio_locks._Notifier`), or at the script's hint (a holder's expiry, at
+most a third of the TTL), whichever comes first. A semaphore's release frees one permit
+and wakes one waiter (a waiter that does not use a wake-up passes it on); an rwlock's
+wakes them all (:attr:`.semaphore.Recipe.wakes_all`: a writer's release admits every
+waiting reader). Cancellation leaves nothing behind: an attempt cancelled while
 its script is in flight is undone by a task of the lock store (the script may still
 run), and a waiting writer's claim is withdrawn by one (it would block readers).
 """
@@ -13,7 +15,6 @@ run), and a waiting writer's claim is withdrawn by one (it would block readers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -102,7 +103,7 @@ class AsyncScriptSlot:
 
     async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
         notifier = self._locks.notifier
-        async with notifier.interest(self.channel, broadcast=True) as channel:
+        async with notifier.interest(self.channel, broadcast=self._recipe.wakes_all) as channel:
             while True:
                 # A closed notifier (the client is closing) wakes no one any more: stop
                 # rather than try on a closed connection at every hint.
@@ -114,17 +115,24 @@ class AsyncScriptSlot:
                 try:
                     result, sent = await self._try(token)
                 except BaseException:
-                    woken.cancel()
+                    channel.leave(woken)
                     raise
                 now = time.monotonic()
                 if result > 0 or (deadline is not None and now >= deadline):
-                    woken.cancel()  # every waiter got the wake-ups: nothing to pass on
+                    # A wake-up got meanwhile may be for a permit freed after the one we
+                    # took (or, at the deadline, did not take): the next waiter's.
+                    channel.leave(woken)
                     return result, sent
                 wait = self._recipe.retry_in(result, self._ttl)
                 if deadline is not None:
                     wait = min(wait, deadline - now)
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(woken, wait)  # cancels ``woken`` on timeout
+                except TimeoutError:
+                    pass
+                except BaseException:
+                    channel.leave(woken)
+                    raise
 
     async def release(self) -> bool:
         token, self._token = self._token, None

@@ -42,6 +42,7 @@ def rwlock_recipe(prefix: str, name: str, write: bool) -> Recipe:
         f"extend-{mode}",
         extra=(channel,),
         give_up="unwait" if write else None,
+        wakes_all=True,
     )
 
 

@@ -52,7 +52,9 @@ class Recipe:
     """What the slots of one semaphore, or one side of an rwlock, run (sync and async
     slots alike, so they share keys and scripts): one Lua script whose every call sends
     ``[operation, id, ttl ms, *extra]`` on ``keys``. ``give_up`` names an operation run
-    when a wait ends without a grant (a writer withdrawing its claim)."""
+    when a wait ends without a grant (a writer withdrawing its claim). ``wakes_all``: a
+    release may admit several waiters (an rwlock writer's), so it must wake every one;
+    a semaphore's frees one permit (the async slots wake one waiter then)."""
 
     script: LuaScript
     keys: tuple[str, ...]
@@ -63,6 +65,7 @@ class Recipe:
     extend_op: str
     extra: tuple[object, ...] = ()
     give_up: str | None = None
+    wakes_all: bool = False
 
     def args(self, op: str, token: str, ttl: float) -> list[object]:
         return [op, token, milliseconds(ttl), *self.extra]
