@@ -11,6 +11,7 @@ and scripts: a sync and an async handle of one name share its permits.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from ..errors import ClientClosed, LockTimeout
@@ -33,12 +34,22 @@ class AsyncRecipeLock(AsyncLock):
         connection raised (as the sync recipes do)."""
         try:
             return await super().acquire(timeout)
+        except asyncio.CancelledError as exc:
+            # A closing client's channels cancel the calls in flight (grpc.aio): that is
+            # no cancellation of this task, which would otherwise end as if cancelled.
+            task = asyncio.current_task()
+            if self._client.closed and task is not None and not task.cancelling():
+                raise self._closed_while_waiting() from exc
+            raise
         except Exception as exc:
             if self._client.closed and not isinstance(exc, ClientClosed):
-                raise ClientClosed(
-                    f"{self!r}: client {self._client.url} is closed (it closed while waiting)"
-                ) from exc
+                raise self._closed_while_waiting() from exc
             raise
+
+    def _closed_while_waiting(self) -> ClientClosed:
+        return ClientClosed(
+            f"{self!r}: client {self._client.url} is closed (it closed while waiting)"
+        )
 
 
 class AsyncSemaphore(AsyncRecipeLock):

@@ -402,6 +402,11 @@ class AsyncEtcdLocks:
             except DcoordError as exc:  # refused: the lease expires by its TTL
                 log.warning("could not revoke lease %x: %s", lease, exc)
                 return
+            except Exception as exc:  # the client closed its channels: the TTL covers it
+                if not self.backend._closed:
+                    raise
+                log.info("lease %x not revoked (the client closed): %r", lease, exc)
+                return
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
