@@ -3,8 +3,8 @@
 The test functions are those of tests/conformance/test_rwlock.py (imported, not
 copied), on dcoord.aio clients seen through the sync adapter (tests/aio/adapter.py).
 Left out: ``test_redis_keys_of_an_rwlock_share_one_cluster_slot``, which connects with
-``dcoord.connect`` itself (the async slots use the sync stores' key names: see
-tests/aio/test_semaphores.py).
+``dcoord.connect`` itself (the async slots take their keys from the sync slots'
+``rwlock_recipe``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ copied); the ``connect`` and ``client`` fixtures (tests/aio/conftest.py) make dc
 clients seen through the sync adapter (tests/aio/adapter.py). Left out, because they
 connect with ``dcoord.connect`` themselves and so test the sync client again: the
 ``test_redis_*`` tests (key layout, release across a restart, the ACL command list) and
-``test_closing_the_client_stops_its_waiters_with_client_closed``; their async
-counterparts are in tests/aio/test_semaphores.py.
+``test_closing_the_client_stops_its_waiters_with_client_closed``. Their async
+counterparts are in tests/aio/test_semaphores.py, but the key layout's: the async slots
+take their keys from the sync ones' recipes (``semaphore_recipe``, ``rwlock_recipe``).
 """
 
 from __future__ import annotations

@@ -333,3 +333,31 @@ def test_closing_the_client_stops_its_waiters_with_client_closed(
             assert errors == []
 
     asyncio.run(main())
+
+
+def test_redis_release_is_retried_while_the_server_restarts(
+    server_factory: Callable[..., object], namespace: str
+) -> None:
+    """As the sync suite's test: a release that meets a restarting server (connection
+    refused) is retried until the server is back, within the request timeout."""
+    server: Any = server_factory("redis")  # AOF, fsync always: the permits survive
+
+    async def main() -> None:
+        async with connect(server.url, namespace=namespace, request_timeout=15) as client:
+            handles: list[AsyncLock] = [
+                client.semaphore("pool", 1),
+                client.rwlock("doc").write(),
+            ]
+            for handle in handles:
+                assert await handle.acquire()
+                server.kill()
+                restart = asyncio.create_task(asyncio.to_thread(server.start))
+                try:
+                    await handle.release()
+                finally:
+                    await restart
+                assert not handle.held
+            assert await client.semaphore("pool", 1).acquire(timeout=0)
+            assert await client.rwlock("doc").read().acquire(timeout=0)
+
+    asyncio.run(main())
