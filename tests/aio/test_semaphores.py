@@ -223,7 +223,7 @@ def test_redis_acquire_cancelled_in_flight_leaves_no_grant_behind(
     from dcoord.backends.redis.aio_locks import AsyncRedisLocks
 
     if not undo:
-        monkeypatch.setattr(AsyncRedisLocks, "undo_with", lambda *args: None)
+        monkeypatch.setattr(AsyncRedisLocks, "undo", lambda *args: None)
     server: Any = server_factory("redis", persistent=False)
 
     def sync_handle(sync: dcoord.Client) -> dcoord.Lock:

@@ -107,9 +107,9 @@ class AsyncMemoryBackend:
         self.locks = AsyncMemoryLocks(
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
-        self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
         self.semaphores = AsyncMemorySemaphores(MemorySemaphores(self.server, self.prefix))
         self.rwlocks = AsyncMemoryRWLocks(MemoryRWLocks(self.server, self.prefix))
+        self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
 
     async def start(self) -> None:
         """Nothing to connect to."""

@@ -338,32 +338,22 @@ class AsyncRedisLocks:
         )
         return None if value is None else int(value)
 
-    def undo(self, slot: AsyncRedisLockSlot, token: str, sent: float) -> None:
-        """Undo, in a task, an acquire whose reply was lost or that was cancelled in
-        flight: it may have run, or may still run (see :class:`.locks._OrphanCleanup`)."""
-        self.undo_with(
-            lambda: run_script(RELEASE, self.redis, [slot.key], [token, slot.channel]),
-            f"undo the acquire of lock {slot.name!r} whose reply was lost",
-            sent + slot.ttl,
-        )
-
-    def undo_with(
-        self, attempt: Callable[[], Awaitable[Any]], what: str, sure_after: float
-    ) -> None:
-        """Run ``attempt`` (an undo) in a task, again after a failure or a false answer
-        until the monotonic time ``sure_after`` (when what it undoes surely ran)."""
-        task = asyncio.get_running_loop().create_task(self._undo(attempt, what, sure_after))
+    def undo(self, step: Callable[[], Awaitable[Any]], what: str, sure_after: float) -> None:
+        """Undo, in a task, a grant whose reply was lost or that was cancelled in flight
+        (a lock's acquire, an election's campaign): it may have run, or may still run
+        (see :class:`.locks._OrphanCleanup`). ``step`` deletes it if its token holds it
+        (truthy then); it is repeated until it does, or ``sure_after`` (the grant, had it
+        run, has expired by then)."""
+        task = asyncio.get_running_loop().create_task(self._undo(step, what, sure_after))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _undo(
-        self, attempt: Callable[[], Awaitable[Any]], what: str, sure_after: float
-    ) -> None:
+    async def _undo(self, step: Callable[[], Awaitable[Any]], what: str, sure_after: float) -> None:
         delay = ORPHAN_RETRY_FIRST
         while True:
             started = time.monotonic()
             try:
-                deleted = await self.backend.call(attempt, what=what)
+                deleted = await self.backend.call(step, what=what)
             except BackendUnavailable as exc:
                 log.info("%s; retrying", exc)
             except Exception as exc:  # refused (permissions, ...): retrying cannot help
@@ -420,7 +410,11 @@ class AsyncRedisLockSlot:
             # Not an error reply (a lost reply, or a cancellation while the script was
             # in flight): it may have run or run yet. Undo it rather than leave a grant.
             if not answered(exc):
-                self._locks.undo(self, token, sent)
+                self._locks.undo(
+                    lambda: run_script(RELEASE, self._redis, [self.key], [token, self.channel]),
+                    f"undo the acquire of lock {self.name!r} whose reply was lost",
+                    sent + self.ttl,
+                )
             raise
         return int(result), sent
 
@@ -501,14 +495,14 @@ class _Channel:
 
     __slots__ = ("broadcast", "idle_since", "name", "parked", "waiters")
 
-    def __init__(self, name: bytes, broadcast: bool) -> None:
+    def __init__(self, name: bytes) -> None:
         self.name = name
-        # A release wakes every waiter (semaphores, rwlocks: it may admit several, and
-        # a waiter that is refused again would not pass a single wake-up on).
-        self.broadcast = broadcast
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiters = 0
         self.idle_since = 0.0
+        # An election's channel: every message wakes every waiter (watchers all need
+        # it, and a resignation must reach the candidates past any watcher).
+        self.broadcast = False
 
     def park(self) -> asyncio.Future[None]:
         """A wake-up for one waiter, queued behind the others'."""
@@ -575,14 +569,15 @@ class _Notifier:
         self, channel_name: str, *, broadcast: bool = False
     ) -> AsyncIterator[_Channel]:
         """Register a waiter on ``channel_name`` (subscribing if it is new); with
-        ``broadcast`` a release message wakes every waiter of the channel, not one."""
+        ``broadcast`` every message on it wakes all its waiters, not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
             new = channel is None
             if channel is None:
-                channel = self._channels[key] = _Channel(key, broadcast)
+                channel = self._channels[key] = _Channel(key)
             channel.waiters += 1
+            channel.broadcast = channel.broadcast or broadcast
         try:
             if self._reader is None and not self._closed:
                 self._pubsub = self._client.pubsub()
@@ -687,7 +682,7 @@ class _Notifier:
                     pass
                 elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
-                else:  # (re)subscribed: a release may have gone unseen
+                else:  # (re)subscribed (a release may have gone unseen), or an election
                     woken.wake_all()
 
     async def _prune(self, now: float) -> None:

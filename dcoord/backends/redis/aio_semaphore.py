@@ -59,7 +59,7 @@ class AsyncScriptSlot:
         """:meth:`_undo` in a task of the lock store (retried until ``sure_after``); not
         once the client closed: nobody would stop the task, and the TTL covers it."""
         if not self._locks.notifier._closed:
-            self._locks.undo_with(lambda: self._undo(token), what, sure_after)
+            self._locks.undo(lambda: self._undo(token), what, sure_after)
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         token = secrets.token_hex(16)  # one id per grant: an old one can never act
