@@ -23,6 +23,8 @@ from .fence import AsyncFence
 from .lock import AsyncLock
 from .membership import AsyncGroup, AsyncJoinedMember, AsyncLiveRing
 from .participants import AsyncKVParticipant, AsyncParticipant
+from .rwlock import AsyncReadLock, AsyncReadWriteLock, AsyncWriteLock
+from .semaphore import AsyncSemaphore
 from .twopc import AsyncCoordinator, AsyncTransaction
 
 __all__ = [
@@ -38,6 +40,10 @@ __all__ = [
     "AsyncLiveRing",
     "AsyncLock",
     "AsyncParticipant",
+    "AsyncReadLock",
+    "AsyncReadWriteLock",
+    "AsyncSemaphore",
     "AsyncTransaction",
+    "AsyncWriteLock",
     "connect",
 ]

@@ -19,6 +19,8 @@ from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
 from .membership import AsyncGroup
 from .participants import AsyncParticipant
+from .rwlock import AsyncReadWriteLock
+from .semaphore import AsyncSemaphore
 from .twopc import AsyncCoordinator
 
 log = logging.getLogger("dcoord")
@@ -95,6 +97,30 @@ class AsyncClient:
         return AsyncLock(
             self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
         )
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+    ) -> AsyncSemaphore:
+        """A handle on one permit of the counting semaphore ``name`` (at most ``limit``
+        holders at once), as :meth:`dcoord.Client.semaphore`; see :class:`AsyncSemaphore`."""
+        self.check_open()
+        return AsyncSemaphore(
+            self, name, limit, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
+        )
+
+    def rwlock(
+        self, name: str, ttl: float = DEFAULT_TTL, timeout: float | None = None
+    ) -> AsyncReadWriteLock:
+        """The read-write lock ``name``, as :meth:`dcoord.Client.rwlock`: make handles
+        with ``.read()`` and ``.write()``; see :class:`AsyncReadWriteLock`."""
+        self.check_open()
+        return AsyncReadWriteLock(self, name, ttl=ttl, timeout=timeout)
 
     def fence(self, resource: str) -> AsyncFence:
         """The fencing guard of ``resource``: ``await fence(resource).admit(lock.fence)``."""

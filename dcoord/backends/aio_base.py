@@ -56,6 +56,20 @@ class AsyncLockStore(Protocol):
         ...
 
 
+class AsyncSemaphoreStore(Protocol):
+    """Counting semaphores, async; see :class:`.base.SemaphoreStore` (same keys and
+    scripts: sync and async handles of one name share its permits)."""
+
+    def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> AsyncLockSlot: ...
+
+
+class AsyncRWLockStore(Protocol):
+    """Read-write locks, async; see :class:`.base.RWLockStore` (same keys and scripts:
+    sync and async readers and writers of one name share one lock)."""
+
+    def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> AsyncLockSlot: ...
+
+
 class AsyncTxLogStore(Protocol):
     """The 2PC decision log, async; see :class:`.base.TxLogStore` (same records, same
     keys: a sync and an async coordinator share one log)."""
@@ -189,6 +203,12 @@ class AsyncBackend(Protocol):
 
     @property
     def locks(self) -> AsyncLockStore: ...
+
+    @property
+    def semaphores(self) -> AsyncSemaphoreStore: ...
+
+    @property
+    def rwlocks(self) -> AsyncRWLockStore: ...
 
     @property
     def txlog(self) -> AsyncTxLogStore: ...

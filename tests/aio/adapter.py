@@ -12,6 +12,7 @@ helpers (``stored_keys``, ``backend.kv``), which read what the server holds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable, Coroutine
 from types import SimpleNamespace, TracebackType
@@ -70,8 +71,18 @@ class SyncView:
     def namespace(self) -> str:
         return self.aio.namespace
 
+    @property
+    def url(self) -> str:
+        return self.aio.url
+
     def lock(self, name: str, **options: Any) -> SyncLock:
-        return SyncLock(self, name, options)
+        return SyncLock(self, functools.partial(self.aio.lock, name), options)
+
+    def semaphore(self, name: Any, limit: Any, **options: Any) -> SyncLock:
+        return SyncLock(self, functools.partial(self.aio.semaphore, name, limit), options)
+
+    def rwlock(self, name: Any, **options: Any) -> SyncRWLock:
+        return SyncRWLock(self, self.aio.rwlock(name, **options))
 
     def group(self, name: str) -> SyncGroup:
         return SyncGroup(self, name)
@@ -113,9 +124,12 @@ class SyncView:
 
 
 class SyncLock:
-    """An :class:`dcoord.aio.AsyncLock` with :class:`dcoord.Lock`'s methods."""
+    """An :class:`dcoord.aio.AsyncLock` (or a semaphore permit, a read or write side:
+    ``make(**options)`` makes it) with :class:`dcoord.Lock`'s methods."""
 
-    def __init__(self, client: SyncView, name: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self, client: SyncView, make: Callable[..., dcoord.aio.AsyncLock], options: dict[str, Any]
+    ) -> None:
         self._client = client
         on_lost: Callable[[SyncLock], object] | None = options.pop("on_lost", None)
         if on_lost is not None and callable(on_lost):
@@ -123,7 +137,7 @@ class SyncLock:
             options["on_lost"] = lambda _: user(self)
         elif on_lost is not None:
             options["on_lost"] = on_lost  # let the library refuse it
-        self.aio = client.aio.lock(name, **options)
+        self.aio = make(**options)
 
     @property
     def name(self) -> str:
@@ -161,6 +175,25 @@ class SyncLock:
         tb: TracebackType | None,
     ) -> None:
         self._client.run(self.aio.__aexit__(exc_type, exc, tb))
+
+
+class SyncRWLock:
+    """An :class:`dcoord.aio.AsyncReadWriteLock` with :class:`dcoord.ReadWriteLock`'s
+    methods: its handles are :class:`SyncLock` s."""
+
+    def __init__(self, client: SyncView, rwlock: dcoord.aio.AsyncReadWriteLock) -> None:
+        self._client = client
+        self.aio = rwlock
+
+    @property
+    def name(self) -> str:
+        return self.aio.name
+
+    def read(self, **options: Any) -> SyncLock:
+        return SyncLock(self._client, self.aio.read, options)
+
+    def write(self, **options: Any) -> SyncLock:
+        return SyncLock(self._client, self.aio.write, options)
 
 
 class SyncFence:

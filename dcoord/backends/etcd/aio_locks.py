@@ -53,6 +53,8 @@ from .locks import _created_at, _first_kv, _range, fenced_txn
 
 if TYPE_CHECKING:
     from .aio_election import AsyncEtcdElections
+    from .aio_rwlock import AsyncEtcdRWLocks
+    from .aio_semaphore import AsyncEtcdSemaphores
 
 T = TypeVar("T")
 
@@ -232,6 +234,20 @@ class AsyncEtcdBackend:
         return await self.call(self._server_info, what=f"ping etcd at {self.endpoint}", retry=True)
 
     @functools.cached_property
+    def semaphores(self) -> AsyncEtcdSemaphores:
+        """Counting semaphores (the sync clients' keys)."""
+        from .aio_semaphore import AsyncEtcdSemaphores  # it imports this module
+
+        return AsyncEtcdSemaphores(self)
+
+    @functools.cached_property
+    def rwlocks(self) -> AsyncEtcdRWLocks:
+        """Read-write locks (the sync clients' keys)."""
+        from .aio_rwlock import AsyncEtcdRWLocks  # it imports this module
+
+        return AsyncEtcdRWLocks(self)
+
+    @functools.cached_property
     def txlog(self) -> AsyncEtcdTxLog:
         """The 2PC log (the sync clients' log: same keys and transactions)."""
         return AsyncEtcdTxLog(self)
@@ -394,6 +410,11 @@ class AsyncEtcdLocks:
             except DcoordError as exc:  # refused: the lease expires by its TTL
                 log.warning("could not revoke lease %x: %s", lease, exc)
                 return
+            except Exception as exc:  # the client closed its channels: the TTL covers it
+                if not self.backend._closed:
+                    raise
+                log.info("lease %x not revoked (the client closed): %r", lease, exc)
+                return
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
@@ -534,15 +555,25 @@ class AsyncEtcdLockSlot:
             )
 
     async def _wait_deleted(
-        self, key: bytes, from_revision: int, lease: int, expires_at: float, deadline: float | None
+        self,
+        key: bytes,
+        from_revision: int,
+        lease: int,
+        expires_at: float,
+        deadline: float | None,
+        range_end: bytes = b"",
     ) -> float:
-        """Return when ``key`` is deleted (after ``from_revision``), at the deadline, or
-        when our lease is gone; keeps our lease alive meanwhile. Returns its deadline."""
+        """Return when ``key`` (with ``range_end``: a key of that range) is deleted
+        (after ``from_revision``), at the deadline, or when our lease is gone; keeps our
+        lease alive meanwhile. Returns its deadline."""
         backend = self._backend
         member = backend.member
         watch = backend.watch.Watch(metadata=backend.metadata)
         create = etcdrpc.WatchCreateRequest(
-            key=key, start_revision=from_revision, filters=[etcdrpc.WatchCreateRequest.NOPUT]
+            key=key,
+            range_end=range_end,
+            start_revision=from_revision,
+            filters=[etcdrpc.WatchCreateRequest.NOPUT],
         )
         try:
             await watch.write(etcdrpc.WatchRequest(create_request=create))

@@ -14,10 +14,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..base import key_segment
-from .semaphore import EtcdQueueSlot
+from .semaphore import EtcdQueueSlot, Queue
 
 if TYPE_CHECKING:
     from . import EtcdBackend
+
+
+def rwlock_queue(prefix: str, name: str, write: bool) -> tuple[str, Queue]:
+    """What the read or write side of rwlock ``name`` is called in messages, and its
+    queue (see the module doc)."""
+    base = f"{prefix}rw/{key_segment(name)}/"
+    writers = f"{base}w/".encode()
+    if write:
+        own, counted = writers, base.encode()
+    else:
+        own, counted = f"{base}r/".encode(), writers
+    return f"rwlock {name!r} ({'write' if write else 'read'})", Queue(own, counted, 1)
 
 
 class EtcdRWLocks:
@@ -28,11 +40,5 @@ class EtcdRWLocks:
         self._prefix = backend.prefix
 
     def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> EtcdQueueSlot:
-        base = f"{self._prefix}rw/{key_segment(name)}/"
-        writers = f"{base}w/".encode()
-        if write:
-            own, counted = writers, base.encode()
-        else:
-            own, counted = f"{base}r/".encode(), writers
-        what = f"rwlock {name!r} ({'write' if write else 'read'})"
-        return EtcdQueueSlot(self._locks, what, own, counted, 1, ttl, auto_renew)
+        what, queue = rwlock_queue(self._prefix, name, write)
+        return EtcdQueueSlot(self._locks, what, queue, ttl, auto_renew)

@@ -36,56 +36,93 @@ if TYPE_CHECKING:
 log = logging.getLogger("dcoord.etcd")
 
 
-class EtcdQueueSlot(EtcdLockSlot):
-    """One handle's key in a queue where fewer than ``limit`` counted keys may precede it.
+class Queue:
+    """The requests of one handle's place in a queue, shared by the sync slot
+    (:class:`EtcdQueueSlot`) and the async one (:mod:`.aio_semaphore`): a key is admitted
+    when fewer than ``limit`` keys of the ``counted`` range were created before it.
 
     ``own`` is the prefix our key goes under; ``counted`` the range whose earlier keys
     count against us (it may contain ``own``, or not: a reader counts only writers).
     """
 
-    def __init__(
-        self,
-        locks: EtcdLocks,
-        what: str,
-        own: bytes,
-        counted: bytes,
-        limit: int,
-        ttl: float,
-        auto_renew: bool,
-    ) -> None:
-        super().__init__(locks, what, ttl, auto_renew)
-        self.what = what
-        self.prefix = own  # where our keys go (the lock slot's release/extend use _key)
-        self._counted = counted
-        self._counted_end = prefix_range_end(counted)
-        self._limit = limit
+    def __init__(self, own: bytes, counted: bytes, limit: int) -> None:
+        self.own = own
+        self.counted = counted
+        self.counted_end = prefix_range_end(counted)
+        self.limit = limit
+
+    def key(self, lease: int, serial: int) -> bytes:
+        """Our new key, on ``lease``: unique per client by the serial."""
+        return self.own + f"{lease:016x}-{serial:x}".encode()
 
     def _ahead(self, **options: Any) -> Any:
         """The first ``limit`` counted keys (with ``options``: created before ours)."""
-        return _range(
-            self._counted, self._counted_end, limit=self._limit, keys_only=True, **options
-        )
+        return _range(self.counted, self.counted_end, limit=self.limit, keys_only=True, **options)
 
-    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
-        """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
-        create revision, whether fewer than ``limit`` counted keys are ahead of it (it
-        holds at once), and the lease. The lock slot's acquire() runs the rest."""
-        key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
-        request = etcdrpc.TxnRequest(
+    def enqueue(self, key: bytes, lease: int) -> Any:
+        """The txn that creates ``key`` on ``lease`` (idempotent: a retry finds it)."""
+        return etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             # The range runs before the put: every key it sees was created before ours.
             success=[
                 self._ahead(),
-                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease.id)),
+                etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, lease=lease)),
             ],
             failure=[_range(key, keys_only=True)],
         )
-        response = self._create(request, key, lease, what=f"acquire {self.name}")
+
+    def enqueued(self, response: Any) -> tuple[int, bool]:
+        """Our key's create revision, and whether it holds at once, from the answer to
+        :meth:`enqueue`."""
         if response.succeeded:
             ahead = len(response.responses[0].response_range.kvs)
-            return key, response.header.revision, ahead < self._limit, lease
+            return response.header.revision, ahead < self.limit
         # A retry found the key its lost first attempt made: let the wait count.
-        return key, _first_kv(response.responses[0]).create_revision, False, lease
+        return _first_kv(response.responses[0]).create_revision, False
+
+    def check(self, key: bytes, revision: int) -> Any:
+        """The txn that reads whether our key (created at ``revision``) is still there,
+        and the counted keys ahead of it."""
+        return etcdrpc.TxnRequest(
+            success=[_range(key, keys_only=True), self._ahead(max_create_revision=revision - 1)]
+        )
+
+    def checked(self, response: Any) -> str | None:
+        """From the answer to :meth:`check`: "requeue" (our key vanished), "acquired"
+        (fewer than ``limit`` ahead), or None (wait for a delete in the counted range)."""
+        if _first_kv(response.responses[0]) is None:
+            return "requeue"
+        if len(response.responses[1].response_range.kvs) < self.limit:
+            return "acquired"
+        return None
+
+
+def semaphore_queue(prefix: str, name: str, limit: int) -> tuple[str, Queue]:
+    """What semaphore ``name`` is called in messages, and its queue (every key counts)."""
+    own = f"{prefix}sem/{key_segment(name)}/".encode()
+    return f"semaphore {name!r}", Queue(own, own, limit)
+
+
+class EtcdQueueSlot(EtcdLockSlot):
+    """One handle's key in a :class:`Queue`: a lock slot with the queue's admission."""
+
+    def __init__(
+        self, locks: EtcdLocks, what: str, queue: Queue, ttl: float, auto_renew: bool
+    ) -> None:
+        super().__init__(locks, what, ttl, auto_renew)
+        self.what = what
+        self.prefix = queue.own  # where our keys go (the lock slot's release/extend use _key)
+        self._queue = queue
+
+    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
+        """Create a new key on ``lease``; return it, its create revision, whether fewer
+        than ``limit`` counted keys are ahead of it (it holds at once), and the lease.
+        The lock slot's acquire() runs the rest."""
+        key = self._queue.key(lease.id, self._locks.next_serial())
+        request = self._queue.enqueue(key, lease.id)
+        response = self._create(request, key, lease, what=f"acquire {self.name}")
+        revision, ready = self._queue.enqueued(response)
+        return key, revision, ready, lease
 
     def _wait(self, deadline: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
@@ -98,18 +135,15 @@ class EtcdQueueSlot(EtcdLockSlot):
         """
         assert self._key is not None and self._lease is not None
         key, revision, lease = self._key, self._revision, self._lease
-        check = etcdrpc.TxnRequest(
-            success=[_range(key, keys_only=True), self._ahead(max_create_revision=revision - 1)]
-        )
+        check = self._queue.check(key, revision)
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
             with self._deletes() as woken:
                 response = self._locks.txn(check, what=f"wait for {self.name}", retry=True)
-                if _first_kv(response.responses[0]) is None:
-                    return "requeue"
-                if len(response.responses[1].response_range.kvs) < self._limit:
-                    return "acquired"
+                outcome = self._queue.checked(response)
+                if outcome is not None:
+                    return outcome
                 if not self._sleep(woken, lease, deadline):
                     return "requeue"
 
@@ -122,9 +156,9 @@ class EtcdQueueSlot(EtcdLockSlot):
         def watch() -> Any:
             try:
                 return etcd.add_watch_callback(
-                    self._counted,
+                    self._queue.counted,
                     lambda _response: woken.set(),
-                    range_end=self._counted_end,
+                    range_end=self._queue.counted_end,
                     filters=[etcdrpc.WatchCreateRequest.NOPUT],
                 )
             except etcd_errors.WatchTimedOut:
@@ -182,6 +216,5 @@ class EtcdSemaphores:
         self._prefix = backend.prefix
 
     def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> EtcdQueueSlot:
-        prefix = f"{self._prefix}sem/{key_segment(name)}/".encode()
-        what = f"semaphore {name!r}"
-        return EtcdQueueSlot(self._locks, what, prefix, prefix, limit, ttl, auto_renew)
+        what, queue = semaphore_queue(self._prefix, name, limit)
+        return EtcdQueueSlot(self._locks, what, queue, ttl, auto_renew)

@@ -20,11 +20,15 @@ from . import memory_server
 from .aio_election import AsyncMemoryElections
 from .aio_kv import AsyncMemoryKV
 from .aio_membership import AsyncMemoryGroups
+from .aio_rwlock import AsyncMemoryRWLocks
+from .aio_semaphore import AsyncMemorySemaphores
 from .aio_txlog import AsyncMemoryTxLog
 from .election import MemoryElections
 from .kv import MemoryKV
 from .locks import MemoryLocks, MemoryLockSlot
 from .membership import MemoryGroups
+from .rwlock import MemoryRWLocks
+from .semaphore import MemorySemaphores
 from .txlog import MemoryTxLog
 
 
@@ -105,6 +109,8 @@ class AsyncMemoryBackend:
         self.locks = AsyncMemoryLocks(
             MemoryLocks(self.server, self.prefix, settings.options["label"])
         )
+        self.semaphores = AsyncMemorySemaphores(MemorySemaphores(self.server, self.prefix))
+        self.rwlocks = AsyncMemoryRWLocks(MemoryRWLocks(self.server, self.prefix))
         self.groups = AsyncMemoryGroups(MemoryGroups(self.server, self.prefix))
         self.elections = AsyncMemoryElections(MemoryElections(self.server, self.prefix))
 

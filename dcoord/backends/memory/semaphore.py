@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...perkey import PerKey
@@ -39,12 +40,21 @@ class _Queue:
         self.entries: list[_Entry] = []
         self.fence = 0
         self.cond = threading.Condition(mutex)
+        # Run (under the mutex) at every change: async waiters, which cannot wait on the
+        # condition, get an event set on their own loop this way (dcoord.aio).
+        self.wakers: set[Callable[[], object]] = set()
+
+    def changed(self) -> None:
+        """Wake every waiter, sync and async (an entry left: one behind it may go)."""
+        self.cond.notify_all()
+        for waker in self.wakers:
+            waker()
 
     def prune(self, now: float) -> None:
         live = [e for e in self.entries if e.expires_at > now]
         if len(live) != len(self.entries):
             self.entries = live
-            self.cond.notify_all()  # an expiry may admit a waiter
+            self.changed()  # an expiry may admit a waiter
 
     def admitted(self, entry: _Entry, limit: int) -> bool:
         ahead = 0
@@ -83,7 +93,8 @@ class MemoryQueueSlot:
         self._ttl = ttl
         self._entry: _Entry | None = None
 
-    def _queue(self) -> _Queue:
+    def queue(self) -> _Queue:
+        """The queue of this handle's name (made on first use; under the table's mutex)."""
         queue = self._table.queues.get(self._key)
         if queue is None:
             queue = self._table.queues[self._key] = _Queue(self._table.mutex)
@@ -91,33 +102,54 @@ class MemoryQueueSlot:
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
         with self._table.mutex:
-            queue = self._queue()
+            queue = self.queue()
             now = time.monotonic()
-            entry = _Entry(self._exclusive, now + self._ttl)
-            queue.entries.append(entry)
+            entry = self.enqueue(queue, now)
             while True:
-                queue.prune(now)
-                if entry not in queue.entries:  # our waiter entry expired (a long stall)
-                    entry.expires_at = now + self._ttl
-                    queue.entries.append(entry)
-                if queue.admitted(entry, self._limit):
-                    queue.fence += 1
-                    entry.fence, entry.expires_at = queue.fence, now + self._ttl
-                    self._entry = entry
-                    return LockGrant(entry.fence, entry.expires_at)
-                if deadline is not None and now >= deadline:
-                    queue.entries.remove(entry)
-                    queue.cond.notify_all()  # readers behind a writer may go now
-                    return None
-                # A waiter re-arms its entry on every wake-up; woken by releases and
-                # expiries, at the latest when an entry ahead expires or at a third of
-                # the TTL (to re-arm), or at the deadline.
-                entry.expires_at = now + self._ttl
-                wake = min(queue.next_expiry(entry), now + self._ttl / 3)
-                if deadline is not None:
-                    wake = min(wake, deadline)
-                queue.cond.wait(max(0.0, wake - now))
+                outcome = self.step(queue, entry, now, deadline)
+                if not isinstance(outcome, float):
+                    return outcome
+                queue.cond.wait(max(0.0, outcome - now))
                 now = time.monotonic()
+
+    def enqueue(self, queue: _Queue, now: float) -> _Entry:
+        """A new entry of this handle at the back of ``queue`` (under the table's mutex)."""
+        entry = _Entry(self._exclusive, now + self._ttl)
+        queue.entries.append(entry)
+        return entry
+
+    def step(
+        self, queue: _Queue, entry: _Entry, now: float, deadline: float | None
+    ) -> LockGrant | float | None:
+        """One look at ``queue`` for our waiting ``entry``, under the table's mutex: the
+        grant; None once the deadline passed (the entry is withdrawn); else the monotonic
+        time to look again at the latest (a change of the queue wakes the waiter sooner).
+        """
+        queue.prune(now)
+        if entry not in queue.entries:  # our waiter entry expired (a long stall)
+            entry.expires_at = now + self._ttl
+            queue.entries.append(entry)
+        if queue.admitted(entry, self._limit):
+            queue.fence += 1
+            entry.fence, entry.expires_at = queue.fence, now + self._ttl
+            self._entry = entry
+            return LockGrant(entry.fence, entry.expires_at)
+        if deadline is not None and now >= deadline:
+            self.withdraw(queue, entry)
+            return None
+        # A waiter re-arms its entry on every wake-up; woken by releases and expiries,
+        # at the latest when an entry ahead expires or at a third of the TTL (to re-arm),
+        # or at the deadline.
+        entry.expires_at = now + self._ttl
+        wake = min(queue.next_expiry(entry), now + self._ttl / 3)
+        return wake if deadline is None else min(wake, deadline)
+
+    @staticmethod
+    def withdraw(queue: _Queue, entry: _Entry) -> None:
+        """Take a waiting ``entry`` out of ``queue`` (under the table's mutex)."""
+        if entry in queue.entries:
+            queue.entries.remove(entry)
+            queue.changed()  # readers behind a writer may go now
 
     def release(self) -> bool:
         entry, self._entry = self._entry, None
@@ -128,7 +160,7 @@ class MemoryQueueSlot:
             if queue is None or entry not in queue.entries:
                 return False
             queue.entries.remove(entry)
-            queue.cond.notify_all()
+            queue.changed()
             return entry.expires_at > time.monotonic()
 
     def extend(self, ttl: float) -> LockGrant | None:

@@ -63,6 +63,8 @@ from .slots import require_one_slot
 if TYPE_CHECKING:
     from .aio_election import AsyncRedisElections
     from .aio_kv import AsyncRedisKV
+    from .aio_rwlock import AsyncRedisRWLocks
+    from .aio_semaphore import AsyncRedisSemaphores
     from .aio_txlog import AsyncRedisTxLog, AsyncReplication
 
 T = TypeVar("T")
@@ -235,6 +237,20 @@ class AsyncRedisBackend:
 
     async def ping(self) -> ServerInfo:
         return await self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
+
+    @functools.cached_property
+    def semaphores(self) -> AsyncRedisSemaphores:
+        """Counting semaphores (the sync clients' keys and script)."""
+        from .aio_semaphore import AsyncRedisSemaphores  # it imports this module
+
+        return AsyncRedisSemaphores(self)
+
+    @functools.cached_property
+    def rwlocks(self) -> AsyncRedisRWLocks:
+        """Read-write locks (the sync clients' keys and script)."""
+        from .aio_rwlock import AsyncRedisRWLocks  # it imports this module
+
+        return AsyncRedisRWLocks(self)
 
     @functools.cached_property
     def replication(self) -> AsyncReplication:

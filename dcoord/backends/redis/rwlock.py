@@ -19,12 +19,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..base import key_segment
-from .semaphore import ScriptSlot, recipe_script
+from .semaphore import Recipe, ScriptSlot, recipe_script
 
 if TYPE_CHECKING:
     from . import RedisBackend
 
 RWLOCK = recipe_script("rwlock")
+
+
+def rwlock_recipe(prefix: str, name: str, write: bool) -> Recipe:
+    """The keys, channel and operations of the read or write side of rwlock ``name``."""
+    base = f"{prefix}rw:{{{key_segment(name)}}}"
+    channel = f"{base}:released"
+    mode = "write" if write else "read"
+    return Recipe(
+        RWLOCK,
+        tuple(f"{base}:{part}" for part in ("readers", "writer", "waiting", "fence")),
+        channel,
+        f"rwlock {name!r} ({mode})",
+        mode,
+        f"release-{mode}",
+        f"extend-{mode}",
+        extra=(channel,),
+        give_up="unwait" if write else None,
+        wakes_all=True,
+    )
 
 
 class RedisRWLocks:
@@ -34,18 +53,4 @@ class RedisRWLocks:
         self._backend = backend
 
     def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> ScriptSlot:
-        base = f"{self._backend.prefix}rw:{{{key_segment(name)}}}"
-        channel = f"{base}:released"
-        keys = [f"{base}:{part}" for part in ("readers", "writer", "waiting", "fence")]
-        mode = "write" if write else "read"
-        return ScriptSlot(
-            self._backend,
-            RWLOCK,
-            keys,
-            channel,
-            f"rwlock {name!r} ({mode})",
-            ttl,
-            (mode, f"release-{mode}", f"extend-{mode}"),
-            extra=[channel],
-            give_up="unwait" if write else None,
-        )
+        return ScriptSlot(self._backend, rwlock_recipe(self._backend.prefix, name, write), ttl)

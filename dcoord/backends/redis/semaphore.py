@@ -17,10 +17,10 @@ pub/sub connection for every lock, semaphore and rwlock waiter of the client).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import secrets
 import time
-from collections.abc import Sequence
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -47,43 +47,76 @@ def milliseconds(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What the slots of one semaphore, or one side of an rwlock, run (sync and async
+    slots alike, so they share keys and scripts): one Lua script whose every call sends
+    ``[operation, id, ttl ms, *extra]`` on ``keys``. ``give_up`` names an operation run
+    when a wait ends without a grant (a writer withdrawing its claim). ``wakes_all``: a
+    release may admit several waiters (an rwlock writer's), so it must wake every one;
+    a semaphore's frees one permit (the async slots wake one waiter then)."""
+
+    script: LuaScript
+    keys: tuple[str, ...]
+    channel: str
+    what: str
+    acquire_op: str
+    release_op: str
+    extend_op: str
+    extra: tuple[object, ...] = ()
+    give_up: str | None = None
+    wakes_all: bool = False
+
+    def args(self, op: str, token: str, ttl: float) -> list[object]:
+        return [op, token, milliseconds(ttl), *self.extra]
+
+    def retry_in(self, result: int, ttl: float) -> float:
+        """How long a waiter sleeps after the refusal ``result`` unless a release wakes
+        it: the hint (a holder's expiry) is the backstop for a lost message; a third of
+        the TTL re-arms a waiting writer's claim in time."""
+        return min(-result / 1000 + 0.001, ttl / 3)
+
+
+def semaphore_recipe(prefix: str, name: str, limit: int) -> Recipe:
+    """The keys, channel and operations of semaphore ``name`` (see the module doc)."""
+    base = f"{prefix}sem:{{{key_segment(name)}}}"
+    channel = f"{base}:released"
+    return Recipe(
+        SEMAPHORE,
+        (base, f"{base}:fence"),
+        channel,
+        f"semaphore {name!r}",
+        "acquire",
+        "release",
+        "extend",
+        extra=(limit, channel),
+    )
+
+
 class ScriptSlot:
     """One handle's grant of a semaphore or rwlock: a :class:`~dcoord.backends.base.LockSlot`
-    whose steps are operations of one Lua script.
+    whose steps are operations of its :class:`Recipe`'s Lua script."""
 
-    Every call sends ``[operation, id, ttl ms, *extra]``. ``give_up`` names an operation
-    run when a wait times out (a writer withdrawing its claim), ``rearm`` bounds each
-    wait so that a waiter whose claim expires (a waiting writer's) renews it in time.
-    """
-
-    def __init__(
-        self,
-        backend: RedisBackend,
-        script: LuaScript,
-        keys: Sequence[str],
-        channel: str,
-        what: str,
-        ttl: float,
-        ops: tuple[str, str, str],
-        extra: Sequence[object] = (),
-        give_up: str | None = None,
-    ) -> None:
+    def __init__(self, backend: RedisBackend, recipe: Recipe, ttl: float) -> None:
         self._backend = backend
-        self._script = script
-        self.keys = list(keys)
-        self.channel = channel
-        self._what = what
+        self._recipe = recipe
+        self.keys = list(recipe.keys)
+        self.channel = recipe.channel
+        self._what = recipe.what
         self._ttl = ttl
-        self._acquire_op, self._release_op, self._extend_op = ops
-        self._extra = list(extra)
-        self._give_up = give_up
+        self._acquire_op, self._release_op, self._extend_op = (
+            recipe.acquire_op,
+            recipe.release_op,
+            recipe.extend_op,
+        )
+        self._give_up = recipe.give_up
         self._token: str | None = None
         self._fence = 0
 
     def _eval(self, op: str, token: str, ttl: float) -> int:
         """One run of the script, redis errors raw (for :meth:`RedisBackend.call`)."""
-        args = [op, token, milliseconds(ttl), *self._extra]
-        return int(self._script(self._backend.redis, self.keys, args))
+        args = self._recipe.args(op, token, ttl)
+        return int(self._recipe.script(self._backend.redis, self.keys, args))
 
     def _run(self, op: str, token: str, ttl: float, *, retry: bool = False) -> int:
         return self._backend.call(
@@ -133,9 +166,7 @@ class ScriptSlot:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return 0, sent
-                # The hint (a holder's expiry) is the backstop for a lost message; a
-                # third of the TTL re-arms a waiting writer's claim in time.
-                wait = min(-result / 1000 + 0.001, self._ttl / 3)
+                wait = self._recipe.retry_in(result, self._ttl)
                 if deadline is not None:
                     wait = min(wait, deadline - now)
                 notifier.wait(channel, seen, wait)
@@ -172,15 +203,4 @@ class RedisSemaphores:
         self._backend = backend
 
     def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> ScriptSlot:
-        base = f"{self._backend.prefix}sem:{{{key_segment(name)}}}"
-        channel = f"{base}:released"
-        return ScriptSlot(
-            self._backend,
-            SEMAPHORE,
-            [base, f"{base}:fence"],
-            channel,
-            f"semaphore {name!r}",
-            ttl,
-            ("acquire", "release", "extend"),
-            extra=[limit, channel],
-        )
+        return ScriptSlot(self._backend, semaphore_recipe(self._backend.prefix, name, limit), ttl)

@@ -1,0 +1,78 @@
+"""Async semaphores on etcd, and the queue slot async read-write locks share.
+
+The sync slots' :class:`.semaphore.Queue` (same keys, same admission: fewer than
+``limit`` counted keys created before ours) driven as :mod:`.aio_locks` drives a lock:
+every attempt puts its key on a lease of its own, kept alive while it waits and while it
+holds, revoked on release, on a timeout and on a cancellation (so nothing of the attempt
+is left in the queue). A waiter watches the counted range for deletes (a release, an
+expiry) and checks its place again; puts do not wake it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .aio_locks import AsyncEtcdLocks, AsyncEtcdLockSlot
+from .semaphore import Queue, semaphore_queue
+
+if TYPE_CHECKING:
+    from .aio_locks import AsyncEtcdBackend
+
+
+class AsyncEtcdQueueSlot(AsyncEtcdLockSlot):
+    """One async handle's key in a :class:`.semaphore.Queue`: the async lock slot's
+    leases, release and renewal with the queue's admission."""
+
+    def __init__(self, locks: AsyncEtcdLocks, what: str, queue: Queue, ttl: float) -> None:
+        super().__init__(locks, what, ttl)
+        self.name = what  # (the lock slot's messages say "lock {name!r}")
+        self.prefix = queue.own
+        self._queue = queue
+
+    async def _enqueue(self, lease: int) -> tuple[bytes, int, bool]:
+        key = self._queue.key(lease, self._locks.next_serial())
+        response = await self._backend.txn(
+            self._queue.enqueue(key, lease), what=f"acquire {self.name}", retry=True
+        )
+        revision, ready = self._queue.enqueued(response)
+        return key, revision, ready
+
+    async def _wait(
+        self, key: bytes, revision: int, lease: int, expires_at: float, deadline: float | None
+    ) -> tuple[str, float]:
+        """Wait for our turn, keeping our lease alive: ("acquired" | "timeout" |
+        "requeue", the lease's deadline)."""
+        check = self._queue.check(key, revision)
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return "timeout", expires_at
+            if now >= expires_at:
+                return "requeue", expires_at
+            response = await self._backend.txn(check, what=f"wait for {self.name}", retry=True)
+            outcome = self._queue.checked(response)
+            if outcome is not None:
+                return outcome, expires_at
+            # Any delete in the counted range after the check may admit us: a semaphore
+            # frees permits in any order, so no single predecessor can be watched.
+            expires_at = await self._wait_deleted(
+                self._queue.counted,
+                response.header.revision + 1,
+                lease,
+                expires_at,
+                deadline,
+                range_end=self._queue.counted_end,
+            )
+
+
+class AsyncEtcdSemaphores:
+    """The async semaphore store of one etcd backend."""
+
+    def __init__(self, backend: AsyncEtcdBackend) -> None:
+        self._locks = backend.locks
+        self._prefix = backend.prefix
+
+    def slot(self, name: str, limit: int, ttl: float, auto_renew: bool) -> AsyncEtcdQueueSlot:
+        what, queue = semaphore_queue(self._prefix, name, limit)
+        return AsyncEtcdQueueSlot(self._locks, what, queue, ttl)
