@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 
 from ... import metrics
 from ...config import Settings
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import BackendUnavailable
 from ...inspect import holder_suffix
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
@@ -149,17 +149,6 @@ async def run_script(
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-def refuse_cluster(settings: Settings, what: str) -> None:
-    """ConfigError for the async ``what`` on a Redis Cluster: async locks and fences run
-    there, async membership and 2PC not yet (their pub/sub and WAIT need the Cluster's
-    shard routing); the sync client has both."""
-    if settings.topology == "cluster":
-        raise ConfigError(
-            f"dcoord.aio {what} on a Redis Cluster ({settings.url}) is not supported yet; "
-            "use the sync client (dcoord.connect) for it: they interoperate"
-        )
-
-
 class AsyncRedisBackend:
     """The async Redis backend: one ``redis.asyncio`` client, keys as the sync backend's."""
 
@@ -238,7 +227,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def replication(self) -> AsyncReplication:
         """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
-        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncReplication  # it imports this module
 
         return AsyncReplication(self)
@@ -246,7 +234,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def txlog(self) -> AsyncRedisTxLog:
         """The 2PC log (the sync clients' log: same keys and scripts)."""
-        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncRedisTxLog  # it imports this module
 
         return AsyncRedisTxLog(self)
@@ -254,7 +241,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def kv_store(self) -> AsyncRedisKV:
         """Plain keys (the sync clients' keys)."""
-        refuse_cluster(self.settings, "KVParticipant")
         from .aio_kv import AsyncRedisKV  # it imports this module
 
         return AsyncRedisKV(self)
