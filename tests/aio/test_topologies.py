@@ -379,3 +379,26 @@ def test_an_async_swap_across_cluster_slots_is_refused_naming_its_keys(
             assert await kv.get("{t}right") == b"2"
 
     asyncio.run(main())
+
+
+def test_the_async_log_checks_the_persistence_of_every_cluster_node(
+    redis_cluster: ClusterSet, namespace: str
+) -> None:
+    """As the sync check: a replica is promoted with its own settings, so one replica
+    without ``appendfsync always`` fails the check, naming it. The async check read
+    only the client's default node (a primary) and passed."""
+    primary = redis_cluster.primary_for("{any}")
+    (replica,) = redis_cluster.replicas_of(primary)
+
+    async def main() -> None:
+        async with connect(redis_cluster.url, namespace=namespace) as client:
+            log: Any = client.backend.txlog  # type: ignore[attr-defined]
+            assert await log.durability() is None  # negative control: every node agrees
+            redis_cluster._ask(replica, "CONFIG", "SET", "appendfsync", "everysec")
+            try:
+                problem = await log.durability()
+            finally:
+                redis_cluster._ask(replica, "CONFIG", "SET", "appendfsync", "always")
+            assert problem is not None and f"everysec on {HOST}:{replica.port}" in problem
+
+    asyncio.run(main())
