@@ -384,7 +384,7 @@ class AsyncRedisLockSlot:
         token = secrets.token_hex(16) + self._locks.holder  # a new token per grant
         # A single attempt (deadline already past) never queues: nothing to leave after.
         once = deadline is not None and time.monotonic() >= deadline
-        result, sent = await self._try(token, queue=not once)
+        result, sent = await (self._try(token, queue=False) if once else self._try(token))
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
             if self.fair and not once:
                 await self._leave(token)

@@ -19,17 +19,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 
 from ...aio.participants import drive
 from ...errors import BackendError
 from ..base import LogEntry
 from . import persistence
-from .aio_locks import run_script
+from .aio_locks import AsyncClient, run_script
 from .locks import LuaScript
 from .replication import check_acks
-from .slots import BUCKETS, bucket, slot
+from .slots import BUCKETS, bucket, by_slot, in_order
 from .txlog import (
     _CLOCK_REREAD,
     CAS,
@@ -108,21 +107,15 @@ class AsyncReplication:
         return list(await pipe.execute(raise_on_error=False, allow_redirections=False))
 
 
-async def mget(client: redis.asyncio.Redis, keys: Sequence[str]) -> list[bytes | None]:
+async def mget(client: AsyncClient, keys: Sequence[str]) -> list[bytes | None]:
     """:func:`.slots.mget` on an async client: one MGET per slot, in one pipeline."""
     if not keys:
         return []
-    groups: dict[int, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(slot(key), []).append(index)
+    groups = by_slot(keys)
     pipe: Any = client.pipeline(transaction=False)
-    for indexes in groups.values():
+    for indexes in groups:
         pipe.execute_command("MGET", *(keys[i] for i in indexes))
-    values: list[bytes | None] = [None] * len(keys)
-    for indexes, found in zip(groups.values(), await pipe.execute(), strict=True):
-        for i, value in zip(indexes, found, strict=True):
-            values[i] = value
-    return values
+    return in_order(len(keys), groups, await pipe.execute())
 
 
 class AsyncRedisTxLog:
