@@ -90,12 +90,14 @@ class AsyncClient:
         timeout: float | None = None,
         auto_renew: bool = True,
         on_lost: OnLost | None = None,
+        fair: bool = False,
     ) -> AsyncLock:
         """A handle on the distributed lock ``name``, as :meth:`dcoord.Client.lock`
-        (``on_lost`` may be a plain function or a coroutine function)."""
+        (``on_lost`` may be a plain function or a coroutine function; ``fair``: grant in
+        arrival order, in one queue with the sync clients' fair waiters)."""
         self.check_open()
         return AsyncLock(
-            self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost
+            self, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew, on_lost=on_lost, fair=fair
         )
 
     def semaphore(

@@ -64,6 +64,7 @@ class AsyncLock:
         timeout: float | None = None,
         auto_renew: bool = True,
         on_lost: OnLost | None = None,
+        fair: bool = False,
     ) -> None:
         self.name = validate_name("lock name", name)
         self.ttl = validate_ttl(ttl)
@@ -72,10 +73,13 @@ class AsyncLock:
             raise ConfigError(f"auto_renew must be True or False, got {auto_renew!r}")
         if on_lost is not None and not callable(on_lost):
             raise ConfigError(f"on_lost must be callable or None, got {on_lost!r}")
+        if not isinstance(fair, bool):
+            raise ConfigError(f"fair must be True or False, got {fair!r}")
         self.auto_renew = auto_renew
+        self.fair = fair
         self._on_lost = on_lost
         self._client = client
-        self._slot = client.backend.locks.slot(self.name, self.ttl, auto_renew)
+        self._slot = client.backend.locks.slot(self.name, self.ttl, auto_renew, fair)
         self._grant: LockGrant | None = None
         self._generation = 0
         self._lost_reason: str | None = None

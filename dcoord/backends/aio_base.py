@@ -43,7 +43,9 @@ class AsyncLockSlot(Protocol):
 class AsyncLockStore(Protocol):
     """Fenced locks and fences, async; see :class:`.base.LockStore`."""
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncLockSlot: ...
+    def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> AsyncLockSlot:
+        """As :meth:`.base.LockStore.slot`: ``fair`` grants waiters in arrival order."""
+        ...
 
     async def admit(self, resource: str, token: int) -> bool: ...
 

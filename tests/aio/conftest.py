@@ -12,33 +12,9 @@ from typing import Any
 import pytest
 
 from tests.aio.adapter import Loop, SyncView
-from tests.conftest import Servers, topology
+from tests.conftest import Servers
 
 AIO_BACKENDS = ("memory", "redis", "etcd")
-# Async membership and 2PC refuse a Redis Cluster by name (ConfigError; see
-# dcoord.backends.redis.aio_locks.refuse_cluster, tested in test_topologies.py): on
-# DCOORD_TEST_TOPOLOGY=cluster their Redis cases are skipped, not failed.
-NOT_ON_A_CLUSTER = (
-    "test_membership",
-    "test_membership_conformance",
-    "test_twopc",
-    "test_twopc_conformance",
-    "test_twopc_replicas",
-    "test_txlog_paging",
-    "test_kvparticipant_conformance",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if topology() != "cluster":
-        return
-    skip = pytest.mark.skip(reason="dcoord.aio membership and 2PC refuse a Redis Cluster")
-    for item in items:
-        params = getattr(item, "callspec", None)
-        kinds = [v for v in params.params.values() if isinstance(v, str)] if params else []
-        package, _, module = item.module.__name__.rpartition(".")  # every item of the session
-        if package == "tests.aio" and module in NOT_ON_A_CLUSTER and "redis" in kinds:
-            item.add_marker(skip)
 
 
 @pytest.fixture(params=AIO_BACKENDS)

@@ -1,7 +1,7 @@
 """The lock and fence conformance suites, run a second time on the async API.
 
-The test functions are those of tests/conformance (imported, not copied: the lock and
-fence suites, and the lock metrics test); here the
+The test functions are those of tests/conformance (imported, not copied: the lock,
+fair lock and fence suites, and the lock metrics test); here the
 ``connect`` and ``client`` fixtures (tests/aio/conftest.py) make dcoord.aio clients,
 seen through a thin sync adapter, so every assertion holds for both APIs. Left out:
 tests of one backend's internals (they poke the sync backend's objects) and the
@@ -10,7 +10,7 @@ server-restart test (it connects with dcoord.connect itself).
 
 from __future__ import annotations
 
-from tests.conformance import test_fence_write, test_locks, test_metrics
+from tests.conformance import test_fair_locks, test_fence_write, test_locks, test_metrics
 from tests.conformance.test_metrics import readings  # noqa: F401  (the fixture it needs)
 
 SYNC_ONLY = {
@@ -24,7 +24,7 @@ def _imported() -> dict[str, object]:
             test_metrics.test_lock_grants_waits_timeouts_holds_and_losses
         )
     }
-    for module in (test_locks, test_fence_write):
+    for module in (test_locks, test_fence_write, test_fair_locks):
         for name, value in vars(module).items():
             backend_specific = name.startswith(("test_redis_", "test_etcd_"))
             wanted = name.startswith("test_") and name not in SYNC_ONLY

@@ -16,10 +16,13 @@ import pytest
 
 import dcoord
 import dcoord.aio
+from dcoord.aio import connect
 from dcoord.backends.etcd_names import etcd_lock_prefix
 from dcoord.backends.redis.aio_locks import AsyncRedisBackend, AsyncRedisLockSlot
 from dcoord.config import settings_from
+from tests.aio.test_twopc import Crash, Ledger, SyncLedger, quiet, started
 from tests.servers import HOST, Server
+from tests.topologies.cluster import ClusterSet
 from tests.topologies.etcd import EtcdCluster
 
 
@@ -248,19 +251,154 @@ def test_a_release_wakes_one_waiter_of_the_client_not_all(
     asyncio.run(main())
 
 
-def test_async_membership_and_2pc_are_refused_on_a_redis_cluster_by_name() -> None:
-    """Async locks run on a Cluster; async membership and 2PC say they do not (yet),
-    before any request, instead of failing on a cross-node pub/sub or WAIT."""
-    url = "redis+cluster://127.0.0.1:1"  # never connected: the refusal comes first
+@pytest.fixture(scope="module")
+def redis_cluster(servers: Any) -> Iterator[ClusterSet]:
+    """Three primaries with a replica each; its URL asks ``min_replicas=1``."""
+    with ClusterSet(**servers.security()) as started:
+        started.start()
+        yield started
+
+
+def test_sync_and_async_clients_share_members_and_transactions_on_a_redis_cluster(
+    redis_cluster: ClusterSet, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups and log buckets on every primary: each API sees the other's members (an
+    async follower woken by a sync join on its shard channel) and finishes the other's
+    transactions, every log write a forced one (WAIT on the record's primary)."""
+    url = redis_cluster.url
+    # Followers re-read only when woken: a plain SUBSCRIBE, which a script's SPUBLISH
+    # never reaches, showed the join only at the periodic re-read (every 5 s).
+    monkeypatch.setattr(dcoord.aio.membership, "RESYNC_INTERVAL", 3600.0)
+    groups = [f"g{i}" for i in range(6)]
+    assert len({redis_cluster.primary_for(f"{{{g}}}").port for g in groups}) > 1
+
+    def decided(point: str, txid: str, participant: str | None) -> None:
+        if point == "after_decision":
+            raise Crash(point)
 
     async def main() -> None:
-        client = dcoord.aio.connect(url, namespace="t")
-        try:
-            with pytest.raises(dcoord.ConfigError, match="membership on a Redis Cluster"):
-                await client.group("g").members()
-            with pytest.raises(dcoord.ConfigError, match="2PC on a Redis Cluster"):
-                client.coordinator(participants=[])
-        finally:
-            await client.close()
+        async with connect(url, namespace=namespace) as client:
+            views = [client.group(g).watch() for g in groups]
+            for view in views:
+                assert dict(await anext(view)) == {}
+            with dcoord.connect(url, namespace=namespace) as sync:
+                joined = [sync.group(g).join("sync", ttl=30) for g in groups]
+                for view in views:
+                    # Woken by the join's SPUBLISH (nothing else re-reads within the
+                    # hour and the members' 30 s TTL).
+                    seen = await asyncio.wait_for(anext(view), 10)
+                    assert set(seen) == {"sync"}
+                    await view.aclose()  # type: ignore[attr-defined]
+                mine = [await client.group(g).join("async", ttl=30) for g in groups]
+                for g in groups:
+                    members = await asyncio.to_thread(sync.group(g).members)
+                    assert set(members) == {"sync", "async"}
+
+                a = Ledger("a")
+                txids = []
+                for _ in range(8):  # spread over the log's buckets, hence primaries
+                    dying: Any = quiet(sync, [SyncLedger(a)], failpoint=decided)
+                    tx = dying.begin(timeout=10)
+                    tx.enlist("a", None)
+                    with pytest.raises(Crash):
+                        await asyncio.to_thread(tx.commit)
+                    txids.append(tx.txid)
+                    adying = await started(quiet(client, [a], failpoint=decided))
+                    atx = adying.begin(timeout=10)
+                    atx.enlist("a", None)
+                    with pytest.raises(Crash):
+                        await atx.commit()
+                    txids.append(atx.txid)
+                rescuer = await started(quiet(client, [a]))
+                report = await rescuer.recover()
+                assert sorted(report.committed) == sorted(txids) and report.clean
+                assert set(txids) <= a.committed
+                # The sync listing reads every bucket's index, on every primary.
+                listed = await asyncio.to_thread(quiet(sync, []).transactions, "committed")
+                assert set(txids) <= {record.txid for record in listed}
+                for member, g in zip(mine, groups, strict=True):
+                    await member.leave()
+                    assert set(await asyncio.to_thread(sync.group(g).members)) == {"sync"}
+                for sync_member in joined:
+                    sync_member.leave()
+
+    asyncio.run(main())
+
+
+def test_async_forced_writes_on_a_redis_cluster_wait_on_the_records_primary(
+    redis_cluster: ClusterSet, namespace: str
+) -> None:
+    """The WAIT of a log write counts the replicas of the record's primary: with that
+    primary's replica stopped, the write fails by name, while a write to another primary
+    succeeds (negative control). Sent elsewhere, the WAIT answered at once with that
+    node's replica, which had nothing to acknowledge: an unreplicated write passed."""
+    url = redis_cluster.user_url("default", redis_cluster.password, replica_timeout="0.5")
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            log: Any = client.backend.txlog  # type: ignore[attr-defined]
+            cluster: Any = client.backend.redis  # type: ignore[attr-defined]
+            default = cluster.get_default_node()  # where a keyless command goes
+            # A txid of a bucket on a primary other than the default node, and one of a
+            # bucket on yet another primary.
+            by_port: dict[int, str] = {}
+            for i in range(200):
+                txid = f"wait-{i}"
+                port = cluster.get_node_from_key(log._keys(txid)[0]).port
+                by_port.setdefault(port, txid)
+            ports = sorted(p for p in by_port if p != default.port)
+            assert len(ports) >= 2, by_port
+            stopped, other = by_port[ports[0]], by_port[ports[1]]
+            assert await log.create(f"{other}-first", b"{}", time.time() + 60)  # scripts loaded
+            (replica,) = redis_cluster.replicas_of(redis_cluster.node_at(ports[0]))
+            replica.pause()
+            try:
+                with pytest.raises(
+                    dcoord.BackendUnavailable, match=r"record .wait-\d+.: only 0 replica"
+                ):
+                    await log.create(stopped, b"{}", time.time() + 60)
+                assert await log.create(other, b"{}", time.time() + 60)
+            finally:
+                replica.resume()
+        await asyncio.to_thread(redis_cluster.wait_healthy)
+
+    asyncio.run(main())
+
+
+def test_an_async_swap_across_cluster_slots_is_refused_naming_its_keys(
+    redis_cluster: ClusterSet, namespace: str
+) -> None:
+    async def main() -> None:
+        async with connect(redis_cluster.url, namespace=namespace) as client:
+            kv: Any = client.backend.kv_store  # type: ignore[attr-defined]
+            with pytest.raises(dcoord.ConfigError, match=r"'dcoord:.*kv:left'.* hash to 2 slots"):
+                await kv.swap({"left": b"1", "right": b"2"})
+            assert await kv.get("left") is None
+            # Negative control: keys sharing a hash tag share a slot.
+            assert await kv.swap({"{t}left": b"1", "{t}right": b"2"}) is None  # applied
+            assert await kv.get("{t}right") == b"2"
+
+    asyncio.run(main())
+
+
+def test_the_async_log_checks_the_persistence_of_every_cluster_node(
+    redis_cluster: ClusterSet, namespace: str
+) -> None:
+    """As the sync check: a replica is promoted with its own settings, so one replica
+    without ``appendfsync always`` fails the check, naming it. The async check read
+    only the client's default node (a primary) and passed."""
+    primary = redis_cluster.primary_for("{any}")
+    (replica,) = redis_cluster.replicas_of(primary)
+
+    async def main() -> None:
+        async with connect(redis_cluster.url, namespace=namespace) as client:
+            log: Any = client.backend.txlog  # type: ignore[attr-defined]
+            assert await log.durability() is None  # negative control: every node agrees
+            redis_cluster._ask(replica, "CONFIG", "SET", "appendfsync", "everysec")
+            try:
+                problem = await log.durability()
+            finally:
+                redis_cluster._ask(replica, "CONFIG", "SET", "appendfsync", "always")
+            assert problem is not None and f"everysec on {HOST}:{replica.port}" in problem
 
     asyncio.run(main())

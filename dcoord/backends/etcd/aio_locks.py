@@ -295,7 +295,11 @@ class AsyncEtcdLocks:
     def next_serial(self) -> int:
         return next(self._serial)
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncEtcdLockSlot:
+    def slot(
+        self, name: str, ttl: float, auto_renew: bool, fair: bool = False
+    ) -> AsyncEtcdLockSlot:
+        # Every etcd lock is fair already (``fair`` changes nothing): the mutex recipe
+        # queues by create revision, as the sync store's.
         return AsyncEtcdLockSlot(self, name, ttl)
 
     async def admit(self, resource: str, token: int) -> bool:

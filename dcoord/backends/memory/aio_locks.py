@@ -38,8 +38,10 @@ class AsyncMemoryLocks:
     def __init__(self, locks: MemoryLocks) -> None:
         self._locks = locks
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncMemoryLockSlot:
-        return AsyncMemoryLockSlot(self._locks.slot(name, ttl, auto_renew))
+    def slot(
+        self, name: str, ttl: float, auto_renew: bool, fair: bool = False
+    ) -> AsyncMemoryLockSlot:
+        return AsyncMemoryLockSlot(self._locks.slot(name, ttl, auto_renew, fair))
 
     async def admit(self, resource: str, token: int) -> bool:
         return self._locks.admit(resource, token)
@@ -64,32 +66,48 @@ class AsyncMemoryLockSlot:
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         waker = functools.partial(loop.call_soon_threadsafe, woken.set)
-        while True:
-            with self._mutex:
-                now = time.monotonic()
-                grant = self._slot.try_grant(token, now)
-                if grant is not None:
-                    return grant
-                if deadline is not None and now >= deadline:
-                    return None
-                entry = self._slot.entry()
-                wait = entry.expires_at - now
-                if deadline is not None:
-                    wait = min(wait, deadline - now)
-                # Registered under the mutex that a release takes: no wake-up is missed.
-                entry.wakers.add(waker)
-                entry.waiters += 1
-                woken.clear()
-            try:
-                # Woken by a release; otherwise at the holder's expiry or our deadline.
-                # A cancellation lands here, and the finally leaves nothing registered.
-                await asyncio.wait_for(woken.wait(), wait)
-            except TimeoutError:
-                pass
-            finally:
+        entry = None
+        queued = False  # a fair waiter's token is in the entry's queue (sync ones' too)
+        try:
+            while True:
                 with self._mutex:
-                    entry.wakers.discard(waker)
-                    entry.waiters -= 1
+                    now = time.monotonic()
+                    entry = self._slot.entry()
+                    if self._slot.may_take(entry, token, now):
+                        if queued:
+                            entry.queue.popleft()
+                            queued = False
+                            # Waiters behind us wait for the lock free: tell them it is not.
+                            entry.wake()
+                        return self._slot.try_grant(token, now)
+                    if deadline is not None and now >= deadline:
+                        return None
+                    if self._slot.fair and not queued:
+                        entry.queue.append(token)
+                        queued = True
+                    # Free but another fair waiter's turn: until it has taken it.
+                    wait = None if entry.free(now) else entry.expires_at - now
+                    if deadline is not None:
+                        wait = deadline - now if wait is None else min(wait, deadline - now)
+                    # Registered under the mutex that a release takes: no wake-up is missed.
+                    entry.wakers.add(waker)
+                    entry.waiters += 1
+                    woken.clear()
+                try:
+                    # Woken by a release; otherwise at the holder's expiry or our deadline.
+                    # A cancellation lands here, and the finallys leave nothing registered.
+                    await asyncio.wait_for(woken.wait(), wait)
+                except TimeoutError:
+                    pass
+                finally:
+                    with self._mutex:
+                        entry.wakers.discard(waker)
+                        entry.waiters -= 1
+        finally:
+            if queued and entry is not None:  # gave up (deadline, cancel): the next may go
+                with self._mutex:
+                    entry.queue.remove(token)
+                    entry.wake()
 
     async def release(self) -> bool:
         return self._slot.release()

@@ -114,7 +114,7 @@ class MemoryLockSlot:
     def __init__(
         self, table: _Table, key: str, ttl: float, holder: Identity, fair: bool = False
     ) -> None:
-        self._fair = fair
+        self.fair = fair
         self._table = table
         self._key = key
         self._ttl = ttl
@@ -127,6 +127,11 @@ class MemoryLockSlot:
         if entry is None:
             entry = self._table.entries[self._key] = _Entry(self._table.mutex)
         return entry
+
+    def may_take(self, entry: _Entry, token: object, now: float) -> bool:
+        """Whether ``token`` may take the lock at ``now`` (mutex held): it is free and,
+        fair, no other waiter is ahead of ``token`` in the queue."""
+        return entry.free(now) and (not self.fair or not entry.queue or entry.queue[0] is token)
 
     def try_grant(self, token: object, now: float) -> LockGrant | None:
         """Take the lock for ``token`` if it is free at ``now`` (mutex held)."""
@@ -145,7 +150,7 @@ class MemoryLockSlot:
                 while True:
                     now = time.monotonic()
                     free = entry.free(now)
-                    if free and (not self._fair or not entry.queue or entry.queue[0] is token):
+                    if self.may_take(entry, token, now):
                         if queued:
                             entry.queue.popleft()
                             queued = False
@@ -155,7 +160,7 @@ class MemoryLockSlot:
                         return entry.grant(token, self._ttl, self._holder, now)
                     if deadline is not None and now >= deadline:
                         return None
-                    if self._fair and not queued:
+                    if self.fair and not queued:
                         entry.queue.append(token)
                         queued = True
                     # Woken by a release; otherwise at the holder's expiry or our deadline.

@@ -2,7 +2,9 @@
 
 A swap is :data:`.kv.APPLY` with the arguments :func:`.kv.apply_call` builds, a forced
 write when it writes (with ``min_replicas``, WAIT: KVParticipant stages its yes and
-applies its commit with it), so sync and async KVParticipants share their keys.
+applies its commit with it), so sync and async KVParticipants share their keys. On a
+Cluster, as the sync store, a swap across slots is refused with a ConfigError naming the
+keys (:func:`.slots.require_one_slot`) before any request.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from .aio_locks import run_script
 from .aio_txlog import mget
 from .kv import _GLOB_SPECIALS, APPLY, apply_call
+from .slots import require_one_slot
 
 if TYPE_CHECKING:
     from .aio_locks import AsyncRedisBackend
@@ -50,6 +55,8 @@ class AsyncRedisKV:
         conditions = dict(only_if or {})
         keys, args = apply_call(self._prefix, puts, list(deletes), conditions)
         what = f"apply to {len(keys)} keys"
+        if isinstance(self._redis, RedisCluster):
+            require_one_slot(keys, what)
         result: Any
         if len(keys) > len(conditions):  # it writes: a forced write, as the sync store's
             replication = self._backend.replication

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,7 +37,7 @@ from redis.backoff import NoBackoff
 
 from ... import metrics
 from ...config import Settings
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import BackendUnavailable
 from ...inspect import holder_suffix
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
@@ -44,7 +45,12 @@ from . import error_for, is_transient, topology
 from .aio_membership import AsyncRedisGroups
 from .locks import (
     ACQUIRE,
+    CALL_PREFIX,
     EXTEND,
+    FAIR_ACQUIRE,
+    FAIR_CANCEL,
+    FAIR_RELEASE,
+    FAIR_WAITER_TTL,
     FENCE_ADMIT,
     IDLE_UNSUBSCRIBE,
     NO_HINT_WAIT,
@@ -54,6 +60,7 @@ from .locks import (
     WAKING_MESSAGES,
     LuaScript,
     answered,
+    fair_keys,
     fence_key,
     lock_keys,
     milliseconds,
@@ -152,17 +159,6 @@ async def run_script(
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-def refuse_cluster(settings: Settings, what: str) -> None:
-    """ConfigError for the async ``what`` on a Redis Cluster: async locks and fences run
-    there, async membership and 2PC not yet (their pub/sub and WAIT need the Cluster's
-    shard routing); the sync client has both."""
-    if settings.topology == "cluster":
-        raise ConfigError(
-            f"dcoord.aio {what} on a Redis Cluster ({settings.url}) is not supported yet; "
-            "use the sync client (dcoord.connect) for it: they interoperate"
-        )
-
-
 class AsyncRedisBackend:
     """The async Redis backend: one ``redis.asyncio`` client, keys as the sync backend's."""
 
@@ -255,7 +251,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def replication(self) -> AsyncReplication:
         """Forced writes (WAIT for ``min_replicas``) of the log and of KVParticipant."""
-        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncReplication  # it imports this module
 
         return AsyncReplication(self)
@@ -263,7 +258,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def txlog(self) -> AsyncRedisTxLog:
         """The 2PC log (the sync clients' log: same keys and scripts)."""
-        refuse_cluster(self.settings, "2PC")
         from .aio_txlog import AsyncRedisTxLog  # it imports this module
 
         return AsyncRedisTxLog(self)
@@ -278,7 +272,6 @@ class AsyncRedisBackend:
     @functools.cached_property
     def kv_store(self) -> AsyncRedisKV:
         """Plain keys (the sync clients' keys)."""
-        refuse_cluster(self.settings, "KVParticipant")
         from .aio_kv import AsyncRedisKV  # it imports this module
 
         return AsyncRedisKV(self)
@@ -306,8 +299,10 @@ class AsyncRedisLocks:
         self.notifier = _Notifier(backend.redis)
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    def slot(self, name: str, ttl: float, auto_renew: bool) -> AsyncRedisLockSlot:
-        return AsyncRedisLockSlot(self, name, ttl)
+    def slot(
+        self, name: str, ttl: float, auto_renew: bool, fair: bool = False
+    ) -> AsyncRedisLockSlot:
+        return AsyncRedisLockSlot(self, name, ttl, fair)
 
     def _fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -384,7 +379,7 @@ class AsyncRedisLocks:
 class AsyncRedisLockSlot:
     """One async handle's token on one lock (keys as :class:`.locks.RedisLockSlot`)."""
 
-    def __init__(self, locks: AsyncRedisLocks, name: str, ttl: float) -> None:
+    def __init__(self, locks: AsyncRedisLocks, name: str, ttl: float, fair: bool = False) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -393,25 +388,76 @@ class AsyncRedisLockSlot:
         self.ttl = ttl
         self._token: str | None = None
         self._fence = 0
+        # A fair lock: the sync slot's scripts, keys and queue (see .locks.RedisLockSlot),
+        # so sync and async fair waiters of one lock queue together.
+        self.fair = fair
+        waiter_ttl = min(FAIR_WAITER_TTL, ttl)
+        self._waiter_ms = milliseconds(waiter_ttl)
+        # A fair waiter calls again within a third of its entry's life.
+        self._max_wait = waiter_ttl / 3 if fair else math.inf
+        self._keys = [self.key, self.fence_key, *(fair_keys(self.key) if fair else ())]
+
+    async def undo(self, token: str) -> Any:
+        """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
+        the lock."""
+        if self.fair:
+            return await run_script(FAIR_CANCEL, self._redis, self._keys, [token, self.channel])
+        return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         token = secrets.token_hex(16) + self._locks.holder  # a new token per grant
-        result, sent = await self._try(token)
+        # A single attempt (deadline already past) never queues: nothing to leave after.
+        once = deadline is not None and time.monotonic() >= deadline
+        result, sent = await (self._try(token, queue=False) if once else self._try(token))
         if result <= 0 and deadline is not None and time.monotonic() >= deadline:
+            if self.fair and not once:
+                await self._leave(token)
             return None
         if result <= 0:
-            result, sent = await self._wait(token, deadline)
+            try:
+                result, sent = await self._wait(token, deadline)
+            except BaseException:
+                if self.fair:
+                    # Cancelled (or failed) while queued: leave the queue. A try in
+                    # flight undoes itself (see _try), so one run of the undo is enough:
+                    # it counts as sent a TTL ago.
+                    self._locks.undo(
+                        lambda: self.undo(token),
+                        f"leave the queue of lock {self.name!r}",
+                        time.monotonic(),
+                    )
+                raise
             if result <= 0:
+                if self.fair:
+                    await self._leave(token)
                 return None
         self._token, self._fence = token, result
         return LockGrant(result, sent + self.ttl)
 
-    async def _try(self, token: str) -> tuple[int, float]:
+    async def _leave(self, token: str) -> None:
+        """Take a fair waiter that timed out out of the queue; if that fails, the undo
+        task keeps trying (its entry would expire anyway)."""
         sent = time.monotonic()
-        args = [token, milliseconds(self.ttl), self._locks.skew_margin_us]
+        try:
+            await self._call(
+                lambda: self.undo(token), what=f"leave the queue of lock {self.name!r}"
+            )
+        except BackendUnavailable as exc:
+            log.info("%s; retrying in the background", exc)
+            self._locks.undo(
+                lambda: self.undo(token), f"leave the queue of lock {self.name!r}", sent + self.ttl
+            )
+
+    async def _try(self, token: str, queue: bool = True) -> tuple[int, float]:
+        sent = time.monotonic()
+        args: list[Any] = [token, milliseconds(self.ttl), self._locks.skew_margin_us]
+        script = ACQUIRE
+        if self.fair:
+            script = FAIR_ACQUIRE
+            args += [self.channel, self._waiter_ms if queue else 0]
         try:
             result = await self._call(
-                lambda: run_script(ACQUIRE, self._redis, [self.key, self.fence_key], args),
+                lambda: run_script(script, self._redis, self._keys, args),
                 what=f"acquire lock {self.name!r}",
             )
         except BaseException as exc:
@@ -419,7 +465,7 @@ class AsyncRedisLockSlot:
             # in flight): it may have run or run yet. Undo it rather than leave a grant.
             if not answered(exc):
                 self._locks.undo(
-                    lambda: run_script(RELEASE, self._redis, [self.key], [token, self.channel]),
+                    lambda: self.undo(token),
                     f"undo the acquire of lock {self.name!r} whose reply was lost",
                     sent + self.ttl,
                 )
@@ -427,24 +473,26 @@ class AsyncRedisLockSlot:
         return int(result), sent
 
     async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        async with self._locks.notifier.interest(self.channel) as channel:
+        # A fair waiter sleeps until called by name (or a wake-up for all).
+        called = token.encode() if self.fair else None
+        async with self._locks.notifier.interest(self.channel, called) as channel:
             while True:
                 # Park before trying: a release published after the try then wakes
                 # us (or a waiter before us), so the wait below cannot miss it.
-                woken = channel.park()
+                woken = channel.park(called)
                 try:
                     result, sent = await self._try(token)
                 except BaseException:
-                    channel.leave(woken)
+                    channel.leave(woken, called)
                     raise
                 if result > 0:
                     woken.cancel()  # a wake-up got meanwhile was for this grant
                     return result, sent
-                hint = -result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT
+                hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
                     if now >= deadline:
-                        channel.leave(woken)
+                        channel.leave(woken, called)
                         return 0, sent
                     hint = min(hint, deadline - now)
                 try:
@@ -452,7 +500,7 @@ class AsyncRedisLockSlot:
                 except TimeoutError:
                     pass
                 except BaseException:
-                    channel.leave(woken)
+                    channel.leave(woken, called)
                     raise
 
     async def release(self) -> bool:
@@ -464,6 +512,10 @@ class AsyncRedisLockSlot:
         async def release() -> Any:
             nonlocal reply_lost
             try:
+                if self.fair:
+                    return await run_script(
+                        FAIR_RELEASE, self._redis, self._keys, [token, self.channel]
+                    )
                 return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -499,26 +551,39 @@ class _Channel:
     nothing (about as many scripts per grant as waiters). A waiter woken that leaves
     without trying again passes the wake-up on (:meth:`leave`). A subscription
     confirmation or a reconnect, after which a release may have gone unseen, wakes all.
+    Fair waiters park by token instead: the server's queue decides whose turn it is and
+    calls that waiter by name (:meth:`call`).
     """
 
-    __slots__ = ("broadcast", "idle_since", "name", "parked", "waiters")
+    __slots__ = ("broadcast", "called", "idle_since", "name", "parked", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.called: dict[bytes, asyncio.Future[None]] = {}  # fair waiters by token
         self.waiters = 0
         self.idle_since = 0.0
         # An election's channel: every message wakes every waiter (watchers all need
         # it, and a resignation must reach the candidates past any watcher).
         self.broadcast = False
 
-    def park(self) -> asyncio.Future[None]:
-        """A wake-up for one waiter, queued behind the others'."""
+    def park(self, token: bytes | None = None) -> asyncio.Future[None]:
+        """A wake-up for one waiter, queued behind the others' (a fair waiter's, by
+        its ``token``)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if token is not None:
+            self.called[token] = future
+            return future
         while self.parked and self.parked[0].done():  # left by timed-out waits
             self.parked.popleft()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.parked.append(future)
         return future
+
+    def call(self, token: bytes) -> None:
+        """The fair waiter of ``token`` (if it waits in this client) may take the lock."""
+        future = self.called.get(token)
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def wake_one(self) -> None:
         while self.parked:
@@ -529,14 +594,15 @@ class _Channel:
 
     def wake_all(self) -> None:
         parked, self.parked = self.parked, collections.deque()
-        for future in parked:
+        for future in (*parked, *self.called.values()):
             if not future.done():
                 future.set_result(None)
 
-    def leave(self, woken: asyncio.Future[None]) -> None:
+    def leave(self, woken: asyncio.Future[None], token: bytes | None = None) -> None:
         """The waiter of ``woken`` stops waiting without another try: a wake-up it got
-        goes to the next waiter."""
-        if woken.done() and not woken.cancelled():
+        goes to the next waiter. (A fair one's, ``token``, passes nothing on: leaving
+        the server's queue calls the next in line there.)"""
+        if token is None and woken.done() and not woken.cancelled():
             self.wake_one()
         else:
             woken.cancel()
@@ -574,10 +640,11 @@ class _Notifier:
 
     @contextlib.asynccontextmanager
     async def interest(
-        self, channel_name: str, *, broadcast: bool = False
+        self, channel_name: str, token: bytes | None = None, *, broadcast: bool = False
     ) -> AsyncIterator[_Channel]:
-        """Register a waiter on ``channel_name`` (subscribing if it is new); with
-        ``broadcast`` every message on it wakes all its waiters, not one."""
+        """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
+        waiter gives its ``token``, by which a release calls it; with ``broadcast``
+        every message on the channel wakes all its waiters, not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
@@ -601,6 +668,8 @@ class _Notifier:
         finally:
             channel.waiters -= 1
             channel.idle_since = time.monotonic()
+            if token is not None:
+                channel.called.pop(token, None)
 
     async def _command(self, command: str, *channels: bytes) -> None:
         if self._pubsub is None or self._closed:
@@ -686,8 +755,11 @@ class _Notifier:
                 continue
             if message is not None and message["type"] in WAKING_MESSAGES:
                 woken = self._channels.get(message["channel"])
+                data = message["data"]
                 if woken is None:
                     pass
+                elif isinstance(data, bytes) and data.startswith(CALL_PREFIX):
+                    woken.call(data[len(CALL_PREFIX) :])  # one fair waiter's turn
                 elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
                 else:  # (re)subscribed (a release may have gone unseen), or an election

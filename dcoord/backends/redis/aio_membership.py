@@ -3,9 +3,11 @@
 Every operation is :data:`.membership.SCRIPT` on :func:`.membership.group_keys`, run
 through ``redis.asyncio`` (:func:`.aio_locks.run_script`), so sync and async members
 of one group see each other, and liveness is decided by the server's clock as before.
-A follower's subscription is a pub/sub connection of its own on the group's channel
-(plain SUBSCRIBE: single server and Sentinel; refused on a Cluster, see
-:func:`.aio_locks.refuse_cluster`).
+A follower's subscription is a pub/sub connection of its own on the group's channel:
+SUBSCRIBE on a single server and Sentinel; on a Cluster SSUBSCRIBE through redis-py's
+async cluster pub/sub, as the sync subscription (the script then SPUBLISHes, see
+:func:`.aio_locks.run_script`): the changes and wake-up channels carry the group's hash
+tag, so one connection to the group's primary serves the follower.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
+
+from redis.asyncio.cluster import RedisCluster
 
 from ...errors import BackendUnavailable
 from ..base import GroupSnapshot
@@ -38,7 +42,6 @@ class AsyncRedisGroups:
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def run(self, group: str, what: str, *args: Any, retry: bool = True) -> Any:
-        aio_locks.refuse_cluster(self.backend.settings, "membership")
         keys, channel = group_keys(self.backend.prefix, group)
         return await self.backend.call(
             lambda: aio_locks.run_script(SCRIPT, self.backend.redis, keys, [channel, *args]),
@@ -107,7 +110,6 @@ class AsyncRedisGroups:
         return snapshot_of(await self.run(group, "read members", "read"))
 
     async def subscribe(self, group: str) -> AsyncRedisSubscription:
-        aio_locks.refuse_cluster(self.backend.settings, "membership")
         subscription = AsyncRedisSubscription(self.backend, group)
         await subscription.connect()
         return subscription
@@ -158,22 +160,30 @@ class AsyncRedisSubscription:
         self._channel = group_keys(backend.prefix, group)[1]
         self._wake_channel = f"{backend.prefix}group:{{{group}}}:wake:{secrets.token_hex(8)}"
         self._what = f"subscribe to changes of group {group!r}"
+        self._sharded = isinstance(backend.redis, RedisCluster)
         self._pubsub: Any = None
+
+    async def _get(self, pubsub: Any, timeout: float) -> Any:
+        """The next message (or None after ``timeout``), shard channels' on a Cluster."""
+        if self._sharded:
+            return await pubsub.get_sharded_message(timeout=timeout)
+        return await pubsub.get_message(timeout=timeout)
 
     async def connect(self) -> None:
         pubsub: Any = self._backend.redis.pubsub()
         deadline = time.monotonic() + self._backend.settings.request_timeout
+        confirmation = "ssubscribe" if self._sharded else "subscribe"
 
         async def subscribe() -> None:
-            await pubsub.subscribe(self._channel, self._wake_channel)
+            await getattr(pubsub, confirmation)(self._channel, self._wake_channel)
             # Wait for both confirmations: only then is no later change missed.
             confirmed = 0
             while confirmed < 2:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BackendUnavailable(f"{self._what}: no SUBSCRIBE confirmation")
-                message = await pubsub.get_message(timeout=remaining)
-                if message is not None and message["type"] == "subscribe":
+                message = await self._get(pubsub, remaining)
+                if message is not None and message["type"] == confirmation:
                     confirmed += 1
 
         try:
@@ -196,10 +206,10 @@ class AsyncRedisSubscription:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                message = await pubsub.get_message(timeout=remaining)
-                if message is not None and message["type"] == "message":
+                message = await self._get(pubsub, remaining)
+                if message is not None and message["type"] in ("message", "smessage"):
                     # Drain what else arrived: one re-read covers every change so far.
-                    while await pubsub.get_message(timeout=0) is not None:
+                    while await self._get(pubsub, 0) is not None:
                         pass
                     return
 
@@ -215,9 +225,10 @@ class AsyncRedisSubscription:
         # A message rather than a cancellation: redis-py's pub/sub read, cancelled,
         # could leave its task hanging. In an outage the wait fails by itself anyway.
         redis_client: Any = self._backend.redis
+        publish = redis_client.spublish if self._sharded else redis_client.publish
         with contextlib.suppress(BackendUnavailable):
             await self._backend.call(
-                lambda: redis_client.publish(self._wake_channel, b"wake"),
+                lambda: publish(self._wake_channel, b"wake"),
                 what="wake a group follower",
             )
 

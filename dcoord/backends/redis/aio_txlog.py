@@ -5,9 +5,10 @@ Records, bucket and state indexes and scripts are those of :mod:`.txlog`
 by the same program (:func:`.txlog.past_cursor`), so a sync and an async coordinator
 read, decide and list one log. Forced writes are :class:`AsyncReplication`, the
 async twin of :class:`.replication.Replication` (the script and ``WAIT min_replicas``
-in one pipeline on one connection, the same shortfall error). Unfinished records of the
+in one pipeline on one connection, the same shortfall error; on a Cluster that
+connection is the one to the primary of the keys' slot). Unfinished records of the
 pre-bucket layout are moved as the sync log moves them, before first use and whenever a
-listing finds new ones.
+listing finds new ones (on one server: that layout never existed on a Cluster).
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
 from ...aio.participants import drive
 from ...errors import BackendError
 from ..base import LogEntry
 from . import persistence
-from .aio_locks import run_script
+from .aio_locks import AsyncClient, run_script
 from .locks import LuaScript
 from .replication import check_acks
-from .slots import BUCKETS, bucket, slot
+from .slots import BUCKETS, bucket, by_slot, in_order
 from .txlog import (
     _CLOCK_REREAD,
     CAS,
@@ -63,14 +64,23 @@ class AsyncReplication:
         client = self._backend.redis
         if not self.min_replicas:
             return await run_script(script, client, keys, args)
+        if isinstance(client, RedisCluster):
+            script = script.sharded()  # as run_script runs it
         run: Any = client.execute_command  # untyped in redis-py
         if script.sha not in self._loaded:
-            # Loaded ahead: a refused EVALSHA would not stop the WAIT behind it.
-            await run("SCRIPT", "LOAD", script.source)
+            # Loaded ahead: a refused EVALSHA would not stop the WAIT behind it. One
+            # command name, so that a Cluster client sends it to every primary.
+            await run("SCRIPT LOAD", script.source)
             self._loaded.add(script.sha)
         result, acks = await self._send(script, keys, args)
         if isinstance(result, redis.exceptions.NoScriptError):
-            await run("SCRIPT", "LOAD", script.source)
+            await run("SCRIPT LOAD", script.source)
+            result, acks = await self._send(script, keys, args)
+        elif isinstance(result, redis.exceptions.AskError):  # MovedError is one too
+            # The slot moved since redis-py last read the Cluster's map: reread it, so
+            # that both commands go to the slot's new primary.
+            cluster: Any = client
+            await cluster.nodes_manager.initialize()
             result, acks = await self._send(script, keys, args)
         if isinstance(result, Exception):
             raise result
@@ -80,27 +90,32 @@ class AsyncReplication:
         return result
 
     async def _send(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        pipe: Any = self._backend.redis.pipeline(transaction=False)
+        """EVALSHA + WAIT in one pipeline on one connection; both replies, errors as
+        values."""
+        client: Any = self._backend.redis  # untyped in redis-py
+        wait = ("WAIT", self.min_replicas, max(1, round(self.timeout * 1000)))
+        pipe: Any = client.pipeline(transaction=False)
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        pipe.execute_command("WAIT", self.min_replicas, max(1, round(self.timeout * 1000)))
-        return list(await pipe.execute(raise_on_error=False))
+        if not isinstance(client, RedisCluster):
+            pipe.execute_command(*wait)
+            return list(await pipe.execute(raise_on_error=False))
+        # A Cluster pipeline sends each node's commands in order on one connection of
+        # that node: the WAIT goes to the keys' primary, behind the script. Redirections
+        # come back as errors (see write) rather than be resent alone, which would
+        # separate the script from its WAIT.
+        pipe.execute_command(*wait, target_nodes=client.get_node_from_key(keys[0]))
+        return list(await pipe.execute(raise_on_error=False, allow_redirections=False))
 
 
-async def mget(client: redis.asyncio.Redis, keys: Sequence[str]) -> list[bytes | None]:
+async def mget(client: AsyncClient, keys: Sequence[str]) -> list[bytes | None]:
     """:func:`.slots.mget` on an async client: one MGET per slot, in one pipeline."""
     if not keys:
         return []
-    groups: dict[int, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(slot(key), []).append(index)
+    groups = by_slot(keys)
     pipe: Any = client.pipeline(transaction=False)
-    for indexes in groups.values():
+    for indexes in groups:
         pipe.execute_command("MGET", *(keys[i] for i in indexes))
-    values: list[bytes | None] = [None] * len(keys)
-    for indexes, found in zip(groups.values(), await pipe.execute(), strict=True):
-        for i, value in zip(indexes, found, strict=True):
-            values[i] = value
-    return values
+    return in_order(len(keys), groups, await pipe.execute())
 
 
 class AsyncRedisTxLog:
@@ -111,7 +126,9 @@ class AsyncRedisTxLog:
         self._namespace = backend.settings.namespace
         self._legacy_records = f"{backend.prefix}tx:r:"
         self._legacy_index = f"{backend.prefix}tx:unfinished"
-        self._migrated = False
+        # The old layout can exist only where it could run: on one server.
+        self._legacy_possible = backend.settings.topology != "cluster"
+        self._migrated = not self._legacy_possible
         self._clock: tuple[float, float] | None = None  # (server time, monotonic at reply)
 
     def _keys(self, txid: str) -> list[str]:
@@ -177,11 +194,12 @@ class AsyncRedisTxLog:
         end = -1 if limit is None else limit - 1
 
         async def read() -> list[tuple[str, LogEntry | None]]:
-            indexes = await self._indexes(end, legacy=True)
-            legacy = indexes.pop()
-            if legacy:  # written by a process of the old version since we looked
-                await self._migrate_legacy(legacy)
-                indexes = await self._indexes(end, legacy=False)
+            indexes = await self._indexes(end, legacy=self._legacy_possible)
+            if self._legacy_possible:
+                legacy = indexes.pop()
+                if legacy:  # written by a process of the old version since we looked
+                    await self._migrate_legacy(legacy)
+                    indexes = await self._indexes(end, legacy=False)
             merged = heapq.merge(*([(score, m.decode()) for m, score in i] for i in indexes))
             txids = [txid for _, txid in merged][:limit]
             keys = [record_key(self._prefix, self._namespace, t) for t in txids]
@@ -270,21 +288,32 @@ class AsyncRedisTxLog:
     async def durability(self) -> str | None:
         return persistence.log_problem(await self._persistence())
 
+    async def _on_every_node(self, method: str, *args: Any) -> dict[str, Any]:
+        """:func:`.topology.on_every_node` on the async client: by node on a Cluster."""
+        if isinstance(self._redis, RedisCluster):
+            found = await getattr(self._redis, method)(*args, target_nodes=RedisCluster.ALL_NODES)
+            return dict(found)
+        return {"server": await getattr(self._redis, method)(*args)}
+
     async def _persistence(self) -> persistence.Persistence | str:
-        """:func:`.persistence.read` on the async client."""
+        """:func:`.persistence.read` on the async client (every node of a Cluster, whose
+        replicas become primaries with their own settings; merged as the sync read)."""
+        names = ("appendonly", "appendfsync", "maxmemory-policy")
         try:
             config = await self._backend.call(
-                lambda: self._redis.config_get("appendonly", "appendfsync", "maxmemory-policy"),
+                lambda: self._on_every_node("config_get", *names),
                 what="read redis persistence settings",
                 retry=True,
             )
         except BackendError as exc:
             refused = f"CONFIG GET refused: {exc}"
         else:
-            return persistence.from_config(config)
+            return persistence.from_config(persistence._merged(config))
 
         async def info() -> dict[str, Any]:
-            return {**await self._redis.info("persistence"), **await self._redis.info("memory")}
+            found = await self._on_every_node("info", "persistence")
+            memory = await self._on_every_node("info", "memory")
+            return persistence._merged({node: {**found[node], **memory[node]} for node in found})
 
         try:
             found = await self._backend.call(

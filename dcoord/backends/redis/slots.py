@@ -56,21 +56,33 @@ def require_one_slot(keys: Sequence[str], what: str) -> None:
         )
 
 
+def by_slot(keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by slot, one MGET each (shared by the sync and
+    the async :func:`mget`)."""
+    groups: dict[int, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(slot(key), []).append(index)
+    return list(groups.values())
+
+
+def in_order(count: int, groups: list[list[int]], replies: Sequence[Any]) -> list[bytes | None]:
+    """The values the MGETs of ``groups`` (:func:`by_slot`) replied, back in key order."""
+    values: list[bytes | None] = [None] * count
+    for indexes, found in zip(groups, replies, strict=True):
+        for i, value in zip(indexes, cast("list[bytes | None]", found), strict=True):
+            values[i] = value
+    return values
+
+
 def mget(client: Client, keys: Sequence[str]) -> list[bytes | None]:
     """The values of ``keys`` (None: absent), in order: one MGET per slot, all sent in one
     pipeline (one round trip on one server; per node on a Cluster)."""
     if not keys:
         return []
-    groups: dict[int, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(slot(key), []).append(index)
+    groups = by_slot(keys)
     pipe: Any = client.pipeline(transaction=False)
-    for indexes in groups.values():
+    for indexes in groups:
         # Not pipe.mget(): a Cluster's pipeline refuses that method (any slot), while it
         # routes the command itself by its keys' one slot.
         pipe.execute_command("MGET", *(keys[i] for i in indexes))
-    values: list[bytes | None] = [None] * len(keys)
-    for indexes, found in zip(groups.values(), pipe.execute(), strict=True):
-        for i, value in zip(indexes, cast("list[bytes | None]", found), strict=True):
-            values[i] = value
-    return values
+    return in_order(len(keys), groups, pipe.execute())

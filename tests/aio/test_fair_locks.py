@@ -1,0 +1,95 @@
+"""Async fair locks' own contract: one queue with sync fair waiters, and a cancelled
+waiting acquire takes its queue entry with it. (The sync fair-lock conformance tests run
+on the async API in test_conformance.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import dcoord
+import dcoord.backends.redis.aio_locks
+from dcoord.aio import connect
+from tests.aio.test_aio_locks import eventually, sync_client  # noqa: F401
+from tests.conformance.test_fair_locks import queued
+
+
+def test_sync_and_async_fair_waiters_share_one_queue(
+    aio_url: str,
+    namespace: str,
+    backend: str,
+    sync_client: dcoord.Client,  # noqa: F811
+) -> None:
+    """Waiters of both APIs, arriving in turn, are granted in arrival order."""
+    # etcd counts the holder's key in its queue.
+    already = 1 if backend == "etcd" else 0
+    holder = sync_client.lock("res", ttl=30, fair=True)
+    assert holder.acquire()
+    order: list[str] = []
+
+    def sync_wait(who: str) -> None:
+        with dcoord.connect(aio_url, namespace=namespace) as other:
+            lock = other.lock("res", ttl=30, fair=True)
+            assert lock.acquire(timeout=20)
+            order.append(who)
+            lock.release()
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+
+            async def async_wait(who: str) -> None:
+                lock = client.lock("res", ttl=30, fair=True)
+                assert await lock.acquire(timeout=20)
+                order.append(who)
+                await lock.release()
+
+            tasks: list[asyncio.Future[None]] = []
+            for i, who in enumerate(["async-1", "sync-2", "async-3", "sync-4"], start=1):
+                if who.startswith("async"):
+                    tasks.append(asyncio.ensure_future(async_wait(who)))
+                else:
+                    thread = threading.Thread(target=sync_wait, args=(who,), daemon=True)
+                    thread.start()
+                    tasks.append(asyncio.ensure_future(asyncio.to_thread(thread.join, 30)))
+                # The next waiter arrives only once this one has queued.
+                assert await eventually(lambda i=i: queued(sync_client, "res") == already + i, 10)
+            await asyncio.to_thread(holder.release)
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            assert order == ["async-1", "sync-2", "async-3", "sync-4"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_a_cancelled_fair_waiter_leaves_the_queue_and_the_next_is_called(
+    aio_url: str,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sync_client: dcoord.Client,  # noqa: F811
+) -> None:
+    """Cancelled while queued, a waiter's entry goes at once, not when it expires: the
+    waiter behind it is granted as soon as the holder releases."""
+    # An entry would live a minute: only the cancellation can take it out in time.
+    monkeypatch.setattr(dcoord.backends.redis.aio_locks, "FAIR_WAITER_TTL", 60.0)
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            holder = client.lock("res", ttl=60, fair=True)
+            assert await holder.acquire()
+            first = asyncio.create_task(client.lock("res", ttl=60, fair=True).acquire())
+            assert await eventually(lambda: queued(sync_client, "res") == 1, 10)
+            second_lock = client.lock("res", ttl=60, fair=True)
+            second = asyncio.create_task(second_lock.acquire())
+            assert await eventually(lambda: queued(sync_client, "res") == 2, 10)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert await eventually(lambda: queued(sync_client, "res") == 1, 10)
+            await holder.release()
+            assert await asyncio.wait_for(second, 10)
+            await second_lock.release()
+            assert queued(sync_client, "res") == 0
+
+    asyncio.run(main())
