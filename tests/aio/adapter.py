@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import dcoord
 import dcoord.aio
 from dcoord.errors import ConfigError
+from dcoord.inspect import LockInfo
 from tests.aio.membership_adapter import SyncGroup
 
 T = TypeVar("T")
@@ -70,6 +71,9 @@ class SyncView:
 
     def lock(self, name: str, **options: Any) -> SyncLock:
         return SyncLock(self, name, options)
+
+    def locks(self, prefix: str = "") -> list[LockInfo]:
+        return self._loop.run(self.aio.locks(prefix))
 
     def group(self, name: str) -> SyncGroup:
         return SyncGroup(self, name)
@@ -122,6 +126,9 @@ class SyncLock:
     @property
     def fence(self) -> int:
         return self.aio.fence
+
+    def info(self) -> LockInfo | None:
+        return self._client.run(self.aio.info())
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         if not blocking:
