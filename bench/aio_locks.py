@@ -1,19 +1,24 @@
 """Benchmark the asyncio API's locks against redis-py's own asyncio lock.
 
-    python bench/aio_locks.py [--seconds S] [--rounds N] [--tasks T] [--locks L]
-                              [--grants G] [--skip-uncontended] [--skip-contended]
+    python bench/aio_locks.py [--seconds S] [--rounds N] [--repeat R] [--tasks T]
+                              [--locks L] [--grants G] [--skip-uncontended]
+                              [--skip-contended]
 
 Starts a Redis and an etcd server (tests.servers, no persistence) and stops them at the
 end. Uncontended: one event loop, one task, back-to-back acquire+release cycles, for:
 
 * dcoord.aio, fenced, auto-renewal on (the default: a watchdog task per grant);
 * dcoord.aio with ``auto_renew=False``;
-* ``redis.asyncio.lock.Lock`` (redis-py's, no fencing, no renewal);
+* ``redis.asyncio.lock.Lock`` (redis-py's, no fencing, no renewal), on a client as
+  ``Redis.from_url`` makes it: no socket timeout;
+* the same on a client with dcoord's request timeout as its socket timeout (like for
+  like: dcoord's client has one, and redis-py pays for it on every command);
 * dcoord.aio on ``memory://`` (no network: the cost of the async layer itself).
 
 The candidates take turns in rounds so that load from elsewhere on the machine hits them
 alike; the ratio dcoord / redis-py is printed (goal: >= 1.0) with the spread over the
-rounds (each round's own rate: min / median / max).
+rounds (each round's own rate: min / median / max); ``--repeat R`` does it R times
+(a fresh server each) and prints the median and range of the ratio over the runs.
 
 Contended, on Redis and on etcd: T tasks in one process (one client) contend for L locks
 (task i wants lock i mod L) until G grants in all. Printed: grants/s; the hand-off (from
@@ -80,6 +85,11 @@ async def rates(
     return {name: (counts[name] / spent[name], per_round[name]) for name in cycles}
 
 
+BASELINE = "redis.asyncio.lock.Lock"
+LIKE_FOR_LIKE = "redis.asyncio.lock.Lock, socket_timeout"
+DCOORD = ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)")
+
+
 def dcoord_cycle(lock: dcoord.aio.AsyncLock) -> Cycle:
     async def cycle() -> None:
         await lock.acquire()
@@ -105,6 +115,10 @@ async def uncontended(
         dcoord.aio.connect(f"memory://{namespace}") as memory,
     ):
         raw = redis.asyncio.Redis.from_url(url)
+        # What dcoord's client pays for its request timeout (redis-py then wraps every
+        # socket write in asyncio.wait_for, a task each, and every read in a timeout):
+        # redis-py's lock on a client with the same socket timeout, for comparison.
+        timed = redis.asyncio.Redis.from_url(url, socket_timeout=client.settings.request_timeout)
         try:
             cycles = {
                 "dcoord.aio (fenced, auto-renew)": dcoord_cycle(client.lock("a", ttl=30)),
@@ -114,11 +128,15 @@ async def uncontended(
                 "redis.asyncio.lock.Lock": redis_py_cycle(
                     redis.asyncio.lock.Lock(raw, f"{namespace}:c", timeout=30)
                 ),
+                LIKE_FOR_LIKE: redis_py_cycle(
+                    redis.asyncio.lock.Lock(timed, f"{namespace}:e", timeout=30)
+                ),
                 "dcoord.aio memory:// (fenced, auto-renew)": dcoord_cycle(memory.lock("d", ttl=30)),
             }
             return await rates(cycles, seconds, rounds)
         finally:
             await raw.aclose()
+            await timed.aclose()
 
 
 class Counted:
@@ -244,6 +262,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="contending tasks")
     parser.add_argument("--locks", type=int, default=10, help="locks they contend for")
     parser.add_argument("--grants", type=int, default=5000, help="grants in all")
+    parser.add_argument("--repeat", type=int, default=1, help="uncontended runs")
     parser.add_argument("--skip-uncontended", action="store_true")
     parser.add_argument("--skip-contended", action="store_true")
     args = parser.parse_args()
@@ -252,25 +271,40 @@ def main() -> None:
         f"redis-py {redis.__version__}, servers without persistence, one process"
     )
     if not args.skip_uncontended:
-        server = start_server("redis", using="processes", persistent=False)
-        try:
-            result = asyncio.run(uncontended(server.url, args.seconds, args.rounds))
-        finally:
-            server.stop()
-        print(f"uncontended, one task, {args.rounds} rounds (rate: all / per round min med max)")
-        for name, (rate, rounds) in result.items():
-            spread = " ".join(
-                f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
-            )
-            print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})")
-        base, base_rounds = result["redis.asyncio.lock.Lock"]
-        for name in ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)"):
-            rate, rounds = result[name]
-            ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
+        overall: dict[str, list[float]] = {name: [] for name in DCOORD}
+        for run in range(1, args.repeat + 1):
+            server = start_server("redis", using="processes", persistent=False)
+            try:
+                result = asyncio.run(uncontended(server.url, args.seconds, args.rounds))
+            finally:
+                server.stop()
             print(
-                f"  {name} / redis.asyncio.lock.Lock: {rate / base:.2f}x "
-                f"(per round {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
+                f"uncontended, run {run}/{args.repeat}, one task, {args.rounds} rounds "
+                "(rate: all / per round min med max)"
             )
+            for name, (rate, rounds) in result.items():
+                spread = " ".join(
+                    f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
+                )
+                print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})")
+            for name in DCOORD:
+                rate, rounds = result[name]
+                for against in (BASELINE, LIKE_FOR_LIKE):
+                    base, base_rounds = result[against]
+                    # A round's slices run one after the other: their ratio sees the
+                    # same load, so its median is steadier than the overall ratio.
+                    ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
+                    print(
+                        f"  {name} / {against}: {rate / base:.2f}x (per round median "
+                        f"{statistics.median(ratios):.2f}x, {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
+                    )
+                overall[name].append(rate / result[BASELINE][0])
+        if args.repeat > 1:
+            for name, ratios in overall.items():
+                print(
+                    f"  over {args.repeat} runs, {name} / {BASELINE}: median "
+                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x .. {max(ratios):.2f}x)"
+                )
     if not args.skip_contended:
         print(f"contended: {args.tasks} tasks, {args.locks} locks, {args.grants} grants")
         for kind in ("redis", "etcd"):
