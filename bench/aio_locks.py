@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import platform
 import statistics
 import sys
@@ -61,28 +62,34 @@ Cycle = Callable[[], Awaitable[None]]
 
 async def rates(
     cycles: dict[str, Cycle], seconds: float, rounds: int
-) -> dict[str, tuple[float, list[float]]]:
+) -> dict[str, tuple[float, list[float], float]]:
     """Cycles per second of each candidate, in ``rounds`` interleaved slices: the overall
-    rate and each round's."""
+    rate, each round's, and this process's CPU time per cycle in microseconds (what the
+    client spends; it moves far less with the machine's load than the rates do)."""
     for cycle in cycles.values():
         for _ in range(50):  # warm up connections and script caches
             await cycle()
     counts = dict.fromkeys(cycles, 0)
     spent = dict.fromkeys(cycles, 0.0)
+    cpu = dict.fromkeys(cycles, 0.0)
     per_round: dict[str, list[float]] = {name: [] for name in cycles}
     for _ in range(rounds):
         for name, cycle in cycles.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             deadline = started + seconds / rounds
             n = 0
             while time.perf_counter() < deadline:
                 await cycle()
                 n += 1
             took = time.perf_counter() - started
+            cpu[name] += time.process_time() - cpu_started
             spent[name] += took
             counts[name] += n
             per_round[name].append(n / took)
-    return {name: (counts[name] / spent[name], per_round[name]) for name in cycles}
+    return {
+        name: (counts[name] / spent[name], per_round[name], cpu[name] / counts[name] * 1e6)
+        for name in cycles
+    }
 
 
 BASELINE = "redis.asyncio.lock.Lock"
@@ -108,7 +115,7 @@ def redis_py_cycle(lock: redis.asyncio.lock.Lock) -> Cycle:
 
 async def uncontended(
     url: str, seconds: float, rounds: int
-) -> dict[str, tuple[float, list[float]]]:
+) -> dict[str, tuple[float, list[float], float]]:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     async with (
         dcoord.aio.connect(url, namespace=namespace) as client,
@@ -271,7 +278,7 @@ def main() -> None:
         f"redis-py {redis.__version__}, servers without persistence, one process"
     )
     if not args.skip_uncontended:
-        overall: dict[str, list[float]] = {name: [] for name in DCOORD}
+        overall: dict[str, list[float]] = collections.defaultdict(list)
         for run in range(1, args.repeat + 1):
             server = start_server("redis", using="processes", persistent=False)
             try:
@@ -280,17 +287,17 @@ def main() -> None:
                 server.stop()
             print(
                 f"uncontended, run {run}/{args.repeat}, one task, {args.rounds} rounds "
-                "(rate: all / per round min med max)"
+                "(rate: all / per round min med max; client CPU per cycle)"
             )
-            for name, (rate, rounds) in result.items():
+            for name, (rate, rounds, cpu) in result.items():
                 spread = " ".join(
                     f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
                 )
-                print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})")
+                print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})  {cpu:5.0f} us CPU")
             for name in DCOORD:
-                rate, rounds = result[name]
+                rate, rounds, _ = result[name]
                 for against in (BASELINE, LIKE_FOR_LIKE):
-                    base, base_rounds = result[against]
+                    base, base_rounds, _ = result[against]
                     # A round's slices run one after the other: their ratio sees the
                     # same load, so its median is steadier than the overall ratio.
                     ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
@@ -298,12 +305,19 @@ def main() -> None:
                         f"  {name} / {against}: {rate / base:.2f}x (per round median "
                         f"{statistics.median(ratios):.2f}x, {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
                     )
-                overall[name].append(rate / result[BASELINE][0])
+                base, base_rounds, base_cpu = result[BASELINE]
+                overall[name + ", cycles/s"].append(rate / base)
+                overall[name + ", per round median"].append(
+                    statistics.median(r / b for r, b in zip(rounds, base_rounds, strict=True))
+                )
+                # CPU per cycle inverted: above 1.0x means dcoord spends less.
+                overall[name + ", client CPU"].append(base_cpu / result[name][2])
         if args.repeat > 1:
-            for name, ratios in overall.items():
+            print(f"over {args.repeat} runs, dcoord / {BASELINE}: median (min .. max)")
+            for label, ratios in overall.items():
                 print(
-                    f"  over {args.repeat} runs, {name} / {BASELINE}: median "
-                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x .. {max(ratios):.2f}x)"
+                    f"  {label:50s} {statistics.median(ratios):.2f}x "
+                    f"({min(ratios):.2f}x .. {max(ratios):.2f}x)"
                 )
     if not args.skip_contended:
         print(f"contended: {args.tasks} tasks, {args.locks} locks, {args.grants} grants")

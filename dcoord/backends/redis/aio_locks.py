@@ -137,11 +137,16 @@ async def run_script(
 ) -> Any:
     """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT;
     sharded on a Cluster (its PUBLISH become SPUBLISH)."""
+    run: Any
     # RedisCluster's metaclass is typing's Protocol one, whose isinstance is slow: the
     # exact-type test first spares every request of a single server (and Sentinel) it.
-    if type(client) is not redis.asyncio.Redis and isinstance(client, RedisCluster):
+    if type(client) is redis.asyncio.Redis:
+        run = functools.partial(execute, client)
+    elif isinstance(client, RedisCluster):
         script = script.sharded()
-    run: Any = client.execute_command  # untyped in redis-py
+        run = client.execute_command  # untyped in redis-py
+    else:
+        run = client.execute_command
     try:
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
@@ -149,6 +154,27 @@ async def run_script(
         # (it cannot route "SCRIPT" "LOAD", which carries no key).
         await run("SCRIPT LOAD", script.source)
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def execute(client: redis.asyncio.Redis, *args: Any) -> Any:
+    """``await client.execute_command(*args)`` on a single server or Sentinel primary,
+    minus redis-py's per-command bookkeeping (observability hooks, its retry loop,
+    which dcoord turns off anyway): the async twin of :func:`.locks._execute`, with its
+    rules. A connection whose reply was not read (a timeout, a broken connection, a
+    cancellation) is closed before the error goes on, never reused; an error reply
+    leaves it in order. The reply is raw, as for EVALSHA it is anyway."""
+    pool: Any = client.connection_pool  # untyped in redis-py
+    connection = await pool.get_connection()
+    try:
+        await connection.send_command(*args)
+        return await connection.read_response()
+    except redis.ResponseError:
+        raise
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
 
 
 def refuse_cluster(settings: Settings, what: str) -> None:
