@@ -137,16 +137,13 @@ async def run_script(
 ) -> Any:
     """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT;
     sharded on a Cluster (its PUBLISH become SPUBLISH)."""
-    run: Any
+    run: Any = client.execute_command  # untyped in redis-py
     # RedisCluster's metaclass is typing's Protocol one, whose isinstance is slow: the
     # exact-type test first spares every request of a single server (and Sentinel) it.
     if type(client) is redis.asyncio.Redis:
         run = functools.partial(execute, client)
     elif isinstance(client, RedisCluster):
         script = script.sharded()
-        run = client.execute_command  # untyped in redis-py
-    else:
-        run = client.execute_command
     try:
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
