@@ -1,8 +1,8 @@
 """Benchmark the asyncio API's locks against redis-py's own asyncio lock.
 
-    python bench/aio_locks.py [--seconds S] [--rounds N] [--repeat R] [--tasks T]
-                              [--locks L] [--grants G] [--skip-uncontended]
-                              [--skip-contended]
+    python bench/aio_locks.py [--seconds S] [--rounds N] [--repeat R] [--breakdown]
+                              [--tasks T] [--locks L] [--grants G]
+                              [--skip-uncontended] [--skip-contended]
 
 Starts a Redis and an etcd server (tests.servers, no persistence) and stops them at the
 end. Uncontended: one event loop, one task, back-to-back acquire+release cycles, for:
@@ -19,6 +19,10 @@ The candidates take turns in rounds so that load from elsewhere on the machine h
 alike; the ratio dcoord / redis-py is printed (goal: >= 1.0) with the spread over the
 rounds (each round's own rate: min / median / max); ``--repeat R`` does it R times
 (a fresh server each) and prints the median and range of the ratio over the runs.
+``--breakdown`` adds the raw commands of a cycle (dcoord's two scripts through
+redis-py's ``execute_command`` and through the lock's direct path; redis-py's ``SET``
++ release script) and the server's CPU per command (``INFO commandstats``), to show
+where a cycle's microseconds go (docs/performance.md).
 
 Contended, on Redis and on etcd: T tasks in one process (one client) contend for L locks
 (task i wants lock i mod L) until G grants in all. Printed: grants/s; the hand-off (from
@@ -37,7 +41,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import platform
+import secrets
 import statistics
 import sys
 import time
@@ -55,6 +61,8 @@ import redis.asyncio.lock
 
 import dcoord.aio
 from dcoord.backends.etcd_names import etcd_lock_prefix
+from dcoord.backends.redis.aio_locks import execute
+from dcoord.backends.redis.locks import ACQUIRE, RELEASE, lock_keys
 from tests.servers import start_server
 
 Cycle = Callable[[], Awaitable[None]]
@@ -113,9 +121,51 @@ def redis_py_cycle(lock: redis.asyncio.lock.Lock) -> Cycle:
     return cycle
 
 
+def raw_cycles(client: dcoord.aio.AsyncClient, raw: Any, namespace: str) -> dict[str, Cycle]:
+    """``--breakdown``: the commands of a cycle without the locks around them - dcoord's
+    two scripts through redis-py's ``execute_command`` and through the direct path the
+    lock uses (``aio_locks.execute``), and redis-py's ``SET NX PX`` + release script."""
+    backend: Any = client.backend
+    mine = backend.redis
+    key, fence, channel = lock_keys(backend.prefix, "raw")
+    holder = backend.locks.holder
+    plain = f"{namespace}:raw"
+    release_sha = redis.asyncio.lock.Lock(raw, plain).lua_release.sha
+
+    def scripts(run: Callable[..., Awaitable[Any]]) -> Cycle:
+        async def cycle() -> None:
+            token = secrets.token_hex(16) + holder
+            await run("EVALSHA", ACQUIRE.sha, 2, key, fence, token, 30000, 0)
+            await run("EVALSHA", RELEASE.sha, 1, key, token, channel)
+
+        return cycle
+
+    async def redis_py_commands() -> None:
+        token = secrets.token_hex(16)
+        await raw.execute_command("SET", plain, token, "NX", "PX", 30000)
+        await raw.execute_command("EVALSHA", release_sha, 1, plain, token)
+
+    return {
+        "raw: dcoord's 2 scripts, execute_command": scripts(mine.execute_command),
+        "raw: dcoord's 2 scripts, direct": scripts(functools.partial(execute, mine)),
+        "raw: redis-py's SET + script": redis_py_commands,
+    }
+
+
+async def server_cpu(raw: Any) -> dict[str, float]:
+    """Microseconds of server CPU per call of the commands a cycle runs, since the start."""
+    stats = await raw.info("commandstats")
+    wanted = ("evalsha", "set", "get", "del", "time", "publish")
+    return {
+        name: float(stats[f"cmdstat_{name}"]["usec_per_call"])
+        for name in wanted
+        if f"cmdstat_{name}" in stats
+    }
+
+
 async def uncontended(
-    url: str, seconds: float, rounds: int
-) -> dict[str, tuple[float, list[float], float]]:
+    url: str, seconds: float, rounds: int, breakdown: bool = False
+) -> tuple[dict[str, tuple[float, list[float], float]], dict[str, float]]:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     async with (
         dcoord.aio.connect(url, namespace=namespace) as client,
@@ -140,7 +190,12 @@ async def uncontended(
                 ),
                 "dcoord.aio memory:// (fenced, auto-renew)": dcoord_cycle(memory.lock("d", ttl=30)),
             }
-            return await rates(cycles, seconds, rounds)
+            if breakdown:
+                await cycles["dcoord.aio (fenced, auto-renew)"]()  # loads the scripts
+                await cycles[BASELINE]()
+                cycles.update(raw_cycles(client, raw, namespace))
+            result = await rates(cycles, seconds, rounds)
+            return result, await server_cpu(raw) if breakdown else {}
         finally:
             await raw.aclose()
             await timed.aclose()
@@ -270,6 +325,9 @@ def main() -> None:
     parser.add_argument("--locks", type=int, default=10, help="locks they contend for")
     parser.add_argument("--grants", type=int, default=5000, help="grants in all")
     parser.add_argument("--repeat", type=int, default=1, help="uncontended runs")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also the raw commands, and server CPU"
+    )
     parser.add_argument("--skip-uncontended", action="store_true")
     parser.add_argument("--skip-contended", action="store_true")
     args = parser.parse_args()
@@ -282,7 +340,9 @@ def main() -> None:
         for run in range(1, args.repeat + 1):
             server = start_server("redis", using="processes", persistent=False)
             try:
-                result = asyncio.run(uncontended(server.url, args.seconds, args.rounds))
+                result, server_us = asyncio.run(
+                    uncontended(server.url, args.seconds, args.rounds, args.breakdown)
+                )
             finally:
                 server.stop()
             print(
@@ -294,6 +354,9 @@ def main() -> None:
                     f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
                 )
                 print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})  {cpu:5.0f} us CPU")
+            if server_us:
+                shown = ", ".join(f"{name} {us:.2f}" for name, us in server_us.items())
+                print(f"  server CPU, us per call: {shown}")
             for name in DCOORD:
                 rate, rounds, _ = result[name]
                 for against in (BASELINE, LIKE_FOR_LIKE):
