@@ -1,19 +1,28 @@
 """Benchmark the asyncio API's locks against redis-py's own asyncio lock.
 
-    python bench/aio_locks.py [--seconds S] [--rounds N] [--tasks T] [--locks L]
-                              [--grants G] [--skip-uncontended] [--skip-contended]
+    python bench/aio_locks.py [--seconds S] [--rounds N] [--repeat R] [--breakdown]
+                              [--tasks T] [--locks L] [--grants G]
+                              [--skip-uncontended] [--skip-contended]
 
 Starts a Redis and an etcd server (tests.servers, no persistence) and stops them at the
 end. Uncontended: one event loop, one task, back-to-back acquire+release cycles, for:
 
 * dcoord.aio, fenced, auto-renewal on (the default: a watchdog task per grant);
 * dcoord.aio with ``auto_renew=False``;
-* ``redis.asyncio.lock.Lock`` (redis-py's, no fencing, no renewal);
+* ``redis.asyncio.lock.Lock`` (redis-py's, no fencing, no renewal), on a client as
+  ``Redis.from_url`` makes it: no socket timeout;
+* the same on a client with dcoord's request timeout as its socket timeout (like for
+  like: dcoord's client has one, and redis-py pays for it on every command);
 * dcoord.aio on ``memory://`` (no network: the cost of the async layer itself).
 
 The candidates take turns in rounds so that load from elsewhere on the machine hits them
 alike; the ratio dcoord / redis-py is printed (goal: >= 1.0) with the spread over the
-rounds (each round's own rate: min / median / max).
+rounds (each round's own rate: min / median / max); ``--repeat R`` does it R times
+(a fresh server each) and prints the median and range of the ratio over the runs.
+``--breakdown`` adds the raw commands of a cycle (dcoord's two scripts through
+redis-py's ``execute_command`` and through the lock's direct path; redis-py's ``SET``
++ release script) and the server's CPU per command (``INFO commandstats``), to show
+where a cycle's microseconds go (docs/performance.md).
 
 Contended, on Redis and on etcd: T tasks in one process (one client) contend for L locks
 (task i wants lock i mod L) until G grants in all. Printed: grants/s; the hand-off (from
@@ -31,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import functools
 import platform
+import secrets
 import statistics
 import sys
 import time
@@ -49,6 +61,8 @@ import redis.asyncio.lock
 
 import dcoord.aio
 from dcoord.backends.etcd_names import etcd_lock_prefix
+from dcoord.backends.redis.aio_locks import execute
+from dcoord.backends.redis.locks import ACQUIRE, RELEASE, lock_keys
 from tests.servers import start_server
 
 Cycle = Callable[[], Awaitable[None]]
@@ -56,28 +70,39 @@ Cycle = Callable[[], Awaitable[None]]
 
 async def rates(
     cycles: dict[str, Cycle], seconds: float, rounds: int
-) -> dict[str, tuple[float, list[float]]]:
+) -> dict[str, tuple[float, list[float], float]]:
     """Cycles per second of each candidate, in ``rounds`` interleaved slices: the overall
-    rate and each round's."""
+    rate, each round's, and this process's CPU time per cycle in microseconds (what the
+    client spends; it moves far less with the machine's load than the rates do)."""
     for cycle in cycles.values():
         for _ in range(50):  # warm up connections and script caches
             await cycle()
     counts = dict.fromkeys(cycles, 0)
     spent = dict.fromkeys(cycles, 0.0)
+    cpu = dict.fromkeys(cycles, 0.0)
     per_round: dict[str, list[float]] = {name: [] for name in cycles}
     for _ in range(rounds):
         for name, cycle in cycles.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             deadline = started + seconds / rounds
             n = 0
             while time.perf_counter() < deadline:
                 await cycle()
                 n += 1
             took = time.perf_counter() - started
+            cpu[name] += time.process_time() - cpu_started
             spent[name] += took
             counts[name] += n
             per_round[name].append(n / took)
-    return {name: (counts[name] / spent[name], per_round[name]) for name in cycles}
+    return {
+        name: (counts[name] / spent[name], per_round[name], cpu[name] / counts[name] * 1e6)
+        for name in cycles
+    }
+
+
+BASELINE = "redis.asyncio.lock.Lock"
+LIKE_FOR_LIKE = "redis.asyncio.lock.Lock, socket_timeout"
+DCOORD = ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)")
 
 
 def dcoord_cycle(lock: dcoord.aio.AsyncLock) -> Cycle:
@@ -96,15 +121,61 @@ def redis_py_cycle(lock: redis.asyncio.lock.Lock) -> Cycle:
     return cycle
 
 
+def raw_cycles(client: dcoord.aio.AsyncClient, raw: Any, namespace: str) -> dict[str, Cycle]:
+    """``--breakdown``: the commands of a cycle without the locks around them - dcoord's
+    two scripts through redis-py's ``execute_command`` and through the direct path the
+    lock uses (``aio_locks.execute``), and redis-py's ``SET NX PX`` + release script."""
+    backend: Any = client.backend
+    mine = backend.redis
+    key, fence, channel = lock_keys(backend.prefix, "raw")
+    holder = backend.locks.holder
+    plain = f"{namespace}:raw"
+    release_sha = redis.asyncio.lock.Lock(raw, plain).lua_release.sha
+
+    def scripts(run: Callable[..., Awaitable[Any]]) -> Cycle:
+        async def cycle() -> None:
+            token = secrets.token_hex(16) + holder
+            await run("EVALSHA", ACQUIRE.sha, 2, key, fence, token, 30000, 0)
+            await run("EVALSHA", RELEASE.sha, 1, key, token, channel)
+
+        return cycle
+
+    async def redis_py_commands() -> None:
+        token = secrets.token_hex(16)
+        await raw.execute_command("SET", plain, token, "NX", "PX", 30000)
+        await raw.execute_command("EVALSHA", release_sha, 1, plain, token)
+
+    return {
+        "raw: dcoord's 2 scripts, execute_command": scripts(mine.execute_command),
+        "raw: dcoord's 2 scripts, direct": scripts(functools.partial(execute, mine)),
+        "raw: redis-py's SET + script": redis_py_commands,
+    }
+
+
+async def server_cpu(raw: Any) -> dict[str, float]:
+    """Microseconds of server CPU per call of the commands a cycle runs, since the start."""
+    stats = await raw.info("commandstats")
+    wanted = ("evalsha", "set", "get", "del", "time", "publish")
+    return {
+        name: float(stats[f"cmdstat_{name}"]["usec_per_call"])
+        for name in wanted
+        if f"cmdstat_{name}" in stats
+    }
+
+
 async def uncontended(
-    url: str, seconds: float, rounds: int
-) -> dict[str, tuple[float, list[float]]]:
+    url: str, seconds: float, rounds: int, breakdown: bool = False
+) -> tuple[dict[str, tuple[float, list[float], float]], dict[str, float]]:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     async with (
         dcoord.aio.connect(url, namespace=namespace) as client,
         dcoord.aio.connect(f"memory://{namespace}") as memory,
     ):
         raw = redis.asyncio.Redis.from_url(url)
+        # What dcoord's client pays for its request timeout (redis-py then wraps every
+        # socket write in asyncio.wait_for, a task each, and every read in a timeout):
+        # redis-py's lock on a client with the same socket timeout, for comparison.
+        timed = redis.asyncio.Redis.from_url(url, socket_timeout=client.settings.request_timeout)
         try:
             cycles = {
                 "dcoord.aio (fenced, auto-renew)": dcoord_cycle(client.lock("a", ttl=30)),
@@ -114,11 +185,20 @@ async def uncontended(
                 "redis.asyncio.lock.Lock": redis_py_cycle(
                     redis.asyncio.lock.Lock(raw, f"{namespace}:c", timeout=30)
                 ),
+                LIKE_FOR_LIKE: redis_py_cycle(
+                    redis.asyncio.lock.Lock(timed, f"{namespace}:e", timeout=30)
+                ),
                 "dcoord.aio memory:// (fenced, auto-renew)": dcoord_cycle(memory.lock("d", ttl=30)),
             }
-            return await rates(cycles, seconds, rounds)
+            if breakdown:
+                await cycles["dcoord.aio (fenced, auto-renew)"]()  # loads the scripts
+                await cycles[BASELINE]()
+                cycles.update(raw_cycles(client, raw, namespace))
+            result = await rates(cycles, seconds, rounds)
+            return result, await server_cpu(raw) if breakdown else {}
         finally:
             await raw.aclose()
+            await timed.aclose()
 
 
 class Counted:
@@ -244,6 +324,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="contending tasks")
     parser.add_argument("--locks", type=int, default=10, help="locks they contend for")
     parser.add_argument("--grants", type=int, default=5000, help="grants in all")
+    parser.add_argument("--repeat", type=int, default=1, help="uncontended runs")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also the raw commands, and server CPU"
+    )
     parser.add_argument("--skip-uncontended", action="store_true")
     parser.add_argument("--skip-contended", action="store_true")
     args = parser.parse_args()
@@ -252,25 +336,52 @@ def main() -> None:
         f"redis-py {redis.__version__}, servers without persistence, one process"
     )
     if not args.skip_uncontended:
-        server = start_server("redis", using="processes", persistent=False)
-        try:
-            result = asyncio.run(uncontended(server.url, args.seconds, args.rounds))
-        finally:
-            server.stop()
-        print(f"uncontended, one task, {args.rounds} rounds (rate: all / per round min med max)")
-        for name, (rate, rounds) in result.items():
-            spread = " ".join(
-                f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
-            )
-            print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})")
-        base, base_rounds = result["redis.asyncio.lock.Lock"]
-        for name in ("dcoord.aio (fenced, auto-renew)", "dcoord.aio (fenced, no renewal)"):
-            rate, rounds = result[name]
-            ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
+        overall: dict[str, list[float]] = collections.defaultdict(list)
+        for run in range(1, args.repeat + 1):
+            server = start_server("redis", using="processes", persistent=False)
+            try:
+                result, server_us = asyncio.run(
+                    uncontended(server.url, args.seconds, args.rounds, args.breakdown)
+                )
+            finally:
+                server.stop()
             print(
-                f"  {name} / redis.asyncio.lock.Lock: {rate / base:.2f}x "
-                f"(per round {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
+                f"uncontended, run {run}/{args.repeat}, one task, {args.rounds} rounds "
+                "(rate: all / per round min med max; client CPU per cycle)"
             )
+            for name, (rate, rounds, cpu) in result.items():
+                spread = " ".join(
+                    f"{r:6.0f}" for r in (min(rounds), statistics.median(rounds), max(rounds))
+                )
+                print(f"  {name:45s} {rate:7.0f} cycles/s  ({spread})  {cpu:5.0f} us CPU")
+            if server_us:
+                shown = ", ".join(f"{name} {us:.2f}" for name, us in server_us.items())
+                print(f"  server CPU, us per call: {shown}")
+            for name in DCOORD:
+                rate, rounds, _ = result[name]
+                for against in (BASELINE, LIKE_FOR_LIKE):
+                    base, base_rounds, _ = result[against]
+                    # A round's slices run one after the other: their ratio sees the
+                    # same load, so its median is steadier than the overall ratio.
+                    ratios = sorted(r / b for r, b in zip(rounds, base_rounds, strict=True))
+                    print(
+                        f"  {name} / {against}: {rate / base:.2f}x (per round median "
+                        f"{statistics.median(ratios):.2f}x, {ratios[0]:.2f}x .. {ratios[-1]:.2f}x)"
+                    )
+                base, base_rounds, base_cpu = result[BASELINE]
+                overall[name + ", cycles/s"].append(rate / base)
+                overall[name + ", per round median"].append(
+                    statistics.median(r / b for r, b in zip(rounds, base_rounds, strict=True))
+                )
+                # CPU per cycle inverted: above 1.0x means dcoord spends less.
+                overall[name + ", client CPU"].append(base_cpu / result[name][2])
+        if args.repeat > 1:
+            print(f"over {args.repeat} runs, dcoord / {BASELINE}: median (min .. max)")
+            for label, ratios in overall.items():
+                print(
+                    f"  {label:50s} {statistics.median(ratios):.2f}x "
+                    f"({min(ratios):.2f}x .. {max(ratios):.2f}x)"
+                )
     if not args.skip_contended:
         print(f"contended: {args.tasks} tasks, {args.locks} locks, {args.grants} grants")
         for kind in ("redis", "etcd"):

@@ -15,7 +15,9 @@ option) where the backend keeps the lock:
 
 The backend parts live in ``dcoord/backends/<kind>/inspect.py`` as functions
 ``locks(backend, prefix)``, ``info(backend, name)`` and ``groups(backend)``;
-:func:`locks`, :func:`lock` and :func:`groups` dispatch on the backend's kind.
+:func:`locks`, :func:`lock` and :func:`groups` dispatch on the backend's kind. The async
+parts (``dcoord/backends/<kind>/aio_inspect.py``, the same functions as coroutines, for
+:mod:`dcoord.aio`) do only the I/O: what a reply means is the sync part's pure helpers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import os
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,22 +128,30 @@ def name_of_segment(segment: str) -> str:
 def locks(backend: Backend, prefix: str = "") -> list[LockInfo]:
     """Every lock held in the backend's namespace whose name starts with ``prefix``,
     sorted by name."""
-    lister: Callable[[Any, str], list[LockInfo]] = _backend_part(backend).locks
-    return sorted(lister(backend, prefix), key=lambda info: info.name)
+    lister: Callable[[Any, str], list[LockInfo]] = backend_part(backend.kind).locks
+    return by_name(lister(backend, prefix))
 
 
 def lock(backend: Backend, name: str) -> LockInfo | None:
     """Lock ``name`` in the backend's namespace if it is held, else None."""
-    reader: Callable[[Any, str], LockInfo | None] = _backend_part(backend).info
+    reader: Callable[[Any, str], LockInfo | None] = backend_part(backend.kind).info
     return reader(backend, name)
 
 
 def groups(backend: Backend) -> list[str]:
     """The names of the groups that have (or recently had) members in the namespace,
     sorted; read a group's live members with :meth:`dcoord.Client.group`."""
-    lister: Callable[[Any], set[str]] = _backend_part(backend).groups
+    lister: Callable[[Any], set[str]] = backend_part(backend.kind).groups
     return sorted(lister(backend))
 
 
-def _backend_part(backend: Backend) -> Any:
-    return importlib.import_module(f"dcoord.backends.{backend.kind}.inspect")
+def by_name(found: Iterable[LockInfo]) -> list[LockInfo]:
+    """Locks in the order every listing returns them: by name."""
+    return sorted(found, key=lambda info: info.name)
+
+
+def backend_part(kind: str, *, asynchronous: bool = False) -> Any:
+    """The inspection module of backend ``kind``: ``inspect``, or ``aio_inspect`` for the
+    async API."""
+    module = "aio_inspect" if asynchronous else "inspect"
+    return importlib.import_module(f"dcoord.backends.{kind}.{module}")

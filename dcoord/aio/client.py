@@ -8,11 +8,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable,
 from types import TracebackType
 from typing import Any
 
+from .. import inspect
 from ..backends import registry
 from ..backends.aio_base import AsyncBackend
 from ..backends.base import ServerInfo
 from ..config import Settings, settings_from
 from ..errors import ClientClosed
+from ..inspect import LockInfo
 from ..lock import DEFAULT_TTL
 from .election import AsyncElection
 from .fence import AsyncFence
@@ -123,6 +125,21 @@ class AsyncClient:
         with ``.read()`` and ``.write()``; see :class:`AsyncReadWriteLock`."""
         self.check_open()
         return AsyncReadWriteLock(self, name, ttl=ttl, timeout=timeout)
+
+    async def locks(self, prefix: str = "") -> list[LockInfo]:
+        """The locks held now in this namespace whose names start with ``prefix``, by
+        name, as :meth:`dcoord.Client.locks` (sync and async holders alike)."""
+        self.check_open()
+        lister = inspect.backend_part(self.backend.kind, asynchronous=True).locks
+        return inspect.by_name(await lister(self.backend, prefix))
+
+    async def groups(self) -> list[str]:
+        """The names of the groups that have (or recently had) members in the namespace,
+        sorted, as ``dcoord status`` lists them (:func:`dcoord.inspect.groups`); read a
+        group's live members with ``await client.group(name).members()``."""
+        self.check_open()
+        lister = inspect.backend_part(self.backend.kind, asynchronous=True).groups
+        return sorted(await lister(self.backend))
 
     def fence(self, resource: str) -> AsyncFence:
         """The fencing guard of ``resource``: ``await fence(resource).admit(lock.fence)``."""

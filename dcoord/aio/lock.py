@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import inspect as pyinspect
 import logging
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .. import metrics
+from .. import inspect, metrics
 from ..backends.base import LockGrant
 from ..core.lockstate import after_renewal, conservative, first_due, is_held, release_problem, tick
 from ..errors import (
@@ -35,6 +35,7 @@ from ..lock import validate_name, validate_timeout, validate_ttl
 from ..logfields import lock_fields
 
 if TYPE_CHECKING:
+    from ..inspect import LockInfo
     from .client import AsyncClient
 
 log = logging.getLogger("dcoord.lock")
@@ -103,6 +104,14 @@ class AsyncLock:
         if self._last_fence is None:
             raise LockNotOwned(f"lock {self.name!r} was never acquired by this handle")
         return self._last_fence
+
+    async def info(self) -> LockInfo | None:
+        """Who holds this lock now (any process, not only this handle), as the server
+        sees it; None when nobody does. See :meth:`AsyncClient.locks`."""
+        self._client.check_open()
+        reader = inspect.backend_part(self._client.backend.kind, asynchronous=True).info
+        found: LockInfo | None = await reader(self._client.backend, self.name)
+        return found
 
     # -- acquire -------------------------------------------------------------------
 
@@ -289,7 +298,7 @@ class AsyncLock:
         if self._on_lost is not None:
             try:
                 result = self._on_lost(self)
-                if inspect.isawaitable(result):
+                if pyinspect.isawaitable(result):
                     await result
             except Exception:
                 log.exception(

@@ -23,6 +23,7 @@ import dcoord.aio
 from dcoord.aio.election import _client_elections
 from dcoord.election import Leader
 from dcoord.errors import ConfigError
+from dcoord.inspect import LockInfo
 from tests.aio.membership_adapter import SyncGroup
 
 T = TypeVar("T")
@@ -83,6 +84,9 @@ class SyncView:
 
     def rwlock(self, name: Any, **options: Any) -> SyncRWLock:
         return SyncRWLock(self, self.aio.rwlock(name, **options))
+
+    def locks(self, prefix: str = "") -> list[LockInfo]:
+        return self._loop.run(self.aio.locks(prefix))
 
     def group(self, name: str) -> SyncGroup:
         return SyncGroup(self, name)
@@ -150,6 +154,9 @@ class SyncLock:
     @property
     def fence(self) -> int:
         return self.aio.fence
+
+    def info(self) -> LockInfo | None:
+        return self._client.run(self.aio.info())
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         if not blocking:

@@ -38,6 +38,11 @@ class AsyncMemoryLocks:
     def __init__(self, locks: MemoryLocks) -> None:
         self._locks = locks
 
+    @property
+    def store(self) -> MemoryLocks:
+        """The sync store whose table this one shares (read by inspection)."""
+        return self._locks
+
     def slot(
         self, name: str, ttl: float, auto_renew: bool, fair: bool = False
     ) -> AsyncMemoryLockSlot:

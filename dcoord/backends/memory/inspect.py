@@ -1,4 +1,8 @@
-"""Inspection of the embedded store's locks (see :mod:`dcoord.inspect`)."""
+"""Inspection of the embedded store's locks (see :mod:`dcoord.inspect`).
+
+:func:`held` and :func:`group_names` read the store itself (short critical sections,
+never waiting), so the async API (:mod:`.aio_inspect`) calls them as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,32 @@ from typing import TYPE_CHECKING
 from ...inspect import LockInfo
 
 if TYPE_CHECKING:
-    from . import MemoryBackend
+    from . import MemoryBackend, MemoryServer
+    from .locks import MemoryLocks
 
 
 def info(backend: MemoryBackend, name: str) -> LockInfo | None:
     """Lock ``name`` if it is held."""
-    return next((i for i in locks(backend, name) if i.name == name), None)
+    return named(held(backend.locks, name), name)
 
 
 def locks(backend: MemoryBackend, prefix: str) -> list[LockInfo]:
     """The held locks of the backend's namespace whose names start with ``prefix``."""
-    store = backend.locks
+    return held(backend.locks, prefix)
+
+
+def groups(backend: MemoryBackend) -> set[str]:
+    """The names of the groups stored in the backend's namespace."""
+    return group_names(backend.server, backend.prefix)
+
+
+def named(found: list[LockInfo], name: str) -> LockInfo | None:
+    """The lock called ``name`` among ``found`` (a listing by the prefix ``name``)."""
+    return next((i for i in found if i.name == name), None)
+
+
+def held(store: MemoryLocks, prefix: str) -> list[LockInfo]:
+    """The held locks of ``store`` (one namespace's) whose names start with ``prefix``."""
     start = store.lock_prefix + prefix
     found = []
     with store.table.mutex:
@@ -41,8 +60,8 @@ def locks(backend: MemoryBackend, prefix: str) -> list[LockInfo]:
     return found
 
 
-def groups(backend: MemoryBackend) -> set[str]:
-    """The names of the groups stored in the backend's namespace."""
-    prefix = f"{backend.prefix}groups/"
-    with backend.server.cond:
-        return {key[len(prefix) :] for key in backend.server.data if key.startswith(prefix)}
+def group_names(server: MemoryServer, namespace_prefix: str) -> set[str]:
+    """The names of the groups stored in ``server`` under ``namespace_prefix``."""
+    prefix = f"{namespace_prefix}groups/"
+    with server.cond:
+        return {key[len(prefix) :] for key in server.data if key.startswith(prefix)}

@@ -147,9 +147,13 @@ async def run_script(
 ) -> Any:
     """:meth:`LuaScript.__call__` on an async client: EVALSHA, loading it on NOSCRIPT;
     sharded on a Cluster (its PUBLISH become SPUBLISH)."""
-    if isinstance(client, RedisCluster):
-        script = script.sharded()
     run: Any = client.execute_command  # untyped in redis-py
+    # RedisCluster's metaclass is typing's Protocol one, whose isinstance is slow: the
+    # exact-type test first spares every request of a single server (and Sentinel) it.
+    if type(client) is redis.asyncio.Redis:
+        run = functools.partial(execute, client)
+    elif isinstance(client, RedisCluster):
+        script = script.sharded()
     try:
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
@@ -157,6 +161,27 @@ async def run_script(
         # (it cannot route "SCRIPT" "LOAD", which carries no key).
         await run("SCRIPT LOAD", script.source)
         return await run("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def execute(client: redis.asyncio.Redis, *args: Any) -> Any:
+    """``await client.execute_command(*args)`` on a single server or Sentinel primary,
+    minus redis-py's per-command bookkeeping (observability hooks, its retry loop,
+    which dcoord turns off anyway): the async twin of :func:`.locks._execute`, with its
+    rules. A connection whose reply was not read (a timeout, a broken connection, a
+    cancellation) is closed before the error goes on, never reused; an error reply
+    leaves it in order. The reply is raw, as for EVALSHA it is anyway."""
+    pool: Any = client.connection_pool  # untyped in redis-py
+    connection = await pool.get_connection()
+    try:
+        await connection.send_command(*args)
+        return await connection.read_response()
+    except redis.ResponseError:
+        raise
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
 
 
 class AsyncRedisBackend:
@@ -207,21 +232,26 @@ class AsyncRedisBackend:
         where ``retry`` says the operation is safe to repeat; at most MAX_IN_FLIGHT
         requests at once (retries wait their backoff outside that bound)."""
 
-        async def bounded() -> T:
-            async with self._in_flight:
-                return await fn()
-
+        # Every lock request passes here: the bound and keep_cancellation's check are
+        # written inline rather than as wrapping coroutines (a frame each per request).
+        task = asyncio.current_task()
+        requested = 0 if task is None else task.cancelling()
         try:
             if retry:
-                return await keep_cancellation(
-                    with_retries_async(
-                        bounded,
-                        what=what,
-                        transient=is_transient,
-                        timeout=timeout or self.settings.request_timeout,
-                    )
+
+                async def bounded() -> T:
+                    async with self._in_flight:
+                        return await fn()
+
+                result = await with_retries_async(
+                    bounded,
+                    what=what,
+                    transient=is_transient,
+                    timeout=timeout or self.settings.request_timeout,
                 )
-            return await keep_cancellation(bounded())
+            else:
+                async with self._in_flight:
+                    result = await fn()
         except redis.RedisError as exc:
             error = error_for(self.settings, what, exc)
             metrics.backend_error(self.settings, type(error))
@@ -230,6 +260,9 @@ class AsyncRedisBackend:
             if retry and isinstance(exc.__cause__, redis.RedisError):
                 metrics.backend_error(self.settings, BackendUnavailable)
             raise
+        if task is not None and task.cancelling() > requested:
+            raise asyncio.CancelledError  # as keep_cancellation: a cancel lost below
+        return result
 
     async def ping(self) -> ServerInfo:
         return await self.call(self._server_info, what=f"ping redis at {self.endpoint}", retry=True)
@@ -397,6 +430,11 @@ class AsyncRedisLockSlot:
         self._max_wait = waiter_ttl / 3 if fair else math.inf
         self._keys = [self.key, self.fence_key, *(fair_keys(self.key) if fair else ())]
 
+        # Made once per handle rather than once per request (the acquire hot path).
+        self._ttl_ms = milliseconds(ttl)
+        self._acquiring = f"acquire lock {name!r}"
+        self._releasing = f"release lock {name!r}"
+
     async def undo(self, token: str) -> Any:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock."""
@@ -450,7 +488,7 @@ class AsyncRedisLockSlot:
 
     async def _try(self, token: str, queue: bool = True) -> tuple[int, float]:
         sent = time.monotonic()
-        args: list[Any] = [token, milliseconds(self.ttl), self._locks.skew_margin_us]
+        args: list[Any] = [token, self._ttl_ms, self._locks.skew_margin_us]
         script = ACQUIRE
         if self.fair:
             script = FAIR_ACQUIRE
@@ -458,7 +496,7 @@ class AsyncRedisLockSlot:
         try:
             result = await self._call(
                 lambda: run_script(script, self._redis, self._keys, args),
-                what=f"acquire lock {self.name!r}",
+                what=self._acquiring,
             )
         except BaseException as exc:
             # Not an error reply (a lost reply, or a cancellation while the script was
@@ -521,7 +559,7 @@ class AsyncRedisLockSlot:
                 reply_lost = reply_lost or not answered(exc)
                 raise
 
-        what = f"release lock {self.name!r}"
+        what = self._releasing
         released = await self._call(release, what=what, retry=True)
         if not released and reply_lost:
             raise BackendUnavailable(
