@@ -9,7 +9,7 @@
 # 3. builds local Redis/etcd images from the installed binaries (no registry needed);
 # 4. creates .venv and installs dcoord with its redis, etcd and test extras;
 # 5. runs ruff and mypy, then the suite with servers in containers (host networking), then
-#    the primitives (locks, membership, 2PC, connect) once more with servers as local processes, then locks and
+#    connecting and client errors once more with servers as local processes, then locks and
 #    membership over TLS (rediss://, etcds://, client certificates) as users confined to
 #    their namespace (DCOORD_TEST_SECURE, bounded: about 2 min), then a conformance subset
 #    on each multi-server topology (Redis Sentinel, Redis Cluster, three-member etcd) and
@@ -87,14 +87,14 @@ start=$SECONDS
 DCOORD_TEST_SERVERS=containers .venv/bin/pytest --ignore-glob='tests/faults/test_failover_*.py' "$@"
 echo "containers path took $((SECONDS - start)) s"
 
-step "conformance subset, servers as local processes"
-# The containers step ran the whole suite; here the primitives again on local processes
-# (what a machine without Docker uses; the TLS and topology steps use processes too). The
+step "connecting to servers as local processes"
+# The containers step ran the whole suite; the TLS and topology steps below run the
+# primitives on local processes (what a machine without Docker uses). Here what differs
+# between the two harnesses: connecting, and the errors of bad URLs and dead servers. The
 # whole suite on processes is part of the longer run (docs/operations.md).
 start=$SECONDS
-DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance/test_locks.py \
-    tests/conformance/test_membership.py tests/conformance/test_twopc.py \
-    tests/conformance/test_connect.py tests/conformance/test_client_errors.py "$@"
+DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance/test_connect.py \
+    tests/conformance/test_client_errors.py "$@"
 echo "processes path took $((SECONDS - start)) s"
 
 step "locks and membership over TLS with namespace-confined users, local processes"
@@ -113,10 +113,15 @@ step "topologies: a conformance subset on Sentinel, Cluster and three-member etc
 # The whole conformance suite on every topology, plain and over TLS, is the longer run
 # of docs/operations.md; CI runs the primitives whose guarantees change with a failover.
 start=$SECONDS
+# Both APIs: the sync suites, and the async API's runs of the same suites (through the
+# adapter of tests/aio) plus its topology tests; the async elections, rwlocks, inspection
+# and fair locks on every topology are in the longer run.
 SUBSET=(tests/conformance/test_locks.py tests/conformance/test_fence_write.py
     tests/conformance/test_membership.py tests/conformance/test_twopc.py
     tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py
-    tests/aio)
+    tests/aio/test_conformance.py tests/aio/test_membership_conformance.py
+    tests/aio/test_twopc_conformance.py tests/aio/test_kvparticipant_conformance.py
+    tests/aio/test_semaphore_conformance.py tests/aio/test_topologies.py)
 for topology in sentinel cluster etcd3; do
     kind=redis
     [[ $topology == etcd3 ]] && kind=etcd
