@@ -59,6 +59,12 @@ def request_budget(deadline: float | None, request_timeout: float) -> float:
     return min(request_timeout, max(_PAST_DEADLINE, deadline - time.monotonic()))
 
 
+def cut_short(bound: float | None) -> bool:
+    """Whether a request that failed in an acquire bounded by ``bound`` (None: not
+    bounded) was cut short by that deadline: then the acquire timed out."""
+    return bound is not None and time.monotonic() >= bound
+
+
 def _range(key: bytes, range_end: bytes | None = None, **options: Any) -> Any:
     request = etcdrpc.RangeRequest(key=key, **options)
     if range_end is not None:
@@ -350,7 +356,7 @@ class EtcdLockSlot:
             try:
                 key, revision, lease, outcome = self._attempt(deadline, bound)
             except BackendUnavailable as exc:
-                if bound is None or time.monotonic() < bound:
+                if not cut_short(bound):
                     raise
                 log.info("%s: not acquired by its deadline: %s", self.what, exc)
                 return None
