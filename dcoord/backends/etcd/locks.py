@@ -201,7 +201,9 @@ class EtcdLocks:
             try:
                 deleted = self.delete(key, revision, lease, private, timeout=timeout)
             except BackendUnavailable as exc:
-                log.warning("could not remove lock key %s yet: %s", key.decode(), exc)
+                # A first attempt cut short by an acquire's deadline is no news yet.
+                level = logging.WARNING if timeout is None else logging.INFO
+                log.log(level, "could not remove lock key %s yet: %s", key.decode(), exc)
                 return None
             except DcoordError as exc:  # refused: retrying cannot help; the lease TTL will
                 log.warning("could not remove lock key %s: %s", key.decode(), exc)
