@@ -8,6 +8,7 @@ check, without a topology or with one started here, what made that run fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -124,12 +125,11 @@ def test_async_etcd_locks_follow_a_leader_failover(
                 etcd_cluster.kill_leader if kind == "kill" else etcd_cluster.pause_leader
             )
             started = time.monotonic()
-            while True:
-                try:
-                    await holder.release()
-                    break
-                except dcoord.BackendUnavailable:
-                    assert time.monotonic() - started < 3 * FOLLOW_BOUND
+            # The election may outlast the release's retries (under load): then it raises
+            # BackendUnavailable, but the handle has let go all the same (a second
+            # release() is LockNotOwned) and revokes its lease in the background.
+            with contextlib.suppress(dcoord.BackendUnavailable):
+                await holder.release()
             assert await waiting
             took = time.monotonic() - started
             assert took < FOLLOW_BOUND, f"the waiter got the lock {took:.2f} s after the fault"

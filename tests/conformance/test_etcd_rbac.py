@@ -128,10 +128,10 @@ def test_an_acquire_error_is_not_hidden_by_its_cleanup(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The cleanup of a failed acquire used to raise over the acquire's own error.
-    def failing_wait(self: EtcdLockSlot, deadline: float | None) -> str:
+    def failing_wait(self: EtcdLockSlot, deadline: float | None, bound: float | None) -> str:
         raise dcoord.BackendUnavailable("the acquire's own error")
 
-    def failing_forget(self: EtcdLocks, *args: object) -> None:
+    def failing_forget(self: EtcdLocks, *args: object, **options: object) -> None:
         raise RuntimeError("scheduler is closed")
 
     with dcoord.connect(url, namespace=NS) as holder, dcoord.connect(url, namespace=NS) as other:

@@ -40,7 +40,7 @@ from pyetcd.utils import prefix_range_end
 
 from ... import metrics
 from ...config import Settings
-from ...errors import BackendUnavailable, ConfigError, DcoordError
+from ...errors import BackendUnavailable, ClientClosed, ConfigError, DcoordError
 from ...inspect import identity_json
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
@@ -49,7 +49,7 @@ from . import _ATTEMPTS, _MIN_ATTEMPT, _Retryable, mapped_error, stale_token
 from .aio_kv import AsyncEtcdKV
 from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
-from .locks import _created_at, _first_kv, _range, fenced_txn
+from .locks import _created_at, _first_kv, _range, cut_short, fenced_txn, request_budget
 
 if TYPE_CHECKING:
     from .aio_election import AsyncEtcdElections
@@ -98,6 +98,9 @@ class AsyncEtcdBackend:
         self.locks = AsyncEtcdLocks(self)
         # Members' leases are granted, kept alive and revoked as the locks' are.
         self.groups = AsyncEtcdGroups(self, self.locks)
+        self._closing = False
+        # Set once the stores are closed, just before the channels: a request from then
+        # on is ClientClosed (gRPC would raise its UsageError on a closed channel).
         self._closed = False
 
     def _use(self, member: str) -> None:
@@ -130,6 +133,11 @@ class AsyncEtcdBackend:
         request timeout."""
         narrowed = _attempt_timeout.get()
         return self.settings.request_timeout if narrowed is None else narrowed
+
+    def check_open(self, what: str) -> None:
+        """Raise ClientClosed once the client's channels are closed."""
+        if self._closed:
+            raise ClientClosed(f"{what}: the client is closed")
 
     async def start(self) -> None:
         """Authenticate (with a user) and read the server's version, within
@@ -179,9 +187,11 @@ class AsyncEtcdBackend:
             share = max(_MIN_ATTEMPT, budget / _ATTEMPTS)
 
         async def once() -> T:
+            self.check_open(what)  # before every attempt: a retry may come after close
             try:
                 return await fn()
             except grpc.aio.AioRpcError as exc:
+                self.check_open(what)  # cancelled by the close of its channel
                 if not (auth and self.settings.username and stale_token(exc)):
                     raise mapped_error(self.settings, exc, what) from exc
             try:
@@ -222,12 +232,15 @@ class AsyncEtcdBackend:
             metrics.backend_error(self.settings, type(exc))
             raise
 
-    async def txn(self, request: Any, *, what: str, retry: bool = False) -> Any:
-        """Run one TxnRequest."""
+    async def txn(
+        self, request: Any, *, what: str, retry: bool = False, timeout: float | None = None
+    ) -> Any:
+        """Run one TxnRequest, within ``timeout`` (default: the request timeout)."""
         return await self.call(
             lambda: self.kv.Txn(request, timeout=self.timeout, metadata=self.metadata),
             what=what,
             retry=retry,
+            timeout=timeout,
         )
 
     async def ping(self) -> ServerInfo:
@@ -265,12 +278,13 @@ class AsyncEtcdBackend:
         return AsyncEtcdKV(self)
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         try:
-            await self.locks.close()
+            await self.locks.close()  # its revokes still need the channels
         finally:
+            self._closed = True
             await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
 
@@ -291,6 +305,11 @@ class AsyncEtcdLocks:
         self.label: str | None = backend.settings.options["label"]
         self._serial = itertools.count(1)
         self._cleanups: set[asyncio.Task[None]] = set()
+        # The leases of acquires queued now (not granted, not forgotten): an acquire in
+        # progress when its client closes is no primitive the client can let go of, so
+        # close() revokes its lease (and key) before the channels go.
+        self._queued: set[int] = set()
+        self._closing = False
 
     def next_serial(self) -> int:
         return next(self._serial)
@@ -334,10 +353,14 @@ class AsyncEtcdLocks:
         )
         return int(response.kvs[0].value) if response.kvs else None
 
-    async def grant(self, ttl: float) -> tuple[int, int, float]:
-        """A new lease: its id, the TTL etcd granted, and when it surely expires."""
+    async def grant(self, ttl: float, *, timeout: float | None = None) -> tuple[int, int, float]:
+        """A new lease: its id, the TTL etcd granted, and when it surely expires; granted
+        within ``timeout`` (default: the request timeout). ClientClosed once the store
+        closes: nobody would revoke it."""
         seconds = max(1, math.ceil(ttl))
         backend = self.backend
+        if self._closing:
+            raise ClientClosed(f"grant a {seconds} s lease: the client is closing")
         sent = time.monotonic()
         reply = await backend.call(
             lambda: backend.lease.LeaseGrant(
@@ -346,11 +369,13 @@ class AsyncEtcdLocks:
                 metadata=backend.metadata,
             ),
             what=f"grant a {seconds} s lease",
+            timeout=timeout,
         )
         return int(reply.ID), int(reply.TTL), sent + int(reply.TTL)
 
-    async def keep_alive(self, lease: int) -> int:
-        """Refresh ``lease`` once; the TTL it has now (0: the server has it no more)."""
+    async def keep_alive(self, lease: int, *, timeout: float | None = None) -> int:
+        """Refresh ``lease`` once, within ``timeout`` (default: the request timeout); the
+        TTL it has now (0: the server has it no more)."""
         backend = self.backend
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
 
@@ -364,7 +389,9 @@ class AsyncEtcdLocks:
             return ttl
 
         # Refreshing a lease twice is harmless: retried (on the next member of a cluster).
-        return await backend.call(once, what=f"keep lease {lease:x} alive", retry=True)
+        return await backend.call(
+            once, what=f"keep lease {lease:x} alive", retry=True, timeout=timeout
+        )
 
     async def revoke(self, lease: int) -> bool:
         """Revoke ``lease`` (deleting its key); False if it had already expired."""
@@ -395,9 +422,18 @@ class AsyncEtcdLocks:
             )
         return revoked
 
+    def queued(self, lease: int, queued: bool) -> None:
+        """An acquire is queued on ``lease`` (True), or no longer (False: it holds the
+        lock, or has forgotten the lease)."""
+        if queued:
+            self._queued.add(lease)
+        else:
+            self._queued.discard(lease)
+
     def forget(self, lease: int) -> asyncio.Task[None]:
         """Revoke ``lease`` in a task (after a cancellation or a failure): its queue key
         goes with it. Retried until the lease is gone or the client closes."""
+        self._queued.discard(lease)
         task = asyncio.get_running_loop().create_task(self._forget(lease))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
@@ -408,6 +444,9 @@ class AsyncEtcdLocks:
         while True:
             try:
                 await self.revoke(lease)
+                return
+            except ClientClosed as exc:  # close() has revoked it already, if it could
+                log.info("lease %x not revoked: %s", lease, exc)
                 return
             except BackendUnavailable as exc:
                 log.info("could not revoke lease %x yet: %s", lease, exc)
@@ -423,8 +462,12 @@ class AsyncEtcdLocks:
             delay = min(1.0, delay * 2)
 
     async def close(self) -> None:
-        """Finish the pending revokes (each bounded by the request timeout and retries),
-        so that no queue key outlives the client longer than needed."""
+        """Revoke the leases of the acquires still queued and finish the pending revokes
+        (each bounded by the request timeout and retries), so that no queue key outlives
+        the client longer than needed. No lease is granted from now on."""
+        self._closing = True
+        for lease in list(self._queued):
+            self.forget(lease)
         if self._cleanups:
             _, pending = await asyncio.wait(
                 set(self._cleanups), timeout=self.backend.settings.request_timeout
@@ -472,15 +515,31 @@ class AsyncEtcdLockSlot:
         )
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
+        # As EtcdLockSlot.acquire: a wait ends at its deadline even while the server
+        # hangs (each request bounded by it), and a request it cuts short is a timeout.
+        bound = deadline if deadline is not None and time.monotonic() < deadline else None
         while True:
-            lease, lease_ttl, expires_at = await self._locks.grant(self._ttl)
             try:
-                key, revision, ready = await self._enqueue(lease)
+                lease, lease_ttl, expires_at = await self._locks.grant(
+                    self._ttl, timeout=self._budget(bound)
+                )
+            except BackendUnavailable:
+                if cut_short(bound):
+                    return None  # a lease granted unanswered expires, nothing on it
+                raise
+            self._locks.queued(lease, True)
+            try:
+                key, revision, ready = await self._enqueue(lease, bound)
                 outcome = "acquired" if ready else "waiting"
                 if not ready:
                     outcome, expires_at = await self._wait(
-                        key, revision, lease, expires_at, deadline
+                        key, revision, lease, expires_at, deadline, bound
                     )
+            except BackendUnavailable:
+                if not cut_short(bound):
+                    await asyncio.wait({self._locks.forget(lease)})
+                    raise
+                outcome = "timeout"
             except BaseException:
                 # Failed or cancelled (CancelledError included): the key, if it was
                 # written, goes with its lease, before the error goes on (a second
@@ -488,15 +547,24 @@ class AsyncEtcdLockSlot:
                 await asyncio.wait({self._locks.forget(lease)})
                 raise
             if outcome == "acquired":
+                self._locks.queued(lease, False)
                 self._key, self._revision = key, revision
                 self._lease, self._lease_ttl = lease, lease_ttl
                 return LockGrant(revision, expires_at)
-            await asyncio.wait({self._locks.forget(lease)})
+            # With a deadline, a revoke that takes longer goes on in its task (close()
+            # waits for it): the caller's time is up.
+            await asyncio.wait({self._locks.forget(lease)}, timeout=self._budget(bound))
             if outcome == "timeout":
                 return None
             log.info("lock %r: queue key %s expired while waiting; queueing again", self.name, key)
 
-    async def _enqueue(self, lease: int) -> tuple[bytes, int, bool]:
+    def _budget(self, bound: float | None) -> float | None:
+        """The time the next request may take (None: the request timeout)."""
+        if bound is None:
+            return None
+        return request_budget(bound, self._backend.settings.request_timeout)
+
+    async def _enqueue(self, lease: int, bound: float | None) -> tuple[bytes, int, bool]:
         """Create our key on ``lease`` (idempotent: a retry finds it); return it, its
         create revision, and whether it holds the lock at once."""
         key = self.prefix + f"{lease:016x}-{self._locks.next_serial():x}".encode()
@@ -510,7 +578,9 @@ class AsyncEtcdLockSlot:
             success=[etcdrpc.RequestOp(request_put=put), self._owner_range()],
             failure=[_range(key, keys_only=True), self._owner_range()],
         )
-        response = await self._backend.txn(request, what=f"acquire lock {self.name!r}", retry=True)
+        response = await self._backend.txn(
+            request, what=f"acquire lock {self.name!r}", retry=True, timeout=self._budget(bound)
+        )
         if response.succeeded:
             revision = response.header.revision
         else:
@@ -519,7 +589,13 @@ class AsyncEtcdLockSlot:
         return key, revision, owner is None or owner.create_revision == revision
 
     async def _wait(
-        self, key: bytes, revision: int, lease: int, expires_at: float, deadline: float | None
+        self,
+        key: bytes,
+        revision: int,
+        lease: int,
+        expires_at: float,
+        deadline: float | None,
+        bound: float | None,
     ) -> tuple[str, float]:
         """Wait for our turn, keeping our lease alive: ("acquired" | "timeout" |
         "requeue", the lease's deadline)."""
@@ -545,7 +621,7 @@ class AsyncEtcdLockSlot:
             if now >= expires_at:
                 return "requeue", expires_at
             response = await self._backend.txn(
-                check, what=f"wait for lock {self.name!r}", retry=True
+                check, what=f"wait for lock {self.name!r}", retry=True, timeout=self._budget(bound)
             )
             mine, owner, predecessor = (_first_kv(r) for r in response.responses)
             if mine is None:
@@ -555,7 +631,7 @@ class AsyncEtcdLockSlot:
             if predecessor is None:
                 continue
             expires_at = await self._wait_deleted(
-                predecessor.key, response.header.revision + 1, lease, expires_at, deadline
+                predecessor.key, response.header.revision + 1, lease, expires_at, deadline, bound
             )
 
     async def _wait_deleted(
@@ -565,6 +641,7 @@ class AsyncEtcdLockSlot:
         lease: int,
         expires_at: float,
         deadline: float | None,
+        bound: float | None,
         range_end: bytes = b"",
     ) -> float:
         """Return when ``key`` (with ``range_end``: a key of that range) is deleted
@@ -572,6 +649,7 @@ class AsyncEtcdLockSlot:
         lease alive meanwhile. Returns its deadline."""
         backend = self._backend
         member = backend.member
+        backend.check_open(f"watch lock {self.name!r}")
         watch = backend.watch.Watch(metadata=backend.metadata)
         create = etcdrpc.WatchCreateRequest(
             key=key,
@@ -593,8 +671,10 @@ class AsyncEtcdLockSlot:
                     await asyncio.wait({reader}, timeout=wait)
                     if reader.done():
                         break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return expires_at  # no keep-alive past it: the caller times out
                     sent = time.monotonic()
-                    ttl = await self._locks.keep_alive(lease)
+                    ttl = await self._locks.keep_alive(lease, timeout=self._budget(bound))
                     if ttl <= 0:
                         return 0.0  # our key went with the lease: requeue
                     expires_at = sent + ttl
@@ -602,10 +682,13 @@ class AsyncEtcdLockSlot:
                         # The watch's member was given up (it may hang, and its watch
                         # stay silent): re-check, and watch again on the member in use.
                         return expires_at
+                if reader.cancelled():  # gRPC cancels the calls of a channel it closes
+                    backend.check_open(f"watch lock {self.name!r}")
                 reader.result()  # a broken watch raises: mapped below
             finally:
                 reader.cancel()
         except grpc.aio.AioRpcError as exc:
+            backend.check_open(f"watch lock {self.name!r}")  # its channel closed under it
             error = mapped_error(backend.settings, exc, f"watch lock {self.name!r}")
             if not isinstance(error, _Retryable):
                 raise error from exc

@@ -120,6 +120,7 @@ class AsyncEtcdSubscription:
 
     async def connect(self) -> None:
         backend = self._backend
+        backend.check_open(self._what)  # gRPC's UsageError on a closed channel otherwise
         stream = backend.watch.Watch(metadata=backend.metadata)
         create = etcdrpc.WatchCreateRequest(
             key=self._prefix, range_end=prefix_range_end(self._prefix)

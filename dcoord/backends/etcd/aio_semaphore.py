@@ -30,16 +30,25 @@ class AsyncEtcdQueueSlot(AsyncEtcdLockSlot):
         self.prefix = queue.own
         self._queue = queue
 
-    async def _enqueue(self, lease: int) -> tuple[bytes, int, bool]:
+    async def _enqueue(self, lease: int, bound: float | None) -> tuple[bytes, int, bool]:
         key = self._queue.key(lease, self._locks.next_serial())
         response = await self._backend.txn(
-            self._queue.enqueue(key, lease), what=f"acquire {self.name}", retry=True
+            self._queue.enqueue(key, lease),
+            what=f"acquire {self.name}",
+            retry=True,
+            timeout=self._budget(bound),
         )
         revision, ready = self._queue.enqueued(response)
         return key, revision, ready
 
     async def _wait(
-        self, key: bytes, revision: int, lease: int, expires_at: float, deadline: float | None
+        self,
+        key: bytes,
+        revision: int,
+        lease: int,
+        expires_at: float,
+        deadline: float | None,
+        bound: float | None,
     ) -> tuple[str, float]:
         """Wait for our turn, keeping our lease alive: ("acquired" | "timeout" |
         "requeue", the lease's deadline)."""
@@ -50,7 +59,9 @@ class AsyncEtcdQueueSlot(AsyncEtcdLockSlot):
                 return "timeout", expires_at
             if now >= expires_at:
                 return "requeue", expires_at
-            response = await self._backend.txn(check, what=f"wait for {self.name}", retry=True)
+            response = await self._backend.txn(
+                check, what=f"wait for {self.name}", retry=True, timeout=self._budget(bound)
+            )
             outcome = self._queue.checked(response)
             if outcome is not None:
                 return outcome, expires_at
@@ -62,6 +73,7 @@ class AsyncEtcdQueueSlot(AsyncEtcdLockSlot):
                 lease,
                 expires_at,
                 deadline,
+                bound,
                 range_end=self._queue.counted_end,
             )
 

@@ -10,7 +10,8 @@ ever tried. This client:
 - moves on, after a transient failure on one member, to the next member in URL order
   (:meth:`EtcdClient.move_on`), so that every member is tried in turn;
 - takes the timeout of a request from ``narrowed()`` when that is set (the backend sets
-  it per thread and attempt), so that one call can try several members within its budget;
+  it per thread and attempt), so that one call can try several members within its budget
+  (the creation of a watch too: pyetcd fixes its timeout when the stream is made);
 - fails the watches of a stream it abandons (a member failed, or the client moved on):
   pyetcd only half-closes that stream, and its watches would stay silent forever if the
   member hangs; their callbacks get an error instead, and their owners watch again, on
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyetcd
+from pyetcd import etcdrpc, watch
 from pyetcd import exceptions as etcd_errors
 
 log = logging.getLogger("dcoord.etcd")
@@ -78,11 +80,36 @@ class EtcdClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
             self._current_endpoint_label = labels[(labels.index(failed) + 1) % len(labels)]
         log.info("etcd member %s failed; now using %s", failed, self.member)
 
+    def get_watcher(self) -> _Watcher:
+        return _Watcher(
+            self,
+            etcdrpc.WatchStub(self.channel),
+            call_credentials=self.call_credentials,
+            metadata=self.metadata,
+        )
+
     def _clear_old_stubs(self) -> None:
         watcher = self._stubs.get("watcher")
         super()._clear_old_stubs()
         if watcher is not None:
             _abandon(watcher)
+
+
+class _Watcher(watch.Watcher):  # type: ignore[misc]
+    """pyetcd's watcher, waiting for a new watch as long as the calling thread's request
+    may take: pyetcd's waits the timeout of whichever call happened to start the stream."""
+
+    def __init__(self, client: EtcdClient, stub: Any, **options: Any) -> None:
+        self._client = client
+        super().__init__(stub, **options)
+
+    @property
+    def timeout(self) -> float | None:
+        return self._client.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        """pyetcd's __init__ sets it: ignored, the client's timeout applies."""
 
 
 def _abandon(watcher: Any) -> None:

@@ -113,8 +113,9 @@ class Leases:
         self._closed = False
         self._workers = WorkerPool("dcoord-etcd-keepalive", _KEEPALIVE_WORKERS)
 
-    def lease(self, ttl: float) -> Lease:
-        """The live shared lease for ``ttl`` seconds (rounded up), granted on first use.
+    def lease(self, ttl: float, *, timeout: float | None = None) -> Lease:
+        """The live shared lease for ``ttl`` seconds (rounded up), granted on first use
+        (within ``timeout``, default: the request timeout).
 
         Never one already past its TTL: that one is marked lost and a fresh one granted.
         """
@@ -128,7 +129,7 @@ class Leases:
             stale = self._shared(seconds)  # granted meanwhile by another thread?
             if stale is not None and stale.usable:
                 return stale
-            lease = self.grant(seconds)
+            lease = self.grant(seconds, timeout=timeout)
             with self._mutex:
                 self._by_ttl[seconds] = lease
             try:
@@ -155,12 +156,15 @@ class Leases:
             first.mark_lost()
         return fn(lease())
 
-    def grant(self, ttl: float) -> Lease:
-        """A new lease that nobody keeps alive (for keys that must expire on their own)."""
+    def grant(self, ttl: float, *, timeout: float | None = None) -> Lease:
+        """A new lease that nobody keeps alive (for keys that must expire on their own),
+        granted within ``timeout`` (default: the request timeout)."""
         seconds = max(1, math.ceil(ttl))
         sent = time.monotonic()
         granted = self._backend.call(
-            lambda: self._backend.etcd.lease(seconds), what=f"grant a {seconds} s lease"
+            lambda: self._backend.etcd.lease(seconds),
+            what=f"grant a {seconds} s lease",
+            timeout=timeout,
         )
         return Lease(int(granted.id), int(granted.ttl), sent)
 

@@ -30,7 +30,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_errors
 from pyetcd.utils import prefix_range_end
 
-from ...errors import BackendUnavailable, DcoordError, PermissionDenied
+from ...errors import BackendUnavailable, ClientClosed, DcoordError, PermissionDenied
 from ...inspect import identity_json
 from ...scheduler import JobResult, Scheduler
 from ..base import LockGrant, key_segment
@@ -44,6 +44,25 @@ log = logging.getLogger("dcoord.etcd")
 
 _FENCE_WIDTH = 20  # decimal digits of 2**64: fixed width makes byte order numeric order
 _CLEANUP_INTERVAL = 1.0
+# How long a request of an acquire may run past the acquire's deadline (one started just
+# before it, or the first attempt at removing the queue key after it): what keeps
+# acquire(timeout=T) within about T + 0.2 s while the server hangs.
+_PAST_DEADLINE = 0.1
+
+
+def request_budget(deadline: float | None, request_timeout: float) -> float:
+    """How long the next request of an acquire ending at ``deadline`` may take (None:
+    no deadline): until the deadline, at least ``_PAST_DEADLINE``, at most the request
+    timeout (shared by :class:`EtcdLockSlot` and :mod:`.aio_locks`)."""
+    if deadline is None:
+        return request_timeout
+    return min(request_timeout, max(_PAST_DEADLINE, deadline - time.monotonic()))
+
+
+def cut_short(bound: float | None) -> bool:
+    """Whether a request that failed in an acquire bounded by ``bound`` (None: not
+    bounded) was cut short by that deadline: then the acquire timed out."""
+    return bound is not None and time.monotonic() >= bound
 
 
 def _range(key: bytes, range_end: bytes | None = None, **options: Any) -> Any:
@@ -109,9 +128,14 @@ class EtcdLocks:
     def next_serial(self) -> int:
         return next(self._serial)
 
-    def txn(self, request: Any, *, what: str, retry: bool = False) -> Any:
-        """Run a raw TxnRequest (pyetcd's builder has no sorted or limited ranges)."""
-        return self.backend.call(lambda: self._send_txn(request), what=what, retry=retry)
+    def txn(
+        self, request: Any, *, what: str, retry: bool = False, timeout: float | None = None
+    ) -> Any:
+        """Run a raw TxnRequest (pyetcd's builder has no sorted or limited ranges), within
+        ``timeout`` (default: the request timeout)."""
+        return self.backend.call(
+            lambda: self._send_txn(request), what=what, retry=retry, timeout=timeout
+        )
 
     def _send_txn(self, request: Any) -> Any:
         """One TxnRequest, its errors raw (for a function that :meth:`txn` cannot wrap)."""
@@ -150,35 +174,67 @@ class EtcdLocks:
         )
         return None if value is None else int(value)
 
-    def forget(self, key: bytes, revision: int, lease: Lease, private: bool) -> None:
-        """Remove a queue key now, or keep trying in the background until it is gone.
+    def forget(
+        self,
+        key: bytes,
+        revision: int,
+        lease: Lease,
+        private: bool,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Remove a queue key now (within ``timeout``, default: the request timeout), or
+        keep trying in the background until it is gone.
 
         A key left on a shared lease would block the lock for as long as the client
-        lives, so giving up is not an option.
+        lives, so giving up is not an option. A key whose creation is unknown (revision
+        0: the reply to its put was lost) is deleted once more a second after a delete
+        found nothing, since its put may have reached the server behind that delete
+        (a revoked private lease takes no put: nothing to repeat there).
         """
+        unsure = revision == 0 and not private
 
-        def attempt() -> JobResult:
+        def attempt(timeout: float | None = None) -> JobResult:
+            nonlocal unsure
             if lease.lost.is_set():
                 return False  # the key went with its lease
             try:
-                self.delete(key, revision, lease, private)
+                deleted = self.delete(key, revision, lease, private, timeout=timeout)
             except BackendUnavailable as exc:
-                log.warning("could not remove lock key %s yet: %s", key.decode(), exc)
+                # A first attempt cut short by an acquire's deadline is no news yet.
+                level = logging.WARNING if timeout is None else logging.INFO
+                log.log(level, "could not remove lock key %s yet: %s", key.decode(), exc)
                 return None
             except DcoordError as exc:  # refused: retrying cannot help; the lease TTL will
                 log.warning("could not remove lock key %s: %s", key.decode(), exc)
-            return False
+                return False
+            if deleted or not unsure:
+                return False
+            unsure = False
+            return None
 
-        if attempt() is None:
-            self.scheduler.every(_CLEANUP_INTERVAL, attempt, name="etcd lock key cleanup")
+        if attempt(timeout) is None:
+            try:
+                self.scheduler.every(_CLEANUP_INTERVAL, attempt, name="etcd lock key cleanup")
+            except ClientClosed:  # closing: its shared leases are revoked, keys and all
+                log.info("lock key %s: cleanup stopped by close", key.decode())
 
-    def delete(self, key: bytes, revision: int, lease: Lease, private: bool) -> bool:
+    def delete(
+        self,
+        key: bytes,
+        revision: int,
+        lease: Lease,
+        private: bool,
+        *,
+        timeout: float | None = None,
+    ) -> bool:
         """Delete ``key`` if it is still the one created at ``revision``; True if it was.
 
-        A private lease is revoked instead, which deletes its key.
+        A private lease is revoked instead, which deletes its key. ``timeout`` bounds the
+        request and its retries (default: the request timeout).
         """
         if private:
-            return self.revoke(lease)
+            return self.revoke(lease, timeout=timeout)
         # revision 0: a key whose creation is unknown; it is unique to one attempt.
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, revision)] if revision else [],
@@ -189,9 +245,9 @@ class EtcdLocks:
             response = self._send_txn(request)
             return bool(response.succeeded and response.responses[0].response_delete_range.deleted)
 
-        return self._removed(delete, what=f"delete lock key {key.decode()}")
+        return self._removed(delete, what=f"delete lock key {key.decode()}", timeout=timeout)
 
-    def revoke(self, lease: Lease) -> bool:
+    def revoke(self, lease: Lease, *, timeout: float | None = None) -> bool:
         """Revoke a private lease (deleting its key); False if it had already expired."""
 
         def revoke() -> bool:
@@ -205,9 +261,11 @@ class EtcdLocks:
             lease.mark_lost()  # the server has it no more, whoever removed it
             return revoked
 
-        return self._removed(revoke, what=f"revoke lease {lease.id:x}")
+        return self._removed(revoke, what=f"revoke lease {lease.id:x}", timeout=timeout)
 
-    def _removed(self, remove: Callable[[], bool], *, what: str) -> bool:
+    def _removed(
+        self, remove: Callable[[], bool], *, what: str, timeout: float | None = None
+    ) -> bool:
         """Run ``remove`` (True: it removed our key; False: found nothing) with retries.
 
         Nothing found by the first attempt means the key was not there: False. Found by a
@@ -221,7 +279,7 @@ class EtcdLocks:
             attempts += 1
             return remove()
 
-        removed = self.backend.call(attempt, what=what, retry=True)
+        removed = self.backend.call(attempt, what=what, retry=True, timeout=timeout)
         if not removed and attempts > 1:
             raise BackendUnavailable(
                 f"{what}: the release outcome is unknown: a reply was lost and the retry "
@@ -290,32 +348,60 @@ class EtcdLockSlot:
     # -- acquire -------------------------------------------------------------------
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
+        # A wait ends at its deadline even while the server hangs: each of its requests
+        # (the cleanup's first attempt included) may take until the deadline, or
+        # _PAST_DEADLINE after it, and one cut short by it makes a timeout, what it left
+        # removed in the background. A single attempt (deadline already past) gives each
+        # request the request timeout, as an acquire without a deadline.
+        bound = deadline if deadline is not None and time.monotonic() < deadline else None
         while True:
-            # A shared lease the server dropped unnoticed fails the put (nothing written):
-            # attached() then queues once more on a fresh lease.
-            key, revision, ready, lease = self._leases.attached(self._new_lease, self._enqueue)
-            self._key, self._revision, self._lease = key, revision, lease
             try:
-                outcome = "acquired" if ready else self._wait(deadline)
-            except BaseException as exc:
-                self._key = None
-                self._forget_after(exc, key, revision, lease)
-                raise
+                key, revision, lease, outcome = self._attempt(deadline, bound)
+            except BackendUnavailable as exc:
+                if not cut_short(bound):
+                    raise
+                log.info("%s: not acquired by its deadline: %s", self.what, exc)
+                return None
             if outcome == "acquired":
                 return LockGrant(revision, lease.expires_at)
             self._key = None
             # Timed out, or our lease is gone (or presumed gone: then its key may linger).
-            self._locks.forget(key, revision, lease, self._private)
+            self._locks.forget(key, revision, lease, self._private, timeout=self._budget(bound))
             if outcome == "timeout":
                 return None
             log.info("%s: queue key %s expired while waiting; queueing again", self.what, key)
 
-    def _forget_after(self, error: BaseException, key: bytes, revision: int, lease: Lease) -> None:
+    def _attempt(
+        self, deadline: float | None, bound: float | None
+    ) -> tuple[bytes, int, Lease, str]:
+        """Queue once and wait: our key, its revision, its lease, and the outcome."""
+        # A shared lease the server dropped unnoticed fails the put (nothing written):
+        # attached() then queues once more on a fresh lease.
+        key, revision, ready, lease = self._leases.attached(
+            lambda: self._new_lease(bound), lambda lease: self._enqueue(lease, bound)
+        )
+        self._key, self._revision, self._lease = key, revision, lease
+        try:
+            return key, revision, lease, "acquired" if ready else self._wait(deadline, bound)
+        except BaseException as exc:
+            self._key = None
+            self._forget_after(exc, key, revision, lease, bound)
+            raise
+
+    def _budget(self, bound: float | None) -> float | None:
+        """The time the next request may take (None: the request timeout)."""
+        if bound is None:
+            return None
+        return request_budget(bound, self._locks.backend.settings.request_timeout)
+
+    def _forget_after(
+        self, error: BaseException, key: bytes, revision: int, lease: Lease, bound: float | None
+    ) -> None:
         """Remove ``key`` after ``error`` failed the acquire, without hiding that error:
         the caller re-raises it, and a cleanup failure (say, the client closing under
         it) is only logged."""
         try:
-            self._locks.forget(key, revision, lease, self._private)
+            self._locks.forget(key, revision, lease, self._private, timeout=self._budget(bound))
         except Exception as exc:
             log.warning(
                 "lock %r: could not remove its queue key %s after %s: %s",
@@ -325,8 +411,11 @@ class EtcdLockSlot:
                 exc,
             )
 
-    def _new_lease(self) -> Lease:
-        return self._leases.grant(self._ttl) if self._private else self._leases.lease(self._ttl)
+    def _new_lease(self, bound: float | None) -> Lease:
+        timeout = self._budget(bound)
+        if self._private:
+            return self._leases.grant(self._ttl, timeout=timeout)
+        return self._leases.lease(self._ttl, timeout=timeout)
 
     def _owner_range(self) -> Any:
         return _range(
@@ -338,7 +427,7 @@ class EtcdLockSlot:
             keys_only=True,
         )
 
-    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
+    def _enqueue(self, lease: Lease, bound: float | None) -> tuple[bytes, int, bool, Lease]:
         """Create a new key on ``lease`` (idempotent: a retry finds it); return it, its
         create revision, whether it holds the lock at once, and the lease."""
         key = self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
@@ -361,7 +450,7 @@ class EtcdLockSlot:
             ],
             failure=[_range(key, keys_only=True), self._owner_range()],
         )
-        response = self._create(request, key, lease, what=f"acquire lock {self.name!r}")
+        response = self._create(request, key, lease, bound, what=f"acquire lock {self.name!r}")
         if response.succeeded:
             revision = response.header.revision
         else:
@@ -369,25 +458,27 @@ class EtcdLockSlot:
         owner = _first_kv(response.responses[1])
         return key, revision, owner is None or owner.create_revision == revision, lease
 
-    def _create(self, request: Any, key: bytes, lease: Lease, *, what: str) -> Any:
+    def _create(
+        self, request: Any, key: bytes, lease: Lease, bound: float | None, *, what: str
+    ) -> Any:
         """Run the txn that puts our new queue ``key`` on ``lease``; if it fails, make
         sure the key is gone (its reply may be what was lost) and raise its error."""
         try:
-            return self._locks.txn(request, what=what, retry=True)
+            return self._locks.txn(request, what=what, retry=True, timeout=self._budget(bound))
         except LeaseNotFound:
             raise  # nothing was written: the put needs the lease
         except PermissionDenied as exc:
             # A denied txn wrote nothing: deleting the key would only be denied too, with
             # a warning. A private lease (which holds no key) is still revoked.
             if self._private:
-                self._forget_after(exc, key, 0, lease)
+                self._forget_after(exc, key, 0, lease, bound)
             raise
         except BaseException as exc:
             # The put may have happened with its reply lost: remove the key for sure.
-            self._forget_after(exc, key, 0, lease)
+            self._forget_after(exc, key, 0, lease, bound)
             raise
 
-    def _wait(self, deadline: float | None) -> str:
+    def _wait(self, deadline: float | None, bound: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
 
         The queue's deletes are watched *first*, from the current revision, and then our
@@ -399,13 +490,17 @@ class EtcdLockSlot:
         """
         assert self._key is not None and self._lease is not None
         while True:
-            with self._queue_deletes() as deletes:
-                outcome = self._wait_watched(deletes, deadline)
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"  # also when no watch could be made by then
+            with self._queue_deletes(bound) as deletes:
+                outcome = self._wait_watched(deletes, deadline, bound)
                 if outcome is not None:
                     return outcome
             # The watch broke (or could not be made): check again under a new one.
 
-    def _wait_watched(self, deletes: _Deletes, deadline: float | None) -> str | None:
+    def _wait_watched(
+        self, deletes: _Deletes, deadline: float | None, bound: float | None
+    ) -> str | None:
         """:meth:`_wait` under one watch; None when that watch has broken."""
         assert self._key is not None and self._lease is not None
         key, revision, lease = self._key, self._revision, self._lease
@@ -430,7 +525,12 @@ class EtcdLockSlot:
             if not lease.usable:
                 return "requeue"
             try:
-                response = self._locks.txn(check, what=f"wait for lock {self.name!r}", retry=True)
+                response = self._locks.txn(
+                    check,
+                    what=f"wait for lock {self.name!r}",
+                    retry=True,
+                    timeout=self._budget(bound),
+                )
                 mine, owner, predecessor = (_first_kv(r) for r in response.responses)
                 if mine is None:
                     return "requeue"
@@ -438,19 +538,22 @@ class EtcdLockSlot:
                     return "acquired"
                 if predecessor is None:
                     continue  # deleted between the two reads of one txn: cannot happen
-                if not self._sleep_until_deleted(deletes, predecessor.key, lease, deadline):
+                if not self._sleep_until_deleted(deletes, predecessor.key, lease, deadline, bound):
                     return "requeue"
             except BackendUnavailable as exc:
                 # The server may be back before our lease runs out: a waiter keeps its
                 # place in the queue (and its private lease alive) until then.
-                if not self._renew(lease):
+                if not self._renew(lease, bound):
                     raise
                 log.info("lock %r: waiting on through a failure: %s", self.name, exc)
-                lease.lost.wait(min(1.0, lease.ttl / 3))  # back off before the next try
+                backoff = min(1.0, lease.ttl / 3)
+                if deadline is not None:
+                    backoff = min(backoff, deadline - time.monotonic())
+                lease.lost.wait(max(0.0, backoff))  # back off before the next try
         return None
 
     @contextlib.contextmanager
-    def _queue_deletes(self) -> Iterator[_Deletes]:
+    def _queue_deletes(self, bound: float | None) -> Iterator[_Deletes]:
         """The deletes in our queue from now on, while inside (one watch)."""
         deletes = _Deletes()
         etcd = self._locks.etcd
@@ -467,7 +570,9 @@ class EtcdLockSlot:
                 # Inside the call: past it, backend.call has made it BackendUnavailable.
                 return None
 
-        watch_id = self._locks.backend.call(watch, what=f"watch lock {self.name!r}")
+        watch_id = self._locks.backend.call(
+            watch, what=f"watch lock {self.name!r}", timeout=self._budget(bound)
+        )
         if watch_id is None:
             # No watch: check again after a short while (never wait blind).
             deletes.broken = True
@@ -483,7 +588,12 @@ class EtcdLockSlot:
                 log.debug("cancel watch %s: %s", watch_id, exc)
 
     def _sleep_until_deleted(
-        self, deletes: _Deletes, predecessor: bytes, lease: Lease, deadline: float | None
+        self,
+        deletes: _Deletes,
+        predecessor: bytes,
+        lease: Lease,
+        deadline: float | None,
+        bound: float | None,
     ) -> bool:
         """Until ``predecessor`` is deleted, the watch breaks or the deadline: True;
         False as soon as our own lease is gone."""
@@ -501,17 +611,23 @@ class EtcdLockSlot:
                     return True
             if deletes.wait(predecessor, wait):
                 return True
-            if not self._renew(lease):
+            if deadline is not None and time.monotonic() >= deadline:
+                return True  # no keep-alive past the deadline: the caller times out
+            if not self._renew(lease, bound):
                 return False
 
-    def _renew(self, lease: Lease) -> bool:
+    def _renew(self, lease: Lease, bound: float | None) -> bool:
         """Keep a waiter's private lease alive; False once it is gone, or presumed gone
         (its TTL passed without a successful keep-alive). The client's keep-alive renews
         a shared lease: only look at it."""
         if not self._private or not lease.usable:
             return lease.usable
         try:
-            return self._leases.keep_alive(lease, timeout=lease.expires_at - time.monotonic())
+            timeout = lease.expires_at - time.monotonic()
+            budget = self._budget(bound)
+            return self._leases.keep_alive(
+                lease, timeout=timeout if budget is None else min(timeout, budget)
+            )
         except BackendUnavailable as exc:
             log.info("lock %r: keep-alive of lease %x failed: %s", self.name, lease.id, exc)
             return lease.usable

@@ -114,17 +114,17 @@ class EtcdQueueSlot(EtcdLockSlot):
         self.prefix = queue.own  # where our keys go (the lock slot's release/extend use _key)
         self._queue = queue
 
-    def _enqueue(self, lease: Lease) -> tuple[bytes, int, bool, Lease]:
+    def _enqueue(self, lease: Lease, bound: float | None) -> tuple[bytes, int, bool, Lease]:
         """Create a new key on ``lease``; return it, its create revision, whether fewer
         than ``limit`` counted keys are ahead of it (it holds at once), and the lease.
         The lock slot's acquire() runs the rest."""
         key = self._queue.key(lease.id, self._locks.next_serial())
         request = self._queue.enqueue(key, lease.id)
-        response = self._create(request, key, lease, what=f"acquire {self.name}")
+        response = self._create(request, key, lease, bound, what=f"acquire {self.name}")
         revision, ready = self._queue.enqueued(response)
         return key, revision, ready, lease
 
-    def _wait(self, deadline: float | None) -> str:
+    def _wait(self, deadline: float | None, bound: float | None) -> str:
         """Wait for our turn: "acquired", "timeout", or "requeue" (our key vanished).
 
         Each round watches the counted range *first*, from the current revision, and
@@ -139,16 +139,18 @@ class EtcdQueueSlot(EtcdLockSlot):
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
-            with self._deletes() as woken:
-                response = self._locks.txn(check, what=f"wait for {self.name}", retry=True)
+            with self._deletes(bound) as woken:
+                response = self._locks.txn(
+                    check, what=f"wait for {self.name}", retry=True, timeout=self._budget(bound)
+                )
                 outcome = self._queue.checked(response)
                 if outcome is not None:
                     return outcome
-                if not self._sleep(woken, lease, deadline):
+                if not self._sleep(woken, lease, deadline, bound):
                     return "requeue"
 
     @contextlib.contextmanager
-    def _deletes(self) -> Iterator[threading.Event]:
+    def _deletes(self, bound: float | None) -> Iterator[threading.Event]:
         """An event set on every delete in the counted range from now on, while inside."""
         woken = threading.Event()
         etcd = self._locks.etcd
@@ -165,7 +167,9 @@ class EtcdQueueSlot(EtcdLockSlot):
                 # Inside the call: past it, backend.call has made it BackendUnavailable.
                 return None
 
-        watch_id = self._locks.backend.call(watch, what=f"watch {self.name}")
+        watch_id = self._locks.backend.call(
+            watch, what=f"watch {self.name}", timeout=self._budget(bound)
+        )
         if watch_id is None:
             # No watch: wake after a short while and check again (never wait blind).
             threading.Timer(0.1, woken.set).start()
@@ -179,7 +183,9 @@ class EtcdQueueSlot(EtcdLockSlot):
             except Exception as exc:  # the watch stream may be gone already
                 log.debug("cancel watch %s: %s", watch_id, exc)
 
-    def _sleep(self, woken: threading.Event, lease: Lease, deadline: float | None) -> bool:
+    def _sleep(
+        self, woken: threading.Event, lease: Lease, deadline: float | None, bound: float | None
+    ) -> bool:
         """Until ``woken`` or the deadline: True; False as soon as our lease is gone."""
         while not woken.is_set():
             # Wake at least once per lease TTL: a private lease is kept alive by its
@@ -191,16 +197,19 @@ class EtcdQueueSlot(EtcdLockSlot):
                     return True
             if woken.wait(wait):
                 return True
-            if lease.lost.is_set() or (self._private and not self._refresh(lease)):
+            if deadline is not None and time.monotonic() >= deadline:
+                return True  # no keep-alive past the deadline: the caller times out
+            if lease.lost.is_set() or (self._private and not self._refresh(lease, bound)):
                 return False
         return True
 
-    def _refresh(self, lease: Lease) -> bool:
+    def _refresh(self, lease: Lease, bound: float | None) -> bool:
         """One keep-alive of a waiter's private lease; False if it has expired."""
         sent = time.monotonic()
         responses = self._locks.backend.call(
             lambda: list(self._locks.etcd.refresh_lease(lease.id)),
             what=f"keep lease {lease.id:x} alive",
+            timeout=self._budget(bound),
         )
         if not responses or responses[-1].TTL <= 0:
             return False
