@@ -249,7 +249,7 @@ def test_etcd_events_are_one_change_per_revision() -> None:
         (True, f"{prefix}a".encode(), b"token1 {}", 10),
         (False, f"{prefix}b".encode(), b"", 14),  # a lease's expiry: one revision
         (False, f"{prefix}c".encode(), b"", 14),
-        (True, f"{prefix}d e".encode(), b"token2 {\"x\": 1}", 15),
+        (True, f"{prefix}d e".encode(), b'token2 {"x": 1}', 15),
     ]
     changes, last = changes_of(events, prefix, 3)
     assert changes == [
