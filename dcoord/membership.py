@@ -503,6 +503,10 @@ class _Follower:
         self._wake()
         return True
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         with self._mutex:
             self._stopped = True
@@ -799,6 +803,8 @@ class Group:
         self._joining = 0
         self._joined: dict[int, JoinedMember] = {}
         self._follower: _Follower | None = None
+        # Followers whose last subscriber left, until their thread has ended.
+        self._stopping: list[_Follower] = []
         self._followers: list[LiveRing | Watch] = []
         self._registered = False
 
@@ -932,7 +938,7 @@ class Group:
             self._mutex.wait_for(lambda: self._joining == 0)
             members = list(self._joined.values())
             subscribers = list(self._followers)
-            follower = self._follower
+            followers = [self._follower, *self._stopping]
         for member in members:
             self._leave_or_warn(member)
         for subscriber in subscribers:
@@ -940,8 +946,9 @@ class Group:
                 subscriber.close()
             else:
                 subscriber.stop()
-        if follower is not None:
-            follower.stop()  # waits for its thread, so no connection is left in use
+        for follower in followers:
+            if follower is not None:
+                follower.stop()  # waits for its thread, so no connection is left in use
 
     # -- internals
 
@@ -981,6 +988,10 @@ class Group:
             follower = self._follower
             if follower is not None and follower.remove(subscriber):
                 self._follower = None
+                # Its thread ends on its own; close() must still wait for it, or the
+                # client's connections close under its wait.
+                self._stopping = [f for f in self._stopping if f.running]
+                self._stopping.append(follower)
 
     def __repr__(self) -> str:
         return f"<dcoord.Group {self.name!r} of {self.client!r}>"

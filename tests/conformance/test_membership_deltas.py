@@ -113,3 +113,17 @@ def test_a_gap_in_the_epochs_makes_followers_re_read(connect: Connect, backend: 
     writer.group("g").join("announced", ttl=30)
     assert ring.wait_for(lambda r: "announced" in r, PATIENCE)
     assert set(ring.members) == {"unannounced", "announced"}
+
+
+def test_closing_the_client_right_after_its_last_ring_ends_the_follower(
+    connect: Connect, namespace: str
+) -> None:
+    # The follower of a group whose last ring closed is no longer the group's; closing
+    # the client must still wait for it, or the connection closes under its wait (on
+    # Redis, redis-py then raises a TypeError that the follower logged as a bug).
+    name = f"closing-{namespace}"
+    for _ in range(3):
+        client = connect()
+        client.group(name).ring().close()
+        client.close()
+        assert not [t for t in threading.enumerate() if t.name == f"dcoord-follow-{name}"]
