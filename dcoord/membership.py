@@ -229,6 +229,13 @@ class GroupView(Mapping[str, Member]):
         # (an earlier view, the ids added, removed or changed since it), when known.
         self._delta: tuple[GroupView, set[str]] | None = None
 
+    @classmethod
+    def _of(cls, epoch: int, members: dict[str, Member]) -> GroupView:
+        """A view that takes ``members`` as it is (nobody may change it afterwards)."""
+        view = cls(epoch, {})
+        view._members = members
+        return view
+
     def __getitem__(self, member_id: str) -> Member:
         return self._members[member_id]
 
@@ -275,6 +282,7 @@ def _view(
     if changed is None or last.view is None:
         gone = last.payloads.keys() - payloads.keys()
         changed = gone.union(member_id for member_id, _ in payloads.items() - last.payloads.items())
+    # (A dict of our own, never changed once in the view: the view need not copy it.)
     members = dict(last.members)
     for member_id in changed:
         payload = payloads.get(member_id)
@@ -283,7 +291,7 @@ def _view(
             members.pop(member_id, None)
         else:
             members[member_id] = member
-    view = GroupView(snapshot.epoch, members)
+    view = GroupView._of(snapshot.epoch, members)
     if last.view is not None:
         view._delta = (last.view, changed)
         # Subscribers are done with the last view's delta (delivery is synchronous):
@@ -294,9 +302,12 @@ def _view(
 
 
 def _view_of(members: MemberSet, decoded: _Decoded) -> GroupView:
-    """A follower's current members as a view (``decoded``: its last view's, updated)."""
-    # A copy: the MemberSet goes on changing in place, and _Decoded keeps what it saw.
-    snapshot = GroupSnapshot(epoch=members.epoch, members=dict(members.members), next_expiry=None)
+    """A follower's current members as a view (``decoded``: its last view's, updated).
+
+    Not a copy of the payloads, though the MemberSet goes on changing them in place:
+    only the first view compares them (with none), every later one is given the ids
+    changed since (MemberSet.changed() is None only before its first call)."""
+    snapshot = GroupSnapshot(epoch=members.epoch, members=members.members, next_expiry=None)
     return _view(snapshot, decoded, members.changed())
 
 

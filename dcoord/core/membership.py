@@ -50,9 +50,13 @@ class MemberSet:
     def read(self, snapshot: GroupSnapshot, now: float) -> None:
         """Take a full read made at monotonic time ``now`` (the subscription was
         listening before it started)."""
-        if snapshot.members != self.members:
-            self.members = dict(snapshot.members)
-            self._changed = None  # not worth listing: the next view compares everything
+        new, old = snapshot.members, self.members
+        if new != old:
+            if self._changed is not None:
+                # Set operations in C: the next view decodes only these members.
+                self._changed.update(old.keys() - new.keys())
+                self._changed.update(member_id for member_id, _ in new.items() - old.items())
+            self.members = dict(new)
             self.version += 1
         self.epoch = snapshot.epoch
         self._due = now + RESYNC_INTERVAL
@@ -92,7 +96,7 @@ class MemberSet:
         return now < self._due
 
     def changed(self) -> set[str] | None:
-        """The ids changed since the last call (None: unknown, compare all), reset."""
+        """The ids changed since the last call (None only before the first: all), reset."""
         changed, self._changed = self._changed, set()
         return changed
 

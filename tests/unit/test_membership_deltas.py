@@ -174,7 +174,7 @@ def test_member_set_asks_for_a_read_on_a_gap_a_bare_notification_or_when_due(
     members = MemberSet()
     members.read(GroupSnapshot(3, {"a": b"1"}, None), now=100.0)
     assert members.timeout(101.0) == 4.0
-    assert members.changed() is None  # after a read that changed it: compare everything
+    assert members.changed() is None  # before the first view: everything
     assert members.apply([_change(4, {"b": b"2"}), _change(4, {"b": b"2"})], 101.0)
     assert members.members == {"a": b"1", "b": b"2"} and members.epoch == 4
     assert members.changed() == {"b"}
@@ -183,8 +183,8 @@ def test_member_set_asks_for_a_read_on_a_gap_a_bare_notification_or_when_due(
     assert members.members == {"a": b"1", "b": b"2"}
     assert not members.apply([_change(6, left=("a",))], 101.0)  # epoch 5 is missing
     assert not members.apply(None, 101.0)  # a notification without its change
-    members.read(GroupSnapshot(6, {"b": b"2"}, None), now=102.0)
-    assert members.changed() is None
+    members.read(GroupSnapshot(6, {"b": b"2", "c": b"3"}, None), now=102.0)
+    assert members.changed() == {"a", "c"}  # what the read found changed, too
     assert not members.apply([], 107.0)  # the resync interval is up
     # An expiry falls due at the soonest seen: the read's, or a joined member's TTL.
     members.read(GroupSnapshot(6, {"b": b"2"}, 1.0), now=200.0)
