@@ -255,10 +255,10 @@ class GroupView(Mapping[str, Member]):
 
 
 class _Decoded:
-    """A follower's decoded members of its last read, so that the next read decodes
+    """A follower's decoded members of its last view, so that the next view decodes
     (JSON) only the members whose payload changed: at 1,000 members decoding them all
-    costs a few milliseconds per change, finding the changed ones with set operations
-    on the payload dicts a tenth of that."""
+    costs a few milliseconds per change. The changed ones are those a follower's
+    MemberSet lists, or else those set operations on the payload dicts find."""
 
     __slots__ = ("members", "payloads", "view")
 
