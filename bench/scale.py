@@ -14,7 +14,13 @@
    marker member joining. Reported: the CPU time (user + system, from /proc) of the
    follower's thread per membership change (epochs advanced, the marker included), and
    whether the ring ended equal to a ring built from scratch.
-3. For each server URL (not ``memory://``: its store lives in one process), *expiry at
+3. For each URL, a *burst of joins*: ``--burst`` members join as fast as one client can
+   into a group nobody follows (the baseline), into one followed by a live ring in a
+   second client (of this process: it competes for the GIL, as a ring in another
+   process would not), and into one followed by a live ring in the joining client too.
+   Reported: joins per second, and the seconds from the last join's return until each
+   ring has them all.
+4. For each server URL (not ``memory://``: its store lives in one process), *expiry at
    scale*: ``--expiry`` members (ttl ``--ttl``) joined by child processes of 100 members
    each, followed by ``--followers`` live rings (one client each, in this process); the
    children holding ``--kill`` of them are SIGKILLed at once. Reported: the seconds from
@@ -127,6 +133,31 @@ def follower(url: str, n: int, restart: int) -> None:
         live.close()
 
 
+def burst(url: str, n: int) -> None:
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    with (
+        dcoord.connect(url, namespace=namespace) as joiner,
+        dcoord.connect(url, namespace=namespace) as other,
+    ):
+        for name, followers in (("none", 0), ("alone", 1), ("local", 2)):
+            rings = [other.group(name).ring(), joiner.group(name).ring()][:followers]
+            group = joiner.group(name)
+            started = time.perf_counter()
+            for i in range(n):
+                group.join(f"b{i}", ttl=60)
+            ended = time.perf_counter()
+            rate = n / (ended - started)
+            seen = []
+            for ring in rings:
+                assert ring.wait_for(lambda r: len(r) == n, 120), f"ring saw {len(ring)} of {n}"
+                seen.append(time.perf_counter() - ended)
+            where = ("none", "other client only", "this client too")[followers]
+            times = "".join(f"{s:>10.3f}" for s in seen)
+            print(f"   {url.split('://')[0]:<8}{n:>7}  {where:<18}{rate:>9.0f}{times}")
+            for ring in rings:
+                ring.close()
+
+
 PER_CHILD = 100  # members per child process of the expiry run
 
 
@@ -208,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", default="10,100,1000,5000", help="group sizes, comma-separated")
     ap.add_argument("--builds", default="10,100,500,1000,2000,5000", help="ring sizes")
     ap.add_argument("--restart", type=int, default=200, help="members restarted (2 changes each)")
+    ap.add_argument("--burst", type=int, default=1000, help="members of the join burst (0: none)")
     ap.add_argument("--expiry", type=int, default=1000, help="members of the expiry run (0: none)")
     ap.add_argument("--kill", type=int, default=100, help="of which SIGKILLed (x 100)")
     ap.add_argument("--ttl", type=float, default=5.0, help="their ttl")
@@ -231,10 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     for url in args.urls:
         for n in (int(x) for x in args.members.split(",") if x):
             follower(url, n, args.restart)
+    if args.burst:
+        print(f"\n3. a burst of {args.burst} joins by one client")
+        print(
+            f"   {'backend':<8}{'members':>7}  {'live rings in':<18}{'joins/s':>9}"
+            f"{'other s':>10}{'this s':>10}  (s: after the last join)"
+        )
+        for url in args.urls:
+            burst(url, args.burst)
     servers = [url for url in args.urls if not url.startswith("memory:")]
     if args.expiry and servers:
         print(
-            f"\n3. expiry: {args.kill} of {args.expiry} members SIGKILLed at once "
+            f"\n4. expiry: {args.kill} of {args.expiry} members SIGKILLed at once "
             f"({PER_CHILD} per process), {args.followers} followers"
         )
         print(
