@@ -1,6 +1,7 @@
-"""Ring and membership at scale: HashRing build time and a live ring's CPU per change.
+"""Ring and membership at scale: HashRing build time, a live ring's CPU per change, expiry.
 
     python -m bench.scale [URL ...] [--members 10,100,1000,5000] [--restart 200]
+                          [--expiry 1000] [--kill 100] [--ttl 5] [--followers 3]
 
 1. ``HashRing`` of N nodes x 160 vnodes, built from scratch (points not cached: every
    virtual node hashed) and again (points cached per node), and one node added to it
@@ -13,6 +14,21 @@
    marker member joining. Reported: the CPU time (user + system, from /proc) of the
    follower's thread per membership change (epochs advanced, the marker included), and
    whether the ring ended equal to a ring built from scratch.
+3. For each URL, a *burst of joins*: ``--burst`` members join as fast as one client can
+   into a group nobody follows (the baseline), into one followed by a live ring in a
+   second client (of this process: it competes for the GIL, as a ring in another
+   process would not), and into one followed by a live ring in the joining client too.
+   Reported: joins per second, and the seconds from the last join's return until each
+   ring has them all.
+4. For each server URL (not ``memory://``: its store lives in one process), *expiry at
+   scale*: ``--expiry`` members (ttl ``--ttl``) joined by child processes of 100 members
+   each, followed by ``--followers`` live rings (one client each, in this process); the
+   children holding ``--kill`` of them are SIGKILLed at once. Reported: the seconds from
+   the kill until every follower's ring has dropped all of them (the slowest follower;
+   the bound is the TTL plus the time an expiry takes to be noticed), the ring updates
+   the followers made meanwhile (views delivered, each one incremental
+   ``with_changes``) against the epochs the group advanced by, their CPU, and whether
+   every ring ended equal to a ring built from scratch.
 
 Numbers depend on the machine's load; the machine these were taken on is shared, so run
 it twice and compare. A text table is printed (no plotting dependency).
@@ -24,6 +40,8 @@ import argparse
 import gc
 import os
 import platform
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -109,10 +127,110 @@ def follower(url: str, n: int, restart: int) -> None:
         for mode, changes, wall, spent, exact in results:
             per = spent / max(changes, 1) * 1e3
             print(
-                f"   {url.split('://')[0]:<7}{n:>7}{mode:>9}{changes:>9}{wall:>8.1f}"
+                f"   {url.split('://')[0]:<8}{n:>7}{mode:>9}{changes:>9}{wall:>8.1f}"
                 f"{spent:>9.2f}{per:>12.3f}  {'yes' if exact else 'NO'}"
             )
         live.close()
+
+
+def burst(url: str, n: int) -> None:
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    with (
+        dcoord.connect(url, namespace=namespace) as joiner,
+        dcoord.connect(url, namespace=namespace) as other,
+    ):
+        for name, followers in (("none", 0), ("alone", 1), ("local", 2)):
+            rings = [other.group(name).ring(), joiner.group(name).ring()][:followers]
+            group = joiner.group(name)
+            started = time.perf_counter()
+            for i in range(n):
+                group.join(f"b{i}", ttl=60)
+            ended = time.perf_counter()
+            rate = n / (ended - started)
+            seen = []
+            for ring in rings:
+                assert ring.wait_for(lambda r: len(r) == n, 120), f"ring saw {len(ring)} of {n}"
+                seen.append(time.perf_counter() - ended)
+            where = ("none", "other client only", "this client too")[followers]
+            times = "".join(f"{s:>10.3f}" for s in seen)
+            print(f"   {url.split('://')[0]:<8}{n:>7}  {where:<18}{rate:>9.0f}{times}")
+            for ring in rings:
+                ring.close()
+
+
+PER_CHILD = 100  # members per child process of the expiry run
+
+
+def child(url: str, namespace: str, name: str, first: int, count: int, ttl: float) -> None:
+    """Join members ``m<first>``... (kept alive by this process's heart-beats), say
+    ``ready``, and leave them when stdin closes (or die by SIGKILL, unannounced)."""
+    with dcoord.connect(url, namespace=namespace) as client:
+        group = client.group(name)
+        for i in range(first, first + count):
+            group.join(f"m{i}", ttl=ttl)
+        print("ready", flush=True)
+        sys.stdin.read()
+
+
+def expiry(url: str, n: int, killed: int, ttl: float, followers: int) -> None:
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    name = "expiry"
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "bench.scale", url, "--child", namespace, name]
+    children = [
+        subprocess.Popen(
+            [*command, str(first), str(min(PER_CHILD, n - first)), str(ttl)],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for first in range(0, n, PER_CHILD)
+    ]
+    clients = [dcoord.connect(url, namespace=namespace) for _ in range(followers)]
+    try:
+        for proc in children:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        rings, views = [], []
+        for client in clients:
+            group = client.group(name)
+            rings.append(group.ring())
+            seen: list[int] = []
+            views.append(seen)
+            group.watch(lambda view, seen=seen: seen.append(view.epoch))
+        for ring in rings:
+            assert ring.wait_for(lambda r: len(r) == n, 60), f"ring saw {len(ring)} of {n}"
+        victims = children[: killed // PER_CHILD]
+        gone = {f"m{i}" for i in range(len(victims) * PER_CHILD)}
+        threads = [t for t in threading.enumerate() if t.name == f"dcoord-follow-{name}"]
+        cpu = sum(_thread_cpu(t) for t in threads)
+        epochs = [ring.epoch for ring in rings]
+        counts = [len(seen) for seen in views]
+        killed_at = time.monotonic()
+        for proc in victims:
+            os.kill(proc.pid, signal.SIGKILL)
+        done = []
+        for ring in rings:
+            assert ring.wait_for(lambda r: not gone & set(r.members), ttl + 60), "not dropped"
+            done.append(time.monotonic() - killed_at)
+        cpu = sum(_thread_cpu(t) for t in threads) - cpu
+        updates = sum(len(seen) - c for seen, c in zip(views, counts, strict=True))
+        advanced = sum(ring.epoch - e for ring, e in zip(rings, epochs, strict=True))
+        exact = all(r.ring == HashRing(r.members.weights()) for r in rings)
+        print(
+            f"   {url.split('://')[0]:<8}{n:>7}{len(gone):>7}{ttl:>6g}{max(done):>9.2f}"
+            f"{max(done) - ttl:>10.2f}{updates / followers:>9.1f}{advanced / followers:>8.1f}"
+            f"{cpu / followers * 1e3:>10.1f}  {'yes' if exact else 'NO'}"
+        )
+    finally:
+        for client in clients:
+            client.close()
+        for proc in children:
+            if proc.poll() is None:
+                assert proc.stdin is not None
+                proc.stdin.close()  # the survivors leave
+        for proc in children:
+            proc.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", default="10,100,1000,5000", help="group sizes, comma-separated")
     ap.add_argument("--builds", default="10,100,500,1000,2000,5000", help="ring sizes")
     ap.add_argument("--restart", type=int, default=200, help="members restarted (2 changes each)")
+    ap.add_argument("--burst", type=int, default=1000, help="members of the join burst (0: none)")
+    ap.add_argument("--expiry", type=int, default=1000, help="members of the expiry run (0: none)")
+    ap.add_argument("--kill", type=int, default=100, help="of which SIGKILLed (x 100)")
+    ap.add_argument("--ttl", type=float, default=5.0, help="their ttl")
+    ap.add_argument("--followers", type=int, default=3, help="live rings following them")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        namespace, name, first, count, ttl = args.child
+        child(args.urls[0], namespace, name, int(first), int(count), float(ttl))
+        return 0
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}\n"
@@ -129,12 +257,33 @@ def main(argv: list[str] | None = None) -> int:
     builds([int(x) for x in args.builds.split(",")])
     print(f"2. live ring follower: CPU of its thread per change, restarting {args.restart}")
     print(
-        f"   {'backend':<7}{'members':>7}{'mode':>9}{'changes':>9}{'wall s':>8}"
+        f"   {'backend':<8}{'members':>7}{'mode':>9}{'changes':>9}{'wall s':>8}"
         f"{'cpu s':>9}{'ms/change':>12}  ring exact"
     )
     for url in args.urls:
-        for n in (int(x) for x in args.members.split(",")):
+        for n in (int(x) for x in args.members.split(",") if x):
             follower(url, n, args.restart)
+    if args.burst:
+        print(f"\n3. a burst of {args.burst} joins by one client")
+        print(
+            f"   {'backend':<8}{'members':>7}  {'live rings in':<18}{'joins/s':>9}"
+            f"{'other s':>10}{'this s':>10}  (s: after the last join)"
+        )
+        for url in args.urls:
+            burst(url, args.burst)
+    servers = [url for url in args.urls if not url.startswith("memory:")]
+    if args.expiry and servers:
+        print(
+            f"\n4. expiry: {args.kill} of {args.expiry} members SIGKILLed at once "
+            f"({PER_CHILD} per process), {args.followers} followers"
+        )
+        print(
+            f"   {'backend':<8}{'members':>7}{'killed':>7}{'ttl':>6}{'all gone':>9}"
+            f"{'after ttl':>10}{'updates':>9}{'epochs':>8}{'cpu ms':>10}  ring exact"
+        )
+        print("   (updates, epochs, cpu: per follower)")
+        for url in servers:
+            expiry(url, args.expiry, args.kill, args.ttl, args.followers)
     return 0
 
 

@@ -9,11 +9,14 @@ never by comparing client clocks.
 
 Everything that follows a group in one :class:`Group` object (live rings, watch
 callbacks) shares one *follower* thread: it subscribes to the group's change
-notifications (Redis pub/sub, an etcd watch, the embedded store's condition), re-reads
-the group on every notification, at the earliest expiry it saw (so that an expiry nobody
-reads still reaches watchers) and at least every :data:`RESYNC_INTERVAL` seconds, and
-publishes each new member set. It survives server restarts: a broken subscription is
-re-established and the group re-read, so no change is missed for good.
+notifications (Redis pub/sub, an etcd watch, the embedded store's change log), which
+carry the changes themselves: it applies them to the member set it last read while their
+epochs follow on (:class:`~dcoord.core.membership.MemberSet`), and re-reads the whole
+group only on a gap, on a notification without its change (from an older client), at
+the earliest expiry it saw (so that an expiry nobody reads still reaches watchers) and at
+least every :data:`RESYNC_INTERVAL` seconds. It publishes each new member set. It
+survives server restarts: a broken subscription is re-established and the group re-read,
+so no change is missed for good.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
-from .core.membership import beat_verdict, next_ring
+from .core.membership import RESYNC_INTERVAL as RESYNC_INTERVAL
+from .core.membership import MemberSet, beat_verdict, next_ring
 from .errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -60,11 +64,7 @@ MIN_TTL = 0.1
 MAX_WEIGHT = 1000.0
 MAX_MEMBER_ID = 256
 MAX_META_BYTES = 64 * 1024
-#: A follower re-reads its group at least this often, even without notifications.
-RESYNC_INTERVAL = 5.0
 _GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# Re-read this long after the earliest expiry a follower saw, so the member is surely due.
-_EXPIRY_SLACK = 0.005
 _MAX_BACKOFF = 1.0
 
 
@@ -229,6 +229,13 @@ class GroupView(Mapping[str, Member]):
         # (an earlier view, the ids added, removed or changed since it), when known.
         self._delta: tuple[GroupView, set[str]] | None = None
 
+    @classmethod
+    def _of(cls, epoch: int, members: dict[str, Member]) -> GroupView:
+        """A view that takes ``members`` as it is (nobody may change it afterwards)."""
+        view = cls(epoch, {})
+        view._members = members
+        return view
+
     def __getitem__(self, member_id: str) -> Member:
         return self._members[member_id]
 
@@ -248,10 +255,10 @@ class GroupView(Mapping[str, Member]):
 
 
 class _Decoded:
-    """A follower's decoded members of its last read, so that the next read decodes
+    """A follower's decoded members of its last view, so that the next view decodes
     (JSON) only the members whose payload changed: at 1,000 members decoding them all
-    costs a few milliseconds per change, finding the changed ones with set operations
-    on the payload dicts a tenth of that."""
+    costs a few milliseconds per change. The changed ones are those a follower's
+    MemberSet lists, or else those set operations on the payload dicts find."""
 
     __slots__ = ("members", "payloads", "view")
 
@@ -264,30 +271,44 @@ class _Decoded:
 _weight_of = attrgetter("weight")
 
 
-def _view(snapshot: GroupSnapshot, decoded: _Decoded | None = None) -> GroupView:
+def _view(
+    snapshot: GroupSnapshot, decoded: _Decoded | None = None, changed: set[str] | None = None
+) -> GroupView:
     """The snapshot's members, decoded (those with a readable record). ``decoded``, if
-    given, holds the previous read's and is updated to this one's."""
+    given, holds the previous view's and is updated to this one's; ``changed``, if
+    given, the ids whose payload may differ from it (the rest are not looked at)."""
     last = decoded if decoded is not None else _Decoded()
     payloads = snapshot.members
+    if changed is None or last.view is None:
+        gone = last.payloads.keys() - payloads.keys()
+        changed = gone.union(member_id for member_id, _ in payloads.items() - last.payloads.items())
+    # (A dict of our own, never changed once in the view: the view need not copy it.)
     members = dict(last.members)
-    gone = last.payloads.keys() - payloads.keys()
-    for member_id in gone:
-        members.pop(member_id, None)
-    changed = payloads.items() - last.payloads.items()
-    for member_id, payload in changed:
-        member = _decode(member_id, payload)
+    for member_id in changed:
+        payload = payloads.get(member_id)
+        member = None if payload is None else _decode(member_id, payload)
         if member is None:
             members.pop(member_id, None)
         else:
             members[member_id] = member
-    view = GroupView(snapshot.epoch, members)
+    view = GroupView._of(snapshot.epoch, members)
     if last.view is not None:
-        view._delta = (last.view, gone.union(member_id for member_id, _ in changed))
+        view._delta = (last.view, changed)
         # Subscribers are done with the last view's delta (delivery is synchronous):
         # dropping it keeps each view from holding every view before it alive.
         last.view._delta = None
     last.payloads, last.members, last.view = payloads, members, view
     return view
+
+
+def _view_of(members: MemberSet, decoded: _Decoded) -> GroupView:
+    """A follower's current members as a view (``decoded``: its last view's, updated).
+
+    Not a copy of the payloads, though the MemberSet goes on changing them in place:
+    only the first view compares them (with none), every later one is given the ids
+    changed since (MemberSet.changed() is None only before its first call)."""
+    snapshot = GroupSnapshot(epoch=members.epoch, members=members.members, next_expiry=None)
+    return _view(snapshot, decoded, members.changed())
 
 
 # -- a joined member ------------------------------------------------------------------
@@ -452,14 +473,17 @@ class _Subscriber(Protocol):
 
 
 class _Follower:
-    """One thread per followed Group: subscribe, re-read on change, publish to subscribers."""
+    """One thread per followed Group: subscribe, read, apply the notified changes (or
+    re-read when :class:`~dcoord.core.membership.MemberSet` says so), publish to
+    subscribers."""
 
     def __init__(self, group: Group) -> None:
         self._group = group
         self._store: GroupStore = group.client.backend.groups
         self._mutex = threading.Lock()
-        # Subscriber -> the members it was last given (None: nothing yet).
-        self._subscribers: dict[_Subscriber, Mapping[str, bytes] | None] = {}
+        # Subscriber -> the MemberSet version it was last given (None: nothing yet).
+        self._subscribers: dict[_Subscriber, int | None] = {}
+        self._members = MemberSet()
         self._stopped = False
         self._kick = threading.Event()
         self._started = False
@@ -490,6 +514,10 @@ class _Follower:
         self._wake()
         return True
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         with self._mutex:
             self._stopped = True
@@ -507,24 +535,27 @@ class _Follower:
     def _run(self) -> None:
         backoff = 0.05
         subscription: GroupSubscription | None = None
+        members, current = self._members, False
         try:
             while not self._stopped:
                 try:
                     if subscription is None:
                         subscription = self._subscription = self._store.subscribe(self._group.name)
-                    self._kick.clear()
-                    snapshot = self._store.read(self._group.name)
-                    metrics.group_size(self._group, len(snapshot.members))
-                    self._publish(snapshot)
+                    # A new subscriber (the kick) gets a fresh read, changed or not.
+                    if not current or self._kick.is_set():
+                        self._kick.clear()
+                        members.read(self._store.read(self._group.name), time.monotonic())
+                    metrics.group_size(self._group, len(members.members))
+                    self._publish()
                     self.error = None
                     backoff = 0.05
                     if self._stopped or self._kick.is_set():
                         continue
-                    timeout = RESYNC_INTERVAL
-                    if snapshot.next_expiry is not None:
-                        timeout = min(timeout, snapshot.next_expiry + _EXPIRY_SLACK)
-                    subscription.wait(timeout)
+                    current = False
+                    changes = subscription.wait(members.timeout(time.monotonic()))
+                    current = members.apply(changes, time.monotonic())
                 except Exception as exc:
+                    current = False
                     # Keep following whatever failed (an outage, a server refusing writes
                     # when out of memory): a dead follower would silently freeze every ring.
                     # A dcoord error (an outage, a refusal such as an ACL denial) says all
@@ -555,15 +586,16 @@ class _Follower:
                         extra=member_fields(self._group),
                     )
 
-    def _publish(self, snapshot: GroupSnapshot) -> None:
+    def _publish(self) -> None:
         view: GroupView | None = None
+        members = self._members
         with self._mutex:
             for subscriber, seen in list(self._subscribers.items()):
-                if seen == snapshot.members:
+                if seen == members.version:
                     continue
                 if view is None:
-                    view = _view(snapshot, self._decoded)
-                self._subscribers[subscriber] = snapshot.members
+                    view = _view_of(members, self._decoded)
+                self._subscribers[subscriber] = members.version
                 try:
                     subscriber._deliver(view)
                 except Exception:
@@ -782,6 +814,8 @@ class Group:
         self._joining = 0
         self._joined: dict[int, JoinedMember] = {}
         self._follower: _Follower | None = None
+        # Followers whose last subscriber left, until their thread has ended.
+        self._stopping: list[_Follower] = []
         self._followers: list[LiveRing | Watch] = []
         self._registered = False
 
@@ -915,7 +949,7 @@ class Group:
             self._mutex.wait_for(lambda: self._joining == 0)
             members = list(self._joined.values())
             subscribers = list(self._followers)
-            follower = self._follower
+            followers = [self._follower, *self._stopping]
         for member in members:
             self._leave_or_warn(member)
         for subscriber in subscribers:
@@ -923,8 +957,9 @@ class Group:
                 subscriber.close()
             else:
                 subscriber.stop()
-        if follower is not None:
-            follower.stop()  # waits for its thread, so no connection is left in use
+        for follower in followers:
+            if follower is not None:
+                follower.stop()  # waits for its thread, so no connection is left in use
 
     # -- internals
 
@@ -964,6 +999,10 @@ class Group:
             follower = self._follower
             if follower is not None and follower.remove(subscriber):
                 self._follower = None
+                # Its thread ends on its own; close() must still wait for it, or the
+                # client's connections close under its wait.
+                self._stopping = [f for f in self._stopping if f.running]
+                self._stopping.append(follower)
 
     def __repr__(self) -> str:
         return f"<dcoord.Group {self.name!r} of {self.client!r}>"

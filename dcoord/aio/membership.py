@@ -8,9 +8,11 @@ heart-beat failure loses a member). Only the I/O differs: every member's heart-b
 (on etcd: a keep-alive of the member's own lease) is a task on the client's loop, and
 everything that follows one :class:`AsyncGroup` (live rings, watches) shares one
 follower task that subscribes to the group's changes (Redis pub/sub, an etcd watch, the
-embedded store's wake-ups), re-reads the group on each, at the earliest expiry it saw
-and at least every :data:`~dcoord.membership.RESYNC_INTERVAL` seconds, and hands each
-new member set to its rings and watches. A broken subscription is re-established and
+embedded store's change log), applies the changes they carry, re-reads the group when
+:class:`~dcoord.core.membership.MemberSet` says so (a gap, a notification without its
+change, the earliest expiry it saw, at least every
+:data:`~dcoord.membership.RESYNC_INTERVAL` seconds), and hands each new member set to its
+rings and watches. A broken subscription is re-established and
 the group re-read, so no change is missed for good.
 
 Closing the client leaves its members (a leave the server does not confirm lets the
@@ -30,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..backends.aio_base import AsyncGroupStore, AsyncGroupSubscription, AsyncMemberRegistration
-from ..backends.base import GroupSnapshot
-from ..core.membership import beat_verdict, next_ring
+from ..core.membership import MemberSet, beat_verdict, next_ring
 from ..errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -42,10 +43,8 @@ from ..errors import (
 )
 from ..logfields import member_fields
 from ..membership import (
-    _EXPIRY_SLACK,
     _MAX_BACKOFF,
     DEFAULT_TTL,
-    RESYNC_INTERVAL,
     GroupView,
     Member,
     _check_count,
@@ -57,6 +56,7 @@ from ..membership import (
     _Decoded,
     _encode,
     _view,
+    _view_of,
 )
 from ..ring import DEFAULT_VNODES, HashRing, Key
 
@@ -379,8 +379,9 @@ class _Follower:
     def __init__(self, group: AsyncGroup) -> None:
         self._group = group
         self._store: AsyncGroupStore = group.client.backend.groups
-        # Subscriber -> the members it was last given (None: nothing yet).
-        self._subscribers: dict[_Subscriber, Mapping[str, bytes] | None] = {}
+        # Subscriber -> the MemberSet version it was last given (None: nothing yet).
+        self._subscribers: dict[_Subscriber, int | None] = {}
+        self._members = MemberSet()
         self._decoded = _Decoded()
         self._stopped = False
         self._kick = asyncio.Event()
@@ -423,24 +424,26 @@ class _Follower:
         name = self._group.name
         backoff = 0.05
         subscription: AsyncGroupSubscription | None = None
+        members, current = self._members, False
         try:
             while not self._stopped:
                 try:
                     if subscription is None:
                         subscription = await self._store.subscribe(name)
                         self._subscription = subscription
-                    snapshot = await self._store.read(name)
-                    metrics.group_size(self._group, len(snapshot.members))
-                    self._publish(snapshot)
+                    if not current:
+                        members.read(await self._store.read(name), time.monotonic())
+                    metrics.group_size(self._group, len(members.members))
+                    self._publish()
                     self.error = None
                     backoff = 0.05
                     if self._stopped:
                         return
-                    timeout = RESYNC_INTERVAL
-                    if snapshot.next_expiry is not None:
-                        timeout = min(timeout, snapshot.next_expiry + _EXPIRY_SLACK)
-                    await subscription.wait(timeout)
+                    current = False
+                    changes = await subscription.wait(members.timeout(time.monotonic()))
+                    current = members.apply(changes, time.monotonic())
                 except Exception as exc:
+                    current = False
                     # Keep following whatever failed: a dead follower would silently
                     # freeze every ring. As the sync follower, a repeated error goes to
                     # DEBUG, and only a bug's traceback is logged.
@@ -467,14 +470,15 @@ class _Follower:
                 except Exception:
                     log.debug("closing the subscription of %r failed", name)
 
-    def _publish(self, snapshot: GroupSnapshot) -> None:
+    def _publish(self) -> None:
         view: GroupView | None = None
+        members = self._members
         for subscriber, seen in list(self._subscribers.items()):
-            if seen == snapshot.members:
+            if seen == members.version:
                 continue
             if view is None:
-                view = _view(snapshot, self._decoded)
-            self._subscribers[subscriber] = snapshot.members
+                view = _view_of(members, self._decoded)
+            self._subscribers[subscriber] = members.version
             subscriber._deliver(view)
 
 

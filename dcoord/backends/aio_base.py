@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
-from .base import GroupSnapshot, LockGrant, LogEntry, ServerInfo
+from .base import GroupChange, GroupSnapshot, LockGrant, LogEntry, ServerInfo
 from .election_base import LeaderRecord
 
 T = TypeVar("T")
@@ -147,10 +147,11 @@ class AsyncMemberRegistration(Protocol):
 class AsyncGroupSubscription(Protocol):
     """Change notifications of one group, for the task that follows it."""
 
-    async def wait(self, timeout: float) -> None:
-        """Return when the group may have changed, or after ``timeout`` seconds; raise
-        BackendUnavailable when the channel broke (the next call re-establishes it and
-        returns at once, so the caller re-reads and misses nothing)."""
+    async def wait(self, timeout: float) -> list[GroupChange] | None:
+        """Return when the group may have changed, or after ``timeout`` seconds, with the
+        changes notified since the last call (None: re-read); raise BackendUnavailable
+        when the channel broke (the next call re-establishes it and returns None at once,
+        so the caller re-reads and misses nothing). See :meth:`.base.GroupSubscription.wait`."""
         ...
 
     async def wake(self) -> None:

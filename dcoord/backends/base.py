@@ -185,6 +185,31 @@ class GroupSnapshot:
     itself and notifies subscribers (etcd leases)."""
 
 
+@dataclass(frozen=True)
+class GroupChange:
+    """One change of a group's membership, as its notification carried it.
+
+    A follower applies it to the member set it holds at epoch ``e`` when
+    ``after <= e < epoch``: nothing else changed the group between ``after`` and
+    ``epoch``. A change with ``epoch <= e`` is already in that set; one with
+    ``after > e`` means changes were missed, and the follower re-reads.
+    """
+
+    epoch: int
+    """The group's epoch once the change is made."""
+    after: int
+    """The epoch this change follows: memory and Redis ``epoch - 1`` (a counter); etcd
+    the revision of the watch's previous event of the group (for its first event, the
+    revision the watch started at, which precedes any read made while it runs)."""
+    joined: Mapping[str, bytes]
+    """Member id -> payload of the members that joined."""
+    left: tuple[str, ...]
+    """The ids of the members that left or expired."""
+    ttl: float | None = None
+    """Seconds until the joined members expire unless refreshed, when a follower must
+    look for that itself (memory, Redis: see :attr:`GroupSnapshot.next_expiry`)."""
+
+
 class MemberRegistration(Protocol):
     """One member joined by this client: the backend's side of a :class:`dcoord.Member`."""
 
@@ -264,11 +289,15 @@ class TokenRegistration:
 class GroupSubscription(Protocol):
     """Change notifications of one group, for the thread that follows it."""
 
-    def wait(self, timeout: float) -> None:
-        """Return when the group may have changed, or after ``timeout`` seconds.
+    def wait(self, timeout: float) -> list[GroupChange] | None:
+        """Return when the group may have changed, or after ``timeout`` seconds, with the
+        changes notified since the last call, in order (``[]``: none, a timeout or a
+        :meth:`wake`), or None when a notification did not say what changed (one sent by
+        an older client) or the channel was re-established: then the caller re-reads.
 
         Raises BackendUnavailable when the notification channel broke; the next call
-        re-establishes it and returns at once, so the caller re-reads and misses nothing.
+        re-establishes it and returns None at once, so the caller re-reads and misses
+        nothing.
         """
         ...
 

@@ -1,20 +1,104 @@
 """Membership decisions shared by the sync and async groups (no I/O, no clock reads).
 
-:func:`next_ring` derives a live ring's next :class:`~dcoord.HashRing` from its last one
-and a new member set (hashing only the changed members' points); :func:`beat_verdict`
-says whether a member's heart-beat outcome at ``now`` means it is lost.
-:class:`dcoord.membership.LiveRing` (threads) and
-:class:`dcoord.aio.membership.AsyncLiveRing` (tasks) both call them.
+:class:`MemberSet` is a follower's copy of a group's members between full reads: it
+applies the changes notifications carry while their epochs follow on, and says when the
+follower must re-read instead. :func:`next_ring` derives a live ring's next
+:class:`~dcoord.HashRing` from its last one and a new member set (hashing only the
+changed members' points); :func:`beat_verdict` says whether a member's heart-beat
+outcome at ``now`` means it is lost. The sync follower (:mod:`dcoord.membership`,
+a thread) and the async one (:mod:`dcoord.aio.membership`, a task) both drive them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..backends.base import GroupChange, GroupSnapshot
 from ..ring import HashRing
 
 if TYPE_CHECKING:
     from ..membership import GroupView
+
+#: A follower re-reads its group at least this often, even without notifications.
+RESYNC_INTERVAL = 5.0
+# Re-read this long after the earliest expiry a follower saw, so the member is surely due.
+EXPIRY_SLACK = 0.005
+
+
+class MemberSet:
+    """A follower's member set (id -> payload) at :attr:`epoch`, kept current by
+    :meth:`apply` from the changes its subscription delivers, and by :meth:`read` from a
+    full read whenever :meth:`apply` says one is needed: a notification without its
+    change (an older client's), a gap in the epochs, or a read falling due (every
+    :data:`RESYNC_INTERVAL`, and at the earliest expiry the last read saw: on memory and
+    Redis expired members are pruned, and notified, only by an operation on the group).
+
+    :attr:`version` counts the changes of the member set itself (not every epoch is
+    one: an etcd revision of another key, a duplicate notification); :meth:`changed`
+    hands over the ids changed since its last call, so that a new view decodes only
+    those.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.members: dict[str, bytes] = {}
+        self.version = 0
+        self._changed: set[str] | None = None
+        self._due = 0.0
+
+    def read(self, snapshot: GroupSnapshot, now: float) -> None:
+        """Take a full read made at monotonic time ``now`` (the subscription was
+        listening before it started)."""
+        new, old = snapshot.members, self.members
+        if new != old:
+            if self._changed is not None:
+                # Set operations in C: the next view decodes only these members.
+                self._changed.update(old.keys() - new.keys())
+                self._changed.update(member_id for member_id, _ in new.items() - old.items())
+            self.members = dict(new)
+            self.version += 1
+        self.epoch = snapshot.epoch
+        self._due = now + RESYNC_INTERVAL
+        if snapshot.next_expiry is not None:
+            self._due = min(self._due, now + snapshot.next_expiry + EXPIRY_SLACK)
+
+    def timeout(self, now: float) -> float:
+        """Seconds the follower may wait for notifications before it must re-read."""
+        return max(0.0, self._due - now)
+
+    def apply(self, changes: Sequence[GroupChange] | None, now: float) -> bool:
+        """Apply ``changes`` (as a subscription's ``wait`` returned them); False when the
+        follower must re-read instead (see the class)."""
+        if changes is None:
+            return False
+        members, changed = self.members, self._changed
+        for change in changes:
+            if change.epoch <= self.epoch:
+                continue  # already in the set: a duplicate, or sent before the last read
+            if change.after > self.epoch:
+                return False  # some change between the two was missed
+            self.epoch = change.epoch
+            if change.ttl is not None:
+                # A new member: should it die unrefreshed, an operation must prune it.
+                self._due = min(self._due, now + change.ttl + EXPIRY_SLACK)
+            for member_id in change.left:
+                if members.pop(member_id, None) is not None:
+                    self.version += 1
+                    if changed is not None:
+                        changed.add(member_id)
+            for member_id, payload in change.joined.items():
+                if members.get(member_id) != payload:
+                    members[member_id] = payload
+                    self.version += 1
+                    if changed is not None:
+                        changed.add(member_id)
+        return now < self._due
+
+    def changed(self) -> set[str] | None:
+        """The ids changed since the last call (None only before the first: all), reset."""
+        changed, self._changed = self._changed, set()
+        return changed
 
 
 def next_ring(

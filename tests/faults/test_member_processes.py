@@ -172,17 +172,31 @@ def test_checker_catches_a_follower_that_ignores_expiries(
     servers: Any, namespace: str, monkeypatch: Any
 ) -> None:
     """Negative control on Redis: nobody reads the group, so only the follower's wake-up at
-    the earliest expiry prunes a killed member; without it the check must fail."""
+    the earliest expiry (its reads', or a joined member's TTL) prunes a killed member;
+    without it the check must fail."""
     url = servers.url("redis")
     ttl = TTL["redis"]
     with dcoord.connect(url, namespace=namespace) as observer:
         store = observer.backend.groups
-        read = store.read
+        read, subscribe = store.read, store.subscribe
 
         def read_without_expiry(group: str) -> Any:
             return dataclasses.replace(read(group), next_expiry=None)
 
-        monkeypatch.setattr(store, "read", read_without_expiry)  # the broken variant
+        def subscribe_without_expiry(group: str) -> Any:
+            subscription = subscribe(group)
+            wait = subscription.wait
+
+            def wait_without_expiry(timeout: float) -> Any:
+                changes = wait(timeout)
+                return changes and [dataclasses.replace(c, ttl=None) for c in changes]
+
+            subscription.wait = wait_without_expiry
+            return subscription
+
+        # The broken variant:
+        monkeypatch.setattr(store, "read", read_without_expiry)
+        monkeypatch.setattr(store, "subscribe", subscribe_without_expiry)
         ring = observer.group("g").ring()
         victim = MemberProcess(url, namespace, "g", "victim", ttl)
         try:

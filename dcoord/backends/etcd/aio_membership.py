@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
 from ...errors import BackendUnavailable
-from ..base import GroupSnapshot
+from ..base import GroupChange, GroupSnapshot
 from .locks import _created_at, _first_kv, _range
-from .membership import member_value, members_of, members_prefix
+from .membership import changes_of, member_value, members_of, members_prefix
 
 if TYPE_CHECKING:
     from .aio_locks import AsyncEtcdBackend, AsyncEtcdLocks
@@ -117,6 +118,7 @@ class AsyncEtcdSubscription:
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._changes: list[GroupChange] = []
 
     async def connect(self) -> None:
         backend = self._backend
@@ -126,16 +128,17 @@ class AsyncEtcdSubscription:
             key=self._prefix, range_end=prefix_range_end(self._prefix)
         )
 
-        async def created() -> None:
+        async def created() -> int:
             await stream.write(etcdrpc.WatchRequest(create_request=create))
             # Only once the watch is created is no later change missed.
             async with asyncio.timeout(backend.timeout):
                 reply = await stream.read()
             if reply is grpc.aio.EOF or not reply.created or reply.canceled:
                 raise BackendUnavailable(f"{self._what}: the watch was not created")
+            return int(reply.header.revision)
 
         try:
-            await backend.call(created, what=self._what)
+            revision = await backend.call(created, what=self._what)
         except BaseException as exc:
             stream.cancel()
             if isinstance(exc, TimeoutError):
@@ -143,26 +146,35 @@ class AsyncEtcdSubscription:
             raise
         self._stream = stream
         self._changed.clear()
+        self._changes = []
         self._reader = asyncio.get_running_loop().create_task(
-            self._read(stream), name=f"dcoord {self._what}"
+            self._read(stream, revision), name=f"dcoord {self._what}"
         )
 
-    async def _read(self, stream: Any) -> None:
+    async def _read(self, stream: Any, revision: int) -> None:
+        # ``revision``: the watch's start, then its last event's (see changes_of).
+        prefix = self._prefix.decode()
         try:
             while True:
                 reply = await stream.read()
                 if reply is grpc.aio.EOF or reply.canceled:
                     return  # wait() sees the reader done: the stream ended
                 if reply.events:
+                    events = (
+                        (e.type != kv_pb2.Event.DELETE, e.kv.key, e.kv.value, e.kv.mod_revision)
+                        for e in reply.events
+                    )
+                    changes, revision = changes_of(events, prefix, revision)
+                    self._changes += changes
                     self._changed.set()
         finally:
             self._changed.set()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> list[GroupChange] | None:
         reader = self._reader
         if self._stream is None or reader is None:
             await self.connect()
-            return  # watching again: the caller re-reads, so nothing is missed
+            return None  # watching again: the caller re-reads, so nothing is missed
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
         # (the follower stopping) that arrives as the event is set.
         with contextlib.suppress(TimeoutError):
@@ -173,6 +185,8 @@ class AsyncEtcdSubscription:
             await self.close()
             error = None if reader.cancelled() else reader.exception()
             raise BackendUnavailable(f"{self._what}: the watch stream broke: {error}") from error
+        changes, self._changes = self._changes, []
+        return changes
 
     async def wake(self) -> None:
         self._changed.set()

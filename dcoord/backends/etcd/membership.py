@@ -3,8 +3,9 @@
 ``/dcoord/<ns>/groups/<g>/members/<id>`` holds ``<token> <payload>``, put with the
 lease of the member's TTL (``backend.leases.lease(ttl)``), so the member lives exactly as
 long as the client keeps that lease alive: etcd deletes the key when the lease expires,
-by the server's clock. A watch on the prefix tells followers about every change; the
-epoch of a read is its etcd revision.
+by the server's clock. A watch on the prefix tells followers about every change, and its
+events are the changes themselves (:func:`changes_of`); the epoch of a read is its etcd
+revision.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import contextlib
 import functools
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from pyetcd.events import PutEvent
+
 from ...errors import BackendUnavailable, ClientClosed
-from ..base import GroupSnapshot
+from ..base import GroupChange, GroupSnapshot
 from .leases import Lease
 
 if TYPE_CHECKING:
@@ -42,6 +45,36 @@ def members_of(kvs: Any, prefix: str) -> dict[str, bytes]:
         _, _, payload = bytes(kv.value).partition(b" ")
         members[kv.key.decode()[cut:]] = payload
     return members
+
+
+def changes_of(
+    events: Iterable[tuple[bool, bytes, bytes, int]], prefix: str, after: int
+) -> tuple[list[GroupChange], int]:
+    """The changes of watch ``events`` (put?, key, value, revision) under ``prefix``, one
+    per revision (a lease's expiry deletes all its keys in one), each following the one
+    before it from ``after`` (the watch's previous revision); and the last revision.
+
+    A watch delivers every event after its start, in order, and never splits one
+    revision's events between responses, so each change follows the previous one.
+    """
+    cut = len(prefix)
+    changes: list[GroupChange] = []
+    joined: dict[str, bytes] = {}
+    left: list[str] = []
+    revision = after
+    for put, key, value, event_revision in events:
+        if event_revision != revision and (joined or left):
+            changes.append(GroupChange(revision, after, joined, tuple(left)))
+            after, joined, left = revision, {}, []
+        revision = event_revision
+        member_id = key.decode()[cut:]
+        if put:
+            joined[member_id] = value.partition(b" ")[2]
+        else:
+            left.append(member_id)
+    if joined or left:
+        changes.append(GroupChange(revision, after, joined, tuple(left)))
+    return changes, revision
 
 
 class EtcdGroups:
@@ -178,6 +211,10 @@ class EtcdSubscription:
         self._mutex = threading.Lock()
         self._generation = 0
         self._error: BaseException | None = None
+        self._changes: list[GroupChange] = []
+        # The revision of the watch's last event (0 before its first: the watch started
+        # before any read the caller makes while it runs).
+        self._revision = 0
         self._watch_id: Any = None
         self._start()
 
@@ -186,6 +223,7 @@ class EtcdSubscription:
             self._generation += 1
             generation = self._generation
             self._error = None
+            self._changes, self._revision = [], 0
 
         def on_response(response: Any) -> None:
             with self._mutex:
@@ -193,6 +231,13 @@ class EtcdSubscription:
                     return  # from a watch this subscription already replaced
                 if isinstance(response, BaseException):
                     self._error = response
+                else:
+                    events = (
+                        (isinstance(e, PutEvent), e.key, e.value, e.mod_revision)
+                        for e in response.events
+                    )
+                    changes, self._revision = changes_of(events, self._prefix, self._revision)
+                    self._changes += changes
             self._event.set()
 
         # A watch not created in time (WatchTimedOut) ends as BackendUnavailable.
@@ -201,19 +246,21 @@ class EtcdSubscription:
             what=self._what,
         )
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> list[GroupChange] | None:
         if self._watch_id is None:
             self._start()
-            return  # watching again: the caller re-reads, so nothing is missed
+            return None  # watching again: the caller re-reads, so nothing is missed
         if self._event.wait(timeout):
             self._event.clear()
         with self._mutex:
             error, self._error = self._error, None
+            changes, self._changes = self._changes, []
         if error is not None:
             # The stream broke (server restart, connection lost): pyetcd has dropped every
             # watch on it; the next wait() watches again.
             self._watch_id = None
             raise BackendUnavailable(f"{self._what}: the watch stream broke: {error}") from error
+        return changes
 
     def wake(self) -> None:
         self._event.set()

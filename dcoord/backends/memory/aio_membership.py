@@ -4,7 +4,8 @@ Joins, reads, heart-beats and leaves are :class:`.membership.MemoryGroups`' own 
 (short critical sections that never wait), so sync and async members of one
 ``memory://`` store see each other. Only waiting differs: a subscription registers a
 waker on the group's key that sets an :class:`asyncio.Event` on its loop
-(thread-safely), called by every change.
+(thread-safely), called by every change; it then hands over the changes from the
+group's change log, as the sync subscription does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from ..base import GroupSnapshot, TokenRegistration
+from ..base import GroupChange, GroupSnapshot, TokenRegistration
 from .membership import MemoryGroups
 
 
@@ -62,15 +63,20 @@ class AsyncMemorySubscription:
         self._group = group
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        groups.add_waker(group, self._wake)
+        with groups.cond:  # (no change between the epoch and the waker)
+            self._seen = groups.epoch(group)
+            groups.add_waker(group, self._wake)
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> list[GroupChange] | None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
         # (the follower stopping) that arrives as the event is set.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._changed.wait()
         self._changed.clear()
+        with self._groups.cond:
+            self._seen, changes = self._groups.changes(self._group, self._seen)
+        return changes
 
     async def wake(self) -> None:
         self._changed.set()

@@ -2,7 +2,10 @@
 
 The record is ``{"epoch": n, "members": {id: {"expires": t, "token": s, "payload": s}}}``
 under ``<namespace>/groups/<name>``. Every operation runs under the server's condition
-and notifies it on change, which is what subscribers wait on.
+and notifies it on change, which is what subscribers wait on; each change is also
+appended to the group's change log (the last :data:`LOG_LENGTH`, kept beside the server's
+data rather than in the record that every operation parses whole), from which
+subscribers hand followers the changes themselves.
 """
 
 from __future__ import annotations
@@ -11,19 +14,31 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..base import GroupSnapshot, TokenRegistration
+from ..base import GroupChange, GroupSnapshot, TokenRegistration
 
 if TYPE_CHECKING:
     from . import MemoryServer
+
+#: Changes kept per group: a subscriber further behind than this re-reads the group.
+LOG_LENGTH = 1024
+
+# Server -> group key -> its last changes, oldest first (guarded by the server's cond).
+_logs: weakref.WeakKeyDictionary[MemoryServer, dict[str, deque[GroupChange]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class MemoryGroups:
     def __init__(self, server: MemoryServer, prefix: str) -> None:
         self._server = server
         self._prefix = f"{prefix}groups/"
+        with server.cond:
+            self._logs = _logs.setdefault(server, {})
 
     # Callers hold self._server.cond for everything below that touches the record.
 
@@ -32,10 +47,22 @@ class MemoryGroups:
         record: dict[str, Any] = json.loads(raw) if raw is not None else {"epoch": 0, "members": {}}
         return record
 
-    def _store(self, group: str, record: dict[str, Any]) -> None:
+    def _store(
+        self,
+        group: str,
+        record: dict[str, Any],
+        joined: Mapping[str, bytes] | None = None,
+        left: tuple[str, ...] = (),
+        ttl: float | None = None,
+    ) -> None:
         record["epoch"] += 1
         key = self._prefix + group
         self._server.data[key] = json.dumps(record).encode()
+        log = self._logs.get(key)
+        epoch = record["epoch"]
+        if log is None or (log and log[-1].epoch >= epoch):  # (the record was replaced)
+            log = self._logs[key] = deque(maxlen=LOG_LENGTH)
+        log.append(GroupChange(epoch, epoch - 1, joined or {}, left, ttl))
         self._server.cond.notify_all()
         for waker in self._server.wakers.get(key, ()):
             waker()
@@ -48,12 +75,29 @@ class MemoryGroups:
         for member_id in expired:
             del members[member_id]
         if expired:
-            self._store(group, record)
+            self._store(group, record, left=tuple(expired))
         return record
 
     def epoch(self, group: str) -> int:
         with self._server.cond:
             return int(self._load(group)["epoch"])
+
+    def changes(self, group: str, seen: int) -> tuple[int, list[GroupChange] | None]:
+        """The group's last epoch and its changes after epoch ``seen`` (None: ``seen`` is
+        not one the log knows, or is older than it: re-read). Caller holds the cond."""
+        log = self._logs.get(self._prefix + group)
+        if not log or log[-1].epoch == seen:
+            return seen, []
+        if not log[0].after <= seen <= log[-1].epoch:
+            return log[-1].epoch, None
+        # Newest first: a follower that keeps up wants the last one or two.
+        newer: list[GroupChange] = []
+        for change in reversed(log):
+            if change.epoch <= seen:
+                break
+            newer.append(change)
+        newer.reverse()
+        return log[-1].epoch, newer
 
     def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
@@ -69,7 +113,7 @@ class MemoryGroups:
                 "token": token,
                 "payload": payload.decode(),
             }
-            self._store(group, record)
+            self._store(group, record, joined={member_id: payload}, ttl=ttl)
         return TokenRegistration(self, group, member_id, token, ttl, expires)
 
     def read(self, group: str) -> GroupSnapshot:
@@ -101,7 +145,7 @@ class MemoryGroups:
             if entry is None or entry["token"] != token:
                 return False
             del record["members"][member_id]
-            self._store(group, record)
+            self._store(group, record, left=(member_id,))
             return True
 
     def subscribe(self, group: str) -> MemorySubscription:
@@ -132,13 +176,18 @@ class MemorySubscription:
         self._seen = groups.epoch(group)
         self._woken = False
 
-    def wait(self, timeout: float) -> None:
-        with self._groups.cond:
-            self._groups.cond.wait_for(
-                lambda: self._woken or self._groups.epoch(self._group) != self._seen, timeout
+    def wait(self, timeout: float) -> list[GroupChange] | None:
+        groups, group = self._groups, self._group
+        with groups.cond:
+            # The log, not the record: the condition wakes on every lock and key change
+            # of the whole store, and parsing the record each time cost milliseconds.
+            groups.cond.wait_for(
+                lambda: self._woken or groups.changes(group, self._seen)[0] != self._seen,
+                timeout,
             )
-            self._seen = self._groups.epoch(self._group)
+            self._seen, changes = groups.changes(group, self._seen)
             self._woken = False
+        return changes
 
     def wake(self) -> None:
         with self._groups.cond:

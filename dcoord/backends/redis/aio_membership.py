@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio.cluster import RedisCluster
 
 from ...errors import BackendUnavailable
-from ..base import GroupSnapshot
+from ..base import GroupChange, GroupSnapshot
 from . import aio_locks  # (a module: aio_locks imports this one)
 from .locks import ORPHAN_RETRY_FIRST, ORPHAN_RETRY_MAX, answered
-from .membership import SCRIPT, group_keys, snapshot_of
+from .membership import SCRIPT, collect, group_keys, snapshot_of
 
 if TYPE_CHECKING:
     from .aio_locks import AsyncRedisBackend
@@ -194,27 +194,31 @@ class AsyncRedisSubscription:
             raise
         self._pubsub = pubsub
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> list[GroupChange] | None:
         if self._pubsub is None:
             await self.connect()
-            return  # re-subscribed: the caller re-reads, so nothing is missed
+            return None  # re-subscribed: the caller re-reads, so nothing is missed
         pubsub = self._pubsub
         deadline = time.monotonic() + timeout
+        channel = self._channel.encode()
 
-        async def receive() -> None:
+        async def receive() -> list[GroupChange] | None:
+            changes: list[GroupChange] | None = []
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return
+                    return changes
                 message = await self._get(pubsub, remaining)
                 if message is not None and message["type"] in ("message", "smessage"):
-                    # Drain what else arrived: one re-read covers every change so far.
-                    while await self._get(pubsub, 0) is not None:
-                        pass
-                    return
+                    # Take what else arrived too: the follower applies it all at once.
+                    while message is not None:
+                        if message["type"] in ("message", "smessage"):
+                            changes = collect(changes, message, channel)
+                        message = await self._get(pubsub, 0)
+                    return changes
 
         try:
-            await self._backend.call(receive, what=self._what)
+            return await self._backend.call(receive, what=self._what)
         except BackendUnavailable:
             self._pubsub = None
             with contextlib.suppress(Exception):

@@ -4,7 +4,11 @@
 -- KEYS[2] hash: member id -> payload
 -- KEYS[3] hash: member id -> owner token (one per join)
 -- KEYS[4] string: the group's epoch, INCRed on every change
--- ARGV[1] the channel changes are published on (the message is the new epoch)
+-- ARGV[1] the channel changes are published on: each message is the change itself, the
+--         JSON array [epoch (a string), op (join | leave | expire), [ids], payload ('' but
+--         for a join), ttl in ms (0 but for a join)], so that followers apply it without
+--         re-reading the group. (Clients
+--         before this published the bare epoch; followers re-read on such a message.)
 -- ARGV[2] the operation: join | refresh | leave | read; then its arguments.
 --
 -- Liveness is decided here, by the server's clock only: clients never compare clocks.
@@ -35,9 +39,9 @@ end
 -- An out-of-memory server refuses INCR, ZADD and HSET but not ZREM or HDEL, and once a
 -- script has written it lets the rest through: every change calls changed() (INCR)
 -- before it writes or removes anything, so if the server refuses, nothing happened.
-local function changed()
+local function changed(what, ids, payload, ttl)
   local epoch = redis.call('INCR', epoch_key)
-  redis.call('PUBLISH', channel, epoch)
+  redis.call('PUBLISH', channel, cjson.encode({tostring(epoch), what, ids, payload, ttl}))
 end
 
 local function remove(ids)
@@ -51,7 +55,7 @@ end
 
 local expired = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
 if #expired > 0 then
-  changed()
+  changed('expire', expired, '', 0)
   remove(expired)
 end
 
@@ -83,7 +87,7 @@ if op == 'join' then
   local ttl, payload = tonumber(ARGV[5]), ARGV[6]
   if owner and owner ~= token then return 0 end
   -- The same token again is a retried join whose reply was lost: only extend it.
-  if not owner then changed() end
+  if not owner then changed('join', {id}, payload, ttl) end
   redis.call('ZADD', expiries, now + ttl, id)
   if not owner then
     redis.call('HSET', payloads, id, payload)
@@ -97,7 +101,7 @@ elseif op == 'refresh' then
   return 1
 elseif op == 'leave' then
   if owner ~= token then return 0 end
-  changed()
+  changed('leave', {id}, '', 0)
   remove({id})
   return 1
 end

@@ -6,11 +6,12 @@ Keys of group ``g`` (one hash slot, thanks to the ``{g}`` tag)::
     dcoord:<ns>:group:{g}:payloads   hash        member id -> payload
     dcoord:<ns>:group:{g}:owners     hash        member id -> token of the join
     dcoord:<ns>:group:{g}:epoch      counter     INCRed on every change
-    dcoord:<ns>:group:{g}:changes    channel     the new epoch, on every change
+    dcoord:<ns>:group:{g}:changes    channel     every change: epoch, op, ids, payload
     dcoord:<ns>:group:{g}:wake:<id>  channel     wakes one follower (see wake())
 
 Every operation is ``membership.lua`` (sent once, then run by SHA; reloaded on
-NOSCRIPT), which first prunes expired members, so a read never returns a dead one. On a
+NOSCRIPT), which first prunes expired members, so a read never returns a dead one, and
+publishes each change (:func:`change_of` decodes it) for followers to apply. On a
 Redis Cluster the channels are shard channels (SPUBLISH / SSUBSCRIBE): both carry the
 group's hash tag, so one connection to the group's primary serves a follower.
 """
@@ -18,6 +19,7 @@ group's hash tag, so one connection to the group's primary serves a follower.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import secrets
 import time
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ...errors import BackendUnavailable
-from ..base import GroupSnapshot, TokenRegistration
+from ..base import GroupChange, GroupSnapshot, TokenRegistration
 from .locks import LuaScript
 from .scripts import lua
 
@@ -53,6 +55,36 @@ def snapshot_of(reply: Any) -> GroupSnapshot:
         members=members,
         next_expiry=None if next_ms < 0 else next_ms / 1000,
     )
+
+
+def change_of(message: bytes) -> GroupChange | None:
+    """The change a ``changes`` message carries (see membership.lua); None for one that
+    carries none: a client before deltas published only the new epoch."""
+    try:
+        epoch_text, op, ids, payload, ttl_ms = json.loads(message)
+        epoch = int(epoch_text)
+    except (ValueError, TypeError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    if op == "join" and len(ids) == 1:
+        return GroupChange(epoch, epoch - 1, {ids[0]: payload.encode()}, (), ttl_ms / 1000)
+    if op in ("leave", "expire"):
+        # An empty Lua table encodes as {}: tuple() of it is () all the same.
+        return GroupChange(epoch, epoch - 1, {}, tuple(ids))
+    return None
+
+
+def collect(
+    changes: list[GroupChange] | None, message: Any, channel: bytes
+) -> list[GroupChange] | None:
+    """``changes`` with the one of pub/sub ``message`` added if it came on ``channel`` (the
+    group's; the other is the wake-up channel); None once any message lacked its change."""
+    if changes is None or message["channel"] != channel:
+        return changes
+    change = change_of(message["data"])
+    if change is None:
+        return None
+    changes.append(change)
+    return changes
 
 
 class RedisGroups:
@@ -115,6 +147,7 @@ class RedisSubscription:
     def __init__(self, backend: RedisBackend, channel: str, wake_channel: str, group: str) -> None:
         self._backend = backend
         self._channel = channel
+        self._channel_bytes = channel.encode()
         self._wake_channel = wake_channel
         self._what = f"subscribe to changes of group {group!r}"
         self._sharded = backend.settings.topology == "cluster"
@@ -149,27 +182,30 @@ class RedisSubscription:
             raise
         self._pubsub = pubsub
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> list[GroupChange] | None:
         if self._pubsub is None:
             self._connect()
-            return  # re-subscribed: the caller re-reads, so nothing is missed
+            return None  # re-subscribed: the caller re-reads, so nothing is missed
         pubsub = self._pubsub
         deadline = time.monotonic() + timeout
 
-        def receive() -> None:
+        def receive() -> list[GroupChange] | None:
+            changes: list[GroupChange] | None = []
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return
+                    return changes
                 message = self._get(pubsub, remaining)
                 if message is not None and message["type"] in ("message", "smessage"):
-                    # Drain what else arrived: one re-read covers every change so far.
-                    while self._get(pubsub, 0) is not None:
-                        pass
-                    return
+                    # Take what else arrived too: the follower applies it all at once.
+                    while message is not None:
+                        if message["type"] in ("message", "smessage"):
+                            changes = collect(changes, message, self._channel_bytes)
+                        message = self._get(pubsub, 0)
+                    return changes
 
         try:
-            self._backend.call(receive, what=self._what)
+            return self._backend.call(receive, what=self._what)
         except BackendUnavailable:
             self._pubsub = None
             pubsub.close()
