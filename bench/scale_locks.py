@@ -129,7 +129,7 @@ def hold_rows(servers: list[Server], n: int, ttls: list[float], seconds: float) 
             row = hold(server, n, ttl, max(seconds, 3 * ttl))
             print(
                 f"   {server.kind:<8}{ttl:>6g}{row['acquire/s']:>11,.0f}{row['held']:>8,}"
-                f"{row['lost']:>7,}{row['cpu']:>7.2f}{row['trips/s']:>10,.0f}"
+                f"{row['lost']:>7,}{row['cpu']:>7.2f}{row['trips/s']:>10,.1f}"
                 f"{row['scripts/s']:>11,.0f}",
                 flush=True,
             )
