@@ -102,6 +102,7 @@ def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
         for lock in locks:
             assert lock.acquire(timeout=30), f"{lock.name} not acquired"
         acquire_rate = n / (time.perf_counter() - started)
+        lost_acquiring = len(lost)
         trips, scripts = server_requests(server)
         cpu, wall = time.process_time(), time.perf_counter()
         time.sleep(seconds)  # the bench measures what the watchdog does meanwhile
@@ -112,6 +113,7 @@ def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
         "acquire/s": acquire_rate,
         "held": held,
         "lost": len(lost),
+        "lost acquiring": lost_acquiring,
         "cpu": cpu / wall,
         "trips/s": (trips2 - trips - 1) / wall,  # one read is the first counter's own
         "scripts/s": (scripts2 - scripts) / wall,
@@ -121,19 +123,23 @@ def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
 def hold_rows(servers: list[Server], n: int, ttls: list[float], seconds: float) -> None:
     print(f"1. one client holds {n:,} auto-renewed locks")
     print(
-        f"   {'backend':<8}{'ttl s':>6}{'acquire/s':>11}{'held':>8}{'lost':>7}{'cpu':>7}"
-        f"{'trips/s':>10}{'scripts/s':>11}"
+        f"   {'backend':<8}{'ttl s':>6}{'acquire/s':>11}{'held':>8}{'lost':>7}"
+        f"{'(acquiring)':>12}{'cpu':>7}{'trips/s':>10}{'scripts/s':>11}"
     )
     for server in servers:
         for ttl in ttls:
             row = hold(server, n, ttl, max(seconds, 3 * ttl))
             print(
                 f"   {server.kind:<8}{ttl:>6g}{row['acquire/s']:>11,.0f}{row['held']:>8,}"
-                f"{row['lost']:>7,}{row['cpu']:>7.2f}{row['trips/s']:>10,.1f}"
+                f"{row['lost']:>7,}{row['lost acquiring']:>12,}{row['cpu']:>7.2f}"
+                f"{row['trips/s']:>10,.1f}"
                 f"{row['scripts/s']:>11,.0f}",
                 flush=True,
             )
-    print("   (cpu: client CPU seconds per second; scripts/s: Redis EVALSHA, etcd keep-alives)")
+    print(
+        "   (acquiring: lost before the last lock was acquired; cpu: client CPU seconds per\n"
+        "   second of holding; scripts/s: Redis EVALSHA, etcd keep-alive requests)"
+    )
 
 
 # -- 2. many processes, many names --------------------------------------------------
