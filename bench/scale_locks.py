@@ -1,6 +1,6 @@
 """Locks at scale: many auto-renewed locks in one client, and many processes contending.
 
-    python -m bench.scale_locks [hold|contend ...] [--locks 10000] [--ttls 1,3]
+    python -m bench.scale_locks [hold|contend ...] [--locks 10000] [--ttls 1,3] [--aio]
                                 [--hold 9] [--processes 100] [--names 1000] [--seconds 10]
 
 Starts its own Redis (AOF, ``appendfsync always``, as tests.servers configures it) and
@@ -14,6 +14,7 @@ etcd 3.4 processes on loopback (tests.servers) and stops them at the end.
    ``total_reads_processed`` (one per round trip read from a connection, so a
    pipeline of many commands counts once) next to the ``EVALSHA`` calls
    (``INFO commandstats``); etcd the gRPC messages its ``/metrics`` counts received.
+   ``--aio``: the same with the async API (``dcoord.aio``).
 2. ``contend``: ``--processes`` processes (forked, each with its own client) take
    random names of ``--names`` for ``--seconds``: acquire, 5 ms of work, release.
    Reported: grants/s, wait p50/p99 (acquire called to returned), and the hand-off
@@ -28,6 +29,7 @@ Numbers depend on the machine's load (the machine these were taken on is shared)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis
 
 import dcoord
+import dcoord.aio
 from tests.servers import Server, start_server
 
 WORK = 0.005  # the critical section of the contention bench
@@ -91,6 +94,37 @@ def server_requests(server: Server) -> tuple[int, int]:
     return int(received), int(keepalives)
 
 
+async def hold_async(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
+    """:func:`hold` with the async API (``dcoord.aio``)."""
+    lost: list[str] = []
+    namespace = f"hold-{uuid.uuid4().hex[:8]}"
+    async with await dcoord.aio.connect(server.url, namespace=namespace) as client:
+        locks = [
+            client.lock(f"res-{i}", ttl=ttl, on_lost=lambda lock: lost.append(lock.name))
+            for i in range(n)
+        ]
+        started = time.perf_counter()
+        for lock in locks:
+            assert await lock.acquire(timeout=30), f"{lock.name} not acquired"
+        acquire_rate = n / (time.perf_counter() - started)
+        lost_acquiring = len(lost)
+        trips, scripts = server_requests(server)
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        trips2, scripts2 = server_requests(server)
+        held = sum(lock.held for lock in locks)
+    return {
+        "acquire/s": acquire_rate,
+        "held": held,
+        "lost": len(lost),
+        "lost acquiring": lost_acquiring,
+        "cpu": cpu / wall,
+        "trips/s": (trips2 - trips - 1) / wall,
+        "scripts/s": (scripts2 - scripts) / wall,
+    }
+
+
 def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
     lost: list[str] = []
     with dcoord.connect(server.url, namespace=f"hold-{uuid.uuid4().hex[:8]}") as client:
@@ -120,15 +154,21 @@ def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
     }
 
 
-def hold_rows(servers: list[Server], n: int, ttls: list[float], seconds: float) -> None:
-    print(f"1. one client holds {n:,} auto-renewed locks")
+def hold_rows(
+    servers: list[Server], n: int, ttls: list[float], seconds: float, aio: bool = False
+) -> None:
+    print(f"1. one {'async ' if aio else ''}client holds {n:,} auto-renewed locks")
     print(
         f"   {'backend':<8}{'ttl s':>6}{'acquire/s':>11}{'held':>8}{'lost':>7}"
         f"{'(acquiring)':>12}{'cpu':>7}{'trips/s':>10}{'scripts/s':>11}"
     )
     for server in servers:
         for ttl in ttls:
-            row = hold(server, n, ttl, max(seconds, 3 * ttl))
+            wait = max(seconds, 3 * ttl)
+            if aio:
+                row = asyncio.run(hold_async(server, n, ttl, wait))
+            else:
+                row = hold(server, n, ttl, wait)
             print(
                 f"   {server.kind:<8}{ttl:>6g}{row['acquire/s']:>11,.0f}{row['held']:>8,}"
                 f"{row['lost']:>7,}{row['lost acquiring']:>12,}{row['cpu']:>7.2f}"
@@ -233,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--locks", type=int, default=10_000)
     ap.add_argument("--ttls", default="1,3", help="lock TTLs in seconds, comma-separated")
     ap.add_argument("--hold", type=float, default=9.0, help="seconds to hold (>= 3 TTLs)")
+    ap.add_argument("--aio", action="store_true", help="hold with the async API")
     ap.add_argument("--processes", type=int, default=100)
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of contention")
@@ -251,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(start_server(kind, using="processes"))
         if "hold" in parts:
             ttls = [float(t) for t in args.ttls.split(",")]
-            hold_rows(servers, args.locks, ttls, args.hold)
+            hold_rows(servers, args.locks, ttls, args.hold, args.aio)
         if "contend" in parts:
             contend_rows(servers, args.processes, args.names, args.seconds)
     finally:
