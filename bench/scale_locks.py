@@ -3,7 +3,8 @@
     python -m bench.scale_locks [hold|contend ...] [--locks 10000] [--ttls 1,3] [--aio]
                                 [--hold 9] [--processes 100] [--names 1000] [--seconds 10]
 
-Starts its own Redis (AOF, ``appendfsync always``, as tests.servers configures it) and
+Starts its own Redis (AOF, ``appendfsync always``, as tests.servers configures it;
+``--volatile``: no AOF) and
 etcd 3.4 processes on loopback (tests.servers) and stops them at the end.
 
 1. ``hold``: one client acquires ``--locks`` auto-renewed locks of TTL t (each of
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttls", default="1,3", help="lock TTLs in seconds, comma-separated")
     ap.add_argument("--hold", type=float, default=9.0, help="seconds to hold (>= 3 TTLs)")
     ap.add_argument("--aio", action="store_true", help="hold with the async API")
+    ap.add_argument("--volatile", action="store_true", help="Redis without AOF (no fsync)")
     ap.add_argument("--processes", type=int, default=100)
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of contention")
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     try:
         for kind in args.backends.split(","):
-            servers.append(start_server(kind, using="processes"))
+            options = {"persistent": False} if args.volatile and kind == "redis" else {}
+            servers.append(start_server(kind, using="processes", **options))
         if "hold" in parts:
             ttls = [float(t) for t in args.ttls.split(",")]
             hold_rows(servers, args.locks, ttls, args.hold, args.aio)
