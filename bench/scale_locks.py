@@ -12,8 +12,8 @@ etcd 3.4 processes on loopback (tests.servers) and stops them at the end.
    stayed held (no ``on_lost``, ``held`` True at the end), the acquire rate, the
    client's CPU (process user + system time per second of holding) and the requests
    the server handled per second while holding: Redis ``INFO stats``
-   ``total_reads_processed`` (one per round trip read from a connection, so a
-   pipeline of many commands counts once) next to the ``EVALSHA`` calls
+   ``total_reads_processed`` (one per read from a connection, of up to 16 KB: a
+   pipeline of 1,000 scripts is one round trip, ~7 reads) next to the ``EVALSHA`` calls
    (``INFO commandstats``); etcd the gRPC messages its ``/metrics`` counts received.
    ``--aio``: the same with the async API (``dcoord.aio``).
 2. ``contend``: ``--processes`` processes (forked, each with its own client) take
@@ -161,7 +161,7 @@ def hold_rows(
     print(f"1. one {'async ' if aio else ''}client holds {n:,} auto-renewed locks")
     print(
         f"   {'backend':<8}{'ttl s':>6}{'acquire/s':>11}{'held':>8}{'lost':>7}"
-        f"{'(acquiring)':>12}{'cpu':>7}{'trips/s':>10}{'scripts/s':>11}"
+        f"{'(acquiring)':>12}{'cpu':>7}{'reads/s':>10}{'scripts/s':>11}"
     )
     for server in servers:
         for ttl in ttls:
