@@ -28,7 +28,7 @@ LOCKS = 20
 @pytest.fixture
 def client(real_backend_url: str, namespace: str) -> Iterator[dcoord.Client]:
     with dcoord.connect(real_backend_url, namespace=namespace) as client:
-        if client.backend.locks.renewals is None:  # type: ignore[attr-defined]
+        if client.backend.locks.cluster:  # type: ignore[attr-defined]
             pytest.skip("a Redis Cluster renews its locks one by one")
         yield client
 
@@ -98,6 +98,32 @@ def test_a_batch_of_renewals_is_one_round_trip(client: dcoord.Client) -> None:
         assert lock._slot.extend(60.0) is not None
     reads_after, _ = server_counts(client)
     assert reads_after - reads - 1 >= 50
+    for lock in locks:
+        lock.release()
+
+
+def test_the_watchdog_renews_locks_due_together_in_shared_round_trips(
+    client: dcoord.Client,
+) -> None:
+    """Before, each renewal was a request of its own: as many server reads as scripts,
+    and a client with 10,000 locks at TTL 1-3 s could not renew them all in time."""
+    locks = [client.lock(f"res{i}", ttl=TTL) for i in range(40)]
+    for lock in locks:
+        assert lock.acquire(blocking=False)
+    reads, scripts = server_counts(client)
+    polls = 0
+    deadline = time.monotonic() + TTL * 10
+    while True:  # until every lock was renewed about twice
+        polls += 1
+        reads_now, scripts_now = server_counts(client)
+        if scripts_now - scripts >= 2 * len(locks) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    renewed = scripts_now - scripts
+    assert renewed >= 2 * len(locks), f"only {renewed} renewals"
+    # Each poll (an INFO) is one read; the renewals' reads are what is left.
+    assert reads_now - reads - polls <= renewed / 4, (reads_now - reads - polls, renewed)
+    assert all(lock.held for lock in locks)
     for lock in locks:
         lock.release()
 
