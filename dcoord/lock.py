@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from . import inspect, metrics
-from .backends.base import LockGrant
+from .backends.base import LockGrant, RenewalBatch, Renewed
 from .config import is_utf8, positive_seconds
 
 # Re-exported: the other fenced primitives (election) renew by the same rules.
@@ -60,6 +60,14 @@ MAX_NAME_LENGTH = 1024
 # Renewal requests of a client run on at most this many threads (started only when one
 # is busy): a renewal stuck on a slow request leaves the others to renew the rest.
 RENEWAL_WORKERS = 4
+# Renewals that can share a round trip (Redis: one pipeline) go out in batches of at most
+# this many: each batch is one worker's task, so a large batch neither blocks the server
+# for long nor keeps the other workers idle.
+RENEWAL_BATCH = 1000
+# A lock due for renewal within this fraction of its renewal interval is renewed with
+# the ones due now: renewing a little early costs nothing, and the locks of a batch are
+# then due together again, so renewals stay batched instead of trickling out one by one.
+RENEWAL_COALESCE = 0.25
 
 OnLost = Callable[["Lock"], object]
 
@@ -340,28 +348,52 @@ class Lock:
 
     def _renew(self, generation: int) -> None:
         """Send one renewal (on a renewal worker), then have the lock looked after again."""
+        due = None
         try:
             due = self._extend_grant(generation)
         finally:
-            with self._mutex:
-                if self._renewing == generation:
-                    self._renewing = None
+            self._renewal_done(generation, due)
+
+    def _renewal_done(self, generation: int, due: float | None) -> None:
+        """The renewal of ``generation`` has ended: look after the lock again at ``due``
+        (None: it is not held any more)."""
+        with self._mutex:
+            if self._renewing == generation:
+                self._renewing = None
         if due is not None:
             self._registry.reschedule(self, generation, due)
+
+    def _renewable(self, generation: int) -> LockGrant | None:
+        """The grant to renew, if ``generation`` is still held (call with ``_op`` held:
+        a user's extend() that ran first has moved the deadline)."""
+        with self._mutex:
+            grant = self._grant
+            if generation != self._generation or grant is None or self._lost_reason:
+                return None
+        return grant
+
+    def _renewal_batch(self) -> RenewalBatch | None:
+        """The batch this lock's renewals may join, if its slot has one."""
+        batch_of = getattr(self._slot, "renewal_batch", None)
+        return None if batch_of is None else cast("RenewalBatch | None", batch_of())
 
     def _extend_grant(self, generation: int) -> float | None:
         """Extend the grant; the monotonic time of the next renewal, or None if done."""
         failure: Exception | None = None
         with self._op:
-            # Read under _op: a user's extend() that ran first has moved the deadline.
-            with self._mutex:
-                grant = self._grant
-                if generation != self._generation or grant is None or self._lost_reason:
-                    return None
+            grant = self._renewable(generation)
+            if grant is None:
+                return None
             try:
                 new = self._slot.extend(self.ttl)
             except Exception as exc:  # handled below, without _op: on_lost may release
                 new, failure = None, exc
+        return self._renewed(generation, grant, new, failure)
+
+    def _renewed(
+        self, generation: int, grant: LockGrant, new: LockGrant | None, failure: Exception | None
+    ) -> float | None:
+        """Apply a renewal's answer (or failure); the next due time, or None if done."""
         # Whatever the failure (a DcoordError or, say, a server error reply nobody
         # mapped), it is this lock's alone: after_renewal retries it until the deadline.
         if failure is not None:
@@ -489,7 +521,9 @@ class _ClientLocks:
         self._scheduler = client.scheduler
         self._workers = WorkerPool("dcoord-lock-renewal", RENEWAL_WORKERS)
         self._mutex = threading.Lock()
-        self._due: dict[Lock, tuple[float, int]] = {}
+        # Per lock: when it is due, its generation, and the earliest it may be looked at
+        # with others (RENEWAL_COALESCE).
+        self._due: dict[Lock, tuple[float, int, float]] = {}
         self._job: Job | None = None
         self._job_at = math.inf
         self._job_token = 0
@@ -498,7 +532,7 @@ class _ClientLocks:
     def add(self, lock: Lock, generation: int, due: float) -> None:
         """Have ``lock`` (this grant of it) looked after from the monotonic time ``due``."""
         with self._mutex:
-            self._due[lock] = (due, generation)
+            self._due[lock] = _entry(lock, generation, due)
             old = self._run_by(due)
         if old is not None:
             old.cancel()
@@ -506,9 +540,9 @@ class _ClientLocks:
     def reschedule(self, lock: Lock, generation: int, due: float) -> None:
         """Move the next look at ``lock`` to ``due``, unless that grant is gone meanwhile."""
         with self._mutex:
-            if self._due.get(lock, (0.0, -1))[1] != generation:
+            if self._due.get(lock, _GONE)[1] != generation:
                 return  # released, re-acquired or closed meanwhile
-            self._due[lock] = (due, generation)
+            self._due[lock] = _entry(lock, generation, due)
             try:
                 old = self._run_by(due)
             except ClientClosed:  # the scheduler closed: the client is closing
@@ -542,27 +576,75 @@ class _ClientLocks:
         with self._mutex:
             if token != self._job_token:
                 return False  # replaced by an earlier-due job
-            ready = [(lock, gen) for lock, (due, gen) in self._due.items() if due <= now]
+            ready = [(lock, gen) for lock, (_, gen, early) in self._due.items() if early <= now]
+        batches: dict[RenewalBatch, list[tuple[Lock, int]]] = {}
         for lock, generation in ready:
             due, renew = lock._tick(generation)
             with self._mutex:
-                if self._due.get(lock, (0.0, -1))[1] != generation:
+                if self._due.get(lock, _GONE)[1] != generation:
                     continue  # released or re-acquired meanwhile
                 if due is None:
                     del self._due[lock]
                     continue
                 # Set before the renewal is handed over, so its reschedule comes after.
-                self._due[lock] = (due, generation)
+                self._due[lock] = _entry(lock, generation, due)
             if renew:
-                self._workers.submit(functools.partial(lock._renew, generation))
+                batch = lock._renewal_batch()
+                if batch is None:
+                    self._workers.submit(functools.partial(lock._renew, generation))
+                else:
+                    batches.setdefault(batch, []).append((lock, generation))
+        for batch, entries in batches.items():
+            for start in range(0, len(entries), RENEWAL_BATCH):
+                chunk = entries[start : start + RENEWAL_BATCH]
+                self._workers.submit(functools.partial(self._renew_batch, batch, chunk))
         with self._mutex:
             if token != self._job_token:
                 return False
             if not self._due:
                 self._job, self._job_at = None, math.inf
                 return False
-            self._job_at = min(due for due, _ in self._due.values())
+            self._job_at = min(due for due, _, _ in self._due.values())
             return max(0.0, self._job_at - time.monotonic())
+
+    def _renew_batch(self, batch: RenewalBatch, entries: list[tuple[Lock, int]]) -> None:
+        """Renew ``entries`` (marked in flight by their ticks) in one round trip.
+
+        Each lock's answer is its own, as if renewed alone: a lock the server no longer
+        has is lost (``on_lost``) while the others of the batch renew, and an error
+        reply fails only its lock. A lock whose ``_op`` is busy (a user's release or
+        extend in progress) is renewed alone instead of holding up the batch.
+        """
+        taken: list[tuple[Lock, int, LockGrant]] = []
+        answers: list[Renewed] = []
+        try:
+            for lock, generation in entries:
+                if not lock._op.acquire(blocking=False):
+                    self._workers.submit(functools.partial(lock._renew, generation))
+                    continue
+                grant = lock._renewable(generation)
+                if grant is None:
+                    lock._op.release()
+                    lock._renewal_done(generation, None)
+                    continue
+                taken.append((lock, generation, grant))
+            try:
+                answers = batch.extend_many([(lock._slot, lock.ttl) for lock, _, _ in taken])
+            except Exception as exc:  # the round trip failed: every lock of it failed alike
+                answers = [exc] * len(taken)
+        finally:
+            # Released before the answers are applied: on_lost may release the lock.
+            for lock, _, _ in taken:
+                lock._op.release()
+        for (lock, generation, grant), answer in zip(taken, answers, strict=True):
+            due = None
+            try:
+                if isinstance(answer, Exception):
+                    due = lock._renewed(generation, grant, None, answer)
+                else:
+                    due = lock._renewed(generation, grant, answer, None)
+            finally:
+                lock._renewal_done(generation, due)
 
     def close(self) -> None:
         with self._mutex:
@@ -576,6 +658,16 @@ class _ClientLocks:
         # The store itself is the backend's to close (Backend.close_stores), after this.
         for lock in locks:
             lock._abandon()
+
+
+_GONE = (0.0, -1, 0.0)  # what _ClientLocks._due.get finds for a lock it does not look after
+
+
+def _entry(lock: Lock, generation: int, due: float) -> tuple[float, int, float]:
+    """A ``_ClientLocks._due`` value: ``due``, the generation, and the earliest time the
+    lock may be looked at with others due before it (RENEWAL_COALESCE)."""
+    slack = lock.ttl * RENEW_FRACTION * RENEWAL_COALESCE if lock.auto_renew else 0.0
+    return due, generation, due - slack
 
 
 _client_locks: PerKey[Client, _ClientLocks] = PerKey(_ClientLocks)

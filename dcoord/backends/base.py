@@ -365,6 +365,26 @@ class LockSlot(Protocol):
         ...
 
 
+class RenewalBatch(Protocol):
+    """Extends many slots of one store in one round trip (Redis: one pipeline).
+
+    A slot that can join one has a method ``renewal_batch() -> RenewalBatch | None``
+    (optional: the core renews slots without it one by one); slots whose renewals may
+    share a round trip return the same batch object.
+    """
+
+    def extend_many(self, requests: Sequence[tuple[LockSlot, float]]) -> list[Renewed]:
+        """``slot.extend(ttl)`` of each ``(slot, ttl)``, sent together; per request its
+        grant, None (not held) or the error its own ``extend`` would have raised. Each
+        extend is still compare-and-act on its own token. Raises only if the round trip
+        as a whole failed (the core then counts that failure for each request)."""
+        ...
+
+
+Renewed = LockGrant | None | Exception
+"""What one extend of a :class:`RenewalBatch` came to."""
+
+
 class LockStore(Protocol):
     """Fenced locks and fences. Lock names are non-empty strings, validated by the core."""
 

@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,7 +33,7 @@ from pyetcd.utils import prefix_range_end
 from ...errors import BackendUnavailable, ClientClosed, DcoordError, PermissionDenied
 from ...inspect import identity_json
 from ...scheduler import JobResult, Scheduler
-from ..base import LockGrant, key_segment
+from ..base import LockGrant, LockSlot, Renewed, key_segment
 from ..etcd_names import etcd_lock_prefix
 from .leases import Lease, LeaseNotFound
 
@@ -124,6 +124,7 @@ class EtcdLocks:
         self.namespace = backend.settings.namespace
         self.scheduler = scheduler
         self._serial = itertools.count(1)
+        self.renewals = _SharedLeaseRenewals()
 
     def next_serial(self) -> int:
         return next(self._serial)
@@ -289,6 +290,23 @@ class EtcdLocks:
 
     def close(self) -> None:
         """Queue keys go with the client's leases, which the backend revokes at close."""
+
+
+class _SharedLeaseRenewals:
+    """Renewals of locks on the client's shared leases (a
+    :class:`~dcoord.backends.base.RenewalBatch`): the client keeps those leases alive
+    (one keep-alive per TTL, :class:`.leases.Leases`), so renewing such a lock sends
+    nothing; a batch only reads each lease's deadline, in one worker task instead of a
+    task per lock."""
+
+    def extend_many(self, requests: Sequence[tuple[LockSlot, float]]) -> list[Renewed]:
+        answers: list[Renewed] = []
+        for slot, ttl in requests:
+            try:
+                answers.append(slot.extend(ttl))
+            except Exception as exc:  # its own failure, as if renewed alone
+                answers.append(exc)
+        return answers
 
 
 class _Deletes:
@@ -643,6 +661,11 @@ class EtcdLockSlot:
         except BackendUnavailable:
             self._locks.forget(key, self._revision, lease, self._private)
             raise
+
+    def renewal_batch(self) -> _SharedLeaseRenewals | None:
+        """The batch of the locks on shared leases (None for a private lease, whose
+        renewal is a request of its own)."""
+        return None if self._private else self._locks.renewals
 
     def extend(self, ttl: float) -> LockGrant | None:
         lease = self._lease

@@ -26,6 +26,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
@@ -84,6 +85,11 @@ log = logging.getLogger("dcoord.redis")
 # of waiting: a thousand tasks of one client contending for locks would fail. Above this
 # many, a request waits for one to finish (each is bounded by the request timeout).
 MAX_IN_FLIGHT = 64
+
+# Lock extends of one client go out in pipelines of at most EXTEND_BATCH scripts (about
+# 16 KB, what Redis reads from a connection at once), at most EXTEND_SENDERS at a time.
+EXTEND_BATCH = 128
+EXTEND_SENDERS = 4
 
 # What the async client's type is: redis.asyncio.Redis for a single server and for
 # Sentinel's primary, RedisCluster for a Cluster (as :data:`.topology.Client`).
@@ -331,6 +337,8 @@ class AsyncRedisLocks:
         self.cluster = isinstance(backend.redis, RedisCluster)
         self.notifier = _Notifier(backend.redis)
         self._cleanups: set[asyncio.Task[None]] = set()
+        # On a Cluster a pipeline waits for its slowest node: extends go one by one there.
+        self.extends = None if self.cluster else _Extends(self)
 
     def slot(
         self, name: str, ttl: float, auto_renew: bool, fair: bool = False
@@ -406,7 +414,121 @@ class AsyncRedisLocks:
         for task in list(self._cleanups):
             task.cancel()
         await asyncio.gather(*self._cleanups, return_exceptions=True)
+        if self.extends is not None:
+            await self.extends.close()
         await self.notifier.close()
+
+
+class _Extends:
+    """The extends of one client's locks, many per round trip (group commit).
+
+    An extend joins the queue; up to EXTEND_SENDERS sender tasks each send what is
+    queued (at most EXTEND_BATCH) in one pipeline, and while they are all in flight the
+    next extends queue for the one that comes back first. Each extend is still its own
+    owner-checked EXTEND script with its own answer (an error reply fails only its
+    lock), and a pipeline takes one of the backend's MAX_IN_FLIGHT requests, not one per
+    lock: a client renewing thousands of locks renews them in time. Unloaded, an extend
+    finds a sender free and goes alone, as before.
+    """
+
+    def __init__(self, locks: AsyncRedisLocks) -> None:
+        self._locks = locks
+        self._queue: collections.deque[_Extend] = collections.deque()
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def extend(self, slot: AsyncRedisLockSlot, token: str, ms: int) -> Any:
+        """The EXTEND script's reply for ``slot`` (raises its error reply, mapped, or
+        the pipeline's error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        command = ("EVALSHA", EXTEND.sha, 1, slot.key, token, ms)
+        self._queue.append(_Extend(command, f"extend lock {slot.name!r}", future))
+        if len(self._senders) < EXTEND_SENDERS:
+            sender = loop.create_task(self._send(), name="dcoord redis lock extends")
+            self._senders.add(sender)
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._queue:
+                batch: list[_Extend] = []
+                while self._queue and len(batch) < EXTEND_BATCH:
+                    entry = self._queue.popleft()
+                    if not entry.future.done():  # else cancelled: a released lock
+                        batch.append(entry)
+                if batch:
+                    await self._send_batch(batch)
+        finally:
+            # Out of the set now, not in a done-callback a loop step later: an extend
+            # queued meanwhile would find every sender busy and start none.
+            self._senders.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+            if not self._senders:
+                for entry in self._queue:  # the last sender was cancelled (closing)
+                    entry.future.cancel()
+                self._queue.clear()
+
+    async def _send_batch(self, batch: list[_Extend]) -> None:
+        try:
+            replies = await self._locks.backend.call(
+                lambda: self._pipeline([entry.command for entry in batch]),
+                what=f"extend {len(batch)} locks in one pipeline",
+            )
+        except asyncio.CancelledError:
+            for entry in batch:
+                entry.future.cancel()
+            raise
+        except Exception as exc:  # the round trip failed: each extend of it failed alike
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            return
+        settings = self._locks.backend.settings
+        for entry, reply in zip(batch, replies, strict=True):
+            if entry.future.done():
+                continue
+            if isinstance(reply, redis.RedisError):
+                entry.future.set_exception(error_for(settings, entry.what, reply))
+            else:
+                entry.future.set_result(reply)
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of ``commands`` sent in one pipeline, an error reply in its place;
+        the script is loaded and its commands sent again if the server lacked it."""
+        replies = await self._run(commands)
+        again = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, redis.exceptions.NoScriptError)
+        ]
+        if again:
+            run: Any = self._locks.redis.execute_command  # untyped in redis-py
+            await run("SCRIPT LOAD", EXTEND.source)
+            retried = await self._run([commands[i] for i in again])
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipeline: Any = self._locks.redis.pipeline(transaction=False)  # untyped in redis-py
+        for command in commands:
+            pipeline.execute_command(*command)
+        return list(await pipeline.execute(raise_on_error=False))
+
+    async def close(self) -> None:
+        senders = list(self._senders)
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Extend:
+    """One queued extend of :class:`_Extends`: its command, what it is (for its error)
+    and the future its caller awaits."""
+
+    command: tuple[Any, ...]
+    what: str
+    future: asyncio.Future[Any]
 
 
 class AsyncRedisLockSlot:
@@ -574,10 +696,14 @@ class AsyncRedisLockSlot:
             return None
         sent = time.monotonic()
         ms = milliseconds(ttl)
-        extended = await self._call(
-            lambda: run_script(EXTEND, self._redis, [self.key], [token, ms]),
-            what=f"extend lock {self.name!r}",
-        )
+        extends = self._locks.extends
+        if extends is not None:  # with the other locks' extends queued meanwhile
+            extended = await extends.extend(self, token, ms)
+        else:
+            extended = await self._call(
+                lambda: run_script(EXTEND, self._redis, [self.key], [token, ms]),
+                what=f"extend lock {self.name!r}",
+            )
         return LockGrant(self._fence, sent + ttl) if extended else None
 
 

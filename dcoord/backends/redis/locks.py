@@ -51,7 +51,7 @@ from redis.cluster import RedisCluster
 from ...errors import BackendUnavailable, ClientClosed
 from ...inspect import holder_suffix
 from ...scheduler import JobResult, WorkerPool
-from ..base import LockGrant, key_segment
+from ..base import LockGrant, LockSlot, Renewed, key_segment
 from .persistence import LockEvictionCheck
 from .slots import require_one_slot
 from .topology import Client
@@ -230,6 +230,9 @@ class RedisLocks:
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
         self._check_eviction = LockEvictionCheck(backend)
+        # On a Cluster a pipeline waits for its slowest node: renewals go one by one there,
+        # so a node that hangs never delays the renewal of a lock on another node.
+        self.renewals = None if self.cluster else _Renewals(self)
 
     def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> RedisLockSlot:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
@@ -330,6 +333,82 @@ class _OrphanCleanup:
             locks.scheduler.every(delay, self._again, name="redis lock orphan cleanup")
         except ClientClosed:  # the scheduler is closed: the client is closing
             log.info("lock %r: orphan cleanup stopped by close", slot.name)
+
+
+class _Renewals:
+    """The renewals of this store's lock slots, many in one round trip
+    (:class:`~dcoord.backends.base.RenewalBatch`): one pipeline of EXTEND scripts, each
+    still compare-and-act on its own token, so what each lock's answer means is what it
+    means for a lock renewed alone (0: this slot's grant is gone)."""
+
+    def __init__(self, locks: RedisLocks) -> None:
+        self._locks = locks
+
+    def extend_many(self, requests: Sequence[tuple[LockSlot, float]]) -> list[Renewed]:
+        answers: list[Renewed] = [None] * len(requests)
+        commands: list[tuple[Any, ...]] = []
+        sent_for: list[int] = []  # the request index of each command
+        for i, (slot, ttl) in enumerate(requests):
+            assert isinstance(slot, RedisLockSlot), slot  # only our slots name this batch
+            token = slot._token
+            if token is not None:  # else released meanwhile: None, as extend() answers
+                commands.append(("EVALSHA", EXTEND.sha, 1, slot.key, token, milliseconds(ttl)))
+                sent_for.append(i)
+        if not commands:
+            return answers
+        backend = self._locks.backend
+        sent = time.monotonic()
+        replies = backend.call(
+            lambda: self._send(commands), what=f"extend {len(commands)} locks in one pipeline"
+        )
+        for i, reply in zip(sent_for, replies, strict=True):
+            slot, ttl = requests[i]
+            assert isinstance(slot, RedisLockSlot)
+            if isinstance(reply, redis.RedisError):
+                answers[i] = backend._error(f"extend lock {slot.name!r}", reply)
+            else:
+                answers[i] = LockGrant(slot._fence, sent + ttl) if reply else None
+        return answers
+
+    def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to ``commands`` (an error reply in its command's place); the
+        script is loaded and its commands sent once more if the server did not have it."""
+        client: Any = self._locks.redis
+        replies = _pipeline(client, commands)
+        again = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, redis.exceptions.NoScriptError)
+        ]
+        if again:  # first use on this server, or it restarted / ran SCRIPT FLUSH
+            _execute(client, "SCRIPT", "LOAD", EXTEND.source)
+            for i, reply in zip(
+                again, _pipeline(client, [commands[i] for i in again]), strict=True
+            ):
+                replies[i] = reply
+        return replies
+
+
+def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write and read their replies, an error reply in its
+    command's place (as :func:`_execute`: raw replies, and a connection whose replies
+    were not all read is closed, never reused)."""
+    pool: Any = client.connection_pool  # untyped in redis-py
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:  # this command's alone; the rest follow
+                replies.append(exc)
+        return replies
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 class RedisLockSlot:
@@ -466,6 +545,10 @@ class RedisLockSlot:
                 "found the lock gone (released by that attempt, or lost before it)"
             )
         return bool(released)
+
+    def renewal_batch(self) -> _Renewals | None:
+        """The batch this slot's renewals join (None on a Cluster: one by one)."""
+        return self._locks.renewals
 
     def extend(self, ttl: float) -> LockGrant | None:
         token = self._token
