@@ -1,6 +1,6 @@
 """Benchmark two-phase commit: commits/s, p50/p99 latency, and what each commit costs.
 
-    python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR]
+    python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR] [--json PATH]
 
 Runs against the embedded backend and against Redis (the repository's redis.conf: AOF
 with appendfsync always) and etcd, which this script starts (tests.servers) and stops.
@@ -13,6 +13,13 @@ Each transaction has 3 participants, each with 1 and 8 concurrent clients:
   after the other (this tree only: it shows what the pools are worth);
 * ``kv``: three KVParticipants, each adding to one key (no conflicts between clients).
 
+On Redis it also measures the floor those numbers are held to, on the same server in
+the same run: ``floor`` clients make two ``SET`` of a record-sized value per
+"transaction", each its own round trip and each forced to disk (``appendfsync always``),
+as the coordinator's two forced log writes are. With 8 clients the floor gains from
+Redis's group commit (writes that arrive in one event-loop iteration share one fsync),
+and so may the coordinator. The ``null`` rows are printed as ratios to that floor.
+
 ``--against DIR`` measures every row also with the dcoord package found in DIR (e.g. a
 tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's, each
 row in a fresh process, and prints the ratio. The machine's load moves single numbers
@@ -22,6 +29,9 @@ For every commit it counts, from the coordinator's calls into the backend, the l
 writes and backend round trips on the critical path (before ``commit()`` returns) and
 off it (the ``done`` marker, written in the background). The protocol needs exactly:
 record + decision on the log, one prepare round and one commit round.
+
+``--json PATH`` also writes every measurement (each run, not only the medians) to PATH,
+for ``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, os.environ.get("DCOORD_BENCH_CODE", sys.path[0]))
 
+import redis
+
 import dcoord
+from dcoord import txlog
 from dcoord.participants import KVParticipant
 from tests.servers import start_server
 
@@ -139,7 +152,58 @@ def instrument(client: dcoord.Client, tally: Tally) -> None:
     backend.locks = Counting(backend.locks, "locks", tally)
 
 
+def floor(url: str, clients: int, seconds: float) -> dict[str, Any]:
+    """The raw floor: ``clients`` threads, each making two fsynced ``SET`` of a value the
+    size of a started record per "transaction", one round trip each."""
+    record = txlog.new_record(
+        uuid.uuid4().hex, dict.fromkeys(PARTICIPANTS), now=time.time(), timeout=30.0
+    )
+    value = txlog.encode(record)
+    server = redis.Redis.from_url(url)  # its pool gives each thread its own connection
+    latencies: list[float] = []
+    mutex = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def work(worker: int) -> None:
+        mine: list[float] = []
+        n = 0
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            server.set(f"bench-floor:{worker}:{n}:record", value)
+            server.set(f"bench-floor:{worker}:{n}:decision", value)
+            mine.append(time.perf_counter() - started)
+            n += 1
+        with mutex:
+            latencies.extend(mine)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    server.close()
+    return summary(latencies, elapsed, Tally())
+
+
+def summary(latencies: list[float], elapsed: float, tally: Tally) -> dict[str, Any]:
+    """Rate, p50/p99 (ms) and the counted calls per transaction of one measurement."""
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "commits": n,
+        "rate": n / elapsed,
+        "p50": latencies[n // 2] * 1000,
+        "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
+        "critical": {k: v / n for k, v in tally.critical.items()},
+        "background": {k: v / n for k, v in tally.background.items()},
+    }
+
+
 def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> dict[str, Any]:
+    if kind == "floor":
+        return floor(url, clients, seconds)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     with dcoord.connect(url, namespace=namespace) as client:
         tally = Tally()
@@ -191,16 +255,7 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
             thread.join()
         elapsed = time.monotonic() - began
         coord.close()  # let the background "done" writes land before counting them
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "commits": n,
-        "rate": n / elapsed,
-        "p50": latencies[n // 2] * 1000,
-        "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
-        "critical": {k: v / n for k, v in tally.critical.items()},
-        "background": {k: v / n for k, v in tally.background.items()},
-    }
+    return summary(latencies, elapsed, tally)
 
 
 # Calls that send nothing to the server (a lock handle's slot is created locally; the
@@ -225,6 +280,11 @@ def child_row(code: Path, url: str, kind: str, clients: int, seconds: float, cou
     return json.loads(done.stdout)
 
 
+def ratios(these: list[Any], others: list[Any]) -> list[float]:
+    """Rate ratios of paired runs (measured one after the other, under the same load)."""
+    return [t["rate"] / o["rate"] for t, o in zip(these, others, strict=True)]
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -239,6 +299,7 @@ def main() -> None:
     parser.add_argument("--against", type=Path, help="a tree whose dcoord is the reference")
     parser.add_argument("--backends", default="memory,redis,etcd")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one child measurement
     args = parser.parse_args()
     if args.row:
@@ -252,6 +313,7 @@ def main() -> None:
         f"{seconds:g} s per row, {args.repeat} run(s); "
         + ", ".join(f"{k} = {v}" for k, v in codes.items())
     )
+    rows: list[dict[str, Any]] = []
     redis_server = start_server("redis", persistent=True)  # appendfsync always
     etcd_server = start_server("etcd")
     try:
@@ -267,6 +329,9 @@ def main() -> None:
             for kind in args.kinds.split(","):
                 for clients in (1, 8):
                     runs: dict[str, list[Any]] = {k: [] for k in codes}
+                    with_floor = backend == "redis" and kind == "null"
+                    if with_floor:
+                        runs["floor"] = []
                     for _ in range(args.repeat):
                         for name, code in codes.items():
                             if kind == "slow-serial" and name != "this":
@@ -274,6 +339,15 @@ def main() -> None:
                             runs[name].append(
                                 child_row(code, urls[backend], kind, clients, seconds, False)
                             )
+                        if with_floor:  # interleaved: the same moment's load and disk
+                            runs["floor"].append(
+                                child_row(ROOT, urls[backend], "floor", clients, seconds, False)
+                            )
+                    rows.extend(
+                        {"backend": backend, "kind": kind, "clients": clients, "code": name,
+                         "runs": runs[name]}
+                        for name in runs
+                    )  # fmt: skip
                     line = f"{backend:<8} {kind:<11} {clients:>7}"
                     for name in codes:
                         rates = [r["rate"] for r in runs[name]]
@@ -285,18 +359,30 @@ def main() -> None:
                             f" {statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
                         )
                     if len(codes) > 1 and runs.get("ref"):
-                        ratios = [
-                            t["rate"] / r["rate"]
-                            for t, r in zip(runs["this"], runs["ref"], strict=True)
-                        ]
-                        line += f"  {spread(ratios)}"
+                        line += f"  {spread(ratios(runs['this'], runs['ref']))}"
                     print(line, flush=True)
+                    if with_floor:
+                        rates = [r["rate"] for r in runs["floor"]]
+                        p50s = [r["p50"] for r in runs["floor"]]
+                        print(
+                            f"{backend:<8} {'floor':<11} {clients:>7} "
+                            f"{statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
+                            f"  this/floor c/s: {spread(ratios(runs['this'], runs['floor']))}",
+                            flush=True,
+                        )
         print("\nper commit, 1 client, counted on the redis run (same on every backend):")
         for name, code in codes.items():
-            for kind in ("null", "kv"):
+            for kind in [k for k in ("null", "kv") if k in args.kinds.split(",")]:
                 r = child_row(code, urls["redis"], kind, 1, min(seconds, 1.0), True)
                 print(f"  {name} {kind}: critical path: {describe(r['critical'])}")
                 print(f"  {name} {kind}: background:    {describe(r['background'])}")
+                rows.append({"backend": "redis", "kind": kind, "clients": 1, "code": name,
+                             "counted": r})  # fmt: skip
+        if args.json is not None:
+            meta = {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "seconds": seconds, "repeat": args.repeat,
+                    "load": os.getloadavg(), "argv": sys.argv[1:]}  # fmt: skip
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     finally:
         redis_server.stop()
         etcd_server.stop()
