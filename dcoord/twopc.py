@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 from tenacity import Retrying, stop_after_delay, wait_random_exponential
 
 from . import metrics, txlog
+from .backends.base import LogEntry
 from .config import positive_seconds
 from .core import twopc_state as core
 from .core.twopc_state import FAILPOINTS, INLINE_BELOW, RecoveryReport, Stored, TxPage, Vote
@@ -71,6 +72,14 @@ participant acknowledged it). Sized for memory: see docs/transactions.md, "Reten
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
+DONE_LINGER = 0.01
+"""Seconds the ``done`` log writes of finished commits are gathered before they are made
+together, where the store can make many in one round trip (Redis: one fsync for all, not
+one per commit on the server that also takes the next commits' forced writes). A crash
+in between only leaves records ``committing``, which :meth:`Coordinator.recover` finishes
+by sending the decision again (participants' commit is idempotent)."""
+DONE_BATCH = 256
+"""At most this many ``done`` writes go in one round trip."""
 __all__ = [
     "FAILPOINTS",
     "INLINE_BELOW",
@@ -241,6 +250,14 @@ class Coordinator:
         self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
+        # A store that makes many compare-and-sets in one round trip (Redis) gets the
+        # done writes batched, by one flusher at a time (see DONE_LINGER).
+        self._cas_many: Callable[..., list[LogEntry | None]] | None = getattr(
+            self._store, "cas_many", None
+        )
+        self._done_queue: list[tuple[Stored, list[str]]] = []
+        self._done_flushing = False
+        self._closing = threading.Event()  # cuts a flusher's gathering short
         self._pace = core.Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
@@ -352,6 +369,7 @@ class Coordinator:
                 return
             self._closed = True
             pending = list(self._background)
+        self._closing.set()
         wait(pending)
         self._prepares.shutdown(wait=True)
         self._deliveries.shutdown(wait=True)
@@ -522,7 +540,10 @@ class Coordinator:
         if not acked:
             return stored
         if background_done and not self._local_log:
-            self._submit_background(lambda: self._record_acks(stored, acked))
+            if self._cas_many is None:
+                self._submit_background(lambda: self._record_acks(stored, acked))
+            else:
+                self._queue_done(stored, acked)
             return stored
         return self._record_acks(stored, acked)
 
@@ -557,6 +578,43 @@ class Coordinator:
 
     def _record_acks(self, stored: Stored, acked: list[str]) -> Stored:
         return self._log(core.record_acks(stored, acked, self._confirm_replicas))
+
+    def _queue_done(self, stored: Stored, acked: list[str]) -> None:
+        """Record ``acked`` in the background, batched with other commits' (the store
+        has ``cas_many``); starts a flusher unless one is running."""
+        with self._mutex:
+            if self._closed:
+                return  # as for any background write: recover() finishes the record
+            self._done_queue.append((stored, acked))
+            if self._done_flushing:
+                return
+            self._done_flushing = True
+        self._submit_background(self._flush_done)
+
+    def _flush_done(self) -> None:
+        """Gather the queued done writes for :data:`DONE_LINGER`, make them together,
+        again until the queue stays empty (close() flushes at once)."""
+        while True:
+            self._closing.wait(DONE_LINGER)
+            with self._mutex:
+                batch, self._done_queue = self._done_queue, []
+                if not batch:
+                    self._done_flushing = False
+                    return
+            for start in range(0, len(batch), DONE_BATCH):
+                part = batch[start : start + DONE_BATCH]
+                programs = [core.record_acks(s, acked, self._confirm_replicas) for s, acked in part]
+                for (stored, _), result in zip(
+                    part, core.run_many(programs, self._answer_all), strict=True
+                ):
+                    if isinstance(result, DcoordError):
+                        log.info(
+                            "background log write failed (recover() will redo it): %s",
+                            result,
+                            extra=tx_fields(self, stored.record.txid),
+                        )
+                    elif isinstance(result, Exception):
+                        raise result
 
     def _submit_background(self, fn: Callable[[], object]) -> None:
         def run() -> None:
@@ -624,6 +682,22 @@ class Coordinator:
     def _log(self, steps: core.Steps[T]) -> T:
         """Run a log program of :mod:`dcoord.core.twopc_state` on this coordinator's store."""
         return core.run(steps, self._answer)
+
+    def _answer_all(self, requests: list[core.Request]) -> list[Any]:
+        """Answers to ``requests`` (an Exception for each that failed): compare-and-sets
+        in one ``cas_many`` call, anything else one by one."""
+        if self._cas_many is not None and all(isinstance(r, core.Cas) for r in requests):
+            try:
+                return self._cas_many(requests, retention=self.retention)
+            except Exception as exc:
+                return [exc] * len(requests)
+        answers: list[Any] = []
+        for request in requests:
+            try:
+                answers.append(self._answer(request))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
 
     def _answer(self, request: core.Request) -> Any:
         if isinstance(request, core.Read):
