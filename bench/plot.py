@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 360, 70, 170, 40, 50
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22")
+RING_LABELS = {
+    "uncached_ms": "from scratch",
+    "cached_ms": "points cached",
+    "with_node_ms": "with_node",
+}
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -45,7 +50,9 @@ def _frame(title: str, x_label: str, y_label: str, names: Sequence[str]) -> list
     ]
     for i, name in enumerate(names):
         y = TOP + 16 * i
-        out.append(_el("rect", x=W - RIGHT + 12, y=y, width=10, height=10, fill=COLOURS[i % 6]))
+        out.append(
+            _el("rect", x=W - RIGHT + 12, y=y, width=10, height=10, fill=COLOURS[i % len(COLOURS)])
+        )
         out.append(_el("text", name, x=W - RIGHT + 26, y=y + 9))
     return out
 
@@ -86,7 +93,7 @@ def line_chart(title: str, x_label: str, y_label: str, series: Series, *, log: b
     out = [*_frame(title, x_label, y_label, list(series)), *_grid(yt, sy)]
     out.extend(_el("text", f"{t:g}", x=sx(t), y=H - BOTTOM + 14, text_anchor="middle") for t in xt)
     for i, pts in enumerate(series.values()):
-        colour = COLOURS[i % 6]
+        colour = COLOURS[i % len(COLOURS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
         out.append(_el("polyline", points=path, fill="none", stroke=colour, stroke_width=2))
         out.extend(
@@ -120,7 +127,7 @@ def bar_chart(
                         y=f"{y:.1f}",
                         width=f"{bar:.1f}",
                         height=f"{H - BOTTOM - y:.1f}",
-                        fill=COLOURS[i % 6],
+                        fill=COLOURS[i % len(COLOURS)],
                     )
                 )
                 out.append(
@@ -166,12 +173,12 @@ def main(argv: list[str]) -> None:
     if kind == "twopc":
         svg = twopc(doc)
     elif kind == "ring":
-        keys = (
-            ("from scratch", "uncached_ms"),
-            ("points cached", "cached_ms"),
-            ("with_node", "with_node_ms"),
-        )
-        series = {name: [(r["nodes"], r[key]) for r in doc["builds"]] for name, key in keys}
+        series: Series = {}
+        for row in doc["builds"]:
+            for key, value in row.items():
+                if key != "nodes" and value is not None:
+                    label = RING_LABELS.get(key, key)
+                    series.setdefault(label, []).append((row["nodes"], value))
         svg = line_chart("HashRing build, 160 vnodes per node", "nodes", "ms", series, log=True)
     else:
         follow: Series = {}
