@@ -243,7 +243,9 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
                             tally.active -= 1
                 mine.append(time.perf_counter() - started)
                 if count:
-                    time.sleep(0.02)  # let this commit's background write land outside
+                    # Let this commit's background write land outside (the done
+                    # writes wait DONE_LINGER to be batched, then take a round trip).
+                    time.sleep(0.05)
             with mutex:
                 latencies.extend(mine)
 
