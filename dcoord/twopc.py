@@ -251,13 +251,14 @@ class Coordinator:
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
         # A store that makes many compare-and-sets in one round trip (Redis) gets the
-        # done writes batched, by one flusher at a time (see DONE_LINGER).
+        # done writes batched (see DONE_LINGER) by a thread of their own: one taken from
+        # the phase-2 pool would hold it while gathering, and deliveries wait for it.
         self._cas_many: Callable[..., list[LogEntry | None]] | None = getattr(
             self._store, "cas_many", None
         )
         self._done_queue: list[tuple[Stored, list[str]]] = []
-        self._done_flushing = False
-        self._closing = threading.Event()  # cuts a flusher's gathering short
+        self._done_writer: threading.Thread | None = None
+        self._closing = threading.Event()  # cuts the done writer's gathering short
         self._pace = core.Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
@@ -268,6 +269,7 @@ class Coordinator:
             client.backend.kind == "redis" and int(client.settings.options["min_replicas"]) > 0
         )
         self._mutex = threading.Lock()
+        self._done_queued = threading.Condition(self._mutex)  # work for the done writer
         self._closed = False
         client.on_close(self.close)
 
@@ -363,13 +365,18 @@ class Coordinator:
         return report
 
     def close(self) -> None:
-        """Wait for background log writes (``done`` markers), then stop the pools."""
+        """Make the queued ``done`` log writes and wait for the other background ones,
+        then stop the pools."""
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
             pending = list(self._background)
+            writer = self._done_writer
+            self._done_queued.notify()
         self._closing.set()
+        if writer is not None:
+            writer.join()  # it writes what is queued first
         wait(pending)
         self._prepares.shutdown(wait=True)
         self._deliveries.shutdown(wait=True)
@@ -580,41 +587,47 @@ class Coordinator:
         return self._log(core.record_acks(stored, acked, self._confirm_replicas))
 
     def _queue_done(self, stored: Stored, acked: list[str]) -> None:
-        """Record ``acked`` in the background, batched with other commits' (the store
-        has ``cas_many``); starts a flusher unless one is running."""
+        """Record ``acked`` in the background, batched with other commits' by the done
+        writer (the store has ``cas_many``), which starts on first use."""
         with self._mutex:
             if self._closed:
                 return  # as for any background write: recover() finishes the record
             self._done_queue.append((stored, acked))
-            if self._done_flushing:
-                return
-            self._done_flushing = True
-        self._submit_background(self._flush_done)
+            if self._done_writer is None:
+                self._done_writer = threading.Thread(
+                    target=self._write_done, name="dcoord-2pc-done", daemon=True
+                )
+                self._done_writer.start()
+            self._done_queued.notify()
 
-    def _flush_done(self) -> None:
-        """Gather the queued done writes for :data:`DONE_LINGER`, make them together,
-        again until the queue stays empty (close() flushes at once)."""
+    def _write_done(self) -> None:
+        """The done writer: once something is queued, gather for :data:`DONE_LINGER`
+        (close() cuts it short), then make all that is queued together; until close()."""
         while True:
+            with self._mutex:
+                self._done_queued.wait_for(lambda: bool(self._done_queue) or self._closed)
+                if not self._done_queue:
+                    return  # closed, and nothing left
             self._closing.wait(DONE_LINGER)
             with self._mutex:
                 batch, self._done_queue = self._done_queue, []
-                if not batch:
-                    self._done_flushing = False
-                    return
             for start in range(0, len(batch), DONE_BATCH):
                 part = batch[start : start + DONE_BATCH]
                 programs = [core.record_acks(s, acked, self._confirm_replicas) for s, acked in part]
-                for (stored, _), result in zip(
-                    part, core.run_many(programs, self._answer_all), strict=True
-                ):
-                    if isinstance(result, DcoordError):
-                        log.info(
+                try:
+                    results = core.run_many(programs, self._answer_all)
+                except Exception as exc:  # a bug here must not stop later batches
+                    results = [exc] * len(part)
+                for (stored, _), result in zip(part, results, strict=True):
+                    if isinstance(result, Exception):
+                        dcoord_error = isinstance(result, DcoordError)
+                        log.log(
+                            logging.INFO if dcoord_error else logging.WARNING,
                             "background log write failed (recover() will redo it): %s",
                             result,
+                            exc_info=None if dcoord_error else result,
                             extra=tx_fields(self, stored.record.txid),
                         )
-                    elif isinstance(result, Exception):
-                        raise result
 
     def _submit_background(self, fn: Callable[[], object]) -> None:
         def run() -> None:

@@ -644,6 +644,32 @@ def test_a_done_write_still_gathered_when_its_process_dies_is_redone_by_recover(
     assert set(record.acks) == {"a", "b"}
 
 
+class SlowToCommit(Bank):
+    """Takes longer than INLINE_BELOW to commit, so phase 2 reaches it from the pool."""
+
+    def commit(self, txid: str) -> None:
+        time.sleep(0.002)  # a slow resource, not synchronisation
+        super().commit(txid)
+
+
+def test_done_writes_being_gathered_do_not_hold_up_deliveries(
+    coordinator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(twopc, "DONE_LINGER", 60.0)
+    coord = coordinator([SlowToCommit("a")], workers=1)
+    for _ in range(2):  # the second commit's delivery needs the phase-2 pool's one thread
+        committed = threading.Event()
+
+        def commit(committed: threading.Event) -> None:
+            with coord.transaction() as tx:
+                tx.enlist("a", None)
+            committed.set()
+
+        threading.Thread(target=commit, args=(committed,), daemon=True).start()
+        assert committed.wait(30), "a delivery waited for the done writes' gathering"
+    coord.close()
+
+
 @pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
 def test_redis_cas_many_applies_each_write_on_its_own(
     real_backend_url: str, namespace: str
