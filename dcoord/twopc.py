@@ -206,7 +206,9 @@ class Coordinator:
     thread pools of ``workers`` threads each: one for prepares, one for phase 2
     (commit/abort delivery and the ``done`` log writes). A prepare may wait (wait-die at
     a KVParticipant) for the commit of another transaction; if deliveries shared its
-    pool, enough waiting prepares would starve the very commits they wait for.
+    pool, enough waiting prepares would starve the very commits they wait for. Where the
+    log can make many writes in one round trip (Redis), the ``done`` writes are instead
+    gathered for :data:`DONE_LINGER` and made together by a thread of their own.
 
     Deadlines are judged by the backend's clock where it has one (Redis, memory). On
     etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
