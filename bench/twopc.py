@@ -1,6 +1,7 @@
 """Benchmark two-phase commit: commits/s, p50/p99 latency, and what each commit costs.
 
     python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR] [--json PATH]
+    python bench/twopc.py --slices N [--seconds S] [--json PATH]
 
 Runs against the embedded backend and against Redis (the repository's redis.conf: AOF
 with appendfsync always) and etcd, which this script starts (tests.servers) and stops.
@@ -19,6 +20,9 @@ the same run: ``floor`` clients make two ``SET`` of a record-sized value per
 as the coordinator's two forced log writes are. With 8 clients the floor gains from
 Redis's group commit (writes that arrive in one event-loop iteration share one fsync),
 and so may the coordinator. The ``null`` rows are printed as ratios to that floor.
+``--slices N`` measures only that: N pairs of short slices (``--seconds``) of null
+participants and floor in one process, seconds apart, which a loaded machine's swings
+in fsync latency disturb less than rows in fresh processes.
 
 ``--against DIR`` measures every row also with the dcoord package found in DIR (e.g. a
 tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's, each
@@ -282,6 +286,40 @@ def child_row(code: Path, url: str, kind: str, clients: int, seconds: float, cou
     return json.loads(done.stdout)
 
 
+def slices(count: int, seconds: float) -> list[dict[str, Any]]:
+    """Redis null participants against the floor, 1 and 8 clients, in ``count`` pairs of
+    slices of ``seconds`` in this process, alternating which goes first: the pairs are
+    seconds apart, so a loaded machine's swings (fsync latency moving fivefold from one
+    second to the next) hit both sides of a ratio alike."""
+    server = start_server("redis", persistent=True)  # appendfsync always
+    rows: list[dict[str, Any]] = []
+    try:
+        for clients in (1, 8):
+            runs: dict[str, list[Any]] = {"this": [], "floor": []}
+            for i in range(count):
+                for name in ("this", "floor") if i % 2 == 0 else ("floor", "this"):
+                    kind = "null" if name == "this" else "floor"
+                    runs[name].append(measure(server.url, kind, clients, seconds, False))
+            pairs = ratios(runs["this"], runs["floor"])
+            low, _, high = statistics.quantiles(pairs, n=4)
+            this = statistics.median(r["rate"] for r in runs["this"])
+            raw = statistics.median(r["rate"] for r in runs["floor"])
+            print(
+                f"redis null, {clients} client(s): this {this:.0f} c/s, floor {raw:.0f} tx/s; "
+                f"this/floor median {statistics.median(pairs):.2f}, quartiles {low:.2f}-"
+                f"{high:.2f}, min-max {min(pairs):.2f}-{max(pairs):.2f}",
+                flush=True,
+            )
+            rows.extend(
+                {"backend": "redis", "kind": "null", "clients": clients, "code": name,
+                 "runs": runs[name]}
+                for name in runs
+            )  # fmt: skip
+    finally:
+        server.stop()
+    return rows
+
+
 def ratios(these: list[Any], others: list[Any]) -> list[float]:
     """Rate ratios of paired runs (measured one after the other, under the same load)."""
     return [t["rate"] / o["rate"] for t, o in zip(these, others, strict=True)]
@@ -302,6 +340,9 @@ def main() -> None:
     parser.add_argument("--backends", default="memory,redis,etcd")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument(
+        "--slices", type=int, help="only Redis null vs the floor, N short slices in one process"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one child measurement
     args = parser.parse_args()
     if args.row:
@@ -316,6 +357,12 @@ def main() -> None:
         + ", ".join(f"{k} = {v}" for k, v in codes.items())
     )
     rows: list[dict[str, Any]] = []
+    if args.slices:
+        rows = slices(args.slices, seconds)
+        if args.json is not None:
+            meta = {"slices": args.slices, "seconds": seconds, "load": os.getloadavg()}
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        return
     redis_server = start_server("redis", persistent=True)  # appendfsync always
     etcd_server = start_server("etcd")
     try:
