@@ -1,7 +1,7 @@
 """Ring and membership at scale: HashRing build time, a live ring's CPU per change, expiry.
 
     python -m bench.scale [URL ...] [--members 10,100,1000,5000] [--restart 200]
-                          [--expiry 1000] [--kill 100] [--ttl 5] [--followers 3]
+                          [--expiry 1000] [--kill 100] [--ttl 5] [--followers 3] [--json PATH]
 
 1. ``HashRing`` of N nodes x 160 vnodes, built from scratch (points not cached: every
    virtual node hashed) and again (points cached per node), and one node added to it
@@ -31,13 +31,15 @@
    every ring ended equal to a ring built from scratch.
 
 Numbers depend on the machine's load; the machine these were taken on is shared, so run
-it twice and compare. A text table is printed (no plotting dependency).
+it twice and compare. A text table is printed (no plotting dependency); ``--json PATH``
+also writes the figures there, for ``bench/plot.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import signal
@@ -67,9 +69,10 @@ def _best(fn: Callable[[], object], rounds: int) -> float:
     return best
 
 
-def builds(sizes: list[int]) -> None:
+def builds(sizes: list[int]) -> list[dict[str, float]]:
     print("1. HashRing build, 160 vnodes per node (best of rounds, ms)")
     print(f"   {'nodes':>6}{'points':>9}{'uncached':>10}{'cached':>9}{'with_node':>11}")
+    rows = []
     for n in sizes:
         nodes = [f"member-{i}" for i in range(n)]
 
@@ -84,7 +87,10 @@ def builds(sizes: list[int]) -> None:
         ring = HashRing(nodes)
         add = _best(lambda ring=ring: ring.with_node("joiner"), rounds)  # type: ignore[misc]
         print(f"   {n:>6}{n * 160:>9,}{cold * 1e3:>10.1f}{warm * 1e3:>9.1f}{add * 1e3:>11.2f}")
+        rows.append({"nodes": n, "uncached_ms": cold * 1e3, "cached_ms": warm * 1e3,
+                     "with_node_ms": add * 1e3})  # fmt: skip
     print()
+    return rows
 
 
 def _thread_cpu(thread: threading.Thread) -> float:
@@ -94,7 +100,7 @@ def _thread_cpu(thread: threading.Thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def follower(url: str, n: int, restart: int) -> None:
+def follower(url: str, n: int, restart: int) -> list[dict[str, object]]:
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     name = "scale"
     with (
@@ -131,6 +137,11 @@ def follower(url: str, n: int, restart: int) -> None:
                 f"{spent:>9.2f}{per:>12.3f}  {'yes' if exact else 'NO'}"
             )
         live.close()
+    return [
+        {"backend": url.split("://")[0], "members": n, "mode": mode, "changes": changes,
+         "cpu_s": spent, "ms_per_change": spent / max(changes, 1) * 1e3, "exact": exact}
+        for mode, changes, _, spent, exact in results
+    ]  # fmt: skip
 
 
 def burst(url: str, n: int) -> None:
@@ -245,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttl", type=float, default=5.0, help="their ttl")
     ap.add_argument("--followers", type=int, default=3, help="live rings following them")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     if args.child:
         namespace, name, first, count, ttl = args.child
@@ -254,15 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}\n"
     )
-    builds([int(x) for x in args.builds.split(",")])
+    rows = builds([int(x) for x in args.builds.split(",")])
     print(f"2. live ring follower: CPU of its thread per change, restarting {args.restart}")
     print(
         f"   {'backend':<8}{'members':>7}{'mode':>9}{'changes':>9}{'wall s':>8}"
         f"{'cpu s':>9}{'ms/change':>12}  ring exact"
     )
-    for url in args.urls:
-        for n in (int(x) for x in args.members.split(",") if x):
-            follower(url, n, args.restart)
+    followers = [
+        row
+        for url in args.urls
+        for n in (int(x) for x in args.members.split(",") if x)
+        for row in follower(url, n, args.restart)
+    ]
     if args.burst:
         print(f"\n3. a burst of {args.burst} joins by one client")
         print(
@@ -284,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print("   (updates, epochs, cpu: per follower)")
         for url in servers:
             expiry(url, args.expiry, args.kill, args.ttl, args.followers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"builds": rows, "followers": followers}, f, indent=1)
     return 0
 
 

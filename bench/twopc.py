@@ -1,6 +1,7 @@
 """Benchmark two-phase commit: commits/s, p50/p99 latency, and what each commit costs.
 
-    python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR]
+    python bench/twopc.py [--seconds S] [--quick] [--repeat N] [--against DIR] [--json PATH]
+    python bench/twopc.py --slices N [--seconds S] [--json PATH]
 
 Runs against the embedded backend and against Redis (the repository's redis.conf: AOF
 with appendfsync always) and etcd, which this script starts (tests.servers) and stops.
@@ -13,6 +14,16 @@ Each transaction has 3 participants, each with 1 and 8 concurrent clients:
   after the other (this tree only: it shows what the pools are worth);
 * ``kv``: three KVParticipants, each adding to one key (no conflicts between clients).
 
+On Redis it also measures the floor those numbers are held to, on the same server in
+the same run: ``floor`` clients make two ``SET`` of a record-sized value per
+"transaction", each its own round trip and each forced to disk (``appendfsync always``),
+as the coordinator's two forced log writes are. With 8 clients the floor gains from
+Redis's group commit (writes that arrive in one event-loop iteration share one fsync),
+and so may the coordinator. The ``null`` rows are printed as ratios to that floor.
+``--slices N`` measures only that: N pairs of short slices (``--seconds``) of null
+participants and floor in one process, seconds apart, which a loaded machine's swings
+in fsync latency disturb less than rows in fresh processes.
+
 ``--against DIR`` measures every row also with the dcoord package found in DIR (e.g. a
 tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's, each
 row in a fresh process, and prints the ratio. The machine's load moves single numbers
@@ -22,6 +33,9 @@ For every commit it counts, from the coordinator's calls into the backend, the l
 writes and backend round trips on the critical path (before ``commit()`` returns) and
 off it (the ``done`` marker, written in the background). The protocol needs exactly:
 record + decision on the log, one prepare round and one commit round.
+
+``--json PATH`` also writes every measurement (each run, not only the medians) to PATH,
+for ``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +59,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, os.environ.get("DCOORD_BENCH_CODE", sys.path[0]))
 
+import redis
+
 import dcoord
+from dcoord import txlog
 from dcoord.participants import KVParticipant
 from tests.servers import start_server
 
@@ -139,7 +156,58 @@ def instrument(client: dcoord.Client, tally: Tally) -> None:
     backend.locks = Counting(backend.locks, "locks", tally)
 
 
+def floor(url: str, clients: int, seconds: float) -> dict[str, Any]:
+    """The raw floor: ``clients`` threads, each making two fsynced ``SET`` of a value the
+    size of a started record per "transaction", one round trip each."""
+    record = txlog.new_record(
+        uuid.uuid4().hex, dict.fromkeys(PARTICIPANTS), now=time.time(), timeout=30.0
+    )
+    value = txlog.encode(record)
+    server = redis.Redis.from_url(url)  # its pool gives each thread its own connection
+    latencies: list[float] = []
+    mutex = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def work(worker: int) -> None:
+        mine: list[float] = []
+        n = 0
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            server.set(f"bench-floor:{worker}:{n}:record", value)
+            server.set(f"bench-floor:{worker}:{n}:decision", value)
+            mine.append(time.perf_counter() - started)
+            n += 1
+        with mutex:
+            latencies.extend(mine)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    server.close()
+    return summary(latencies, elapsed, Tally())
+
+
+def summary(latencies: list[float], elapsed: float, tally: Tally) -> dict[str, Any]:
+    """Rate, p50/p99 (ms) and the counted calls per transaction of one measurement."""
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "commits": n,
+        "rate": n / elapsed,
+        "p50": latencies[n // 2] * 1000,
+        "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
+        "critical": {k: v / n for k, v in tally.critical.items()},
+        "background": {k: v / n for k, v in tally.background.items()},
+    }
+
+
 def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> dict[str, Any]:
+    if kind == "floor":
+        return floor(url, clients, seconds)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     with dcoord.connect(url, namespace=namespace) as client:
         tally = Tally()
@@ -179,7 +247,9 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
                             tally.active -= 1
                 mine.append(time.perf_counter() - started)
                 if count:
-                    time.sleep(0.02)  # let this commit's background write land outside
+                    # Let this commit's background write land outside (the done
+                    # writes wait DONE_LINGER to be batched, then take a round trip).
+                    time.sleep(0.05)
             with mutex:
                 latencies.extend(mine)
 
@@ -191,16 +261,7 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
             thread.join()
         elapsed = time.monotonic() - began
         coord.close()  # let the background "done" writes land before counting them
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "commits": n,
-        "rate": n / elapsed,
-        "p50": latencies[n // 2] * 1000,
-        "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
-        "critical": {k: v / n for k, v in tally.critical.items()},
-        "background": {k: v / n for k, v in tally.background.items()},
-    }
+    return summary(latencies, elapsed, tally)
 
 
 # Calls that send nothing to the server (a lock handle's slot is created locally; the
@@ -225,6 +286,45 @@ def child_row(code: Path, url: str, kind: str, clients: int, seconds: float, cou
     return json.loads(done.stdout)
 
 
+def slices(count: int, seconds: float) -> list[dict[str, Any]]:
+    """Redis null participants against the floor, 1 and 8 clients, in ``count`` pairs of
+    slices of ``seconds`` in this process, alternating which goes first: the pairs are
+    seconds apart, so a loaded machine's swings (fsync latency moving fivefold from one
+    second to the next) hit both sides of a ratio alike."""
+    server = start_server("redis", persistent=True)  # appendfsync always
+    rows: list[dict[str, Any]] = []
+    try:
+        for clients in (1, 8):
+            runs: dict[str, list[Any]] = {"this": [], "floor": []}
+            for i in range(count):
+                for name in ("this", "floor") if i % 2 == 0 else ("floor", "this"):
+                    kind = "null" if name == "this" else "floor"
+                    runs[name].append(measure(server.url, kind, clients, seconds, False))
+            pairs = ratios(runs["this"], runs["floor"])
+            low, _, high = statistics.quantiles(pairs, n=4)
+            this = statistics.median(r["rate"] for r in runs["this"])
+            raw = statistics.median(r["rate"] for r in runs["floor"])
+            print(
+                f"redis null, {clients} client(s): this {this:.0f} c/s, floor {raw:.0f} tx/s; "
+                f"this/floor median {statistics.median(pairs):.2f}, quartiles {low:.2f}-"
+                f"{high:.2f}, min-max {min(pairs):.2f}-{max(pairs):.2f}",
+                flush=True,
+            )
+            rows.extend(
+                {"backend": "redis", "kind": "null", "clients": clients, "code": name,
+                 "runs": runs[name]}
+                for name in runs
+            )  # fmt: skip
+    finally:
+        server.stop()
+    return rows
+
+
+def ratios(these: list[Any], others: list[Any]) -> list[float]:
+    """Rate ratios of paired runs (measured one after the other, under the same load)."""
+    return [t["rate"] / o["rate"] for t, o in zip(these, others, strict=True)]
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -239,6 +339,10 @@ def main() -> None:
     parser.add_argument("--against", type=Path, help="a tree whose dcoord is the reference")
     parser.add_argument("--backends", default="memory,redis,etcd")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument(
+        "--slices", type=int, help="only Redis null vs the floor, N short slices in one process"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one child measurement
     args = parser.parse_args()
     if args.row:
@@ -252,6 +356,13 @@ def main() -> None:
         f"{seconds:g} s per row, {args.repeat} run(s); "
         + ", ".join(f"{k} = {v}" for k, v in codes.items())
     )
+    rows: list[dict[str, Any]] = []
+    if args.slices:
+        rows = slices(args.slices, seconds)
+        if args.json is not None:
+            meta = {"slices": args.slices, "seconds": seconds, "load": os.getloadavg()}
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        return
     redis_server = start_server("redis", persistent=True)  # appendfsync always
     etcd_server = start_server("etcd")
     try:
@@ -267,6 +378,9 @@ def main() -> None:
             for kind in args.kinds.split(","):
                 for clients in (1, 8):
                     runs: dict[str, list[Any]] = {k: [] for k in codes}
+                    with_floor = backend == "redis" and kind == "null"
+                    if with_floor:
+                        runs["floor"] = []
                     for _ in range(args.repeat):
                         for name, code in codes.items():
                             if kind == "slow-serial" and name != "this":
@@ -274,6 +388,15 @@ def main() -> None:
                             runs[name].append(
                                 child_row(code, urls[backend], kind, clients, seconds, False)
                             )
+                        if with_floor:  # interleaved: the same moment's load and disk
+                            runs["floor"].append(
+                                child_row(ROOT, urls[backend], "floor", clients, seconds, False)
+                            )
+                    rows.extend(
+                        {"backend": backend, "kind": kind, "clients": clients, "code": name,
+                         "runs": runs[name]}
+                        for name in runs
+                    )  # fmt: skip
                     line = f"{backend:<8} {kind:<11} {clients:>7}"
                     for name in codes:
                         rates = [r["rate"] for r in runs[name]]
@@ -285,18 +408,30 @@ def main() -> None:
                             f" {statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
                         )
                     if len(codes) > 1 and runs.get("ref"):
-                        ratios = [
-                            t["rate"] / r["rate"]
-                            for t, r in zip(runs["this"], runs["ref"], strict=True)
-                        ]
-                        line += f"  {spread(ratios)}"
+                        line += f"  {spread(ratios(runs['this'], runs['ref']))}"
                     print(line, flush=True)
+                    if with_floor:
+                        rates = [r["rate"] for r in runs["floor"]]
+                        p50s = [r["p50"] for r in runs["floor"]]
+                        print(
+                            f"{backend:<8} {'floor':<11} {clients:>7} "
+                            f"{statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
+                            f"  this/floor c/s: {spread(ratios(runs['this'], runs['floor']))}",
+                            flush=True,
+                        )
         print("\nper commit, 1 client, counted on the redis run (same on every backend):")
         for name, code in codes.items():
-            for kind in ("null", "kv"):
+            for kind in [k for k in ("null", "kv") if k in args.kinds.split(",")]:
                 r = child_row(code, urls["redis"], kind, 1, min(seconds, 1.0), True)
                 print(f"  {name} {kind}: critical path: {describe(r['critical'])}")
                 print(f"  {name} {kind}: background:    {describe(r['background'])}")
+                rows.append({"backend": "redis", "kind": kind, "clients": 1, "code": name,
+                             "counted": r})  # fmt: skip
+        if args.json is not None:
+            meta = {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "seconds": seconds, "repeat": args.repeat,
+                    "load": os.getloadavg(), "argv": sys.argv[1:]}  # fmt: skip
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     finally:
         redis_server.stop()
         etcd_server.stop()

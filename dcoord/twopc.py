@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 from tenacity import Retrying, stop_after_delay, wait_random_exponential
 
 from . import metrics, txlog
+from .backends.base import LogEntry
 from .config import positive_seconds
 from .core import twopc_state as core
 from .core.twopc_state import FAILPOINTS, INLINE_BELOW, RecoveryReport, Stored, TxPage, Vote
@@ -71,6 +72,14 @@ participant acknowledged it). Sized for memory: see docs/transactions.md, "Reten
 DEFAULT_PHASE2_TIMEOUT = 5.0
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CLOCK_SKEW = 1.0
+DONE_LINGER = 0.01
+"""Seconds the ``done`` log writes of finished commits are gathered before they are made
+together, where the store can make many in one round trip (Redis: one fsync for all, not
+one per commit on the server that also takes the next commits' forced writes). A crash
+in between only leaves records ``committing``, which :meth:`Coordinator.recover` finishes
+by sending the decision again (participants' commit is idempotent)."""
+DONE_BATCH = 256
+"""At most this many ``done`` writes go in one round trip."""
 __all__ = [
     "FAILPOINTS",
     "INLINE_BELOW",
@@ -197,7 +206,9 @@ class Coordinator:
     thread pools of ``workers`` threads each: one for prepares, one for phase 2
     (commit/abort delivery and the ``done`` log writes). A prepare may wait (wait-die at
     a KVParticipant) for the commit of another transaction; if deliveries shared its
-    pool, enough waiting prepares would starve the very commits they wait for.
+    pool, enough waiting prepares would starve the very commits they wait for. Where the
+    log can make many writes in one round trip (Redis), the ``done`` writes are instead
+    gathered for :data:`DONE_LINGER` and made together by a thread of their own.
 
     Deadlines are judged by the backend's clock where it has one (Redis, memory). On
     etcd they are judged by ``clock`` (this host's wall clock; injectable for tests), and
@@ -241,6 +252,15 @@ class Coordinator:
         self._prepares = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-prepare")
         self._deliveries = ThreadPoolExecutor(workers, thread_name_prefix="dcoord-2pc-phase2")
         self._background: set[Future[None]] = set()
+        # A store that makes many compare-and-sets in one round trip (Redis) gets the
+        # done writes batched (see DONE_LINGER) by a thread of their own: one taken from
+        # the phase-2 pool would hold it while gathering, and deliveries wait for it.
+        self._cas_many: Callable[..., list[LogEntry | None]] | None = getattr(
+            self._store, "cas_many", None
+        )
+        self._done_queue: list[tuple[Stored, list[str]]] = []
+        self._done_writer: threading.Thread | None = None
+        self._closing = threading.Event()  # cuts the done writer's gathering short
         self._pace = core.Pace()
         # The embedded log does no I/O: its done write costs less than a thread hand-off,
         # so it is written before commit() returns instead of in the background.
@@ -251,6 +271,7 @@ class Coordinator:
             client.backend.kind == "redis" and int(client.settings.options["min_replicas"]) > 0
         )
         self._mutex = threading.Lock()
+        self._done_queued = threading.Condition(self._mutex)  # work for the done writer
         self._closed = False
         client.on_close(self.close)
 
@@ -346,12 +367,18 @@ class Coordinator:
         return report
 
     def close(self) -> None:
-        """Wait for background log writes (``done`` markers), then stop the pools."""
+        """Make the queued ``done`` log writes and wait for the other background ones,
+        then stop the pools."""
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
             pending = list(self._background)
+            writer = self._done_writer
+            self._done_queued.notify()
+        self._closing.set()
+        if writer is not None:
+            writer.join()  # it writes what is queued first
         wait(pending)
         self._prepares.shutdown(wait=True)
         self._deliveries.shutdown(wait=True)
@@ -522,7 +549,10 @@ class Coordinator:
         if not acked:
             return stored
         if background_done and not self._local_log:
-            self._submit_background(lambda: self._record_acks(stored, acked))
+            if self._cas_many is None:
+                self._submit_background(lambda: self._record_acks(stored, acked))
+            else:
+                self._queue_done(stored, acked)
             return stored
         return self._record_acks(stored, acked)
 
@@ -557,6 +587,49 @@ class Coordinator:
 
     def _record_acks(self, stored: Stored, acked: list[str]) -> Stored:
         return self._log(core.record_acks(stored, acked, self._confirm_replicas))
+
+    def _queue_done(self, stored: Stored, acked: list[str]) -> None:
+        """Record ``acked`` in the background, batched with other commits' by the done
+        writer (the store has ``cas_many``), which starts on first use."""
+        with self._mutex:
+            if self._closed:
+                return  # as for any background write: recover() finishes the record
+            self._done_queue.append((stored, acked))
+            if self._done_writer is None:
+                self._done_writer = threading.Thread(
+                    target=self._write_done, name="dcoord-2pc-done", daemon=True
+                )
+                self._done_writer.start()
+            self._done_queued.notify()
+
+    def _write_done(self) -> None:
+        """The done writer: once something is queued, gather for :data:`DONE_LINGER`
+        (close() cuts it short), then make all that is queued together; until close()."""
+        while True:
+            with self._mutex:
+                self._done_queued.wait_for(lambda: bool(self._done_queue) or self._closed)
+                if not self._done_queue:
+                    return  # closed, and nothing left
+            self._closing.wait(DONE_LINGER)
+            with self._mutex:
+                batch, self._done_queue = self._done_queue, []
+            for start in range(0, len(batch), DONE_BATCH):
+                part = batch[start : start + DONE_BATCH]
+                programs = [core.record_acks(s, acked, self._confirm_replicas) for s, acked in part]
+                try:
+                    results = core.run_many(programs, self._answer_all)
+                except Exception as exc:  # a bug here must not stop later batches
+                    results = [exc] * len(part)
+                for (stored, _), result in zip(part, results, strict=True):
+                    if isinstance(result, Exception):
+                        dcoord_error = isinstance(result, DcoordError)
+                        log.log(
+                            logging.INFO if dcoord_error else logging.WARNING,
+                            "background log write failed (recover() will redo it): %s",
+                            result,
+                            exc_info=None if dcoord_error else result,
+                            extra=tx_fields(self, stored.record.txid),
+                        )
 
     def _submit_background(self, fn: Callable[[], object]) -> None:
         def run() -> None:
@@ -624,6 +697,22 @@ class Coordinator:
     def _log(self, steps: core.Steps[T]) -> T:
         """Run a log program of :mod:`dcoord.core.twopc_state` on this coordinator's store."""
         return core.run(steps, self._answer)
+
+    def _answer_all(self, requests: list[core.Request]) -> list[Any]:
+        """Answers to ``requests`` (an Exception for each that failed): compare-and-sets
+        in one ``cas_many`` call, anything else one by one."""
+        if self._cas_many is not None and all(isinstance(r, core.Cas) for r in requests):
+            try:
+                return self._cas_many(requests, retention=self.retention)
+            except Exception as exc:
+                return [exc] * len(requests)
+        answers: list[Any] = []
+        for request in requests:
+            try:
+                answers.append(self._answer(request))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
 
     def _answer(self, request: core.Request) -> Any:
         if isinstance(request, core.Read):

@@ -29,6 +29,10 @@ from typing import Any, Literal
 from .errors import ConfigError, InvalidTransition, LogCorrupted
 
 SCHEMA_VERSION = 1
+# Built once: json.dumps() with any option builds a new encoder per call, a few of which
+# every transaction makes (its record's versions, one digest per payload).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 _TXID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 Outcome = Literal["committed", "aborted"]
@@ -126,7 +130,7 @@ def digest(payload: object, *, what: str = "payload") -> str:
     or nests deeper than Python's recursion limit).
     """
     try:
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
+        text = _CANONICAL.encode(payload)
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{what} cannot be digested for the log: {exc}") from None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -195,7 +199,7 @@ def encode(record: TxRecord) -> bytes:
         "coordinator": record.coordinator,
         "reason": record.reason,
     }
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return _COMPACT.encode(doc).encode()
 
 
 def decode(txid: str, data: bytes) -> TxRecord:

@@ -126,6 +126,33 @@ def run(steps: Generator[R, Any, T], answer: Callable[[R], Any]) -> T:
             reply, error = None, exc
 
 
+def run_many(
+    programs: Sequence[Generator[R, Any, T]], answer_all: Callable[[list[R]], list[Any]]
+) -> list[T | Exception]:
+    """Drive ``programs`` side by side: each round, the requests of all that are not done
+    go to one ``answer_all(requests)`` (so that a store can answer them in one round
+    trip), which returns an answer per request, or the Exception that request raised
+    (thrown into its program). Returns each program's result, or the Exception it ended
+    with (one program's failure does not stop the others)."""
+    results: dict[int, T | Exception] = {}
+    replies: dict[int, Any] = dict.fromkeys(range(len(programs)))
+    while replies:
+        requests: dict[int, R] = {}
+        for i, reply in replies.items():
+            try:
+                if isinstance(reply, Exception):
+                    requests[i] = programs[i].throw(reply)
+                else:
+                    requests[i] = programs[i].send(reply)
+            except StopIteration as stop:
+                results[i] = stop.value
+            except Exception as exc:
+                results[i] = exc
+        answers = answer_all(list(requests.values())) if requests else []
+        replies = dict(zip(requests, answers, strict=True))
+    return [results[i] for i in range(len(programs))]
+
+
 @dataclass
 class RecoveryReport:
     """What :meth:`Coordinator.recover` found and did."""

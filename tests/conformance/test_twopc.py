@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 import dcoord
-from dcoord import txlog
+from dcoord import twopc, txlog
 from dcoord.txlog import TxState
 
 
@@ -578,6 +579,122 @@ def test_store_cas_admits_exactly_one_of_racing_writers(client: dcoord.Client) -
         store.cas("race1", entry, stale, finished=False, retention=60, state="started", created=1)
         is None
     )
+
+
+class CountingLog:
+    """Stands in for a client's log store and records the size of each ``cas_many``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)  # AttributeError: a store without cas_many
+        if name != "cas_many":
+            return attr
+
+        def cas_many(requests: list[Any], **options: Any) -> Any:
+            self.batches.append(len(requests))
+            return attr(requests, **options)
+
+        return cas_many
+
+
+def test_done_writes_are_gathered_and_close_flushes_them(
+    coordinator: Any, client: dcoord.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(twopc, "DONE_LINGER", 60.0)  # only close() ends the gathering
+    log = CountingLog(client.backend.txlog)
+    monkeypatch.setattr(client.backend, "txlog", log)
+    coord = coordinator([Bank("a"), Bank("b")])
+    txids = []
+    for _ in range(5):
+        with coord.transaction() as tx:
+            tx.enlist("a", None)
+            tx.enlist("b", None)
+        txids.append(tx.txid)
+    began = time.monotonic()
+    coord.close()
+    assert time.monotonic() - began < 30, "close() sat out the gathering"
+    assert [state_of(coord, t) for t in txids] == [TxState.COMMITTED] * 5
+    if hasattr(log.inner, "cas_many"):
+        assert log.batches == [5], "five done writes, one round trip"
+
+
+def test_a_done_write_still_gathered_when_its_process_dies_is_redone_by_recover(
+    coordinator: Any, client: dcoord.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hasattr(client.backend.txlog, "cas_many"):
+        pytest.skip("done writes are gathered only where the store batches them (Redis)")
+    monkeypatch.setattr(twopc, "DONE_LINGER", 60.0)
+    a, b = banks("a", "b")
+    coord = coordinator([a, b])
+    with coord.transaction() as tx:
+        tx.enlist("a", None)
+        tx.enlist("b", None)
+    assert state_of(coord, tx.txid) is TxState.COMMITTING  # decided; done not written yet
+    # As if that process died now: another one finds the decision and finishes it.
+    report = coordinator([a, b]).recover()
+    assert report.committed == [tx.txid] and report.clean
+    assert state_of(coord, tx.txid) is TxState.COMMITTED
+    # Had it lived on, its late done write loses to recovery's, harmlessly.
+    coord.close()
+    record = coord.get(tx.txid)
+    assert record is not None and record.state is TxState.COMMITTED
+    assert set(record.acks) == {"a", "b"}
+
+
+class SlowToCommit(Bank):
+    """Takes longer than INLINE_BELOW to commit, so phase 2 reaches it from the pool."""
+
+    def commit(self, txid: str) -> None:
+        time.sleep(0.002)  # a slow resource, not synchronisation
+        super().commit(txid)
+
+
+def test_done_writes_being_gathered_do_not_hold_up_deliveries(
+    coordinator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(twopc, "DONE_LINGER", 60.0)
+    coord = coordinator([SlowToCommit("a")], workers=1)
+    for _ in range(2):  # the second commit's delivery needs the phase-2 pool's one thread
+        committed = threading.Event()
+
+        def commit(committed: threading.Event) -> None:
+            with coord.transaction() as tx:
+                tx.enlist("a", None)
+            committed.set()
+
+        threading.Thread(target=commit, args=(committed,), daemon=True).start()
+        assert committed.wait(30), "a delivery waited for the done writes' gathering"
+    coord.close()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_cas_many_applies_each_write_on_its_own(
+    real_backend_url: str, namespace: str
+) -> None:
+    from dcoord.core.twopc_state import Cas
+
+    with dcoord.connect(real_backend_url, namespace=namespace) as client:
+        store = client.backend.txlog
+        requests = []
+        for i in range(3):
+            record = txlog.new_record(f"many{i}", {"a": None}, now=time.time(), timeout=30)
+            entry = store.create(record.txid, txlog.encode(record), record.deadline)
+            assert entry is not None
+            decided = txlog.decide(record, "committed", now=time.time())
+            expected = entry if i != 1 else dataclasses.replace(entry, data=b"stale")
+            requests.append(
+                Cas(record.txid, expected, txlog.encode(decided), False, "committing",
+                    record.created, "started")
+            )  # fmt: skip
+        client.backend.redis.script_flush()  # type: ignore[attr-defined]
+        replies = store.cas_many(requests, retention=60)  # type: ignore[attr-defined]
+        assert [reply is not None for reply in replies] == [True, False, True]
+        states = [txlog.decode(r.txid, store.get(r.txid).data).state for r in requests]  # type: ignore[union-attr]
+        assert states == [TxState.COMMITTING, TxState.STARTED, TxState.COMMITTING]
+        assert store.cas_many([], retention=60) == []  # type: ignore[attr-defined]
 
 
 def test_invalid_transitions_are_refused_and_leave_the_log_unchanged(

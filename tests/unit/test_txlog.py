@@ -9,6 +9,7 @@ import pytest
 
 import dcoord
 from dcoord import txlog
+from dcoord.core import twopc_state as core
 from dcoord.txlog import TxState
 
 
@@ -143,3 +144,34 @@ def test_a_payload_the_digest_cannot_walk_is_a_config_error() -> None:
         txlog.new_record("tx1", {"a": loop}, now=0.0, timeout=1.0)
     # What JSON cannot hold but repr can (NaN, objects) still has a stable digest.
     assert txlog.digest({"x": float("nan")}) == txlog.digest({"x": float("nan")})
+
+
+def test_run_many_drives_log_programs_side_by_side() -> None:
+    """One answer call per round for every program still running; a failed request is
+    thrown into its own program only, and one program's error does not stop the others."""
+
+    def program(name: str, rounds: int) -> core.Steps[str]:
+        for i in range(rounds):
+            try:
+                yield core.Read(f"{name}{i}")
+            except dcoord.BackendUnavailable:
+                if name == "fails":
+                    raise
+                return f"{name} recovered"
+        return f"{name} done"
+
+    calls: list[list[str]] = []
+
+    def answer_all(requests: list[core.Request]) -> list[object]:
+        txids = [r.txid for r in requests if isinstance(r, core.Read)]
+        calls.append(txids)
+        return [dcoord.BackendUnavailable(t) if t.endswith("1") and t[0] != "a" else None
+                for t in txids]  # fmt: skip
+
+    results = core.run_many(
+        [program("a", 3), program("b", 3), program("fails", 3), program("c", 0)], answer_all
+    )
+    assert calls == [["a0", "b0", "fails0"], ["a1", "b1", "fails1"], ["a2"]]
+    assert results[:2] == ["a done", "b recovered"]
+    assert isinstance(results[2], dcoord.BackendUnavailable)
+    assert results[3] == "c done"

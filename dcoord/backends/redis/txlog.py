@@ -50,7 +50,9 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ...core.twopc_state import run
+import redis
+
+from ...core.twopc_state import Cas, run
 from ..base import TX_STATES, LogEntry
 from . import persistence
 from .locks import LuaScript
@@ -207,6 +209,46 @@ class RedisTxLog:
             lambda: self._backend.replication.write(CAS, keys, args, what=what), what=what
         )
         return LogEntry(bytes(data), bytes(data)) if changed else None
+
+    def cas_many(self, requests: Sequence[Cas], *, retention: float) -> list[LogEntry | None]:
+        """Several :meth:`cas` at once, each applied or not on its own, as one pipeline
+        on one server: one round trip, and one fsync for all of them (they arrive in one
+        event-loop iteration). The coordinator's ``done`` writes, which nothing waits
+        for, share it. Where one pipeline is not one server's forced write (a Cluster
+        spreads the buckets over primaries; ``min_replicas`` needs a WAIT per write),
+        they are made one by one."""
+        if self._backend.settings.topology == "cluster" or self._backend.replication.min_replicas:
+            return [
+                self.cas(r.txid, r.expected, r.data, finished=r.finished, retention=retention,
+                         state=r.state, created=r.created, previous=r.previous)
+                for r in requests
+            ]  # fmt: skip
+        what = f"update {len(requests)} transaction records"
+        self._ensure_migrated(what)
+        calls = [
+            cas_call(self._prefix, self._namespace, r.txid, r.expected, r.data,
+                     finished=r.finished, retention=retention, state=r.state,
+                     created=r.created, previous=r.previous)
+            for r in requests
+        ]  # fmt: skip
+
+        def send() -> list[Any]:
+            pipe: Any = self._redis.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", CAS.sha, len(keys), *keys, *args)
+            replies = list(pipe.execute(raise_on_error=False))
+            for i, reply in enumerate(replies):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    replies[i] = CAS(self._redis, *calls[i])  # loads it (a restarted server)
+                elif isinstance(reply, Exception):
+                    raise reply  # not about one record (ACL, OOM, a replica): about all
+            return replies
+
+        replies = self._backend.call(send, what=what)
+        return [
+            LogEntry(bytes(r.data), bytes(r.data)) if done else None
+            for r, done in zip(requests, replies, strict=True)
+        ]
 
     def get(self, txid: str) -> LogEntry | None:
         what = f"read transaction record {txid!r}"
