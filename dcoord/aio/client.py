@@ -15,6 +15,7 @@ from ..backends.base import ServerInfo
 from ..config import Settings, settings_from
 from ..errors import ClientClosed
 from ..inspect import LockInfo
+from ..logfields import client_fields
 from ..lock import DEFAULT_TTL
 from .election import AsyncElection
 from .fence import AsyncFence
@@ -169,7 +170,10 @@ class AsyncClient:
         return AsyncElection(self, name)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
-        """Await ``closer()`` when the client closes, before it disconnects."""
+        """Await ``closer()`` when the client closes, before it disconnects.
+
+        Raises ClientClosed once the client is closed (the hook would never run)."""
+        self.check_open()
         self._closers.append(closer)
 
     def _holding(self, lock: AsyncLock, held: bool) -> None:
@@ -192,8 +196,19 @@ class AsyncClient:
         self.closed = True
         try:
             await asyncio.gather(*(c.close() for c in self._coordinators))
-            closers, self._closers = self._closers, []
-            await asyncio.gather(*(closer() for closer in closers))
+            # Newest first, as the sync client; a failing hook is logged, not raised, and
+            # stops no other: each cleans up its own, and the TTLs cover a failed one.
+            closers, self._closers = self._closers[::-1], []
+            outcomes = await asyncio.gather(*(c() for c in closers), return_exceptions=True)
+            for closer, outcome in zip(closers, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    log.warning(
+                        "close hook %r of %s failed",
+                        closer,
+                        self.url,
+                        exc_info=outcome,
+                        extra=client_fields(self.settings),
+                    )
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
             for task in list(self._tasks):
