@@ -15,8 +15,8 @@ from ..backends.base import ServerInfo
 from ..config import Settings, settings_from
 from ..errors import ClientClosed
 from ..inspect import LockInfo
-from ..logfields import client_fields
 from ..lock import DEFAULT_TTL
+from ..logfields import client_fields
 from .election import AsyncElection
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
@@ -74,7 +74,15 @@ class AsyncClient:
         not answer fails here rather than at the first lock; idempotent."""
         self.check_open()
         if not self._started:
+            # The sync client's records (docs/observability.md), with the same fields.
+            log.info(
+                "connecting to %s (connect_timeout %g s)",
+                self.url,
+                self.settings.connect_timeout,
+                extra=client_fields(self.settings),
+            )
             await self.backend.start()
+            log.info("connected to %s", self.url, extra=client_fields(self.settings))
             self._started = True
         return self
 

@@ -125,6 +125,12 @@ class SyncRing:
     def close(self) -> None:
         self._client.run(_on_loop(self.aio.close))
 
+    def __enter__(self) -> SyncRing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __len__(self) -> int:
         return len(self.aio)
 
@@ -147,9 +153,6 @@ class SyncWatch:
         self._mutex = threading.Lock()
         self._stopped = False
         self._pending: concurrent.futures.Future[GroupView] | None = None
-        # The first iteration here, as the sync watch() reads the group before it returns:
-        # what it raises (ClientClosed, BackendUnavailable) is raised by watch().
-        self._first: GroupView | None = client.run(self._next())
         self._thread = threading.Thread(target=self._run, name="test-aio-watch", daemon=True)
         self._thread.start()
 
@@ -163,17 +166,14 @@ class SyncWatch:
     def _run(self) -> None:
         loop = self._client._loop.loop
         while True:
-            if self._first is not None:
-                view, self._first = self._first, None
-            else:
-                with self._mutex:
-                    if self._stopped:
-                        break
-                    pending = self._pending = asyncio.run_coroutine_threadsafe(self._next(), loop)
-                try:
-                    view = pending.result()
-                except (StopAsyncIteration, concurrent.futures.CancelledError):
-                    return  # the iteration ended (client closed) or was cancelled (stop())
+            with self._mutex:
+                if self._stopped:
+                    break
+                pending = self._pending = asyncio.run_coroutine_threadsafe(self._next(), loop)
+            try:
+                view = pending.result()
+            except (StopAsyncIteration, concurrent.futures.CancelledError):
+                return  # the iteration ended (client closed) or was cancelled (stop())
             if self._stopped:
                 break
             # As the sync Watch: a raising callback keeps being called.
@@ -194,3 +194,9 @@ class SyncWatch:
             pending = self._pending
         if pending is not None:
             pending.cancel()
+
+    def __enter__(self) -> SyncWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -13,8 +13,9 @@ Left out, and why:
   through the adapter is a sync client's store; they would test nothing async.
 - ``test_a_join_that_races_close_raises_client_closed_and_leaves_the_member``: it
   replaces the sync group store's ``join`` and closes the client from another thread.
-- ``test_any_namespace_connects_or_is_a_config_error``, ``test_any_url_parses_or_is_a_config_error``:
-  they check ``settings_from``, which ``dcoord.connect`` and ``dcoord.aio.connect`` share.
+- ``test_any_namespace_connects_or_is_a_config_error``,
+  ``test_any_url_parses_or_is_a_config_error``: they check ``settings_from``, which
+  ``dcoord.connect`` and ``dcoord.aio.connect`` share.
 - test_boundary.py: it fails the sync etcd backend's watch (``add_watch_callback``);
   the async etcd driver watches over grpc.aio, with no such call to fail.
 """
