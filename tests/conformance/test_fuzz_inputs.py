@@ -86,22 +86,16 @@ OPERATIONS: dict[str, tuple[Callable[..., None], st.SearchStrategy[tuple[Any, ..
 }
 
 
-@pytest.fixture
-def examples(backend: str) -> int:
-    """How many inputs an operation gets on ``backend`` (tests/aio runs fewer)."""
-    return EXAMPLES[backend]
-
-
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_any_input_works_or_is_a_dcoord_error_writing_nothing(
-    examples: int, connect: Callable[..., dcoord.Client], namespace: str, operation: str
+    backend: str, connect: Callable[..., dcoord.Client], namespace: str, operation: str
 ) -> None:
     op, strategy = OPERATIONS[operation]
-    numbered = itertools.count()
+    examples = itertools.count()
     outcomes: Counter[str] = Counter()
 
     @settings(
-        max_examples=examples,
+        max_examples=EXAMPLES[backend],
         deadline=DEADLINE,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
         database=None,
@@ -110,7 +104,7 @@ def test_any_input_works_or_is_a_dcoord_error_writing_nothing(
     def check(args: tuple[Any, ...]) -> None:
         # A namespace per example: an earlier example's transaction may still be
         # finishing in the background of its own.
-        client = connect(namespace=f"{namespace}-{next(numbered)}")
+        client = connect(namespace=f"{namespace}-{next(examples)}")
         try:
             op(client, *args)
             outcomes["worked"] += 1
