@@ -39,6 +39,7 @@ SYNC_ONLY = {
     "test_any_url_parses_or_is_a_config_error",
 }
 
+
 @pytest.fixture(autouse=True)
 def async_participants(monkeypatch: pytest.MonkeyPatch) -> None:
     """``dcoord.KVParticipant(client, name)`` of the input checks, on the async API."""
