@@ -223,6 +223,13 @@ def client(connect: Callable[..., dcoord.Client]) -> dcoord.Client:
 
 
 @pytest.fixture
+def dcoord_connect() -> Callable[..., dcoord.Client]:
+    """The connect function of tests that connect themselves (a URL, options; a client
+    usable with ``with``): ``dcoord.connect`` here, the async API's in tests/aio."""
+    return dcoord.connect
+
+
+@pytest.fixture
 def certificates(servers: Servers) -> Certificates:
     """The session's test CA and certificates (see tests/servers.py)."""
     return servers.certificates()

@@ -16,6 +16,7 @@ from ..config import Settings, settings_from
 from ..errors import ClientClosed
 from ..inspect import LockInfo
 from ..lock import DEFAULT_TTL
+from ..logfields import client_fields
 from .election import AsyncElection
 from .fence import AsyncFence
 from .lock import AsyncLock, OnLost
@@ -73,7 +74,15 @@ class AsyncClient:
         not answer fails here rather than at the first lock; idempotent."""
         self.check_open()
         if not self._started:
+            # The sync client's records (docs/observability.md), with the same fields.
+            log.info(
+                "connecting to %s (connect_timeout %g s)",
+                self.url,
+                self.settings.connect_timeout,
+                extra=client_fields(self.settings),
+            )
             await self.backend.start()
+            log.info("connected to %s", self.url, extra=client_fields(self.settings))
             self._started = True
         return self
 
@@ -169,7 +178,10 @@ class AsyncClient:
         return AsyncElection(self, name)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
-        """Await ``closer()`` when the client closes, before it disconnects."""
+        """Await ``closer()`` when the client closes, before it disconnects.
+
+        Raises ClientClosed once the client is closed (the hook would never run)."""
+        self.check_open()
         self._closers.append(closer)
 
     def _holding(self, lock: AsyncLock, held: bool) -> None:
@@ -192,8 +204,19 @@ class AsyncClient:
         self.closed = True
         try:
             await asyncio.gather(*(c.close() for c in self._coordinators))
-            closers, self._closers = self._closers, []
-            await asyncio.gather(*(closer() for closer in closers))
+            # Newest first, as the sync client; a failing hook is logged, not raised, and
+            # stops no other: each cleans up its own, and the TTLs cover a failed one.
+            closers, self._closers = self._closers[::-1], []
+            outcomes = await asyncio.gather(*(c() for c in closers), return_exceptions=True)
+            for closer, outcome in zip(closers, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    log.warning(
+                        "close hook %r of %s failed",
+                        closer,
+                        self.url,
+                        exc_info=outcome,
+                        extra=client_fields(self.settings),
+                    )
             locks, self._held = list(self._held), set()
             await asyncio.gather(*(lock._abandon() for lock in locks))
             for task in list(self._tasks):

@@ -584,15 +584,20 @@ class AsyncGroup:
             raise
         return ring
 
-    async def watch(self) -> AsyncIterator[GroupView]:
+    def watch(self) -> AsyncIterator[GroupView]:
         """``async for view in group.watch():`` the current member set, then each change.
 
         A reader slower than the changes gets only the newest set (never the same set
         twice in a row). The iteration ends when the client closes; leaving the loop,
-        or a cancellation of the waiting iteration, stops following. The first
+        or a cancellation of the waiting iteration, stops following. Raises
+        ClientClosed at once on a closed client, as everything a client makes. The first
         iteration raises BackendUnavailable if the group cannot be read; after that,
         outages are retried in the background (the next view comes once it is over).
         """
+        self.client.check_open()
+        return self._watch()
+
+    async def _watch(self) -> AsyncIterator[GroupView]:
         views = _Views()
         self._follow(views)
         try:

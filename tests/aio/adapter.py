@@ -51,18 +51,50 @@ class Loop:
 class SyncView:
     """An :class:`dcoord.aio.AsyncClient` with the sync Client's methods."""
 
-    def __init__(self, loop: Loop, url: str, **options: Any) -> None:
+    def __init__(self, loop: Loop, url: Any, **options: Any) -> None:
         self._loop = loop
+        self._url = url
+        self._options = options
 
         async def connect() -> dcoord.aio.AsyncClient:
             return await dcoord.aio.connect(url, **options)
 
         self.aio = loop.run(connect())
-        self._shadow = dcoord.connect(url, **options)
+        # Made at the first use of ``backend``: most tests never read the server
+        # directly, and a second connection would add its own log records and traffic.
+        self._shadow: dcoord.Client | None = None
 
     @property
     def backend(self) -> Any:
+        if self._shadow is None:
+            self._shadow = dcoord.connect(self._url, **self._options)
         return self._shadow.backend
+
+    @property
+    def settings(self) -> Any:
+        return self.aio.settings
+
+    def on_close(self, hook: Callable[[], object]) -> None:
+        """The sync client's close hook (a plain function) as the async client's."""
+
+        async def closer() -> None:
+            hook()
+
+        self.aio.on_close(closer)
+
+    def __enter__(self) -> SyncView:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self.aio)
 
     @property
     def closed(self) -> bool:
@@ -121,7 +153,8 @@ class SyncView:
         try:
             self._loop.run(self.aio.close())
         finally:
-            self._shadow.close()
+            if self._shadow is not None:
+                self._shadow.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coro)

@@ -62,3 +62,19 @@ def connect(aio_url: str, namespace: str, loop: Loop) -> Iterator[Callable[..., 
 @pytest.fixture
 def client(connect: Callable[..., SyncView]) -> SyncView:
     return connect()
+
+
+@pytest.fixture
+def dcoord_connect(loop: Loop) -> Iterator[Callable[..., SyncView]]:
+    """The root conftest's ``dcoord_connect`` with the async API: ``dcoord.aio.connect``
+    seen through the adapter; what a test leaves open is closed after it."""
+    clients: list[SyncView] = []
+
+    def make(url: Any = None, **options: Any) -> SyncView:
+        client = SyncView(loop, url, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

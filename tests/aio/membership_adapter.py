@@ -125,6 +125,12 @@ class SyncRing:
     def close(self) -> None:
         self._client.run(_on_loop(self.aio.close))
 
+    def __enter__(self) -> SyncRing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __len__(self) -> int:
         return len(self.aio)
 
@@ -188,3 +194,9 @@ class SyncWatch:
             pending = self._pending
         if pending is not None:
             pending.cancel()
+
+    def __enter__(self) -> SyncWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -84,9 +84,11 @@ class Participant:
         pass
 
 
-def exercise(url: str, namespace: str, lock_ttl: float) -> None:
+def exercise(
+    connect: Callable[..., dcoord.Client], url: str, namespace: str, lock_ttl: float
+) -> None:
     """Locks, members and 2PC, including the failures that log warnings."""
-    with dcoord.connect(url, namespace=namespace) as client:
+    with connect(url, namespace=namespace) as client:
         with client.lock("job", ttl=30) as lock:
             assert lock.fence > 0
         lost = threading.Event()
@@ -120,7 +122,7 @@ def exercise(url: str, namespace: str, lock_ttl: float) -> None:
     # Refused credentials (ConfigError; BackendUnavailable after retries where a server's
     # refusal is not recognised): the attempts are logged, with the URL, on the way.
     with pytest.raises(dcoord.DcoordError):
-        dcoord.connect(url.replace(SECRET, "wrong-pw"), namespace=namespace, connect_timeout=2)
+        connect(url.replace(SECRET, "wrong-pw"), namespace=namespace, connect_timeout=2)
 
 
 def leaks(handler: logging.Handler, record: logging.LogRecord) -> bool:
@@ -131,11 +133,14 @@ def leaks(handler: logging.Handler, record: logging.LogRecord) -> bool:
 
 
 def test_no_record_holds_the_password_and_every_record_has_fields(
-    captured: Capture, real_backend: str, server_factory: Callable[..., Server]
+    captured: Capture,
+    real_backend: str,
+    server_factory: Callable[..., Server],
+    dcoord_connect: Callable[..., dcoord.Client],
 ) -> None:
     server = server_factory(real_backend, persistent=False)
     url, namespace = url_with_password(real_backend, server)
-    exercise(url, namespace, lock_ttl=0.5 if real_backend == "redis" else 2.0)
+    exercise(dcoord_connect, url, namespace, lock_ttl=0.5 if real_backend == "redis" else 2.0)
 
     records = list(captured.records)
     names = {r.name for r in records}

@@ -52,12 +52,23 @@ def admin(server: Server) -> Iterator[redis.Redis]:
     client.close()
 
 
-def connect(server: Server, namespace: str) -> dcoord.Client:
-    return dcoord.connect(f"redis://app1:{PASSWORD}@{HOST}:{server.port}/0", namespace=namespace)
+@pytest.fixture
+def connect(
+    server: Server, dcoord_connect: Callable[..., dcoord.Client]
+) -> Callable[[str], dcoord.Client]:
+    """``connect(namespace)``: a client of the test's server as user app1."""
+
+    def make(namespace: str) -> dcoord.Client:
+        url = f"redis://app1:{PASSWORD}@{HOST}:{server.port}/0"
+        return dcoord_connect(url, namespace=namespace)
+
+    return make
 
 
-def test_the_documented_rule_runs_every_primitive_in_its_namespace(server: Server) -> None:
-    with connect(server, NS) as a, connect(server, NS) as b:
+def test_the_documented_rule_runs_every_primitive_in_its_namespace(
+    server: Server, connect: Callable[[str], dcoord.Client]
+) -> None:
+    with connect(NS) as a, connect(NS) as b:
         # A contended lock: b waits on the release channel until a lets go.
         held = a.lock("orders", ttl=10)
         assert held.acquire(timeout=5)
@@ -91,9 +102,9 @@ def test_the_documented_rule_runs_every_primitive_in_its_namespace(server: Serve
 
 
 def test_the_rule_denies_other_namespaces_and_writes_nothing_there(
-    server: Server, admin: redis.Redis
+    server: Server, admin: redis.Redis, connect: Callable[[str], dcoord.Client]
 ) -> None:
-    with connect(server, "other") as client:
+    with connect("other") as client:
         for operation in (
             lambda: client.lock("orders", ttl=5).acquire(timeout=0),
             lambda: client.fence("orders").admit(1),
@@ -107,29 +118,33 @@ def test_the_rule_denies_other_namespaces_and_writes_nothing_there(
     assert admin.keys("*") == []
 
 
-def test_a_rule_short_of_a_command_is_denied_naming_it(server: Server, admin: redis.Redis) -> None:
+def test_a_rule_short_of_a_command_is_denied_naming_it(
+    server: Server, admin: redis.Redis, connect: Callable[[str], dcoord.Client]
+) -> None:
     # Negative control: the first test would notice a command missing from the rule.
     admin.execute_command("ACL", "SETUSER", "app1", "-evalsha")
-    with connect(server, NS) as client, pytest.raises(dcoord.PermissionDenied, match="'evalsha'"):
+    with connect(NS) as client, pytest.raises(dcoord.PermissionDenied, match="'evalsha'"):
         client.lock("orders", ttl=5).acquire(timeout=0)
 
 
-def test_a_database_other_than_0_needs_select(server: Server, admin: redis.Redis) -> None:
+def test_a_database_other_than_0_needs_select(
+    server: Server, admin: redis.Redis, dcoord_connect: Callable[..., dcoord.Client]
+) -> None:
     url = f"redis://app1:{PASSWORD}@{HOST}:{server.port}/1"
     with pytest.raises(dcoord.PermissionDenied, match="'select'"):
-        dcoord.connect(url, namespace=NS)
+        dcoord_connect(url, namespace=NS)
     admin.execute_command("ACL", "SETUSER", "app1", "+select")  # as docs/security.md says
-    with dcoord.connect(url, namespace=NS) as client:
+    with dcoord_connect(url, namespace=NS) as client:
         assert client.fence("orders").admit(1)
 
 
 def test_a_join_denied_the_channel_writes_nothing_and_can_join_later(
-    server: Server, admin: redis.Redis
+    server: Server, admin: redis.Redis, connect: Callable[[str], dcoord.Client]
 ) -> None:
     # Redis does not roll a script back: a join that wrote its member before PUBLISH was
     # refused left an id that could never join again ("already joined and alive").
     admin.execute_command("ACL", "SETUSER", "app1", "resetchannels")
-    with connect(server, NS) as client:
+    with connect(NS) as client:
         with pytest.raises(dcoord.PermissionDenied, match=r"(?i)publish"):
             client.group("workers").join("w1")
         assert admin.keys("*") == []
@@ -139,8 +154,10 @@ def test_a_join_denied_the_channel_writes_nothing_and_can_join_later(
         member.leave()
 
 
-def test_a_release_denied_the_channel_keeps_the_lock(server: Server, admin: redis.Redis) -> None:
-    with connect(server, NS) as client:
+def test_a_release_denied_the_channel_keeps_the_lock(
+    server: Server, admin: redis.Redis, connect: Callable[[str], dcoord.Client]
+) -> None:
+    with connect(NS) as client:
         lock = client.lock("orders", ttl=30)
         assert lock.acquire(timeout=0)
         keys = sorted(admin.keys("*"))
@@ -184,13 +201,14 @@ def _finish(client: dcoord.Client) -> None:
 def test_a_script_denied_a_later_command_changes_nothing(
     server: Server,
     admin: redis.Redis,
+    connect: Callable[[str], dcoord.Client],
     missing: str,
     setup: Callable[[dcoord.Client], object] | None,
     operation: Callable[[dcoord.Client], object],
 ) -> None:
     # A record written without its index entry would be one no recovery finds; a
     # finished record still indexed, or puts without their deletes, half an update.
-    with connect(server, NS) as client:
+    with connect(NS) as client:
         if setup is not None:
             setup(client)
         before = {key: admin.dump(key) for key in admin.keys("*")}

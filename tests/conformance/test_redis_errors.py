@@ -38,14 +38,16 @@ def admin(server: Server) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def connect(server: Server, namespace: str) -> Iterator[Callable[..., dcoord.Client]]:
+def connect(
+    server: Server, namespace: str, dcoord_connect: Callable[..., dcoord.Client]
+) -> Iterator[Callable[..., dcoord.Client]]:
     """``connect(user=None, password=None, **options)``: a client of the test's server."""
     clients: list[dcoord.Client] = []
 
     def make(user: str | None = None, password: str | None = None, **options: Any) -> dcoord.Client:
         auth = f"{user}:{password}@" if user else ""
         options.setdefault("namespace", namespace)
-        client = dcoord.connect(f"redis://{auth}{HOST}:{server.port}/0", **options)
+        client = dcoord_connect(f"redis://{auth}{HOST}:{server.port}/0", **options)
         clients.append(client)
         return client
 

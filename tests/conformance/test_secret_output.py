@@ -74,6 +74,7 @@ def test_the_password_appears_in_no_output(
     server_factory: Callable[..., Server],
     certificates: Certificates,
     log_text: list[str],
+    dcoord_connect: Callable[..., dcoord.Client],
 ) -> None:
     server = server_factory(
         real_backend, persistent=False, tls=certificates, password=ADMIN_PASSWORD
@@ -83,7 +84,7 @@ def test_the_password_appears_in_no_output(
     wrong_ca = server.user_url(NS, SECRET, **certificates.client_options(certificates.other_ca))
     seen: list[str] = []
 
-    with dcoord.connect(url, namespace=NS) as client:
+    with dcoord_connect(url, namespace=NS) as client:
         seen += [repr(client), client.url, repr(client.settings), str(client.settings)]
         lock = client.lock("orders", ttl=10)
         assert lock.acquire(timeout=5)
@@ -93,7 +94,7 @@ def test_the_password_appears_in_no_output(
         seen.append(repr(member))
         member.leave()
 
-    with dcoord.connect(url, namespace="other") as client:
+    with dcoord_connect(url, namespace="other") as client:
         for denied in (
             lambda: client.lock("orders", ttl=5).acquire(timeout=0),
             lambda: client.group("workers").join("w1"),
@@ -105,7 +106,7 @@ def test_the_password_appears_in_no_output(
 
     for refused in (wrong_password, wrong_ca):
         with pytest.raises(dcoord.ConfigError) as config_error:
-            dcoord.connect(refused, namespace=NS, connect_timeout=10)
+            dcoord_connect(refused, namespace=NS, connect_timeout=10)
         seen.append(described(config_error.value))
 
     # The child prints its environment: DCOORD_URL there must have lost the password.

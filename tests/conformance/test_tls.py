@@ -25,12 +25,15 @@ PASSWORD = "tls-admin-pw"
 
 
 def test_a_good_certificate_and_password_connect_over_tls(
-    real_backend: str, server_factory: Callable[..., Server], certificates: Certificates
+    real_backend: str,
+    server_factory: Callable[..., Server],
+    certificates: Certificates,
+    dcoord_connect: Callable[..., dcoord.Client],
 ) -> None:
     # The negative control of the tests below: the same servers, the right certificates.
     server = server_factory(real_backend, persistent=False, tls=certificates, password=PASSWORD)
     assert server.url.startswith(f"{real_backend}s://")
-    with dcoord.connect(server.url, namespace="tls") as client:
+    with dcoord_connect(server.url, namespace="tls") as client:
         lock = client.lock("l", ttl=5)
         assert lock.acquire(timeout=5)
         lock.release()
@@ -49,6 +52,7 @@ def test_a_refused_server_certificate_is_a_config_error_at_once(
     real_backend: str,
     server_factory: Callable[..., Server],
     certificates: Certificates,
+    dcoord_connect: Callable[..., dcoord.Client],
     certificate: str,
     client_ca: str | None,
     problem: str,
@@ -60,19 +64,22 @@ def test_a_refused_server_certificate_is_a_config_error_at_once(
     url = server.user_url(None, None, **certificates.client_options(ca))
     started = time.monotonic()
     with pytest.raises(dcoord.ConfigError, match="TLS certificate problem") as caught:
-        dcoord.connect(url, connect_timeout=CONNECT_TIMEOUT)
+        dcoord_connect(url, connect_timeout=CONNECT_TIMEOUT)
     assert time.monotonic() - started < AT_ONCE
     assert caught.match(problem)
 
 
 def test_without_the_client_certificate_the_server_requires_is_a_config_error_at_once(
-    real_backend: str, server_factory: Callable[..., Server], certificates: Certificates
+    real_backend: str,
+    server_factory: Callable[..., Server],
+    certificates: Certificates,
+    dcoord_connect: Callable[..., dcoord.Client],
 ) -> None:
     server = server_factory(real_backend, persistent=False, tls=certificates)
     path = "/0" if real_backend == "redis" else ""
     started = time.monotonic()
     with pytest.raises(dcoord.ConfigError, match="client certificate"):
-        dcoord.connect(
+        dcoord_connect(
             f"{real_backend}s://{HOST}:{server.port}{path}?ca_cert={certificates.ca}",
             connect_timeout=CONNECT_TIMEOUT,
         )
