@@ -90,11 +90,13 @@ echo "containers path took $((SECONDS - start)) s"
 step "connecting to servers as local processes"
 # The containers step ran the whole suite; the TLS and topology steps below run the
 # primitives on local processes (what a machine without Docker uses). Here what differs
-# between the two harnesses: connecting, and the errors of bad URLs and dead servers. The
-# whole suite on processes is part of the longer run (docs/operations.md).
+# between the two harnesses, on both APIs: connecting, and the errors of bad URLs and dead
+# servers (the input checks and fuzzing ran in containers). The whole suite on processes
+# is part of the longer run (docs/operations.md).
 start=$SECONDS
 DCOORD_TEST_SERVERS=processes .venv/bin/pytest tests/conformance/test_connect.py \
-    tests/conformance/test_client_errors.py "$@"
+    tests/conformance/test_client_errors.py tests/aio/test_client_conformance.py \
+    -k "not fuzz" "$@"
 echo "processes path took $((SECONDS - start)) s"
 
 step "locks and membership over TLS with namespace-confined users, local processes"
