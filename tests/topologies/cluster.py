@@ -22,6 +22,7 @@ import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import redis
 from redis.cluster import key_slot
 
 from dcoord.cli.acl import redis_acl_rule
@@ -197,8 +198,23 @@ class ClusterSet:
                 if first <= key_slot(f"dcoord-test:{i}".encode()) <= last
             )
             node = self.node_at(int(primary[1]))
-            self._ask(node, "SET", key, "1")
-            self._ask(node, "DEL", key)
+            self._write_when_replicas_ack(node, "SET", key, "1")
+            self._write_when_replicas_ack(node, "DEL", key)
+
+    def _write_when_replicas_ack(self, node: Server, *command: str) -> None:
+        # With min-replicas-to-write, a primary refuses writes (NOREPLICAS) until its
+        # replica's first REPLCONF ACK, sent about a second after the link comes up: a
+        # link that is up is not yet a "good" replica. Under load that second stretched,
+        # and the first write failed the whole fixture.
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                self._ask(node, *command)
+                return
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("NOREPLICAS") or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)  # poll with a deadline: the ACK has no event to wait on
 
     def wait_healthy(self, timeout: float = START_TIMEOUT, *, listed: bool = True) -> None:
         """Poll until every live node reports ``cluster_state:ok`` with all slots ok and
