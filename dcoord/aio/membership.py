@@ -11,7 +11,7 @@ follower task that subscribes to the group's changes (Redis pub/sub, an etcd wat
 embedded store's change log), applies the changes they carry, re-reads the group when
 :class:`~dcoord.core.membership.MemberSet` says so (a gap, a notification without its
 change, the earliest expiry it saw, at least every
-:data:`~dcoord.membership.RESYNC_INTERVAL` seconds), and hands each new member set to its
+:data:`~dcoord.core.membership.RESYNC_INTERVAL` seconds), and hands each new member set to its
 rings and watches. A broken subscription is re-established and
 the group re-read, so no change is missed for good.
 

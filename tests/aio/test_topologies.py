@@ -17,6 +17,7 @@ import pytest
 
 import dcoord
 import dcoord.aio
+import dcoord.core.membership
 from dcoord.aio import connect
 from dcoord.backends.etcd_names import etcd_lock_prefix
 from dcoord.backends.redis.aio_locks import AsyncRedisBackend, AsyncRedisLockSlot
@@ -268,7 +269,7 @@ def test_sync_and_async_clients_share_members_and_transactions_on_a_redis_cluste
     url = redis_cluster.url
     # Followers re-read only when woken: a plain SUBSCRIBE, which a script's SPUBLISH
     # never reaches, showed the join only at the periodic re-read (every 5 s).
-    monkeypatch.setattr(dcoord.aio.membership, "RESYNC_INTERVAL", 3600.0)
+    monkeypatch.setattr(dcoord.core.membership, "RESYNC_INTERVAL", 3600.0)
     groups = [f"g{i}" for i in range(6)]
     assert len({redis_cluster.primary_for(f"{{{g}}}").port for g in groups}) > 1
 
