@@ -1,0 +1,57 @@
+"""Building a ring: however the build is done, every key goes where it went before.
+
+Old and new clients share a ring through the documented placement only, so a faster
+build must not move one key. The digests below were computed by the ring code of main
+at ccb8b08 (before the packed-key build) over the same rings and keys; the 1,000-node
+ring holds three pairs of equal points (member-56/member-768, member-595/member-828,
+member-369/member-384), so the tie rule is part of what they pin down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from dcoord.ring import HashRing
+
+KEYS = [f"user:{i}" for i in range(5000)]
+MEMBERS = [f"member-{i}" for i in range(1000)]
+WEIGHTED = {"n16724": 1.0, "n100940": 0.5, "é": 2.0, "zzzzz": 1.5, "node-1": 0.01, "a": 1.0}
+
+
+def _digest(lines: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _points_digest(ring: HashRing) -> str:
+    return _digest(f"{point} {node}" for point, node in ring.points())
+
+
+def test_thousand_nodes_place_keys_as_before() -> None:
+    ring = HashRing(MEMBERS)
+    want = "39da6f150f870bb3f0de5440b2ccfd044017caa3bbdb6cf0862936253b5c5dd1"
+    assert _points_digest(ring) == want
+    # Insertion order is not id order here (member-10 < member-2): same ring.
+    assert _points_digest(HashRing(MEMBERS[::-1])) == want
+    assert _digest(ring.node_for_many(KEYS)) == (
+        "16c99da48aefe0d29e1596566d8a2e2abba05b29571afd5c1e865af0ae0da03e"
+    )
+    assert [ring.node_for(k) for k in ("user:0", "user:1", "user:42", "", "héllo")] == [
+        "member-34",
+        "member-691",
+        "member-609",
+        "member-735",
+        "member-855",
+    ]
+    assert ring.node_for(b"\x00\xff") == "member-297"
+
+
+def test_weighted_ring_with_twins_places_keys_as_before() -> None:
+    ring = HashRing(WEIGHTED, vnodes=40)
+    assert len(ring.points()) == 241
+    assert _points_digest(ring) == (
+        "e5c741d09c5f63a7ccda144823609ca2702e4c3cfb0c510066657d643199ae96"
+    )
+    assert _digest(ring.node_for_many(KEYS)) == (
+        "01dcef29f271bc0bb6305cd88dc5e64672e5d89449faeb7598f3d0f3b0b6d8f6"
+    )
