@@ -10,9 +10,16 @@ member-369/member-384), so the tie rule is part of what they pin down.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Iterable
 
-from dcoord.ring import HashRing
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcoord import ring as ring_module
+from dcoord.ring import HashRing, key_hash
+from tests.unit.test_ring_incremental import _spec_points
 
 KEYS = [f"user:{i}" for i in range(5000)]
 MEMBERS = [f"member-{i}" for i in range(1000)]
@@ -55,3 +62,46 @@ def test_weighted_ring_with_twins_places_keys_as_before() -> None:
     assert _digest(ring.node_for_many(KEYS)) == (
         "01dcef29f271bc0bb6305cd88dc5e64672e5d89449faeb7598f3d0f3b0b6d8f6"
     )
+
+
+@pytest.fixture(params=["float keys", "int keys"])
+def build_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a ring is built: packed float keys, and the packed ints that rings of
+    more than 2**16 nodes use (forced here by letting the float keys rank no node)."""
+    if request.param == "int keys":
+        monkeypatch.setattr(ring_module, "_FLOAT_RANKS", 0)
+    return str(request.param)
+
+
+def test_both_build_paths_place_keys_as_before(build_path: str) -> None:
+    assert _points_digest(HashRing(MEMBERS[::-1])) == (
+        "39da6f150f870bb3f0de5440b2ccfd044017caa3bbdb6cf0862936253b5c5dd1"
+    )
+    assert _points_digest(HashRing(WEIGHTED, vnodes=40)) == (
+        "e5c741d09c5f63a7ccda144823609ca2702e4c3cfb0c510066657d643199ae96"
+    )
+
+
+# Ids whose order as str is not their order as given, non-ASCII ones (node id order is
+# code point order), and the twins of test_ring_incremental (their vnode 0 share a point).
+IDS = ["n16724", "n100940", "a", "b", "B", "é", "z" * 3, "\U0001f600", "日本", "n1", "n10", "n2"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=st.dictionaries(
+        st.sampled_from(IDS), st.sampled_from([0.01, 0.5, 1.0, 3.0]), min_size=1
+    ),
+    vnodes=st.sampled_from([1, 3, 40, 160]),
+)
+def test_build_follows_the_spec(weights: dict[str, float], vnodes: int) -> None:
+    for path in ("float keys", "int keys"):
+        with pytest.MonkeyPatch.context() as mp:
+            if path == "int keys":
+                mp.setattr(ring_module, "_FLOAT_RANKS", 0)
+            ring = HashRing(weights, vnodes=vnodes)
+        assert ring.points() == _spec_points(weights, vnodes), path
+        points = [p for p, _ in ring.points()]
+        for key in KEYS[:300]:
+            i = bisect_left(points, key_hash(key)) % len(points)
+            assert ring.node_for(key) == ring.points()[i][1], (path, key)
