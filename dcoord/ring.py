@@ -169,7 +169,7 @@ def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
     """
     names = sorted(counts)  # ranks in node id order
     points: memoryview
-    ranks: Iterable[int]
+    ranks: Sequence[int]
     if len(names) <= _FLOAT_RANKS:
         keys = list(
             chain.from_iterable(
@@ -179,6 +179,7 @@ def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
         )
         keys.sort()  # each node's keys are a sorted run, which the sort merges
         raw = memoryview(array("d", keys)).cast("B")
+        del keys  # not to be traversed by the collections that making the buckets sets off
         # Bytes 2-5 of each 8: read as uint32 from offset 2, every other one.
         points = raw[2 : len(raw) - 2].cast("I")[::2]
         ranks = raw.cast("H")[_RANK_HALF::4]
@@ -194,21 +195,20 @@ def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
         )
         packed = sorted(chain.from_iterable(shifted))
         points = memoryview(array("Q", map(operator.rshift, packed, repeat(bits))))
-        ranks = map(operator.and_, packed, repeat((1 << bits) - 1))
+        ranks = list(map(operator.and_, packed, repeat((1 << bits) - 1)))
     # Each bucket's owners run one past its points, to the owner of the next point on
     # the ring; past the last point that is the first point's owner.
-    owners = list(map(names.__getitem__, ranks))
-    owners.append(owners[0])
+    owners = (*map(names.__getitem__, ranks), names[ranks[0]])
     size = len(points)
     shift = _shift_for(size)
     bounds = list(map(bisect_left, repeat(points), range(0, 1 << 32, 1 << shift)))
     ends = [*bounds[1:], size]
     # Tuples, not lists: the cyclic GC stops tracking a tuple that holds only ints or
-    # strs, so a ring's thousands of buckets are not traversed by every collection (as
-    # lists, the collections their making set off cost about a quarter of a build).
+    # strs after one look at it, where it would traverse a list at every collection of
+    # its generation, for as long as the ring lives.
     buckets = zip(
-        map(tuple, map(memoryview.tolist, map(points.__getitem__, map(slice, bounds, ends)))),
-        map(tuple, map(owners.__getitem__, map(slice, bounds, map(operator.add, ends, repeat(1))))),
+        map(tuple, map(points.__getitem__, map(slice, bounds, ends))),
+        map(owners.__getitem__, map(slice, bounds, map(operator.add, ends, repeat(1)))),
         strict=True,
     )
     return shift, list(buckets), size
