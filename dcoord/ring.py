@@ -548,63 +548,62 @@ class HashRing:
         """
         shift = self._shift
         old = self._buckets
-        # Bucket -> its copy being edited, as lists; the copy keeps the wrap entry last.
-        edited: dict[int, tuple[list[int], list[str]]] = {}
-
-        def edit(k: int) -> tuple[list[int], list[str]]:
-            if k not in edited:
-                edited[k] = (list(old[k][0]), list(old[k][1]))
-            return edited[k]
-
+        # Bucket -> its new tuples (the wrap entry last; tuples as _build() makes them),
+        # remade at each edit: a node's points mostly fall in distinct buckets of ~40.
+        # Each edit goes through a list copy: measured, that costs less than slicing and
+        # joining tuples, and sets off about a fifth as many GC collections.
+        edited: dict[int, _Bucket] = {}
         for node in gone:
             for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
-                pts, own = edit(point >> shift)
+                k = point >> shift
+                pts, own = edited.get(k) or old[k]
                 i = bisect_left(pts, point)
                 while own[i] != node:  # equal points of other nodes may come first
                     i += 1
-                del pts[i], own[i]
+                pts_l, own_l = list(pts), list(own)
+                del pts_l[i], own_l[i]
+                edited[k] = (tuple(pts_l), tuple(own_l))
         for node, points in added.items():
             for point in _node_points(node, points):
-                pts, own = edit(point >> shift)
+                k = point >> shift
+                pts, own = edited.get(k) or old[k]
                 i = bisect_left(pts, point)
                 # Among equal points the smaller node id comes first (ring order rule 3).
                 while i < len(pts) and pts[i] == point and own[i] < node:
                     i += 1
-                pts.insert(i, point)
-                own.insert(i, node)
-        last = len(old) - 1
-
-        def bucket(k: int) -> tuple[Sequence[int], Sequence[str]]:
-            return edited[k] if k in edited else old[k]
-
-        def first_owner(bucket: tuple[Sequence[int], Sequence[str]]) -> str | None:
-            pts, own = bucket
-            return own[0] if pts else None
+                pts_l, own_l = list(pts), list(own)
+                pts_l.insert(i, point)
+                own_l.insert(i, node)
+                edited[k] = (tuple(pts_l), tuple(own_l))
+        buckets = list(old)
+        for k, bucket in edited.items():
+            buckets[k] = bucket
+        last = len(buckets) - 1
 
         def next_owner(k: int) -> str:
             # The owner of the first point after bucket k (the ring is never empty).
             while True:
                 k = k + 1 if k < last else 0
-                owner = first_owner(bucket(k))
-                if owner is not None:
-                    return owner
+                pts, own = buckets[k]
+                if pts:
+                    return own[0]
 
         # A bucket's wrap entry names the first owner of the next non-empty bucket: where
         # a bucket's first owner changed, redo the wrap entries of the buckets before it,
         # back to the first non-empty one (usually just the one before).
-        moved = [k for k in edited if first_owner(edited[k]) != first_owner(old[k])]
-        for k in moved:
+        for k, (pts, own) in edited.items():
+            was_pts, was_own = old[k]
+            if (own[0] if pts else None) == (was_own[0] if was_pts else None):
+                continue
             j = k
             while True:
                 j = j - 1 if j else last
+                j_pts, j_own = buckets[j]
                 wrap = next_owner(j)
-                if bucket(j)[1][-1] != wrap:
-                    edit(j)[1][-1] = wrap
-                if bucket(j)[0] or j == k:
+                if j_own[-1] != wrap:
+                    buckets[j] = (j_pts, (*j_own[:-1], wrap))
+                if j_pts or j == k:
                     break
-        buckets = list(old)
-        for k, (pts, own) in edited.items():
-            buckets[k] = (tuple(pts), tuple(own))
         return buckets
 
     # -- value-object protocol -------------------------------------------------------
