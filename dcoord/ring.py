@@ -130,28 +130,27 @@ POINTS_CACHE_NODES = 4096
 # so that equal points come out in node id order (ring order rule 3) with no pass of
 # their own. Every key is an integer below 2**53, so exact, and list.sort compares floats
 # directly, about twice as fast as ints past 2**30 (which take the generic compare).
-# Keys in [2**52, 2**53) all have the same exponent, so a key's 64 bits are its value -
-# 2**52: the point fills bits 16-47, bytes 2-5 (a native uint32 in either byte order),
-# and the rank bits 0-15. Both are read back for all keys at once through a memoryview
-# (see _build()). Rings of more than 2**16 nodes (or where a C unsigned int is not 32
-# bits) sort packed ints instead: correct, slower.
+# Keys in [2**52, 2**53) all have the same exponent, so the low 52 bits of a key are
+# its value - 2**52: the point fills bits 16-47, bytes 2-5 of the 8 (a native uint32 in
+# either byte order), and the rank bits 0-15. Both are read back for all keys at once
+# through a memoryview (see _build()). Rings of more than 2**16 nodes (or where a C
+# unsigned int is not 32 bits) sort packed ints instead: correct, slower.
 _RANK_BITS = 16
 _FLOAT_RANKS = (1 << _RANK_BITS) if array("I").itemsize == 4 else 0  # nodes keys can rank
 _KEY_BASE = float(1 << 52)
 _RANK_HALF = 0 if sys.byteorder == "little" else 3  # uint16 of a key's 4 holding the rank
 
 
-@lru_cache(maxsize=64)
-def _suffixes(count: int) -> tuple[str, ...]:
-    """``("#0", "#1", ...)``: the ends of ``count`` virtual node names, made once."""
-    return tuple(f"#{i}" for i in range(count))
+#: The ends of virtual node names, "#0", "#1", ...: made once for the usual counts.
+_SUFFIXES = tuple(f"#{i}" for i in range(1024))
 
 
 @lru_cache(maxsize=POINTS_CACHE_NODES)
 def _node_keys(node: str, count: int) -> tuple[float, ...]:
     """``point * 2**16`` for each of ``node``'s ``count`` virtual nodes, as sorted floats:
     hashed once and cached; a build adds ``2**52 + rank`` (see _RANK_BITS)."""
-    hashes = map(_mmh3_32, map(node.__add__, _suffixes(count)), repeat(0), repeat(False))
+    ends = _SUFFIXES[:count] if count <= len(_SUFFIXES) else map("#{}".format, range(count))
+    hashes = map(_mmh3_32, map(node.__add__, ends), repeat(0), repeat(False))
     return tuple(sorted(map(operator.mul, hashes, repeat(float(1 << _RANK_BITS)))))
 
 
