@@ -80,6 +80,9 @@ def test_both_build_paths_place_keys_as_before(build_path: str) -> None:
     assert _points_digest(HashRing(WEIGHTED, vnodes=40)) == (
         "e5c741d09c5f63a7ccda144823609ca2702e4c3cfb0c510066657d643199ae96"
     )
+    # 1,280 virtual nodes: more than the name ends made once (1,024).
+    heavy = {"big": 8.0, "small": 1.0}
+    assert HashRing(heavy).points() == _spec_points(heavy, 160)
 
 
 # Ids whose order as str is not their order as given, non-ASCII ones (node id order is
@@ -92,16 +95,18 @@ IDS = ["n16724", "n100940", "a", "b", "B", "é", "z" * 3, "\U0001f600", "日本"
     weights=st.dictionaries(
         st.sampled_from(IDS), st.sampled_from([0.01, 0.5, 1.0, 3.0]), min_size=1
     ),
-    vnodes=st.sampled_from([1, 3, 40, 160]),
+    # 400 x 3.0: more virtual nodes than the name ends made once (1,024).
+    vnodes=st.sampled_from([1, 3, 40, 160, 400]),
 )
 def test_build_follows_the_spec(weights: dict[str, float], vnodes: int) -> None:
+    spec = _spec_points(weights, vnodes)
+    points = [p for p, _ in spec]
     for path in ("float keys", "int keys"):
         with pytest.MonkeyPatch.context() as mp:
             if path == "int keys":
                 mp.setattr(ring_module, "_FLOAT_RANKS", 0)
             ring = HashRing(weights, vnodes=vnodes)
-        assert ring.points() == _spec_points(weights, vnodes), path
-        points = [p for p, _ in ring.points()]
+        assert ring.points() == spec, path
         for key in KEYS[:300]:
             i = bisect_left(points, key_hash(key)) % len(points)
-            assert ring.node_for(key) == ring.points()[i][1], (path, key)
+            assert ring.node_for(key) == spec[i][1], (path, key)
