@@ -9,6 +9,7 @@ member-369/member-384), so the tie rule is part of what they pin down.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from bisect import bisect_left
 from collections.abc import Iterable
@@ -110,3 +111,12 @@ def test_build_follows_the_spec(weights: dict[str, float], vnodes: int) -> None:
         for key in KEYS[:300]:
             i = bisect_left(points, key_hash(key)) % len(points)
             assert ring.node_for(key) == spec[i][1], (path, key)
+
+
+def test_buckets_are_left_alone_by_the_garbage_collector() -> None:
+    # Tuples of ints and strs stop being tracked at their first collection; a ring of
+    # list buckets was traversed by every full collection of the process, for as long
+    # as it lived. Changes make tuples too.
+    ring = HashRing(MEMBERS[:100]).with_node("joiner").without_node("member-7")
+    gc.collect()
+    assert not any(gc.is_tracked(pts) or gc.is_tracked(own) for pts, own in ring._buckets)
