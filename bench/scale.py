@@ -4,7 +4,7 @@
 
 1. ``HashRing`` of N nodes x 160 vnodes, built from scratch (points not cached: every
    virtual node hashed) and again (points cached per node), and one node added to it
-   with ``with_node`` - median and range of a few rounds each.
+   with ``with_node`` - best of a few rounds each.
 2. For each URL (default ``memory://``) and N: N members join a group (one client, ttl 30 s),
    a second client follows the group with a live ring, then a *rolling restart* makes
    ``--restart`` members leave and join again one after the other (2 changes each,
@@ -24,7 +24,6 @@ import argparse
 import gc
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -40,44 +39,35 @@ from dcoord.ring import HashRing
 PACE = 0.02  # seconds between changes of the rolling restart
 
 
-def _times(fn: Callable[[], object], rounds: int) -> list[float]:
-    """CPU seconds of this process for each of ``rounds`` calls of ``fn``: the machine
-    these run on is shared, and there wall time measures the scheduler more than the
-    build (on an idle machine the two agree). What a call returns is dropped after the
-    clock stops: freeing the ring built before is not part of building this one."""
-    times = []
+def _best(fn: Callable[[], object], rounds: int) -> float:
+    best = float("inf")
     for _ in range(rounds):
         gc.collect()
-        started = time.process_time()
-        result = fn()
-        times.append(time.process_time() - started)
-        del result
-    return times
-
-
-def _ms(times: list[float]) -> str:
-    """Median and range in ms, e.g. ``41.2 (39.8-47.0)``."""
-    return f"{statistics.median(times) * 1e3:.1f} ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def builds(sizes: list[int]) -> None:
-    print("1. HashRing build, 160 vnodes per node: CPU ms, median (min-max) of rounds")
-    print(f"   {'nodes':>6}{'points':>9}  {'uncached':<22}{'cached':<22}with_node")
+    print("1. HashRing build, 160 vnodes per node (best of rounds, ms)")
+    print(f"   {'nodes':>6}{'points':>9}{'uncached':>10}{'cached':>9}{'with_node':>11}")
     for n in sizes:
         nodes = [f"member-{i}" for i in range(n)]
 
-        def uncached(nodes: list[str] = nodes) -> HashRing:
-            # (getattr: the bench also runs against versions with the other cache name.)
+        def uncached(nodes: list[str] = nodes) -> None:
+            # (getattr: the bench also runs against versions without the cache, or with
+            # it under its former name.)
             for cache in ("_node_keys", "_node_points"):
                 getattr(getattr(ring_module, cache, None), "cache_clear", lambda: None)()
-            return HashRing(nodes)
+            HashRing(nodes)
 
-        rounds = 7 if n <= 1000 else 3
-        cold = _times(uncached, rounds)
-        warm = _times(lambda nodes=nodes: HashRing(nodes), rounds)  # type: ignore[misc]
+        rounds = 5 if n <= 1000 else 3
+        cold = _best(uncached, rounds)
+        warm = _best(lambda nodes=nodes: HashRing(nodes), rounds)  # type: ignore[misc]
         ring = HashRing(nodes)
-        add = _times(lambda ring=ring: ring.with_node("joiner"), rounds)  # type: ignore[misc]
-        print(f"   {n:>6}{n * 160:>9,}  {_ms(cold):<22}{_ms(warm):<22}{_ms(add)}")
+        add = _best(lambda ring=ring: ring.with_node("joiner"), rounds)  # type: ignore[misc]
+        print(f"   {n:>6}{n * 160:>9,}{cold * 1e3:>10.1f}{warm * 1e3:>9.1f}{add * 1e3:>11.2f}")
     print()
 
 
