@@ -140,6 +140,7 @@ _RANK_BITS = 16
 _FLOAT_RANKS = (1 << _RANK_BITS) if array("I").itemsize == 4 else 0  # nodes keys can rank
 _KEY_BASE = float(1 << 52)
 _RANK_HALF = 0 if sys.byteorder == "little" else 3  # uint16 of a key's 4 holding the rank
+_POINT_MASK = (1 << 32) - 1
 
 
 #: The ends of virtual node names, "#0", "#1", ...: made once for the usual counts.
@@ -148,20 +149,32 @@ _SUFFIXES = tuple(f"#{i}" for i in range(1024))
 
 @lru_cache(maxsize=POINTS_CACHE_NODES)
 def _node_keys(node: str, count: int) -> array[float]:
-    """``point * 2**16`` for each of ``node``'s ``count`` virtual nodes, sorted: hashed
-    once and cached; a build adds ``2**52 + rank`` (see _RANK_BITS). An array, not a
-    tuple of floats: a quarter of the memory, and its doubles lie together however the
-    heap was cut up when they were made (tuples' floats made among other garbage slowed
-    later builds by ~15%)."""
+    """The keys of ``node``'s ``count`` virtual nodes with rank 0 (``2**52 + point *
+    2**16``, see _RANK_BITS), sorted: hashed once and cached; a build adds the rank.
+
+    An array, not a tuple of floats: a quarter of the memory, and its doubles lie
+    together however the heap was cut up when they were made (tuples' floats made among
+    other garbage slowed later builds by ~15%).
+    """
     ends = _SUFFIXES[:count] if count <= len(_SUFFIXES) else map("#{}".format, range(count))
     hashes = map(_mmh3_32, map(node.__add__, ends), repeat(0), repeat(False))
-    return array("d", sorted(map(operator.mul, hashes, repeat(float(1 << _RANK_BITS)))))
+    scaled = map(operator.mul, hashes, repeat(float(1 << _RANK_BITS)))
+    return array("d", sorted(map(operator.add, scaled, repeat(_KEY_BASE))))
 
 
 def _node_points(node: str, count: int) -> list[int]:
     """The sorted points of ``node``'s ``count`` virtual nodes (from the cached keys)."""
-    scaled = map(math.trunc, _node_keys(node, count))
-    return list(map(operator.rshift, scaled, repeat(_RANK_BITS)))
+    keys = _node_keys(node, count)
+    if _FLOAT_RANKS:  # the keys' bits can be read as below
+        return _points_of(memoryview(keys).cast("B")).tolist()
+    shifted = map(operator.rshift, map(math.trunc, keys), repeat(_RANK_BITS))
+    return list(map(operator.and_, shifted, repeat(_POINT_MASK)))
+
+
+def _points_of(raw: memoryview) -> memoryview:
+    """The points of the keys in ``raw`` (bytes of an array("d")), as uint32: bytes 2-5
+    of each 8, read as uint32 from offset 2, every other one (see _RANK_BITS)."""
+    return raw[2 : len(raw) - 2].cast("I")[::2]
 
 
 def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
@@ -176,15 +189,14 @@ def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
     if len(names) <= _FLOAT_RANKS:
         keys = list(
             chain.from_iterable(
-                map(operator.add, _node_keys(node, counts[node]), repeat(_KEY_BASE + rank))
+                map(operator.add, _node_keys(node, counts[node]), repeat(float(rank)))
                 for rank, node in enumerate(names)
             )
         )
         keys.sort()  # each node's keys are a sorted run, which the sort merges
         raw = memoryview(array("d", keys)).cast("B")
         del keys  # not to be traversed by the collections that making the buckets sets off
-        # Bytes 2-5 of each 8: read as uint32 from offset 2, every other one.
-        points = raw[2 : len(raw) - 2].cast("I")[::2]
+        points = _points_of(raw)
         ranks = raw.cast("H")[_RANK_HALF::4]
     else:
         bits = (len(names) - 1).bit_length()
