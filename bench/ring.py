@@ -1,6 +1,13 @@
 """Benchmark dcoord.HashRing against uhashring: lookup speed, balance, movement, bounded load.
 
     python bench/ring.py [--keys N] [--quick] [--png docs/ring-load.png]
+    python bench/ring.py --builds 10,100,500,1000,2000,5000
+
+``--builds`` prints only how long dcoord's rings of N nodes x 160 vnodes take to build,
+uncached (every virtual node hashed) and cached (each node's points hashed by an earlier
+ring), and ``with_node`` on them: CPU ms of the process, median (min-max) of 7 rounds, 3
+past 1,000 nodes. CPU, not wall time: on a shared machine the wall time of a build
+measures the scheduler more than the build (on an idle one the two agree).
 
 Both libraries get the same nodes (node-0 .. node-9), the same vnodes and the same keys
 (user:0 .. user:N-1), in the same run. uhashring is used as its users would: its default
@@ -27,6 +34,7 @@ import mmh3
 import uhashring
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dcoord import ring as ring_module
 from dcoord.ring import HashRing
 
 NODES = [f"node-{i}" for i in range(10)]
@@ -98,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys (default 1,000,000)")
     ap.add_argument("--quick", action="store_true", help="100,000 keys, fewer rounds")
     ap.add_argument("--png", type=Path, help="write the load-per-node plot here (matplotlib)")
+    ap.add_argument("--builds", help="only build times, for these ring sizes (comma-separated)")
     args = ap.parse_args(argv)
+    if args.builds:
+        builds([int(n) for n in args.builds.split(",")])
+        return 0
     n_keys = 100_000 if args.quick else args.keys
     rounds = 3 if args.quick else 5
     keys = [f"user:{i}" for i in range(n_keys)]
@@ -254,6 +266,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         _plot(loads, args.png, n_keys)
     print(f"total {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def builds(sizes: Sequence[int]) -> None:
+    """Print build and ``with_node`` times of rings of ``sizes`` nodes x 160 vnodes."""
+    print(f"machine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}")
+    print("HashRing build, 160 vnodes per node: CPU ms, median (min-max) of rounds")
+    print(f"   {'nodes':>6}{'points':>9}  {'uncached':<22}{'cached':<22}with_node")
+    for n in sizes:
+        nodes = [f"member-{i}" for i in range(n)]
+
+        def uncached(nodes: list[str] = nodes) -> HashRing:
+            # (The cache's former name too: the bench also runs against older versions.)
+            for cache in ("_node_keys", "_node_points"):
+                getattr(getattr(ring_module, cache, None), "cache_clear", lambda: None)()
+            return HashRing(nodes)
+
+        rounds = 7 if n <= 1000 else 3
+        cold = _cpu_times(uncached, rounds)
+        warm = _cpu_times(lambda nodes=nodes: HashRing(nodes), rounds)  # type: ignore[misc]
+        ring = HashRing(nodes)
+        add = _cpu_times(lambda ring=ring: ring.with_node("joiner"), rounds)  # type: ignore[misc]
+        print(f"   {n:>6}{n * 160:>9,}  {_ms(cold):<22}{_ms(warm):<22}{_ms(add)}")
+
+
+def _cpu_times(fn: Callable[[], object], rounds: int) -> list[float]:
+    """CPU seconds of this process for each of ``rounds`` calls of ``fn``. What a call
+    returns is dropped after the clock stops: freeing the ring built before is not part
+    of building this one."""
+    times = []
+    for _ in range(rounds):
+        gc.collect()
+        started = time.process_time()
+        result = fn()
+        times.append(time.process_time() - started)
+        del result
+    return times
+
+
+def _ms(times: Sequence[float]) -> str:
+    """Median and range in ms, e.g. ``41.2 (39.8-47.0)``."""
+    return f"{statistics.median(times) * 1e3:.1f} ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
 
 
 def _best(fn: Callable[[], object], n: int = 5) -> float:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
+from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from functools import lru_cache
-from itertools import chain, compress, count, islice, repeat
+from itertools import chain, islice, repeat
 from numbers import Rational, Real
-from operator import eq
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
@@ -34,6 +35,9 @@ from dcoord.errors import ConfigError
 __all__ = ["DEFAULT_VNODES", "MAX_POINTS", "HashRing", "Key", "key_hash"]
 
 Key = str | bytes
+# Ring buckets: each (points, owners), owners one longer (see HashRing._buckets).
+_Bucket = tuple[tuple[int, ...], tuple[str, ...]]
+_Buckets = list[_Bucket]
 K = TypeVar("K", bound=str | bytes)
 
 DEFAULT_VNODES = 160
@@ -115,49 +119,114 @@ def _vnode_count(vnodes: int, weight: float) -> int:
 
 
 #: Nodes whose sorted points stay cached: a live ring or a rebuild re-uses them instead
-#: of hashing ``vnodes`` names per node again. A node's points are shared with the rings
-#: that hold it; one no ring holds any more costs about 6 KB at 160 vnodes (<= 26 MB).
-POINTS_CACHE_NODES = 4096
+#: of hashing ``vnodes`` names per node again. A node's points are kept as one array of
+#: doubles, about 1.5 KB at 160 vnodes (<= 13 MB for the cache): enough for groups of
+#: 5,000 members and more, whose rebuilds would otherwise hash every point again.
+POINTS_CACHE_NODES = 8192
+
+# A build sorts every point once with its owner packed into the same number, the float
+#
+#     key = 2**52 + point * 2**16 + rank        (rank: the owner's index in node id order)
+#
+# so that equal points come out in node id order (ring order rule 3) with no pass of
+# their own. Every key is an integer below 2**53, so exact, and list.sort compares floats
+# directly, about twice as fast as ints past 2**30 (which take the generic compare).
+# Keys in [2**52, 2**53) all have the same exponent, so the low 52 bits of a key are
+# its value - 2**52: the point fills bits 16-47, bytes 2-5 of the 8 (a native uint32 in
+# either byte order), and the rank bits 0-15. Both are read back for all keys at once
+# through a memoryview (see _build()). Rings of more than 2**16 nodes (or where a C
+# unsigned int is not 32 bits) sort packed ints instead: correct, slower.
+_RANK_BITS = 16
+_FLOAT_RANKS = (1 << _RANK_BITS) if array("I").itemsize == 4 else 0  # nodes keys can rank
+_KEY_BASE = float(1 << 52)
+_RANK_HALF = 0 if sys.byteorder == "little" else 3  # uint16 of a key's 4 holding the rank
+_POINT_MASK = (1 << 32) - 1
+
+
+#: The ends of virtual node names, "#0", "#1", ...: made once for the usual counts.
+_SUFFIXES = tuple(f"#{i}" for i in range(1024))
 
 
 @lru_cache(maxsize=POINTS_CACHE_NODES)
-def _node_points(node: str, count: int) -> tuple[int, ...]:
-    """The sorted points of ``node``'s ``count`` virtual nodes (hashed once, cached)."""
-    names = map(f"{node}#".__add__, map(str, range(count)))
-    return tuple(sorted(map(_mmh3_32, names, repeat(0), repeat(False))))
+def _node_keys(node: str, count: int) -> array[float]:
+    """The keys of ``node``'s ``count`` virtual nodes with rank 0 (``2**52 + point *
+    2**16``, see _RANK_BITS), sorted: hashed once and cached; a build adds the rank.
 
-
-def _build(counts: Mapping[str, int]) -> tuple[list[int], list[str]]:
-    """The sorted points of a ring of ``counts`` (node -> virtual nodes) and their owners.
-
-    Sorting ``(point, node)`` tuples costs most of a build (about 230 ms for 160,000
-    points here); sorting bare ints and mapping each point to its owner through a dict
-    costs a fraction of that, with no Python frame per point. Points that occur more
-    than once (about ``points**2 / 2**33`` of them: ~3 at 1,000 x 160) then get their
-    owners put in node id order.
+    An array, not a tuple of floats: a quarter of the memory, and its doubles lie
+    together however the heap was cut up when they were made (tuples' floats made among
+    other garbage slowed later builds by ~15%).
     """
-    per_node = [(node, _node_points(node, count)) for node, count in counts.items()]
-    points = sorted(chain.from_iterable(pts for _, pts in per_node))
-    owner_of = dict(
-        zip(
-            chain.from_iterable(pts for _, pts in per_node),
-            chain.from_iterable(repeat(node, len(pts)) for node, pts in per_node),
-            strict=True,
+    ends = _SUFFIXES[:count] if count <= len(_SUFFIXES) else map("#{}".format, range(count))
+    hashes = map(_mmh3_32, map(node.__add__, ends), repeat(0), repeat(False))
+    scaled = map(operator.mul, hashes, repeat(float(1 << _RANK_BITS)))
+    return array("d", sorted(map(operator.add, scaled, repeat(_KEY_BASE))))
+
+
+def _node_points(node: str, count: int) -> list[int]:
+    """The sorted points of ``node``'s ``count`` virtual nodes (from the cached keys)."""
+    keys = _node_keys(node, count)
+    if _FLOAT_RANKS:  # the keys' bits can be read as below
+        return _points_of(memoryview(keys).cast("B")).tolist()
+    shifted = map(operator.rshift, map(math.trunc, keys), repeat(_RANK_BITS))
+    return list(map(operator.and_, shifted, repeat(_POINT_MASK)))
+
+
+def _points_of(raw: memoryview) -> memoryview:
+    """The points of the keys in ``raw`` (bytes of an array("d")), as uint32: bytes 2-5
+    of each 8, read as uint32 from offset 2, every other one (see _RANK_BITS)."""
+    return raw[2 : len(raw) - 2].cast("I")[::2]
+
+
+def _build(counts: Mapping[str, int]) -> tuple[int, _Buckets, int]:
+    """The bucket shift, buckets and size of a ring of ``counts`` (node -> virtual nodes).
+
+    One sort of packed keys carries every point's owner (see _RANK_BITS), then C loops
+    unpack them and cut the buckets; no Python frame runs per point.
+    """
+    names = sorted(counts)  # ranks in node id order
+    points: memoryview
+    ranks: Sequence[int]
+    if len(names) <= _FLOAT_RANKS:
+        keys = list(
+            chain.from_iterable(
+                map(operator.add, _node_keys(node, counts[node]), repeat(float(rank)))
+                for rank, node in enumerate(names)
+            )
         )
+        keys.sort()  # each node's keys are a sorted run, which the sort merges
+        raw = memoryview(array("d", keys)).cast("B")
+        del keys  # not to be traversed by the collections that making the buckets sets off
+        points = _points_of(raw)
+        ranks = raw.cast("H")[_RANK_HALF::4]
+    else:
+        bits = (len(names) - 1).bit_length()
+        shifted = (
+            map(
+                operator.or_,
+                map(operator.lshift, _node_points(node, counts[node]), repeat(bits)),
+                repeat(rank),
+            )
+            for rank, node in enumerate(names)
+        )
+        packed = sorted(chain.from_iterable(shifted))
+        points = memoryview(array("Q", map(operator.rshift, packed, repeat(bits))))
+        ranks = list(map(operator.and_, packed, repeat((1 << bits) - 1)))
+    # Each bucket's owners run one past its points, to the owner of the next point on
+    # the ring; past the last point that is the first point's owner.
+    owners = (*map(names.__getitem__, ranks), names[ranks[0]])
+    size = len(points)
+    shift = _shift_for(size)
+    bounds = list(map(bisect_left, repeat(points), range(0, 1 << 32, 1 << shift)))
+    ends = [*bounds[1:], size]
+    # Tuples, not lists: the cyclic GC stops tracking a tuple that holds only ints or
+    # strs after one look at it, where it would traverse a list at every collection of
+    # its generation, for as long as the ring lives.
+    buckets = zip(
+        map(tuple, map(points.__getitem__, map(slice, bounds, ends))),
+        map(owners.__getitem__, map(slice, bounds, map(operator.add, ends, repeat(1)))),
+        strict=True,
     )
-    owners = list(map(owner_of.__getitem__, points))
-    if len(owner_of) < len(points):
-        # Some point occurs twice: find each (adjacent once sorted, found in C) and
-        # write its run of owners out in full, in node id order (ring order rule 3).
-        shared = {points[i] for i in compress(count(), map(eq, points, islice(points, 1, None)))}
-        tied: dict[int, list[str]] = {}
-        for node, pts in per_node:
-            for point in shared.intersection(pts):
-                tied.setdefault(point, []).extend(repeat(node, pts.count(point)))
-        for point, run in tied.items():
-            start = bisect_left(points, point)
-            owners[start : start + len(run)] = sorted(run)
-    return points, owners
+    return shift, list(buckets), size
 
 
 class HashRing:
@@ -186,9 +255,9 @@ class HashRing:
     # p >> _shift == k, as (points, owners) where owners has one extra entry, the owner
     # of the next point on the ring (in a later bucket, or wrapping to the first). A
     # lookup bisects one bucket of ~40 points, not all of them, and a change copies only
-    # the buckets it touches (see with_changes()). A bucket's lists are never mutated.
+    # the buckets it touches (see with_changes()). Buckets are tuples: never mutated.
     _shift: int
-    _buckets: list[tuple[list[int], list[str]]]
+    _buckets: _Buckets
 
     def __init__(
         self, nodes: Iterable[str] | Mapping[str, float], vnodes: int = DEFAULT_VNODES
@@ -220,20 +289,14 @@ class HashRing:
             raise ConfigError(f"a ring needs at least one node, got {nodes!r}")
         counts = {node: _vnode_count(vn, w) for node, w in weights.items()}
         _check_total(counts, vn)
-        self._init(weights, vn, *_build(counts))
-
-    def _init(
-        self, nodes: dict[str, float], vnodes: int, points: list[int], owners: list[str]
-    ) -> None:
-        shift = _shift_for(len(points))
-        self._set(nodes, vnodes, shift, _bucketize(points, owners, shift), len(points))
+        self._set(weights, vn, *_build(counts))
 
     def _set(
         self,
         nodes: dict[str, float],
         vnodes: int,
         shift: int,
-        buckets: list[tuple[list[int], list[str]]],
+        buckets: _Buckets,
         size: int,
     ) -> None:
         # Private setters go through object.__setattr__: the public one refuses writes.
@@ -242,14 +305,6 @@ class HashRing:
         object.__setattr__(self, "_shift", shift)
         object.__setattr__(self, "_buckets", buckets)
         object.__setattr__(self, "_size", size)
-
-    @classmethod
-    def _make(
-        cls, nodes: dict[str, float], vnodes: int, points: list[int], owners: list[str]
-    ) -> HashRing:
-        ring = cls.__new__(cls)
-        ring._init(nodes, vnodes, points, owners)
-        return ring
 
     def _flat(self) -> tuple[list[int], list[str]]:
         """All points in ring order and their owners (no wrap entry)."""
@@ -493,14 +548,14 @@ class HashRing:
             # Many changes at once, or buckets grown too full or empty: a build from
             # the cached points is cheaper, and re-cuts the buckets.
             counts = {n: _vnode_count(self._vnodes, w) for n, w in nodes.items()}
-            return HashRing._make(nodes, self._vnodes, *_build(counts))
+            ring = HashRing.__new__(HashRing)
+            ring._set(nodes, self._vnodes, *_build(counts))
+            return ring
         ring = HashRing.__new__(HashRing)
         ring._set(nodes, self._vnodes, self._shift, self._splice(gone, added), size)
         return ring
 
-    def _splice(
-        self, gone: list[str], added: Mapping[str, int]
-    ) -> list[tuple[list[int], list[str]]]:
+    def _splice(self, gone: list[str], added: Mapping[str, int]) -> _Buckets:
         """The buckets with ``gone``'s points cut out and ``added``'s put in.
 
         Only the buckets a changed point falls in are copied (and those whose wrap entry
@@ -508,31 +563,34 @@ class HashRing:
         """
         shift = self._shift
         old = self._buckets
-        buckets = list(old)
-        # Bucket -> its copy being edited; the copy keeps the wrap entry last.
-        edited: dict[int, tuple[list[int], list[str]]] = {}
+        # Bucket -> its new tuples (the wrap entry last; tuples as _build() makes them),
+        # remade at each edit: a node's points mostly fall in distinct buckets of ~40.
+        # Each edit goes through a list copy: measured, that costs less than slicing and
+        # joining tuples, and sets off about a fifth as many GC collections.
+        edited: dict[int, _Bucket] = {}
         for node in gone:
             for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
                 k = point >> shift
-                if k not in edited:
-                    edited[k] = (old[k][0][:], old[k][1][:])
-                pts, own = edited[k]
+                pts, own = edited.get(k) or old[k]
                 i = bisect_left(pts, point)
                 while own[i] != node:  # equal points of other nodes may come first
                     i += 1
-                del pts[i], own[i]
+                pts_l, own_l = list(pts), list(own)
+                del pts_l[i], own_l[i]
+                edited[k] = (tuple(pts_l), tuple(own_l))
         for node, points in added.items():
             for point in _node_points(node, points):
                 k = point >> shift
-                if k not in edited:
-                    edited[k] = (old[k][0][:], old[k][1][:])
-                pts, own = edited[k]
+                pts, own = edited.get(k) or old[k]
                 i = bisect_left(pts, point)
                 # Among equal points the smaller node id comes first (ring order rule 3).
                 while i < len(pts) and pts[i] == point and own[i] < node:
                     i += 1
-                pts.insert(i, point)
-                own.insert(i, node)
+                pts_l, own_l = list(pts), list(own)
+                pts_l.insert(i, point)
+                own_l.insert(i, node)
+                edited[k] = (tuple(pts_l), tuple(own_l))
+        buckets = list(old)
         for k, bucket in edited.items():
             buckets[k] = bucket
         last = len(buckets) - 1
@@ -548,7 +606,6 @@ class HashRing:
         # A bucket's wrap entry names the first owner of the next non-empty bucket: where
         # a bucket's first owner changed, redo the wrap entries of the buckets before it,
         # back to the first non-empty one (usually just the one before).
-        mine = set(edited)  # buckets whose lists are this ring's own copies
         for k, (pts, own) in edited.items():
             was_pts, was_own = old[k]
             if (own[0] if pts else None) == (was_own[0] if was_pts else None):
@@ -559,11 +616,7 @@ class HashRing:
                 j_pts, j_own = buckets[j]
                 wrap = next_owner(j)
                 if j_own[-1] != wrap:
-                    if j not in mine:
-                        j_own = j_own[:]
-                        buckets[j] = (j_pts, j_own)
-                        mine.add(j)
-                    j_own[-1] = wrap
+                    buckets[j] = (j_pts, (*j_own[:-1], wrap))
                 if j_pts or j == k:
                     break
         return buckets
@@ -613,22 +666,6 @@ def _shift_for(size: int) -> int:
     while shift > 0 and size >= _FILL << (33 - shift):
         shift -= 1
     return shift
-
-
-def _bucketize(
-    points: list[int], owners: list[str], shift: int
-) -> list[tuple[list[int], list[str]]]:
-    """Cut sorted ``points`` (owned by ``owners``) into buckets by ``point >> shift``."""
-    size = len(points)
-    many = 1 << (32 - shift)
-    bounds = [bisect_left(points, k << shift) for k in range(many)]
-    bounds.append(size)
-    buckets = []
-    for k in range(many):
-        lo, hi = bounds[k], bounds[k + 1]
-        wrap = owners[hi] if hi < size else owners[0]
-        buckets.append((points[lo:hi], [*owners[lo:hi], wrap]))
-    return buckets
 
 
 def _check_total(counts: Mapping[str, int], vnodes: int, existing: int = 0) -> None:
