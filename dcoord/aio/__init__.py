@@ -1,4 +1,4 @@
-"""The asyncio API: the same locks and fences as :mod:`dcoord`, on the caller's loop.
+"""The asyncio API: the primitives of :mod:`dcoord`, on the caller's loop.
 
 ::
 
@@ -6,13 +6,16 @@
         async with client.lock("reports", ttl=30) as lock:
             await client.fence("reports").write(lock.fence, "report", b"...")
 
-I/O is native (``redis.asyncio``; the memory store wakes tasks itself): no thread pool,
-no background thread. Renewals and pub/sub wake-ups are tasks on the loop that made the
-client; :meth:`AsyncClient.close` cancels them. The rules (validity deadline, renewal
-schedule, when a lock is lost) are :mod:`dcoord.core.lockstate`, shared with the sync
-API, and so are the backends' scripts, keys and error mapping: a sync and an async
-client on one server and namespace exclude each other on one lock name (and campaign in
-one election: ``client.election(name)``).
+Locks and fences, fair locks, semaphores, read-write locks, elections, membership and
+live rings, two-phase commit and inspection, with the sync API's semantics and errors.
+I/O is native (``redis.asyncio``, ``grpc.aio`` with pyetcd's stubs; the memory store
+wakes tasks itself): no thread pool, no background thread. Renewals, keep-alives,
+watches and pub/sub wake-ups are tasks on the loop that made the client;
+:meth:`AsyncClient.close` cancels them. The rules (lock validity and renewal, election
+terms, membership views, the 2PC protocol) are in :mod:`dcoord.core`, shared with the
+sync API, and so are the backends' scripts, keys and error mapping: a sync and an async
+client on one server and namespace exclude each other on one lock name, campaign in one
+election, see the same members and finish each other's transactions.
 """
 
 from __future__ import annotations
