@@ -3,11 +3,14 @@
     python bench/plot.py twopc RUN.json OUT.svg      # python bench/twopc.py --json RUN.json
     python bench/plot.py ring SCALE.json OUT.svg     # python -m bench.scale --json SCALE.json
     python bench/plot.py follower SCALE.json OUT.svg
+    python bench/plot.py curves CURVES.json OUT.svg  # python -m bench.scale --curves ... --json
 
 ``twopc``: commits/s (median of the runs) by backend x clients, null and kv participants,
 beside the raw floor of two fsynced writes where the run measured it (Redis). ``ring``:
 HashRing build time vs nodes. ``follower``: a live ring follower's CPU per membership
-change vs members, per backend and mode. Log-scale axes leave out values <= 0.
+change vs members, per backend and mode. ``curves``: three charts, one above the other,
+of join rate, change-to-ring latency p50/p99 and follower CPU per change vs members, per
+backend. Log-scale axes leave out values <= 0.
 """
 
 from __future__ import annotations
@@ -155,11 +158,36 @@ def twopc(doc: dict[str, Any]) -> str:
     )
 
 
+def curves(doc: dict[str, Any]) -> str:
+    """bench/scale.py --curves rows as three line charts stacked in one SVG."""
+    charts = (
+        ("Join rate, one client", "joins/s", ("join_per_s",)),
+        ("Change to ring in another process", "ms", ("latency_p50_ms", "latency_p99_ms")),
+        ("Follower CPU per change (rolling restart)", "ms of CPU", ("cpu_ms_per_change",)),
+    )
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H * len(charts)}">']
+    for i, (title, unit, keys) in enumerate(charts):
+        series: Series = {}
+        for r in doc["curves"]:
+            for key in keys:
+                label = r["backend"] + (f" {key.split('_')[1]}" if len(keys) > 1 else "")
+                series.setdefault(label, []).append((r["members"], r[key]))
+        # A chart is a whole <svg>: nested, each is placed by its y.
+        out.append(
+            line_chart(title, "members", unit, series, log=True).replace(
+                "<svg ", f'<svg y="{H * i}" ', 1
+            )
+        )
+    return "\n".join([*out, "</svg>\n"])
+
+
 def main(argv: list[str]) -> None:
     kind, source, target = argv
     doc = json.loads(Path(source).read_text())
     if kind == "twopc":
         svg = twopc(doc)
+    elif kind == "curves":
+        svg = curves(doc)
     elif kind == "ring":
         series: Series = {}
         for row in doc["builds"]:

@@ -2,6 +2,7 @@
 
     python -m bench.scale [URL ...] [--members 10,100,1000,5000] [--restart 200]
                           [--expiry 1000] [--kill 100] [--ttl 5] [--followers 3] [--json PATH]
+    python -m bench.scale [SERVER URL ...] --curves 10,100,1000,5000 [--restart 200] [--json PATH]
 
 1. ``HashRing`` of N nodes x 160 vnodes, built from scratch (points not cached: every
    virtual node hashed) and again (points cached per node), and one node added to it
@@ -11,7 +12,7 @@
    ``--restart`` members leave and join again one after the other (2 changes each,
    paced so that the follower sees them one by one, as in a real rolling restart), and
    again as one *burst* without pacing (the follower may coalesce), each ended by one
-   marker member joining. Reported: the CPU time (user + system, from /proc) of the
+   marker member joining. Reported: the CPU time (the scheduler's, from /proc) of the
    follower's thread per membership change (epochs advanced, the marker included), and
    whether the ring ended equal to a ring built from scratch.
 3. For each URL, a *burst of joins*: ``--burst`` members join as fast as one client can
@@ -29,6 +30,17 @@
    the followers made meanwhile (views delivered, each one incremental
    ``with_changes``) against the epochs the group advanced by, their CPU, and whether
    every ring ended equal to a ring built from scratch.
+
+``--curves SIZES`` runs only this, per size and server URL (with none given: on a Redis
+and an etcd it starts as local processes and stops by their PID at the end): one client
+joins N members (ttl 30 s) as fast as it can (the *join rate*), a *second process*
+follows the group with a live ring, and the client restarts ``--restart`` members one
+after the other as above. *Change-to-ring latency*: from a change's return in the
+changing client to the first moment the live ring of the other process shows it (or a
+later change: a coalesced one), both read from the machine's monotonic clock; p50 and
+p99 over the restart's changes. *Follower CPU per change*: that process's follower
+thread, as in 2. The second process stops by itself once it has seen every change (or
+after WATCH_LIMIT seconds). ``bench/plot.py curves`` draws the rows.
 
 Numbers depend on the machine's load; the machine these were taken on is shared, so run
 it twice and compare. A text table is printed (no plotting dependency); ``--json PATH``
@@ -96,8 +108,16 @@ def builds(sizes: list[int]) -> list[dict[str, float]]:
 
 
 def _thread_cpu(thread: threading.Thread) -> float:
-    """CPU seconds (user + system) of ``thread`` so far, from /proc (Linux)."""
-    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+    """CPU seconds of ``thread`` so far, from /proc (Linux): the scheduler's run time in
+    ns (schedstat), or where the kernel keeps none, user + system in clock ticks (10 ms:
+    too coarse for a change's fraction of a millisecond but over hundreds of them)."""
+    task = f"/proc/self/task/{thread.native_id}"
+    try:
+        with open(f"{task}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"{task}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -246,6 +266,137 @@ def expiry(url: str, n: int, killed: int, ttl: float, followers: int) -> None:
             proc.wait(timeout=60)
 
 
+WATCH_LIMIT = 300.0  # seconds a watcher process follows before it gives up by itself
+
+
+def _restart_event_seen(view: dcoord.GroupView, j: int) -> bool:
+    """Whether ``view`` shows change ``j`` of a rolling restart (or a later one): change
+    2i is ``m<i>`` leaving, 2i + 1 it joining again with meta ``{"seq": 2i + 1}``."""
+    member = view.get(f"m{j // 2}")
+    seq = -1 if member is None else member.meta.get("seq", -1)
+    return (member is None or seq > j) if j % 2 == 0 else seq >= j
+
+
+def watcher(url: str, namespace: str, name: str, n: int, changes: int) -> None:
+    """Follow the group with a live ring in this process; say ``ready`` once it has
+    ``n`` members, then print as JSON the monotonic time at which the ring first showed
+    each of the ``changes`` changes of the rolling restart (a coalesced change: when a
+    later one showed), its follower thread's CPU and the epochs it advanced by. Gives
+    up by itself after WATCH_LIMIT seconds."""
+    deadline = time.monotonic() + WATCH_LIMIT
+    with dcoord.connect(url, namespace=namespace) as client:
+        live = client.group(name).ring()
+        assert live.wait_for(lambda r: len(r) == n, 120), f"ring saw {len(live)} of {n}"
+        thread = next(t for t in threading.enumerate() if t.name == f"dcoord-follow-{name}")
+        epoch, cpu = live.epoch, _thread_cpu(thread)
+        print("ready", flush=True)
+        seen: list[float] = []
+        last = live.epoch
+        while len(seen) < changes and time.monotonic() < deadline:
+            if not live.wait_for(lambda r, e=last: r.epoch != e, deadline - time.monotonic()):
+                break
+            now, view = time.monotonic(), live.members
+            last = view.epoch
+            while len(seen) < changes and _restart_event_seen(view, len(seen)):
+                seen.append(now)
+        report = {
+            "seen": seen,
+            "cpu_s": _thread_cpu(thread) - cpu,
+            "changes": live.epoch - epoch,
+            "exact": live.ring == HashRing(live.members.weights()),
+        }
+        print(json.dumps(report), flush=True)
+        live.close()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def curve_point(url: str, n: int, restart: int) -> dict[str, object]:
+    """One size of the curves: join rate of one client, then a rolling restart of
+    ``restart`` members watched by a live ring in a second process (see watcher())."""
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    name = "curve"
+    restart = min(restart, n)
+    root = Path(__file__).resolve().parents[1]
+    with dcoord.connect(url, namespace=namespace) as members:
+        group = members.group(name)
+        started = time.perf_counter()
+        joined = {f"m{i}": group.join(f"m{i}", ttl=30) for i in range(n)}
+        rate = n / (time.perf_counter() - started)
+        command = [sys.executable, "-m", "bench.scale", url, "--watcher", namespace, name]
+        proc = subprocess.Popen(
+            [*command, str(n), str(2 * restart)],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            returned = []
+            for i in range(restart):
+                member_id = f"m{i}"
+                joined[member_id].leave()
+                returned.append(time.monotonic())
+                time.sleep(PACE)  # a restarting process is away for a moment
+                joined[member_id] = group.join(member_id, ttl=30, meta={"seq": 2 * i + 1})
+                returned.append(time.monotonic())
+                time.sleep(PACE)
+            report = json.loads(proc.stdout.readline() or "{}")
+            proc.wait(timeout=WATCH_LIMIT)
+        finally:
+            if proc.poll() is None:  # it stops by itself; this is for a bench that failed
+                proc.kill()
+                proc.wait()
+    seen = report.get("seen", [])
+    assert len(seen) == len(returned), f"watcher saw {len(seen)} of {len(returned)} changes"
+    latency = [(t - r) * 1e3 for t, r in zip(seen, returned, strict=True)]
+    row = {
+        "backend": url.split("://")[0],
+        "members": n,
+        "join_per_s": rate,
+        "latency_p50_ms": _percentile(latency, 0.5),
+        "latency_p99_ms": _percentile(latency, 0.99),
+        "latency_max_ms": max(latency),
+        "changes": report["changes"],
+        "cpu_ms_per_change": report["cpu_s"] / max(report["changes"], 1) * 1e3,
+        "exact": report["exact"],
+    }
+    print(
+        f"   {row['backend']:<8}{n:>7}{rate:>9.0f}{row['latency_p50_ms']:>9.1f}"
+        f"{row['latency_p99_ms']:>9.1f}{row['latency_max_ms']:>9.1f}{report['changes']:>9}"
+        f"{row['cpu_ms_per_change']:>12.3f}  {'yes' if row['exact'] else 'NO'}",
+        flush=True,
+    )
+    return row
+
+
+def curves(urls: list[str], sizes: list[int], restart: int) -> list[dict[str, object]]:
+    """The curves over group sizes, on each server URL (or on a Redis and an etcd
+    started here, and stopped by their PID, when none is given)."""
+    from tests.servers import Server, start_server
+
+    started: list[Server] = []
+    try:
+        if not urls:
+            started = [start_server(kind, using="processes") for kind in ("redis", "etcd")]
+            urls = [server.url for server in started]
+        print(
+            f"curves: join rate, change-to-ring latency in a second process, restarting {restart}"
+        )
+        print(
+            f"   {'backend':<8}{'members':>7}{'joins/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'max ms':>9}{'changes':>9}{'ms cpu/chg':>12}  ring exact"
+        )
+        return [curve_point(url, n, restart) for url in urls for n in sizes]
+    finally:
+        for server in started:
+            server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("urls", nargs="*", default=["memory://"])
@@ -258,16 +409,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttl", type=float, default=5.0, help="their ttl")
     ap.add_argument("--followers", type=int, default=3, help="live rings following them")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--watcher", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--curves", help="only the curves, at these group sizes (comma-separated)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     if args.child:
         namespace, name, first, count, ttl = args.child
         child(args.urls[0], namespace, name, int(first), int(count), float(ttl))
         return 0
+    if args.watcher:
+        namespace, name, n, changes = args.watcher
+        watcher(args.urls[0], namespace, name, int(n), int(changes))
+        return 0
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}\n"
     )
+    if args.curves:
+        servers = [url for url in args.urls if not url.startswith("memory:")]
+        sizes = [int(x) for x in args.curves.split(",")]
+        rows = curves(servers, sizes, args.restart)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"curves": rows}, f, indent=1)
+        return 0
     rows = builds([int(x) for x in args.builds.split(",")])
     print(f"2. live ring follower: CPU of its thread per change, restarting {args.restart}")
     print(

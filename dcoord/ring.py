@@ -563,36 +563,40 @@ class HashRing:
         """
         shift = self._shift
         old = self._buckets
-        # Bucket -> its new tuples (the wrap entry last; tuples as _build() makes them),
-        # remade at each edit: a node's points mostly fall in distinct buckets of ~40.
-        # Each edit goes through a list copy: measured, that costs less than slicing and
-        # joining tuples, and sets off about a fifth as many GC collections.
-        edited: dict[int, _Bucket] = {}
+        buckets = list(old)
+        # Buckets whose first point was cut or put in: only there can the first owner
+        # (or emptiness) change, which the wrap entries before them name (see below).
+        heads: set[int] = set()
+        # Each edit copies the bucket through two lists and back to tuples (tuples as
+        # _build() makes them): measured, that costs less than slicing and joining
+        # tuples, or than batching the edits through C maps. A node's points mostly
+        # fall in distinct buckets of ~40, so a bucket is rarely copied twice.
         for node in gone:
             for point in _node_points(node, _vnode_count(self._vnodes, self._nodes[node])):
                 k = point >> shift
-                pts, own = edited.get(k) or old[k]
+                pts, own = buckets[k]
                 i = bisect_left(pts, point)
                 while own[i] != node:  # equal points of other nodes may come first
                     i += 1
+                if not i:
+                    heads.add(k)
                 pts_l, own_l = list(pts), list(own)
                 del pts_l[i], own_l[i]
-                edited[k] = (tuple(pts_l), tuple(own_l))
-        for node, points in added.items():
-            for point in _node_points(node, points):
+                buckets[k] = (tuple(pts_l), tuple(own_l))
+        for node, count in added.items():
+            for point in _node_points(node, count):
                 k = point >> shift
-                pts, own = edited.get(k) or old[k]
+                pts, own = buckets[k]
                 i = bisect_left(pts, point)
                 # Among equal points the smaller node id comes first (ring order rule 3).
                 while i < len(pts) and pts[i] == point and own[i] < node:
                     i += 1
+                if not i:
+                    heads.add(k)
                 pts_l, own_l = list(pts), list(own)
                 pts_l.insert(i, point)
                 own_l.insert(i, node)
-                edited[k] = (tuple(pts_l), tuple(own_l))
-        buckets = list(old)
-        for k, bucket in edited.items():
-            buckets[k] = bucket
+                buckets[k] = (tuple(pts_l), tuple(own_l))
         last = len(buckets) - 1
 
         def next_owner(k: int) -> str:
@@ -606,7 +610,8 @@ class HashRing:
         # A bucket's wrap entry names the first owner of the next non-empty bucket: where
         # a bucket's first owner changed, redo the wrap entries of the buckets before it,
         # back to the first non-empty one (usually just the one before).
-        for k, (pts, own) in edited.items():
+        for k in heads:
+            pts, own = buckets[k]
             was_pts, was_own = old[k]
             if (own[0] if pts else None) == (was_own[0] if was_pts else None):
                 continue

@@ -295,3 +295,38 @@ def test_views_do_not_chain_every_earlier_view() -> None:
     views = [_view(GroupSnapshot(e, {f"m{e}": _encode(1.0, {})}, None), decoded) for e in range(4)]
     assert views[0]._delta is None and views[2]._delta is None
     assert views[3]._delta == (views[2], {"m2", "m3"})
+
+
+GROUP = [*TWINS, *(f"member-{i}" for i in range(120))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(GROUP), WEIGHTS), min_size=1, max_size=12),
+    vnodes=st.sampled_from([40, 160]),
+)
+def test_one_change_at_a_time_in_a_large_ring_splices_like_a_ring_from_scratch(
+    steps: list[tuple[str, float]], vnodes: int
+) -> None:
+    # A group's live ring: one member joins, leaves or is re-weighted per change, in a
+    # ring large enough that with_changes() splices its buckets: a rebuild (_build)
+    # during a change fails the test.
+    weights = dict.fromkeys(GROUP[::2], 1.0)
+    ring = HashRing(weights, vnodes=vnodes)
+    build = ring_module._build
+
+    def no_build(counts: Mapping[str, int]) -> object:
+        raise AssertionError(f"rebuilt for {len(counts)} nodes instead of splicing")
+
+    for node, weight in steps:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ring_module, "_build", no_build)
+            if node in weights and weight == 1.0:
+                ring = ring.without_node(node)
+                del weights[node]
+            else:
+                remove = [node] if node in weights else []
+                ring = ring.with_changes(remove=remove, add={node: weight})
+                weights[node] = weight
+        assert ring_module._build is build
+        _assert_same_as_scratch(ring, weights)
