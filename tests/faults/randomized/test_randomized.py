@@ -296,7 +296,13 @@ def test_async_counter_workers_mixed_with_sync_ones_show_no_violations(config: C
     print(report.render())
     assert report.ok, report.render()
     assert sum(report.faults.values()) >= 2, report.render()
-    assert async_writes(report) >= 10, report.render()  # the async workers took part
+    # The async workers took part. Not "10" as first written: on memory:// the lock is
+    # not fair and a released lock goes to whichever waiter runs first; a sync waiter's
+    # thread is woken by the store's condition at once, an async one's wake-up hops
+    # through its loop thread, so async workers win ~5-8 % of grants there (5-10 of
+    # 130-150 in 8 s at seeds 31-33, the same on the code before this round): 10 failed
+    # one CI run in a few.
+    assert async_writes(report) >= 3, report.render()
 
 
 def test_mutant_fence_admitting_every_token_is_caught_with_async_workers() -> None:
