@@ -84,7 +84,9 @@ step "lint and types"
 step "test suite, servers in containers"
 start=$SECONDS
 # The failover tests start their own topologies: they run once, in the last step.
-DCOORD_TEST_SERVERS=containers .venv/bin/pytest --ignore-glob='tests/faults/test_failover_*.py' "$@"
+# --durations: where the step's time goes, for keeping CI within its budget.
+DCOORD_TEST_SERVERS=containers .venv/bin/pytest --ignore-glob='tests/faults/test_failover_*.py' \
+    --durations=25 "$@"
 echo "containers path took $((SECONDS - start)) s"
 
 step "connecting to servers as local processes"
