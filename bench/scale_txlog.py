@@ -110,16 +110,19 @@ def load_redis(client: dcoord.Client, start: int, count: int, now: float) -> Non
 def load_etcd(client: dcoord.Client, start: int, count: int, now: float) -> None:
     from pyetcd import transactions as ops
 
-    log: Any = client.backend.txlog
+    layout = client.backend.txlog.layout  # type: ignore[attr-defined]
     etcd = client.backend.etcd  # type: ignore[attr-defined]
-    batch = 50  # two keys each: under etcd's 128 operations per transaction
+    batch = 50  # two keys each, plus the few bucket markers: etcd's 128 operations
     for first in range(start, start + count, batch):
         puts = []
+        markers: set[str] = set()  # a transaction may not put one key twice
         for i in range(first, min(first + batch, start + count)):
             txid = f"bulk-{i:08d}"
             created = now - 3_000 + i * 1e-3
-            puts.append(ops.Put(log._records + txid, txlog.encode(finished(txid, created))))
-            puts.append(ops.Put(log._index_key("committed", created, txid), b""))
+            puts.append(ops.Put(layout.records + txid, txlog.encode(finished(txid, created))))
+            puts.append(ops.Put(layout.entry("committed", created, txid), b""))
+            markers.update(layout.bucket_markers("committed", created))
+        puts += [ops.Put(key, b"") for key in sorted(markers)]
         etcd.transaction(compare=[], success=puts, failure=[])
 
 
