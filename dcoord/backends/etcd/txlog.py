@@ -69,10 +69,10 @@ FINISHED_STATES = ("committed", "aborted")
 #: buckets of 10,000 s, 100 s and 1 s, so that a node has at most 100 children.
 LEVEL_DIGITS = (7, 9, 11)
 
-#: Per state and round of a page, the marker nodes and the leaf buckets read at most
-#: (leaves double from 1 up to this). Five states stay under etcd's 128 operations.
-_MARKER_WIDTH = 8
-_LEAF_WIDTH = 32
+#: Per state, round of a page and level, the buckets read at most: a level starts with
+#: one and takes twice as many each time it is read again (a sparse log), up to this.
+#: Both finished states together stay under etcd's 128 operations per transaction.
+_MAX_WIDTH = 16
 
 Run = list[tuple[str, str, float]]
 """Index entries ``(sort key, txid, created)`` in the listing's order; the sort key is
@@ -226,7 +226,7 @@ def _bucket_walk(
     last = len(LEVEL_DIGITS) - 1
     found: Run = []
     frontier: list[_Node | tuple[str, str, float]] = [_Node(-1, "")]
-    leaf_width = 1
+    width = dict.fromkeys(range(-1, len(LEVEL_DIGITS)), 1)
 
     def request(node: _Node) -> Any | None:
         if node.level == last:  # a leaf: its entries past the cursor
@@ -251,16 +251,21 @@ def _bucket_walk(
             del frontier[0]
         if not frontier or len(found) >= limit:
             break
+        # Read the buckets at the head, as many per level as that level's width, and
+        # none that ``limit`` items (each bucket holds at least one entry) precede.
         chosen: dict[int, Any | None] = {}
-        budget = {True: leaf_width, False: _MARKER_WIDTH}  # by "is a leaf"
+        taken = dict.fromkeys(width, 0)
+        ahead = len(found)
         for i, item in enumerate(frontier):
-            if isinstance(item, _Node) and budget[item.level == last] > 0:
-                budget[item.level == last] -= 1
-                chosen[i] = request(item)
-            if not any(budget.values()):
+            if ahead >= limit:
                 break
-        if any(node.level == last for i in chosen if isinstance(node := frontier[i], _Node)):
-            leaf_width = min(2 * leaf_width, _LEAF_WIDTH)
+            if isinstance(item, _Node) and taken[item.level] < width[item.level]:
+                taken[item.level] += 1
+                chosen[i] = request(item)
+            ahead += 1
+        for level, count in taken.items():
+            if count:
+                width[level] = min(2 * width[level], _MAX_WIDTH)
         sent = [r for r in chosen.values() if r is not None]
         answers = iter((yield sent) if sent else [])
         grown: list[_Node | tuple[str, str, float]] = []
