@@ -12,7 +12,8 @@ etcd (tests.servers) and stops them at the end, which deletes the bulk records.
   the database size per record (an upper bound: etcd's bbolt file grows in pages and
   keeps old revisions until compaction).
 * the bulk: N finished (``committed``) records written straight in the store's layout
-  with pipelines (Redis) or batched transactions (etcd), plus 100 unfinished
+  with pipelines (Redis) or batched transactions (etcd: records, entries and their time
+  buckets' markers, 1,000 records per second of creation time), plus 100 unfinished
   (``started``, deadline in an hour) through the store's own create.
 * for a log of 1,000 and of N records: the median over R runs of the first page (50
   records) oldest first, newest first, of the ``committed`` state and of the ``started``
@@ -232,7 +233,7 @@ def run(kind: str, url: str, records: int, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000, help="Redis and memory")
-    parser.add_argument("--etcd-records", type=int, default=100_000)
+    parser.add_argument("--etcd-records", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="20,000 records, 3 runs")
     parser.add_argument("--backends", default="memory,redis,etcd", help="comma-separated")
