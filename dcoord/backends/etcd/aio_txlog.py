@@ -4,7 +4,7 @@ Keys and steps as :mod:`.txlog`, from its :class:`.txlog.Layout` (``tx/r/<txid>`
 ``tx/open/<txid>``, the state indexes and the time-bucket markers of the finished ones;
 every change one transaction compared on the record's mod revision; finished records
 and their index entries on a shared lease of the retention period, one per bucket, the
-markers on one a bucket longer), and pages run the sync log's :func:`.txlog.page_program`,
+markers on one two buckets longer), and pages run the sync log's :func:`.txlog.page_program`,
 so a sync and an async coordinator share one log and list each other's records.
 Requests are built here from pyetcd's protobuf messages, as :mod:`.aio_locks` does.
 """
@@ -23,6 +23,7 @@ from ..base import TX_STATES, LogEntry
 from .locks import _range
 from .txlog import (
     _BATCH,
+    MARKER_BUCKETS,
     Layout,
     page_program,
     range_keys,
@@ -110,7 +111,7 @@ class AsyncEtcdTxLog:
     ) -> LogEntry | None:
         key = self.layout.records + txid
         lease = await self._lease_for(retention, 1) if finished else 0
-        marker_lease = await self._lease_for(retention, 2) if finished else 0
+        marker_lease = await self._lease_for(retention, MARKER_BUCKETS) if finished else 0
         success = [put(key, data, lease)]
         if finished:
             success.append(delete(self.layout.open + txid))

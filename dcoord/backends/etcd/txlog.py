@@ -20,8 +20,9 @@ A finished record is attached to a lease of the retention period, so etcd delete
 its own clock. Records finished within one bucket of time share a lease (one grant per
 bucket, not per transaction): each lives between ``retention`` and ``retention +
 bucket``. A finished record's index entry is on the same lease, so it goes with the
-record. Its bucket markers are put again by every finishing write, on a lease one bucket
-longer, so a marker outlives every entry in its bucket, whichever process wrote last.
+record. Its bucket markers are put again by every finishing write, on a lease two
+buckets longer (:data:`MARKER_BUCKETS`), so a marker outlives every entry in its bucket,
+whichever process wrote last.
 
 Why the buckets: etcd 3.4 answers a range read by collecting every key of the range from
 its in-memory index (to count them) and, for a descending read, by reading and sorting
@@ -73,6 +74,12 @@ LEVEL_DIGITS = (7, 9, 11)
 #: one and takes twice as many each time it is read again (a sparse log), up to this.
 #: Both finished states together stay under etcd's 128 operations per transaction.
 _MAX_WIDTH = 16
+
+#: Retention buckets a marker's lease runs past the retention (a record's: 1). Each
+#: writer hands a lease out for one bucket after its grant, so the last writer's may be
+#: a bucket older than an earlier writer's record lease: one more bucket covers that,
+#: and another the time a write takes after its lease was picked (retries included).
+MARKER_BUCKETS = 3
 
 Run = list[tuple[str, str, float]]
 """Index entries ``(sort key, txid, created)`` in the listing's order; the sort key is
@@ -383,7 +390,7 @@ class EtcdTxLog:
     ) -> LogEntry | None:
         key = self.layout.records + txid
         lease = self._lease_for(retention, 1).id if finished else None
-        marker_lease = self._lease_for(retention, 2).id if finished else 0
+        marker_lease = self._lease_for(retention, MARKER_BUCKETS).id if finished else 0
         success = [ops.Put(key, data, lease=lease)]
         if finished:
             success.append(ops.Delete(self.layout.open + txid))
@@ -482,7 +489,7 @@ class EtcdTxLog:
 
     def _lease_for(self, retention: float, buckets: int) -> Lease:
         """A lease nobody keeps alive that expires no earlier than ``retention`` plus
-        ``buckets - 1`` buckets from now (records: 1; bucket markers: 2)."""
+        ``buckets - 1`` buckets from now (records: 1; bucket markers: :data:`MARKER_BUCKETS`)."""
         bucket = retention_bucket(retention)
         now = time.monotonic()
         with self._mutex:
