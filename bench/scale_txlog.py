@@ -12,7 +12,8 @@ etcd (tests.servers) and stops them at the end, which deletes the bulk records.
   the database size per record (an upper bound: etcd's bbolt file grows in pages and
   keeps old revisions until compaction).
 * the bulk: N finished (``committed``) records written straight in the store's layout
-  with pipelines (Redis) or batched transactions (etcd), plus 100 unfinished
+  with pipelines (Redis) or batched transactions (etcd: records, entries and their time
+  buckets' markers, 1,000 records per second of creation time), plus 100 unfinished
   (``started``, deadline in an hour) through the store's own create.
 * for a log of 1,000 and of N records: the median over R runs of the first page (50
   records) oldest first, newest first, of the ``committed`` state and of the ``started``
@@ -110,16 +111,19 @@ def load_redis(client: dcoord.Client, start: int, count: int, now: float) -> Non
 def load_etcd(client: dcoord.Client, start: int, count: int, now: float) -> None:
     from pyetcd import transactions as ops
 
-    log: Any = client.backend.txlog
+    layout = client.backend.txlog.layout  # type: ignore[attr-defined]
     etcd = client.backend.etcd  # type: ignore[attr-defined]
-    batch = 50  # two keys each: under etcd's 128 operations per transaction
+    batch = 50  # two keys each, plus the few bucket markers: etcd's 128 operations
     for first in range(start, start + count, batch):
         puts = []
+        markers: set[str] = set()  # a transaction may not put one key twice
         for i in range(first, min(first + batch, start + count)):
             txid = f"bulk-{i:08d}"
             created = now - 3_000 + i * 1e-3
-            puts.append(ops.Put(log._records + txid, txlog.encode(finished(txid, created))))
-            puts.append(ops.Put(log._index_key("committed", created, txid), b""))
+            puts.append(ops.Put(layout.records + txid, txlog.encode(finished(txid, created))))
+            puts.append(ops.Put(layout.entry("committed", created, txid), b""))
+            markers.update(layout.bucket_markers("committed", created))
+        puts += [ops.Put(key, b"") for key in sorted(markers)]
         etcd.transaction(compare=[], success=puts, failure=[])
 
 
@@ -229,7 +233,7 @@ def run(kind: str, url: str, records: int, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000, help="Redis and memory")
-    parser.add_argument("--etcd-records", type=int, default=100_000)
+    parser.add_argument("--etcd-records", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="20,000 records, 3 runs")
     parser.add_argument("--backends", default="memory,redis,etcd", help="comma-separated")

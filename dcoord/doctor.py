@@ -161,14 +161,14 @@ def _etcd_txlog_size(backend: EtcdBackend) -> Check:
     except DcoordError as exc:
         return Check("txlog size", "info", f"cannot be measured: {exc}")
     # The database holds everything else too, and old revisions until compaction: per
-    # record it is an upper bound; with no records, the measured ~2,400 B stands in.
+    # record it is an upper bound; with no records, the measured ~2,750 B stands in.
     per_record = db_size / records if records else float(_ETCD_RECORD_BYTES)
     how = "db size / records, an upper bound" if records else "measured by bench/scale_txlog.py"
     return _txlog_size("etcd", records, finished, per_record, how)
 
 
 #: etcd database bytes per 3-participant committed record (bench/scale_txlog.py).
-_ETCD_RECORD_BYTES = 2_400
+_ETCD_RECORD_BYTES = 2_750
 
 
 # -- common -----------------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """The 2PC decision log on etcd through ``grpc.aio``: the sync log's keys and transactions.
 
-Keys and steps as :mod:`.txlog` (``tx/r/<txid>``, ``tx/open/<txid>``, the state index
-``tx/s/<state>/<created>/<txid>``; every change one transaction compared on the record's
-mod revision; finished records and their index entries on a shared lease of the
-retention period, one per bucket), so a sync and an async coordinator share one log
-and list each other's records. Requests are built here from pyetcd's protobuf
-messages, as :mod:`.aio_locks` does.
+Keys and steps as :mod:`.txlog`, from its :class:`.txlog.Layout` (``tx/r/<txid>``,
+``tx/open/<txid>``, the state indexes and the time-bucket markers of the finished ones;
+every change one transaction compared on the record's mod revision; finished records
+and their index entries on a shared lease of the retention period, one per bucket, the
+markers on one two buckets longer), and pages run the sync log's :func:`.txlog.page_program`,
+so a sync and an async coordinator share one log and list each other's records.
+Requests are built here from pyetcd's protobuf messages, as :mod:`.aio_locks` does.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,9 +18,18 @@ from typing import TYPE_CHECKING, Any
 from pyetcd import etcdrpc
 from pyetcd.utils import prefix_range_end
 
+from ...aio.participants import drive
 from ..base import TX_STATES, LogEntry
 from .locks import _range
-from .txlog import _BATCH, index_key, merge_runs, moved_from, parse_run, run_bounds
+from .txlog import (
+    _BATCH,
+    MARKER_BUCKETS,
+    Layout,
+    page_program,
+    range_keys,
+    read_ranges,
+    retention_bucket,
+)
 
 if TYPE_CHECKING:
     from .aio_locks import AsyncEtcdBackend
@@ -68,20 +77,19 @@ async def read_prefix(backend: AsyncEtcdBackend, prefix: str, what: str) -> list
 class AsyncEtcdTxLog:
     def __init__(self, backend: AsyncEtcdBackend) -> None:
         self._backend = backend
-        self._records = f"{backend.prefix}tx/r/"
-        self._open = f"{backend.prefix}tx/open/"
-        self._states = f"{backend.prefix}tx/s/"
-        self._retention_lease: tuple[float, float, int] | None = None  # retention, until, id
+        self.layout = Layout(backend.prefix)
+        # (retention, extra buckets) -> (until, lease id): the records' and the markers'.
+        self._leases: dict[tuple[float, int], tuple[float, int]] = {}
 
     async def create(
         self, txid: str, data: bytes, deadline: float, created: float | None = None
     ) -> LogEntry | None:
-        key = self._records + txid
+        key = self.layout.records + txid
         when = deadline if created is None else created
         success = [
             put(key, data),
-            put(self._open + txid, repr(deadline)),
-            put(index_key(self._states, TX_STATES[0], when, txid), b""),
+            put(self.layout.open + txid, repr(deadline)),
+            put(self.layout.entry(TX_STATES[0], when, txid), b""),
         ]
         request = etcdrpc.TxnRequest(compare=[absent(key)], success=success)
         reply = await self._backend.txn(request, what=f"create transaction record {txid!r}")
@@ -101,13 +109,17 @@ class AsyncEtcdTxLog:
         created: float,
         previous: str | None = None,
     ) -> LogEntry | None:
-        key = self._records + txid
-        lease = await self._lease_for(retention) if finished else 0
+        key = self.layout.records + txid
+        lease = await self._lease_for(retention, 1) if finished else 0
+        marker_lease = await self._lease_for(retention, MARKER_BUCKETS) if finished else 0
         success = [put(key, data, lease)]
         if finished:
-            success.append(delete(self._open + txid))
-        success += [delete(k) for k in moved_from(self._states, txid, state, created, previous)]
-        success.append(put(index_key(self._states, state, created, txid), b"", lease))
+            success.append(delete(self.layout.open + txid))
+        success += [delete(k) for k in self.layout.moved_from(txid, state, created, previous)]
+        success += [
+            put(k, b"", on)
+            for k, on in self.layout.index_puts(txid, state, created, lease, marker_lease)
+        ]
         compare = etcdrpc.Compare(
             key=key.encode(),
             target=etcdrpc.Compare.MOD,
@@ -122,7 +134,7 @@ class AsyncEtcdTxLog:
 
     async def get(self, txid: str) -> LogEntry | None:
         backend = self._backend
-        request = etcdrpc.RangeRequest(key=(self._records + txid).encode())
+        request = etcdrpc.RangeRequest(key=(self.layout.records + txid).encode())
         reply = await backend.call(
             lambda: backend.kv.Range(request, timeout=backend.timeout, metadata=backend.metadata),
             what=f"read transaction record {txid!r}",
@@ -133,8 +145,8 @@ class AsyncEtcdTxLog:
         return LogEntry(bytes(reply.kvs[0].value), int(reply.kvs[0].mod_revision))
 
     async def unfinished(self, limit: int | None = None) -> list[tuple[str, LogEntry | None]]:
-        cut = len(self._open)
-        index = await read_prefix(self._backend, self._open, "list unfinished transactions")
+        cut = len(self.layout.open)
+        index = await read_prefix(self._backend, self.layout.open, "list unfinished transactions")
         order = sorted((float(kv.value), kv.key.decode()[cut:]) for kv in index)[:limit]
         txids = [txid for _, txid in order]
         found = await self._records_of(txids, "read unfinished transactions")
@@ -146,7 +158,7 @@ class AsyncEtcdTxLog:
         for start in range(0, len(txids), _BATCH):
             batch = txids[start : start + _BATCH]
             request = etcdrpc.TxnRequest(
-                success=[_range((self._records + t).encode()) for t in batch]
+                success=[_range((self.layout.records + t).encode()) for t in batch]
             )
             reply = await self._backend.txn(request, what=what, retry=True)
             for txid, response in zip(batch, reply.responses, strict=True):
@@ -162,25 +174,13 @@ class AsyncEtcdTxLog:
         limit: int,
         newest_first: bool,
     ) -> list[tuple[float, str, LogEntry | None]]:
-        backend = self._backend
-        runs = []
-        for state in states:
-            directory = f"{self._states}{state}/"
-            low, high = run_bounds(directory, after, newest_first)
-            # As the sync log: ascending asks no order, so etcd stops at the limit.
-            request = etcdrpc.RangeRequest(key=low, range_end=high, limit=limit, keys_only=True)
-            if newest_first:
-                request.sort_order = etcdrpc.RangeRequest.DESCEND
-                request.sort_target = etcdrpc.RangeRequest.KEY
-            reply = await backend.call(
-                functools.partial(
-                    backend.kv.Range, request, timeout=backend.timeout, metadata=backend.metadata
-                ),
-                what="list transactions",
-                retry=True,
+        async def ranges(requests: list[Any]) -> list[list[bytes]]:
+            reply = await self._backend.txn(
+                read_ranges(requests), what="list transactions", retry=True
             )
-            runs.append(parse_run(directory, (kv.key for kv in reply.kvs)))
-        entries = merge_runs(runs, limit, newest_first)
+            return range_keys(reply)
+
+        entries = await drive(page_program(self.layout, states, after, limit, newest_first), ranges)
         found = await self._records_of([txid for _, txid, _ in entries], "read transaction records")
         return [(created, txid, found.get(txid)) for _, txid, created in entries]
 
@@ -190,14 +190,14 @@ class AsyncEtcdTxLog:
     async def durability(self) -> str | None:
         return None  # a write is acknowledged once a Raft quorum has it in its fsynced WAL
 
-    async def _lease_for(self, retention: float) -> int:
+    async def _lease_for(self, retention: float, buckets: int) -> int:
         """As :meth:`.txlog.EtcdTxLog._lease_for`: a lease nobody keeps alive, shared by
-        the records finished within one bucket of time."""
-        bucket = max(1.0, retention / 10)
+        the writes within one bucket of time, of ``retention`` plus ``buckets`` buckets."""
+        bucket = retention_bucket(retention)
         now = time.monotonic()
-        current = self._retention_lease
-        if current is not None and current[0] == retention and now < current[1]:
-            return current[2]
-        lease, _, _ = await self._backend.locks.grant(retention + bucket)
-        self._retention_lease = (retention, now + bucket, lease)
+        current = self._leases.get((retention, buckets))
+        if current is not None and now < current[0]:
+            return current[1]
+        lease, _, _ = await self._backend.locks.grant(retention + buckets * bucket)
+        self._leases[(retention, buckets)] = (now + bucket, lease)
         return lease
