@@ -15,7 +15,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import Callable, Coroutine
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import Any, TypeVar
 
 import dcoord
@@ -322,9 +322,9 @@ class SyncLeadership:
 
     @property
     def _slot(self) -> Any:
-        """What the tests read of a sync etcd candidate: its key, its lease's id."""
-        slot: Any = self.aio._slot
-        return SimpleNamespace(_key=slot._key, _lease=SimpleNamespace(id=slot._lease))
+        """What the tests read of a sync etcd candidate (its key, its lease): the async
+        candidate has both, as the sync one."""
+        return self.aio._slot
 
     def proclaim(self, value: Any) -> None:
         self._client.run(self.aio.proclaim(value))
