@@ -256,8 +256,8 @@ class SyncFence:
 class PausedRenewals:
     """``client.scheduler.close()`` of the sync tests, which stops a client's renewals
     as a pause would: here it cancels the renewal tasks of the async client's
-    leaderships (their server records then expire; an etcd candidate's lease is kept
-    alive by that task alone)."""
+    leaderships (their server records then expire) and, on etcd, the keep-alive tasks
+    of its shared leases (which its candidates' keys are on)."""
 
     def __init__(self, client: SyncView) -> None:
         self._client = client
@@ -267,6 +267,9 @@ class PausedRenewals:
             for item in list(_client_elections(self._client.aio)._items):
                 if isinstance(item, dcoord.aio.AsyncLeadership):
                     item._renewal.cancel()
+            leases = getattr(self._client.aio.backend.locks, "leases", None)
+            for keeper in [] if leases is None else leases._keepers.values():
+                keeper.cancel()
 
         self._client.run(pause())
 

@@ -804,13 +804,10 @@ class AsyncEtcdLockSlot:
             reader = asyncio.ensure_future(self._deleted(watch))
             try:
                 while not reader.done():
-                    # A private lease is kept alive by its waiter at a third of what is
-                    # left of it; the client keeps a shared one alive, and a waiter only
-                    # looks at it once per TTL, to notice it lost (its key gone with it).
-                    if self._private:
-                        wait = max(0.05, (lease.expires_at - time.monotonic()) / 3)
-                    else:
-                        wait = float(lease.ttl)
+                    # Look up at a third of what is left of our lease: to keep a private
+                    # one alive, to notice a shared one (which the client keeps alive)
+                    # lost, and to notice the member of the watch given up.
+                    wait = max(0.05, (lease.expires_at - time.monotonic()) / 3)
                     if deadline is not None:
                         wait = min(wait, deadline - time.monotonic())
                         if wait <= 0:
@@ -820,11 +817,12 @@ class AsyncEtcdLockSlot:
                         break
                     if deadline is not None and time.monotonic() >= deadline:
                         return  # no keep-alive past it: the caller times out
-                    if not self._private:
-                        if not lease.usable:
-                            return  # the caller queues again
-                        continue
-                    if not await self._locks.leases.keep_alive(lease, timeout=self._budget(bound)):
+                    if not lease.usable or (
+                        self._private
+                        and not await self._locks.leases.keep_alive(
+                            lease, timeout=self._budget(bound)
+                        )
+                    ):
                         return  # our key went with the lease: the caller queues again
                     if backend.member != member:
                         # The watch's member was given up (it may hang, and its watch
