@@ -124,6 +124,33 @@ def test_a_lost_shared_lease_loses_every_lock_on_it(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["lock", "semaphore"])
+def test_an_acquire_queues_again_on_a_fresh_lease_when_the_shared_one_is_gone(
+    aio_url: str, namespace: str, sync: dcoord.Client, kind: str
+) -> None:
+    """The server dropped the shared lease before its keep-alive (every 10 s here)
+    noticed: the put on it fails, writing nothing, and the acquire queues once more on a
+    fresh lease; the lock on the dropped lease is lost."""
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            first = client.lock("first", ttl=30)
+            assert await first.acquire()
+            lease = lease_of(sync, "first")
+            sync.backend.etcd.revoke_lease(lease)  # type: ignore[attr-defined]
+            if kind == "lock":
+                handle = client.lock("second", ttl=30)
+            else:
+                handle = client.semaphore("sem", 2, ttl=30)
+            assert await handle.acquire(timeout=5)
+            assert handle._slot._lease.id != lease  # type: ignore[attr-defined]
+            with pytest.raises(dcoord.LockNotOwned):
+                await first.extend()
+            await handle.release()
+
+    asyncio.run(main())
+
+
 def test_a_lease_not_refreshed_within_its_ttl_loses_its_locks_and_is_revoked(
     aio_url: str, namespace: str, sync: dcoord.Client
 ) -> None:
