@@ -15,7 +15,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import Callable, Coroutine
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import Any, TypeVar
 
 import dcoord
@@ -256,8 +256,8 @@ class SyncFence:
 class PausedRenewals:
     """``client.scheduler.close()`` of the sync tests, which stops a client's renewals
     as a pause would: here it cancels the renewal tasks of the async client's
-    leaderships (their server records then expire; an etcd candidate's lease is kept
-    alive by that task alone)."""
+    leaderships (their server records then expire) and, on etcd, the keep-alive tasks
+    of its shared leases (which its candidates' keys are on)."""
 
     def __init__(self, client: SyncView) -> None:
         self._client = client
@@ -267,6 +267,9 @@ class PausedRenewals:
             for item in list(_client_elections(self._client.aio)._items):
                 if isinstance(item, dcoord.aio.AsyncLeadership):
                     item._renewal.cancel()
+            leases = getattr(self._client.aio.backend.locks, "leases", None)
+            for keeper in [] if leases is None else leases._keepers.values():
+                keeper.cancel()
 
         self._client.run(pause())
 
@@ -322,9 +325,9 @@ class SyncLeadership:
 
     @property
     def _slot(self) -> Any:
-        """What the tests read of a sync etcd candidate: its key, its lease's id."""
-        slot: Any = self.aio._slot
-        return SimpleNamespace(_key=slot._key, _lease=SimpleNamespace(id=slot._lease))
+        """What the tests read of a sync etcd candidate (its key, its lease): the async
+        candidate has both, as the sync one."""
+        return self.aio._slot
 
     def proclaim(self, value: Any) -> None:
         self._client.run(self.aio.proclaim(value))

@@ -280,7 +280,7 @@ def test_coroutine_on_lost_runs_when_the_server_forgets_the_leader(
                 election=lead.election, _slot=SimpleNamespace(_lease=SimpleNamespace(id=0))
             )
             if backend == "etcd":
-                seen_as._slot._lease.id = lead._slot._lease  # type: ignore[attr-defined]
+                seen_as._slot._lease.id = lead._slot._lease.id  # type: ignore[attr-defined]
             sabotage(sync_client, seen_as)  # type: ignore[arg-type]
             await asyncio.wait_for(called.wait(), TTL[backend] * 2 + MARGIN * 2)
             assert lost == [lead] and not lead.held

@@ -4,9 +4,10 @@ A candidate is an :class:`.aio_locks.AsyncEtcdLockSlot` queueing under the elect
 prefix (:func:`.election.election_prefix`) with its value in its key, as the sync
 :class:`.election.EtcdCandidate`: the leader is the key with the lowest create revision
 and its term is that revision, so sync and async candidates (and ``etcdctl elect``)
-queue in one line. As every async slot, each campaign has a lease of its own: its
-renewal is a keep-alive of that lease, resigning revokes it, and a cancelled or
-timed-out campaign revokes it too, so no candidate key is left in the queue.
+queue in one line. As the sync candidate, each campaign puts its key on the client's
+shared lease of its TTL (its renewal sends nothing: the client keeps the lease alive);
+resigning deletes the key, and so does a cancelled or timed-out campaign, so no
+candidate key is left in the queue.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class AsyncEtcdElections:
 
 
 class AsyncEtcdCandidate(AsyncEtcdLockSlot):
-    """One campaign: a queue key on a lease of its own, holding the candidate's value."""
+    """One campaign: a queue key on the shared lease, holding the candidate's value."""
 
     def __init__(self, backend: AsyncEtcdBackend, name: str, ttl: float, value: bytes) -> None:
         prefix = election_prefix(backend.prefix, name)
-        super().__init__(backend.locks, name, ttl, prefix=prefix, value=value)
+        super().__init__(backend.locks, name, ttl, True, prefix=prefix, value=value)
 
     def owner_range(self) -> Any:
         """The first-created candidate key (the leader), with its value."""
@@ -64,11 +65,11 @@ class AsyncEtcdCandidate(AsyncEtcdLockSlot):
 
     async def proclaim(self, value: bytes) -> bool:
         key, lease = self._key, self._lease
-        if key is None or not lease:
+        if key is None or lease is None or lease.lost.is_set():
             return False
         # Guarded by our key's create revision, as Go's Proclaim: a candidate that lost
         # its key never writes a value for someone else's term.
-        put = etcdrpc.PutRequest(key=key, value=value, lease=lease)
+        put = etcdrpc.PutRequest(key=key, value=value, lease=lease.id)
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, self._revision)],
             success=[etcdrpc.RequestOp(request_put=put)],

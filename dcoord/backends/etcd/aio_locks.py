@@ -7,10 +7,15 @@ sync clients, async clients and ``etcdctl lock`` queue in one line. gRPC errors 
 dcoord errors in one place, :func:`dcoord.backends.etcd.mapped_error`, shared with the
 sync backend; fenced writes are :func:`.locks.fenced_txn`.
 
-One difference in this first slice: every attempt gets a lease of its own (the sync
-backend shares one lease per TTL between auto-renewed locks). The handle's renewal is a
-keep-alive of that lease; release revokes it, which deletes the key; a cancelled or
-timed-out attempt revokes it too, so nothing of it is left in the queue.
+Leases as the sync backend's: an auto-renewed lock's key goes on the client's shared
+lease of its TTL (:mod:`.aio_leases`: one keep-alive task per lease, whatever the number
+of keys on it), so its renewal sends nothing, and a lost shared lease loses every lock
+on it (each sees it at its next renewal: its ``on_lost`` runs). Release deletes the key,
+and so does a cancelled, timed-out or failed attempt (before the CancelledError or the
+error goes on), the lease staying for the other keys. A lock without auto-renewal gets a
+lease of its own that only its waiter keeps alive while it queues, so that it expires by
+its own TTL (renewed by ``extend``: a keep-alive, or a move to a longer lease); its
+release, and the end of an attempt on it, revoke that lease.
 
 Topologies: one server, or a cluster of several members named in the URL. As the sync
 backend (:mod:`.client`), requests go to one member at a time; a transient failure
@@ -27,9 +32,8 @@ import contextvars
 import functools
 import itertools
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -40,16 +44,29 @@ from pyetcd.utils import prefix_range_end
 
 from ... import metrics
 from ...config import Settings
-from ...errors import BackendUnavailable, ClientClosed, ConfigError, DcoordError
+from ...errors import BackendUnavailable, ClientClosed, ConfigError, DcoordError, PermissionDenied
 from ...inspect import identity_json
 from ..aio_base import with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
 from . import _ATTEMPTS, _MIN_ATTEMPT, _Retryable, mapped_error, stale_token
 from .aio_kv import AsyncEtcdKV
+from .aio_leases import AsyncLeases
 from .aio_membership import AsyncEtcdGroups
 from .aio_txlog import AsyncEtcdTxLog
-from .locks import _created_at, _first_kv, _range, cut_short, fenced_txn, request_budget
+from .leases import Lease, LeaseNotFound, lease_seconds
+from .locks import (
+    _CLEANUP_INTERVAL,
+    _created_at,
+    _first_kv,
+    _range,
+    cut_short,
+    delete_txn,
+    deleted,
+    fenced_txn,
+    removal_outcome,
+    request_budget,
+)
 
 if TYPE_CHECKING:
     from .aio_election import AsyncEtcdElections
@@ -296,18 +313,21 @@ def _read(path: str | None) -> bytes | None:
 
 
 class AsyncEtcdLocks:
-    """The async lock store of one etcd backend."""
+    """The async lock store of one etcd backend, and the requests on leases its slots,
+    its shared leases (:class:`.aio_leases.AsyncLeases`), members and log records use."""
 
     def __init__(self, backend: AsyncEtcdBackend) -> None:
         self.backend = backend
         self.prefix = backend.prefix
         self.namespace = backend.settings.namespace
         self.label: str | None = backend.settings.options["label"]
+        self.leases = AsyncLeases(self)
         self._serial = itertools.count(1)
         self._cleanups: set[asyncio.Task[None]] = set()
-        # The leases of acquires queued now (not granted, not forgotten): an acquire in
-        # progress when its client closes is no primitive the client can let go of, so
-        # close() revokes its lease (and key) before the channels go.
+        # The private leases of acquires queued now (not granted, not forgotten): an
+        # acquire in progress when its client closes is no primitive the client can let
+        # go of, so close() revokes its lease (and key) before the channels go. Keys on
+        # shared leases go with those, which close() revokes too.
         self._queued: set[int] = set()
         self._closing = False
 
@@ -319,7 +339,7 @@ class AsyncEtcdLocks:
     ) -> AsyncEtcdLockSlot:
         # Every etcd lock is fair already (``fair`` changes nothing): the mutex recipe
         # queues by create revision, as the sync store's.
-        return AsyncEtcdLockSlot(self, name, ttl)
+        return AsyncEtcdLockSlot(self, name, ttl, auto_renew)
 
     async def admit(self, resource: str, token: int) -> bool:
         # Re-admitting the same token is harmless, so a retry after a lost reply is safe.
@@ -353,11 +373,11 @@ class AsyncEtcdLocks:
         )
         return int(response.kvs[0].value) if response.kvs else None
 
-    async def grant(self, ttl: float, *, timeout: float | None = None) -> tuple[int, int, float]:
-        """A new lease: its id, the TTL etcd granted, and when it surely expires; granted
-        within ``timeout`` (default: the request timeout). ClientClosed once the store
-        closes: nobody would revoke it."""
-        seconds = max(1, math.ceil(ttl))
+    async def grant_lease(self, ttl: float, *, timeout: float | None = None) -> Lease:
+        """A new lease that nobody keeps alive (for keys that must expire on their own),
+        granted within ``timeout`` (default: the request timeout). ClientClosed once the
+        store closes: nobody would revoke it."""
+        seconds = lease_seconds(ttl)
         backend = self.backend
         if self._closing:
             raise ClientClosed(f"grant a {seconds} s lease: the client is closing")
@@ -371,7 +391,13 @@ class AsyncEtcdLocks:
             what=f"grant a {seconds} s lease",
             timeout=timeout,
         )
-        return int(reply.ID), int(reply.TTL), sent + int(reply.TTL)
+        return Lease(int(reply.ID), int(reply.TTL), sent)
+
+    async def grant(self, ttl: float, *, timeout: float | None = None) -> tuple[int, int, float]:
+        """:meth:`grant_lease` as its id, the TTL etcd granted, and when it surely expires
+        (for the stores that track a lease by its id: members, log records)."""
+        lease = await self.grant_lease(ttl, timeout=timeout)
+        return lease.id, lease.ttl, lease.expires_at
 
     async def keep_alive(self, lease: int, *, timeout: float | None = None) -> int:
         """Refresh ``lease`` once, within ``timeout`` (default: the request timeout); the
@@ -394,7 +420,7 @@ class AsyncEtcdLocks:
         )
 
     async def revoke(self, lease: int) -> bool:
-        """Revoke ``lease`` (deleting its key); False if it had already expired."""
+        """Revoke ``lease`` (deleting its keys); False if it had already expired."""
         backend = self.backend
         attempts = 0
 
@@ -414,60 +440,119 @@ class AsyncEtcdLocks:
             return True
 
         what = f"revoke lease {lease:x}"
-        revoked = await backend.call(revoke, what=what, retry=True)
-        if not revoked and attempts > 1:
-            raise BackendUnavailable(
-                f"{what}: the release outcome is unknown: a reply was lost and the retry "
-                "found the lease gone (revoked by the lost attempt, or expired before it)"
+        return removal_outcome(await backend.call(revoke, what=what, retry=True), attempts, what)
+
+    async def delete(self, key: bytes, revision: int, lease: Lease, private: bool) -> bool:
+        """Delete queue ``key`` if it is still the one created at ``revision``; True if
+        it was. A private lease is revoked instead, which deletes its key."""
+        if private:
+            revoked = await self.revoke(lease.id)
+            self._queued.discard(lease.id)
+            lease.mark_lost()  # the server has it no more, whoever removed it
+            return revoked
+        attempts = 0
+        request = delete_txn(key, revision)
+        backend = self.backend
+
+        async def delete() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return deleted(
+                await backend.kv.Txn(request, timeout=backend.timeout, metadata=backend.metadata)
             )
-        return revoked
+
+        what = f"delete lock key {key.decode()}"
+        return removal_outcome(await backend.call(delete, what=what, retry=True), attempts, what)
 
     def queued(self, lease: int, queued: bool) -> None:
-        """An acquire is queued on ``lease`` (True), or no longer (False: it holds the
-        lock, or has forgotten the lease)."""
+        """An acquire is queued on private ``lease`` (True), or no longer (False: it holds
+        the lock, or has forgotten the lease)."""
         if queued:
             self._queued.add(lease)
         else:
             self._queued.discard(lease)
 
     def forget(self, lease: int) -> asyncio.Task[None]:
-        """Revoke ``lease`` in a task (after a cancellation or a failure): its queue key
-        goes with it. Retried until the lease is gone or the client closes."""
+        """Revoke ``lease`` in a task (after a cancellation or a failure): its keys go
+        with it. Retried until the lease is gone or the client closes."""
         self._queued.discard(lease)
-        task = asyncio.get_running_loop().create_task(self._forget(lease))
+        return self._cleanup(self._revoke_until_gone(lease))
+
+    def remove(self, key: bytes, revision: int, lease: Lease, private: bool) -> asyncio.Task[None]:
+        """Remove queue ``key`` in a task (a timed-out, cancelled or failed attempt, a
+        release that failed): the revoke of its private lease, or the delete of the key
+        from a shared one, retried until it is gone or the client closes. A key left on a
+        shared lease would block the lock for as long as the client lives."""
+        if private:
+            return self.forget(lease.id)
+        return self._cleanup(self._delete_until_gone(key, revision, lease))
+
+    def _cleanup(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
 
-    async def _forget(self, lease: int) -> None:
+    async def _revoke_until_gone(self, lease: int) -> None:
+        async def revoke() -> bool:
+            await self.revoke(lease)  # revoked, or expired already: gone either way
+            return True
+
+        await self._until_removed(f"lease {lease:x}", revoke, lambda: False)
+
+    async def _delete_until_gone(self, key: bytes, revision: int, lease: Lease) -> None:
+        """Delete ``key``; one whose creation is unknown (revision 0: the reply to its put
+        was lost) is deleted once more a second after a delete found nothing, since its
+        put may have reached the server behind that delete (as :meth:`EtcdLocks.forget`)."""
+        unsure = revision == 0
+
+        async def delete() -> bool:
+            nonlocal unsure
+            if await self.delete(key, revision, lease, False) or not unsure:
+                return True
+            unsure = False
+            await asyncio.sleep(_CLEANUP_INTERVAL)
+            return False
+
+        await self._until_removed(f"lock key {key.decode()}", delete, lease.lost.is_set)
+
+    async def _until_removed(
+        self, what: str, remove: Callable[[], Awaitable[bool]], gone: Callable[[], bool]
+    ) -> None:
+        """Run ``remove`` until it answers (True: done, False: run it again at once),
+        backing off while the server is unavailable; until ``gone()`` says there is
+        nothing left to remove (a key whose lease is lost) or the client closes."""
         delay = 0.05
-        while True:
+        while not gone():
             try:
-                await self.revoke(lease)
-                return
-            except ClientClosed as exc:  # close() has revoked it already, if it could
-                log.info("lease %x not revoked: %s", lease, exc)
+                if await remove():
+                    return
+                continue
+            except ClientClosed as exc:  # close() has revoked the leases already, if it could
+                log.info("%s not removed: %s", what, exc)
                 return
             except BackendUnavailable as exc:
-                log.info("could not revoke lease %x yet: %s", lease, exc)
-            except DcoordError as exc:  # refused: the lease expires by its TTL
-                log.warning("could not revoke lease %x: %s", lease, exc)
+                log.info("could not remove %s yet: %s", what, exc)
+            except DcoordError as exc:  # refused: retrying cannot help; the lease TTL will
+                log.warning("could not remove %s: %s", what, exc)
                 return
             except Exception as exc:  # the client closed its channels: the TTL covers it
                 if not self.backend._closed:
                     raise
-                log.info("lease %x not revoked (the client closed): %r", lease, exc)
+                log.info("%s not removed (the client closed): %r", what, exc)
                 return
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
     async def close(self) -> None:
-        """Revoke the leases of the acquires still queued and finish the pending revokes
-        (each bounded by the request timeout and retries), so that no queue key outlives
-        the client longer than needed. No lease is granted from now on."""
+        """Revoke the client's shared leases (every key on them goes) and the private
+        leases of the acquires still queued, and finish the pending removals (each
+        bounded by the request timeout and retries), so that no queue key outlives the
+        client longer than needed. No lease is granted from now on."""
         self._closing = True
         for lease in list(self._queued):
             self.forget(lease)
+        await self.leases.close()
         if self._cleanups:
             _, pending = await asyncio.wait(
                 set(self._cleanups), timeout=self.backend.settings.request_timeout
@@ -478,13 +563,15 @@ class AsyncEtcdLocks:
 
 
 class AsyncEtcdLockSlot:
-    """One async handle's place in one lock's queue, on a lease of its own."""
+    """One async handle's place in one lock's queue: a key on the client's shared lease
+    of its TTL (auto-renewed), or on a private lease (without auto-renewal)."""
 
     def __init__(
         self,
         locks: AsyncEtcdLocks,
         name: str,
         ttl: float,
+        auto_renew: bool,
         *,
         prefix: str | None = None,
         value: bytes | None = None,
@@ -499,10 +586,12 @@ class AsyncEtcdLockSlot:
         self.prefix = f"{where}/".encode()
         self._range_end = prefix_range_end(self.prefix)
         self._ttl = ttl
+        # As the sync slot (locks.py): a lock nobody renews must expire by its own TTL,
+        # which a shared lease (kept alive for as long as the client lives) never does.
+        self._private = not auto_renew
         self._key: bytes | None = None
         self._revision = 0
-        self._lease = 0
-        self._lease_ttl = 0
+        self._lease: Lease | None = None
 
     def _owner_range(self) -> Any:
         return _range(
@@ -514,46 +603,40 @@ class AsyncEtcdLockSlot:
             keys_only=True,
         )
 
+    # -- acquire -------------------------------------------------------------------
+
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         # As EtcdLockSlot.acquire: a wait ends at its deadline even while the server
         # hangs (each request bounded by it), and a request it cuts short is a timeout.
         bound = deadline if deadline is not None and time.monotonic() < deadline else None
         while True:
             try:
-                lease, lease_ttl, expires_at = await self._locks.grant(
-                    self._ttl, timeout=self._budget(bound)
-                )
+                key, revision, lease, ready = await self._join(bound)
             except BackendUnavailable:
                 if cut_short(bound):
-                    return None  # a lease granted unanswered expires, nothing on it
+                    return None  # what it may have left is being removed in a task
                 raise
-            self._locks.queued(lease, True)
             try:
-                key, revision, ready = await self._enqueue(lease, bound)
-                outcome = "acquired" if ready else "waiting"
+                outcome = "acquired"
                 if not ready:
-                    outcome, expires_at = await self._wait(
-                        key, revision, lease, expires_at, deadline, bound
-                    )
-            except BackendUnavailable:
+                    outcome = await self._wait(key, revision, lease, deadline, bound)
+            except BackendUnavailable as exc:
                 if not cut_short(bound):
-                    await asyncio.wait({self._locks.forget(lease)})
+                    await self._forget(key, revision, lease, exc, bound)
                     raise
                 outcome = "timeout"
-            except BaseException:
-                # Failed or cancelled (CancelledError included): the key, if it was
-                # written, goes with its lease, before the error goes on (a second
-                # cancellation leaves the revoke to its task).
-                await asyncio.wait({self._locks.forget(lease)})
+            except BaseException as exc:
+                # Failed or cancelled (CancelledError included): the key is removed before
+                # the error goes on (a second cancellation leaves that to its task).
+                await self._forget(key, revision, lease, exc, bound)
                 raise
             if outcome == "acquired":
-                self._locks.queued(lease, False)
-                self._key, self._revision = key, revision
-                self._lease, self._lease_ttl = lease, lease_ttl
-                return LockGrant(revision, expires_at)
-            # With a deadline, a revoke that takes longer goes on in its task (close()
-            # waits for it): the caller's time is up.
-            await asyncio.wait({self._locks.forget(lease)}, timeout=self._budget(bound))
+                if self._private:
+                    self._locks.queued(lease.id, False)
+                self._key, self._revision, self._lease = key, revision, lease
+                return LockGrant(revision, lease.expires_at)
+            # Timed out, or our key is gone (or presumed gone with its lease).
+            await self._forget(key, revision, lease, None, bound)
             if outcome == "timeout":
                 return None
             log.info("lock %r: queue key %s expired while waiting; queueing again", self.name, key)
@@ -564,15 +647,82 @@ class AsyncEtcdLockSlot:
             return None
         return request_budget(bound, self._backend.settings.request_timeout)
 
-    async def _enqueue(self, lease: int, bound: float | None) -> tuple[bytes, int, bool]:
-        """Create our key on ``lease`` (idempotent: a retry finds it); return it, its
-        create revision, and whether it holds the lock at once."""
-        key = self.prefix + f"{lease:016x}-{self._locks.next_serial():x}".encode()
+    async def _forget(
+        self,
+        key: bytes,
+        revision: int,
+        lease: Lease,
+        error: BaseException | None,
+        bound: float | None,
+    ) -> None:
+        """Remove our queue ``key`` (its private lease, or the key from the shared one)
+        in a task, and wait for it: with a deadline, after a timeout (``error`` None) or
+        a failure that deadline cut short, only until it (then the task goes on, close()
+        waits for it: the caller's time is up); after a failure or a cancellation, until
+        it is done."""
+        timeout = None
+        if error is None or (isinstance(error, BackendUnavailable) and cut_short(bound)):
+            timeout = self._budget(bound)
+        await asyncio.wait(
+            {self._locks.remove(key, revision, lease, self._private)}, timeout=timeout
+        )
+
+    async def _new_lease(self, bound: float | None) -> Lease:
+        timeout = self._budget(bound)
+        if self._private:
+            lease = await self._locks.grant_lease(self._ttl, timeout=timeout)
+            self._locks.queued(lease.id, True)
+            return lease
+        return await self._locks.leases.lease(self._ttl, timeout=timeout)
+
+    def _new_key(self, lease: Lease) -> bytes:
+        """A key of ours, new on ``lease`` (unique per client by the serial)."""
+        return self.prefix + f"{lease.id:016x}-{self._locks.next_serial():x}".encode()
+
+    async def _join(self, bound: float | None) -> tuple[bytes, int, Lease, bool]:
+        """Put a new key of ours in the queue: it, its create revision, its lease, and
+        whether it holds the lock at once.
+
+        A shared lease the server dropped unnoticed fails the put (nothing written): then
+        queue once more on a fresh lease, as the sync slot (:meth:`.leases.Leases.attached`).
+        """
+        lease = await self._new_lease(bound)
+        try:
+            return await self._create(lease, bound)
+        except LeaseNotFound:
+            lease.mark_lost()
+        return await self._create(await self._new_lease(bound), bound)
+
+    async def _create(self, lease: Lease, bound: float | None) -> tuple[bytes, int, Lease, bool]:
+        """:meth:`_join` on ``lease``; if the put fails, make sure its key is gone (its
+        reply may be what was lost) before its error goes on."""
+        key = self._new_key(lease)
+        try:
+            revision, ready = await self._enqueue(key, lease, bound)
+        except LeaseNotFound:
+            if self._private:
+                self._locks.queued(lease.id, False)
+            raise  # nothing was written: the put needs the lease
+        except PermissionDenied as exc:
+            # A denied txn wrote nothing: deleting the key would only be denied too. A
+            # private lease (which holds no key) is still revoked.
+            if self._private:
+                await self._forget(key, 0, lease, exc, bound)
+            raise
+        except BaseException as exc:
+            # The put may have happened with its reply lost: remove the key for sure.
+            await self._forget(key, 0, lease, exc, bound)
+            raise
+        return key, revision, lease, ready
+
+    async def _enqueue(self, key: bytes, lease: Lease, bound: float | None) -> tuple[int, bool]:
+        """Create ``key`` on ``lease`` (idempotent: a retry finds it); return its create
+        revision and whether it holds the lock at once."""
         value = self.value
         if value is None:
             value = identity_json(self._locks.label, time.time())
         put = etcdrpc.PutRequest(key=key, value=value)
-        put.lease = lease
+        put.lease = lease.id
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             success=[etcdrpc.RequestOp(request_put=put), self._owner_range()],
@@ -586,19 +736,13 @@ class AsyncEtcdLockSlot:
         else:
             revision = _first_kv(response.responses[0]).create_revision
         owner = _first_kv(response.responses[1])
-        return key, revision, owner is None or owner.create_revision == revision
+        return revision, owner is None or owner.create_revision == revision
 
     async def _wait(
-        self,
-        key: bytes,
-        revision: int,
-        lease: int,
-        expires_at: float,
-        deadline: float | None,
-        bound: float | None,
-    ) -> tuple[str, float]:
-        """Wait for our turn, keeping our lease alive: ("acquired" | "timeout" |
-        "requeue", the lease's deadline)."""
+        self, key: bytes, revision: int, lease: Lease, deadline: float | None, bound: float | None
+    ) -> str:
+        """Wait for our turn: "acquired", "timeout", or "requeue" (our key, or its lease,
+        is gone)."""
         check = etcdrpc.TxnRequest(
             success=[
                 _range(key, keys_only=True),
@@ -615,38 +759,36 @@ class AsyncEtcdLockSlot:
             ]
         )
         while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return "timeout", expires_at
-            if now >= expires_at:
-                return "requeue", expires_at
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"
+            if not lease.usable:
+                return "requeue"
             response = await self._backend.txn(
                 check, what=f"wait for lock {self.name!r}", retry=True, timeout=self._budget(bound)
             )
             mine, owner, predecessor = (_first_kv(r) for r in response.responses)
             if mine is None:
-                return "requeue", expires_at
+                return "requeue"
             if owner is not None and owner.create_revision == revision:
-                return "acquired", expires_at
+                return "acquired"
             if predecessor is None:
                 continue
-            expires_at = await self._wait_deleted(
-                predecessor.key, response.header.revision + 1, lease, expires_at, deadline, bound
+            await self._wait_deleted(
+                predecessor.key, response.header.revision + 1, lease, deadline, bound
             )
 
     async def _wait_deleted(
         self,
         key: bytes,
         from_revision: int,
-        lease: int,
-        expires_at: float,
+        lease: Lease,
         deadline: float | None,
         bound: float | None,
         range_end: bytes = b"",
-    ) -> float:
+    ) -> None:
         """Return when ``key`` (with ``range_end``: a key of that range) is deleted
-        (after ``from_revision``), at the deadline, or when our lease is gone; keeps our
-        lease alive meanwhile. Returns its deadline."""
+        (after ``from_revision``), at the deadline, or when our lease is gone; keeps a
+        private lease alive meanwhile."""
         backend = self._backend
         member = backend.member
         backend.check_open(f"watch lock {self.name!r}")
@@ -662,26 +804,30 @@ class AsyncEtcdLockSlot:
             reader = asyncio.ensure_future(self._deleted(watch))
             try:
                 while not reader.done():
-                    # Keep our own lease alive at a third of its TTL.
-                    wait = max(0.05, (expires_at - time.monotonic()) / 3)
+                    # Look up at a third of what is left of our lease: to keep a private
+                    # one alive, to notice a shared one (which the client keeps alive)
+                    # lost, and to notice the member of the watch given up.
+                    wait = max(0.05, (lease.expires_at - time.monotonic()) / 3)
                     if deadline is not None:
                         wait = min(wait, deadline - time.monotonic())
                         if wait <= 0:
-                            return expires_at
+                            return
                     await asyncio.wait({reader}, timeout=wait)
                     if reader.done():
                         break
                     if deadline is not None and time.monotonic() >= deadline:
-                        return expires_at  # no keep-alive past it: the caller times out
-                    sent = time.monotonic()
-                    ttl = await self._locks.keep_alive(lease, timeout=self._budget(bound))
-                    if ttl <= 0:
-                        return 0.0  # our key went with the lease: requeue
-                    expires_at = sent + ttl
+                        return  # no keep-alive past it: the caller times out
+                    if not lease.usable or (
+                        self._private
+                        and not await self._locks.leases.keep_alive(
+                            lease, timeout=self._budget(bound)
+                        )
+                    ):
+                        return  # our key went with the lease: the caller queues again
                     if backend.member != member:
                         # The watch's member was given up (it may hang, and its watch
                         # stay silent): re-check, and watch again on the member in use.
-                        return expires_at
+                        return
                 if reader.cancelled():  # gRPC cancels the calls of a channel it closes
                     backend.check_open(f"watch lock {self.name!r}")
                 reader.result()  # a broken watch raises: mapped below
@@ -698,7 +844,6 @@ class AsyncEtcdLockSlot:
             backend.move_on(member)
         finally:
             watch.cancel()
-        return expires_at
 
     @staticmethod
     async def _deleted(watch: Any) -> None:
@@ -709,34 +854,38 @@ class AsyncEtcdLockSlot:
             if reply is grpc.aio.EOF or reply.events or reply.canceled or reply.compact_revision:
                 return
 
+    # -- release / extend ----------------------------------------------------------
+
     async def release(self) -> bool:
-        lease, self._key = self._lease, None
-        if not lease:
+        key, lease, self._key, self._lease = self._key, self._lease, None, None
+        if key is None or lease is None:
             return False
-        self._lease = 0
         try:
-            return await self._locks.revoke(lease)
+            return await self._locks.delete(key, self._revision, lease, self._private)
         except BackendUnavailable:
-            self._locks.forget(lease)
+            self._locks.remove(key, self._revision, lease, self._private)
             raise
 
     async def extend(self, ttl: float) -> LockGrant | None:
         lease = self._lease
-        if self._key is None or not lease:
+        if self._key is None or lease is None or lease.lost.is_set():
             return None
-        if ttl <= self._lease_ttl:
-            sent = time.monotonic()
-            remaining = await self._locks.keep_alive(lease)
-            return LockGrant(self._revision, sent + remaining) if remaining > 0 else None
+        if not self._private:
+            # The client keeps the shared lease alive; the lock lasts as long as it does.
+            return LockGrant(self._revision, lease.expires_at)
+        if ttl <= lease.ttl:
+            if not await self._locks.leases.keep_alive(lease):
+                return None
+            return LockGrant(self._revision, lease.expires_at)
         return await self._move_to_new_lease(ttl, lease)
 
-    async def _move_to_new_lease(self, ttl: float, old: int) -> LockGrant | None:
+    async def _move_to_new_lease(self, ttl: float, old: Lease) -> LockGrant | None:
         # As EtcdLockSlot._move_to_new_lease: a lease's TTL cannot grow, so the key moves
         # to a longer lease; a put keeps its create revision (the fence, the queue order).
         assert self._key is not None
-        new, new_ttl, expires_at = await self._locks.grant(ttl)
+        new = await self._locks.grant_lease(ttl)
         put = etcdrpc.PutRequest(key=self._key, ignore_value=True)
-        put.lease = new
+        put.lease = new.id
         request = etcdrpc.TxnRequest(
             compare=[_created_at(self._key, self._revision)],
             success=[etcdrpc.RequestOp(request_put=put)],
@@ -744,11 +893,11 @@ class AsyncEtcdLockSlot:
         try:
             moved = (await self._backend.txn(request, what=f"extend lock {self.name!r}")).succeeded
         except BaseException:
-            self._locks.forget(new)
+            self._locks.forget(new.id)
             raise
         if not moved:
-            self._locks.forget(new)
+            self._locks.forget(new.id)
             return None
-        self._lease, self._lease_ttl = new, new_ttl
-        self._locks.forget(old)
-        return LockGrant(self._revision, expires_at)
+        self._lease = new
+        self._locks.forget(old.id)
+        return LockGrant(self._revision, new.expires_at)

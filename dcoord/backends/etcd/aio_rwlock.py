@@ -22,4 +22,4 @@ class AsyncEtcdRWLocks:
 
     def slot(self, name: str, write: bool, ttl: float, auto_renew: bool) -> AsyncEtcdQueueSlot:
         what, queue = rwlock_queue(self._prefix, name, write)
-        return AsyncEtcdQueueSlot(self._locks, what, queue, ttl)
+        return AsyncEtcdQueueSlot(self._locks, what, queue, ttl, auto_renew)

@@ -40,6 +40,24 @@ _KEEPALIVE_WORKERS = 4
 _MIN_INTERVAL = 0.2
 
 
+def lease_seconds(ttl: float) -> int:
+    """The TTL to ask etcd for: whole seconds, rounded up, at least 1 (etcd rounds up to
+    its own minimum from there)."""
+    return max(1, math.ceil(ttl))
+
+
+def refresh_interval(ttl: float) -> float:
+    """How often a shared lease of ``ttl`` seconds is refreshed: a third of its TTL, as
+    etcd's sessions do, so two refreshes may fail before it is at risk."""
+    return max(_MIN_INTERVAL, ttl / 3)
+
+
+def next_refresh(lease: Lease, now: float) -> float:
+    """Seconds from ``now`` until the next keep-alive of a shared lease is due: a third of
+    its TTL, and at the latest when it runs out (when it is then declared lost)."""
+    return max(0.01, min(refresh_interval(lease.ttl), lease.expires_at - now))
+
+
 class LeaseNotFound(BackendError):
     """The server has no such lease (it expired or was revoked): nor the keys on it."""
 
@@ -71,6 +89,15 @@ class Lease:
         """A refresh sent at ``sent`` succeeded (a late reply never moves expiry back)."""
         with self._mutex:
             self.last_refreshed = max(self.last_refreshed, sent)
+
+    def answered(self, sent: float, ttl: int) -> bool:
+        """A keep-alive sent at ``sent`` was answered with ``ttl`` (0 or less: the server
+        has the lease no more): refresh it, or mark it lost. True if it is still alive."""
+        if ttl <= 0:
+            self.mark_lost()
+            return False
+        self.refreshed(sent)
+        return True
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when the lease expires; at once if it already has."""
@@ -119,7 +146,7 @@ class Leases:
 
         Never one already past its TTL: that one is marked lost and a fresh one granted.
         """
-        seconds = max(1, math.ceil(ttl))
+        seconds = lease_seconds(ttl)
         stale = self._shared(seconds)
         if stale is not None and stale.usable:
             return stale
@@ -134,7 +161,7 @@ class Leases:
                 self._by_ttl[seconds] = lease
             try:
                 self._scheduler.every(
-                    max(_MIN_INTERVAL, lease.ttl / 3),
+                    refresh_interval(lease.ttl),
                     functools.partial(self._tick, seconds, lease),
                     name=f"etcd lease {lease.id:x} keep-alive",
                 )
@@ -159,7 +186,7 @@ class Leases:
     def grant(self, ttl: float, *, timeout: float | None = None) -> Lease:
         """A new lease that nobody keeps alive (for keys that must expire on their own),
         granted within ``timeout`` (default: the request timeout)."""
-        seconds = max(1, math.ceil(ttl))
+        seconds = lease_seconds(ttl)
         sent = time.monotonic()
         granted = self._backend.call(
             lambda: self._backend.etcd.lease(seconds),
@@ -195,11 +222,7 @@ class Leases:
         ttl = self._backend.call(
             once, what=f"keep lease {lease.id:x} alive", retry=True, timeout=limit
         )
-        if ttl <= 0:
-            lease.mark_lost()
-            return False
-        lease.refreshed(sent)
-        return True
+        return lease.answered(sent, ttl)
 
     def revoke(self, lease: Lease) -> None:
         """Revoke ``lease`` now: every key attached to it is deleted at once."""
@@ -252,10 +275,7 @@ class Leases:
             return False
         if not busy:
             self._workers.submit(lambda: self._refresh(seconds, lease))
-        # Due again in a third of the TTL, and at the latest when the lease runs out.
-        return max(
-            0.01, min(max(_MIN_INTERVAL, lease.ttl / 3), lease.expires_at - time.monotonic())
-        )
+        return next_refresh(lease, time.monotonic())
 
     def _refresh(self, seconds: int, lease: Lease) -> None:
         """One keep-alive, on a worker; any failure stays with this lease."""

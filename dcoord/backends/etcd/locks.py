@@ -87,6 +87,38 @@ def _first_kv(response: Any) -> Any:
     return kvs[0] if kvs else None
 
 
+def delete_txn(key: bytes, revision: int) -> Any:
+    """A txn deleting queue ``key`` if it is still the one created at ``revision`` (0: a
+    key whose creation is unknown; it is unique to one attempt, so delete it anyway);
+    :func:`deleted` reads its reply (shared by :class:`EtcdLocks` and :mod:`.aio_locks`)."""
+    return etcdrpc.TxnRequest(
+        compare=[_created_at(key, revision)] if revision else [],
+        success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
+    )
+
+
+def deleted(response: Any) -> bool:
+    """Whether the reply to a :func:`delete_txn` says it deleted the key."""
+    return bool(response.succeeded and response.responses[0].response_delete_range.deleted)
+
+
+def removal_outcome(removed: bool, attempts: int, what: str) -> bool:
+    """What removing a queue key (a delete, or the revoke of its lease) that took
+    ``attempts`` tries came to: ``removed``, or BackendUnavailable when only a retry found
+    nothing (shared by :class:`EtcdLocks` and :mod:`.aio_locks`).
+
+    Nothing found by the first attempt means the key was not there: False. Found by a
+    retry, it may be the earlier attempt (its reply lost) that removed it, or the
+    lease's expiry: the outcome is unknown, and claiming either would be a guess.
+    """
+    if not removed and attempts > 1:
+        raise BackendUnavailable(
+            f"{what}: the release outcome is unknown: a reply was lost and the retry "
+            "found the key gone (released by the lost attempt, or expired before it)"
+        )
+    return removed
+
+
 def fenced_txn(prefix: str, resource: str, token: int, also: list[Any]) -> Any:
     """A txn that admits ``token`` for ``resource`` and, only then, runs ``also``
     (shared by :class:`EtcdLocks` and :mod:`.aio_locks`)."""
@@ -236,15 +268,10 @@ class EtcdLocks:
         """
         if private:
             return self.revoke(lease, timeout=timeout)
-        # revision 0: a key whose creation is unknown; it is unique to one attempt.
-        request = etcdrpc.TxnRequest(
-            compare=[_created_at(key, revision)] if revision else [],
-            success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
-        )
+        request = delete_txn(key, revision)
 
         def delete() -> bool:
-            response = self._send_txn(request)
-            return bool(response.succeeded and response.responses[0].response_delete_range.deleted)
+            return deleted(self._send_txn(request))
 
         return self._removed(delete, what=f"delete lock key {key.decode()}", timeout=timeout)
 
@@ -267,12 +294,8 @@ class EtcdLocks:
     def _removed(
         self, remove: Callable[[], bool], *, what: str, timeout: float | None = None
     ) -> bool:
-        """Run ``remove`` (True: it removed our key; False: found nothing) with retries.
-
-        Nothing found by the first attempt means the key was not there: False. Found by a
-        retry, it may be the earlier attempt (its reply lost) that removed it, or the
-        lease's expiry: the outcome is unknown, and claiming either would be a guess.
-        """
+        """Run ``remove`` (True: it removed our key; False: found nothing) with retries;
+        :func:`removal_outcome` says what that came to."""
         attempts = 0
 
         def attempt() -> bool:
@@ -281,12 +304,7 @@ class EtcdLocks:
             return remove()
 
         removed = self.backend.call(attempt, what=what, retry=True, timeout=timeout)
-        if not removed and attempts > 1:
-            raise BackendUnavailable(
-                f"{what}: the release outcome is unknown: a reply was lost and the retry "
-                "found the key gone (released by the lost attempt, or expired before it)"
-            )
-        return removed
+        return removal_outcome(removed, attempts, what)
 
     def close(self) -> None:
         """Queue keys go with the client's leases, which the backend revokes at close."""
