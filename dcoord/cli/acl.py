@@ -35,6 +35,12 @@ REDIS_COMMANDS = (
     "zrangebyscore",
     "zadd",
     "zrem",
+    # The fair lock's queue (a list of waiting tokens, a sorted set of their deadlines).
+    "rpush",
+    "lpop",
+    "lindex",
+    "lrem",
+    "zscore",
     "hset",
     "hget",
     "hdel",
