@@ -22,8 +22,11 @@ def queued(client: dcoord.Client, name: str) -> int:
     backend: object = client.backend
     kind = client.backend.kind
     if kind == "redis":
-        queue, _ = fair_keys(lock_keys(backend.prefix, name)[0])  # type: ignore[attr-defined]
-        return int(backend.redis.llen(queue))  # type: ignore[attr-defined]
+        # The waiters' expiries: one entry per queued token, as the queue list has. Read
+        # with ZRANGE, which the documented ACL rule allows (LLEN it does not: the
+        # confined users of DCOORD_TEST_SECURE run this too).
+        _, waiters = fair_keys(lock_keys(backend.prefix, name)[0])  # type: ignore[attr-defined]
+        return len(backend.redis.zrange(waiters, 0, -1))  # type: ignore[attr-defined]
     if kind == "etcd":
         return len([k for k in stored_keys(client) if "/lock/" in k])
     entry = _table(backend.server).entries.get(f"{backend.prefix}lock/{name}")  # type: ignore[attr-defined]
