@@ -42,6 +42,7 @@ durable a record is depends on the server's persistence and eviction policy: see
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -71,7 +72,10 @@ CAS = LuaScript(lua("txlog_cas", checked=True))
 MIGRATE = LuaScript(lua("txlog_migrate", checked=True))
 
 
+@functools.lru_cache(maxsize=4096)
 def _bucket_prefix(prefix: str, namespace: str, number: int) -> str:
+    # Cached: every log write names several keys of one bucket (a CAS seven), and the
+    # (prefix, namespace, bucket) triples a process uses are few.
     return f"{prefix}{{{namespace}:tx:{number:02d}}}:"
 
 
