@@ -29,6 +29,11 @@ tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's
 row in a fresh process, and prints the ratio. The machine's load moves single numbers
 by 20 % or more: compare the ratios, over ``--repeat`` runs.
 
+Every measurement also records the client's CPU per commit (``cpu_us``: every thread
+of the measuring process, the coordinator's done writer included, not the server's),
+printed for the Redis null rows beside the floor's: what the coordinator itself can
+change, and far steadier than the rates on a loaded machine.
+
 For every commit it counts, from the coordinator's calls into the backend, the log
 writes and backend round trips on the critical path (before ``commit()`` returns) and
 off it (the ``done`` marker, written in the background). The protocol needs exactly:
