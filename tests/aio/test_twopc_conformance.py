@@ -22,10 +22,6 @@ SYNC_ONLY = {
     # Asks fast participants inline and reads coord._pace: through the adapter every
     # participant answers from a thread, never within INLINE_BELOW.
     "test_a_fast_participant_that_stalls_past_the_deadline_is_still_aborted",
-    # The sync coordinator's done writer (gathered, one cas_many per batch): the async
-    # coordinator makes each done write on its own, as a background task.
-    "test_done_writes_are_gathered_and_close_flushes_them",
-    "test_a_done_write_still_gathered_when_its_process_dies_is_redone_by_recover",
     # Servers and the CLI of the sync API (they connect with dcoord.connect themselves).
     "test_redis_without_fsync_always_warns_or_refuses",
     "test_redis_that_may_evict_keys_warns_or_refuses",
