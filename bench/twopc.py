@@ -29,6 +29,11 @@ tree made by ``git archive main | tar -x -C DIR``), interleaved with this tree's
 row in a fresh process, and prints the ratio. The machine's load moves single numbers
 by 20 % or more: compare the ratios, over ``--repeat`` runs.
 
+Every measurement also records the client's CPU per commit (``cpu_us``: every thread
+of the measuring process, the coordinator's done writer included, not the server's),
+printed for the Redis null rows beside the floor's: what the coordinator itself can
+change, and far steadier than the rates on a loaded machine.
+
 For every commit it counts, from the coordinator's calls into the backend, the log
 writes and backend round trips on the critical path (before ``commit()`` returns) and
 off it (the ``done`` marker, written in the background). The protocol needs exactly:
@@ -180,7 +185,7 @@ def floor(url: str, clients: int, seconds: float) -> dict[str, Any]:
         with mutex:
             latencies.extend(mine)
 
-    began = time.monotonic()
+    began, cpu = time.monotonic(), time.process_time()
     threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
@@ -188,16 +193,18 @@ def floor(url: str, clients: int, seconds: float) -> dict[str, Any]:
         thread.join()
     elapsed = time.monotonic() - began
     server.close()
-    return summary(latencies, elapsed, Tally())
+    return summary(latencies, elapsed, Tally(), time.process_time() - cpu)
 
 
-def summary(latencies: list[float], elapsed: float, tally: Tally) -> dict[str, Any]:
-    """Rate, p50/p99 (ms) and the counted calls per transaction of one measurement."""
+def summary(latencies: list[float], elapsed: float, tally: Tally, cpu: float) -> dict[str, Any]:
+    """Rate, p50/p99 (ms), client CPU (us, every thread of the process: ``cpu`` seconds)
+    and the counted calls per transaction of one measurement."""
     latencies.sort()
     n = len(latencies)
     return {
         "commits": n,
         "rate": n / elapsed,
+        "cpu_us": cpu / max(n, 1) * 1e6,
         "p50": latencies[n // 2] * 1000,
         "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
         "critical": {k: v / n for k, v in tally.critical.items()},
@@ -253,7 +260,7 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
             with mutex:
                 latencies.extend(mine)
 
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.process_time()
         threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
         for thread in threads:
             thread.start()
@@ -261,7 +268,8 @@ def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> d
             thread.join()
         elapsed = time.monotonic() - began
         coord.close()  # let the background "done" writes land before counting them
-    return summary(latencies, elapsed, tally)
+        cpu = time.process_time() - cpu  # theirs included: the client makes them too
+    return summary(latencies, elapsed, tally, cpu)
 
 
 # Calls that send nothing to the server (a lock handle's slot is created locally; the
@@ -304,10 +312,12 @@ def slices(count: int, seconds: float) -> list[dict[str, Any]]:
             low, _, high = statistics.quantiles(pairs, n=4)
             this = statistics.median(r["rate"] for r in runs["this"])
             raw = statistics.median(r["rate"] for r in runs["floor"])
+            cpu = {k: statistics.median(r["cpu_us"] for r in v) for k, v in runs.items()}
             print(
                 f"redis null, {clients} client(s): this {this:.0f} c/s, floor {raw:.0f} tx/s; "
                 f"this/floor median {statistics.median(pairs):.2f}, quartiles {low:.2f}-"
-                f"{high:.2f}, min-max {min(pairs):.2f}-{max(pairs):.2f}",
+                f"{high:.2f}, min-max {min(pairs):.2f}-{max(pairs):.2f}; client CPU per "
+                f"commit {cpu['this']:.0f} us, per floor transaction {cpu['floor']:.0f} us",
                 flush=True,
             )
             rows.extend(
@@ -413,10 +423,18 @@ def main() -> None:
                     if with_floor:
                         rates = [r["rate"] for r in runs["floor"]]
                         p50s = [r["p50"] for r in runs["floor"]]
+                        against = ", ".join(
+                            f"{name}/floor {spread(ratios(runs[name], runs['floor']))}"
+                            for name in codes
+                        )
+                        cpu = ", ".join(
+                            f"{name} {statistics.median(r['cpu_us'] for r in runs[name]):.0f}"
+                            for name in runs
+                        )
                         print(
                             f"{backend:<8} {'floor':<11} {clients:>7} "
                             f"{statistics.median(rates):>10.0f} {statistics.median(p50s):>9.2f}"
-                            f"  this/floor c/s: {spread(ratios(runs['this'], runs['floor']))}",
+                            f"  c/s: {against}; client CPU us per commit: {cpu}",
                             flush=True,
                         )
         print("\nper commit, 1 client, counted on the redis run (same on every backend):")

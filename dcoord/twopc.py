@@ -133,6 +133,9 @@ class Transaction:
         self.txid = uuid.uuid4().hex
         self.timeout = timeout
         self.payloads: dict[str, Any] = {}
+        """Participant -> its payload as enlisted (a copy: see :meth:`enlist`)."""
+        self.digests: dict[str, str] = {}
+        """Participant -> the digest of its payload, made once at enlist for the log."""
         self.state: Literal["open", "committed", "aborted", "unknown"] = "open"
         self.record: TxRecord | None = None
         """The log record after commit() decided (None before)."""
@@ -140,14 +143,20 @@ class Transaction:
     def enlist(self, name: str, payload: Any = None) -> None:
         """Add participant ``name`` (one of the coordinator's) with what it should do.
 
+        The payload is taken as it is now: the participant is sent a deep copy made here
+        and the log records this copy's digest, so changing ``payload`` after enlisting it
+        changes neither.
+
         Raises :class:`~dcoord.ConfigError` for an unknown or repeated participant and for a
         payload that could never prepare: one the log cannot digest (a self-referencing
-        structure), or one the participant's optional ``validate(payload)`` refuses.
+        structure) or ``copy.deepcopy`` cannot copy, or one the participant's optional
+        ``validate(payload)`` refuses.
         :class:`~dcoord.TransactionStateError` once :meth:`commit` or :meth:`abort` ran.
         """
         self._check_open()
-        core.check_enlist(self.txid, self.coordinator.participants, self.payloads, name, payload)
-        self.payloads[name] = payload
+        self.payloads[name], self.digests[name] = core.enlisted(
+            self.txid, self.coordinator.participants, self.payloads, name, payload
+        )
 
     def commit(self) -> TxRecord:
         """Run two-phase commit; returns the decided record.
@@ -394,7 +403,12 @@ class Coordinator:
         # shared clock was read: it gives up no later than anyone judging the record.
         local_deadline = time.monotonic() + tx.timeout
         record = txlog.new_record(
-            tx.txid, tx.payloads, now=self._now(), timeout=tx.timeout, coordinator=self._identity
+            tx.txid,
+            tx.payloads,
+            now=self._now(),
+            timeout=tx.timeout,
+            coordinator=self._identity,
+            digests=tx.digests,
         )
         stored = self._create(record)
         self._hit("after_record", tx.txid)

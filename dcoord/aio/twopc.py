@@ -79,6 +79,9 @@ class AsyncTransaction:
         self.txid = uuid.uuid4().hex
         self.timeout = timeout
         self.payloads: dict[str, Any] = {}
+        """Participant -> its payload as enlisted (a copy: see :meth:`enlist`)."""
+        self.digests: dict[str, str] = {}
+        """Participant -> the digest of its payload, made once at enlist for the log."""
         self.state: Literal["open", "committed", "aborted", "unknown"] = "open"
         self.record: TxRecord | None = None
         """The log record after commit() decided (None before)."""
@@ -86,8 +89,9 @@ class AsyncTransaction:
     def enlist(self, name: str, payload: Any = None) -> None:
         """Add participant ``name`` with what it should do; as :meth:`dcoord.Transaction.enlist`."""
         self._check_open()
-        core.check_enlist(self.txid, self.coordinator.participants, self.payloads, name, payload)
-        self.payloads[name] = payload
+        self.payloads[name], self.digests[name] = core.enlisted(
+            self.txid, self.coordinator.participants, self.payloads, name, payload
+        )
 
     async def commit(self) -> TxRecord:
         """Run two-phase commit; returns the decided record. Errors as
@@ -297,6 +301,7 @@ class AsyncCoordinator:
             now=await self._now(),
             timeout=tx.timeout,
             coordinator=self._identity,
+            digests=tx.digests,
         )
         stored = await self._create(record)
         await self._hit("after_record", tx.txid)

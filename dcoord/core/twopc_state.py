@@ -15,6 +15,7 @@ coordinator take the same steps on the same log and can never disagree on an out
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -237,12 +238,14 @@ def named_participants(participants: Iterable[Any], kind: type, how: str = "") -
     return named
 
 
-def check_enlist(
+def enlisted(
     txid: str, participants: Mapping[str, Any], payloads: Mapping[str, Any], name: str, payload: Any
-) -> None:
-    """ConfigError for an unknown or repeated participant, or a payload that could never
-    prepare (the participant's optional ``validate`` refuses it, or the log cannot
-    digest it)."""
+) -> tuple[Any, str]:
+    """What ``enlist(name, payload)`` keeps: a snapshot of ``payload`` (the one its
+    participant is sent) and its digest (the one the log records), so that a payload the
+    caller changes after enlisting changes neither. ConfigError for an unknown or
+    repeated participant, or a payload that could never prepare (the participant's
+    optional ``validate`` refuses it, or the log cannot digest or copy it)."""
     participant = participants.get(name)
     if participant is None:
         known = ", ".join(sorted(participants)) or "none"
@@ -252,7 +255,13 @@ def check_enlist(
     validate = getattr(participant, "validate", None)
     if callable(validate):
         validate(payload)
-    txlog.digest(payload, what=f"the payload for {name!r}")
+    what = f"the payload for {name!r}"
+    digest = txlog.digest(payload, what=what)
+    try:
+        snapshot = copy.deepcopy(payload)
+    except Exception as exc:  # deepcopy raises whatever a payload's pickling support does
+        raise ConfigError(f"{what} cannot be copied for the transaction: {exc!r}") from None
+    return snapshot, digest
 
 
 def abort_reason(votes: Mapping[str, Vote]) -> str | None:

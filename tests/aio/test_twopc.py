@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import dcoord
+from dcoord import txlog
 from dcoord.aio import AsyncClient, AsyncCoordinator, AsyncKVParticipant, connect
 from dcoord.txlog import TxState
 
@@ -114,6 +115,34 @@ def test_commit_and_abort_on_the_async_api(aio_url: str, namespace: str) -> None
                     dropped.enlist("a", None)
                     raise KeyError("application failed")
             assert dropped.state == "aborted" and await coord.get(dropped.txid) is None
+
+    asyncio.run(main())
+
+
+def test_a_payload_changed_after_enlist_is_logged_and_sent_as_enlisted(
+    aio_url: str, namespace: str
+) -> None:
+    """As on the sync API: enlist() takes a snapshot of the payload for the log and for
+    the participant."""
+    received: dict[str, Any] = {}
+
+    class Receiving(Ledger):
+        async def prepare(self, txid: str, payload: Any) -> bool:
+            received[txid] = payload
+            return await super().prepare(txid, payload)
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            coord = await started(quiet(client, [Receiving("a")]))
+            payload = {"x": [1]}
+            tx = coord.begin(timeout=10)
+            tx.enlist("a", payload)
+            payload["x"].append(2)
+            record = await tx.commit()
+            assert record.digests["a"] == txlog.digest({"x": [1]})
+            stored = await coord.get(tx.txid)
+            assert stored is not None and stored.digests == record.digests
+            assert received[tx.txid] == {"x": [1]}
 
     asyncio.run(main())
 

@@ -103,6 +103,49 @@ def test_commit_reaches_every_participant_and_finishes_the_record(coordinator: A
     assert [r.txid for r in coord.transactions(state="committed")] == [tx.txid]
 
 
+class Receiving(Bank):
+    """A Bank that keeps the payload each prepare was sent (the object itself)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.payloads: dict[str, Any] = {}
+
+    def prepare(self, txid: str, payload: Any) -> bool:
+        self.payloads[txid] = payload
+        return super().prepare(txid, payload)
+
+
+def test_a_payload_changed_after_enlist_is_logged_and_sent_as_enlisted(
+    coordinator: Any,
+) -> None:
+    """enlist() takes a snapshot: the digest the log records and the payload the
+    participant is sent are the enlisted ones, whatever the caller changes later."""
+    a, b = Receiving("a"), Receiving("b")
+    coord = coordinator([a, b])
+    payload: dict[str, Any] = {"debit": 10, "memo": ["rent"]}
+    tx = coord.begin(timeout=10)
+    tx.enlist("a", payload)
+    tx.enlist("b", None)
+    payload["debit"] = 99  # after enlist: must not reach the log or the participant
+    payload["memo"].append("changed")
+    record = tx.commit()
+    enlisted = {"debit": 10, "memo": ["rent"]}
+    assert record.digests["a"] == txlog.digest(enlisted) != txlog.digest(payload)
+    stored = coord.get(tx.txid)
+    assert stored is not None and stored.digests == record.digests
+    assert a.payloads[tx.txid] == enlisted
+    payload["memo"].append("again")  # and the participant's copy is not the caller's
+    assert a.payloads[tx.txid] == enlisted
+
+
+def test_a_payload_that_cannot_be_copied_is_refused_at_enlist(coordinator: Any) -> None:
+    coord = coordinator([Bank("a")])
+    tx = coord.begin(timeout=10)
+    with pytest.raises(dcoord.ConfigError, match="payload for 'a' cannot be copied"):
+        tx.enlist("a", {"lock": threading.Lock()})
+    assert tx.payloads == {}
+
+
 def test_begin_and_commit_without_context_manager(coordinator: Any) -> None:
     a, b = banks("a", "b")
     coord = coordinator([a, b])

@@ -175,3 +175,35 @@ def test_run_many_drives_log_programs_side_by_side() -> None:
     assert results[:2] == ["a done", "b recovered"]
     assert isinstance(results[2], dcoord.BackendUnavailable)
     assert results[3] == "c done"
+
+
+def test_every_version_encodes_as_its_fields_whether_or_not_it_carries_a_head() -> None:
+    """new_record() makes the fixed fields' JSON once and every transition carries it;
+    a record read back from the log has none: both encode the same record."""
+    versions = [started("a", "b")]
+    versions.append(txlog.decide(versions[-1], "aborted", now=2.5, reason='a said "no"'))
+    versions.append(txlog.acknowledge(versions[-1], ["a"]))
+    versions.append(txlog.acknowledge(versions[-1], ["b"]))
+    for record in versions:
+        assert record.head, "the head is carried to every later version"
+        data = txlog.encode(record)
+        decoded = txlog.decode("tx1", data)
+        assert decoded == record and not decoded.head
+        assert txlog.encode(decoded) == data
+        fields = json.loads(data)
+        assert fields["state"] == record.state.value and fields["acks"] == list(record.acks)
+        assert fields["digests"] == dict(record.digests) and fields["reason"] == record.reason
+
+
+def test_given_digests_are_recorded_as_given_and_must_cover_the_payloads() -> None:
+    record = txlog.new_record("tx1", {"a": 1, "b": 2}, now=0.0, timeout=1.0,
+                              digests={"a": "da", "b": "db"})  # fmt: skip
+    assert record.digests == {"a": "da", "b": "db"}
+    assert json.loads(txlog.encode(record))["digests"] == {"a": "da", "b": "db"}
+    with pytest.raises(dcoord.ConfigError, match="digests for"):
+        txlog.new_record("tx1", {"a": 1, "b": 2}, now=0.0, timeout=1.0, digests={"a": "da"})
+
+
+def test_a_transition_changes_only_what_may_change() -> None:
+    with pytest.raises(dcoord.ConfigError, match="changes only"):
+        txlog.transition(started("a"), TxState.COMMITTING, deadline=5.0)

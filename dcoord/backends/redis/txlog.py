@@ -42,6 +42,7 @@ durable a record is depends on the server's persistence and eviction policy: see
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -55,7 +56,7 @@ import redis
 from ...core.twopc_state import Cas, run
 from ..base import TX_STATES, LogEntry
 from . import persistence
-from .locks import LuaScript
+from .locks import LuaScript, _pipeline
 from .scripts import lua
 from .slots import BUCKETS, bucket, mget
 
@@ -71,7 +72,10 @@ CAS = LuaScript(lua("txlog_cas", checked=True))
 MIGRATE = LuaScript(lua("txlog_migrate", checked=True))
 
 
+@functools.lru_cache(maxsize=4096)
 def _bucket_prefix(prefix: str, namespace: str, number: int) -> str:
+    # Cached: every log write names several keys of one bucket (a CAS seven), and the
+    # (prefix, namespace, bucket) triples a process uses are few.
     return f"{prefix}{{{namespace}:tx:{number:02d}}}:"
 
 
@@ -233,10 +237,12 @@ class RedisTxLog:
         ]  # fmt: skip
 
         def send() -> list[Any]:
-            pipe: Any = self._redis.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.execute_command("EVALSHA", CAS.sha, len(keys), *keys, *args)
-            replies = list(pipe.execute(raise_on_error=False))
+            # One server here (not a Cluster), so redis.Redis: the scripts go out on a
+            # pooled connection directly, as the lock renewals' (no redis-py pipeline's
+            # per-command bookkeeping, which cost more than the Lua).
+            client = cast("redis.Redis", self._redis)
+            commands = [("EVALSHA", CAS.sha, len(keys), *keys, *args) for keys, args in calls]
+            replies = _pipeline(client, commands)
             for i, reply in enumerate(replies):
                 if isinstance(reply, redis.exceptions.NoScriptError):
                     replies[i] = CAS(self._redis, *calls[i])  # loads it (a restarted server)
