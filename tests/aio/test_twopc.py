@@ -312,7 +312,10 @@ def test_async_and_sync_kv_participants_share_their_keys(
     left by a dead async coordinator is released by a sync recover()."""
 
     def crash(point: str, txid: str, participant: str | None) -> None:
-        if point == "after_prepare":
+        # After alice's prepare, not after the first one: the two are asked at once, and
+        # a crash after bob's could cancel alice's before it staged anything (1 run in
+        # 4 under load), leaving nothing in doubt to check.
+        if point == "after_prepare" and participant == "alice":
             raise Crash(point)
 
     async def main() -> None:
