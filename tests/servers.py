@@ -25,8 +25,10 @@ user confined to one namespace by exactly what ``dcoord acl`` prints.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -57,10 +59,40 @@ class ServerUnavailable(RuntimeError):
     """A test server could not be started; the message says why and what to do."""
 
 
+def _ephemeral_low() -> int:
+    """The first port of the range the kernel takes outgoing connections' ports from."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_RECENT: collections.deque[int] = collections.deque(maxlen=256)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, for a server to bind soon after.
+
+    Picked below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+    may be taken by any outgoing connection between this pick and the server's bind,
+    and this suite opens thousands (an etcd member once failed to start: "bind:
+    address already in use" on a port picked that way). Below the range only another
+    listener can take it, and the pick is random among ~12,000 ports.
+    """
+    high = max(_ephemeral_low() - 1, 2049)
+    low = max(1024, high - 12000)
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _RECENT:  # picked for a server of this run that may not listen yet
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): another one
+        _RECENT.append(port)
+        return port
+    raise ServerUnavailable(f"no free port on {HOST} in {low}-{high} after 200 tries")
 
 
 def etcd_settings() -> dict[str, str]:
