@@ -10,8 +10,9 @@ end. One run:
    as many more at once (``asyncio.gather``): joins per second of each. Reported: the
    leases the members' keys are on (read from the server), the lease keep-alive requests
    the client sends per second over ``--window`` seconds (counted at its lock store's
-   ``keep_alive``, where every lease keep-alive of the client goes), and its heart-beat
-   tasks.
+   ``keep_alive``, where every lease keep-alive of the client goes), its heart-beat
+   tasks, and the CPU the process spends meanwhile (%, of one core: keeping the members
+   alive, nothing else runs).
 2. Expiry: a child process joins ``--killed`` async members (ttl ``--ttl``) and is
    SIGKILLed; a live ring in this process follows the group. Reported: seconds from the
    kill until the ring has dropped them all, the views a watch of the group got
@@ -74,13 +75,15 @@ async def members_run(url: str, n: int, ttl: float, window: float) -> None:
             return await real(lease, **options)
 
         store.keep_alive = counted
+        cpu = time.process_time()
         await asyncio.sleep(window)
+        cpu = (time.process_time() - cpu) / window
         store.keep_alive = real
         beats = sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("dcoord heart"))
         leases = await lease_count(client, "g")
         print(
             f"   {2 * n:>7}{ttl:>6g}{sequential:>12.0f}{gathered:>12.0f}{leases:>8}"
-            f"{sent / window:>14.1f}{beats:>12}"
+            f"{sent / window:>14.1f}{beats:>12}{cpu * 100:>10.1f}"
         )
 
 
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("1. one async client's members")
         print(
             f"   {'members':>7}{'ttl':>6}{'joins/s seq':>12}{'joins/s all':>12}{'leases':>8}"
-            f"{'keep-alives/s':>14}{'heart-beats':>12}"
+            f"{'keep-alives/s':>14}{'heart-beats':>12}{'idle cpu':>10}"
         )
         asyncio.run(members_run(url, args.members, args.ttl, args.window))
         print("2. expiry of a SIGKILLed process's members, seen by a live ring")
