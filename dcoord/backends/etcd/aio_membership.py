@@ -29,6 +29,7 @@ from pyetcd.utils import prefix_range_end
 
 from ...errors import BackendUnavailable, PermissionDenied
 from ..base import GroupChange, GroupSnapshot
+from .aio_txlog import delete, holds
 from .leases import Lease, LeaseNotFound
 from .locks import _CLEANUP_INTERVAL, _created_at, _first_kv, _range, delete_txn, deleted
 from .membership import changes_of, member_value, members_of, members_prefix
@@ -95,21 +96,13 @@ class AsyncEtcdGroups:
         nothing, since the put may have reached the server behind it (as a lock's
         queue key, :meth:`.aio_locks.AsyncEtcdLocks.remove`). Not needed once the
         lease is lost: the key went with it."""
-        request = etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=key,
-                    target=etcdrpc.Compare.VALUE,
-                    result=etcdrpc.Compare.EQUAL,
-                    value=value,
-                )
-            ],
-            success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
-        )
         what = f"member key {key.decode()}"
+        request = etcdrpc.TxnRequest(
+            compare=[holds(key.decode(), value)], success=[delete(key.decode())]
+        )
         again = True
 
-        async def delete() -> bool:
+        async def remove() -> bool:
             nonlocal again
             response = await self.backend.txn(request, what=f"delete {what}", retry=True)
             if deleted(response) or not again:
@@ -118,7 +111,7 @@ class AsyncEtcdGroups:
             await asyncio.sleep(_CLEANUP_INTERVAL)
             return False
 
-        return self._locks.clean_up(what, delete, lease.lost.is_set)
+        return self._locks.clean_up(what, remove, lease.lost.is_set)
 
     async def leave(self, key: bytes, create_revision: int) -> bool:
         """Delete member ``key`` if it is still the one created at ``create_revision``."""
