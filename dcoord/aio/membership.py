@@ -5,7 +5,8 @@ liveness), so sync and async members of one group see each other; the same value
 (:class:`~dcoord.Member`, :class:`~dcoord.membership.GroupView`, input checks) and the
 same decisions (:mod:`dcoord.core.membership`: incremental ring updates, when a
 heart-beat failure loses a member). Only the I/O differs: every member's heart-beat
-(on etcd: a keep-alive of the member's own lease) is a task on the client's loop, and
+(on etcd: a look at the client's shared lease, kept alive by one task per TTL) is a
+task on the client's loop, and
 everything that follows one :class:`AsyncGroup` (live rings, watches) shares one
 follower task that subscribes to the group's changes (Redis pub/sub, an etcd watch, the
 embedded store's change log), applies the changes they carry, re-reads the group when

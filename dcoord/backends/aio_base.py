@@ -129,8 +129,9 @@ class AsyncKVStore(Protocol):
 class AsyncMemberRegistration(Protocol):
     """One member joined by an async client; see :class:`.base.MemberRegistration`.
 
-    The core refreshes it every ``ttl / 3`` from a task (on etcd: a keep-alive of the
-    member's own lease), so there is no backend-side keep-alive and no on_lost hook.
+    The core refreshes it every ``ttl / 3`` from a task (on etcd it only reads the state
+    of the client's shared lease, which a task of its own keeps alive), so there is no
+    on_lost hook.
     """
 
     @property

@@ -157,9 +157,13 @@ def test_closing_the_client_leaves_its_members_and_cancels_its_tasks(
 
 
 def _stop_beating(member: AsyncJoinedMember) -> None:
-    """The member's process "dies": no heart-beat (lease keep-alive) is sent again."""
+    """The member's process "dies": no heart-beat is sent again; on etcd, no keep-alive
+    of the client's shared lease its key is on (which the heart-beat only reads)."""
     assert member._beats is not None
     member._beats.cancel()
+    leases = getattr(member.group.client.backend.locks, "leases", None)
+    if leases is not None:
+        leases._keepers[member._reg.lease.id].cancel()  # type: ignore[attr-defined]
 
 
 def test_member_whose_heart_beats_stop_disappears_within_its_ttl(
@@ -174,7 +178,8 @@ def test_member_whose_heart_beats_stop_disappears_within_its_ttl(
         ):
             ring = await observer.group("g").ring()
             dying = await client.group("g").join("dying", ttl=ttl)
-            steady = await client.group("g").join("steady", ttl=ttl)
+            # Another process's (on etcd, one client's members share its lease).
+            steady = await observer.group("g").join("steady", ttl=ttl)
             assert await ring.wait_for(lambda r: {"dying", "steady"} <= set(r.members), 5)
             _stop_beating(dying)
             stopped = time.monotonic()
@@ -195,7 +200,10 @@ def test_failing_heart_beats_lose_the_member_after_its_ttl_and_call_on_lost(
     ttl = short_ttl(backend)
 
     async def main() -> None:
-        async with connect(aio_url, namespace=namespace) as client:
+        async with (
+            connect(aio_url, namespace=namespace) as client,
+            connect(aio_url, namespace=namespace) as other,
+        ):
             lost = asyncio.Event()
             reasons: list[str | None] = []
 
@@ -204,15 +212,20 @@ def test_failing_heart_beats_lose_the_member_after_its_ttl_and_call_on_lost(
                 lost.set()
 
             member = await client.group("g").join("flaky", ttl=ttl, on_lost=on_lost)
-            healthy = await client.group("g").join("healthy", ttl=ttl)
+            # Another client's (on etcd, one client's members share its lease).
+            healthy = await other.group("g").join("healthy", ttl=ttl)
             failures = 0
 
-            async def unreachable() -> bool:
+            async def unreachable(*_: object, **__: object) -> bool:
                 nonlocal failures
                 failures += 1
                 raise BackendUnavailable("injected: server unreachable")
 
-            member._reg.refresh = unreachable  # type: ignore[method-assign]
+            if backend == "etcd":
+                # Its heart-beat reads the client's shared lease, whose keep-alives fail.
+                client.backend.locks.keep_alive = unreachable  # type: ignore[attr-defined]
+            else:
+                member._reg.refresh = unreachable  # type: ignore[method-assign]
             joined = time.monotonic()
             async with asyncio.timeout(member.ttl + MARGIN + 2):
                 await lost.wait()

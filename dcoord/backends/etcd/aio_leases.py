@@ -3,12 +3,12 @@ task on the loop at a third of its TTL.
 
 The async driver of :mod:`.leases` (its :class:`~.leases.Lease` objects, TTL rounding and
 keep-alive pace, written once there): every auto-renewed async lock, semaphore permit,
-read-write lock and campaign of a client puts its key on the shared lease of its TTL,
-so ten thousand of them cost one keep-alive request per third of a TTL, not ten
-thousand. A lease found expired (the loop was blocked, the server lost it, or its
+read-write lock, campaign and group member of a client puts its key on the shared lease
+of its TTL, so ten thousand of them cost one keep-alive request per third of a TTL, not
+ten thousand. A lease found expired (the loop was blocked, the server lost it, or its
 keep-alives failed for longer than its TTL) is dropped and marked lost, which every
-holder on it sees at its next renewal (its ``on_lost`` runs); the next :meth:`lease`
-grants a fresh one.
+holder on it sees at its next renewal or heart-beat (its ``on_lost`` runs); the next
+:meth:`lease` grants a fresh one.
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ class AsyncEtcdLocks:
 
     async def grant(self, ttl: float, *, timeout: float | None = None) -> tuple[int, int, float]:
         """:meth:`grant_lease` as its id, the TTL etcd granted, and when it surely expires
-        (for the stores that track a lease by its id: members, log records)."""
+        (for the stores that track a lease by its id: log records)."""
         lease = await self.grant_lease(ttl, timeout=timeout)
         return lease.id, lease.ttl, lease.expires_at
 
@@ -486,6 +486,13 @@ class AsyncEtcdLocks:
         if private:
             return self.forget(lease.id)
         return self._cleanup(self._delete_until_gone(key, revision, lease))
+
+    def clean_up(
+        self, what: str, remove: Callable[[], Awaitable[bool]], gone: Callable[[], bool]
+    ) -> asyncio.Task[None]:
+        """:meth:`_until_removed` in a task that :meth:`close` waits for (the undo of a
+        member's join, :mod:`.aio_membership`)."""
+        return self._cleanup(self._until_removed(what, remove, gone))
 
     def _cleanup(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)

@@ -2,11 +2,15 @@
 
 A member is the key :func:`.membership.members_prefix` + id holding
 :func:`.membership.member_value`, as the sync store writes it, so sync and async
-members of one group see each other. Unlike the sync client (one shared lease per TTL,
-kept alive by pyetcd's thread), each async member gets a lease of its own, kept alive
-by the core's heart-beat task (a keep-alive at a third of its TTL): leaving revokes it,
-which deletes the key; a cancelled or failed join revokes it too. A follower's
-subscription is a watch stream of its own on the group's prefix, read by a task.
+members of one group see each other. As the sync client, each member's key goes on the
+client's shared lease of its TTL (:class:`.aio_leases.AsyncLeases`, the one its async
+locks use: one keep-alive task per lease), so a thousand members cost one keep-alive
+request per third of a TTL, and the members of a client that dies expire together, in
+one revision. Leaving deletes the member's key only (the lease lives on for the
+others); a lost lease loses every member on it, each at its next heart-beat (which
+sends nothing: it reads the lease's state). A cancelled or failed join deletes its key
+if it wrote it. A follower's subscription is a watch stream of its own on the group's
+prefix, read by a task.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, PermissionDenied
 from ..base import GroupChange, GroupSnapshot
-from .locks import _created_at, _first_kv, _range
+from .aio_txlog import delete, holds
+from .leases import Lease, LeaseNotFound
+from .locks import _CLEANUP_INTERVAL, _created_at, _first_kv, _range, delete_txn, deleted
 from .membership import changes_of, member_value, members_of, members_prefix
 
 if TYPE_CHECKING:
@@ -33,20 +39,37 @@ if TYPE_CHECKING:
 
 
 class AsyncEtcdGroups:
-    """The async group store of one etcd backend (leases through its lock store's)."""
+    """The async group store of one etcd backend (its members on the shared leases, and
+    their cleanups, of its lock store)."""
 
-    def __init__(self, backend: AsyncEtcdBackend, leases: AsyncEtcdLocks) -> None:
+    def __init__(self, backend: AsyncEtcdBackend, locks: AsyncEtcdLocks) -> None:
         self.backend = backend
-        self._leases = leases
+        self._locks = locks
 
     async def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
     ) -> AsyncEtcdRegistration | None:
         key = (members_prefix(self.backend.prefix, group) + member_id).encode()
         value = member_value(secrets.token_hex(16), payload)
-        put = etcdrpc.PutRequest(key=key, value=value)
-        lease, lease_ttl, expires_at = await self._leases.grant(ttl)
-        put.lease = lease
+        leases = self._locks.leases
+        lease = await leases.lease(ttl)
+        try:
+            current = await self._put(key, value, lease, member_id)
+        except LeaseNotFound:
+            # The server dropped the shared lease before its keep-alive noticed (nothing
+            # was written): its members learn it, and this one joins on a fresh lease,
+            # as the sync store does (:meth:`.leases.Leases.attached`).
+            lease.mark_lost()
+            lease = await leases.lease(ttl)
+            current = await self._put(key, value, lease, member_id)
+        if current is None or bytes(current.value) != value:
+            return None  # another registration holds the id
+        return AsyncEtcdRegistration(self, key, lease, int(current.create_revision))
+
+    async def _put(self, key: bytes, value: bytes, lease: Lease, member_id: str) -> Any:
+        """Create the member ``key`` with ``value`` on ``lease`` unless it exists; the key
+        as it is then (ours if it holds ``value``)."""
+        put = etcdrpc.PutRequest(key=key, value=value, lease=lease.id)
         request = etcdrpc.TxnRequest(
             compare=[_created_at(key, 0)],
             success=[etcdrpc.RequestOp(request_put=put), _range(key)],
@@ -55,15 +78,47 @@ class AsyncEtcdGroups:
         try:
             # Safe to retry: a retried join whose first reply was lost finds its value.
             response = await self.backend.txn(request, what=f"join {member_id!r}", retry=True)
+        except (LeaseNotFound, PermissionDenied):
+            raise  # refused: nothing was written (and a delete would be denied too)
         except BaseException:
-            # Failed or cancelled: the key, if it was written, goes with its lease.
-            await asyncio.wait({self._leases.forget(lease)})
+            # Failed or cancelled: the put may have happened (its reply lost). The key
+            # must go before the error does: on the shared lease it would live as long
+            # as the client. Waited for within the request timeout; then the task goes
+            # on (the client's close waits for it).
+            removal = self._undo(key, value, lease)
+            await asyncio.wait({removal}, timeout=self.backend.settings.request_timeout)
             raise
-        current = _first_kv(response.responses[-1])
-        if current is None or bytes(current.value) != value:
-            await asyncio.wait({self._leases.forget(lease)})
-            return None
-        return AsyncEtcdRegistration(self._leases, lease, float(lease_ttl), expires_at)
+        return _first_kv(response.responses[-1])
+
+    def _undo(self, key: bytes, value: bytes, lease: Lease) -> asyncio.Task[None]:
+        """Delete member ``key`` if it holds ``value`` (our join's token: never another
+        registration of the id), in a task; once more a second after a delete found
+        nothing, since the put may have reached the server behind it (as a lock's
+        queue key, :meth:`.aio_locks.AsyncEtcdLocks.remove`). Not needed once the
+        lease is lost: the key went with it."""
+        what = f"member key {key.decode()}"
+        request = etcdrpc.TxnRequest(
+            compare=[holds(key.decode(), value)], success=[delete(key.decode())]
+        )
+        again = True
+
+        async def remove() -> bool:
+            nonlocal again
+            response = await self.backend.txn(request, what=f"delete {what}", retry=True)
+            if deleted(response) or not again:
+                return True
+            again = False
+            await asyncio.sleep(_CLEANUP_INTERVAL)
+            return False
+
+        return self._locks.clean_up(what, remove, lease.lost.is_set)
+
+    async def leave(self, key: bytes, create_revision: int) -> bool:
+        """Delete member ``key`` if it is still the one created at ``create_revision``."""
+        response = await self.backend.txn(
+            delete_txn(key, create_revision), what=f"leave {key.decode()!r}", retry=True
+        )
+        return deleted(response)
 
     async def read(self, group: str) -> GroupSnapshot:
         prefix = members_prefix(self.backend.prefix, group)
@@ -86,24 +141,36 @@ class AsyncEtcdGroups:
 
 
 class AsyncEtcdRegistration:
-    """One member on a lease of its own."""
+    """One member: its key, on the client's shared lease of its TTL."""
 
-    def __init__(self, leases: AsyncEtcdLocks, lease: int, ttl: float, expires_at: float) -> None:
-        self._leases = leases
-        self._lease = lease
-        self.ttl = ttl
-        self.expires_at = expires_at
+    def __init__(
+        self, groups: AsyncEtcdGroups, key: bytes, lease: Lease, create_revision: int
+    ) -> None:
+        self._groups = groups
+        self._key = key
+        self.lease = lease
+        self._create_revision = create_revision
+        self.ttl = float(lease.ttl)
+
+    @property
+    def expires_at(self) -> float:
+        return 0.0 if self.lease.lost.is_set() else self.lease.expires_at
 
     async def refresh(self) -> bool:
-        sent = time.monotonic()
-        remaining = await self._leases.keep_alive(self._lease)
-        if remaining <= 0:
-            return False
-        self.expires_at = sent + remaining
-        return True
+        """The shared lease's keep-alive task does the refreshing; this only reports it
+        (no request): False once the lease is lost (the server has it no more, or it was
+        given up); BackendUnavailable once it is past its TTL unrefreshed (its keep-alives
+        failed), which loses the member as failing heart-beats do."""
+        lease = self.lease
+        if time.monotonic() >= lease.expires_at:
+            raise BackendUnavailable(
+                f"lease {lease.id:x} of member key {self._key.decode()} was not refreshed "
+                f"within its TTL ({lease.ttl} s)"
+            )
+        return not lease.lost.is_set()
 
     async def leave(self) -> bool:
-        return await self._leases.revoke(self._lease)
+        return await self._groups.leave(self._key, self._create_revision)
 
 
 class AsyncEtcdSubscription:
