@@ -405,14 +405,14 @@ class _Renewals:
 
     def _client(self) -> redis.Redis:
         """The server to send to: the one server, or this batch's Cluster node."""
-        if self._node is None:
-            return self._locks.redis  # type: ignore[return-value]  # not a Cluster
-        cluster: Any = self._locks.redis
-        node = cluster.get_node(node_name=self._node)
-        if node is None:  # gone from the slot map: the next renewals join another batch
-            raise redis.ConnectionError(f"node {self._node} left the Cluster's slot map")
-        client: redis.Redis = cluster.get_redis_connection(node)
-        return client
+        client: Any = self._locks.redis  # RedisCluster is untyped in redis-py
+        if self._node is not None:
+            node = client.get_node(node_name=self._node)
+            if node is None:  # gone from the map: the next renewals join another batch
+                raise redis.ConnectionError(f"node {self._node} left the Cluster's slot map")
+            client = client.get_redis_connection(node)
+        server: redis.Redis = client
+        return server
 
     def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to ``commands`` (an error reply in its command's place); the
