@@ -377,11 +377,11 @@ class _Renewals:
         answers: list[Renewed] = [None] * len(requests)
         commands: list[tuple[Any, ...]] = []
         sent_for: list[int] = []  # the request index of each command
+        sha = self._script.sha
         for i, (slot, ttl) in enumerate(requests):
             assert isinstance(slot, RedisLockSlot), slot  # only our slots name this batch
             token = slot._token
             if token is not None:  # else released meanwhile: None, as extend() answers
-                sha = self._script.sha
                 commands.append(("EVALSHA", sha, 1, slot.key, token, milliseconds(ttl)))
                 sent_for.append(i)
         if not commands:
@@ -430,7 +430,7 @@ class _Renewals:
             if isinstance(reply, redis.exceptions.NoScriptError)
         ]
         if again:  # first use on this server, or it restarted / ran SCRIPT FLUSH, or
-            # (Cluster) a replica took over: scripts are loaded per node, never replicated
+            # (Cluster) a replica took over: a script is loaded on the node it ran on
             _execute(client, "SCRIPT", "LOAD", self._script.source)
             for i, reply in zip(
                 again, _pipeline(client, [commands[i] for i in again]), strict=True
