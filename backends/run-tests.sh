@@ -123,6 +123,7 @@ start=$SECONDS
 SUBSET=(tests/conformance/test_locks.py tests/conformance/test_fence_write.py
     tests/conformance/test_membership.py tests/conformance/test_twopc.py
     tests/conformance/test_kvparticipant.py tests/conformance/test_semaphore.py
+    tests/conformance/test_cluster_lock_batching.py
     tests/aio/test_conformance.py tests/aio/test_membership_conformance.py
     tests/aio/test_twopc_conformance.py tests/aio/test_kvparticipant_conformance.py
     tests/aio/test_semaphore_conformance.py tests/aio/test_topologies.py)

@@ -5,7 +5,9 @@
 
 Starts its own Redis (AOF, ``appendfsync always``, as tests.servers configures it;
 ``--volatile``: no AOF) and
-etcd 3.4 processes on loopback (tests.servers) and stops them at the end.
+etcd 3.4 processes on loopback (tests.servers) and stops them at the end;
+``--backends redis-cluster``: a Redis Cluster of three primaries with a replica each
+(tests/topologies/cluster.py, AOF always), its requests summed over the primaries.
 
 1. ``hold``: one client acquires ``--locks`` auto-renewed locks of TTL t (each of
    ``--ttls``), holds them ``--hold`` seconds (at least 3 TTLs) and reports how many
@@ -52,6 +54,7 @@ import redis
 import dcoord
 import dcoord.aio
 from tests.servers import Server, start_server
+from tests.topologies.cluster import PRIMARIES, ClusterSet
 
 WORK = 0.005  # the critical section of the contention bench
 
@@ -66,18 +69,42 @@ def percentile(values: list[float], q: float) -> float:
 # -- 1. many locks in one client ----------------------------------------------------
 
 
-def server_requests(server: Server) -> tuple[int, int]:
+class ClusterServer:
+    """A Redis Cluster as this bench's ``Server``: a URL, and ``stop``."""
+
+    kind = "cluster"
+
+    def __init__(self) -> None:
+        self.cluster = ClusterSet()
+        self.cluster.start()
+        self.url = self.cluster.url
+        # No failover during a bench: the primaries stay the three first nodes.
+        self.ports = [node.port for node in self.cluster.nodes[:PRIMARIES]]
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def redis_requests(port: int) -> tuple[int, int]:
+    """(reads, EVALSHA calls) the redis server at ``port`` has handled so far."""
+    r = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        stats = r.info("stats")
+        commands = r.info("commandstats")
+    finally:
+        r.close()
+    return int(stats["total_reads_processed"]), int(
+        commands.get("cmdstat_evalsha", {}).get("calls", 0)
+    )
+
+
+def server_requests(server: Server | ClusterServer) -> tuple[int, int]:
     """Requests the server has handled so far: (round trips, lock-script commands)."""
+    if isinstance(server, ClusterServer):
+        counts = [redis_requests(port) for port in server.ports]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
     if server.kind == "redis":
-        r = redis.Redis(host="127.0.0.1", port=server.port)
-        try:
-            stats = r.info("stats")
-            commands = r.info("commandstats")
-        finally:
-            r.close()
-        return int(stats["total_reads_processed"]), int(
-            commands.get("cmdstat_evalsha", {}).get("calls", 0)
-        )
+        return redis_requests(server.port)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     received = sum(
@@ -95,7 +122,9 @@ def server_requests(server: Server) -> tuple[int, int]:
     return int(received), int(keepalives)
 
 
-async def hold_async(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
+async def hold_async(
+    server: Server | ClusterServer, n: int, ttl: float, seconds: float
+) -> dict[str, Any]:
     """:func:`hold` with the async API (``dcoord.aio``)."""
     lost: list[str] = []
     namespace = f"hold-{uuid.uuid4().hex[:8]}"
@@ -126,7 +155,7 @@ async def hold_async(server: Server, n: int, ttl: float, seconds: float) -> dict
     }
 
 
-def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
+def hold(server: Server | ClusterServer, n: int, ttl: float, seconds: float) -> dict[str, Any]:
     lost: list[str] = []
     with dcoord.connect(server.url, namespace=f"hold-{uuid.uuid4().hex[:8]}") as client:
         locks = [
@@ -156,7 +185,11 @@ def hold(server: Server, n: int, ttl: float, seconds: float) -> dict[str, Any]:
 
 
 def hold_rows(
-    servers: list[Server], n: int, ttls: list[float], seconds: float, aio: bool = False
+    servers: list[Server | ClusterServer],
+    n: int,
+    ttls: list[float],
+    seconds: float,
+    aio: bool = False,
 ) -> None:
     print(f"1. one {'async ' if aio else ''}client holds {n:,} auto-renewed locks")
     print(
@@ -288,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}\n",
         flush=True,
     )
-    servers: list[Server] = []
+    servers: list[Any] = []
     try:
         for kind in args.backends.split(","):
+            if kind == "redis-cluster":
+                servers.append(ClusterServer())
+                continue
             options = {"persistent": False} if args.volatile and kind == "redis" else {}
             servers.append(start_server(kind, using="processes", **options))
         if "hold" in parts:

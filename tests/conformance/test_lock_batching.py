@@ -29,7 +29,7 @@ LOCKS = 20
 def client(real_backend_url: str, namespace: str) -> Iterator[dcoord.Client]:
     with dcoord.connect(real_backend_url, namespace=namespace) as client:
         if client.backend.locks.cluster:  # type: ignore[attr-defined]
-            pytest.skip("a Redis Cluster renews its locks one by one")
+            pytest.skip("a Redis Cluster: tests/conformance/test_cluster_lock_batching.py")
         yield client
 
 

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from ...errors import BackendUnavailable, ClientClosed
 from ...inspect import holder_suffix
@@ -230,9 +231,26 @@ class RedisLocks:
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
         self._check_eviction = LockEvictionCheck(backend)
-        # On a Cluster a pipeline waits for its slowest node: renewals go one by one there,
-        # so a node that hangs never delays the renewal of a lock on another node.
+        # On a Cluster, one batch per node (by name, as redis-py's slot map calls it): a
+        # pipeline to several nodes would wait for the slowest, so the locks of a node
+        # that hangs would delay (and could lose) the renewals of every other node's.
         self.renewals = None if self.cluster else _Renewals(self)
+        self._node_renewals: dict[str, _Renewals] = {}
+
+    def renewals_for(self, key: str) -> _Renewals | None:
+        """The renewal batch of the lock at ``key``: on a Cluster that of the primary
+        that serves its slot now (None, renewed alone, while no node does)."""
+        if self.renewals is not None:
+            return self.renewals
+        cluster: Any = self.redis  # RedisCluster, untyped in redis-py
+        try:
+            name: str = cluster.get_node_from_key(key).name
+        except RedisClusterException:  # no node for the slot (mid-failover)
+            return None
+        batch = self._node_renewals.get(name)
+        if batch is None:  # setdefault: threads that race here share one batch
+            batch = self._node_renewals.setdefault(name, _Renewals(self, name))
+        return batch
 
     def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> RedisLockSlot:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
@@ -339,54 +357,104 @@ class _Renewals:
     """The renewals of this store's lock slots, many in one round trip
     (:class:`~dcoord.backends.base.RenewalBatch`): one pipeline of EXTEND scripts, each
     still compare-and-act on its own token, so what each lock's answer means is what it
-    means for a lock renewed alone (0: this slot's grant is gone)."""
+    means for a lock renewed alone (0: this slot's grant is gone).
 
-    def __init__(self, locks: RedisLocks) -> None:
+    On a Redis Cluster there is one per primary, ``node`` (its name in redis-py's slot
+    map, which :meth:`RedisLocks.renewals_for` asks): the pipeline goes to that node. A
+    lock whose slot has moved since (a resharding, a failover) gets a MOVED or ASK reply
+    in its place and is renewed alone through redis-py's cluster client, which follows
+    the redirection; a node that cannot be reached fails its batch, as a single server
+    does (each lock retries), after redis-py re-reads the slot map.
+    """
+
+    def __init__(self, locks: RedisLocks, node: str | None = None) -> None:
         self._locks = locks
+        self._node = node
+        self._script = EXTEND.sharded() if node is not None else EXTEND
+        self._where = "" if node is None else f" to node {node}"
 
     def extend_many(self, requests: Sequence[tuple[LockSlot, float]]) -> list[Renewed]:
         answers: list[Renewed] = [None] * len(requests)
         commands: list[tuple[Any, ...]] = []
         sent_for: list[int] = []  # the request index of each command
+        sha = self._script.sha
         for i, (slot, ttl) in enumerate(requests):
             assert isinstance(slot, RedisLockSlot), slot  # only our slots name this batch
             token = slot._token
             if token is not None:  # else released meanwhile: None, as extend() answers
-                commands.append(("EVALSHA", EXTEND.sha, 1, slot.key, token, milliseconds(ttl)))
+                commands.append(("EVALSHA", sha, 1, slot.key, token, milliseconds(ttl)))
                 sent_for.append(i)
         if not commands:
             return answers
         backend = self._locks.backend
         sent = time.monotonic()
         replies = backend.call(
-            lambda: self._send(commands), what=f"extend {len(commands)} locks in one pipeline"
+            lambda: self._send(commands),
+            what=f"extend {len(commands)} locks in one pipeline{self._where}",
         )
         for i, reply in zip(sent_for, replies, strict=True):
             slot, ttl = requests[i]
             assert isinstance(slot, RedisLockSlot)
-            if isinstance(reply, redis.RedisError):
+            if isinstance(reply, redis.exceptions.AskError):  # MOVED is an AskError too
+                answers[i] = _extend_alone(slot, ttl)
+            elif isinstance(reply, redis.RedisError):
                 answers[i] = backend._error(f"extend lock {slot.name!r}", reply)
             else:
                 answers[i] = LockGrant(slot._fence, sent + ttl) if reply else None
         return answers
 
+    def _client(self) -> redis.Redis:
+        """The server to send to: the one server, or this batch's Cluster node."""
+        client: Any = self._locks.redis  # RedisCluster is untyped in redis-py
+        if self._node is not None:
+            node = client.get_node(node_name=self._node)
+            if node is None:  # gone from the map: the next renewals join another batch
+                raise redis.ConnectionError(f"node {self._node} left the Cluster's slot map")
+            client = client.get_redis_connection(node)
+        server: redis.Redis = client
+        return server
+
     def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to ``commands`` (an error reply in its command's place); the
         script is loaded and its commands sent once more if the server did not have it."""
-        client: Any = self._locks.redis
-        replies = _pipeline(client, commands)
+        client = self._client()
+        try:
+            replies = _pipeline(client, commands)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if self._node is not None:
+                self._refresh_slot_map()
+            raise
         again = [
             i
             for i, reply in enumerate(replies)
             if isinstance(reply, redis.exceptions.NoScriptError)
         ]
-        if again:  # first use on this server, or it restarted / ran SCRIPT FLUSH
-            _execute(client, "SCRIPT", "LOAD", EXTEND.source)
+        if again:  # first use on this server, or it restarted / ran SCRIPT FLUSH, or
+            # (Cluster) a replica took over: a script is loaded on the node it ran on
+            _execute(client, "SCRIPT", "LOAD", self._script.source)
             for i, reply in zip(
                 again, _pipeline(client, [commands[i] for i in again]), strict=True
             ):
                 replies[i] = reply
         return replies
+
+    def _refresh_slot_map(self) -> None:
+        """Have redis-py re-read the Cluster's slot map, as its own command path does
+        when a node's connection breaks: after a failover the replica that took over
+        this node's slots serves them, and the retries must go there."""
+        cluster: Any = self._locks.redis
+        try:
+            cluster.nodes_manager.initialize(last_failed_node_name=self._node)
+        except (redis.RedisError, RedisClusterException) as exc:  # the retries try again
+            log.info("re-reading the slot map after node %s failed: %s", self._node, exc)
+
+
+def _extend_alone(slot: RedisLockSlot, ttl: float) -> Renewed:
+    """``slot.extend(ttl)`` as an answer of a batch: its error in its place."""
+    try:
+        return slot.extend(ttl)
+    except Exception as exc:
+        return exc
 
 
 def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -547,8 +615,8 @@ class RedisLockSlot:
         return bool(released)
 
     def renewal_batch(self) -> _Renewals | None:
-        """The batch this slot's renewals join (None on a Cluster: one by one)."""
-        return self._locks.renewals
+        """The batch this slot's renewals join (on a Cluster: its slot's node's)."""
+        return self._locks.renewals_for(self.key)
 
     def extend(self, ttl: float) -> LockGrant | None:
         token = self._token

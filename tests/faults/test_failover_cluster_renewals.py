@@ -1,0 +1,167 @@
+"""Batched lock renewals on a Redis Cluster when a primary hangs or dies.
+
+The watchdog renews the locks of each primary in one pipeline to that primary
+(tests/conformance/test_cluster_lock_batching.py). A primary that stops answering holds
+up its own batch only: the other primaries' batches run on other renewal workers. A
+killed primary fails its batch; redis-py then re-reads the slot map, so the retries go
+to the replica that took over, and its locks stay held (not wrongly lost).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import dcoord
+from tests.conftest import Servers
+from tests.servers import HOST, Server
+from tests.topologies.cluster import NODE_TIMEOUT_MS, ClusterSet
+
+PER_PRIMARY = 6
+
+
+@pytest.fixture(scope="module")
+def cluster(servers: Servers) -> Iterator[ClusterSet]:
+    # min-replicas-to-write 0: the promoted replica has no replica of its own until the
+    # killed node is back, and its locks are renewed right after the promotion.
+    started = ClusterSet(min_replicas_to_write=0, **servers.security())
+    try:
+        started.start()
+    except BaseException:
+        started.stop()
+        raise
+    yield started
+    started.stop()
+
+
+def ask(node: Server, *command: Any) -> Any:
+    admin = node.redis_admin()
+    try:
+        return admin.execute_command(*command)
+    finally:
+        admin.close()
+
+
+def spread_locks(
+    client: dcoord.Client,
+    cluster: ClusterSet,
+    namespace: str,
+    ttls: Callable[[int], float],
+    **options: Any,
+) -> dict[Server, list[dcoord.Lock]]:
+    """``PER_PRIMARY`` locks on each primary; those of the ``i``-th primary found have
+    TTL ``ttls(i)``."""
+    by_primary: dict[Server, list[dcoord.Lock]] = {}
+    for i in range(10_000):
+        key = f"dcoord:{namespace}:lock:{{res{i}}}"
+        primary = cluster.primary_for(key)
+        found = by_primary.setdefault(primary, [])
+        if len(found) < PER_PRIMARY:
+            ttl = ttls(list(by_primary).index(primary))
+            found.append(client.lock(f"res{i}", ttl=ttl, **options))
+        if len(by_primary) == 3 and all(len(v) == PER_PRIMARY for v in by_primary.values()):
+            return by_primary
+    raise AssertionError(f"names hashed to only {len(by_primary)} primaries")
+
+
+def lost_names() -> tuple[list[str], Callable[[dcoord.Lock], None]]:
+    names: list[str] = []
+    mutex = threading.Lock()
+
+    def on_lost(lock: dcoord.Lock) -> None:
+        with mutex:
+            names.append(lock.name)
+
+    return names, on_lost
+
+
+def replicated(primary: Server, key: str) -> None:
+    """Return once ``primary``'s replica has every write made to it so far: a write
+    of our own in ``key``'s slot, then WAIT for it (the stream is in order)."""
+    admin = primary.redis_admin()
+    try:
+        admin.set(f"{key}:probe", "1", px=60_000)
+        assert admin.execute_command("WAIT", 1, 10_000) >= 1, "no replica acknowledged"
+    finally:
+        admin.close()
+
+
+def held_through(locks: list[dcoord.Lock], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert all(lock.held for lock in locks), [lock.name for lock in locks if not lock.held]
+        time.sleep(0.05)
+
+
+def test_a_hung_primary_holds_up_only_its_own_locks_renewals(
+    cluster: ClusterSet, namespace: str
+) -> None:
+    """The hung primary's batch waits for its reply (the request timeout is longer than
+    the hang) on one renewal worker; the other primaries' locks, whose TTL is shorter
+    than the hang, keep being renewed. (Before, each renewal was a request of its own
+    on the 4 renewal workers, which the hung node's requests all took.)"""
+    hang = 4.0
+    names, on_lost = lost_names()
+    with dcoord.connect(cluster.url, namespace=namespace, request_timeout=hang * 2) as client:
+        # The first primary found is the one that hangs (its locks are renewed every
+        # second, so some renewals wait for it); the others' locks live 2 s.
+        by_primary = spread_locks(
+            client, cluster, namespace, lambda i: 3.0 if i == 0 else 2.0, on_lost=on_lost
+        )
+        hung, *others = by_primary
+        for locks in by_primary.values():
+            for lock in locks:
+                assert lock.acquire(blocking=False)
+        healthy = [lock for node in others for lock in by_primary[node]]
+        held_through(healthy, 1.0)  # renewed in batches meanwhile
+        # Far above the hang: no failover while the primary does not answer.
+        for node in cluster.live():
+            ask(node, "CONFIG", "SET", "cluster-node-timeout", str(int(hang * 10_000)))
+        try:
+            hung.pause()
+            try:
+                held_through(healthy, hang)
+            finally:
+                hung.resume()
+        finally:
+            for node in cluster.live():
+                ask(node, "CONFIG", "SET", "cluster-node-timeout", str(NODE_TIMEOUT_MS))
+        held_through(healthy, 2.0)
+        # The hung primary's own locks may be lost: their TTL ran out while it hung.
+        hung_names = {lock.name for lock in by_primary[hung]}
+        assert set(names) <= hung_names, names
+        for lock in healthy:
+            lock.release()
+
+
+def test_the_locks_of_a_killed_primary_are_renewed_on_the_replica_that_took_over(
+    cluster: ClusterSet, namespace: str
+) -> None:
+    """Their batch fails (connection refused) while the map still names the dead node;
+    each failure has redis-py re-read the map, so once the replica is promoted the
+    retries go there and find the locks (replicated before the kill) still held."""
+    ttl = 12.0  # longer than a failover (node timeout 2 s, then an election) takes
+    names, on_lost = lost_names()
+    with dcoord.connect(cluster.url, namespace=namespace, request_timeout=2) as client:
+        by_primary = spread_locks(client, cluster, namespace, lambda i: ttl, on_lost=on_lost)
+        everyone = [lock for locks in by_primary.values() for lock in locks]
+        for lock in everyone:
+            assert lock.acquire(blocking=False)
+        victim, *_ = by_primary
+        key: str = by_primary[victim][0]._slot.key  # type: ignore[attr-defined]
+        replicated(victim, key)
+        victim.kill()
+        new = cluster.wait_for_failover(victim, key)
+        # Renewed (every ttl/3) on the new primary: without it they would expire.
+        held_through(everyone, ttl + 2)
+        assert names == [], f"wrongly reported lost: {names}"
+        batch = by_primary[victim][0]._slot.renewal_batch()  # type: ignore[attr-defined]
+        assert batch._node == f"{HOST}:{new.port}"
+        for lock in everyone:
+            lock.release()
+    cluster.restart(victim)  # it rejoins as a replica of the node that took over
+    cluster.wait_healthy()
