@@ -151,7 +151,7 @@ async def hold_async(
         "lost": len(lost),
         "lost acquiring": lost_acquiring,
         "cpu": cpu / wall,
-        "trips/s": (trips2 - trips - 1) / wall,
+        "trips/s": max(0, trips2 - trips - 1) / wall,  # one read is the first counter's own
         "scripts/s": (scripts2 - scripts) / wall,
         "lag": (percentile(lags, 0.5), percentile(lags, 0.99), max(lags, default=float("nan"))),
     }
@@ -181,7 +181,7 @@ def hold(server: Server | Embedded, n: int, ttl: float, seconds: float) -> dict[
         "lost": len(lost),
         "lost acquiring": lost_acquiring,
         "cpu": cpu / wall,
-        "trips/s": (trips2 - trips - 1) / wall,  # one read is the first counter's own
+        "trips/s": max(0, trips2 - trips - 1) / wall,  # one read is the first counter's own
         "scripts/s": (scripts2 - scripts) / wall,
     }
 

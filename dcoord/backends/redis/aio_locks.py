@@ -40,8 +40,8 @@ from ... import metrics
 from ...config import Settings
 from ...errors import BackendUnavailable
 from ...inspect import holder_suffix
-from ..aio_base import with_retries_async
-from ..base import LockGrant, ServerInfo, key_segment
+from ..aio_base import AsyncLockSlot, with_retries_async
+from ..base import LockGrant, Renewed, ServerInfo, key_segment
 from . import error_for, is_transient, topology
 from .aio_membership import AsyncRedisGroups
 from .locks import (
@@ -427,8 +427,12 @@ class _Extends:
     next extends queue for the one that comes back first. Each extend is still its own
     owner-checked EXTEND script with its own answer (an error reply fails only its
     lock), and a pipeline takes one of the backend's MAX_IN_FLIGHT requests, not one per
-    lock: a client renewing thousands of locks renews them in time. Unloaded, an extend
-    finds a sender free and goes alone, as before.
+    lock. Unloaded, an extend finds a sender free and goes alone, as before.
+
+    It is also the slots' :class:`~dcoord.backends.aio_base.AsyncRenewalBatch`: the
+    client's renewal scheduler (:mod:`dcoord.aio.renewals`) sends the locks due
+    together as one pipeline of :meth:`extend_many`, with no queue, task or future per
+    lock.
     """
 
     def __init__(self, locks: AsyncRedisLocks) -> None:
@@ -447,6 +451,35 @@ class _Extends:
             sender = loop.create_task(self._send(), name="dcoord redis lock extends")
             self._senders.add(sender)
         return await future
+
+    async def extend_many(self, requests: Sequence[tuple[AsyncLockSlot, float]]) -> list[Renewed]:
+        """Each ``slot.extend(ttl)`` of ``requests`` in one pipeline of EXTEND scripts,
+        each compare-and-act on its own token and answered on its own (None: that
+        slot's grant is gone; an error reply: that lock's error)."""
+        answers: list[Renewed] = [None] * len(requests)
+        commands: list[tuple[Any, ...]] = []
+        sent_for: list[int] = []  # the request index of each command
+        for i, (slot, ttl) in enumerate(requests):
+            assert isinstance(slot, AsyncRedisLockSlot), slot  # only our slots name this batch
+            token = slot._token
+            if token is not None:  # else released meanwhile: None, as extend() answers
+                commands.append(("EVALSHA", EXTEND.sha, 1, slot.key, token, milliseconds(ttl)))
+                sent_for.append(i)
+        if not commands:
+            return answers
+        backend = self._locks.backend
+        sent = time.monotonic()
+        replies = await backend.call(
+            lambda: self._pipeline(commands), what=f"extend {len(commands)} locks in one pipeline"
+        )
+        for i, reply in zip(sent_for, replies, strict=True):
+            slot, ttl = requests[i]
+            assert isinstance(slot, AsyncRedisLockSlot)
+            if isinstance(reply, redis.RedisError):
+                answers[i] = error_for(backend.settings, f"extend lock {slot.name!r}", reply)
+            else:
+                answers[i] = LockGrant(slot._fence, sent + ttl) if reply else None
+        return answers
 
     async def _send(self) -> None:
         try:
@@ -689,6 +722,10 @@ class AsyncRedisLockSlot:
                 "found the lock gone (released by that attempt, or lost before it)"
             )
         return bool(released)
+
+    def renewal_batch(self) -> _Extends | None:
+        """The batch this slot's renewals join (None on a Cluster: one by one there)."""
+        return self._locks.extends
 
     async def extend(self, ttl: float) -> LockGrant | None:
         token = self._token
