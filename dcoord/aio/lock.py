@@ -236,9 +236,10 @@ class AsyncLock:
     # -- watchdog (driven by dcoord.aio.renewals) ------------------------------------
 
     def _look(self, generation: int, now: float) -> tuple[float | None, LockGrant | None]:
-        """The scheduler's look at grant ``generation`` at ``now``: when to look again
-        (None: not held any more) and, if a renewal is to be sent now, the grant it is
-        for (it is then in flight: at most one per grant). Loses the lock at its deadline."""
+        """The scheduler's look at grant ``generation`` at ``now``: its deadline, when to
+        look again unless renewed first (None: not held any more), and, if a renewal is
+        to be sent now, the grant it is for (it is then in flight: at most one per
+        grant). Loses the lock once its deadline has passed."""
         grant = self._grant
         if generation != self._generation or grant is None or self._lost_reason:
             return None, None
@@ -249,9 +250,8 @@ class AsyncLock:
             return None, None
         if decision.renew:
             self._renewing = generation
-            # The deadline, exactly: a finished renewal moves the next look sooner.
             return decision.due, grant
-        return decision.due, None
+        return decision.due, None  # the deadline, exactly
 
     def _renewal_batch(self) -> AsyncRenewalBatch | None:
         """The batch this lock's renewals may join, if its slot has one."""

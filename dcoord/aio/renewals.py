@@ -10,9 +10,11 @@ memory, shared etcd leases read as now) in ONE task, then applies each lock's an
 its own (:meth:`AsyncLock._renewed`). So 10,000 locks renewed every 0.33 s cost about a
 timer and a task per 10 ms grain, not three objects per lock and renewal.
 
-While a renewal is unanswered its lock is registered at its exact deadline, so the lock
-is reported lost when that passes however long the batch hangs; an answer arriving
-later is then ignored (``after_renewal`` never makes a lost lock held again). Release,
+While a renewal is unanswered, a timer of its batch watches the exact deadlines of its
+locks, so a lock is reported lost when its deadline passes however long the batch
+hangs; an answer arriving later is then ignored (``after_renewal`` never makes a lost
+lock held again). Thousands of locks due at once are looked at TICK_SLICE per loop
+step, so the loop's other tasks run in between. Release,
 loss and close unregister a lock; the client's close cancels the timer and the tasks.
 """
 
@@ -28,7 +30,6 @@ from typing import TYPE_CHECKING
 
 from ..backends.aio_base import EXTEND_EACH, AsyncRenewalBatch
 from ..backends.base import LockGrant, Renewed
-from ..lock import RENEWAL_BATCH
 from ..perkey import PerKey
 
 if TYPE_CHECKING:
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
 
 # One renewal to send: the lock, the grant it holds (its generation) and the grant sent for.
 Renewal = tuple["AsyncLock", int, LockGrant]
+
+# Locks looked at in one loop step, at most (and so renewed per batch and task): with
+# thousands due at once, a tick goes on in the next step, letting the loop's other
+# callbacks run in between, instead of holding the loop for the whole lot.
+TICK_SLICE = 256
 
 
 class Renewals:
@@ -103,24 +109,26 @@ class Renewals:
         now = time.monotonic()
         current = self._current  # (the heap is self._heap: a watch() may compact it)
         batches: dict[AsyncRenewalBatch, list[Renewal]] = {}
-        while self._heap and self._heap[0][0] <= now:
+        looked = 0
+        while self._heap and self._heap[0][0] <= now and looked < TICK_SLICE:
             _, seq, lock, generation = heapq.heappop(self._heap)
             if current.get(lock) != seq:
                 self._stale -= 1
                 continue
             del current[lock]
+            looked += 1
             due, sent_for = lock._look(generation, now)
-            if due is not None:
-                self.watch(lock, generation, due)
             if sent_for is not None:
+                # In flight now: its deadline is watched by its renewal (_Overdue).
                 batch = lock._renewal_batch()
                 if batch is None:  # its renewal is a request of its own: a task of its own
                     self._start(EXTEND_EACH, [(lock, generation, sent_for)])
                 else:
                     batches.setdefault(batch, []).append((lock, generation, sent_for))
+            elif due is not None:  # not renewed (auto_renew=False): lost at its deadline
+                self.watch(lock, generation, due)
         for batch, renewals in batches.items():
-            for start in range(0, len(renewals), RENEWAL_BATCH):
-                self._start(batch, renewals[start : start + RENEWAL_BATCH])
+            self._start(batch, renewals)
         heap = self._heap
         while heap and current.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)
@@ -143,10 +151,13 @@ class Renewals:
         if not renewals:
             return
         answers: list[Renewed]
+        overdue = _Overdue(renewals)
         try:
             answers = await batch.extend_many([(r[0]._slot, r[0].ttl) for r in renewals])
         except Exception as exc:  # the round trip failed: every renewal of it failed alike
             answers = [exc] * len(renewals)
+        finally:
+            overdue.cancel()
         now = time.monotonic()  # one instant for the batch: its locks stay due together
         for (lock, generation, sent_for), answer in zip(renewals, answers, strict=True):
             due = lock._renewed(generation, sent_for, answer, now)
@@ -165,6 +176,36 @@ class Renewals:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Overdue:
+    """The exact deadlines of the locks of one renewal in flight: one loop timer at the
+    earliest; a lock whose deadline passes while its renewal is unanswered is lost then
+    (:meth:`AsyncLock._look`), however long the request hangs."""
+
+    def __init__(self, renewals: Sequence[Renewal]) -> None:
+        self._renewals = renewals
+        self._handle: asyncio.TimerHandle | None = None
+        self._arm(min(sent_for.expires_at for _, _, sent_for in renewals))
+
+    def _arm(self, at: float) -> None:
+        self._handle = asyncio.get_running_loop().call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = time.monotonic()
+        later = []  # deadlines not passed yet (a user's extend() may have moved them)
+        for lock, generation, _ in self._renewals:
+            if lock._renewing == generation:
+                due, _ = lock._look(generation, now)
+                if due is not None:
+                    later.append(due)
+        if later:
+            self._arm(min(later))
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 client_renewals: PerKey[AsyncClient, Renewals] = PerKey(Renewals)
