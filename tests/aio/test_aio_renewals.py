@@ -284,3 +284,57 @@ def test_many_releases_leave_the_held_locks_looked_after(backend_url: str, names
             await client.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_renewals_load_the_script_again_after_a_flush(
+    backend: str, backend_url: str, namespace: str
+) -> None:
+    """A restarted or failed-over server lacks the EXTEND script: the batch's NOSCRIPT
+    replies are sent again after loading it, and no lock is lost for it."""
+
+    async def main() -> None:
+        lost: list[str] = []
+        client, locks = await held_locks(backend_url, namespace, 5, lost)
+        try:
+            raw = redis.Redis.from_url(backend_url.split("?")[0])
+            try:
+                raw.script_flush()
+            finally:
+                raw.close()
+            deadlines = renew_now(client, locks)
+            await eventually(lambda: all(map(renewed, locks, deadlines)))
+            assert lost == []
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_to_a_paused_server_fails_in_time_and_the_next_one_renews(
+    server_factory: Callable[..., Any], namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch waits at most request_timeout for its replies (one timeout for all),
+    each lock retries; once the server is back, the next batch renews on a fresh
+    connection (the timed-out one, whose replies may still come, is not reused)."""
+    server = server_factory("redis")
+
+    async def main() -> None:
+        lost: list[str] = []
+        client, locks = await held_locks(server.url + "?request_timeout=0.5", namespace, 3, lost)
+        try:
+            server.pause()
+            try:
+                renew_now(client, locks)
+                await eventually(lambda: "renewal failed, retrying" in caplog.text)
+            finally:
+                server.resume()
+            deadlines = renew_now(client, locks)
+            await eventually(lambda: all(map(renewed, locks, deadlines)))
+            assert lost == [] and all(lock.held for lock in locks)
+        finally:
+            await client.close()
+
+    with caplog.at_level("WARNING", logger="dcoord.lock"):
+        asyncio.run(main())
+    assert "BackendUnavailable" in caplog.text, caplog.text
