@@ -1,21 +1,22 @@
-"""The renewal scheduler of one async client: one timer and one task per batch of locks.
+"""The renewal scheduler of one async client: one timer, and one task per batch of locks.
 
 Every held :class:`~dcoord.aio.AsyncLock` of a client registers here when it is next to
-be looked at (:func:`dcoord.core.lockstate.coalesced` renewal times, exact deadlines).
-One loop timer fires at the earliest; the tick looks at every lock due by then
-(:meth:`AsyncLock._look`: lost at its deadline, or renewed) and renews the ones to renew
-per batch of their store (``slot.renewal_batch()``, see
+be looked at (:func:`dcoord.core.lockstate.coalesced` renewal times, exact deadlines
+without renewal). One loop timer fires at the earliest; the tick looks at every lock
+due by then (:meth:`AsyncLock._look`: lost at its deadline, or renewed) and renews the
+ones to renew per batch of their store (``slot.renewal_batch()``, see
 :class:`~dcoord.backends.aio_base.AsyncRenewalBatch`: one Redis pipeline, one pass in
 memory, shared etcd leases read as now) in ONE task, then applies each lock's answer on
 its own (:meth:`AsyncLock._renewed`). So 10,000 locks renewed every 0.33 s cost about a
-timer and a task per 10 ms grain, not three objects per lock and renewal.
+timer and a task per 10 ms grain, not a timer, a task and a future per lock and renewal.
 
-While a renewal is unanswered, a timer of its batch watches the exact deadlines of its
-locks, so a lock is reported lost when its deadline passes however long the batch
-hangs; an answer arriving later is then ignored (``after_renewal`` never makes a lost
-lock held again). Thousands of locks due at once are looked at TICK_SLICE per loop
-step, so the loop's other tasks run in between. Release,
-loss and close unregister a lock; the client's close cancels the timer and the tasks.
+While a renewal is unanswered, a timer of its batch (:class:`_Overdue`) watches the
+exact deadlines of its locks, so a lock is reported lost when its deadline passes
+however long the batch hangs; an answer arriving later is then ignored
+(``after_renewal`` never makes a lost lock held again). Thousands of locks due at once
+are looked at TICK_SLICE per loop step, so the loop's other tasks run in between.
+Release, loss and close unregister a lock; the client's close cancels the timer and the
+tasks.
 """
 
 from __future__ import annotations
