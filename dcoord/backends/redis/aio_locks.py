@@ -548,7 +548,7 @@ class _Extends:
     async def _run_packed(self, commands: list[tuple[Any, ...]], packed: list[bytes]) -> list[Any]:
         """:meth:`_pipeline` of ``commands`` packed already (``packed``): one write on a
         connection of the pool, and one timeout for all the replies. redis-py's pipeline
-        packs each command again and starts a timer per reply: two thirds of a renewal's
+        packs each command again and starts a timer per reply: half of a renewal's
         CPU, which at 30,000 renewals/s is what a client runs out of."""
         client: Any = self._locks.redis  # untyped in redis-py
         pool = client.connection_pool
