@@ -17,7 +17,9 @@ etcd 3.4 processes on loopback (tests.servers) and stops them at the end;
    ``total_reads_processed`` (one per read from a connection, of up to 16 KB: a
    pipeline of 1,000 scripts is one round trip, ~7 reads) next to the ``EVALSHA`` calls
    (``INFO commandstats``); etcd the gRPC messages its ``/metrics`` counts received.
-   ``--aio``: the same with the async API (``dcoord.aio``).
+   ``--aio``: the same with the async API (``dcoord.aio``), and the event loop's lag
+   (how late a 10 ms sleep of another task wakes, p50/p99/max) while holding.
+   ``--backends memory``: the embedded store (no server: no request counts).
 2. ``contend``: ``--processes`` processes (forked, each with its own client) take
    random names of ``--names`` for ``--seconds``: acquire, 5 ms of work, release.
    Reported: grants/s, wait p50/p99 (acquire called to returned), and the hand-off
@@ -98,8 +100,22 @@ def redis_requests(port: int) -> tuple[int, int]:
     )
 
 
-def server_requests(server: Server | ClusterServer) -> tuple[int, int]:
+class Embedded:
+    """``memory://``: no server to start, stop or count requests of."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self.url = f"memory://bench-{uuid.uuid4().hex[:8]}"
+
+    def stop(self) -> None:
+        """Nothing runs."""
+
+
+def server_requests(server: Server | ClusterServer | Embedded) -> tuple[int, int]:
     """Requests the server has handled so far: (round trips, lock-script commands)."""
+    if isinstance(server, Embedded):
+        return 0, 0
     if isinstance(server, ClusterServer):
         counts = [redis_requests(port) for port in server.ports]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -122,10 +138,19 @@ def server_requests(server: Server | ClusterServer) -> tuple[int, int]:
     return int(received), int(keepalives)
 
 
+async def loop_lag(lags: list[float]) -> None:
+    """Record how late each 10 ms sleep wakes (the event loop's lag), until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(0.01)
+        lags.append(loop.time() - asked - 0.01)
+
+
 async def hold_async(
-    server: Server | ClusterServer, n: int, ttl: float, seconds: float
+    server: Server | ClusterServer | Embedded, n: int, ttl: float, seconds: float
 ) -> dict[str, Any]:
-    """:func:`hold` with the async API (``dcoord.aio``)."""
+    """:func:`hold` with the async API (``dcoord.aio``), and the loop's lag meanwhile."""
     lost: list[str] = []
     namespace = f"hold-{uuid.uuid4().hex[:8]}"
     async with await dcoord.aio.connect(server.url, namespace=namespace) as client:
@@ -140,7 +165,10 @@ async def hold_async(
         lost_acquiring = len(lost)
         trips, scripts = server_requests(server)
         cpu, wall = time.process_time(), time.perf_counter()
+        lags: list[float] = []
+        lagging = asyncio.create_task(loop_lag(lags))
         await asyncio.sleep(seconds)
+        lagging.cancel()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         trips2, scripts2 = server_requests(server)
         held = sum(lock.held for lock in locks)
@@ -150,12 +178,15 @@ async def hold_async(
         "lost": len(lost),
         "lost acquiring": lost_acquiring,
         "cpu": cpu / wall,
-        "trips/s": (trips2 - trips - 1) / wall,
+        "trips/s": max(0, trips2 - trips - 1) / wall,  # one read is the first counter's own
         "scripts/s": (scripts2 - scripts) / wall,
+        "lag": (percentile(lags, 0.5), percentile(lags, 0.99), max(lags, default=float("nan"))),
     }
 
 
-def hold(server: Server | ClusterServer, n: int, ttl: float, seconds: float) -> dict[str, Any]:
+def hold(
+    server: Server | ClusterServer | Embedded, n: int, ttl: float, seconds: float
+) -> dict[str, Any]:
     lost: list[str] = []
     with dcoord.connect(server.url, namespace=f"hold-{uuid.uuid4().hex[:8]}") as client:
         locks = [
@@ -179,13 +210,13 @@ def hold(server: Server | ClusterServer, n: int, ttl: float, seconds: float) -> 
         "lost": len(lost),
         "lost acquiring": lost_acquiring,
         "cpu": cpu / wall,
-        "trips/s": (trips2 - trips - 1) / wall,  # one read is the first counter's own
+        "trips/s": max(0, trips2 - trips - 1) / wall,  # one read is the first counter's own
         "scripts/s": (scripts2 - scripts) / wall,
     }
 
 
 def hold_rows(
-    servers: list[Server | ClusterServer],
+    servers: list[Server | ClusterServer | Embedded],
     n: int,
     ttls: list[float],
     seconds: float,
@@ -195,6 +226,7 @@ def hold_rows(
     print(
         f"   {'backend':<8}{'ttl s':>6}{'acquire/s':>11}{'held':>8}{'lost':>7}"
         f"{'(acquiring)':>12}{'cpu':>7}{'reads/s':>10}{'scripts/s':>11}"
+        + ("   loop lag p50/p99/max ms" if aio else "")
     )
     for server in servers:
         for ttl in ttls:
@@ -207,7 +239,12 @@ def hold_rows(
                 f"   {server.kind:<8}{ttl:>6g}{row['acquire/s']:>11,.0f}{row['held']:>8,}"
                 f"{row['lost']:>7,}{row['lost acquiring']:>12,}{row['cpu']:>7.2f}"
                 f"{row['trips/s']:>10,.1f}"
-                f"{row['scripts/s']:>11,.0f}",
+                f"{row['scripts/s']:>11,.0f}"
+                + (
+                    "   {:.1f} / {:.1f} / {:.0f}".format(*(x * 1e3 for x in row["lag"]))
+                    if aio
+                    else ""
+                ),
                 flush=True,
             )
     print(
@@ -241,7 +278,9 @@ def contend_worker(
     out.put(records)
 
 
-def contend(server: Server, processes: int, names: int, seconds: float) -> dict[str, Any]:
+def contend(
+    server: Server | Embedded, processes: int, names: int, seconds: float
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")  # dcoord already imported: cheap children
     out = ctx.Queue()
     namespace = f"contend-{uuid.uuid4().hex[:8]}"
@@ -283,13 +322,17 @@ def contend(server: Server, processes: int, names: int, seconds: float) -> dict[
     }
 
 
-def contend_rows(servers: list[Server], processes: int, names: int, seconds: float) -> None:
+def contend_rows(
+    servers: list[Server | Embedded], processes: int, names: int, seconds: float
+) -> None:
     print(f"2. {processes} processes x {names:,} names, {WORK * 1000:g} ms held, {seconds:g} s")
     print(
         f"   {'backend':<8}{'grants/s':>9}{'wait p50':>10}{'p99':>8}{'hand-offs':>11}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
     )
     for server in servers:
+        if isinstance(server, Embedded):
+            continue  # one process's store: forked processes would not share it
         row = contend(server, processes, names, seconds)
         print(
             f"   {server.kind:<8}{row['grants/s']:>9,.0f}{row['wait p50'] * 1e3:>10.1f}"
@@ -303,7 +346,9 @@ def contend_rows(servers: list[Server], processes: int, names: int, seconds: flo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", choices=("hold", "contend"), default=[])
-    ap.add_argument("--backends", default="redis,etcd")
+    ap.add_argument(
+        "--backends", default="redis,etcd", help="of redis, etcd, memory, redis-cluster"
+    )
     ap.add_argument("--locks", type=int, default=10_000)
     ap.add_argument("--ttls", default="1,3", help="lock TTLs in seconds, comma-separated")
     ap.add_argument("--hold", type=float, default=9.0, help="seconds to hold (>= 3 TTLs)")
@@ -326,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.backends.split(","):
             if kind == "redis-cluster":
                 servers.append(ClusterServer())
+                continue
+            if kind == "memory":
+                servers.append(Embedded())
                 continue
             options = {"persistent": False} if args.volatile and kind == "redis" else {}
             servers.append(start_server(kind, using="processes", **options))

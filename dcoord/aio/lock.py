@@ -1,10 +1,10 @@
 """Async distributed locks: :class:`dcoord.Lock`'s semantics, driven by tasks.
 
 The rules are :mod:`dcoord.core.lockstate`'s, the same the sync lock follows; this
-module only does the I/O and the scheduling. A held lock is looked after by a timer on
-the loop (``call_at``: a grant costs no task until a renewal is due); each renewal is a
-task of its own, so one that hangs delays no other lock's, and the timer marks its lock
-lost at the deadline even while the renewal request is still unanswered.
+module only does the I/O. A held lock is looked after by its client's renewal scheduler
+(:mod:`dcoord.aio.renewals`: one loop timer for all its locks, renewals due together
+sent as one batch in one task), which marks a lock lost at its deadline even while its
+renewal is still unanswered.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import logging
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .. import inspect, metrics
-from ..backends.base import LockGrant
-from ..core.lockstate import after_renewal, conservative, first_due, is_held, release_problem, tick
+from ..backends.aio_base import AsyncRenewalBatch
+from ..backends.base import LockGrant, Renewed
+from ..core.lockstate import (
+    after_renewal,
+    coalesced,
+    conservative,
+    first_due,
+    is_held,
+    release_problem,
+    tick,
+)
 from ..errors import (
     BackendUnavailable,
     ClientClosed,
@@ -33,6 +42,7 @@ from ..errors import (
 )
 from ..lock import validate_name, validate_timeout, validate_ttl
 from ..logfields import lock_fields
+from .renewals import client_renewals
 
 if TYPE_CHECKING:
     from ..inspect import LockInfo
@@ -52,7 +62,7 @@ class AsyncLock:
 
     Cancellation: a cancelled :meth:`acquire` (or one under ``asyncio.timeout``) leaves
     nothing behind on the server; ``async with`` releases the lock when the block is
-    cancelled. ``on_lost(lock)`` runs in the lock's watchdog task; it may be a
+    cancelled. ``on_lost(lock)`` runs in a task of its own (one per loss); it may be a
     coroutine function.
     """
 
@@ -86,8 +96,9 @@ class AsyncLock:
         self._lost_reason: str | None = None
         self._last_fence: int | None = None
         self._acquiring = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._renewal: asyncio.Task[None] | None = None
+        self._renewals = client_renewals(client)
+        # The generation whose renewal is in flight (at most one per grant), or None.
+        self._renewing: int | None = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -155,7 +166,8 @@ class AsyncLock:
             self._lost_reason = None
             self._last_fence = grant.fence
             self._client._holding(self, True)
-            self._schedule(first_due(grant, self.ttl, self.auto_renew, time.monotonic()))
+            due = first_due(grant, self.ttl, self.auto_renew, time.monotonic())
+            self._renewals.watch(self, self._generation, coalesced(due) if self.auto_renew else due)
             return True
         finally:
             self._acquiring = False
@@ -175,16 +187,13 @@ class AsyncLock:
             )
 
     def _end_grant(self) -> LockGrant | None:
-        """Forget the grant, stop its timer and renewal; returns the grant it was."""
+        """Forget the grant and stop looking after it; returns the grant it was. A
+        renewal in flight finishes with its batch, and its answer is ignored."""
         grant, self._grant = self._grant, None
         self._generation += 1
+        self._renewing = None
         self._client._holding(self, False)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        renewal, self._renewal = self._renewal, None
-        if renewal is not None and renewal is not asyncio.current_task():
-            renewal.cancel()  # an unanswered renewal of a released grant no longer matters
+        self._renewals.discard(self)
         return grant
 
     # -- release / extend ----------------------------------------------------------
@@ -224,53 +233,52 @@ class AsyncLock:
         if generation == self._generation and self._lost_reason is None:
             self._grant = conservative(new, self.ttl)
 
-    # -- watchdog ------------------------------------------------------------------
+    # -- watchdog (driven by dcoord.aio.renewals) ------------------------------------
 
-    def _schedule(self, due: float) -> None:
-        """Look after the current grant at the monotonic time ``due`` (the loop's clock)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(due, self._on_due, self._generation)
-
-    def _on_due(self, generation: int) -> None:
-        """The timer fired: lose the lock at its deadline, or start a renewal."""
-        self._timer = None
+    def _look(self, generation: int, now: float) -> tuple[float | None, LockGrant | None]:
+        """The scheduler's look at grant ``generation`` at ``now``: its deadline, when to
+        look again unless renewed first (None: not held any more), and, if a renewal is
+        to be sent now, the grant it is for (it is then in flight: at most one per
+        grant). Loses the lock once its deadline has passed."""
         grant = self._grant
         if generation != self._generation or grant is None or self._lost_reason:
-            return
-        in_flight = self._renewal is not None
-        decision = tick(grant, time.monotonic(), auto_renew=self.auto_renew, in_flight=in_flight)
+            return None, None
+        in_flight = self._renewing == generation
+        decision = tick(grant, now, auto_renew=self.auto_renew, in_flight=in_flight)
         if decision.lost is not None:
-            self._client._spawn(self._mark_lost(generation, decision.lost), self.name)
-            return
+            self._lose(generation, decision.lost)
+            return None, None
         if decision.renew:
-            self._renewal = asyncio.get_running_loop().create_task(
-                self._renew(generation, grant), name=f"dcoord lock renewal {self.name!r}"
-            )
-        assert decision.due is not None
-        self._schedule(decision.due)  # the deadline: a finished renewal moves it sooner
+            self._renewing = generation
+            return decision.due, grant
+        return decision.due, None  # the deadline, exactly
 
-    async def _renew(self, generation: int, sent_for: LockGrant) -> None:
-        """One renewal of the grant ``sent_for`` (a task), and what its answer means."""
-        new: LockGrant | None = None
-        failure: Exception | None = None
-        try:
-            new = await self._slot.extend(self.ttl)
-        except Exception as exc:  # this lock's alone: after_renewal retries or loses it
-            failure = exc
+    def _renewal_batch(self) -> AsyncRenewalBatch | None:
+        """The batch this lock's renewals may join, if its slot has one."""
+        batch_of = getattr(self._slot, "renewal_batch", None)
+        return None if batch_of is None else cast("AsyncRenewalBatch | None", batch_of())
+
+    def _renewed(
+        self, generation: int, sent_for: LockGrant, answer: Renewed, now: float
+    ) -> float | None:
+        """Apply the answer (a grant, None, or the error) to the renewal of ``sent_for``
+        received at ``now``; when to look again (a coalesced renewal time), or None once
+        the grant is gone or lost."""
+        if self._renewing == generation:
+            self._renewing = None
+        failure = answer if isinstance(answer, Exception) else None
+        if failure is not None:  # this lock's alone: after_renewal retries or loses it
             metrics.lock_renewal_failed(self)
-        if self._renewal is asyncio.current_task():
-            self._renewal = None
         grant = self._grant
         if generation != self._generation or grant is None or self._lost_reason:
-            return
+            return None
         # A user's extend() that ran meanwhile may have moved the deadline further.
         base = grant if grant.expires_at > sent_for.expires_at else sent_for
-        outcome = after_renewal(base, self.ttl, time.monotonic(), new, failure)
+        new = None if failure is not None else cast("LockGrant | None", answer)
+        outcome = after_renewal(base, self.ttl, now, new, failure)
         if outcome.lost is not None:
-            await self._mark_lost(generation, outcome.lost)
-            return
+            self._lose(generation, outcome.lost)
+            return None
         if outcome.retrying:
             log.warning(
                 "lock %r: renewal failed, retrying: %r", self.name, failure, extra=lock_fields(self)
@@ -278,15 +286,16 @@ class AsyncLock:
         elif outcome.grant is not None and outcome.grant.expires_at > grant.expires_at:
             self._grant = outcome.grant
         assert outcome.due is not None
-        self._schedule(outcome.due)
+        return coalesced(outcome.due)
 
-    async def _mark_lost(self, generation: int, reason: str) -> None:
+    def _lose(self, generation: int, reason: str, *, report: bool = True) -> bool:
+        """Mark grant ``generation`` lost (False if it is not current or already lost);
+        ``report``: run ``on_lost`` in a task of its own (one lock's slow callback
+        delays no other's renewal)."""
         if generation != self._generation or self._lost_reason is not None:
-            return
+            return False
         self._lost_reason = reason
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._renewals.discard(self)
         metrics.lock_lost(self)
         log.warning(
             "lock %r (fence %s) lost: %s",
@@ -295,15 +304,24 @@ class AsyncLock:
             reason,
             extra=lock_fields(self),
         )
-        if self._on_lost is not None:
-            try:
-                result = self._on_lost(self)
-                if pyinspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception(
-                    "on_lost callback of lock %r failed", self.name, extra=lock_fields(self)
-                )
+        if report and self._on_lost is not None:
+            self._client._spawn(self._report_lost(), self.name)
+        return True
+
+    async def _mark_lost(self, generation: int, reason: str) -> None:
+        """Mark the grant lost and run ``on_lost`` before returning (extend())."""
+        if self._lose(generation, reason, report=False):
+            await self._report_lost()
+
+    async def _report_lost(self) -> None:
+        if self._on_lost is None:
+            return
+        try:
+            result = self._on_lost(self)
+            if pyinspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_lost callback of lock %r failed", self.name, extra=lock_fields(self))
 
     async def _abandon(self) -> None:
         """Let go at client close: best effort, the TTL covers what this cannot do."""

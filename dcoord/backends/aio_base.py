@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from ..errors import BackendUnavailable
-from .base import GroupChange, GroupSnapshot, LockGrant, LogEntry, ServerInfo
+from .base import GroupChange, GroupSnapshot, LockGrant, LogEntry, Renewed, ServerInfo
 from .election_base import LeaderRecord
 
 T = TypeVar("T")
@@ -38,6 +38,41 @@ class AsyncLockSlot(Protocol):
     async def release(self) -> bool: ...
 
     async def extend(self, ttl: float) -> LockGrant | None: ...
+
+
+class AsyncRenewalBatch(Protocol):
+    """Extends many slots of one store at once; see :class:`.base.RenewalBatch`.
+
+    A slot that can join one has a method ``renewal_batch() -> AsyncRenewalBatch | None``
+    (optional: :mod:`dcoord.aio.renewals` renews slots without it one task each); slots
+    whose renewals may share a round trip return the same batch object.
+    """
+
+    async def extend_many(self, requests: Sequence[tuple[AsyncLockSlot, float]]) -> list[Renewed]:
+        """``await slot.extend(ttl)`` of each ``(slot, ttl)``, sent together; per request
+        its grant, None (not held) or the error its own ``extend`` would have raised.
+        Raises only if the round trip as a whole failed (each request failed alike)."""
+        ...
+
+
+class ExtendEach:
+    """An :class:`AsyncRenewalBatch` for slots whose ``extend`` answers without waiting
+    on the network (memory; etcd locks on the client's kept-alive shared leases): one
+    pass in one task, each extend still its own answer. Not for slots whose extend is a
+    request: one that hangs would hold up the rest."""
+
+    async def extend_many(self, requests: Sequence[tuple[AsyncLockSlot, float]]) -> list[Renewed]:
+        answers: list[Renewed] = []
+        for slot, ttl in requests:
+            try:
+                answers.append(await slot.extend(ttl))
+            except Exception as exc:  # its own failure, as if renewed alone
+                answers.append(exc)
+        return answers
+
+
+EXTEND_EACH = ExtendEach()
+"""The one :class:`ExtendEach` batch: its slots' renewals share one task."""
 
 
 class AsyncLockStore(Protocol):

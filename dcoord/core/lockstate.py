@@ -10,6 +10,7 @@ unit tests call them with any ``now`` they like.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..backends.base import LockGrant
@@ -22,6 +23,11 @@ RENEW_FRACTION = 1 / 3
 CLOCK_DRIFT = 0.01
 # A failed renewal is retried no sooner than this (seconds), however close the deadline.
 MIN_RETRY = 0.01
+# Renewals due within one grain (seconds) of each other go out together: each due time
+# is rounded down to this grid of the monotonic clock (coalesced), never later. A lock is
+# renewed at most a grain early, so a client holding thousands pays one timer and one
+# batch per grain, not one per lock.
+RENEWAL_GRAIN = 0.01
 
 
 def conservative(grant: LockGrant, ttl: float) -> LockGrant:
@@ -39,6 +45,14 @@ def first_due(grant: LockGrant, ttl: float, auto_renew: bool, now: float) -> flo
     """When the watchdog first looks at a new grant: its first renewal, or (without
     renewal) its deadline, when it is declared lost."""
     return now + ttl * RENEW_FRACTION if auto_renew else grant.expires_at
+
+
+def coalesced(due: float) -> float:
+    """When to renew a lock due at ``due``: rounded down to the :data:`RENEWAL_GRAIN`
+    grid, so that renewals due within a grain of each other share one tick (and one
+    round trip). Never later than ``due``: only renewals are coalesced, a deadline is
+    looked at exactly when it passes."""
+    return min(due, math.floor(due / RENEWAL_GRAIN) * RENEWAL_GRAIN)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import pytest
 
 import dcoord
 from dcoord.aio import AsyncClient, AsyncLock, connect
+from dcoord.aio.renewals import client_renewals
 from dcoord.backends.base import LockGrant
 from dcoord.backends.etcd_names import etcd_lock_prefix
 from dcoord.backends.memory.locks import _table
@@ -136,12 +137,13 @@ def test_close_releases_locks_and_cancels_every_task(
         other = sync_client.lock("busy", ttl=30)
         assert other.acquire()
         assert await client.lock("busy").acquire(timeout=0.2) is False
-        assert all(lock._timer is not None for lock in locks), "each held lock is looked after"
+        renewals = client_renewals(client)
+        assert all(lock in renewals._current for lock in locks), "each held lock is looked after"
         if client.backend.kind == "redis":
             assert dcoord_tasks(), "the notifier's reader task runs"
         await client.close()
         assert dcoord_tasks() == set()
-        assert all(lock._timer is None for lock in locks)
+        assert renewals._current == {} and renewals._timer is None
         assert all(not lock.held for lock in locks)
         assert sync_client.lock("res1").acquire(blocking=False), "released at close"
         with pytest.raises(dcoord.ClientClosed):

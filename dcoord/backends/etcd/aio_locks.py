@@ -46,7 +46,7 @@ from ... import metrics
 from ...config import Settings
 from ...errors import BackendUnavailable, ClientClosed, ConfigError, DcoordError, PermissionDenied
 from ...inspect import identity_json
-from ..aio_base import with_retries_async
+from ..aio_base import EXTEND_EACH, ExtendEach, with_retries_async
 from ..base import LockGrant, ServerInfo, key_segment
 from ..etcd_names import etcd_lock_prefix, namespace_prefix
 from . import _ATTEMPTS, _MIN_ATTEMPT, _Retryable, mapped_error, stale_token
@@ -872,6 +872,11 @@ class AsyncEtcdLockSlot:
         except BackendUnavailable:
             self._locks.remove(key, self._revision, lease, self._private)
             raise
+
+    def renewal_batch(self) -> ExtendEach | None:
+        """Locks on a shared lease renew together in one task (renewing one sends
+        nothing: the client keeps the lease alive); a private lease renews alone."""
+        return None if self._private else EXTEND_EACH
 
     async def extend(self, ttl: float) -> LockGrant | None:
         lease = self._lease

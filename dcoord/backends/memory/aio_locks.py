@@ -15,6 +15,7 @@ import time
 
 from ..._version import __version__
 from ...config import Settings
+from ..aio_base import EXTEND_EACH, ExtendEach
 from ..base import LockGrant, ServerInfo
 from . import memory_server
 from .aio_election import AsyncMemoryElections
@@ -119,6 +120,10 @@ class AsyncMemoryLockSlot:
 
     async def extend(self, ttl: float) -> LockGrant | None:
         return self._slot.extend(ttl)
+
+    def renewal_batch(self) -> ExtendEach:
+        """Renewals of many memory locks are one pass of one task (nothing to wait for)."""
+        return EXTEND_EACH
 
 
 class AsyncMemoryBackend:
