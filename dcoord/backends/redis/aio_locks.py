@@ -46,7 +46,6 @@ from . import error_for, is_transient, topology
 from .aio_membership import AsyncRedisGroups
 from .locks import (
     ACQUIRE,
-    CALL_PREFIX,
     EXTEND,
     FAIR_ACQUIRE,
     FAIR_CANCEL,
@@ -61,7 +60,9 @@ from .locks import (
     WAKING_MESSAGES,
     LuaScript,
     answered,
+    fair_call,
     fair_keys,
+    fair_token,
     fence_key,
     lock_keys,
     milliseconds,
@@ -561,11 +562,16 @@ class AsyncRedisLockSlot:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock."""
         if self.fair:
-            return await run_script(FAIR_CANCEL, self._redis, self._keys, [token, self.channel])
+            args = [token, self.channel, self._locks.skew_margin_us]
+            return await run_script(FAIR_CANCEL, self._redis, self._keys, args)
         return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
-        token = secrets.token_hex(16) + self._locks.holder  # a new token per grant
+        # A new token per grant (a fair one says how long a grant handed to it lasts).
+        if self.fair:
+            token = fair_token(self._ttl_ms, self._locks.holder)
+        else:
+            token = secrets.token_hex(16) + self._locks.holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
         once = deadline is not None and time.monotonic() >= deadline
         result, sent = await (self._try(token, queue=False) if once else self._try(token))
@@ -575,7 +581,7 @@ class AsyncRedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = await self._wait(token, deadline)
+                result, sent = await self._wait(token, deadline, sent)
             except BaseException:
                 if self.fair:
                     # Cancelled (or failed) while queued: leave the queue. A try in
@@ -632,8 +638,10 @@ class AsyncRedisLockSlot:
             raise
         return int(result), sent
 
-    async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        # A fair waiter sleeps until called by name (or a wake-up for all).
+    async def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
+        """Wait for the lock after the try sent at ``queued`` found it taken: its fence
+        and the time from which its TTL counts (a time before the server granted it)."""
+        # A fair waiter sleeps until granted or called by name (or a wake-up for all).
         called = token.encode() if self.fair else None
         async with self._locks.notifier.interest(self.channel, called) as channel:
             while True:
@@ -647,7 +655,15 @@ class AsyncRedisLockSlot:
                     raise
                 if result > 0:
                     woken.cancel()  # a wake-up got meanwhile was for this grant
-                    return result, sent
+                    # A fair try may find the lock handed over before it was sent: its
+                    # TTL counts from the last try that queued.
+                    return result, queued if self.fair else sent
+                queued = sent
+                # Handed the lock by a release that ran after this try queued us?
+                fence = channel.handed.pop(called, 0) if called is not None else 0
+                if fence:
+                    woken.cancel()
+                    return fence, queued
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
@@ -662,6 +678,9 @@ class AsyncRedisLockSlot:
                 except BaseException:
                     channel.leave(woken, called)
                     raise
+                fence = channel.handed.pop(called, 0) if called is not None else 0
+                if fence:
+                    return fence, queued
 
     async def release(self) -> bool:
         token, self._token = self._token, None
@@ -673,9 +692,8 @@ class AsyncRedisLockSlot:
             nonlocal reply_lost
             try:
                 if self.fair:
-                    return await run_script(
-                        FAIR_RELEASE, self._redis, self._keys, [token, self.channel]
-                    )
+                    args = [token, self.channel, self._locks.skew_margin_us]
+                    return await run_script(FAIR_RELEASE, self._redis, self._keys, args)
                 return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -716,15 +734,17 @@ class _Channel:
     without trying again passes the wake-up on (:meth:`leave`). A subscription
     confirmation or a reconnect, after which a release may have gone unseen, wakes all.
     Fair waiters park by token instead: the server's queue decides whose turn it is and
-    calls that waiter by name (:meth:`call`).
+    grants or calls that waiter by name (:meth:`call`); ``handed`` keeps the fence of
+    each one handed the lock.
     """
 
-    __slots__ = ("broadcast", "called", "idle_since", "name", "parked", "waiters")
+    __slots__ = ("broadcast", "called", "handed", "idle_since", "name", "parked", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.called: dict[bytes, asyncio.Future[None]] = {}  # fair waiters by token
+        self.handed: dict[bytes, int] = {}
         self.waiters = 0
         self.idle_since = 0.0
         # An election's channel: every message wakes every waiter (watchers all need
@@ -743,11 +763,15 @@ class _Channel:
         self.parked.append(future)
         return future
 
-    def call(self, token: bytes) -> None:
-        """The fair waiter of ``token`` (if it waits in this client) may take the lock."""
+    def call(self, token: bytes, fence: int) -> None:
+        """The fair waiter of ``token`` (if it waits in this client) was handed the lock
+        with ``fence``, or (0) may take it."""
         future = self.called.get(token)
-        if future is not None and not future.done():
-            future.set_result(None)
+        if future is not None:
+            if fence:
+                self.handed[token] = fence
+            if not future.done():
+                future.set_result(None)
 
     def wake_one(self) -> None:
         while self.parked:
@@ -834,6 +858,7 @@ class _Notifier:
             channel.idle_since = time.monotonic()
             if token is not None:
                 channel.called.pop(token, None)
+                channel.handed.pop(token, None)
 
     async def _command(self, command: str, *channels: bytes) -> None:
         if self._pubsub is None or self._closed:
@@ -920,10 +945,11 @@ class _Notifier:
             if message is not None and message["type"] in WAKING_MESSAGES:
                 woken = self._channels.get(message["channel"])
                 data = message["data"]
+                call = fair_call(data) if isinstance(data, bytes) else None
                 if woken is None:
                     pass
-                elif isinstance(data, bytes) and data.startswith(CALL_PREFIX):
-                    woken.call(data[len(CALL_PREFIX) :])  # one fair waiter's turn
+                elif call is not None:
+                    woken.call(*call)  # one fair waiter's turn
                 elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
                 else:  # (re)subscribed (a release may have gone unseen), or an election

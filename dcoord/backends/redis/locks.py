@@ -23,6 +23,8 @@ instead: a caller that finds the lock held, or another waiter ahead of it, joins
 queue; the lock goes to the queue's head. A waiter's entry expires unless it calls again
 within :data:`FAIR_WAITER_TTL` (or the lock's TTL, if shorter), so a dead waiter blocks
 the queue that long at most; a waiter that gives up leaves it (:data:`FAIR_CANCEL`).
+The release hands the lock straight to the head (fair_purge.lua ``hand_over``): the
+waiter learns its fence from the message (:func:`fair_call`), with no acquire round trip.
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
@@ -193,23 +195,44 @@ def fence_key(prefix: str, resource: str) -> str:
     return f"{prefix}fence:{{{key_segment(resource)}}}"
 
 
-ACQUIRE = LuaScript.named("acquire")
+def _joined(*names: str) -> LuaScript:
+    """One script of the files ``names``, in order (a prefix defines what later ones use)."""
+    return LuaScript("".join(LuaScript.named(name).source for name in names))
+
+
+ACQUIRE = _joined("lock_fence", "acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
-
-
-def _fair(*names: str) -> LuaScript:
-    """A fair lock script: fair_purge.lua, then the files ``names``."""
-    return LuaScript("".join(LuaScript.named(name).source for name in ("fair_purge", *names)))
-
-
 # The queue half falls through to the plain acquire when it is our turn: one script,
-# one round trip, and the fence logic lives in acquire.lua only.
-FAIR_ACQUIRE = _fair("fair_queue", "acquire")
-FAIR_RELEASE = _fair("fair_release")
-FAIR_CANCEL = _fair("fair_cancel")
-# What a fair script publishes to call the waiter whose token follows.
+# one round trip, and the fence logic lives in lock_fence.lua only.
+FAIR_ACQUIRE = _joined("lock_fence", "fair_purge", "fair_queue", "acquire")
+FAIR_RELEASE = _joined("lock_fence", "fair_purge", "fair_release")
+FAIR_CANCEL = _joined("lock_fence", "fair_purge", "fair_cancel")
+# What a fair script publishes to call the waiter whose token follows (an older
+# client's waiter, which acquires when called), and to tell a waiter it was granted
+# the lock ("granted:<fence>:<token>").
 CALL_PREFIX = b"next:"
+GRANT_PREFIX = b"granted:"
+
+
+def fair_token(ttl_ms: int, holder: str) -> str:
+    """A new token for a fair waiter: random, then ``~<TTL ms>``, by which a release
+    that hands it the lock knows it takes direct grants and for how long, then the
+    ``holder`` suffix (:func:`dcoord.inspect.holder_suffix`)."""
+    return f"{secrets.token_hex(16)}~{ttl_ms}{holder}"
+
+
+def fair_call(data: bytes) -> tuple[bytes, int] | None:
+    """The fair waiter a pub/sub message calls and the fence it was granted (0: called
+    to acquire it itself), or None for another message (a release for all)."""
+    if data.startswith(GRANT_PREFIX):
+        fence, _, token = data[len(GRANT_PREFIX) :].partition(b":")
+        return token, int(fence)
+    if data.startswith(CALL_PREFIX):
+        return data[len(CALL_PREFIX) :], 0
+    return None
+
+
 FENCE_ADMIT = LuaScript.named("fence_admit")
 
 
@@ -438,12 +461,18 @@ class RedisLockSlot:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock (no retries: see :class:`_OrphanCleanup`)."""
         if self._fair:
-            return FAIR_CANCEL(self._redis, self._keys, [token, self.channel])
+            args = [token, self.channel, self._locks.skew_margin_us]
+            return FAIR_CANCEL(self._redis, self._keys, args)
         return self._locks.release_script(self._redis, [self.key], [token, self.channel])
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
-        token = secrets.token_hex(16)  # a new token per grant: an old one can never act
-        token += holder_suffix(self._locks.backend.settings.options["label"])  # inspection
+        # A new token per grant: an old one can never act. Its suffix names the holder
+        # (inspection).
+        holder = holder_suffix(self._locks.backend.settings.options["label"])
+        if self._fair:
+            token = fair_token(milliseconds(self._ttl), holder)
+        else:
+            token = secrets.token_hex(16) + holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
         once = deadline is not None and time.monotonic() >= deadline
         result, sent = self._try(token, queue=not once)
@@ -453,7 +482,7 @@ class RedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = self._wait(token, deadline)
+                result, sent = self._wait(token, deadline, sent)
             except BaseException:
                 if self._fair:  # a waiter that gives up leaves the queue behind it
                     _OrphanCleanup(self, token, time.monotonic(), self._ttl).start()
@@ -487,20 +516,29 @@ class RedisLockSlot:
             raise
         return int(result), sent
 
-    def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        # A fair waiter sleeps until called by name (or a generic wake-up).
+    def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
+        """Wait for the lock after the try sent at ``queued`` found it taken: its fence
+        and the time from which its TTL counts (a time before the server granted it)."""
+        # A fair waiter sleeps until granted or called by name (or a generic wake-up).
         called = token.encode() if self._fair else None
         with self._locks.notifier.interest(self.channel, called) as channel:
             while True:
-                # Read the generation (and forget a call) before trying: a release
+                # Read the generation (and take a call) before trying: a release
                 # published after the try then changes it, so the wait below cannot
                 # miss it.
                 seen = channel.generation
                 if called is not None:
-                    channel.called.discard(called)
+                    fence = channel.called.pop(called, 0)
+                    if fence:
+                        # Handed over by a release, which ran after the try sent at
+                        # ``queued`` had queued us: the grant's TTL counts from later.
+                        return fence, queued
                 result, sent = self._try(token)
                 if result > 0:
-                    return result, sent
+                    # A fair try may find the lock handed over before it was sent: its
+                    # TTL counts from the last try that queued.
+                    return result, queued if self._fair else sent
+                queued = sent
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
@@ -529,7 +567,8 @@ class RedisLockSlot:
             nonlocal reply_lost
             try:
                 if self._fair:
-                    return FAIR_RELEASE(self._redis, self._keys, [token, self.channel])
+                    args = [token, self.channel, self._locks.skew_margin_us]
+                    return FAIR_RELEASE(self._redis, self._keys, args)
                 return self._locks.release_script(self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -565,7 +604,8 @@ class RedisLockSlot:
 
 class _Channel:
     """Waiters of one lock in this client; ``generation`` counts wake-ups for all, and
-    ``called`` holds the tokens of fair waiters called by name (``next:<token>``)."""
+    ``called`` holds the tokens of fair waiters called by name, each with the fence a
+    release handed it (0: called to acquire itself, see :func:`fair_call`)."""
 
     __slots__ = ("called", "generation", "idle_since", "name", "tokens", "waiters")
 
@@ -575,7 +615,7 @@ class _Channel:
         self.waiters = 0
         self.idle_since = 0.0
         self.tokens: set[bytes] = set()  # fair waiters of this client
-        self.called: set[bytes] = set()
+        self.called: dict[bytes, int] = {}
 
 
 class _Notifier:
@@ -648,7 +688,7 @@ class _Notifier:
                 channel.idle_since = time.monotonic()
                 if token is not None:
                     channel.tokens.discard(token)
-                    channel.called.discard(token)
+                    channel.called.pop(token, None)
 
     def wait(
         self, channel: _Channel, seen: int, timeout: float, token: bytes | None = None
@@ -756,12 +796,13 @@ class _Notifier:
                     woken = self._channels.get(message["channel"])
                     if woken is not None:
                         data = message["data"]
-                        if isinstance(data, bytes) and data.startswith(CALL_PREFIX):
+                        call = fair_call(data) if isinstance(data, bytes) else None
+                        if call is not None:
                             # One fair waiter's turn: the others sleep on (no herd).
-                            called = data[len(CALL_PREFIX) :]
+                            called, fence = call
                             if called not in woken.tokens:
                                 continue
-                            woken.called.add(called)
+                            woken.called[called] = fence
                         else:
                             woken.generation += 1
                         self._cond.notify_all()
