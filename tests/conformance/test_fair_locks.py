@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import dcoord
+import dcoord.backends.redis.locks
 from dcoord.backends.memory.locks import _table
-from dcoord.backends.redis.locks import fair_keys, lock_keys
+from dcoord.backends.redis.locks import fair_keys, fair_token, lock_keys, milliseconds
 from tests.conformance.test_locks import MARGIN, TTL, stored_keys, wait_until
 
 Connect = Callable[..., dcoord.Client]
@@ -219,6 +221,192 @@ def test_redis_fair_waiter_interrupted_while_waiting_leaves_the_queue(
         # It had queued (its first attempt found the lock held); the cleanup takes it
         # out at once, not after its entry's 5 s.
         assert wait_until(lambda: stored_keys(a) == before, 2), (before, stored_keys(a))
+    finally:
+        a.close()
+        b.close()
+
+
+# -- Redis: the release hands the lock to the queue's head ------------------------------
+
+
+def fair_state(client: dcoord.Client, name: str) -> tuple[bytes | None, int]:
+    """The token holding Redis lock ``name`` and its fence counter."""
+    backend: Any = client.backend
+    key, fence, _ = lock_keys(backend.prefix, name)
+    holder, counter = backend.redis.mget([key, fence])
+    return holder, int(counter or 0)
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_release_hands_the_lock_over_without_an_acquire_of_the_waiter(
+    real_backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter learns its grant and fence from the release's message: no try of its
+    own after the release (its entry lives a minute, so it has no reason to call)."""
+    monkeypatch.setattr(dcoord.backends.redis.locks, "FAIR_WAITER_TTL", 60.0)
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        holder = a.lock("res", ttl=30, fair=True)
+        assert holder.acquire()
+        first = holder.fence
+        waiter = b.lock("res", ttl=30, fair=True)
+        slot: Any = waiter._slot  # type: ignore[attr-defined]
+        tries: list[float] = []
+        real_try = slot._try
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            tries.append(time.monotonic())
+            return real_try(*args, **kwargs)
+
+        slot._try = counted
+        notifier: Any = b.backend.locks.notifier  # type: ignore[attr-defined]
+        real_wait = notifier.wait
+        waiting = threading.Event()
+
+        def wait(*args: Any) -> None:
+            waiting.set()
+            real_wait(*args)
+
+        notifier.wait = wait
+        got = threading.Event()
+        threading.Thread(target=lambda: waiter.acquire(timeout=20) and got.set()).start()
+        assert waiting.wait(10)  # queued, subscribed, tried once more, asleep
+        before = len(tries)
+        holder.release()
+        assert got.wait(10)
+        assert len(tries) == before  # granted by the release alone
+        assert waiter.fence is not None and first is not None and waiter.fence > first
+        token, counter = fair_state(a, "res")
+        assert token is not None and token.decode() == slot._token
+        assert counter == waiter.fence and waiter.held
+        waiter.release()
+        assert queued(a, "res") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_grant_handed_to_a_waiter_that_gave_up_is_released_and_passed_on(
+    real_backend_url: str, namespace: str
+) -> None:
+    """A waiter whose time ran out as the release handed it the lock leaves the queue
+    with the cancel script, which lets go of the grant and hands it to the next waiter:
+    nothing is held until the quitter's TTL. Each grant's fence is above the last."""
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        holder = a.lock("res", ttl=30, fair=True)
+        assert holder.acquire()
+        # The quitter queues (one try, as a waiting acquire makes), then stops listening.
+        quitter: Any = b.backend.locks.slot("res", 30.0, True, True)  # type: ignore[attr-defined]
+        token = fair_token(milliseconds(30.0), "|quitter|")
+        assert quitter._try(token)[0] < 0
+        got = threading.Event()
+        late = a.lock("res", ttl=30, fair=True)
+        threading.Thread(target=lambda: late.acquire(timeout=20) and got.set()).start()
+        assert wait_until(lambda: queued(a, "res") == 2, 5)
+        holder.release()
+        handed, handed_fence = fair_state(a, "res")
+        assert handed == token.encode()  # the quitter holds it now, unaware
+        assert holder.fence is not None and handed_fence > holder.fence
+        quitter._leave(token)  # as acquire() does when its deadline has passed
+        assert got.wait(5)  # at once, not after the quitter's 30 s TTL
+        assert late.fence is not None and late.fence > handed_fence
+        late.release()
+        assert queued(a, "res") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_release_skips_a_dead_waiter(real_backend_url: str, namespace: str) -> None:
+    """A waiter whose entry expired (it died while queued) is dropped, and the lock goes
+    to the live one behind it; the dead one never holds it."""
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        holder = a.lock("res", ttl=30, fair=True)
+        assert holder.acquire()
+        # Queues once with an entry of TTL["redis"], then never calls again.
+        dead: Any = b.backend.locks.slot("res", TTL["redis"], True, True)  # type: ignore[attr-defined]
+        dead_token = fair_token(milliseconds(TTL["redis"]), "|dead|")
+        assert dead._try(dead_token)[0] < 0
+        got = threading.Event()
+        late = a.lock("res", ttl=30, fair=True)
+        threading.Thread(target=lambda: late.acquire(timeout=20) and got.set()).start()
+        assert wait_until(lambda: queued(a, "res") == 2, 5)
+        backend: Any = a.backend
+        _, waiters = fair_keys(lock_keys(backend.prefix, "res")[0])
+        expires = backend.redis.zscore(waiters, dead_token)
+
+        def server_ms() -> float:
+            seconds, micros = backend.redis.time()
+            return float(seconds * 1000 + micros // 1000)
+
+        assert wait_until(lambda: server_ms() > expires, 5)
+        holder.release()
+        assert got.wait(5)
+        token, _ = fair_state(a, "res")
+        assert token is not None and token.decode() == late._slot._token  # type: ignore[attr-defined]
+        late.release()
+        assert queued(a, "res") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_queue_mixes_waiters_of_older_clients(
+    real_backend_url: str, namespace: str
+) -> None:
+    """An older client's waiter (a token without its TTL) is called and acquires itself,
+    and a waiter of this version called the older way (an older client's release
+    publishes ``next:<token>`` and deletes the key) acquires when called."""
+    a = dcoord.connect(real_backend_url, namespace=namespace)
+    b = dcoord.connect(real_backend_url, namespace=namespace)
+    try:
+        backend: Any = a.backend
+        key, _, channel = lock_keys(backend.prefix, "res")
+        holder = a.lock("res", ttl=30, fair=True)
+        assert holder.acquire()
+        older: Any = b.backend.locks.slot("res", 30.0, True, True)  # type: ignore[attr-defined]
+        old_token = "0123456789abcdef0123456789abcdef|older|"
+        assert older._try(old_token)[0] < 0
+        got = threading.Event()
+        late = a.lock("res", ttl=30, fair=True)
+        threading.Thread(target=lambda: late.acquire(timeout=20) and got.set()).start()
+        assert wait_until(lambda: queued(a, "res") == 2, 5)
+        pubsub = backend.redis.pubsub()
+        try:
+            pubsub.subscribe(channel)
+            holder.release()
+            messages: list[bytes] = []
+
+            def called() -> bool:
+                message = pubsub.get_message(timeout=0.1)
+                if message is not None and message["type"] == "message":
+                    messages.append(message["data"])
+                return bool(messages)
+
+            assert wait_until(called, 5)
+        finally:
+            pubsub.close()
+        assert messages == [b"next:" + old_token.encode()]
+        assert fair_state(a, "res")[0] is None  # called, not handed the lock
+        fence, _ = older._try(old_token)
+        assert fence > 0
+        # An older client's release: the call first, then the delete.
+        head = backend.redis.lindex(fair_keys(key)[0], 0)
+        assert head is not None and b"~30000|" in head  # the waiter of this version
+        backend.redis.delete(key)
+        backend.redis.publish(channel, b"next:" + head)
+        assert got.wait(5)
+        assert late.fence is not None and late.fence > fence
+        late.release()
+        assert queued(a, "res") == 0
     finally:
         a.close()
         b.close()

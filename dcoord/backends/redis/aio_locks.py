@@ -672,7 +672,10 @@ class AsyncRedisLockSlot:
                         return 0, sent
                     hint = min(hint, deadline - now)
                 try:
-                    await asyncio.wait_for(woken, hint)  # cancels ``woken`` on timeout
+                    # Cancels ``woken`` on timeout. keep_cancellation: Python 3.11's
+                    # wait_for drops a cancel that comes in the step that wakes us (a
+                    # handed grant would then be taken by a cancelled acquire).
+                    await keep_cancellation(asyncio.wait_for(woken, hint))
                 except TimeoutError:
                     pass
                 except BaseException:
