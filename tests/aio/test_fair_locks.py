@@ -106,6 +106,22 @@ def test_an_async_fair_waiter_is_handed_the_lock_without_an_acquire_of_its_own(
     """The release's message carries the grant and its fence: the waiter makes no try
     after it (its entry lives a minute, so it has no reason to call)."""
     monkeypatch.setattr(dcoord.backends.redis.aio_locks, "FAIR_WAITER_TTL", 60.0)
+    channel_class = dcoord.backends.redis.aio_locks._Channel
+    real_wake_all, real_park = channel_class.wake_all, channel_class.park
+    confirmed = 0  # subscription confirmations delivered (each wakes every waiter)
+    parked: list[int] = []  # confirmations delivered before each of the waiter's parks
+
+    def wake_all(self: Any) -> None:
+        nonlocal confirmed
+        confirmed += 1
+        real_wake_all(self)
+
+    def park(self: Any, token: bytes | None = None) -> Any:
+        parked.append(confirmed)
+        return real_park(self, token)
+
+    monkeypatch.setattr(channel_class, "wake_all", wake_all)
+    monkeypatch.setattr(channel_class, "park", park)
 
     async def main() -> None:
         async with connect(aio_url, namespace=namespace) as client:
@@ -124,11 +140,14 @@ def test_an_async_fair_waiter_is_handed_the_lock_without_an_acquire_of_its_own(
 
             slot._try = counted
             task = asyncio.create_task(waiter.acquire())
-            # Queued, subscribed, tried once more: from its reply on it waits.
-            assert await eventually(lambda: tries == 2, 10)
+            # Parked after the subscription's confirmation, and that park's try answered
+            # (its first try comes before it parks): only the release wakes it now.
+            assert await eventually(lambda: bool(parked) and parked[-1] >= 1, 10)
+            assert await eventually(lambda: tries == len(parked) + 1, 10)
+            before = tries
             await holder.release()
             assert await asyncio.wait_for(task, 10)
-            assert tries == 2
+            assert tries == before
             assert holder.fence is not None and waiter.fence is not None
             assert waiter.fence > holder.fence
             await waiter.release()

@@ -262,16 +262,18 @@ def test_redis_fair_release_hands_the_lock_over_without_an_acquire_of_the_waiter
         slot._try = counted
         notifier: Any = b.backend.locks.notifier  # type: ignore[attr-defined]
         real_wait = notifier.wait
-        waiting = threading.Event()
+        seen: list[int] = []  # the channel's generation before each try that went to sleep
 
-        def wait(*args: Any) -> None:
-            waiting.set()
-            real_wait(*args)
+        def wait(channel: Any, generation: int, *args: Any) -> None:
+            seen.append(generation)
+            real_wait(channel, generation, *args)
 
         notifier.wait = wait
         got = threading.Event()
         threading.Thread(target=lambda: waiter.acquire(timeout=20) and got.set()).start()
-        assert waiting.wait(10)  # queued, subscribed, tried once more, asleep
+        # Asleep after a try that followed the subscription's confirmation (which wakes
+        # waiters for one more try): nothing but the release wakes it now.
+        assert wait_until(lambda: bool(seen) and seen[-1] >= 1, 10)
         before = len(tries)
         holder.release()
         assert got.wait(10)
@@ -379,15 +381,18 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         late = a.lock("res", ttl=30, fair=True)
         threading.Thread(target=lambda: late.acquire(timeout=20) and got.set()).start()
         assert wait_until(lambda: queued(a, "res") == 2, 5)
+        # On a Cluster the scripts publish on shard channels (SPUBLISH).
+        sharded = backend.settings.topology == "cluster"
         pubsub = backend.redis.pubsub()
         try:
-            pubsub.subscribe(channel)
+            (pubsub.ssubscribe if sharded else pubsub.subscribe)(channel)
             holder.release()
             messages: list[bytes] = []
 
             def called() -> bool:
-                message = pubsub.get_message(timeout=0.1)
-                if message is not None and message["type"] == "message":
+                read = pubsub.get_sharded_message if sharded else pubsub.get_message
+                message = read(timeout=0.1)
+                if message is not None and message["type"] in ("message", "smessage"):
                     messages.append(message["data"])
                 return bool(messages)
 
@@ -402,7 +407,7 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         head = backend.redis.lindex(fair_keys(key)[0], 0)
         assert head is not None and b"~30000|" in head  # the waiter of this version
         backend.redis.delete(key)
-        backend.redis.publish(channel, b"next:" + head)
+        (backend.redis.spublish if sharded else backend.redis.publish)(channel, b"next:" + head)
         assert got.wait(5)
         assert late.fence is not None and late.fence > fence
         late.release()
