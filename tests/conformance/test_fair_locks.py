@@ -303,7 +303,7 @@ def test_redis_fair_grant_handed_to_a_waiter_that_gave_up_is_released_and_passed
         assert holder.acquire()
         # The quitter queues (one try, as a waiting acquire makes), then stops listening.
         quitter: Any = b.backend.locks.slot("res", 30.0, True, True)  # type: ignore[attr-defined]
-        token = fair_token(milliseconds(30.0), "|quitter|")
+        token = fair_token(milliseconds(30.0), "0b", "|quitter|")
         assert quitter._try(token)[0] < 0
         got = threading.Event()
         late = a.lock("res", ttl=30, fair=True)
@@ -334,7 +334,7 @@ def test_redis_fair_release_skips_a_dead_waiter(real_backend_url: str, namespace
         assert holder.acquire()
         # Queues once with an entry of TTL["redis"], then never calls again.
         dead: Any = b.backend.locks.slot("res", TTL["redis"], True, True)  # type: ignore[attr-defined]
-        dead_token = fair_token(milliseconds(TTL["redis"]), "|dead|")
+        dead_token = fair_token(milliseconds(TTL["redis"]), "0d", "|dead|")
         assert dead._try(dead_token)[0] < 0
         got = threading.Event()
         late = a.lock("res", ttl=30, fair=True)
@@ -405,7 +405,7 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         assert fence > 0
         # An older client's release: the call first, then the delete.
         head = backend.redis.lindex(fair_keys(key)[0], 0)
-        assert head is not None and b"~30000|" in head  # the waiter of this version
+        assert head is not None and b"~30000~" in head  # the waiter of this version
         backend.redis.delete(key)
         (backend.redis.spublish if sharded else backend.redis.publish)(channel, b"next:" + head)
         assert got.wait(5)

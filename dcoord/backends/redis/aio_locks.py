@@ -64,6 +64,7 @@ from .locks import (
     fair_keys,
     fair_token,
     fence_key,
+    grant_channel,
     lock_keys,
     milliseconds,
 )
@@ -337,6 +338,7 @@ class AsyncRedisLocks:
         self.holder = holder_suffix(backend.settings.options["label"])
         self.cluster = isinstance(backend.redis, RedisCluster)
         self.notifier = _Notifier(backend.redis)
+        self.tag = secrets.token_hex(4)  # names this client's grants channels (as sync)
         self._cleanups: set[asyncio.Task[None]] = set()
         # On a Cluster a pipeline waits for its slowest node: extends go one by one there.
         self.extends = None if self.cluster else _Extends(self)
@@ -569,7 +571,7 @@ class AsyncRedisLockSlot:
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         # A new token per grant (a fair one says how long a grant handed to it lasts).
         if self.fair:
-            token = fair_token(self._ttl_ms, self._locks.holder)
+            token = fair_token(self._ttl_ms, self._locks.tag, self._locks.holder)
         else:
             token = secrets.token_hex(16) + self._locks.holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
@@ -642,8 +644,10 @@ class AsyncRedisLockSlot:
         """Wait for the lock after the try sent at ``queued`` found it taken: its fence
         and the time from which its TTL counts (a time before the server granted it)."""
         # A fair waiter sleeps until granted or called by name (or a wake-up for all).
-        called = token.encode() if self.fair else None
-        async with self._locks.notifier.interest(self.channel, called) as channel:
+        called, grants = None, None
+        if self.fair:
+            called, grants = token.encode(), grant_channel(self.channel, self._locks.tag)
+        async with self._locks.notifier.interest(self.channel, called, grants=grants) as channel:
             while True:
                 # Park before trying: a release published after the try then wakes
                 # us (or a waiter before us), so the wait below cannot miss it.
@@ -741,10 +745,20 @@ class _Channel:
     each one handed the lock.
     """
 
-    __slots__ = ("broadcast", "called", "handed", "idle_since", "name", "parked", "waiters")
+    __slots__ = (
+        "broadcast",
+        "called",
+        "handed",
+        "idle_since",
+        "name",
+        "parked",
+        "subscribed",
+        "waiters",
+    )
 
     def __init__(self, name: bytes) -> None:
         self.name = name
+        self.subscribed: set[bytes] = set()  # its names (the lock's, a grants channel)
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.called: dict[bytes, asyncio.Future[None]] = {}  # fair waiters by token
         self.handed: dict[bytes, int] = {}
@@ -831,17 +845,29 @@ class _Notifier:
 
     @contextlib.asynccontextmanager
     async def interest(
-        self, channel_name: str, token: bytes | None = None, *, broadcast: bool = False
+        self,
+        channel_name: str,
+        token: bytes | None = None,
+        *,
+        grants: str | None = None,
+        broadcast: bool = False,
     ) -> AsyncIterator[_Channel]:
         """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
-        waiter gives its ``token``, by which a release calls it; with ``broadcast``
-        every message on the channel wakes all its waiters, not one."""
+        waiter gives its ``token``, by which a release calls it, and its client's
+        ``grants`` channel (:func:`.locks.grant_channel`), whose messages reach the same
+        waiters; with ``broadcast`` every message on the channel wakes all its waiters,
+        not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
-            new = channel is None
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
+            # Both names lead to one _Channel, so they are idle (and pruned) together.
+            names = [key] if grants is None else [key, grants.encode()]
+            new = [name for name in names if name not in channel.subscribed]
+            for name in new:
+                self._channels[name] = channel
+            channel.subscribed.update(new)
             channel.waiters += 1
             channel.broadcast = channel.broadcast or broadcast
         try:
@@ -853,7 +879,7 @@ class _Notifier:
                 )
             if new:
                 async with self._send:
-                    await self._command(self._subscribe, key)
+                    await self._command(self._subscribe, *new)
                 self._nodes_changed.set()
             yield channel
         finally:

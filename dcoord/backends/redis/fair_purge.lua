@@ -26,21 +26,28 @@ local function live_head()
   return false
 end
 
+-- A waiter that takes grants says in its token how long its grant lasts and which
+-- client it waits in ('<hex>~<TTL ms>~<client tag>|...'); returns those two, or nil
+-- for an older client's waiter.
+local function takes_grants(waiter)
+  return string.match(waiter, '^%x+~(%d+)~(%x+)|')
+end
+
 -- Pass the lock, free or being let go by its holder, to `waiter`, the live head of the
--- queue, calling on `channel`. A waiter that takes grants says in its token how long its
--- grant lasts ('<hex>~<TTL ms>|...'): it is granted here (the lock key set to its token
--- with that TTL, the next fence counted, its entry removed) and learns it from the
--- message 'granted:<fence>:<token>', with no acquire of its own. An older client's
--- waiter is called by 'next:<token>' and acquires. Returns whether it granted.
+-- queue. A waiter that takes grants is granted here (the lock key set to its token with
+-- its TTL, the next fence counted, its entry removed) and learns it from the message
+-- 'granted:<fence>:<token>' on '<channel>:<its client tag>', which only its client
+-- hears, with no acquire of its own. An older client's waiter is called on `channel`
+-- by 'next:<token>' and acquires. Returns whether it granted.
 -- PUBLISH before any write: a denied channel fails the script with nothing granted.
 local function hand_over(waiter, channel, margin_us)
-  local ttl = string.match(waiter, '^%x+~(%d+)|')
+  local ttl, tag = takes_grants(waiter)
   if not ttl then
     redis.call('PUBLISH', channel, 'next:' .. waiter)
     return false
   end
   local fence = string.format('%.0f', lock_fence(margin_us))
-  redis.call('PUBLISH', channel, 'granted:' .. fence .. ':' .. waiter)
+  redis.call('PUBLISH', channel .. ':' .. tag, 'granted:' .. fence .. ':' .. waiter)
   redis.call('SET', KEYS[1], waiter, 'PX', ttl)
   redis.call('SET', KEYS[2], fence)
   redis.call('LPOP', KEYS[3])

@@ -18,7 +18,7 @@ if held == -2 and head and not ours then
   -- it died), or the holder's TTL ran out. Hand it over (an older client's waiter is
   -- called only once, when it becomes the head). (Should the channel be denied, the
   -- script fails having only dropped dead entries.)
-  if purged or string.match(head, '^%x+~%d+|') then
+  if purged or takes_grants(head) then
     if hand_over(head, ARGV[4], tonumber(ARGV[3])) then
       held = redis.call('PTTL', KEYS[1])
     end

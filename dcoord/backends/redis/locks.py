@@ -215,11 +215,18 @@ CALL_PREFIX = b"next:"
 GRANT_PREFIX = b"granted:"
 
 
-def fair_token(ttl_ms: int, holder: str) -> str:
-    """A new token for a fair waiter: random, then ``~<TTL ms>``, by which a release
-    that hands it the lock knows it takes direct grants and for how long, then the
-    ``holder`` suffix (:func:`dcoord.inspect.holder_suffix`)."""
-    return f"{secrets.token_hex(16)}~{ttl_ms}{holder}"
+def fair_token(ttl_ms: int, tag: str, holder: str) -> str:
+    """A new token for a fair waiter: random, then ``~<TTL ms>~<client tag>``, by which a
+    release that hands it the lock knows it takes grants, for how long, and on which
+    channel (:func:`grant_channel`) to tell it, then the ``holder`` suffix
+    (:func:`dcoord.inspect.holder_suffix`)."""
+    return f"{secrets.token_hex(16)}~{ttl_ms}~{tag}{holder}"
+
+
+def grant_channel(channel: str, tag: str) -> str:
+    """Where the fair waiters of the client tagged ``tag`` hear of grants handed to them
+    on the lock of release channel ``channel``: their client alone wakes for them."""
+    return f"{channel}:{tag}"
 
 
 def fair_call(data: bytes) -> tuple[bytes, int] | None:
@@ -252,6 +259,9 @@ class RedisLocks:
         self.cluster = backend.settings.topology == "cluster"
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
+        # Names this client's grants channels (grant_channel): a fair waiter's token
+        # carries it, so a release tells this client alone.
+        self.tag = secrets.token_hex(4)
         self._check_eviction = LockEvictionCheck(backend)
         # On a Cluster a pipeline waits for its slowest node: renewals go one by one there,
         # so a node that hangs never delays the renewal of a lock on another node.
@@ -470,7 +480,7 @@ class RedisLockSlot:
         # (inspection).
         holder = holder_suffix(self._locks.backend.settings.options["label"])
         if self._fair:
-            token = fair_token(milliseconds(self._ttl), holder)
+            token = fair_token(milliseconds(self._ttl), self._locks.tag, holder)
         else:
             token = secrets.token_hex(16) + holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
@@ -520,8 +530,10 @@ class RedisLockSlot:
         """Wait for the lock after the try sent at ``queued`` found it taken: its fence
         and the time from which its TTL counts (a time before the server granted it)."""
         # A fair waiter sleeps until granted or called by name (or a generic wake-up).
-        called = token.encode() if self._fair else None
-        with self._locks.notifier.interest(self.channel, called) as channel:
+        called, grants = None, None
+        if self._fair:
+            called, grants = token.encode(), grant_channel(self.channel, self._locks.tag)
+        with self._locks.notifier.interest(self.channel, called, grants) as channel:
             while True:
                 # Read the generation (and take a call) before trying: a release
                 # published after the try then changes it, so the wait below cannot
@@ -607,10 +619,11 @@ class _Channel:
     ``called`` holds the tokens of fair waiters called by name, each with the fence a
     release handed it (0: called to acquire itself, see :func:`fair_call`)."""
 
-    __slots__ = ("called", "generation", "idle_since", "name", "tokens", "waiters")
+    __slots__ = ("called", "generation", "idle_since", "name", "subscribed", "tokens", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
+        self.subscribed: set[bytes] = set()  # its names (the lock's, a grants channel)
         self.generation = 0
         self.waiters = 0
         self.idle_since = 0.0
@@ -651,15 +664,24 @@ class _Notifier:
         self._nodes_changed = threading.Event()
 
     @contextlib.contextmanager
-    def interest(self, channel_name: str, token: bytes | None = None) -> Iterator[_Channel]:
+    def interest(
+        self, channel_name: str, token: bytes | None = None, grants: str | None = None
+    ) -> Iterator[_Channel]:
         """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
-        waiter gives its ``token``, by which a release calls it."""
+        waiter gives its ``token``, by which a release calls it, and its client's
+        ``grants`` channel (:func:`grant_channel`), whose messages reach the same
+        waiters."""
         key = channel_name.encode()
         with self._cond:
             channel = self._channels.get(key)
-            new = channel is None
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
+            # Both names lead to one _Channel, so they are idle (and pruned) together.
+            names = [key] if grants is None else [key, grants.encode()]
+            new = [name for name in names if name not in channel.subscribed]
+            for name in new:
+                self._channels[name] = channel
+            channel.subscribed.update(new)
             channel.waiters += 1
             if token is not None:
                 channel.tokens.add(token)
@@ -676,7 +698,7 @@ class _Notifier:
                 start = False
         try:
             if new:
-                self._command(self._subscribe, key)
+                self._command(self._subscribe, *new)
                 self._nodes_changed.set()
             if start:
                 assert self._thread is not None
