@@ -3,9 +3,10 @@ the queue's own guarantees (a waiter that gives up or dies leaves no entry behin
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +14,13 @@ import pytest
 import dcoord
 import dcoord.backends.redis.locks
 from dcoord.backends.memory.locks import _table
-from dcoord.backends.redis.locks import fair_keys, fair_token, lock_keys, milliseconds
+from dcoord.backends.redis.locks import (
+    fair_keys,
+    fair_token,
+    grant_channel,
+    lock_keys,
+    milliseconds,
+)
 from tests.conformance.test_locks import MARGIN, TTL, stored_keys, wait_until
 
 Connect = Callable[..., dcoord.Client]
@@ -237,6 +244,28 @@ def fair_state(client: dcoord.Client, name: str) -> tuple[bytes | None, int]:
     return holder, int(counter or 0)
 
 
+@contextlib.contextmanager
+def listening(backend: Any, channel: str) -> Iterator[Callable[[], list[bytes]]]:
+    """Subscribe to ``channel`` (a shard channel on a Cluster, as the scripts publish
+    there); gives a function that reads what has come so far and returns it all."""
+    sharded = backend.settings.topology == "cluster"
+    pubsub = backend.redis.pubsub()
+    messages: list[bytes] = []
+
+    def heard() -> list[bytes]:
+        read = pubsub.get_sharded_message if sharded else pubsub.get_message
+        while (message := read(timeout=0.05)) is not None:
+            if message["type"] in ("message", "smessage"):
+                messages.append(message["data"])
+        return messages
+
+    try:
+        (pubsub.ssubscribe if sharded else pubsub.subscribe)(channel)
+        yield heard
+    finally:
+        pubsub.close()
+
+
 @pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
 def test_redis_fair_release_hands_the_lock_over_without_an_acquire_of_the_waiter(
     real_backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
@@ -275,12 +304,17 @@ def test_redis_fair_release_hands_the_lock_over_without_an_acquire_of_the_waiter
         # waiters for one more try): nothing but the release wakes it now.
         assert wait_until(lambda: bool(seen) and seen[-1] >= 1, 10)
         before = len(tries)
-        holder.release()
-        assert got.wait(10)
-        assert len(tries) == before  # granted by the release alone
-        assert waiter.fence is not None and first is not None and waiter.fence > first
-        token, counter = fair_state(a, "res")
-        assert token is not None and token.decode() == slot._token
+        # The grant goes to the waiter's client alone, on its own channel.
+        grants = grant_channel(slot.channel, b.backend.locks.tag)  # type: ignore[attr-defined]
+        with listening(a.backend, grants) as heard:
+            holder.release()
+            assert got.wait(10)
+            assert len(tries) == before  # granted by the release alone
+            assert waiter.fence is not None and first is not None and waiter.fence > first
+            token, counter = fair_state(a, "res")
+            assert token is not None and token.decode() == slot._token
+            assert wait_until(lambda: bool(heard()), 5)
+            assert heard() == [f"granted:{waiter.fence}:".encode() + token]
         assert counter == waiter.fence and waiter.held
         waiter.release()
         assert queued(a, "res") == 0
@@ -381,24 +415,10 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         late = a.lock("res", ttl=30, fair=True)
         threading.Thread(target=lambda: late.acquire(timeout=20) and got.set()).start()
         assert wait_until(lambda: queued(a, "res") == 2, 5)
-        # On a Cluster the scripts publish on shard channels (SPUBLISH).
-        sharded = backend.settings.topology == "cluster"
-        pubsub = backend.redis.pubsub()
-        try:
-            (pubsub.ssubscribe if sharded else pubsub.subscribe)(channel)
+        with listening(backend, channel) as heard:
             holder.release()
-            messages: list[bytes] = []
-
-            def called() -> bool:
-                read = pubsub.get_sharded_message if sharded else pubsub.get_message
-                message = read(timeout=0.1)
-                if message is not None and message["type"] in ("message", "smessage"):
-                    messages.append(message["data"])
-                return bool(messages)
-
-            assert wait_until(called, 5)
-        finally:
-            pubsub.close()
+            assert wait_until(lambda: bool(heard()), 5)
+            messages = heard()
         assert messages == [b"next:" + old_token.encode()]
         assert fair_state(a, "res")[0] is None  # called, not handed the lock
         fence, _ = older._try(old_token)
@@ -407,6 +427,7 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         head = backend.redis.lindex(fair_keys(key)[0], 0)
         assert head is not None and b"~30000~" in head  # the waiter of this version
         backend.redis.delete(key)
+        sharded = backend.settings.topology == "cluster"
         (backend.redis.spublish if sharded else backend.redis.publish)(channel, b"next:" + head)
         assert got.wait(5)
         assert late.fence is not None and late.fence > fence
