@@ -8,6 +8,7 @@ Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one has
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
     dcoord:<ns>:lock:{NAME}:queue      fair locks: the waiters' tokens in arrival order
     dcoord:<ns>:lock:{NAME}:waiters    fair locks: each waiter's expiry (zset, server ms)
+    dcoord:<ns>:lock:{NAME}:released:<tag>  fair locks: grants to one client's waiters
 
 The fence of a resource ``R`` (:class:`dcoord.Fence`, same encoding) is
 ``dcoord:<ns>:fence:{R}``: a value written with ``Fence.write`` lands in the same script,
@@ -23,8 +24,10 @@ instead: a caller that finds the lock held, or another waiter ahead of it, joins
 queue; the lock goes to the queue's head. A waiter's entry expires unless it calls again
 within :data:`FAIR_WAITER_TTL` (or the lock's TTL, if shorter), so a dead waiter blocks
 the queue that long at most; a waiter that gives up leaves it (:data:`FAIR_CANCEL`).
-The release hands the lock straight to the head (fair_purge.lua ``hand_over``): the
-waiter learns its fence from the message (:func:`fair_call`), with no acquire round trip.
+The release hands the lock straight to the live head (fair_purge.lua ``hand_over``),
+which learns it and its fence from a message on its client's own channel
+(:func:`grant_channel`, :func:`fair_call`), with no acquire round trip; the grant's TTL
+counts, for the waiter, from its last attempt the server answered "queued".
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
