@@ -347,9 +347,18 @@ def test_redis_fair_grant_handed_to_a_waiter_that_gave_up_is_released_and_passed
         handed, handed_fence = fair_state(a, "res")
         assert handed == token.encode()  # the quitter holds it now, unaware
         assert holder.fence is not None and handed_fence > holder.fence
+        # An attempt of the quitter now (one in flight as the release ran) finds the
+        # lock handed to it: it gets the grant's fence and does not queue again; with
+        # the counter lost meanwhile, a new fence above the old ones (not a crash).
+        assert quitter._try(token)[0] == handed_fence
+        backend: Any = a.backend
+        backend.redis.delete(lock_keys(backend.prefix, "res")[1])
+        refenced = quitter._try(token)[0]
+        assert refenced > handed_fence and fair_state(a, "res")[1] == refenced
+        assert queued(a, "res") == 1  # only the late waiter
         quitter._leave(token)  # as acquire() does when its deadline has passed
         assert got.wait(5)  # at once, not after the quitter's 30 s TTL
-        assert late.fence is not None and late.fence > handed_fence
+        assert late.fence is not None and late.fence > refenced
         late.release()
         assert queued(a, "res") == 0
     finally:

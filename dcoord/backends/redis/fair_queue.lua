@@ -8,8 +8,14 @@
 -- Returns what acquire.lua returns; a caller not granted gets -(ms to wait at most).
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   -- Handed the lock meanwhile (its message may still be on its way): its fence is the
-  -- last one counted, as no grant can follow while it holds the lock.
-  return tonumber(redis.call('GET', KEYS[2]))
+  -- last one counted, as no grant can follow while it holds the lock. (A counter lost
+  -- since then gets a new fence, above every earlier one as acquire.lua's.)
+  local fence = redis.call('GET', KEYS[2])
+  if not fence then
+    fence = string.format('%.0f', lock_fence(tonumber(ARGV[3])))
+    redis.call('SET', KEYS[2], fence)
+  end
+  return tonumber(fence)
 end
 local held = redis.call('PTTL', KEYS[1])
 local ours = held == -2 and (not head or head == ARGV[1])
