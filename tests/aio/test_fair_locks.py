@@ -14,7 +14,7 @@ import dcoord
 import dcoord.backends.redis.aio_locks
 from dcoord.aio import connect
 from tests.aio.test_aio_locks import eventually, sync_client  # noqa: F401
-from tests.conformance.test_fair_locks import queued
+from tests.conformance.test_fair_locks import queued, wait_behind_a_handed_dead_waiter
 
 
 def test_sync_and_async_fair_waiters_share_one_queue(
@@ -196,3 +196,12 @@ def test_an_async_fair_waiter_cancelled_as_it_is_handed_the_lock_passes_it_on(
             assert queued(sync_client, "res") == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_an_async_fair_waiter_killed_while_queued_blocks_the_next_for_its_entry_life_only(
+    aio_url: str, namespace: str
+) -> None:
+    """An async waiter, too, is handed the lock only for its queue entry's life (5 s): one
+    killed while queued holds up the waiter behind it that long, not for its TTL (30 s)."""
+    assert wait_behind_a_handed_dead_waiter(aio_url, namespace, "aio") < 10

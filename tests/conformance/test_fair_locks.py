@@ -4,9 +4,13 @@ the queue's own guarantees (a waiter that gives up or dies leaves no entry behin
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +26,7 @@ from dcoord.backends.redis.locks import (
     milliseconds,
 )
 from tests.conformance.test_locks import MARGIN, TTL, stored_keys, wait_until
+from tests.faults.child import DrivenChild
 
 Connect = Callable[..., dcoord.Client]
 
@@ -403,6 +408,138 @@ def test_redis_fair_release_skips_a_dead_waiter(real_backend_url: str, namespace
         b.close()
 
 
+ROOT = Path(__file__).resolve().parents[2]
+# A fair waiter (TTL 30 s, auto-renewed) in a process of its own, of the API its last
+# argument names ("sync" or "aio"): the test kills it while it waits in the queue.
+QUEUED_WAITER = """
+import asyncio, sys
+import dcoord, dcoord.aio
+url, namespace, api = sys.argv[1:]
+print("STARTED", flush=True)
+if api == "sync":
+    dcoord.connect(url, namespace=namespace).lock("res", ttl=30, fair=True).acquire(timeout=60)
+else:
+    async def wait():
+        async with dcoord.aio.connect(url, namespace=namespace) as client:
+            await client.lock("res", ttl=30, fair=True).acquire(timeout=60)
+    asyncio.run(wait())
+"""
+
+
+def wait_behind_a_handed_dead_waiter(url: str, namespace: str, api: str) -> float:
+    """How long (s) a waiter waits after the release that hands the lock to the waiter
+    queued before it, which was killed (SIGKILL: no cancel, its entry still lives): a
+    process waiting with ``api`` ("sync" or "aio"). Fails if it is not granted in 10 s."""
+    argv = [sys.executable, "-c", QUEUED_WAITER, url, namespace, api]
+    a = dcoord.connect(url, namespace=namespace)
+    child = DrivenChild(argv, cwd=ROOT, kind="waiter")
+    try:
+        holder = a.lock("res", ttl=30, fair=True)
+        assert holder.acquire()
+        child.expect("STARTED")
+        assert wait_until(lambda: queued(a, "res") == 1, 30)
+        backend: Any = a.backend
+        _, waiters = fair_keys(lock_keys(backend.prefix, "res")[0])
+        (dead,) = backend.redis.zrange(waiters, 0, -1)
+        late = a.lock("res", ttl=30, fair=True)
+        granted: list[float] = []
+        got = threading.Event()
+
+        def wait() -> None:
+            if late.acquire(timeout=40):
+                granted.append(time.monotonic())
+                got.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        assert wait_until(lambda: queued(a, "res") == 2, 10)
+        child.signal(signal.SIGKILL)
+        child.proc.wait(10)
+        released = time.monotonic()
+        holder.release()
+        # The case in question: the dead waiter's entry still lived, so it got the lock.
+        assert fair_state(a, "res")[0] == dead
+        assert got.wait(10), "the next waiter waits out the dead waiter's TTL"
+        late.release()
+        assert queued(a, "res") == 0
+        return granted[0] - released
+    finally:
+        child.stop()
+        a.close()
+
+
+@pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
+def test_redis_fair_waiter_killed_while_queued_blocks_the_next_for_its_entry_life_only(
+    real_backend_url: str, namespace: str
+) -> None:
+    """A release hands a waiter the lock only provisionally, for its queue entry's life
+    (5 s): one that died while queued holds up the waiter behind it that long, as its
+    entry did, not for its TTL (30 s)."""
+    waited = wait_behind_a_handed_dead_waiter(real_backend_url, namespace, "sync")
+    assert waited < 10
+
+
+def pttl(client: dcoord.Client, name: str) -> int:
+    """The server's remaining TTL (ms) of Redis lock ``name``."""
+    backend: Any = client.backend
+    return int(backend.redis.pttl(lock_keys(backend.prefix, name)[0]))
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_fair_waiter_handed_the_lock_renews_its_provisional_grant_to_its_ttl(
+    connect: Connect,
+) -> None:
+    """A waiter handed the lock for its entry's life (5 s of its 30 s TTL) keeps it: its
+    first renewal, before the 5 s run out, extends the lock to its TTL."""
+    a, b = connect(), connect()
+    holder = a.lock("res", ttl=30, fair=True)
+    assert holder.acquire()
+    lost: list[object] = []
+    waiter = b.lock("res", ttl=30, fair=True, on_lost=lost.append)
+    got = threading.Event()
+    threading.Thread(target=lambda: waiter.acquire(timeout=20) and got.set(), daemon=True).start()
+    assert wait_until(lambda: queued(a, "res") == 1, 10)
+    holder.release()
+    assert got.wait(10)
+    granted = time.monotonic()
+    token, _ = fair_state(a, "res")
+    assert token is not None and b"~5000~" in token  # handed for 5 s
+    assert wait_until(lambda: pttl(a, "res") > 5000, 10)  # renewed to the TTL
+    # Past the provisional deadline (5 s after the grant at the latest), never lost.
+    wait_until(lambda: bool(lost) or time.monotonic() > granted + 6, 10)
+    assert not lost and waiter.held and fair_state(a, "res")[0] == token
+    waiter.release()
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_fair_waiter_without_auto_renew_is_called_and_acquires_for_its_ttl(
+    connect: Connect,
+) -> None:
+    """Nobody would extend a provisional grant of a waiter that does not auto-renew: its
+    token asks for none, so the release calls it (``next:<token>``) and it acquires the
+    lock itself, for its TTL, as an older client's waiter does."""
+    a, b = connect(), connect()
+    holder = a.lock("res", ttl=30, fair=True)
+    assert holder.acquire()
+    waiter = b.lock("res", ttl=30, fair=True, auto_renew=False)
+    got = threading.Event()
+    threading.Thread(target=lambda: waiter.acquire(timeout=20) and got.set(), daemon=True).start()
+    assert wait_until(lambda: queued(a, "res") == 1, 10)
+    backend: Any = a.backend
+    key, _, channel = lock_keys(backend.prefix, "res")
+    (token,) = backend.redis.zrange(fair_keys(key)[1], 0, -1)
+    assert re.fullmatch(rb"[0-9a-f]+", token.split(b"|")[0])  # no hand-over asked for
+    with listening(backend, channel) as heard:
+        holder.release()
+        assert got.wait(10)
+        assert wait_until(lambda: bool(heard()), 5)
+        assert heard() == [b"next:" + token]
+    assert pttl(a, "res") > 5000  # its own acquire: the TTL, not an entry's life
+    assert fair_state(a, "res")[0] == token
+    assert waiter.fence is not None and holder.fence is not None and waiter.fence > holder.fence
+    waiter.release()
+    assert queued(a, "res") == 0
+
+
 @pytest.mark.parametrize("real_backend", ["redis"], indirect=True)
 def test_redis_fair_queue_mixes_waiters_of_older_clients(
     real_backend_url: str, namespace: str
@@ -434,7 +571,7 @@ def test_redis_fair_queue_mixes_waiters_of_older_clients(
         assert fence > 0
         # An older client's release: the call first, then the delete.
         head = backend.redis.lindex(fair_keys(key)[0], 0)
-        assert head is not None and b"~30000~" in head  # the waiter of this version
+        assert head is not None and b"~5000~" in head  # the waiter of this version
         backend.redis.delete(key)
         sharded = backend.settings.topology == "cluster"
         (backend.redis.spublish if sharded else backend.redis.publish)(channel, b"next:" + head)

@@ -65,8 +65,10 @@ from .locks import (
     fair_token,
     fence_key,
     grant_channel,
+    handed_ms,
     lock_keys,
     milliseconds,
+    waited_grant,
 )
 from .slots import require_one_slot
 
@@ -346,7 +348,7 @@ class AsyncRedisLocks:
     def slot(
         self, name: str, ttl: float, auto_renew: bool, fair: bool = False
     ) -> AsyncRedisLockSlot:
-        return AsyncRedisLockSlot(self, name, ttl, fair)
+        return AsyncRedisLockSlot(self, name, ttl, fair, auto_renew)
 
     def _fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -537,7 +539,14 @@ class _Extend:
 class AsyncRedisLockSlot:
     """One async handle's token on one lock (keys as :class:`.locks.RedisLockSlot`)."""
 
-    def __init__(self, locks: AsyncRedisLocks, name: str, ttl: float, fair: bool = False) -> None:
+    def __init__(
+        self,
+        locks: AsyncRedisLocks,
+        name: str,
+        ttl: float,
+        fair: bool = False,
+        auto_renew: bool = True,
+    ) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -551,6 +560,7 @@ class AsyncRedisLockSlot:
         self.fair = fair
         waiter_ttl = min(FAIR_WAITER_TTL, ttl)
         self._waiter_ms = milliseconds(waiter_ttl)
+        self._handed_ms = handed_ms(fair, auto_renew, self._waiter_ms)
         # A fair waiter calls again within a third of its entry's life.
         self._max_wait = waiter_ttl / 3 if fair else math.inf
         self._keys = [self.key, self.fence_key, *(fair_keys(self.key) if fair else ())]
@@ -570,8 +580,8 @@ class AsyncRedisLockSlot:
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
         # A new token per grant (a fair one says how long a grant handed to it lasts).
-        if self.fair:
-            token = fair_token(self._ttl_ms, self._locks.tag, self._locks.holder)
+        if self._handed_ms:
+            token = fair_token(self._handed_ms, self._locks.tag, self._locks.holder)
         else:
             token = secrets.token_hex(16) + self._locks.holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
@@ -583,7 +593,7 @@ class AsyncRedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = await self._wait(token, deadline, sent)
+                result, expires_at = await self._wait(token, deadline, sent)
             except BaseException:
                 if self.fair:
                     # Cancelled (or failed) while queued: leave the queue. A try in
@@ -599,8 +609,10 @@ class AsyncRedisLockSlot:
                 if self.fair:
                     await self._leave(token)
                 return None
+        else:
+            expires_at = sent + self.ttl
         self._token, self._fence = token, result
-        return LockGrant(result, sent + self.ttl)
+        return LockGrant(result, expires_at)
 
     async def _leave(self, token: str) -> None:
         """Take a fair waiter that timed out out of the queue; if that fails, the undo
@@ -642,11 +654,10 @@ class AsyncRedisLockSlot:
 
     async def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
         """Wait for the lock after the try sent at ``queued`` found it taken: its fence
-        and the time from which its TTL counts (a time before the server granted it)."""
+        (0: not by ``deadline``) and the grant's deadline (:func:`.locks.waited_grant`)."""
         # A fair waiter sleeps until granted or called by name (or a wake-up for all).
-        called, grants = None, None
-        if self.fair:
-            called, grants = token.encode(), grant_channel(self.channel, self._locks.tag)
+        called = token.encode() if self.fair else None
+        grants = grant_channel(self.channel, self._locks.tag) if self._handed_ms else None
         async with self._locks.notifier.interest(self.channel, called, grants=grants) as channel:
             while True:
                 # Park before trying: a release published after the try then wakes
@@ -659,15 +670,13 @@ class AsyncRedisLockSlot:
                     raise
                 if result > 0:
                     woken.cancel()  # a wake-up got meanwhile was for this grant
-                    # A fair try may find the lock handed over before it was sent: its
-                    # TTL counts from the last try that queued.
-                    return result, queued if self.fair else sent
+                    return result, waited_grant(sent, self.ttl, queued, self._handed_ms)
                 queued = sent
                 # Handed the lock by a release that ran after this try queued us?
                 fence = channel.handed.pop(called, 0) if called is not None else 0
                 if fence:
                     woken.cancel()
-                    return fence, queued
+                    return fence, queued + self._handed_ms / 1000
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
@@ -687,7 +696,7 @@ class AsyncRedisLockSlot:
                     raise
                 fence = channel.handed.pop(called, 0) if called is not None else 0
                 if fence:
-                    return fence, queued
+                    return fence, queued + self._handed_ms / 1000
 
     async def release(self) -> bool:
         token, self._token = self._token, None

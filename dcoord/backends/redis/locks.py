@@ -26,8 +26,10 @@ within :data:`FAIR_WAITER_TTL` (or the lock's TTL, if shorter), so a dead waiter
 the queue that long at most; a waiter that gives up leaves it (:data:`FAIR_CANCEL`).
 The release hands the lock straight to the live head (fair_purge.lua ``hand_over``),
 which learns it and its fence from a message on its client's own channel
-(:func:`grant_channel`, :func:`fair_call`), with no acquire round trip; the grant's TTL
-counts, for the waiter, from its last attempt the server answered "queued".
+(:func:`grant_channel`, :func:`fair_call`), with no acquire round trip. The grant is
+provisional: it lasts the waiter's entry life (:func:`handed_ms`), counted by the waiter
+from its last attempt the server answered "queued", until its first renewal extends it
+to the TTL.
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
@@ -218,12 +220,34 @@ CALL_PREFIX = b"next:"
 GRANT_PREFIX = b"granted:"
 
 
-def fair_token(ttl_ms: int, tag: str, holder: str) -> str:
-    """A new token for a fair waiter: random, then ``~<TTL ms>~<client tag>``, by which a
-    release that hands it the lock knows it takes grants, for how long, and on which
-    channel (:func:`grant_channel`) to tell it, then the ``holder`` suffix
+def fair_token(ms: int, tag: str, holder: str) -> str:
+    """A new token for a fair waiter: random, then ``~<ms>~<client tag>``, by which a
+    release that hands it the lock knows it takes grants, for how long (:func:`handed_ms`)
+    and on which channel (:func:`grant_channel`) to tell it, then the ``holder`` suffix
     (:func:`dcoord.inspect.holder_suffix`)."""
-    return f"{secrets.token_hex(16)}~{ttl_ms}~{tag}{holder}"
+    return f"{secrets.token_hex(16)}~{ms}~{tag}{holder}"
+
+
+def handed_ms(fair: bool, auto_renew: bool, waiter_ms: int) -> int:
+    """How long (ms) a release hands the lock to a waiter of a slot, which its token says
+    (:func:`fair_token`); 0: not handed, called to acquire it itself.
+
+    A provisional grant, as long as the waiter's queue entry lives (``waiter_ms``): one
+    that died while queued then holds the others up no longer than its entry would
+    have, where its TTL could be far longer; a live one's first renewal extends it to its
+    TTL. A waiter without auto-renewal could not extend it: it acquires itself.
+    """
+    return waiter_ms if fair and auto_renew else 0
+
+
+def waited_grant(sent: float, ttl: float, queued: float, handed_ms: int) -> float:
+    """The deadline of the grant a waiter's try sent at ``sent`` got, its previous try
+    (sent at ``queued``) having queued it: its own acquire's TTL from ``sent``, unless
+    (a fair waiter taking hand-overs) the lock was handed to it, by a release that ran
+    after ``queued``, for ``handed_ms``; the try cannot tell which, so the earlier."""
+    if not handed_ms:
+        return sent + ttl
+    return min(sent + ttl, queued + handed_ms / 1000)
 
 
 def grant_channel(channel: str, tag: str) -> str:
@@ -272,7 +296,7 @@ class RedisLocks:
 
     def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> RedisLockSlot:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
-        return RedisLockSlot(self, name, ttl, fair)
+        return RedisLockSlot(self, name, ttl, fair, auto_renew)
 
     def fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -450,7 +474,9 @@ def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
 class RedisLockSlot:
     """One handle's token on one lock."""
 
-    def __init__(self, locks: RedisLocks, name: str, ttl: float, fair: bool = False) -> None:
+    def __init__(
+        self, locks: RedisLocks, name: str, ttl: float, fair: bool = False, auto_renew: bool = True
+    ) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -462,6 +488,7 @@ class RedisLockSlot:
         self._fair = fair
         waiter_ttl = min(FAIR_WAITER_TTL, ttl)
         self._waiter_ms = milliseconds(waiter_ttl)
+        self._handed_ms = handed_ms(fair, auto_renew, self._waiter_ms)
         # A fair waiter calls again within a third of its entry's life, however long the
         # holder's TTL: its place in the queue must not expire while it lives.
         self._max_wait = waiter_ttl / 3 if fair else math.inf
@@ -482,8 +509,8 @@ class RedisLockSlot:
         # A new token per grant: an old one can never act. Its suffix names the holder
         # (inspection).
         holder = holder_suffix(self._locks.backend.settings.options["label"])
-        if self._fair:
-            token = fair_token(milliseconds(self._ttl), self._locks.tag, holder)
+        if self._handed_ms:
+            token = fair_token(self._handed_ms, self._locks.tag, holder)
         else:
             token = secrets.token_hex(16) + holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
@@ -495,7 +522,7 @@ class RedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = self._wait(token, deadline, sent)
+                result, expires_at = self._wait(token, deadline, sent)
             except BaseException:
                 if self._fair:  # a waiter that gives up leaves the queue behind it
                     _OrphanCleanup(self, token, time.monotonic(), self._ttl).start()
@@ -504,8 +531,10 @@ class RedisLockSlot:
                 if self._fair:
                     self._leave(token)
                 return None
+        else:
+            expires_at = sent + self._ttl
         self._token, self._fence = token, result
-        return LockGrant(result, sent + self._ttl)
+        return LockGrant(result, expires_at)
 
     def _try(self, token: str, queue: bool = True) -> tuple[int, float]:
         sent = time.monotonic()
@@ -531,11 +560,10 @@ class RedisLockSlot:
 
     def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
         """Wait for the lock after the try sent at ``queued`` found it taken: its fence
-        and the time from which its TTL counts (a time before the server granted it)."""
+        (0: not by ``deadline``) and the grant's deadline (:func:`waited_grant`)."""
         # A fair waiter sleeps until granted or called by name (or a generic wake-up).
-        called, grants = None, None
-        if self._fair:
-            called, grants = token.encode(), grant_channel(self.channel, self._locks.tag)
+        called = token.encode() if self._fair else None
+        grants = grant_channel(self.channel, self._locks.tag) if self._handed_ms else None
         with self._locks.notifier.interest(self.channel, called, grants) as channel:
             while True:
                 # Read the generation (and take a call) before trying: a release
@@ -545,14 +573,10 @@ class RedisLockSlot:
                 if called is not None:
                     fence = channel.called.pop(called, 0)
                     if fence:
-                        # Handed over by a release, which ran after the try sent at
-                        # ``queued`` had queued us: the grant's TTL counts from later.
-                        return fence, queued
+                        return fence, queued + self._handed_ms / 1000
                 result, sent = self._try(token)
                 if result > 0:
-                    # A fair try may find the lock handed over before it was sent: its
-                    # TTL counts from the last try that queued.
-                    return result, queued if self._fair else sent
+                    return result, waited_grant(sent, self._ttl, queued, self._handed_ms)
                 queued = sent
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
