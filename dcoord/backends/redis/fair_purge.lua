@@ -27,15 +27,17 @@ local function live_head()
 end
 
 -- A waiter that takes grants says in its token how long its grant lasts and which
--- client it waits in ('<hex>~<TTL ms>~<client tag>|...'); returns those two, or nil
--- for an older client's waiter.
+-- client it waits in ('<hex>~<ms>~<client tag>|...'); returns those two, or nil for an
+-- older client's waiter or one that acquires itself. (The ms are its entry's life: a
+-- provisional lease, which its first renewal extends to its TTL; a waiter that died
+-- while queued holds the lock no longer than that.)
 local function takes_grants(waiter)
   return string.match(waiter, '^%x+~(%d+)~(%x+)|')
 end
 
 -- Pass the lock, free or being let go by its holder, to `waiter`, the live head of the
--- queue. A waiter that takes grants is granted here (the lock key set to its token with
--- its TTL, the next fence counted, its entry removed) and learns it from the message
+-- queue. A waiter that takes grants is granted here (the lock key set to its token for
+-- the ms it says, the next fence counted, its entry removed) and learns it from the message
 -- 'granted:<fence>:<token>' on '<channel>:<its client tag>', which only its client
 -- hears, with no acquire of its own. An older client's waiter is called on `channel`
 -- by 'next:<token>' and acquires. Returns whether it granted.
