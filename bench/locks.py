@@ -10,7 +10,10 @@ Everything runs in one go against servers this script starts (tests.servers) and
   pottery ``Redlock`` (one master) and python-redis-lock.
 * Redis, contended: 4 processes on one lock, 1 ms critical section: grants/s, p50/p99
   wait, grants per process, dcoord (default and ``fair=True``) vs redis-py ``Lock`` with
-  its defaults; the same for dcoord on etcd (whose locks are FIFO).
+  its defaults; the same for dcoord on etcd (whose locks are FIFO). Hand-off: from a
+  ``release()`` call to the next grant's ``acquire()`` return, in any process (back to
+  back, what passing the lock on costs; with other work between grants it also counts
+  moments when nobody waited).
 * etcd, uncontended cycles/s: dcoord vs pyetcd's own ``Lock`` and the raw floor
   (put + delete).
 * Where a Redis cycle's microseconds go (``--only breakdown``): client CPU (this
@@ -30,6 +33,7 @@ disk's; ``--persistent`` uses the repository's redis.conf (AOF, appendfsync alwa
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import platform
@@ -216,8 +220,11 @@ def redis_breakdown(url: str, port: int, cycles: int = 2000, rounds: int = 3) ->
 def contended_worker(
     kind: str, url: str, port: int, seconds: float, think: float, barrier: Any, out: Any
 ) -> None:
-    """One process: acquire, 1 ms critical section, release, ``think`` s of other work."""
+    """One process: acquire, 1 ms critical section, release, ``think`` s of other work.
+    Puts its waits and, per grant, when acquire() returned and release() was called
+    (CLOCK_MONOTONIC: one clock for every process of the machine)."""
     waits: list[float] = []
+    grants: list[tuple[float, float]] = []
     if kind.startswith("dcoord"):
         client = dcoord.connect(url, namespace="bench-contended")
         lock: Any = client.lock("contended", ttl=10, fair=kind.endswith("fair"))
@@ -229,14 +236,16 @@ def contended_worker(
     while time.monotonic() < end:
         asked = time.perf_counter()
         lock.acquire()
+        acquired = time.monotonic()
         waits.append(time.perf_counter() - asked)
         time.sleep(CRITICAL_SECTION)
+        grants.append((acquired, time.monotonic()))
         lock.release()
         if think:
             time.sleep(think)
     if kind.startswith("dcoord"):
         client.close()
-    out.put(waits)
+    out.put((waits, grants))
 
 
 def contended(kind: str, url: str, port: int, seconds: float, think: float) -> dict[str, Any]:
@@ -255,13 +264,21 @@ def contended(kind: str, url: str, port: int, seconds: float, think: float) -> d
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
-    waits = [w for per in results for w in per]
-    grants = sorted(len(per) for per in results)
+    waits = [w for per, _ in results for w in per]
+    grants = sorted(len(per) for per, _ in results)
+    # Hand-off: from one grant's release() call to the next grant's acquire() return,
+    # whichever processes they were in.
+    timeline = sorted(grant for _, per in results for grant in per)
+    handoffs = [
+        acquired - released for (_, released), (acquired, _) in itertools.pairwise(timeline)
+    ]
     return {
         "max/min": grants[-1] / max(1, grants[0]),
         "grants/s": len(waits) / seconds,
         "p50 wait ms": percentile(waits, 0.5) * 1000,
         "p99 wait ms": percentile(waits, 0.99) * 1000,
+        "p50 hand-off ms": percentile(handoffs, 0.5) * 1000,
+        "p99 hand-off ms": percentile(handoffs, 0.99) * 1000,
         "grants per process": grants,
     }
 
@@ -412,6 +429,8 @@ def contended_rows(redis_server: Server, etcd_server: Server, seconds: float, th
             f"  {kind:20s} {result['grants/s']:6.0f} grants/s   "
             f"p50 wait {result['p50 wait ms']:7.2f} ms   "
             f"p99 wait {result['p99 wait ms']:8.2f} ms   "
+            f"hand-off p50/p99 {result['p50 hand-off ms']:5.2f}/"
+            f"{result['p99 hand-off ms']:5.2f} ms   "
             f"per process {result['grants per process']} (max/min {result['max/min']:.2f})"
         )
     fair = runs["redis dcoord fair"]

@@ -43,8 +43,16 @@ def is_held(grant: LockGrant | None, lost: bool, now: float) -> bool:
 
 def first_due(grant: LockGrant, ttl: float, auto_renew: bool, now: float) -> float:
     """When the watchdog first looks at a new grant: its first renewal, or (without
-    renewal) its deadline, when it is declared lost."""
-    return now + ttl * RENEW_FRACTION if auto_renew else grant.expires_at
+    renewal) its deadline, when it is declared lost.
+
+    The renewal comes after a third of what the grant has left, which for a grant of
+    the full TTL is a third of the TTL: a grant shorter than the TTL (a fair Redis
+    waiter is handed a provisional one that lasts as long as its queue entry) is
+    extended to the TTL well before its own deadline, not after it.
+    """
+    if not auto_renew:
+        return grant.expires_at
+    return now + min(ttl, grant.expires_at - now) * RENEW_FRACTION
 
 
 def coalesced(due: float) -> float:

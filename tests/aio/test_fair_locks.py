@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ import dcoord
 import dcoord.backends.redis.aio_locks
 from dcoord.aio import connect
 from tests.aio.test_aio_locks import eventually, sync_client  # noqa: F401
-from tests.conformance.test_fair_locks import queued
+from tests.conformance.test_fair_locks import queued, wait_behind_a_handed_dead_waiter
 
 
 def test_sync_and_async_fair_waiters_share_one_queue(
@@ -93,3 +94,114 @@ def test_a_cancelled_fair_waiter_leaves_the_queue_and_the_next_is_called(
             assert queued(sync_client, "res") == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_an_async_fair_waiter_is_handed_the_lock_without_an_acquire_of_its_own(
+    aio_url: str,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sync_client: dcoord.Client,  # noqa: F811
+) -> None:
+    """The release's message carries the grant and its fence: the waiter makes no try
+    after it (its entry lives a minute, so it has no reason to call)."""
+    monkeypatch.setattr(dcoord.backends.redis.aio_locks, "FAIR_WAITER_TTL", 60.0)
+    channel_class = dcoord.backends.redis.aio_locks._Channel
+    real_wake_all, real_park = channel_class.wake_all, channel_class.park
+    confirmed = 0  # subscription confirmations delivered (each wakes every waiter)
+    parked: list[int] = []  # confirmations delivered before each of the waiter's parks
+
+    def wake_all(self: Any) -> None:
+        nonlocal confirmed
+        confirmed += 1
+        real_wake_all(self)
+
+    def park(self: Any, token: bytes | None = None) -> Any:
+        parked.append(confirmed)
+        return real_park(self, token)
+
+    monkeypatch.setattr(channel_class, "wake_all", wake_all)
+    monkeypatch.setattr(channel_class, "park", park)
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            holder = client.lock("res", ttl=60, fair=True)
+            assert await holder.acquire()
+            waiter = client.lock("res", ttl=60, fair=True)
+            slot: Any = waiter._slot  # type: ignore[attr-defined]
+            real_try = slot._try
+            tries = 0
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal tries
+                result = await real_try(*args, **kwargs)
+                tries += 1
+                return result
+
+            slot._try = counted
+            task = asyncio.create_task(waiter.acquire())
+            # Parked after the subscription's confirmation, and that park's try answered
+            # (its first try comes before it parks): only the release wakes it now.
+            assert await eventually(lambda: bool(parked) and parked[-1] >= 1, 10)
+            assert await eventually(lambda: tries == len(parked) + 1, 10)
+            before = tries
+            await holder.release()
+            assert await asyncio.wait_for(task, 10)
+            assert tries == before
+            assert holder.fence is not None and waiter.fence is not None
+            assert waiter.fence > holder.fence
+            await waiter.release()
+            assert queued(sync_client, "res") == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_an_async_fair_waiter_cancelled_as_it_is_handed_the_lock_passes_it_on(
+    aio_url: str,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sync_client: dcoord.Client,  # noqa: F811
+) -> None:
+    """Cancelled just as the release's message hands it the lock, a waiter's undo lets
+    go of the grant and hands it to the waiter behind: nothing waits for its TTL."""
+    monkeypatch.setattr(dcoord.backends.redis.aio_locks, "FAIR_WAITER_TTL", 60.0)
+    channel_class = dcoord.backends.redis.aio_locks._Channel
+    real_call = channel_class.call
+
+    async def main() -> None:
+        async with connect(aio_url, namespace=namespace) as client:
+            holder = client.lock("res", ttl=60, fair=True)
+            assert await holder.acquire()
+            first = asyncio.create_task(client.lock("res", ttl=60, fair=True).acquire())
+            assert await eventually(lambda: queued(sync_client, "res") == 1, 10)
+            second_lock = client.lock("res", ttl=60, fair=True)
+            second = asyncio.create_task(second_lock.acquire())
+            assert await eventually(lambda: queued(sync_client, "res") == 2, 10)
+            handed: list[int] = []
+
+            def call(self: Any, token: bytes, fence: int) -> None:
+                real_call(self, token, fence)
+                if fence and not handed:
+                    handed.append(fence)
+                    first.cancel()  # in the step that delivers its grant
+
+            monkeypatch.setattr(channel_class, "call", call)
+            await holder.release()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert await asyncio.wait_for(second, 10)  # not after the first's 60 s TTL
+            assert second_lock.fence is not None and second_lock.fence > handed[0]
+            await second_lock.release()
+            assert queued(sync_client, "res") == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_an_async_fair_waiter_killed_while_queued_blocks_the_next_for_its_entry_life_only(
+    aio_url: str, namespace: str
+) -> None:
+    """An async waiter, too, is handed the lock only for its queue entry's life (5 s): one
+    killed while queued holds up the waiter behind it that long, not for its TTL (30 s)."""
+    assert wait_behind_a_handed_dead_waiter(aio_url, namespace, "aio") < 10

@@ -35,6 +35,18 @@ def test_first_look_is_the_renewal_or_the_deadline() -> None:
     assert first_due(grant, TTL, False, 100.0) == 130.0
 
 
+def test_first_renewal_of_a_short_grant_comes_before_its_own_deadline() -> None:
+    """A grant shorter than the TTL (a fair waiter's provisional hand-over: 5 s of a 30 s
+    TTL) is renewed after a third of what it has left, not a third of the TTL (10 s,
+    when it would be gone); a full grant is renewed at a third of the TTL, as before."""
+    short = LockGrant(1, 105.0)
+    assert first_due(short, TTL, True, 100.0) == pytest.approx(100.0 + 5.0 * RENEW_FRACTION)
+    assert first_due(short, TTL, True, 100.0) < short.expires_at
+    assert first_due(short, TTL, False, 100.0) == 105.0
+    # Never later than a third of the TTL, however far out the deadline.
+    assert first_due(LockGrant(1, 200.0), TTL, True, 100.0) == pytest.approx(110.0)
+
+
 def test_tick_renews_once_and_loses_at_the_deadline() -> None:
     grant = LockGrant(1, 130.0)
     now = tick(grant, 110.0, auto_renew=True, in_flight=False)

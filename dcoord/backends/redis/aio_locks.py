@@ -46,7 +46,6 @@ from . import error_for, is_transient, topology
 from .aio_membership import AsyncRedisGroups
 from .locks import (
     ACQUIRE,
-    CALL_PREFIX,
     EXTEND,
     FAIR_ACQUIRE,
     FAIR_CANCEL,
@@ -61,10 +60,15 @@ from .locks import (
     WAKING_MESSAGES,
     LuaScript,
     answered,
+    fair_call,
     fair_keys,
+    fair_token,
     fence_key,
+    grant_channel,
+    handed_ms,
     lock_keys,
     milliseconds,
+    waited_grant,
 )
 from .slots import require_one_slot
 
@@ -336,6 +340,7 @@ class AsyncRedisLocks:
         self.holder = holder_suffix(backend.settings.options["label"])
         self.cluster = isinstance(backend.redis, RedisCluster)
         self.notifier = _Notifier(backend.redis)
+        self.tag = secrets.token_hex(4)  # names this client's grants channels (as sync)
         self._cleanups: set[asyncio.Task[None]] = set()
         # On a Cluster a pipeline waits for its slowest node: extends go one by one there.
         self.extends = None if self.cluster else _Extends(self)
@@ -343,7 +348,7 @@ class AsyncRedisLocks:
     def slot(
         self, name: str, ttl: float, auto_renew: bool, fair: bool = False
     ) -> AsyncRedisLockSlot:
-        return AsyncRedisLockSlot(self, name, ttl, fair)
+        return AsyncRedisLockSlot(self, name, ttl, fair, auto_renew)
 
     def _fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -615,7 +620,14 @@ class _Extend:
 class AsyncRedisLockSlot:
     """One async handle's token on one lock (keys as :class:`.locks.RedisLockSlot`)."""
 
-    def __init__(self, locks: AsyncRedisLocks, name: str, ttl: float, fair: bool = False) -> None:
+    def __init__(
+        self,
+        locks: AsyncRedisLocks,
+        name: str,
+        ttl: float,
+        fair: bool = False,
+        auto_renew: bool = True,
+    ) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -630,6 +642,7 @@ class AsyncRedisLockSlot:
         self.fair = fair
         waiter_ttl = min(FAIR_WAITER_TTL, ttl)
         self._waiter_ms = milliseconds(waiter_ttl)
+        self._handed_ms = handed_ms(fair, auto_renew, self._waiter_ms)
         # A fair waiter calls again within a third of its entry's life.
         self._max_wait = waiter_ttl / 3 if fair else math.inf
         self._keys = [self.key, self.fence_key, *(fair_keys(self.key) if fair else ())]
@@ -643,11 +656,16 @@ class AsyncRedisLockSlot:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock."""
         if self.fair:
-            return await run_script(FAIR_CANCEL, self._redis, self._keys, [token, self.channel])
+            args = [token, self.channel, self._locks.skew_margin_us]
+            return await run_script(FAIR_CANCEL, self._redis, self._keys, args)
         return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
 
     async def acquire(self, deadline: float | None) -> LockGrant | None:
-        token = secrets.token_hex(16) + self._locks.holder  # a new token per grant
+        # A new token per grant (a fair one says how long a grant handed to it lasts).
+        if self._handed_ms:
+            token = fair_token(self._handed_ms, self._locks.tag, self._locks.holder)
+        else:
+            token = secrets.token_hex(16) + self._locks.holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
         once = deadline is not None and time.monotonic() >= deadline
         result, sent = await (self._try(token, queue=False) if once else self._try(token))
@@ -657,7 +675,7 @@ class AsyncRedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = await self._wait(token, deadline)
+                result, expires_at = await self._wait(token, deadline, sent)
             except BaseException:
                 if self.fair:
                     # Cancelled (or failed) while queued: leave the queue. A try in
@@ -673,8 +691,10 @@ class AsyncRedisLockSlot:
                 if self.fair:
                     await self._leave(token)
                 return None
+        else:
+            expires_at = sent + self.ttl
         self._token, self._fence = token, result
-        return LockGrant(result, sent + self.ttl)
+        return LockGrant(result, expires_at)
 
     async def _leave(self, token: str) -> None:
         """Take a fair waiter that timed out out of the queue; if that fails, the undo
@@ -714,10 +734,13 @@ class AsyncRedisLockSlot:
             raise
         return int(result), sent
 
-    async def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        # A fair waiter sleeps until called by name (or a wake-up for all).
+    async def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
+        """Wait for the lock after the try sent at ``queued`` found it taken: its fence
+        (0: not by ``deadline``) and the grant's deadline (:func:`.locks.waited_grant`)."""
+        # A fair waiter sleeps until granted or called by name (or a wake-up for all).
         called = token.encode() if self.fair else None
-        async with self._locks.notifier.interest(self.channel, called) as channel:
+        grants = grant_channel(self.channel, self._locks.tag) if self._handed_ms else None
+        async with self._locks.notifier.interest(self.channel, called, grants=grants) as channel:
             while True:
                 # Park before trying: a release published after the try then wakes
                 # us (or a waiter before us), so the wait below cannot miss it.
@@ -729,7 +752,13 @@ class AsyncRedisLockSlot:
                     raise
                 if result > 0:
                     woken.cancel()  # a wake-up got meanwhile was for this grant
-                    return result, sent
+                    return result, waited_grant(sent, self.ttl, queued, self._handed_ms)
+                queued = sent
+                # Handed the lock by a release that ran after this try queued us?
+                fence = channel.handed.pop(called, 0) if called is not None else 0
+                if fence:
+                    woken.cancel()
+                    return fence, queued + self._handed_ms / 1000
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
@@ -738,12 +767,18 @@ class AsyncRedisLockSlot:
                         return 0, sent
                     hint = min(hint, deadline - now)
                 try:
-                    await asyncio.wait_for(woken, hint)  # cancels ``woken`` on timeout
+                    # Cancels ``woken`` on timeout. keep_cancellation: Python 3.11's
+                    # wait_for drops a cancel that comes in the step that wakes us (a
+                    # handed grant would then be taken by a cancelled acquire).
+                    await keep_cancellation(asyncio.wait_for(woken, hint))
                 except TimeoutError:
                     pass
                 except BaseException:
                     channel.leave(woken, called)
                     raise
+                fence = channel.handed.pop(called, 0) if called is not None else 0
+                if fence:
+                    return fence, queued + self._handed_ms / 1000
 
     async def release(self) -> bool:
         token, self._token = self._token, None
@@ -755,9 +790,8 @@ class AsyncRedisLockSlot:
             nonlocal reply_lost
             try:
                 if self.fair:
-                    return await run_script(
-                        FAIR_RELEASE, self._redis, self._keys, [token, self.channel]
-                    )
+                    args = [token, self.channel, self._locks.skew_margin_us]
+                    return await run_script(FAIR_RELEASE, self._redis, self._keys, args)
                 return await run_script(RELEASE, self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -809,15 +843,27 @@ class _Channel:
     without trying again passes the wake-up on (:meth:`leave`). A subscription
     confirmation or a reconnect, after which a release may have gone unseen, wakes all.
     Fair waiters park by token instead: the server's queue decides whose turn it is and
-    calls that waiter by name (:meth:`call`).
+    grants or calls that waiter by name (:meth:`call`); ``handed`` keeps the fence of
+    each one handed the lock.
     """
 
-    __slots__ = ("broadcast", "called", "idle_since", "name", "parked", "waiters")
+    __slots__ = (
+        "broadcast",
+        "called",
+        "handed",
+        "idle_since",
+        "name",
+        "parked",
+        "subscribed",
+        "waiters",
+    )
 
     def __init__(self, name: bytes) -> None:
         self.name = name
+        self.subscribed: set[bytes] = set()  # its names (the lock's, a grants channel)
         self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self.called: dict[bytes, asyncio.Future[None]] = {}  # fair waiters by token
+        self.handed: dict[bytes, int] = {}
         self.waiters = 0
         self.idle_since = 0.0
         # An election's channel: every message wakes every waiter (watchers all need
@@ -836,11 +882,15 @@ class _Channel:
         self.parked.append(future)
         return future
 
-    def call(self, token: bytes) -> None:
-        """The fair waiter of ``token`` (if it waits in this client) may take the lock."""
+    def call(self, token: bytes, fence: int) -> None:
+        """The fair waiter of ``token`` (if it waits in this client) was handed the lock
+        with ``fence``, or (0) may take it."""
         future = self.called.get(token)
-        if future is not None and not future.done():
-            future.set_result(None)
+        if future is not None:
+            if fence:
+                self.handed[token] = fence
+            if not future.done():
+                future.set_result(None)
 
     def wake_one(self) -> None:
         while self.parked:
@@ -897,17 +947,29 @@ class _Notifier:
 
     @contextlib.asynccontextmanager
     async def interest(
-        self, channel_name: str, token: bytes | None = None, *, broadcast: bool = False
+        self,
+        channel_name: str,
+        token: bytes | None = None,
+        *,
+        grants: str | None = None,
+        broadcast: bool = False,
     ) -> AsyncIterator[_Channel]:
         """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
-        waiter gives its ``token``, by which a release calls it; with ``broadcast``
-        every message on the channel wakes all its waiters, not one."""
+        waiter gives its ``token``, by which a release calls it, and its client's
+        ``grants`` channel (:func:`.locks.grant_channel`), whose messages reach the same
+        waiters; with ``broadcast`` every message on the channel wakes all its waiters,
+        not one."""
         key = channel_name.encode()
         async with self._send:
             channel = self._channels.get(key)
-            new = channel is None
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
+            # Both names lead to one _Channel, so they are idle (and pruned) together.
+            names = [key] if grants is None else [key, grants.encode()]
+            new = [name for name in names if name not in channel.subscribed]
+            for name in new:
+                self._channels[name] = channel
+            channel.subscribed.update(new)
             channel.waiters += 1
             channel.broadcast = channel.broadcast or broadcast
         try:
@@ -919,7 +981,7 @@ class _Notifier:
                 )
             if new:
                 async with self._send:
-                    await self._command(self._subscribe, key)
+                    await self._command(self._subscribe, *new)
                 self._nodes_changed.set()
             yield channel
         finally:
@@ -927,6 +989,7 @@ class _Notifier:
             channel.idle_since = time.monotonic()
             if token is not None:
                 channel.called.pop(token, None)
+                channel.handed.pop(token, None)
 
     async def _command(self, command: str, *channels: bytes) -> None:
         if self._pubsub is None or self._closed:
@@ -1013,10 +1076,11 @@ class _Notifier:
             if message is not None and message["type"] in WAKING_MESSAGES:
                 woken = self._channels.get(message["channel"])
                 data = message["data"]
+                call = fair_call(data) if isinstance(data, bytes) else None
                 if woken is None:
                     pass
-                elif isinstance(data, bytes) and data.startswith(CALL_PREFIX):
-                    woken.call(data[len(CALL_PREFIX) :])  # one fair waiter's turn
+                elif call is not None:
+                    woken.call(*call)  # one fair waiter's turn
                 elif message["type"] in ("message", "smessage") and not woken.broadcast:
                     woken.wake_one()  # a release: one waiter can take the lock
                 else:  # (re)subscribed (a release may have gone unseen), or an election

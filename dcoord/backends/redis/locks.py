@@ -8,6 +8,7 @@ Keys of lock ``NAME`` (``%``, ``/``, ``{``, ``}`` percent-encoded) share one has
     dcoord:<ns>:lock:{NAME}:released   pub/sub channel the release script publishes on
     dcoord:<ns>:lock:{NAME}:queue      fair locks: the waiters' tokens in arrival order
     dcoord:<ns>:lock:{NAME}:waiters    fair locks: each waiter's expiry (zset, server ms)
+    dcoord:<ns>:lock:{NAME}:released:<tag>  fair locks: grants to one client's waiters
 
 The fence of a resource ``R`` (:class:`dcoord.Fence`, same encoding) is
 ``dcoord:<ns>:fence:{R}``: a value written with ``Fence.write`` lands in the same script,
@@ -23,6 +24,12 @@ instead: a caller that finds the lock held, or another waiter ahead of it, joins
 queue; the lock goes to the queue's head. A waiter's entry expires unless it calls again
 within :data:`FAIR_WAITER_TTL` (or the lock's TTL, if shorter), so a dead waiter blocks
 the queue that long at most; a waiter that gives up leaves it (:data:`FAIR_CANCEL`).
+The release hands the lock straight to the live head (fair_purge.lua ``hand_over``),
+which learns it and its fence from a message on its client's own channel
+(:func:`grant_channel`, :func:`fair_call`), with no acquire round trip. The grant is
+provisional: it lasts the waiter's entry life (:func:`handed_ms`), counted by the waiter
+from its last attempt the server answered "queued", until its first renewal extends it
+to the TTL.
 
 The release path is :attr:`RedisLocks.release_script`: a test may swap in a broken one
 (say, a plain ``DEL``) to show that its checker catches the resulting double grants.
@@ -194,23 +201,73 @@ def fence_key(prefix: str, resource: str) -> str:
     return f"{prefix}fence:{{{key_segment(resource)}}}"
 
 
-ACQUIRE = LuaScript.named("acquire")
+def _joined(*names: str) -> LuaScript:
+    """One script of the files ``names``, in order (a prefix defines what later ones use)."""
+    return LuaScript("".join(LuaScript.named(name).source for name in names))
+
+
+ACQUIRE = _joined("lock_fence", "acquire")
 RELEASE = LuaScript.named("release")
 EXTEND = LuaScript.named("extend")
-
-
-def _fair(*names: str) -> LuaScript:
-    """A fair lock script: fair_purge.lua, then the files ``names``."""
-    return LuaScript("".join(LuaScript.named(name).source for name in ("fair_purge", *names)))
-
-
 # The queue half falls through to the plain acquire when it is our turn: one script,
-# one round trip, and the fence logic lives in acquire.lua only.
-FAIR_ACQUIRE = _fair("fair_queue", "acquire")
-FAIR_RELEASE = _fair("fair_release")
-FAIR_CANCEL = _fair("fair_cancel")
-# What a fair script publishes to call the waiter whose token follows.
+# one round trip, and the fence logic lives in lock_fence.lua only.
+FAIR_ACQUIRE = _joined("lock_fence", "fair_purge", "fair_queue", "acquire")
+FAIR_RELEASE = _joined("lock_fence", "fair_purge", "fair_release")
+FAIR_CANCEL = _joined("lock_fence", "fair_purge", "fair_cancel")
+# What a fair script publishes to call the waiter whose token follows (an older
+# client's waiter, which acquires when called), and to tell a waiter it was granted
+# the lock ("granted:<fence>:<token>").
 CALL_PREFIX = b"next:"
+GRANT_PREFIX = b"granted:"
+
+
+def fair_token(ms: int, tag: str, holder: str) -> str:
+    """A new token for a fair waiter: random, then ``~<ms>~<client tag>``, by which a
+    release that hands it the lock knows it takes grants, for how long (:func:`handed_ms`)
+    and on which channel (:func:`grant_channel`) to tell it, then the ``holder`` suffix
+    (:func:`dcoord.inspect.holder_suffix`)."""
+    return f"{secrets.token_hex(16)}~{ms}~{tag}{holder}"
+
+
+def handed_ms(fair: bool, auto_renew: bool, waiter_ms: int) -> int:
+    """How long (ms) a release hands the lock to a waiter of a slot, which its token says
+    (:func:`fair_token`); 0: not handed, called to acquire it itself.
+
+    A provisional grant, as long as the waiter's queue entry lives (``waiter_ms``): one
+    that died while queued then holds the others up no longer than its entry would
+    have, where its TTL could be far longer; a live one's first renewal extends it to its
+    TTL. A waiter without auto-renewal could not extend it: it acquires itself.
+    """
+    return waiter_ms if fair and auto_renew else 0
+
+
+def waited_grant(sent: float, ttl: float, queued: float, handed_ms: int) -> float:
+    """The deadline of the grant a waiter's try sent at ``sent`` got, its previous try
+    (sent at ``queued``) having queued it: its own acquire's TTL from ``sent``, unless
+    (a fair waiter taking hand-overs) the lock was handed to it, by a release that ran
+    after ``queued``, for ``handed_ms``; the try cannot tell which, so the earlier."""
+    if not handed_ms:
+        return sent + ttl
+    return min(sent + ttl, queued + handed_ms / 1000)
+
+
+def grant_channel(channel: str, tag: str) -> str:
+    """Where the fair waiters of the client tagged ``tag`` hear of grants handed to them
+    on the lock of release channel ``channel``: their client alone wakes for them."""
+    return f"{channel}:{tag}"
+
+
+def fair_call(data: bytes) -> tuple[bytes, int] | None:
+    """The fair waiter a pub/sub message calls and the fence it was granted (0: called
+    to acquire it itself), or None for another message (a release for all)."""
+    if data.startswith(GRANT_PREFIX):
+        fence, _, token = data[len(GRANT_PREFIX) :].partition(b":")
+        return token, int(fence)
+    if data.startswith(CALL_PREFIX):
+        return data[len(CALL_PREFIX) :], 0
+    return None
+
+
 FENCE_ADMIT = LuaScript.named("fence_admit")
 
 
@@ -230,6 +287,9 @@ class RedisLocks:
         self.cluster = backend.settings.topology == "cluster"
         self.skew_margin_us = round(float(backend.settings.options["fence_skew_margin"]) * 1e6)
         self.notifier = _Notifier(backend)
+        # Names this client's grants channels (grant_channel): a fair waiter's token
+        # carries it, so a release tells this client alone.
+        self.tag = secrets.token_hex(4)
         self._check_eviction = LockEvictionCheck(backend)
         # On a Cluster, one batch per node (by name, as redis-py's slot map calls it): a
         # pipeline to several nodes would wait for the slowest, so the locks of a node
@@ -254,7 +314,7 @@ class RedisLocks:
 
     def slot(self, name: str, ttl: float, auto_renew: bool, fair: bool = False) -> RedisLockSlot:
         self._check_eviction()  # an evicted lock is a lock held twice: warn at the first
-        return RedisLockSlot(self, name, ttl, fair)
+        return RedisLockSlot(self, name, ttl, fair, auto_renew)
 
     def fence_key(self, resource: str) -> str:
         return fence_key(self.prefix, resource)
@@ -482,7 +542,9 @@ def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
 class RedisLockSlot:
     """One handle's token on one lock."""
 
-    def __init__(self, locks: RedisLocks, name: str, ttl: float, fair: bool = False) -> None:
+    def __init__(
+        self, locks: RedisLocks, name: str, ttl: float, fair: bool = False, auto_renew: bool = True
+    ) -> None:
         self._locks = locks
         self._call = locks.backend.call
         self._redis = locks.redis
@@ -494,6 +556,7 @@ class RedisLockSlot:
         self._fair = fair
         waiter_ttl = min(FAIR_WAITER_TTL, ttl)
         self._waiter_ms = milliseconds(waiter_ttl)
+        self._handed_ms = handed_ms(fair, auto_renew, self._waiter_ms)
         # A fair waiter calls again within a third of its entry's life, however long the
         # holder's TTL: its place in the queue must not expire while it lives.
         self._max_wait = waiter_ttl / 3 if fair else math.inf
@@ -506,12 +569,18 @@ class RedisLockSlot:
         """Let go of ``token``'s grant (and, fair, its place in the queue); 1 if it held
         the lock (no retries: see :class:`_OrphanCleanup`)."""
         if self._fair:
-            return FAIR_CANCEL(self._redis, self._keys, [token, self.channel])
+            args = [token, self.channel, self._locks.skew_margin_us]
+            return FAIR_CANCEL(self._redis, self._keys, args)
         return self._locks.release_script(self._redis, [self.key], [token, self.channel])
 
     def acquire(self, deadline: float | None) -> LockGrant | None:
-        token = secrets.token_hex(16)  # a new token per grant: an old one can never act
-        token += holder_suffix(self._locks.backend.settings.options["label"])  # inspection
+        # A new token per grant: an old one can never act. Its suffix names the holder
+        # (inspection).
+        holder = holder_suffix(self._locks.backend.settings.options["label"])
+        if self._handed_ms:
+            token = fair_token(self._handed_ms, self._locks.tag, holder)
+        else:
+            token = secrets.token_hex(16) + holder
         # A single attempt (deadline already past) never queues: nothing to leave after.
         once = deadline is not None and time.monotonic() >= deadline
         result, sent = self._try(token, queue=not once)
@@ -521,7 +590,7 @@ class RedisLockSlot:
             return None
         if result <= 0:
             try:
-                result, sent = self._wait(token, deadline)
+                result, expires_at = self._wait(token, deadline, sent)
             except BaseException:
                 if self._fair:  # a waiter that gives up leaves the queue behind it
                     _OrphanCleanup(self, token, time.monotonic(), self._ttl).start()
@@ -530,8 +599,10 @@ class RedisLockSlot:
                 if self._fair:
                     self._leave(token)
                 return None
+        else:
+            expires_at = sent + self._ttl
         self._token, self._fence = token, result
-        return LockGrant(result, sent + self._ttl)
+        return LockGrant(result, expires_at)
 
     def _try(self, token: str, queue: bool = True) -> tuple[int, float]:
         sent = time.monotonic()
@@ -555,20 +626,26 @@ class RedisLockSlot:
             raise
         return int(result), sent
 
-    def _wait(self, token: str, deadline: float | None) -> tuple[int, float]:
-        # A fair waiter sleeps until called by name (or a generic wake-up).
+    def _wait(self, token: str, deadline: float | None, queued: float) -> tuple[int, float]:
+        """Wait for the lock after the try sent at ``queued`` found it taken: its fence
+        (0: not by ``deadline``) and the grant's deadline (:func:`waited_grant`)."""
+        # A fair waiter sleeps until granted or called by name (or a generic wake-up).
         called = token.encode() if self._fair else None
-        with self._locks.notifier.interest(self.channel, called) as channel:
+        grants = grant_channel(self.channel, self._locks.tag) if self._handed_ms else None
+        with self._locks.notifier.interest(self.channel, called, grants) as channel:
             while True:
-                # Read the generation (and forget a call) before trying: a release
+                # Read the generation (and take a call) before trying: a release
                 # published after the try then changes it, so the wait below cannot
                 # miss it.
                 seen = channel.generation
                 if called is not None:
-                    channel.called.discard(called)
+                    fence = channel.called.pop(called, 0)
+                    if fence:
+                        return fence, queued + self._handed_ms / 1000
                 result, sent = self._try(token)
                 if result > 0:
-                    return result, sent
+                    return result, waited_grant(sent, self._ttl, queued, self._handed_ms)
+                queued = sent
                 hint = min(-result / 1000 + 0.001 if result < 0 else NO_HINT_WAIT, self._max_wait)
                 now = time.monotonic()
                 if deadline is not None:
@@ -597,7 +674,8 @@ class RedisLockSlot:
             nonlocal reply_lost
             try:
                 if self._fair:
-                    return FAIR_RELEASE(self._redis, self._keys, [token, self.channel])
+                    args = [token, self.channel, self._locks.skew_margin_us]
+                    return FAIR_RELEASE(self._redis, self._keys, args)
                 return self._locks.release_script(self._redis, [self.key], [token, self.channel])
             except BaseException as exc:
                 reply_lost = reply_lost or not answered(exc)
@@ -633,17 +711,19 @@ class RedisLockSlot:
 
 class _Channel:
     """Waiters of one lock in this client; ``generation`` counts wake-ups for all, and
-    ``called`` holds the tokens of fair waiters called by name (``next:<token>``)."""
+    ``called`` holds the tokens of fair waiters called by name, each with the fence a
+    release handed it (0: called to acquire itself, see :func:`fair_call`)."""
 
-    __slots__ = ("called", "generation", "idle_since", "name", "tokens", "waiters")
+    __slots__ = ("called", "generation", "idle_since", "name", "subscribed", "tokens", "waiters")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
+        self.subscribed: set[bytes] = set()  # its names (the lock's, a grants channel)
         self.generation = 0
         self.waiters = 0
         self.idle_since = 0.0
         self.tokens: set[bytes] = set()  # fair waiters of this client
-        self.called: set[bytes] = set()
+        self.called: dict[bytes, int] = {}
 
 
 class _Notifier:
@@ -679,15 +759,24 @@ class _Notifier:
         self._nodes_changed = threading.Event()
 
     @contextlib.contextmanager
-    def interest(self, channel_name: str, token: bytes | None = None) -> Iterator[_Channel]:
+    def interest(
+        self, channel_name: str, token: bytes | None = None, grants: str | None = None
+    ) -> Iterator[_Channel]:
         """Register a waiter on ``channel_name`` (subscribing if it is new); a fair
-        waiter gives its ``token``, by which a release calls it."""
+        waiter gives its ``token``, by which a release calls it, and its client's
+        ``grants`` channel (:func:`grant_channel`), whose messages reach the same
+        waiters."""
         key = channel_name.encode()
         with self._cond:
             channel = self._channels.get(key)
-            new = channel is None
             if channel is None:
                 channel = self._channels[key] = _Channel(key)
+            # Both names lead to one _Channel, so they are idle (and pruned) together.
+            names = [key] if grants is None else [key, grants.encode()]
+            new = [name for name in names if name not in channel.subscribed]
+            for name in new:
+                self._channels[name] = channel
+            channel.subscribed.update(new)
             channel.waiters += 1
             if token is not None:
                 channel.tokens.add(token)
@@ -704,7 +793,7 @@ class _Notifier:
                 start = False
         try:
             if new:
-                self._command(self._subscribe, key)
+                self._command(self._subscribe, *new)
                 self._nodes_changed.set()
             if start:
                 assert self._thread is not None
@@ -716,7 +805,7 @@ class _Notifier:
                 channel.idle_since = time.monotonic()
                 if token is not None:
                     channel.tokens.discard(token)
-                    channel.called.discard(token)
+                    channel.called.pop(token, None)
 
     def wait(
         self, channel: _Channel, seen: int, timeout: float, token: bytes | None = None
@@ -824,12 +913,13 @@ class _Notifier:
                     woken = self._channels.get(message["channel"])
                     if woken is not None:
                         data = message["data"]
-                        if isinstance(data, bytes) and data.startswith(CALL_PREFIX):
+                        call = fair_call(data) if isinstance(data, bytes) else None
+                        if call is not None:
                             # One fair waiter's turn: the others sleep on (no herd).
-                            called = data[len(CALL_PREFIX) :]
+                            called, fence = call
                             if called not in woken.tokens:
                                 continue
-                            woken.called.add(called)
+                            woken.called[called] = fence
                         else:
                             woken.generation += 1
                         self._cond.notify_all()

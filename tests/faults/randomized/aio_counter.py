@@ -101,7 +101,7 @@ async def aio_counter_worker(spec: Spec, stop: threading.Event, failpoint: Failp
     try:
         while not stop.is_set():
             failpoint("acquire")
-            lock = client.lock(LOCK, ttl=spec.ttl)
+            lock = client.lock(LOCK, ttl=spec.ttl, fair=bool((spec.extra or {}).get("fair")))
             with rec.invoke("acquire") as op:
                 if await lock.acquire(timeout=spec.acquire_timeout):
                     op.ok({"fence": lock.fence})

@@ -95,6 +95,8 @@ class Config:
     """Server provider: containers or processes (default: tests/servers.py's choice)."""
     aio: bool = False
     """transfers: the odd-numbered workers use dcoord.aio, mixed with sync ones."""
+    fair: bool = False
+    """counter: the workers' locks are fair (``fair=True``)."""
 
     @property
     def variant(self) -> str:
@@ -145,6 +147,8 @@ class Config:
             args.append(f"--points {','.join(self.points)}")
         if self.aio:
             args.append("--aio")
+        if self.fair:
+            args.append("--fair")
         return "python -m tests.faults.randomized " + " ".join(args)
 
     def describe(self) -> str:
@@ -157,6 +161,7 @@ class Config:
             extra = " (Sentinel: primary, two replicas, three sentinels)"
         mutant = f", MUTANT {self.mutant}" if self.mutant else ""
         aio = ", odd workers async" if self.aio else ""
+        aio += ", fair locks" if self.fair else ""
         return (
             f"backend {self.backend}{extra}, workload {self.workload}, seed {self.seed}, "
             f"{self.duration:g} s, {self.clients} clients, ttl {self.lock_ttl:g} s{mutant}{aio}"
@@ -825,7 +830,7 @@ def _run(
             request_timeout=request_timeout,
             acquire_timeout=2 * ttl + 1.0,
             mutant=config.mutant,
-            extra={"aio": True} if config.aio else None,
+            extra={"aio": config.aio, "fair": config.fair},
         )
 
     with dcoord.connect(env.url, namespace=namespace) as admin:
@@ -924,6 +929,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
     parser.add_argument("--keep", metavar="DIR", help="keep the history files in DIR")
     parser.add_argument("--servers", choices=("containers", "processes"), dest="using")
     parser.add_argument("--aio", action="store_true", help="transfers: odd workers async")
+    parser.add_argument("--fair", action="store_true", help="counter: fair locks")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.seeds < 1:
         parser.error("--clients, --duration and --seeds must be positive")
@@ -943,6 +949,7 @@ def parse_args(argv: list[str]) -> tuple[Config, int]:
         keep=args.keep,
         using=args.using,
         aio=args.aio,
+        fair=args.fair,
     )
     return config, args.seeds
 

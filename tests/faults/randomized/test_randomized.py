@@ -31,6 +31,9 @@ CLEAN = [
     ),
     pytest.param(Config("redis", "transfers", seed=15, duration=12), id="redis-transfers"),
     pytest.param(
+        Config("redis", "counter", seed=24, duration=12, fair=True), id="redis-fair-counter"
+    ),
+    pytest.param(
         Config("redis", "transfers", seed=19, duration=12, clients=4, aio=True),
         id="redis-transfers-aio",
     ),

@@ -157,7 +157,7 @@ def counter_worker(
     try:
         while not stop.is_set():
             failpoint("acquire")
-            lock = client.lock(LOCK, ttl=spec.ttl)
+            lock = client.lock(LOCK, ttl=spec.ttl, fair=bool((spec.extra or {}).get("fair")))
             with rec.invoke("acquire") as op:
                 if lock.acquire(timeout=spec.acquire_timeout):
                     op.ok({"fence": lock.fence})
