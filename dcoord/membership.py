@@ -39,7 +39,7 @@ from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
 from .core.membership import RESYNC_INTERVAL as RESYNC_INTERVAL
-from .core.membership import MemberSet, beat_verdict, next_ring
+from .core.membership import MemberSet, RingUndo, beat_verdict, next_ring, ring_undo
 from .errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -697,6 +697,8 @@ class LiveRing:
         self._cond = threading.Condition()
         self._view = GroupView(0, {})
         self._ring: HashRing | None = None
+        # The ring before the last change, to undo it without a splice (see next_ring()).
+        self._undo: RingUndo | None = None
         self._ready = threading.Event()
         self._closed = False
 
@@ -765,9 +767,10 @@ class LiveRing:
         return ring
 
     def _deliver(self, view: GroupView) -> None:
-        ring = next_ring(self._ring, self._view, view, self._vnodes)
+        ring = next_ring(self._ring, self._view, view, self._vnodes, self._undo)
+        undo = ring_undo(self._ring, self._view, view)
         with self._cond:
-            self._ring, self._view = ring, view
+            self._ring, self._view, self._undo = ring, view, undo
             self._ready.set()
             self._cond.notify_all()
 

@@ -101,10 +101,20 @@ class MemberSet:
         return changed
 
 
+#: A live ring's last step, kept to undo it without a splice: the ring before the step
+#: and the ids whose members the step changed (see :func:`next_ring`).
+RingUndo = tuple[HashRing, set[str]]
+
+
 def next_ring(
-    old: HashRing | None, old_view: GroupView, view: GroupView, vnodes: int
+    old: HashRing | None,
+    old_view: GroupView,
+    view: GroupView,
+    vnodes: int,
+    undo: RingUndo | None = None,
 ) -> HashRing | None:
-    """The ring of ``view``'s members, given ``old`` (built from ``old_view``)."""
+    """The ring of ``view``'s members, given ``old`` (built from ``old_view``) and the
+    ``undo`` of the step that made ``old`` (:func:`ring_undo`), if known."""
     if not view:
         return None
     if old is None:
@@ -113,7 +123,18 @@ def next_ring(
         # The follower knows which ids changed since the view this ring was built
         # from: look at those only.
         ids = view._delta[1]
-        weights = {n: view[n].weight for n in ids if n in view}
+        members = view._members
+        if undo is not None and undo[1] == ids:
+            # The same members changed again. If they are back to their weights of the
+            # ring before (a member restarted: it left and joined again, the common
+            # change of a rolling deploy), that ring is this view's: no splice. Only
+            # ``ids`` differ between the two views, so comparing those suffices.
+            before = undo[0].nodes
+            if all(
+                (None if (m := members.get(n)) is None else m.weight) == before.get(n) for n in ids
+            ):
+                return undo[0]
+        weights = {n: m.weight for n in ids if (m := members.get(n)) is not None}
         nodes = old.nodes
         gone = [n for n in ids if n in nodes and weights.get(n) != nodes[n]]
         new = {n: w for n, w in weights.items() if nodes.get(n) != w}
@@ -125,6 +146,15 @@ def next_ring(
     # Only the changed members' points are hashed (cached) and spliced in or out;
     # with_changes() itself rebuilds from cached points when that is cheaper.
     return old.with_changes(add=new, remove=gone) if gone or new else old
+
+
+def ring_undo(old: HashRing | None, old_view: GroupView, view: GroupView) -> RingUndo | None:
+    """What undoes the step from ``old_view`` (whose ring is ``old``) to ``view``, for the
+    next :func:`next_ring` call; None when the step's changed ids are not known."""
+    delta = view._delta
+    if old is None or delta is None or delta[0] is not old_view:
+        return None
+    return old, delta[1]
 
 
 def beat_verdict(
