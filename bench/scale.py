@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"curves": rows}, f, indent=1)
         return 0
-    rows = builds([int(x) for x in args.builds.split(",")])
+    rows = builds([int(x) for x in args.builds.split(",") if x])
     print(f"2. live ring follower: CPU of its thread per change, restarting {args.restart}")
     print(
         f"   {'backend':<8}{'members':>7}{'mode':>9}{'changes':>9}{'wall s':>8}"
