@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..backends.aio_base import AsyncGroupStore, AsyncGroupSubscription, AsyncMemberRegistration
-from ..core.membership import MemberSet, RingUndo, beat_verdict, next_ring, ring_undo
+from ..core.membership import MemberSet, RingSteps, beat_verdict
 from ..errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -233,7 +233,7 @@ class AsyncLiveRing:
         self._vnodes = vnodes
         self._view = GroupView(0, {})
         self._ring: HashRing | None = None
-        self._undo: RingUndo | None = None  # see LiveRing
+        self._steps = RingSteps()
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -310,9 +310,8 @@ class AsyncLiveRing:
         # A ring's own first read and the follower's reads race: never go back.
         if self._closed or view.epoch < self._view.epoch:
             return
-        ring = next_ring(self._ring, self._view, view, self._vnodes, self._undo)
-        self._undo = ring_undo(self._ring, self._view, view)
-        self._ring, self._view = ring, view
+        self._ring = self._steps.next(self._ring, self._view, view, self._vnodes)
+        self._view = view
         self._changed.set()
         self._changed = asyncio.Event()
 

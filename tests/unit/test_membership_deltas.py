@@ -24,7 +24,7 @@ from dcoord.backends.memory import memory_server
 from dcoord.backends.memory.membership import LOG_LENGTH, MemoryGroups
 from dcoord.backends.redis.membership import change_of, collect
 from dcoord.core import membership as core
-from dcoord.core.membership import MemberSet, next_ring
+from dcoord.core.membership import MemberSet
 from dcoord.membership import GroupView, _Decoded, _encode, _view, _view_of
 from dcoord.ring import HashRing
 
@@ -150,7 +150,7 @@ def test_deltas_give_the_view_and_ring_of_a_read_from_scratch(
     server = min(start, len(changes))
     members, decoded = MemberSet(), _Decoded()
     ring: HashRing | None = None
-    undo: core.RingUndo | None = None
+    live = core.RingSteps()  # as a LiveRing derives its rings
     last_view = GroupView(0, {})
 
     def read() -> None:
@@ -159,17 +159,14 @@ def test_deltas_give_the_view_and_ring_of_a_read_from_scratch(
         members.read(GroupSnapshot(epoch, dict(states[server]), None), 0.0)
 
     def check() -> None:
-        nonlocal ring, undo, last_view
+        nonlocal ring, last_view
         # The follower's member set is the group's state at its epoch...
         assert members.members == _state_at(members.epoch, states, epochs)
         # ...and so are the view and the ring derived from the previous ones (as a
-        # LiveRing derives it: a step that undoes the last one takes the ring before).
+        # LiveRing derives it: a restart may take back the ring before the leave).
         view = _view_of(members, decoded)
         assert dict(view) == dict(_view(GroupSnapshot(view.epoch, members.members, None)))
-        ring, undo = (
-            next_ring(ring, last_view, view, VNODES, undo),
-            core.ring_undo(ring, last_view, view),
-        )
+        ring = live.next(ring, last_view, view, VNODES)
         last_view = view
         _assert_ring(ring, view.weights())
 
@@ -235,36 +232,43 @@ def test_member_set_version_counts_only_real_changes() -> None:
     assert members.version == version + 1
 
 
-# -- Redis: the messages membership.lua publishes -------------------------------------
-
-
-def test_a_step_back_to_the_ring_before_reuses_it_and_any_other_step_splices() -> None:
+def test_a_restart_takes_the_live_ring_back_to_the_ring_before_it() -> None:
     """A member that leaves and joins again with its weight (a restart) takes a live ring
     back to its ring before the leave: that ring is reused, nothing spliced. A re-join
-    with another weight, or another member's change in between, is derived as before."""
+    with another weight, or another member's change in between, is derived as before;
+    after a ring was kept for nothing the next restart is spliced, and the one after it
+    is taken back again."""
     members, decoded = MemberSet(), _Decoded()
     members.read(GroupSnapshot(1, {n: _encode(1.0, {}) for n in "abc"}, None), 0.0)
     view = _view_of(members, decoded)
-    ring = next_ring(None, GroupView(0, {}), view, VNODES)
-    undo: core.RingUndo | None = None
+    steps = core.RingSteps()
+    ring = steps.next(None, GroupView(0, {}), view, VNODES)
     rings = [ring]
     for epoch, joined, left in [
         (2, {}, ("a",)),
         (3, {"a": _encode(1.0, {"v": 2})}, ()),  # back, new meta, same weight
         (4, {}, ("b",)),
-        (5, {"b": _encode(2.0, {})}, ()),  # back with another weight
+        (5, {"b": _encode(2.0, {})}, ()),  # back with another weight: kept for nothing
         (6, {}, ("c",)),
-        (7, {"d": _encode(1.0, {})}, ()),
-        (8, {"c": _encode(1.0, {})}, ()),  # back, but d joined in between
+        (7, {"c": _encode(1.0, {})}, ()),  # back, but no ring was kept this time
+        (8, {}, ("a",)),
+        (9, {"a": _encode(1.0, {})}, ()),  # back, and kept again
+        (10, {}, ("c",)),
+        (11, {"d": _encode(1.0, {})}, ()),
+        (12, {"c": _encode(1.0, {})}, ()),  # back, but d joined in between
     ]:
         assert members.apply([_change(epoch, joined, left)], 0.0)
         new = _view_of(members, decoded)
-        ring, undo = next_ring(ring, view, new, VNODES, undo), core.ring_undo(ring, view, new)
-        view = new
+        ring, view = steps.next(ring, view, new, VNODES), new
         _assert_ring(ring, view.weights())
         rings.append(ring)
     assert rings[2] is rings[0]
-    assert rings[4] is not rings[2] and rings[7] is not rings[5]
+    assert rings[4] is not rings[2] and rings[6] is not rings[4]
+    assert rings[8] is rings[6]
+    assert rings[10] is not rings[8]
+
+
+# -- Redis: the messages membership.lua publishes -------------------------------------
 
 
 def test_redis_change_messages_decode() -> None:

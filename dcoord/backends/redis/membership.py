@@ -211,20 +211,9 @@ class RedisSubscription:
         # it all at once.
         while True:
             reply = connection.read_response(disconnect_on_error=False, push_request=True)
-            # [b"message", channel, data] of the group's channel (not the wake-up one);
-            # anything else (a PONG) carries no change.
-            if (
-                changes is not None
-                and isinstance(reply, list)
-                and len(reply) == 3
-                and reply[0] == b"message"
-                and reply[1] == channel
-            ):
-                change = change_of(reply[2])
-                if change is None:
-                    changes = None  # the caller re-reads: the rest need no decoding
-                else:
-                    changes.append(change)
+            # [b"message", channel, data]; anything else (a PONG) carries no change.
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                changes = collect(changes, {"channel": reply[1], "data": reply[2]}, channel)
             if not connection.can_read(timeout=0):
                 return changes
 
