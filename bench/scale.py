@@ -10,9 +10,11 @@
 2. For each URL (default ``memory://``) and N: N members join a group (one client, ttl 30 s),
    a second client follows the group with a live ring, then a *rolling restart* makes
    ``--restart`` members leave and join again one after the other (2 changes each,
-   paced so that the follower sees them one by one, as in a real rolling restart), and
-   again as one *burst* without pacing (the follower may coalesce), each ended by one
-   marker member joining. Reported: the CPU time (the scheduler's, from /proc) of the
+   paced so that the follower sees them one by one, as in a real rolling restart),
+   again as one *burst* without pacing (the follower may coalesce), and paced again as
+   a *replace*: each member replaced by one of a new id (pods of a new name), whose
+   join a live ring cannot serve by stepping back to its ring before the leave; each
+   ended by one marker member joining. Reported: the CPU time (the scheduler's, from /proc) of the
    follower's thread per membership change (epochs advanced, the marker included), and
    whether the ring ended equal to a ring built from scratch.
 3. For each URL, a *burst of joins*: ``--burst`` members join as fast as one client can
@@ -135,12 +137,14 @@ def follower(url: str, n: int, restart: int) -> list[dict[str, object]]:
         assert live.wait_for(lambda r: len(r) == n, 60), f"ring saw {len(live)} of {n}"
         thread = next(t for t in threading.enumerate() if t.name == f"dcoord-follow-{name}")
         results = []
-        for mode, pace in (("rolling", PACE), ("burst", 0.0)):
+        for mode, pace in (("rolling", PACE), ("burst", 0.0), ("replace", PACE)):
             epoch, cpu, started = live.epoch, _thread_cpu(thread), time.perf_counter()
             for i in range(min(restart, n)):
                 member_id = f"m{i}"
-                joined[member_id].leave()
+                joined.pop(member_id).leave()
                 time.sleep(pace)  # a restarting process is away for a moment
+                if mode == "replace":
+                    member_id = f"m{i}-new"
                 joined[member_id] = group.join(member_id, ttl=30)
                 time.sleep(pace)
             # One more change marks the end: when the ring has it, it has all before it
@@ -434,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"curves": rows}, f, indent=1)
         return 0
-    rows = builds([int(x) for x in args.builds.split(",")])
+    rows = builds([int(x) for x in args.builds.split(",") if x])
     print(f"2. live ring follower: CPU of its thread per change, restarting {args.restart}")
     print(
         f"   {'backend':<8}{'members':>7}{'mode':>9}{'changes':>9}{'wall s':>8}"

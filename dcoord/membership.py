@@ -39,7 +39,7 @@ from . import metrics
 from .backends.base import GroupSnapshot, GroupStore, GroupSubscription, MemberRegistration
 from .config import positive_seconds
 from .core.membership import RESYNC_INTERVAL as RESYNC_INTERVAL
-from .core.membership import MemberSet, beat_verdict, next_ring
+from .core.membership import MemberSet, RingSteps, beat_verdict
 from .errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -686,7 +686,9 @@ class LiveRing:
     Each membership change swaps in a new immutable :class:`~dcoord.HashRing`, so lookups
     take no lock and never see a half-built ring. The new ring is derived from the last
     one with :meth:`~dcoord.HashRing.with_changes`: only the changed members' points are
-    hashed and spliced in or out, never the whole group's. :attr:`epoch` is the membership epoch
+    hashed and spliced in or out, never the whole group's; a member that left and joins
+    again with its weight (a restart) brings back the ring from before it left, with no
+    splice at all. :attr:`epoch` is the membership epoch
     the current ring was built from. Lookups on a group with no live members raise
     :class:`~dcoord.NoMembers`. ``close()`` stops following (the client closing does too).
     """
@@ -697,6 +699,7 @@ class LiveRing:
         self._cond = threading.Condition()
         self._view = GroupView(0, {})
         self._ring: HashRing | None = None
+        self._steps = RingSteps()
         self._ready = threading.Event()
         self._closed = False
 
@@ -765,7 +768,7 @@ class LiveRing:
         return ring
 
     def _deliver(self, view: GroupView) -> None:
-        ring = next_ring(self._ring, self._view, view, self._vnodes)
+        ring = self._steps.next(self._ring, self._view, view, self._vnodes)
         with self._cond:
             self._ring, self._view = ring, view
             self._ready.set()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..backends.aio_base import AsyncGroupStore, AsyncGroupSubscription, AsyncMemberRegistration
-from ..core.membership import MemberSet, beat_verdict, next_ring
+from ..core.membership import MemberSet, RingSteps, beat_verdict
 from ..errors import (
     AlreadyJoined,
     BackendUnavailable,
@@ -234,6 +234,7 @@ class AsyncLiveRing:
         self._vnodes = vnodes
         self._view = GroupView(0, {})
         self._ring: HashRing | None = None
+        self._steps = RingSteps()
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -310,7 +311,7 @@ class AsyncLiveRing:
         # A ring's own first read and the follower's reads race: never go back.
         if self._closed or view.epoch < self._view.epoch:
             return
-        self._ring = next_ring(self._ring, self._view, view, self._vnodes)
+        self._ring = self._steps.next(self._ring, self._view, view, self._vnodes)
         self._view = view
         self._changed.set()
         self._changed = asyncio.Event()

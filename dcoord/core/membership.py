@@ -113,7 +113,8 @@ def next_ring(
         # The follower knows which ids changed since the view this ring was built
         # from: look at those only.
         ids = view._delta[1]
-        weights = {n: view[n].weight for n in ids if n in view}
+        members = view._members
+        weights = {n: m.weight for n in ids if (m := members.get(n)) is not None}
         nodes = old.nodes
         gone = [n for n in ids if n in nodes and weights.get(n) != nodes[n]]
         new = {n: w for n, w in weights.items() if nodes.get(n) != w}
@@ -125,6 +126,58 @@ def next_ring(
     # Only the changed members' points are hashed (cached) and spliced in or out;
     # with_changes() itself rebuilds from cached points when that is cheaper.
     return old.with_changes(add=new, remove=gone) if gone or new else old
+
+
+class RingSteps:
+    """A live ring's way from view to view (:meth:`next`): :func:`next_ring`, except
+    that a step bringing back the members the step before removed, with their weights
+    (they restarted: the common change of a rolling deploy), takes the ring from before
+    their leave again, with no splice.
+
+    That ring is kept one step longer only while restarts come: kept and not taken back
+    (members replaced by new ids instead), it is freed a step later with cold caches,
+    which cost ~0.1 ms per change at 1,000 members; then only the left members' ids and
+    weights are kept, to notice when restarts begin.
+    """
+
+    __slots__ = ("_ids", "_keep", "_ring", "_weights")
+
+    def __init__(self) -> None:
+        self._ids: set[str] | None = None  # those of the last step, if it only removed
+        self._weights: dict[str, float | None] = {}  # and their weights before it
+        self._ring: HashRing | None = None  # and the ring before it, while _keep
+        self._keep = True
+
+    def next(
+        self, old: HashRing | None, old_view: GroupView, view: GroupView, vnodes: int
+    ) -> HashRing | None:
+        """The ring of ``view``, given ``old`` (the ring of ``old_view``, the view this
+        was last called with)."""
+        delta = view._delta
+        ids = delta[1] if delta is not None and delta[0] is old_view else None
+        members = view._members
+        # Only ``ids`` differ between the two views, so comparing those suffices.
+        back = (
+            ids is not None
+            and ids == self._ids
+            and all(
+                (None if (m := members.get(n)) is None else m.weight) == self._weights[n]
+                for n in ids
+            )
+        )
+        ring = self._ring if back and self._ring is not None else None
+        if ring is None:
+            if back:
+                self._keep = True  # a restart: keep the ring before the next leave
+            elif self._ring is not None:
+                self._keep = False  # kept for nothing
+            ring = next_ring(old, old_view, view, vnodes)
+        self._ids, self._ring = None, None
+        if ids is not None and old is not None and not any(n in members for n in ids):
+            self._ids, self._weights = ids, {n: old.nodes.get(n) for n in ids}
+            if self._keep:
+                self._ring = old
+        return ring
 
 
 def beat_verdict(

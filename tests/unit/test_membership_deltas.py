@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dcoord.backends.base import GroupChange, GroupSnapshot
@@ -24,7 +24,7 @@ from dcoord.backends.memory import memory_server
 from dcoord.backends.memory.membership import LOG_LENGTH, MemoryGroups
 from dcoord.backends.redis.membership import change_of, collect
 from dcoord.core import membership as core
-from dcoord.core.membership import MemberSet, next_ring
+from dcoord.core.membership import MemberSet
 from dcoord.membership import GroupView, _Decoded, _encode, _view, _view_of
 from dcoord.ring import HashRing
 
@@ -32,11 +32,13 @@ POOL = [f"n{i}" for i in range(12)] + ["é", "a b"]
 KEYS = [f"user:{i}" for i in range(600)] + [b"\x00\xff", ""]
 VNODES = 8
 
-# One server operation: join (id, weight), leave (id), expire (ids).
+# One server operation: join (id, weight), leave (id), expire (ids), restart (id: it
+# leaves and joins again with its weight, as in a rolling deploy).
 operation = st.one_of(
     st.tuples(st.just("join"), st.sampled_from(POOL), st.sampled_from([0.5, 1.0, 2.0])),
     st.tuples(st.just("leave"), st.sampled_from(POOL)),
     st.tuples(st.just("expire"), st.lists(st.sampled_from(POOL), min_size=1, unique=True)),
+    st.tuples(st.just("restart"), st.sampled_from(POOL)),
 )
 # What the channel does to one change: deliver it, drop it, send it twice, swap it with
 # the next, or replace it by a notification without its change (an older client's).
@@ -53,24 +55,30 @@ def _history(
     changes: list[GroupChange] = []
     epochs = [0]
     for i, op in enumerate(ops):
-        members = dict(states[-1])
-        if op[0] == "join":
-            if op[1] in members:
+        if op[0] == "restart":
+            if op[1] not in states[-1]:
                 continue
-            joined, left = {op[1]: _encode(op[2], {"i": i})}, ()
+            weight = json.loads(states[-1][op[1]])["weight"]
+            made = [({}, (op[1],)), ({op[1]: _encode(weight, {"i": i})}, ())]
+        elif op[0] == "join":
+            if op[1] in states[-1]:
+                continue
+            made = [({op[1]: _encode(op[2], {"i": i})}, ())]
         else:
             ids = [op[1]] if op[0] == "leave" else op[1]
-            left = tuple(m for m in ids if m in members)
+            left = tuple(m for m in ids if m in states[-1])
             if not left:
                 continue
-            joined = {}
-        for member_id in left:
-            del members[member_id]
-        members.update(joined)
-        epoch = epochs[-1] + steps[len(changes) % len(steps)]
-        changes.append(GroupChange(epoch, epochs[-1], joined, left))
-        states.append(members)
-        epochs.append(epoch)
+            made = [({}, left)]
+        for joined, left in made:
+            members = dict(states[-1])
+            for member_id in left:
+                del members[member_id]
+            members.update(joined)
+            epoch = epochs[-1] + steps[len(changes) % len(steps)]
+            changes.append(GroupChange(epoch, epochs[-1], joined, left))
+            states.append(members)
+            epochs.append(epoch)
     return changes, states, epochs
 
 
@@ -99,6 +107,22 @@ def _assert_ring(ring: HashRing | None, weights: Mapping[str, float]) -> None:
     batch=st.integers(1, 4),
     start=st.integers(0, 30),
 )
+# Restarts delivered one by one, and one swapped with the next: the live ring steps back.
+@example(
+    ops=[
+        ("join", "n1", 1.0),
+        ("join", "n2", 2.0),
+        ("restart", "n1"),
+        ("restart", "n2"),
+        ("join", "n3", 0.5),
+        ("restart", "n3"),
+        ("restart", "n1"),
+    ],
+    steps=[1, 2],
+    fates=["ok"] * 7 + ["swap", "ok"],
+    batch=1,
+    start=0,
+)
 def test_deltas_give_the_view_and_ring_of_a_read_from_scratch(
     ops: list[tuple], steps: list[int], fates: list[str], batch: int, start: int
 ) -> None:
@@ -126,6 +150,7 @@ def test_deltas_give_the_view_and_ring_of_a_read_from_scratch(
     server = min(start, len(changes))
     members, decoded = MemberSet(), _Decoded()
     ring: HashRing | None = None
+    live = core.RingSteps()  # as a LiveRing derives its rings
     last_view = GroupView(0, {})
 
     def read() -> None:
@@ -137,10 +162,11 @@ def test_deltas_give_the_view_and_ring_of_a_read_from_scratch(
         nonlocal ring, last_view
         # The follower's member set is the group's state at its epoch...
         assert members.members == _state_at(members.epoch, states, epochs)
-        # ...and so are the view and the ring derived from the previous ones.
+        # ...and so are the view and the ring derived from the previous ones (as a
+        # LiveRing derives it: a restart may take back the ring before the leave).
         view = _view_of(members, decoded)
         assert dict(view) == dict(_view(GroupSnapshot(view.epoch, members.members, None)))
-        ring = next_ring(ring, last_view, view, VNODES)
+        ring = live.next(ring, last_view, view, VNODES)
         last_view = view
         _assert_ring(ring, view.weights())
 
@@ -204,6 +230,42 @@ def test_member_set_version_counts_only_real_changes() -> None:
     assert members.version == version and members.epoch == 12
     assert members.apply([_change(13, {"a": b"2"})], 0.0)
     assert members.version == version + 1
+
+
+def test_a_restart_takes_the_live_ring_back_to_the_ring_before_it() -> None:
+    """A member that leaves and joins again with its weight (a restart) takes a live ring
+    back to its ring before the leave: that ring is reused, nothing spliced. A re-join
+    with another weight, or another member's change in between, is derived as before;
+    after a ring was kept for nothing the next restart is spliced, and the one after it
+    is taken back again."""
+    members, decoded = MemberSet(), _Decoded()
+    members.read(GroupSnapshot(1, {n: _encode(1.0, {}) for n in "abc"}, None), 0.0)
+    view = _view_of(members, decoded)
+    steps = core.RingSteps()
+    ring = steps.next(None, GroupView(0, {}), view, VNODES)
+    rings = [ring]
+    for epoch, joined, left in [
+        (2, {}, ("a",)),
+        (3, {"a": _encode(1.0, {"v": 2})}, ()),  # back, new meta, same weight
+        (4, {}, ("b",)),
+        (5, {"b": _encode(2.0, {})}, ()),  # back with another weight: kept for nothing
+        (6, {}, ("c",)),
+        (7, {"c": _encode(1.0, {})}, ()),  # back, but no ring was kept this time
+        (8, {}, ("a",)),
+        (9, {"a": _encode(1.0, {})}, ()),  # back, and kept again
+        (10, {}, ("c",)),
+        (11, {"d": _encode(1.0, {})}, ()),
+        (12, {"c": _encode(1.0, {})}, ()),  # back, but d joined in between
+    ]:
+        assert members.apply([_change(epoch, joined, left)], 0.0)
+        new = _view_of(members, decoded)
+        ring, view = steps.next(ring, view, new, VNODES), new
+        _assert_ring(ring, view.weights())
+        rings.append(ring)
+    assert rings[2] is rings[0]
+    assert rings[4] is not rings[2] and rings[6] is not rings[4]
+    assert rings[8] is rings[6]
+    assert rings[10] is not rings[8]
 
 
 # -- Redis: the messages membership.lua publishes -------------------------------------
