@@ -14,9 +14,8 @@ and the lock must be renewed where its key now is, not reported lost.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from redis.cluster import key_slot
 import dcoord
 from dcoord.backends.base import LockGrant, LockSlot, Renewed
 from dcoord.backends.redis import locks as redis_locks
+from tests.conformance.test_lock_batching import held_through, lost_names
 from tests.conftest import Servers
 from tests.servers import HOST, Server
 from tests.topologies.cluster import ClusterSet
@@ -123,25 +123,6 @@ class BatchSpy:
             return answers
 
         monkeypatch.setattr(redis_locks._Renewals, "extend_many", spy)
-
-
-def lost_names() -> tuple[list[str], threading.Event, Callable[[dcoord.Lock], None]]:
-    names: list[str] = []
-    event = threading.Event()
-
-    def on_lost(lock: dcoord.Lock) -> None:
-        names.append(lock.name)
-        event.set()
-
-    return names, event, on_lost
-
-
-def held_through(locks: list[dcoord.Lock], seconds: float) -> None:
-    """Assert every lock of ``locks`` stays held for ``seconds`` (polled)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert all(lock.held for lock in locks), [lock.name for lock in locks if not lock.held]
-        time.sleep(0.05)
 
 
 def test_a_batch_is_one_round_trip_per_primary(

@@ -9,33 +9,19 @@ to the replica that took over, and its locks stay held (not wrongly lost).
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import dcoord
-from tests.conftest import Servers
+from tests.conformance.test_lock_batching import held_through, lost_names
+from tests.faults import test_failover_cluster
 from tests.servers import HOST, Server
 from tests.topologies.cluster import NODE_TIMEOUT_MS, ClusterSet
 
+# The failover tests' fixture: a Cluster started for this module (and stopped) too.
+cluster = test_failover_cluster.cluster
+
 PER_PRIMARY = 6
-
-
-@pytest.fixture(scope="module")
-def cluster(servers: Servers) -> Iterator[ClusterSet]:
-    # min-replicas-to-write 0: the promoted replica has no replica of its own until the
-    # killed node is back, and its locks are renewed right after the promotion.
-    started = ClusterSet(min_replicas_to_write=0, **servers.security())
-    try:
-        started.start()
-    except BaseException:
-        started.stop()
-        raise
-    yield started
-    started.stop()
 
 
 def ask(node: Server, *command: Any) -> Any:
@@ -68,17 +54,6 @@ def spread_locks(
     raise AssertionError(f"names hashed to only {len(by_primary)} primaries")
 
 
-def lost_names() -> tuple[list[str], Callable[[dcoord.Lock], None]]:
-    names: list[str] = []
-    mutex = threading.Lock()
-
-    def on_lost(lock: dcoord.Lock) -> None:
-        with mutex:
-            names.append(lock.name)
-
-    return names, on_lost
-
-
 def replicated(primary: Server, key: str) -> None:
     """Return once ``primary``'s replica has every write made to it so far: a write
     of our own in ``key``'s slot, then WAIT for it (the stream is in order)."""
@@ -90,13 +65,6 @@ def replicated(primary: Server, key: str) -> None:
         admin.close()
 
 
-def held_through(locks: list[dcoord.Lock], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert all(lock.held for lock in locks), [lock.name for lock in locks if not lock.held]
-        time.sleep(0.05)
-
-
 def test_a_hung_primary_holds_up_only_its_own_locks_renewals(
     cluster: ClusterSet, namespace: str
 ) -> None:
@@ -105,7 +73,7 @@ def test_a_hung_primary_holds_up_only_its_own_locks_renewals(
     than the hang, keep being renewed. (Before, each renewal was a request of its own
     on the 4 renewal workers, which the hung node's requests all took.)"""
     hang = 4.0
-    names, on_lost = lost_names()
+    names, _, on_lost = lost_names()
     with dcoord.connect(cluster.url, namespace=namespace, request_timeout=hang * 2) as client:
         # The first primary found is the one that hangs (its locks are renewed every
         # second, so some renewals wait for it); the others' locks live 2 s.
@@ -145,7 +113,7 @@ def test_the_locks_of_a_killed_primary_are_renewed_on_the_replica_that_took_over
     each failure has redis-py re-read the map, so once the replica is promoted the
     retries go there and find the locks (replicated before the kill) still held."""
     ttl = 12.0  # longer than a failover (node timeout 2 s, then an election) takes
-    names, on_lost = lost_names()
+    names, _, on_lost = lost_names()
     with dcoord.connect(cluster.url, namespace=namespace, request_timeout=2) as client:
         by_primary = spread_locks(client, cluster, namespace, lambda i: ttl, on_lost=on_lost)
         everyone = [lock for locks in by_primary.values() for lock in locks]
