@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import random
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -54,6 +56,21 @@ NO_ANSWER = "no answer before the deadline"
 NOT_NEEDED = "not needed: aborting"
 # Each compare-and-set loses only to a concurrent change of the same record.
 _CAS_ROUNDS = 100
+
+
+# Transaction ids come from a generator of this module's own: the global one's state is
+# the application's to seed (two processes seeded alike would make the same ids), and
+# uuid4() reads os.urandom, a system call that also releases the GIL, on every
+# transaction. A forked child reseeds, or it would repeat its parent's ids.
+_txids = random.Random()  # seeded from os.urandom
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to repeat ids
+    os.register_at_fork(after_in_child=_txids.seed)
+
+
+def new_txid() -> str:
+    """A fresh transaction id: 128 random bits as 32 hex digits (the form uuid4().hex
+    had), unique with the odds of a random UUID; not meant to be unguessable."""
+    return f"{_txids.getrandbits(128):032x}"
 
 
 @dataclass(frozen=True)
