@@ -731,9 +731,7 @@ class Coordinator:
         return answers
 
     def _answer(self, request: core.Request) -> Any:
-        if isinstance(request, core.Read):
-            return self._store.get(request.txid)
-        if isinstance(request, core.Cas):
+        if isinstance(request, core.Cas):  # first: a commit's decision and done writes
             return self._store.cas(
                 request.txid,
                 request.expected,
@@ -744,6 +742,8 @@ class Coordinator:
                 created=request.created,
                 previous=request.previous,
             )
+        if isinstance(request, core.Read):
+            return self._store.get(request.txid)
         if isinstance(request, core.Page):
             return self._store.page(
                 request.states,

@@ -448,7 +448,7 @@ def record_acks(stored: Stored, acked: list[str], confirm: bool) -> Steps[Stored
         if stored.record.state.finished:  # another coordinator or recoverer got there
             return stored
         new = txlog.acknowledge(stored.record, acked)
-        if new == stored.record:
+        if new.state is stored.record.state and new.acks == stored.record.acks:  # no news
             return stored
         result = yield from cas(stored, new, confirm)
         if result is not None:
