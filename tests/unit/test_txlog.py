@@ -212,8 +212,8 @@ def test_a_transition_changes_only_what_may_change() -> None:
 
 
 def test_txids_are_32_hex_digits_and_ignore_the_applications_random_seed() -> None:
-    # Transaction ids come from a generator of their own: two processes that seed the
-    # global one alike (tests often do) must not make the same ids.
+    # Transaction ids must not come from the global generator: two processes that seed
+    # it alike (tests often do) would make the same ids.
     random.seed(7)
     first = core.new_txid()
     random.seed(7)
