@@ -64,8 +64,8 @@ def new_txid() -> str:
     alike in two processes, it would give both the same ids) nor from a generator of
     our own: reading ``os.urandom`` releases the GIL, once per transaction and outside
     any lock, and without that release 8 threads committing on the embedded backend
-    fell into convoys on its store's lock (measured: 6-8k commits/s instead of 9-14k;
-    docs/performance.md)."""
+    slowed down, most likely queueing on its store's lock (median 8k commits/s instead
+    of 12k; docs/performance.md)."""
     return uuid.uuid4().hex
 
 
