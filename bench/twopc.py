@@ -20,6 +20,9 @@ the same run: ``floor`` clients make two ``SET`` of a record-sized value per
 as the coordinator's two forced log writes are. With 8 clients the floor gains from
 Redis's group commit (writes that arrive in one event-loop iteration share one fsync),
 and so may the coordinator. The ``null`` rows are printed as ratios to that floor.
+On the embedded backend the ``null`` rows come with a reference for 8 clients against
+1: threads doing plain Python work (``python``), which lose to the GIL's hand-offs what
+the coordinator loses to them.
 ``--slices N`` measures only that: N pairs of short slices (``--seconds``) of null
 participants and floor in one process, seconds apart, which a loaded machine's swings
 in fsync latency disturb less than rows in fresh processes.
@@ -46,6 +49,7 @@ for ``bench/plot.py``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -196,6 +200,36 @@ def floor(url: str, clients: int, seconds: float) -> dict[str, Any]:
     return summary(latencies, elapsed, Tally(), time.process_time() - cpu)
 
 
+def python_loop(clients: int, seconds: float) -> dict[str, Any]:
+    """The reference for 8 clients against 1 on the embedded backend: ``clients``
+    threads doing only plain Python work (encoding and digesting a record-sized dict, as
+    a commit does), no lock, no I/O. Under one GIL, what 8 threads lose to hand-offs
+    here the coordinator cannot win back."""
+    record = {"txid": uuid.uuid4().hex, "participants": list(PARTICIPANTS), "acks": []}
+    latencies: list[float] = []
+    mutex = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def work() -> None:
+        mine: list[float] = []
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            for _ in range(20):  # about a commit's worth of CPU on the embedded backend
+                hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+            mine.append(time.perf_counter() - started)
+        with mutex:
+            latencies.extend(mine)
+
+    began, cpu = time.monotonic(), time.process_time()
+    threads = [threading.Thread(target=work) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    return summary(latencies, elapsed, Tally(), time.process_time() - cpu)
+
+
 def summary(latencies: list[float], elapsed: float, tally: Tally, cpu: float) -> dict[str, Any]:
     """Rate, p50/p99 (ms), client CPU (us, every thread of the process: ``cpu`` seconds)
     and the counted calls per transaction of one measurement."""
@@ -215,6 +249,8 @@ def summary(latencies: list[float], elapsed: float, tally: Tally, cpu: float) ->
 def measure(url: str, kind: str, clients: int, seconds: float, count: bool) -> dict[str, Any]:
     if kind == "floor":
         return floor(url, clients, seconds)
+    if kind == "python":
+        return python_loop(clients, seconds)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     with dcoord.connect(url, namespace=namespace) as client:
         tally = Tally()
@@ -335,6 +371,10 @@ def ratios(these: list[Any], others: list[Any]) -> list[float]:
     return [t["rate"] / o["rate"] for t, o in zip(these, others, strict=True)]
 
 
+def median_rate(runs: list[Any]) -> float:
+    return statistics.median(r["rate"] for r in runs)
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -384,6 +424,7 @@ def main() -> None:
         cols = "".join(f" {k + ' c/s':>10} {k + ' p50':>9}" for k in codes)
         ratio = "  this/ref c/s: median (min-max)" if len(codes) > 1 else ""
         print(f"{'backend':<8} {'parts':<11} {'clients':>7}{cols}{ratio}")
+        single: dict[int, dict[str, list[Any]]] = {}  # memory null runs by clients
         for backend in args.backends.split(","):
             for kind in args.kinds.split(","):
                 for clients in (1, 8):
@@ -391,6 +432,9 @@ def main() -> None:
                     with_floor = backend == "redis" and kind == "null"
                     if with_floor:
                         runs["floor"] = []
+                    with_python = backend == "memory" and kind == "null"
+                    if with_python:
+                        runs["python"] = []
                     for _ in range(args.repeat):
                         for name, code in codes.items():
                             if kind == "slow-serial" and name != "this":
@@ -401,6 +445,10 @@ def main() -> None:
                         if with_floor:  # interleaved: the same moment's load and disk
                             runs["floor"].append(
                                 child_row(ROOT, urls[backend], "floor", clients, seconds, False)
+                            )
+                        if with_python:
+                            runs["python"].append(
+                                child_row(ROOT, urls[backend], "python", clients, seconds, False)
                             )
                     rows.extend(
                         {"backend": backend, "kind": kind, "clients": clients, "code": name,
@@ -437,6 +485,21 @@ def main() -> None:
                             f"  c/s: {against}; client CPU us per commit: {cpu}",
                             flush=True,
                         )
+                    if with_python:
+                        print(
+                            f"{backend:<8} {'python':<11} {clients:>7} "
+                            f"{statistics.median(r['rate'] for r in runs['python']):>10.0f}"
+                            f" {statistics.median(r['p50'] for r in runs['python']):>9.2f}"
+                            "  (plain Python work per thread: the GIL's reference)",
+                            flush=True,
+                        )
+                        single[clients] = runs
+                        if clients == 8:  # 8 clients against 1, medians of the repeats
+                            scaling = ", ".join(
+                                f"{name} {median_rate(at8) / median_rate(single[1][name]):.2f}"
+                                for name, at8 in runs.items()
+                            )
+                            print(f"{backend:<8} 8 clients / 1 client, c/s: {scaling}", flush=True)
         print("\nper commit, 1 client, counted on the redis run (same on every backend):")
         for name, code in codes.items():
             for kind in [k for k in ("null", "kv") if k in args.kinds.split(",")]:

@@ -30,7 +30,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -130,7 +129,7 @@ class Transaction:
 
     def __init__(self, coordinator: Coordinator, timeout: float) -> None:
         self.coordinator = coordinator
-        self.txid = uuid.uuid4().hex
+        self.txid = core.new_txid()
         self.timeout = timeout
         self.payloads: dict[str, Any] = {}
         """Participant -> its payload as enlisted (a copy: see :meth:`enlist`)."""
@@ -458,21 +457,24 @@ class Coordinator:
             if name not in inline
         }
         votes: dict[str, Vote] = {}
+        yes = True  # every vote so far is a yes
         for name in inline:
             if time.monotonic() >= deadline:
                 votes[name] = core.NO_ANSWER
-            elif not any(vote is not True for vote in votes.values()):
+            elif yes:
                 votes[name] = self._prepare_one(name, record.txid, payloads[name])
             else:
                 votes[name] = core.NOT_NEEDED
+            yes = votes[name] is True
         pending = set(futures)
-        while pending and all(vote is True for vote in votes.values()):
+        while pending and yes:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
             for future in done:
-                votes[futures[future]] = future.result()
+                vote = votes[futures[future]] = future.result()
+                yes = yes and vote is True
         late = time.monotonic() >= deadline
         for future in pending:
             name = futures[future]
@@ -729,9 +731,7 @@ class Coordinator:
         return answers
 
     def _answer(self, request: core.Request) -> Any:
-        if isinstance(request, core.Read):
-            return self._store.get(request.txid)
-        if isinstance(request, core.Cas):
+        if isinstance(request, core.Cas):  # first: a commit's decision and done writes
             return self._store.cas(
                 request.txid,
                 request.expected,
@@ -742,6 +742,8 @@ class Coordinator:
                 created=request.created,
                 previous=request.previous,
             )
+        if isinstance(request, core.Read):
+            return self._store.get(request.txid)
         if isinstance(request, core.Page):
             return self._store.page(
                 request.states,

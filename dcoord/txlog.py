@@ -23,15 +23,21 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Literal
 
 from .errors import ConfigError, InvalidTransition, LogCorrupted
 
 SCHEMA_VERSION = 1
-# Built once: json.dumps() with any option builds a new encoder per call, a few of which
-# every transaction makes (its record's versions, one digest per payload).
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+# json's C encoder, called directly: JSONEncoder.encode() builds one per call behind a
+# few layers of Python, which cost more than encoding a record's small dicts (a few per
+# transaction). The record encoder is built once: it walks only dcoord's own values
+# (no cycles), so it needs no markers and can be shared by threads. A payload's may
+# contain itself: its encoder gets fresh markers per call (a shared dict would see one
+# thread's marks from another digesting the same payload: a false "circular").
+_COMPACT = c_make_encoder(
+    None, json.JSONEncoder().default, encode_basestring_ascii, None, ":", ",", False, False, True
+)
 _TXID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 Outcome = Literal["committed", "aborted"]
@@ -146,8 +152,9 @@ def digest(payload: object, *, what: str = "payload") -> str:
     ConfigError naming ``what`` for a structure that cannot be walked (it contains itself,
     or nests deeper than Python's recursion limit).
     """
+    canonical = c_make_encoder({}, repr, encode_basestring_ascii, None, ":", ",", True, False, True)
     try:
-        text = _CANONICAL.encode(payload)
+        text = "".join(canonical(payload, 0))
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{what} cannot be digested for the log: {exc}") from None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -176,16 +183,24 @@ def new_record(
         raise ConfigError(
             f"transaction {txid!r}: digests for {sorted(digests)}, payloads for {sorted(payloads)}"
         )
-    record = TxRecord(
+    # Built as _evolve builds, not by the frozen dataclass's __init__ (a few us per
+    # transaction): every field is set here, from values of the right types.
+    record = object.__new__(TxRecord)
+    record.__dict__.update(
         txid=check_txid(txid),
         state=TxState.STARTED,
         participants=tuple(payloads),
         created=now,
         deadline=now + timeout,
         digests=dict(digests),
+        decided_at=None,
+        acks=(),
         coordinator=coordinator,
+        reason="",
+        version=SCHEMA_VERSION,
     )
-    return _evolve(record, head=_head(record))
+    record.__dict__["head"] = _head(record)
+    return record
 
 
 def transition(record: TxRecord, to: TxState, **changes: Any) -> TxRecord:
@@ -235,7 +250,7 @@ def encode(record: TxRecord) -> bytes:
         "reason": record.reason,
     }
     # "{...}" without its "{", after the head's "{...," (a JSON object either way).
-    return (record.head or _head(record)).encode() + _COMPACT.encode(changing)[1:].encode()
+    return (record.head or _head(record)).encode() + "".join(_COMPACT(changing, 0))[1:].encode()
 
 
 def _head(record: TxRecord) -> str:
@@ -249,7 +264,7 @@ def _head(record: TxRecord) -> str:
         "deadline": record.deadline,
         "coordinator": record.coordinator,
     }
-    return _COMPACT.encode(fixed)[:-1] + ","
+    return "".join(_COMPACT(fixed, 0))[:-1] + ","
 
 
 def decode(txid: str, data: bytes) -> TxRecord:

@@ -740,6 +740,30 @@ def test_redis_cas_many_applies_each_write_on_its_own(
         assert store.cas_many([], retention=60) == []  # type: ignore[attr-defined]
 
 
+def test_redis_log_replaces_a_kept_connection_that_the_server_closed(
+    server_factory: Callable[..., Any], namespace: str
+) -> None:
+    # The log keeps its connections between writes, past redis-py's pool: one the server
+    # closed meanwhile (its idle timeout, CLIENT KILL, a restart) is found out before
+    # use and replaced, as the pool does, rather than failing the next commit; and a
+    # script the server forgot (SCRIPT FLUSH, a restart) is loaded again.
+    server = server_factory("redis")
+    with dcoord.connect(server.url, namespace=namespace) as client:
+        coord = client.coordinator([Bank("a")])
+        with coord.transaction() as tx:
+            tx.enlist("a", None)
+        admin = server.redis_admin()
+        try:
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+            admin.script_flush()
+        finally:
+            admin.close()
+        with coord.transaction() as tx:
+            tx.enlist("a", None)
+        record = coord.get(tx.txid)
+        assert record is not None and record.outcome == "committed"
+
+
 def test_invalid_transitions_are_refused_and_leave_the_log_unchanged(
     coordinator: Any, client: dcoord.Client
 ) -> None:

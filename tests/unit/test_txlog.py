@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import random
 
 import pytest
 
@@ -207,3 +209,34 @@ def test_given_digests_are_recorded_as_given_and_must_cover_the_payloads() -> No
 def test_a_transition_changes_only_what_may_change() -> None:
     with pytest.raises(dcoord.ConfigError, match="changes only"):
         txlog.transition(started("a"), TxState.COMMITTING, deadline=5.0)
+
+
+def test_txids_are_32_hex_digits_and_ignore_the_applications_random_seed() -> None:
+    # Transaction ids must not come from the global generator: two processes that seed
+    # it alike (tests often do) would make the same ids.
+    random.seed(7)
+    first = core.new_txid()
+    random.seed(7)
+    second = core.new_txid()
+    assert first != second
+    for txid in (first, second):
+        assert txlog.check_txid(txid) == txid
+        assert len(txid) == 32 and int(txid, 16) >= 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_does_not_repeat_its_parents_txids() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without running pytest's teardown
+        try:
+            os.write(write_end, " ".join(core.new_txid() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read().decode().split()
+    os.waitpid(pid, 0)
+    parent = [core.new_txid() for _ in range(3)]
+    assert len(child) == 3
+    assert not set(child) & set(parent)
