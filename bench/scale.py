@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -170,29 +171,45 @@ def follower(url: str, n: int, restart: int) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def burst(url: str, n: int) -> None:
-    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+def burst(url: str, n: int, rounds: int = 1) -> None:
+    """Joins/s of one client joining ``n`` members with no ring following the group, with
+    a ring in another client of this process, and with a ring in the joining client too;
+    and how soon after the last join each ring has them all. ``rounds`` > 1 repeats the
+    three in alternating order (the machine's load drifts) and prints the median ratio
+    of the joining client's rate with its own ring to its rate with none."""
+    ratios = []
     with (
-        dcoord.connect(url, namespace=namespace) as joiner,
-        dcoord.connect(url, namespace=namespace) as other,
+        dcoord.connect(url, namespace=f"bench-{uuid.uuid4().hex[:8]}") as joiner,
+        dcoord.connect(url, namespace=joiner.namespace) as other,
     ):
-        for name, followers in (("none", 0), ("alone", 1), ("local", 2)):
-            rings = [other.group(name).ring(), joiner.group(name).ring()][:followers]
-            group = joiner.group(name)
-            started = time.perf_counter()
-            for i in range(n):
-                group.join(f"b{i}", ttl=60)
-            ended = time.perf_counter()
-            rate = n / (ended - started)
-            seen = []
-            for ring in rings:
-                assert ring.wait_for(lambda r: len(r) == n, 120), f"ring saw {len(ring)} of {n}"
-                seen.append(time.perf_counter() - ended)
-            where = ("none", "other client only", "this client too")[followers]
-            times = "".join(f"{s:>10.3f}" for s in seen)
-            print(f"   {url.split('://')[0]:<8}{n:>7}  {where:<18}{rate:>9.0f}{times}")
-            for ring in rings:
-                ring.close()
+        for r in range(rounds):
+            rates = {}
+            modes = (("none", 0), ("alone", 1), ("local", 2))
+            for name, followers in modes if r % 2 == 0 else modes[::-1]:
+                name = f"{name}-{r}"
+                rings = [other.group(name).ring(), joiner.group(name).ring()][:followers]
+                group = joiner.group(name)
+                started = time.perf_counter()
+                for i in range(n):
+                    group.join(f"b{i}", ttl=60)
+                ended = time.perf_counter()
+                rates[followers] = rate = n / (ended - started)
+                seen = []
+                for ring in rings:
+                    assert ring.wait_for(lambda r: len(r) == n, 120), f"ring saw {len(ring)}"
+                    seen.append(time.perf_counter() - ended)
+                where = ("none", "other client only", "this client too")[followers]
+                times = "".join(f"{s:>10.3f}" for s in seen)
+                print(f"   {url.split('://')[0]:<8}{n:>7}  {where:<18}{rate:>9.0f}{times}")
+                for ring in rings:
+                    ring.close()
+            ratios.append(rates[2] / rates[0])
+    if rounds > 1:
+        print(
+            f"   joins/s with this client's own ring / with none: median "
+            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
+            f"{rounds} rounds"
+        )
 
 
 PER_CHILD = 100  # members per child process of the expiry run
@@ -408,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--builds", default="10,100,500,1000,2000,5000", help="ring sizes")
     ap.add_argument("--restart", type=int, default=200, help="members restarted (2 changes each)")
     ap.add_argument("--burst", type=int, default=1000, help="members of the join burst (0: none)")
+    ap.add_argument("--burst-rounds", type=int, default=1, help="rounds of the burst")
     ap.add_argument("--expiry", type=int, default=1000, help="members of the expiry run (0: none)")
     ap.add_argument("--kill", type=int, default=100, help="of which SIGKILLed (x 100)")
     ap.add_argument("--ttl", type=float, default=5.0, help="their ttl")
@@ -457,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'other s':>10}{'this s':>10}  (s: after the last join)"
         )
         for url in args.urls:
-            burst(url, args.burst)
+            burst(url, args.burst, args.burst_rounds)
     servers = [url for url in args.urls if not url.startswith("memory:")]
     if args.expiry and servers:
         print(
