@@ -155,7 +155,10 @@ class LeaseHolders:
         with self._mutex:
             holders = self._on_lease.pop(lease_id, set())
         for holder in holders:
-            holder.lost()
+            try:
+                holder.lost()
+            except Exception:  # one holder's failure must not keep the others untold
+                log.exception("lease %x: telling a holder of its loss failed", lease_id)
 
 
 class Leases:
