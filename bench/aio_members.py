@@ -11,8 +11,10 @@ end. One run:
    leases the members' keys are on (read from the server), the lease keep-alive requests
    the client sends per second over ``--window`` seconds (counted at its lock store's
    ``keep_alive``, where every lease keep-alive of the client goes), its heart-beat
-   tasks, and the CPU the process spends meanwhile (%, of one core: keeping the members
-   alive, nothing else runs).
+   tasks (none since they are told of their lease's loss by its keep-alive task), and
+   the CPU the process spends meanwhile (%, of one core: keeping the members alive,
+   nothing else runs). Then the members' lease is revoked and the keep-alive request
+   that finds it gone is sent at once: seconds until every member is lost (``told``).
 2. Expiry: a child process joins ``--killed`` async members (ttl ``--ttl``) and is
    SIGKILLed; a live ring in this process follows the group. Reported: seconds from the
    kill until the ring has dropped them all, the views a watch of the group got
@@ -40,7 +42,7 @@ from pyetcd import etcdrpc
 from pyetcd.utils import prefix_range_end
 
 import dcoord
-from dcoord.aio import AsyncClient, connect
+from dcoord.aio import AsyncClient, AsyncJoinedMember, connect
 
 
 async def lease_count(client: AsyncClient, group: str) -> int:
@@ -59,11 +61,10 @@ async def members_run(url: str, n: int, ttl: float, window: float) -> None:
     async with connect(url, namespace=namespace) as client:
         group = client.group("g")
         started = time.perf_counter()
-        for i in range(n):
-            await group.join(f"s{i}", ttl=ttl)
+        members = [await group.join(f"s{i}", ttl=ttl) for i in range(n)]
         sequential = n / (time.perf_counter() - started)
         started = time.perf_counter()
-        await asyncio.gather(*(group.join(f"c{i}", ttl=ttl) for i in range(n)))
+        members += await asyncio.gather(*(group.join(f"c{i}", ttl=ttl) for i in range(n)))
         gathered = n / (time.perf_counter() - started)
         store: Any = client.backend.locks
         real = store.keep_alive
@@ -81,10 +82,25 @@ async def members_run(url: str, n: int, ttl: float, window: float) -> None:
         store.keep_alive = real
         beats = sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("dcoord heart"))
         leases = await lease_count(client, "g")
+        told = await lost_after_revoke(client, members)
         print(
             f"   {2 * n:>7}{ttl:>6g}{sequential:>12.0f}{gathered:>12.0f}{leases:>8}"
-            f"{sent / window:>14.1f}{beats:>12}{cpu * 100:>10.1f}"
+            f"{sent / window:>14.1f}{beats:>12}{cpu * 100:>10.1f}{told:>8.2f}"
         )
+
+
+async def lost_after_revoke(client: AsyncClient, members: list[AsyncJoinedMember]) -> float:
+    """Revoke the members' (shared) lease and send the keep-alive that finds it gone, as
+    its keep-alive task would at its next due time: seconds until every member is lost."""
+    store: Any = client.backend.locks
+    registration: Any = members[0]._reg
+    lease = registration.lease
+    started = time.perf_counter()
+    await store.revoke(lease.id)
+    await store.leases.keep_alive(lease)
+    while not all(m.lost_reason for m in members):
+        await asyncio.sleep(0.01)
+    return time.perf_counter() - started
 
 
 async def child(url: str, namespace: str, count: int, ttl: float) -> None:
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("1. one async client's members")
         print(
             f"   {'members':>7}{'ttl':>6}{'joins/s seq':>12}{'joins/s all':>12}{'leases':>8}"
-            f"{'keep-alives/s':>14}{'heart-beats':>12}{'idle cpu':>10}"
+            f"{'keep-alives/s':>14}{'heart-beats':>12}{'idle cpu':>10}{'told':>8}"
         )
         asyncio.run(members_run(url, args.members, args.ttl, args.window))
         print("2. expiry of a SIGKILLed process's members, seen by a live ring")

@@ -4,9 +4,10 @@ The same groups as :mod:`dcoord.membership` (same keys, records and server-side
 liveness), so sync and async members of one group see each other; the same values
 (:class:`~dcoord.Member`, :class:`~dcoord.membership.GroupView`, input checks) and the
 same decisions (:mod:`dcoord.core.membership`: incremental ring updates, when a
-heart-beat failure loses a member). Only the I/O differs: every member's heart-beat
-(on etcd: a look at the client's shared lease, kept alive by one task per TTL) is a
-task on the client's loop, and
+heart-beat failure loses a member). Only the I/O differs: on memory and Redis every
+member's heart-beat is a task on the client's loop; on etcd a member has no task (its key
+is on the client's shared lease, kept alive by one task per TTL that tells every member
+on it when the lease is lost), and
 everything that follows one :class:`AsyncGroup` (live rings, watches) shares one
 follower task that subscribes to the group's changes (Redis pub/sub, an etcd watch, the
 embedded store's change log), applies the changes they carry, re-reads the group when
@@ -32,7 +33,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
-from ..backends.aio_base import AsyncGroupStore, AsyncGroupSubscription, AsyncMemberRegistration
+from ..backends.aio_base import (
+    AsyncGroupStore,
+    AsyncGroupSubscription,
+    AsyncMemberRegistration,
+    AsyncSelfKeptRegistration,
+)
 from ..core.membership import MemberSet, RingSteps, beat_verdict
 from ..errors import (
     AlreadyJoined,
@@ -73,8 +79,8 @@ _ALIVE, _LEFT, _LOST = "alive", "left", "lost"
 
 
 class AsyncJoinedMember(Member):
-    """A member this client joined: kept alive by a task until :meth:`leave` or the
-    client closes.
+    """A member this client joined: kept alive until :meth:`leave` or the client closes
+    (by a heart-beat task of its own, or on etcd by the client's shared lease).
 
     As :class:`dcoord.JoinedMember`: when its heart-beats fail for longer than its TTL,
     or the server no longer has it, it is *lost*: :attr:`alive` turns False,
@@ -88,7 +94,7 @@ class AsyncJoinedMember(Member):
         self,
         group: AsyncGroup,
         member: Member,
-        registration: AsyncMemberRegistration,
+        registration: AsyncMemberRegistration | AsyncSelfKeptRegistration,
         on_lost: OnMemberLost | None,
     ) -> None:
         super().__init__(member.id, member.weight, member.meta)
@@ -101,9 +107,16 @@ class AsyncJoinedMember(Member):
         """Why the member was lost, or None."""
 
     def _start(self) -> None:
-        self._beats = asyncio.get_running_loop().create_task(
-            self._heart_beats(), name=f"dcoord heart-beat {self._group.name}/{self.id}"
-        )
+        registration = self._reg
+        if isinstance(registration, AsyncSelfKeptRegistration):
+            # Its backend tells it of its loss at once: a task of its own would only
+            # poll that every ttl/3, and learn it up to ttl/3 late.
+            registration.on_lost(self._mark_lost)
+        else:
+            self._beats = asyncio.get_running_loop().create_task(
+                self._heart_beats(registration),
+                name=f"dcoord heart-beat {self._group.name}/{self.id}",
+            )
 
     @property
     def group(self) -> AsyncGroup:
@@ -154,17 +167,17 @@ class AsyncJoinedMember(Member):
         if beats is not None and beats is not asyncio.current_task():
             beats.cancel()
 
-    async def _heart_beats(self) -> None:
-        interval = self._reg.ttl / 3
+    async def _heart_beats(self, registration: AsyncMemberRegistration) -> None:
+        interval = registration.ttl / 3
         while self._state == _ALIVE:
             await asyncio.sleep(interval)
             still_there, failure = False, None
             try:
                 # Bounded by the registration's deadline, so that a hanging heart-beat
                 # loses the member on time rather than when the request gives up.
-                remaining = max(0.0, self._reg.expires_at - time.monotonic())
+                remaining = max(0.0, registration.expires_at - time.monotonic())
                 async with asyncio.timeout(remaining):
-                    still_there = await self._reg.refresh()
+                    still_there = await registration.refresh()
             except Exception as exc:  # unreachable, refusing, or past the deadline
                 failure = exc
                 if not isinstance(exc, BackendUnavailable | TimeoutError):
@@ -176,11 +189,13 @@ class AsyncJoinedMember(Member):
                     )
             if self._state != _ALIVE:
                 return
-            reason = beat_verdict(still_there, failure, time.monotonic(), self._reg.expires_at)
+            reason = beat_verdict(still_there, failure, time.monotonic(), registration.expires_at)
             if reason is not None:
                 self._mark_lost(reason)
 
     def _mark_lost(self, reason: str) -> None:
+        if self._state != _ALIVE:
+            return  # left, or lost already: a backend's report after that is old news
         self._state = _LOST
         self.lost_reason = reason
         callbacks, self._callbacks = self._callbacks, []
@@ -513,8 +528,9 @@ class AsyncGroup:
         ttl: float = DEFAULT_TTL,
         on_lost: OnMemberLost | None = None,
     ) -> AsyncJoinedMember:
-        """Join as ``member_id`` and stay joined (a heart-beat task, every ttl/3) until
-        :meth:`AsyncJoinedMember.leave` or the client closes.
+        """Join as ``member_id`` and stay joined (a heart-beat task, every ttl/3; on etcd
+        the client's shared lease) until :meth:`AsyncJoinedMember.leave` or the client
+        closes.
 
         As :meth:`dcoord.Group.join` (ConfigError for bad input, AlreadyJoined when the
         id is joined and alive, ClientClosed when the client is or gets closed).
@@ -550,8 +566,8 @@ class AsyncGroup:
             await self._leave_or_warn(joined)
             self.client.check_open()
         self._joined.add(joined)
-        joined._start()
         metrics.member_joined(self)
+        joined._start()  # after the count: a lease lost meanwhile loses it at once
         return joined
 
     async def members(self) -> dict[str, Member]:

@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..errors import BackendUnavailable
 from .base import GroupChange, GroupSnapshot, LockGrant, LogEntry, Renewed, ServerInfo
@@ -162,12 +162,9 @@ class AsyncKVStore(Protocol):
 
 
 class AsyncMemberRegistration(Protocol):
-    """One member joined by an async client; see :class:`.base.MemberRegistration`.
-
-    The core refreshes it every ``ttl / 3`` from a task (on etcd it only reads the state
-    of the client's shared lease, which a task of its own keeps alive), so there is no
-    on_lost hook.
-    """
+    """One member joined by an async client that the core keeps alive: it calls
+    :meth:`refresh` every ``ttl / 3`` from a task (memory, Redis); see
+    :class:`.base.MemberRegistration`."""
 
     @property
     def ttl(self) -> float: ...
@@ -178,6 +175,30 @@ class AsyncMemberRegistration(Protocol):
     async def refresh(self) -> bool: ...
 
     async def leave(self) -> bool: ...
+
+
+@runtime_checkable
+class AsyncSelfKeptRegistration(Protocol):
+    """One member joined by an async client that the backend keeps alive itself and
+    that reports its own loss (etcd: a key on the client's shared lease, whose one
+    keep-alive task tells every member on it): the core runs no task for it."""
+
+    @property
+    def ttl(self) -> float: ...
+
+    @property
+    def expires_at(self) -> float:
+        """Monotonic time by which it has surely expired (0 once known lost)."""
+        ...
+
+    async def leave(self) -> bool:
+        """Remove the member if it is still this registration's; no ``on_lost`` after."""
+        ...
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` once, on the loop, as soon as the backend finds the
+        registration lost (at once if it already is)."""
+        ...
 
 
 class AsyncGroupSubscription(Protocol):
@@ -203,7 +224,7 @@ class AsyncGroupStore(Protocol):
 
     async def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
-    ) -> AsyncMemberRegistration | None:
+    ) -> AsyncMemberRegistration | AsyncSelfKeptRegistration | None:
         """As :meth:`.base.GroupStore.join`; a cancelled join leaves no member behind."""
         ...
 

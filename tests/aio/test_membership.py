@@ -157,13 +157,14 @@ def test_closing_the_client_leaves_its_members_and_cancels_its_tasks(
 
 
 def _stop_beating(member: AsyncJoinedMember) -> None:
-    """The member's process "dies": no heart-beat is sent again; on etcd, no keep-alive
-    of the client's shared lease its key is on (which the heart-beat only reads)."""
-    assert member._beats is not None
-    member._beats.cancel()
+    """The member's process "dies": no heart-beat is sent again; on etcd (no heart-beat
+    task), no keep-alive of the client's shared lease its key is on."""
     leases = getattr(member.group.client.backend.locks, "leases", None)
     if leases is not None:
-        leases._keepers[member._reg.lease.id].cancel()  # type: ignore[attr-defined]
+        leases._keepers[member._reg.lease.id].cancel()  # type: ignore[union-attr]
+    else:
+        assert member._beats is not None
+        member._beats.cancel()
 
 
 def test_member_whose_heart_beats_stop_disappears_within_its_ttl(

@@ -7,7 +7,7 @@ read-write lock, campaign and group member of a client puts its key on the share
 of its TTL, so ten thousand of them cost one keep-alive request per third of a TTL, not
 ten thousand. A lease found expired (the loop was blocked, the server lost it, or its
 keep-alives failed for longer than its TTL) is dropped and marked lost, which every
-holder on it sees at its next renewal or heart-beat (its ``on_lost`` runs); the next
+lock on it sees at its next renewal and every group member at once (``on_lost`` runs); the next
 :meth:`lease` grants a fresh one.
 """
 

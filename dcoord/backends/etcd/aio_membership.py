@@ -7,10 +7,10 @@ client's shared lease of its TTL (:class:`.aio_leases.AsyncLeases`, the one its 
 locks use: one keep-alive task per lease), so a thousand members cost one keep-alive
 request per third of a TTL, and the members of a client that dies expire together, in
 one revision. Leaving deletes the member's key only (the lease lives on for the
-others); a lost lease loses every member on it, each at its next heart-beat (which
-sends nothing: it reads the lease's state). A cancelled or failed join deletes its key
-if it wrote it. A follower's subscription is a watch stream of its own on the group's
-prefix, read by a task.
+others); a lost lease loses every member on it at once (the lease's keep-alive task,
+finding it lost, tells them: no member has a task of its own). A cancelled or failed
+join deletes its key if it wrote it. A follower's subscription is a watch stream of its
+own on the group's prefix, read by a task.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -30,7 +31,7 @@ from pyetcd.utils import prefix_range_end
 from ...errors import BackendUnavailable, PermissionDenied
 from ..base import GroupChange, GroupSnapshot
 from .aio_txlog import delete, holds
-from .leases import Lease, LeaseNotFound
+from .leases import Lease, LeaseHolders, LeaseNotFound
 from .locks import _CLEANUP_INTERVAL, _created_at, _first_kv, _range, delete_txn, deleted
 from .membership import changes_of, member_value, members_of, members_prefix
 
@@ -45,6 +46,7 @@ class AsyncEtcdGroups:
     def __init__(self, backend: AsyncEtcdBackend, locks: AsyncEtcdLocks) -> None:
         self.backend = backend
         self._locks = locks
+        self.holders = LeaseHolders()
 
     async def join(
         self, group: str, member_id: str, payload: bytes, ttl: float
@@ -141,7 +143,9 @@ class AsyncEtcdGroups:
 
 
 class AsyncEtcdRegistration:
-    """One member: its key, on the client's shared lease of its TTL."""
+    """One member: its key, on the client's shared lease of its TTL. The lease's
+    keep-alive task keeps it alive and, when the lease is lost, tells it at once
+    (:class:`.leases.LeaseHolders`): no task or request of its own."""
 
     def __init__(
         self, groups: AsyncEtcdGroups, key: bytes, lease: Lease, create_revision: int
@@ -150,26 +154,33 @@ class AsyncEtcdRegistration:
         self._key = key
         self.lease = lease
         self._create_revision = create_revision
+        self._callbacks: list[Callable[[str], None]] = []
         self.ttl = float(lease.ttl)
 
     @property
     def expires_at(self) -> float:
         return 0.0 if self.lease.lost.is_set() else self.lease.expires_at
 
-    async def refresh(self) -> bool:
-        """The shared lease's keep-alive task does the refreshing; this only reports it
-        (no request): False once the lease is lost (the server has it no more, or it was
-        given up); BackendUnavailable once it is past its TTL unrefreshed (its keep-alives
-        failed), which loses the member as failing heart-beats do."""
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        self._callbacks.append(callback)
+        self._groups.holders.add(self, self.lease)
+
+    def lost(self) -> None:
+        """The lease is lost (called by :class:`.leases.LeaseHolders`, on the loop)."""
         lease = self.lease
         if time.monotonic() >= lease.expires_at:
-            raise BackendUnavailable(
-                f"lease {lease.id:x} of member key {self._key.decode()} was not refreshed "
-                f"within its TTL ({lease.ttl} s)"
+            # Given up by its keep-alive task: not refreshed within its TTL.
+            reason = (
+                "heart-beats failed for longer than its ttl: the keep-alives of its etcd "
+                f"lease {lease.id:x} did not succeed within its TTL ({lease.ttl} s)"
             )
-        return not lease.lost.is_set()
+        else:
+            reason = f"its etcd lease {lease.id:x} expired on the server or was revoked"
+        for callback in self._callbacks:
+            callback(reason)
 
     async def leave(self) -> bool:
+        self._groups.holders.discard(self, self.lease)
         return await self._groups.leave(self._key, self._create_revision)
 
 

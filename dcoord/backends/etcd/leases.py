@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 from pyetcd import etcdrpc
@@ -118,6 +118,47 @@ class Lease:
                 callback()
             except Exception:
                 log.exception("lease %x lost-callback failed", self.id)
+
+
+class LeaseHolder(Protocol):
+    """A key's holder told of its lease's loss (a group member's registration)."""
+
+    def lost(self) -> None: ...
+
+
+class LeaseHolders:
+    """The holders of keys on the shared leases that must hear of their lease's loss at
+    once (group members: no heart-beat of theirs looks). A lease gets one lost-callback,
+    not one per holder, so holders that come and go while it lives pile nothing up."""
+
+    def __init__(self) -> None:
+        self._on_lease: dict[int, set[LeaseHolder]] = {}
+        self._mutex = threading.Lock()
+
+    def add(self, holder: LeaseHolder, lease: Lease) -> None:
+        """Call ``holder.lost()`` once when ``lease`` is lost (at once if it already is),
+        unless :meth:`discard` comes first."""
+        with self._mutex:
+            holders = self._on_lease.get(lease.id)
+            first = holders is None
+            if holders is None:
+                holders = self._on_lease[lease.id] = set()
+            holders.add(holder)
+        if first:
+            lease.on_lost(lambda: self._lease_lost(lease.id))
+
+    def discard(self, holder: LeaseHolder, lease: Lease) -> None:
+        with self._mutex:
+            self._on_lease.get(lease.id, set()).discard(holder)
+
+    def _lease_lost(self, lease_id: int) -> None:
+        with self._mutex:
+            holders = self._on_lease.pop(lease_id, set())
+        for holder in holders:
+            try:
+                holder.lost()
+            except Exception:  # one holder's failure must not keep the others untold
+                log.exception("lease %x: telling a holder of its loss failed", lease_id)
 
 
 class Leases:

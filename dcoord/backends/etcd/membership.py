@@ -21,7 +21,7 @@ from pyetcd.events import PutEvent
 
 from ...errors import BackendUnavailable, ClientClosed
 from ..base import GroupChange, GroupSnapshot
-from .leases import Lease
+from .leases import Lease, LeaseHolders
 
 if TYPE_CHECKING:
     from . import EtcdBackend
@@ -82,30 +82,8 @@ class EtcdGroups:
         self._backend = backend
         self._etcd = backend.etcd
         self._prefix = prefix
-        # Lease id -> the registrations on it. The lease gets one lost-callback, not one
-        # per member, so joining and leaving for a lease's lifetime does not pile them up.
-        self._on_lease: dict[int, set[EtcdRegistration]] = {}
-        self._mutex = threading.Lock()
-
-    def track(self, registration: EtcdRegistration, lease: Lease) -> None:
-        with self._mutex:
-            registrations = self._on_lease.get(lease.id)
-            first = registrations is None
-            if registrations is None:
-                registrations = self._on_lease[lease.id] = set()
-            registrations.add(registration)
-        if first:
-            lease.on_lost(lambda: self._lease_lost(lease.id))
-
-    def untrack(self, registration: EtcdRegistration, lease: Lease) -> None:
-        with self._mutex:
-            self._on_lease.get(lease.id, set()).discard(registration)
-
-    def _lease_lost(self, lease_id: int) -> None:
-        with self._mutex:
-            registrations = self._on_lease.pop(lease_id, set())
-        for registration in registrations:
-            registration.lost()
+        # Told of their lease's loss at once: the core runs no heart-beat for them.
+        self.holders = LeaseHolders()
 
     def members_prefix(self, group: str) -> str:
         return members_prefix(self._prefix, group)
@@ -188,12 +166,12 @@ class EtcdRegistration:
         return not self._lease.lost.is_set()
 
     def leave(self) -> bool:
-        self._groups.untrack(self, self._lease)
+        self._groups.holders.discard(self, self._lease)
         return self._groups.leave(self._key, self._create_revision)
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
-        self._groups.track(self, self._lease)
+        self._groups.holders.add(self, self._lease)
 
     def lost(self) -> None:
         for callback in self._callbacks:
