@@ -63,7 +63,7 @@ def test_members_of_one_client_and_ttl_share_one_lease_and_one_keep_alive(
             members = [await group.join(f"m{i}", ttl=5) for i in range(20)]
             new = lease_ids(server) - before
             assert len(new) == 1, f"20 members of one TTL are on {len(new)} leases, not 1"
-            # One keep-alive task for them all (and no I/O in their heart-beats).
+            # One keep-alive task for them all (and no heart-beat task of their own).
             assert len(keepers()) == 1, keepers()
             # Another TTL: another lease (negative control of the sharing).
             other = await group.join("other", ttl=30)
