@@ -126,7 +126,8 @@ SUBSET=(tests/conformance/test_locks.py tests/conformance/test_fence_write.py
     tests/conformance/test_cluster_lock_batching.py
     tests/aio/test_conformance.py tests/aio/test_membership_conformance.py
     tests/aio/test_twopc_conformance.py tests/aio/test_kvparticipant_conformance.py
-    tests/aio/test_semaphore_conformance.py tests/aio/test_topologies.py)
+    tests/aio/test_semaphore_conformance.py tests/aio/test_topologies.py
+    tests/aio/test_aio_cluster_lock_batching.py)
 for topology in sentinel cluster etcd3; do
     kind=redis
     [[ $topology == etcd3 ]] && kind=etcd

@@ -35,6 +35,7 @@ import redis.asyncio.sentinel
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 
 from ... import metrics
 from ...config import Settings
@@ -60,6 +61,8 @@ from .locks import (
     WAKING_MESSAGES,
     LuaScript,
     answered,
+    extend_answers,
+    extend_commands,
     fair_call,
     fair_keys,
     fair_token,
@@ -68,6 +71,7 @@ from .locks import (
     handed_ms,
     lock_keys,
     milliseconds,
+    unloaded,
     waited_grant,
 )
 from .slots import require_one_slot
@@ -342,8 +346,28 @@ class AsyncRedisLocks:
         self.notifier = _Notifier(backend.redis)
         self.tag = secrets.token_hex(4)  # names this client's grants channels (as sync)
         self._cleanups: set[asyncio.Task[None]] = set()
-        # On a Cluster a pipeline waits for its slowest node: extends go one by one there.
+        # On a Cluster a pipeline to several nodes would wait for the slowest: an
+        # extend() goes alone there, and renewals go in one batch per primary (the
+        # node that serves the lock's slot, by name, as the sync store's renewals_for).
         self.extends = None if self.cluster else _Extends(self)
+        self._node_extends: dict[str, _NodeExtends] = {}
+
+    def renewals_for(self, slot: AsyncRedisLockSlot) -> _Extends | _NodeExtends | None:
+        """The renewal batch of ``slot``: on a Cluster that of the primary that serves
+        its slot in redis-py's slot map now (None, renewed alone, while no node does)."""
+        if self.extends is not None:
+            return self.extends
+        cluster: Any = self.redis  # RedisCluster, untyped in redis-py
+        # The slot map by the key's cached hash slot: get_node_from_key would hash the
+        # key again at each renewal (CRC16 in Python, 30,000 times a second at scale).
+        nodes = cluster.nodes_manager.slots_cache.get(slot.keyslot)
+        if not nodes:  # no node for the slot (mid-failover)
+            return None
+        name: str = nodes[0].name
+        batch = self._node_extends.get(name)
+        if batch is None:
+            batch = self._node_extends[name] = _NodeExtends(self, name)
+        return batch
 
     def slot(
         self, name: str, ttl: float, auto_renew: bool, fair: bool = False
@@ -461,34 +485,17 @@ class _Extends:
         """Each ``slot.extend(ttl)`` of ``requests`` in one pipeline of EXTEND scripts,
         each compare-and-act on its own token and answered on its own (None: that
         slot's grant is gone; an error reply: that lock's error)."""
-        answers: list[Renewed] = [None] * len(requests)
-        commands: list[tuple[Any, ...]] = []
-        packed: list[bytes] = []
-        sent_for: list[int] = []  # the request index of each command
-        for i, (slot, ttl) in enumerate(requests):
-            assert isinstance(slot, AsyncRedisLockSlot), slot  # only our slots name this batch
-            token = slot._token
-            if token is not None:  # else released meanwhile: None, as extend() answers
-                command = ("EVALSHA", EXTEND.sha, 1, slot.key, token, milliseconds(ttl))
-                commands.append(command)
-                packed.append(slot.packed(command))
-                sent_for.append(i)
+        commands, sent_for, packed = _extend_commands(requests, EXTEND.sha)
         if not commands:
-            return answers
+            return [None] * len(requests)
         backend = self._locks.backend
         sent = time.monotonic()
         replies = await backend.call(
             lambda: self._run_packed(commands, packed),
             what=f"extend {len(commands)} locks in one pipeline",
         )
-        for i, reply in zip(sent_for, replies, strict=True):
-            slot, ttl = requests[i]
-            assert isinstance(slot, AsyncRedisLockSlot)
-            if isinstance(reply, redis.RedisError):
-                answers[i] = error_for(backend.settings, f"extend lock {slot.name!r}", reply)
-            else:
-                answers[i] = LockGrant(slot._fence, sent + ttl) if reply else None
-        return answers
+        error = functools.partial(error_for, backend.settings)
+        return extend_answers(requests, sent_for, replies, sent, error)[0]
 
     async def _send(self) -> None:
         try:
@@ -537,11 +544,7 @@ class _Extends:
         """The replies of ``commands`` sent in one pipeline, an error reply in its place;
         the script is loaded and its commands sent again if the server lacked it."""
         replies = await self._run(commands)
-        again = [
-            i
-            for i, reply in enumerate(replies)
-            if isinstance(reply, redis.exceptions.NoScriptError)
-        ]
+        again = unloaded(replies)
         if again:
             run: Any = self._locks.redis.execute_command  # untyped in redis-py
             await run("SCRIPT LOAD", EXTEND.source)
@@ -558,26 +561,11 @@ class _Extends:
         client: Any = self._locks.redis  # untyped in redis-py
         pool = client.connection_pool
         connection = await pool.get_connection()
-        replies: list[Any] = []
         try:
-            async with asyncio.timeout(self._locks.backend.settings.request_timeout):
-                await connection.send_packed_command(packed)
-                for _ in packed:
-                    try:
-                        # inf: no timer of its own per reply (the one above covers all).
-                        replies.append(await connection.read_response(timeout=math.inf))
-                    except redis.ResponseError as exc:  # that command's error reply
-                        replies.append(exc)
-        except TimeoutError as exc:
-            # Replies may still come: this connection is of no use for another request.
-            await connection.disconnect(nowait=True)
-            raise redis.TimeoutError(f"no reply within the request timeout: {exc}") from exc
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
+            replies = await _exchange(connection, packed, self._locks.backend.settings)
         finally:
             await pool.release(connection)
-        again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        again = unloaded(replies)
         if again:  # a restarted or failed-over server: load the script, send those again
             retried = await self._pipeline([commands[i] for i in again])
             for i, reply in zip(again, retried, strict=True):
@@ -595,6 +583,129 @@ class _Extends:
         for sender in senders:
             sender.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
+
+
+class _NodeExtends:
+    """The renewals of the locks one Redis Cluster primary serves, many per round trip
+    (an :class:`~dcoord.backends.aio_base.AsyncRenewalBatch`; the async twin of
+    :class:`.locks._Renewals` on a Cluster, with its rules): one pipeline of EXTEND
+    scripts on a connection of that node (``node``: its name in redis-py's slot map,
+    which :meth:`AsyncRedisLocks.renewals_for` asks), each its own answer. A lock whose
+    slot has moved since gets MOVED or ASK in its place and is renewed alone through
+    the cluster client, which follows the redirection; NOSCRIPT loads the script on the
+    node and sends those again; a node that cannot be reached fails the batch (each
+    lock retries until its deadline) after the slot map is read again, so the retries
+    go to the replica that took over.
+    """
+
+    def __init__(self, locks: AsyncRedisLocks, node: str) -> None:
+        self._locks = locks
+        self._node = node
+        self._script = EXTEND.sharded()
+
+    async def extend_many(self, requests: Sequence[tuple[AsyncLockSlot, float]]) -> list[Renewed]:
+        """Each ``slot.extend(ttl)`` of ``requests`` in one pipeline to this node."""
+        commands, sent_for, packed = _extend_commands(requests, self._script.sha)
+        if not commands:
+            return [None] * len(requests)
+        backend = self._locks.backend
+        sent = time.monotonic()
+        replies = await backend.call(
+            lambda: self._send(packed),
+            what=f"extend {len(commands)} locks in one pipeline to node {self._node}",
+        )
+        error = functools.partial(error_for, backend.settings)
+        answers, moved = extend_answers(requests, sent_for, replies, sent, error)
+        if moved:
+            alone = [_extend_alone(requests[i][0], requests[i][1]) for i in moved]
+            for i, answer in zip(moved, await asyncio.gather(*alone), strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _send(self, packed: list[bytes]) -> list[Any]:
+        """The replies of ``packed`` sent in one write to this node (an error reply in
+        its command's place), the script loaded there and those commands sent again
+        if the node lacked it."""
+        cluster: Any = self._locks.redis  # RedisCluster, untyped in redis-py
+        node = cluster.get_node(node_name=self._node)
+        if node is None:  # gone from the map: the next renewals join another batch
+            raise redis.ConnectionError(f"node {self._node} left the Cluster's slot map")
+        try:
+            replies = await self._on_node(node, packed)
+            again = unloaded(replies)
+            if again:
+                await node.execute_command("SCRIPT", "LOAD", self._script.source)
+                resent = await self._on_node(node, [packed[i] for i in again])
+                for i, reply in zip(again, resent, strict=True):
+                    replies[i] = reply
+        except redis.exceptions.MaxConnectionsError:  # the node is fine: the pool is full
+            raise
+        except (redis.ConnectionError, redis.TimeoutError):
+            await self._refresh_slot_map()
+            raise
+        return replies
+
+    async def _on_node(self, node: Any, packed: list[bytes]) -> list[Any]:
+        connection = node.acquire_connection()
+        try:
+            await node.disconnect_if_needed(connection)  # marked by a topology change
+            return await _exchange(connection, packed, self._locks.backend.settings)
+        finally:
+            node.release(connection)
+
+    async def _refresh_slot_map(self) -> None:
+        """Have redis-py re-read the Cluster's slot map, as its own command path does
+        when a node's connection breaks: after a failover the replica that took over
+        this node's slots serves them, and the retries must go there."""
+        cluster: Any = self._locks.redis
+        try:
+            await cluster.nodes_manager.initialize(last_failed_node_name=self._node)
+        except (redis.RedisError, RedisClusterException) as exc:  # the retries try again
+            log.info("re-reading the slot map after node %s failed: %s", self._node, exc)
+
+
+def _extend_commands(
+    requests: Sequence[tuple[AsyncLockSlot, float]], sha: str
+) -> tuple[list[tuple[Any, ...]], list[int], list[bytes]]:
+    """:func:`.locks.extend_commands` of async slots, and each command packed."""
+    assert all(isinstance(slot, AsyncRedisLockSlot) for slot, _ in requests)  # ours only
+    commands, sent_for = extend_commands(requests, sha)
+    slots: Sequence[tuple[Any, float]] = requests  # AsyncRedisLockSlot, asserted above
+    packed = [slots[i][0].packed(command) for i, command in zip(sent_for, commands, strict=True)]
+    return commands, sent_for, packed
+
+
+async def _extend_alone(slot: AsyncLockSlot, ttl: float) -> Renewed:
+    """``await slot.extend(ttl)`` as an answer of a batch: its error in its place."""
+    try:
+        return await slot.extend(ttl)
+    except Exception as exc:
+        return exc
+
+
+async def _exchange(connection: Any, packed: list[bytes], settings: Settings) -> list[Any]:
+    """Send ``packed`` commands in one write on ``connection`` and read a reply each (an
+    error reply in its command's place) under one request timeout for all (see
+    :meth:`_Extends._run_packed`). A connection whose replies were not all read is
+    closed, never reused."""
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            await connection.send_packed_command(packed)
+            for _ in packed:
+                try:
+                    # inf: no timer of its own per reply (the one above covers all).
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except redis.ResponseError as exc:  # that command's error reply
+                    replies.append(exc)
+    except TimeoutError as exc:
+        # Replies may still come: this connection is of no use for another request.
+        await connection.disconnect(nowait=True)
+        raise redis.TimeoutError(f"no reply within the request timeout: {exc}") from exc
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    return replies
 
 
 def resp_command(args: Sequence[str | int]) -> bytes:
@@ -633,6 +744,9 @@ class AsyncRedisLockSlot:
         self._redis = locks.redis
         self.name = name
         self.key, self.fence_key, self.channel = lock_keys(locks.prefix, name)
+        # The key's Cluster hash slot, once: its renewals' batch is that slot's node's.
+        cluster: Any = locks.redis  # RedisCluster if locks.cluster, untyped in redis-py
+        self.keyslot: int = cluster.keyslot(self.key) if locks.cluster else 0
         self.ttl = ttl
         self._token: str | None = None
         self._fence = 0
@@ -813,9 +927,9 @@ class AsyncRedisLockSlot:
             self._packed = (command, resp_command(command))
         return self._packed[1]
 
-    def renewal_batch(self) -> _Extends | None:
-        """The batch this slot's renewals join (None on a Cluster: one by one there)."""
-        return self._locks.extends
+    def renewal_batch(self) -> _Extends | _NodeExtends | None:
+        """The batch this slot's renewals join (on a Cluster: its slot's primary's)."""
+        return self._locks.renewals_for(self)
 
     async def extend(self, ttl: float) -> LockGrant | None:
         token = self._token

@@ -434,33 +434,21 @@ class _Renewals:
         self._where = "" if node is None else f" to node {node}"
 
     def extend_many(self, requests: Sequence[tuple[LockSlot, float]]) -> list[Renewed]:
-        answers: list[Renewed] = [None] * len(requests)
-        commands: list[tuple[Any, ...]] = []
-        sent_for: list[int] = []  # the request index of each command
-        sha = self._script.sha
-        for i, (slot, ttl) in enumerate(requests):
-            assert isinstance(slot, RedisLockSlot), slot  # only our slots name this batch
-            token = slot._token
-            if token is not None:  # else released meanwhile: None, as extend() answers
-                commands.append(("EVALSHA", sha, 1, slot.key, token, milliseconds(ttl)))
-                sent_for.append(i)
+        assert all(isinstance(slot, RedisLockSlot) for slot, _ in requests)  # ours only
+        commands, sent_for = extend_commands(requests, self._script.sha)
         if not commands:
-            return answers
+            return [None] * len(requests)
         backend = self._locks.backend
         sent = time.monotonic()
         replies = backend.call(
             lambda: self._send(commands),
             what=f"extend {len(commands)} locks in one pipeline{self._where}",
         )
-        for i, reply in zip(sent_for, replies, strict=True):
+        answers, moved = extend_answers(requests, sent_for, replies, sent, backend._error)
+        for i in moved:
             slot, ttl = requests[i]
             assert isinstance(slot, RedisLockSlot)
-            if isinstance(reply, redis.exceptions.AskError):  # MOVED is an AskError too
-                answers[i] = _extend_alone(slot, ttl)
-            elif isinstance(reply, redis.RedisError):
-                answers[i] = backend._error(f"extend lock {slot.name!r}", reply)
-            else:
-                answers[i] = LockGrant(slot._fence, sent + ttl) if reply else None
+            answers[i] = _extend_alone(slot, ttl)
         return answers
 
     def _client(self) -> redis.Redis:
@@ -484,11 +472,7 @@ class _Renewals:
             if self._node is not None:
                 self._refresh_slot_map()
             raise
-        again = [
-            i
-            for i, reply in enumerate(replies)
-            if isinstance(reply, redis.exceptions.NoScriptError)
-        ]
+        again = unloaded(replies)
         if again:  # first use on this server, or it restarted / ran SCRIPT FLUSH, or
             # (Cluster) a replica took over: a script is loaded on the node it ran on
             _execute(client, "SCRIPT", "LOAD", self._script.source)
@@ -507,6 +491,58 @@ class _Renewals:
             cluster.nodes_manager.initialize(last_failed_node_name=self._node)
         except (redis.RedisError, RedisClusterException) as exc:  # the retries try again
             log.info("re-reading the slot map after node %s failed: %s", self._node, exc)
+
+
+def extend_commands(
+    requests: Sequence[tuple[Any, float]], sha: str
+) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """The EXTEND (EVALSHA ``sha``) of each held ``(slot, ttl)`` of a renewal batch (sync
+    or async slots: their ``key`` and ``_token``), and the request index of each command.
+    A slot released meanwhile is not sent: its answer is None, as its extend()'s."""
+    commands: list[tuple[Any, ...]] = []
+    sent_for: list[int] = []
+    for i, (slot, ttl) in enumerate(requests):
+        token = slot._token
+        if token is not None:
+            commands.append(("EVALSHA", sha, 1, slot.key, token, milliseconds(ttl)))
+            sent_for.append(i)
+    return commands, sent_for
+
+
+def extend_answers(
+    requests: Sequence[tuple[Any, float]],
+    sent_for: Sequence[int],
+    replies: Sequence[Any],
+    sent: float,
+    error: Callable[[str, redis.RedisError], Exception],
+) -> tuple[list[Renewed], list[int]]:
+    """Each request's answer from its EXTEND's reply in a batch sent at ``sent``
+    (:func:`extend_commands`): renewed (a grant for its TTL), lost (0, or not sent:
+    None), or ``error(what, reply)`` for an error reply, which fails that lock alone.
+    Also the requests answered MOVED or ASK: their slot moved to another Cluster node,
+    and the caller renews each alone through the cluster client, which follows the
+    redirection (their answer here is None until then). NOSCRIPT is the sender's to
+    resolve first (:func:`unloaded`)."""
+    answers: list[Renewed] = [None] * len(requests)
+    moved: list[int] = []
+    for i, reply in zip(sent_for, replies, strict=True):
+        slot, ttl = requests[i]
+        if isinstance(reply, redis.exceptions.AskError):  # MOVED is an AskError too
+            moved.append(i)
+        elif isinstance(reply, redis.RedisError):
+            answers[i] = error(f"extend lock {slot.name!r}", reply)
+        elif reply:
+            answers[i] = LockGrant(slot._fence, sent + ttl)
+    return answers, moved
+
+
+def unloaded(replies: Sequence[Any]) -> list[int]:
+    """The indexes of the NOSCRIPT replies of a pipeline: the server lacked the script
+    (first use, a restart or SCRIPT FLUSH, a replica that took over), so the sender
+    loads it there and sends those commands again."""
+    return [
+        i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)
+    ]
 
 
 def _extend_alone(slot: RedisLockSlot, ttl: float) -> Renewed:
