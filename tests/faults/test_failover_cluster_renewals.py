@@ -4,7 +4,9 @@ The watchdog renews the locks of each primary in one pipeline to that primary
 (tests/conformance/test_cluster_lock_batching.py). A primary that stops answering holds
 up its own batch only: the other primaries' batches run on other renewal workers. A
 killed primary fails its batch; redis-py then re-reads the slot map, so the retries go
-to the replica that took over, and its locks stay held (not wrongly lost).
+to the replica that took over, and its locks stay held (not wrongly lost). The async
+client's batches (tests/aio/test_aio_cluster_lock_batching.py) go through the same
+failover in the same test.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import dcoord
+from dcoord.aio import AsyncClient, AsyncLock
+from dcoord.aio import connect as aio_connect
+from tests.aio.adapter import Loop
 from tests.conformance.test_lock_batching import held_through, lost_names
 from tests.faults import test_failover_cluster
 from tests.servers import HOST, Server
@@ -110,26 +115,59 @@ def test_the_locks_of_a_killed_primary_are_renewed_on_the_replica_that_took_over
     cluster: ClusterSet, namespace: str
 ) -> None:
     """Their batch fails (connection refused) while the map still names the dead node;
-    each failure has redis-py re-read the map, so once the replica is promoted the
-    retries go there and find the locks (replicated before the kill) still held."""
+    each failure has redis-py (sync) or redis.asyncio (async) re-read the map, so once
+    the replica is promoted the retries go there and find the locks (replicated before
+    the kill) still held. Both APIs in one failover (each is a ~20 s run)."""
     ttl = 12.0  # longer than a failover (node timeout 2 s, then an election) takes
     names, _, on_lost = lost_names()
-    with dcoord.connect(cluster.url, namespace=namespace, request_timeout=2) as client:
-        by_primary = spread_locks(client, cluster, namespace, lambda i: ttl, on_lost=on_lost)
-        everyone = [lock for locks in by_primary.values() for lock in locks]
-        for lock in everyone:
-            assert lock.acquire(blocking=False)
-        victim, *_ = by_primary
-        key: str = by_primary[victim][0]._slot.key  # type: ignore[attr-defined]
-        replicated(victim, key)
-        victim.kill()
-        new = cluster.wait_for_failover(victim, key)
-        # Renewed (every ttl/3) on the new primary: without it they would expire.
-        held_through(everyone, ttl + 2)
-        assert names == [], f"wrongly reported lost: {names}"
-        batch = by_primary[victim][0]._slot.renewal_batch()  # type: ignore[attr-defined]
-        assert batch._node == f"{HOST}:{new.port}"
-        for lock in everyone:
-            lock.release()
+    loop = Loop()
+    aio_namespace = f"{namespace}-aio"
+
+    async def connect_async() -> AsyncClient:
+        return await aio_connect(cluster.url, namespace=aio_namespace, request_timeout=2)
+
+    async def acquire(locks: list[AsyncLock]) -> None:
+        for lock in locks:
+            assert await lock.acquire(timeout=0)
+
+    async def release(locks: list[AsyncLock]) -> None:
+        for lock in locks:
+            await lock.release()
+
+    try:
+        aio_client = loop.run(connect_async())
+        with dcoord.connect(cluster.url, namespace=namespace, request_timeout=2) as client:
+            by_primary = spread_locks(client, cluster, namespace, lambda i: ttl, on_lost=on_lost)
+            # The same names under another namespace: the same slots, so the same primaries.
+            aio_by_primary: dict[Server, list[Any]] = spread_locks(
+                aio_client,  # type: ignore[arg-type]
+                cluster,
+                aio_namespace,
+                lambda i: ttl,
+                on_lost=on_lost,
+            )
+            everyone = [lock for locks in by_primary.values() for lock in locks]
+            aio_everyone = [lock for locks in aio_by_primary.values() for lock in locks]
+            for lock in everyone:
+                assert lock.acquire(blocking=False)
+            loop.run(acquire(aio_everyone))
+            victim, *_ = by_primary
+            key: str = by_primary[victim][0]._slot.key  # type: ignore[attr-defined]
+            replicated(victim, key)
+            replicated(victim, aio_by_primary[victim][0]._slot.key)
+            victim.kill()
+            new = cluster.wait_for_failover(victim, key)
+            # Renewed (every ttl/3) on the new primary: without it they would expire.
+            held_through([*everyone, *aio_everyone], ttl + 2)
+            assert names == [], f"wrongly reported lost: {names}"
+            for lock in (by_primary[victim][0], aio_by_primary[victim][0]):
+                batch = lock._slot.renewal_batch()
+                assert batch._node == f"{HOST}:{new.port}", "the map followed the failover"
+            for lock in everyone:
+                lock.release()
+            loop.run(release(aio_everyone))
+        loop.run(aio_client.close())
+    finally:
+        loop.stop()
     cluster.restart(victim)  # it rejoins as a replica of the node that took over
     cluster.wait_healthy()
