@@ -3,7 +3,9 @@
 Every held :class:`~dcoord.aio.AsyncLock` of a client registers here when it is next to
 be looked at (:func:`dcoord.core.lockstate.coalesced` renewal times, exact deadlines
 without renewal). One loop timer fires at the earliest; the tick looks at every lock
-due by then (:meth:`AsyncLock._look`: lost at its deadline, or renewed) and renews the
+due by then, or due for renewal within a quarter of its renewal interval (as the sync
+client's watchdog: renewing a little early costs nothing, and those locks are then due
+together again) (:meth:`AsyncLock._look`: lost at its deadline, or renewed) and renews the
 ones to renew per batch of their store (``slot.renewal_batch()``, see
 :class:`~dcoord.backends.aio_base.AsyncRenewalBatch`: one Redis pipeline, one pass in
 memory, shared etcd leases read as now) in ONE task, then applies each lock's answer on
@@ -31,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from ..backends.aio_base import EXTEND_EACH, AsyncRenewalBatch
 from ..backends.base import LockGrant, Renewed
+from ..core.lockstate import RENEW_FRACTION
+from ..lock import RENEWAL_COALESCE
 from ..perkey import PerKey
 
 if TYPE_CHECKING:
@@ -111,8 +115,14 @@ class Renewals:
         current = self._current  # (the heap is self._heap: a watch() may compact it)
         batches: dict[AsyncRenewalBatch, list[Renewal]] = {}
         looked = 0
-        while self._heap and self._heap[0][0] <= now and looked < TICK_SLICE:
-            _, seq, lock, generation = heapq.heappop(self._heap)
+        while self._heap and looked < TICK_SLICE:
+            at, seq, lock, generation = self._heap[0]
+            # Due now, or due within RENEWAL_COALESCE of its renewal interval: renewed
+            # with these (a little early costs nothing), so locks taken at different
+            # moments come to be due together and share later round trips too.
+            if at > now and at - now > lock.ttl * RENEW_FRACTION * RENEWAL_COALESCE:
+                break
+            heapq.heappop(self._heap)
             if current.get(lock) != seq:
                 self._stale -= 1
                 continue

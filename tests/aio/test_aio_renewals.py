@@ -184,6 +184,34 @@ def test_locks_due_together_renew_in_one_task_and_one_round_trip(
     assert reads <= 8, reads
 
 
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+def test_a_lock_due_soon_is_renewed_with_those_due_now(backend_url: str, namespace: str) -> None:
+    """Locks taken moments apart are due in different grains; a tick also takes those
+    due within a quarter of their renewal interval, so they are then due together and
+    share later batches (as the sync watchdog). Before, each stayed in its own batch."""
+
+    async def main() -> None:
+        client, locks = await held_locks(backend_url, namespace, 3)
+        try:
+            recorder = record_batches(locks)
+            renewals, now = client_renewals(client), time.monotonic()
+            interval = TTL / 3
+            deadlines = [lock._grant.expires_at for lock in locks]  # type: ignore[union-attr]
+            renewals.watch(locks[0], locks[0]._generation, now)
+            renewals.watch(locks[1], locks[1]._generation, now + interval * 0.2)  # soon
+            renewals.watch(locks[2], locks[2]._generation, now + interval * 0.5)  # not soon
+            await eventually(lambda: renewed(locks[0], deadlines[0]))
+            assert recorder.calls == [[locks[0]._slot, locks[1]._slot]], recorder.calls
+            assert renewed(locks[1], deadlines[1]) and not renewed(locks[2], deadlines[2])
+            # Renewed at one instant: their next renewals fall in one grain again.
+            current = {e[2]: e[0] for e in renewals._heap if renewals._current.get(e[2]) == e[1]}
+            assert current[locks[0]] == current[locks[1]]
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
 def test_a_released_lock_is_not_renewed(backend: str, backend_url: str, namespace: str) -> None:
     async def main() -> None:
