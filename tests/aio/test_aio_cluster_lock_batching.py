@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from redis.crc import key_slot
 
 import dcoord
 from dcoord.aio import AsyncClient, AsyncLock, connect
@@ -33,8 +32,7 @@ from tests.conformance.test_cluster_lock_batching import (
     TTL,
     Counts,
     ask,
-    migrate,
-    node_id,
+    migrating,
     spread_locks,
 )
 from tests.conformance.test_lock_batching import held_through, lost_names
@@ -210,21 +208,11 @@ def test_a_resharded_lock_is_renewed_where_its_key_moved(
     target = others[0]
     victim = by_primary[source][0]
     key: str = victim._slot.key  # type: ignore[attr-defined]
-    slot = key_slot(key.encode())
-    source_id, target_id = node_id(source), node_id(target)
-    ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    try:
-        migrate(cluster, source, target, key)  # only the lock's key: its fence stays behind
+    with migrating(cluster, list(by_primary), source, target, key):
         # Its extends now get ASK from the source (batched there with its neighbours).
         spy.sizes.clear()
         held_through(everyone, TTL * 2)  # type: ignore[arg-type]
         assert any(node == f"{HOST}:{source.port}" and n > 1 for node, n in spy.sizes)
-    finally:
-        while keys := ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-            migrate(cluster, source, target, *keys)
-        for node in (target, source, *others[1:]):
-            ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
     # The source now answers MOVED, until the client's map learns where the slot went.
     held_through(everyone, TTL * 2)  # type: ignore[arg-type]
     assert names == [], f"wrongly reported lost: {names}"

@@ -13,9 +13,10 @@ and the lock must be renewed where its key now is, not reported lost.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -224,6 +225,27 @@ def migrate(cluster: ClusterSet, source: Server, target: Server, *keys: str | by
     ask(source, "MIGRATE", HOST, target.port, "", 0, 5000, *auth, "KEYS", *keys)
 
 
+@contextlib.contextmanager
+def migrating(
+    cluster: ClusterSet, primaries: Sequence[Server], source: Server, target: Server, key: str
+) -> Iterator[None]:
+    """While the block runs, ``key``'s slot is migrating from ``source`` to ``target``
+    with only ``key`` moved (the source answers ASK for it); then the slot's other keys
+    are moved and every primary gives the slot to ``target`` (the source answers MOVED)."""
+    slot = key_slot(key.encode())
+    source_id, target_id = node_id(source), node_id(target)
+    ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    try:
+        migrate(cluster, source, target, key)  # only the lock's key: its fence stays behind
+        yield
+    finally:
+        while keys := ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            migrate(cluster, source, target, *keys)
+        for node in (target, source, *(p for p in primaries if p not in (source, target))):
+            ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
 def test_a_resharded_lock_is_renewed_where_its_key_moved(
     client: dcoord.Client, cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,21 +266,11 @@ def test_a_resharded_lock_is_renewed_where_its_key_moved(
     target = others[0]
     victim = by_primary[source][0]
     key: str = victim._slot.key  # type: ignore[attr-defined]
-    slot = key_slot(key.encode())
-    source_id, target_id = node_id(source), node_id(target)
-    ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    try:
-        migrate(cluster, source, target, key)  # only the lock's key: its fence stays behind
+    with migrating(cluster, list(by_primary), source, target, key):
         # Its extends now get ASK from the source (batched there with its neighbours).
         spy.sizes.clear()
         held_through(everyone, TTL * 2)
         assert any(node == f"{HOST}:{source.port}" and n > 1 for node, n in spy.sizes)
-    finally:
-        while keys := ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-            migrate(cluster, source, target, *keys)
-        for node in (target, source, *others[1:]):
-            ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
     # The source now answers MOVED, until the client's map learns where the slot went.
     held_through(everyone, TTL * 2)
     assert names == [], f"wrongly reported lost: {names}"

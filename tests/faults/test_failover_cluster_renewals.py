@@ -18,6 +18,7 @@ import dcoord
 from dcoord.aio import AsyncClient, AsyncLock
 from dcoord.aio import connect as aio_connect
 from tests.aio.adapter import Loop
+from tests.conformance.test_cluster_lock_batching import ask
 from tests.conformance.test_lock_batching import held_through, lost_names
 from tests.faults import test_failover_cluster
 from tests.servers import HOST, Server
@@ -27,14 +28,6 @@ from tests.topologies.cluster import NODE_TIMEOUT_MS, ClusterSet
 cluster = test_failover_cluster.cluster
 
 PER_PRIMARY = 6
-
-
-def ask(node: Server, *command: Any) -> Any:
-    admin = node.redis_admin()
-    try:
-        return admin.execute_command(*command)
-    finally:
-        admin.close()
 
 
 def spread_locks(
