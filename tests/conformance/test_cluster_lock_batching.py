@@ -126,6 +126,17 @@ class BatchSpy:
         monkeypatch.setattr(redis_locks._Renewals, "extend_many", spy)
 
 
+def spread(
+    client: dcoord.Client, cluster: ClusterSet, ttl: float, **options: Any
+) -> tuple[dict[Server, list[dcoord.Lock]], list[dcoord.Lock]]:
+    """``PER_PRIMARY`` held locks on each primary (by primary, and all of them)."""
+    by_primary = spread_locks(client, cluster, ttl=ttl, **options)
+    everyone = [lock for locks in by_primary.values() for lock in locks]
+    for lock in everyone:
+        assert lock.acquire(blocking=False)
+    return by_primary, everyone
+
+
 def test_a_batch_is_one_round_trip_per_primary(
     client: dcoord.Client, cluster: ClusterSet, counts: Counts
 ) -> None:
@@ -170,10 +181,7 @@ def test_the_watchdog_renews_each_primarys_locks_in_shared_round_trips(
     client: dcoord.Client, cluster: ClusterSet, counts: Counts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = BatchSpy(monkeypatch)
-    by_primary = spread_locks(client, cluster, ttl=TTL)
-    everyone = [lock for locks in by_primary.values() for lock in locks]
-    for lock in everyone:
-        assert lock.acquire(blocking=False)
+    by_primary, everyone = spread(client, cluster, ttl=TTL)
     before = counts()
     assert spy.grew.wait(TTL * 5), f"renewals were not batched on every primary: {spy.sizes}"
     held_through(everyone, TTL)
@@ -195,10 +203,7 @@ def test_one_lost_lock_in_a_primarys_batch_is_the_only_one_reported(
 ) -> None:
     names, lost, on_lost = lost_names()
     spy = BatchSpy(monkeypatch)
-    by_primary = spread_locks(client, cluster, ttl=TTL, on_lost=on_lost)
-    everyone = [lock for locks in by_primary.values() for lock in locks]
-    for lock in everyone:
-        assert lock.acquire(blocking=False)
+    by_primary, everyone = spread(client, cluster, ttl=TTL, on_lost=on_lost)
     assert spy.grew.wait(TTL * 5), f"renewals were not batched on every primary: {spy.sizes}"
     victim = next(iter(by_primary.values()))[PER_PRIMARY // 2]
     client.backend.redis.delete(victim._slot.key)  # type: ignore[attr-defined]  # a failover ate it
@@ -257,10 +262,7 @@ def test_a_resharded_lock_is_renewed_where_its_key_moved(
     new node)."""
     names, _, on_lost = lost_names()
     spy = BatchSpy(monkeypatch)
-    by_primary = spread_locks(client, cluster, ttl=TTL, on_lost=on_lost)
-    everyone = [lock for locks in by_primary.values() for lock in locks]
-    for lock in everyone:
-        assert lock.acquire(blocking=False)
+    by_primary, everyone = spread(client, cluster, ttl=TTL, on_lost=on_lost)
     assert spy.grew.wait(TTL * 5), f"renewals were not batched on every primary: {spy.sizes}"
     source, *others = by_primary
     target = others[0]
