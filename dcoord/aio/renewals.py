@@ -117,10 +117,15 @@ class Renewals:
         looked = 0
         while self._heap and looked < TICK_SLICE:
             at, seq, lock, generation = self._heap[0]
-            # Due now, or due within RENEWAL_COALESCE of its renewal interval: renewed
-            # with these (a little early costs nothing), so locks taken at different
-            # moments come to be due together and share later round trips too.
-            if at > now and at - now > lock.ttl * RENEW_FRACTION * RENEWAL_COALESCE:
+            # Due now, or due for renewal within RENEWAL_COALESCE of its renewal
+            # interval: renewed with these (a little early costs nothing), so locks
+            # taken at different moments come to be due together and share later round
+            # trips too. A lock without renewal is looked at only at its deadline (early,
+            # it would only be watched again at the same time: popped over and over).
+            early = at > now
+            if early and (
+                not lock.auto_renew or at - now > lock.ttl * RENEW_FRACTION * RENEWAL_COALESCE
+            ):
                 break
             heapq.heappop(self._heap)
             if current.get(lock) != seq:

@@ -212,6 +212,39 @@ def test_a_lock_due_soon_is_renewed_with_those_due_now(backend_url: str, namespa
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+def test_a_lock_without_renewal_is_not_looked_at_before_its_deadline(
+    backend_url: str, namespace: str
+) -> None:
+    """Only renewals are taken early: a lock without renewal near its deadline was
+    popped and watched again at the same time over and over in one tick."""
+
+    async def main() -> None:
+        client, locks = await held_locks(backend_url, namespace, 1)
+        try:
+            quiet = client.lock("quiet", ttl=TTL, auto_renew=False)
+            assert await quiet.acquire(timeout=0)
+            looks = 0
+            real_look = quiet._look
+
+            def counting_look(generation: int, now: float) -> Any:
+                nonlocal looks
+                looks += 1
+                return real_look(generation, now)
+
+            quiet._look = counting_look  # type: ignore[method-assign]
+            renewals, now = client_renewals(client), time.monotonic()
+            deadline = locks[0]._grant.expires_at  # type: ignore[union-attr]
+            renewals.watch(quiet, quiet._generation, now + 1.0)  # within the early window
+            renewals.watch(locks[0], locks[0]._generation, now)
+            await eventually(lambda: renewed(locks[0], deadline))
+            assert looks == 0, f"looked at {looks} times before its deadline"
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
 def test_a_released_lock_is_not_renewed(backend: str, backend_url: str, namespace: str) -> None:
     async def main() -> None:
