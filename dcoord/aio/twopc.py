@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
@@ -76,7 +75,7 @@ class AsyncTransaction:
 
     def __init__(self, coordinator: AsyncCoordinator, timeout: float) -> None:
         self.coordinator = coordinator
-        self.txid = uuid.uuid4().hex
+        self.txid = core.new_txid()
         self.timeout = timeout
         self.payloads: dict[str, Any] = {}
         """Participant -> its payload as enlisted (a copy: see :meth:`enlist`)."""

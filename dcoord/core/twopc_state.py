@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import uuid
+import os
+import random
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -58,15 +59,28 @@ _CAS_ROUNDS = 100
 
 
 def new_txid() -> str:
-    """A fresh transaction id: a random UUID's 32 hex digits.
+    """A fresh transaction id: 128 random bits as 32 hex digits.
 
-    From ``os.urandom`` (``uuid4``), neither from the application's ``random`` (seeded
-    alike in two processes, it would give both the same ids) nor from a generator of
-    our own: reading ``os.urandom`` releases the GIL, once per transaction and outside
-    any lock, and without that release 8 threads committing on the embedded backend
-    slowed down, most likely queueing on its store's lock (median 8k commits/s instead
-    of 12k; docs/performance.md)."""
-    return uuid.uuid4().hex
+    Drawn from a generator of this module's own, seeded from ``os.urandom`` in each
+    process and again in a forked child (a copy of the parent's state would repeat its
+    ids); not from the application's ``random``, which two processes may seed alike.
+    Not ``uuid4``: it reads ``os.urandom`` for every id, which releases the GIL, and
+    with threads committing every release handed the GIL to another thread, one thread
+    switch per transaction (8 threads on the embedded backend: +30 µs of CPU per commit;
+    docs/performance.md, "Coordinator cost"). Ids are names, not secrets: that the
+    generator's later output can be inferred from enough of its earlier output is
+    harmless here."""
+    return f"{_txids.getrandbits(128):032x}"
+
+
+def _reseed_txids() -> None:
+    _txids.seed(os.urandom(32))
+
+
+_txids = random.Random()
+_reseed_txids()
+if hasattr(os, "register_at_fork"):  # (not on Windows)
+    os.register_at_fork(after_in_child=_reseed_txids)
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,17 @@ def test_txids_are_32_hex_digits_and_ignore_the_applications_random_seed() -> No
         assert len(txid) == 32 and int(txid, 16) >= 0
 
 
+def test_txids_read_no_os_randomness_per_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.urandom releases the GIL: with threads committing, every release handed the
+    # GIL to another thread, a thread switch per transaction (uuid4 read it each time).
+    reads: list[int] = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real(n))
+    txids = {core.new_txid() for _ in range(1_000)}
+    assert len(txids) == 1_000
+    assert reads == []
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_does_not_repeat_its_parents_txids() -> None:
     read_end, write_end = os.pipe()

@@ -20,6 +20,7 @@ from .locks import MemoryLocks
 from .membership import MemoryGroups
 from .rwlock import MemoryRWLocks
 from .semaphore import MemorySemaphores
+from .storelock import store_condition
 from .txlog import MemoryTxLog
 
 
@@ -28,7 +29,7 @@ class MemoryServer:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cond = threading.Condition()
+        self.cond = store_condition()
         self.data: dict[str, bytes] = {}
         # Key -> callables run (under cond) when it changes: async waiters, which cannot
         # wait on the condition, get their event set on their own loop this way.

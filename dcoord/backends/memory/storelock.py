@@ -1,0 +1,96 @@
+"""The embedded store's lock: never handed to a thread that is not running.
+
+Every client of an embedded store is a thread of one process, and every step of the
+store is a short critical section under one lock. A plain ``threading.RLock`` forms a
+convoy there under the GIL: when the interpreter switches threads while one holds the
+lock (it does every ``sys.getswitchinterval()``, wherever the thread is), the others
+block on it; its release then wakes one of them, which takes the lock at once *without
+the GIL* and so cannot use it until the GIL comes round, while the releaser, still
+running, blocks on its very next step. From then on every step of the store costs a
+thread switch: 8 threads committing null 2PC transactions made 5-6k commits/s where one
+made 15-18k (docs/performance.md, "Coordinator cost").
+
+Here a release only *wakes* a waiter; the waiter takes the lock when it runs again
+(holding the GIL), if it is still free, and otherwise waits again. A thread switched out
+inside a critical section then costs the others one wait each, not a convoy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from typing import Any
+
+_new_lock = threading.Lock
+
+
+class StoreLock:
+    """A reentrant lock (as ``threading.RLock``, which does the counting) whose release
+    wakes a waiter instead of handing it the lock. No timeout: the store's steps are
+    short. Used through :func:`store_condition`."""
+
+    __slots__ = ("_lock", "_waiters")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        # Each waiter's own held lock, released to wake it. deque's append, popleft and
+        # remove are atomic under the GIL, which is all this bookkeeping needs.
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(False):  # free, or this thread's already
+            return True
+        if not blocking:
+            return False
+        if timeout != -1:
+            raise ValueError("a StoreLock takes no timeout")
+        waiter = _new_lock()
+        waiter.acquire()
+        while True:
+            # Registered before the retry: a release in between wakes this waiter.
+            self._waiters.append(waiter)
+            if self._lock.acquire(False):
+                # (Gone if a release woke it already: this thread's release wakes the next.)
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                return True
+            waiter.acquire()  # until a release wakes it; then try again
+
+    def release(self) -> None:
+        self._lock.release()
+        if self._waiters and not self._lock._is_owned():  # type: ignore[attr-defined]
+            self._wake_one()
+
+    __enter__ = acquire
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+    # What threading.Condition uses, if its lock has them, to wait on a reentrant lock:
+    # give it up whatever the depth, then take it back at that depth.
+
+    def _is_owned(self) -> bool:
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
+
+    def _release_save(self) -> Any:
+        state = self._lock._release_save()  # type: ignore[attr-defined]
+        self._wake_one()
+        return state
+
+    def _acquire_restore(self, state: Any) -> None:
+        self.acquire()
+        for _ in range(state[0] - 1):  # (depth, owner): back to the depth it had
+            self._lock.acquire(False)
+
+    def _wake_one(self) -> None:
+        try:
+            waiter = self._waiters.popleft()
+        except IndexError:
+            return
+        waiter.release()
+
+
+def store_condition() -> threading.Condition:
+    """A condition variable over a :class:`StoreLock`."""
+    return threading.Condition(StoreLock())  # type: ignore[arg-type]

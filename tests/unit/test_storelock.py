@@ -1,0 +1,131 @@
+"""The embedded store's lock: a release wakes a waiter but does not hand it the lock."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dcoord.backends.memory import memory_server
+
+
+@pytest.fixture
+def no_forced_switches() -> Iterator[None]:
+    """The GIL passes only when a thread blocks (or sleeps): the tests decide who runs."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def blocked_in_acquire(thread: threading.Thread, line: int, deadline: float) -> None:
+    """Wait until ``thread`` is at ``line`` of this file with the GIL given up: with no
+    forced switches, it gave the GIL up only by blocking there."""
+    while time.monotonic() < deadline:
+        time.sleep(0.001)
+        assert thread.ident is not None
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code.co_filename != __file__:
+            frame = frame.f_back
+        if frame is not None and frame.f_lineno == line:
+            return
+    raise AssertionError("the waiter never blocked")
+
+
+def test_a_released_lock_is_still_free_for_the_running_thread(no_forced_switches: None) -> None:
+    # A plain lock handed itself to the waiter its release woke, while that waiter could
+    # not run (no GIL): the releaser's next step then blocked, and every step after it
+    # cost a thread switch (the lock convoy that made 8 threads 0.3-0.8x as fast as 1).
+    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    took: list[str] = []
+    cond.acquire()
+
+    def waiter() -> None:
+        with cond:  # the line blocked_in_acquire() waits at
+            took.append("waiter")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    blocked_in_acquire(thread, waiter.__code__.co_firstlineno + 1, time.monotonic() + 10)
+    cond.release()
+    # Long enough for the woken thread to be scheduled, while this one keeps the GIL.
+    until = time.monotonic() + 0.05
+    while time.monotonic() < until:
+        pass
+    assert cond.acquire(False), "the release handed the lock to a thread that is not running"
+    took.append("releaser")
+    cond.release()
+    thread.join(10)
+    assert took == ["releaser", "waiter"]  # the waiter took it once it ran, and was free
+
+
+def test_it_is_reentrant_and_a_wait_gives_it_up_at_any_depth() -> None:
+    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    ready, got = threading.Event(), []
+
+    def notifier() -> None:
+        ready.wait(10)
+        with cond:  # only once the waiter has given up both levels
+            got.append("notified")
+            cond.notify_all()
+
+    thread = threading.Thread(target=notifier)
+    thread.start()
+    with cond, cond:
+        ready.set()
+        assert cond.wait_for(lambda: got, 10)  # the notifier took it: the wait gave it up
+        # Taken back two levels deep: one release leaves it held, the second frees it.
+        cond.release()
+        assert _held_elsewhere(cond)
+        cond.release()
+        assert not _held_elsewhere(cond)
+        cond.acquire()
+        cond.acquire()
+    thread.join(10)
+    assert not _held_elsewhere(cond)
+
+
+def _held_elsewhere(cond: threading.Condition) -> bool:
+    """Whether ``cond``'s lock is held, by any thread (asked from a thread of its own)."""
+    free: list[bool] = []
+
+    def probe() -> None:
+        got = cond.acquire(False)
+        free.append(got)
+        if got:
+            cond.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(10)
+    return not free[0]
+
+
+def test_no_waiter_sleeps_through_a_release() -> None:
+    # 8 threads, each taking the lock 2,000 times with a switch now and then inside it:
+    # a lost wake-up would leave one asleep on a free lock, and the join time out.
+    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switches inside the critical section, often
+    counts = [0]
+
+    def work() -> None:
+        for _ in range(2_000):
+            with cond:
+                counts[0] += 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads)
+    assert counts[0] == 16_000
