@@ -46,11 +46,14 @@ class MemoryTxLog:
     def create(
         self, txid: str, data: bytes, deadline: float, created: float | None = None
     ) -> LogEntry | None:
+        # Made before taking the store's lock, to hold it for as short as can be: a
+        # thread switched out while holding it makes the others wait (storelock.py).
+        entry = LogEntry(bytes(data), next(_versions))
         with self._server.cond:
             self._expire()
             if txid in self._log.records:
                 return None
-            entry = self._log.records[txid] = LogEntry(bytes(data), next(_versions))
+            self._log.records[txid] = entry
             self._log.unfinished[txid] = deadline
             self._index(txid, TX_STATES[0], deadline if created is None else created)
             return entry
@@ -67,16 +70,17 @@ class MemoryTxLog:
         created: float,
         previous: str | None = None,  # not needed: ``indexed`` says where each entry is
     ) -> LogEntry | None:
+        entry = LogEntry(bytes(data), next(_versions))  # (as in create)
+        expiry = (time.monotonic() + retention, txid, entry.version)
         with self._server.cond:
             self._expire()
             current = self._log.records.get(txid)
             if current is None or current.version != expected.version:
                 return None
-            entry = self._log.records[txid] = LogEntry(bytes(data), next(_versions))
+            self._log.records[txid] = entry
             self._index(txid, state, created)
             if finished:
                 self._log.unfinished.pop(txid, None)
-                expiry = (time.monotonic() + retention, txid, entry.version)
                 heapq.heappush(self._log.expiries, expiry)
             return entry
 
