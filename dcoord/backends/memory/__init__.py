@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from ..._version import __version__
 from ...config import Settings
+from ...convoyfree import convoy_free_condition
 from ...scheduler import Scheduler
 from ..base import ServerInfo
 from .election import MemoryElections
@@ -20,7 +21,6 @@ from .locks import MemoryLocks
 from .membership import MemoryGroups
 from .rwlock import MemoryRWLocks
 from .semaphore import MemorySemaphores
-from .storelock import store_condition
 from .txlog import MemoryTxLog
 
 
@@ -29,7 +29,7 @@ class MemoryServer:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cond = store_condition()
+        self.cond = convoy_free_condition()
         self.data: dict[str, bytes] = {}
         # Key -> callables run (under cond) when it changes: async waiters, which cannot
         # wait on the condition, get their event set on their own loop this way.

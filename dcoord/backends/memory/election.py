@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...convoyfree import convoy_free_condition
 from ...perkey import PerKey
 from ..base import LockGrant
 from ..election_base import LeaderRecord
-from .storelock import store_condition
 
 if TYPE_CHECKING:
     from . import MemoryServer
@@ -35,7 +35,7 @@ class _Election:
 
 class _Table:
     def __init__(self) -> None:
-        self.cond = store_condition()
+        self.cond = convoy_free_condition()
         self.elections: dict[str, _Election] = {}
         # Async candidates and watchers (aio_election.py): called under ``cond`` on every
         # change, each wakes its task on its own loop, thread-safely.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...convoyfree import ConvoyFreeLock, convoy_free_condition
 from ...inspect import Identity, identity
 from ...perkey import PerKey
 from ..base import LockGrant
@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 class _Entry:
     """One lock name: its holder's token and deadline, and the last fence handed out."""
 
-    def __init__(self, mutex: threading.Lock) -> None:
+    def __init__(self, mutex: ConvoyFreeLock) -> None:
         self.token: object | None = None
         self.expires_at = 0.0
         self.fence = 0
-        self.cond = threading.Condition(mutex)
+        self.cond = convoy_free_condition(mutex)
         # For inspection (dcoord.inspect): who holds the lock since when, who waits.
         self.holder: Identity | None = None
         self.acquired_at = 0.0
@@ -55,7 +55,7 @@ class _Table:
     """Every lock and fence of one memory store; ``mutex`` is their linearization point."""
 
     def __init__(self) -> None:
-        self.mutex = threading.Lock()
+        self.mutex = ConvoyFreeLock()  # (a plain lock forms a convoy here: convoyfree.py)
         self.entries: dict[str, _Entry] = {}
         self.fences: dict[str, int] = {}
 

@@ -12,11 +12,11 @@ per name, incremented at each grant.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ...convoyfree import ConvoyFreeLock, convoy_free_condition
 from ...perkey import PerKey
 from ..base import LockGrant
 
@@ -36,10 +36,10 @@ class _Entry:
 class _Queue:
     """Holders and waiters of one name, in arrival order, and its last fence."""
 
-    def __init__(self, mutex: threading.Lock) -> None:
+    def __init__(self, mutex: ConvoyFreeLock) -> None:
         self.entries: list[_Entry] = []
         self.fence = 0
-        self.cond = threading.Condition(mutex)
+        self.cond = convoy_free_condition(mutex)
         # Run (under the mutex) at every change: async waiters, which cannot wait on the
         # condition, get an event set on their own loop this way (dcoord.aio).
         self.wakers: set[Callable[[], object]] = set()
@@ -74,7 +74,7 @@ class _Table:
     """Every queue of one memory store (semaphores and rwlocks, by prefixed name)."""
 
     def __init__(self) -> None:
-        self.mutex = threading.Lock()
+        self.mutex = ConvoyFreeLock()  # (a plain lock forms a convoy here: convoyfree.py)
         self.queues: dict[str, _Queue] = {}
 
 

@@ -47,7 +47,7 @@ class MemoryTxLog:
         self, txid: str, data: bytes, deadline: float, created: float | None = None
     ) -> LogEntry | None:
         # Made before taking the store's lock, to hold it for as short as can be: a
-        # thread switched out while holding it makes the others wait (storelock.py).
+        # thread switched out while holding it makes the others wait (convoyfree.py).
         entry = LogEntry(bytes(data), next(_versions))
         with self._server.cond:
             self._expire()

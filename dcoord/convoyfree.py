@@ -1,14 +1,17 @@
-"""The embedded store's lock: never handed to a thread that is not running.
+"""A lock that is never handed to a thread that is not running.
 
-Every client of an embedded store is a thread of one process, and every step of the
-store is a short critical section under one lock. A plain ``threading.RLock`` forms a
-convoy there under the GIL: when the interpreter switches threads while one holds the
-lock (it does every ``sys.getswitchinterval()``, wherever the thread is), the others
-block on it; its release then wakes one of them, which takes the lock at once *without
-the GIL* and so cannot use it until the GIL comes round, while the releaser, still
-running, blocks on its very next step. From then on every step of the store costs a
-thread switch: 8 threads committing null 2PC transactions made 5-6k commits/s where one
-made 15-18k (docs/performance.md, "Coordinator cost").
+For short critical sections that many threads of one process enter all the time: the
+embedded store's tables (its keys and log, its locks, its queues, its elections) and a
+client's register of held locks, which every acquire and release updates. A plain
+``threading.Lock`` forms a convoy there under the GIL: when the interpreter switches
+threads while one holds the lock (it does every ``sys.getswitchinterval()``, wherever
+the thread is), the others block on it; its release then wakes one of them, which takes
+the lock at once *without the GIL* and so cannot use it until the GIL comes round, while
+the releaser, still running, blocks on its very next step. From then on every step of
+the store costs a thread switch: 8 threads committing null 2PC transactions made 5-6k
+commits/s where one made 15-18k, and 8 threads taking and releasing embedded locks of
+their own made 0.2x of one thread's cycles (docs/performance.md, "Coordinator cost, 8
+threads").
 
 Here a release only *wakes* a waiter; the waiter takes the lock when it runs again
 (holding the GIL), if it is still free, and otherwise waits again. A thread switched out
@@ -25,10 +28,10 @@ from typing import Any
 _new_lock = threading.Lock
 
 
-class StoreLock:
+class ConvoyFreeLock:
     """A reentrant lock (as ``threading.RLock``, which does the counting) whose release
     wakes a waiter instead of handing it the lock. No timeout: the store's steps are
-    short. Used through :func:`store_condition`."""
+    short."""
 
     __slots__ = ("_lock", "_waiters")
 
@@ -44,7 +47,7 @@ class StoreLock:
         if not blocking:
             return False
         if timeout != -1:
-            raise ValueError("a StoreLock takes no timeout")
+            raise ValueError("a ConvoyFreeLock takes no timeout")
         waiter = _new_lock()
         waiter.acquire()
         while True:
@@ -91,6 +94,6 @@ class StoreLock:
         waiter.release()
 
 
-def store_condition() -> threading.Condition:
-    """A condition variable over a :class:`StoreLock`."""
-    return threading.Condition(StoreLock())  # type: ignore[arg-type]
+def convoy_free_condition(lock: ConvoyFreeLock | None = None) -> threading.Condition:
+    """A condition variable over ``lock`` (a new :class:`ConvoyFreeLock` by default)."""
+    return threading.Condition(lock or ConvoyFreeLock())  # type: ignore[arg-type]

@@ -1,15 +1,21 @@
-"""The embedded store's lock: a release wakes a waiter but does not hand it the lock."""
+"""Locks many threads take all the time (the embedded store's tables, a client's register
+of held locks): a release wakes a waiter but does not hand it the lock."""
 
 from __future__ import annotations
 
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+import dcoord
 from dcoord.backends.memory import memory_server
+from dcoord.backends.memory.locks import _table
+from dcoord.backends.memory.semaphore import queue_table
+from dcoord.lock import _client_locks
 
 
 @pytest.fixture
@@ -37,11 +43,33 @@ def blocked_in_acquire(thread: threading.Thread, line: int, deadline: float) -> 
     raise AssertionError("the waiter never blocked")
 
 
-def test_a_released_lock_is_still_free_for_the_running_thread(no_forced_switches: None) -> None:
+def fresh_store() -> str:
+    return f"convoyfree-{time.monotonic_ns()}"
+
+
+def client_register() -> Any:
+    client = dcoord.connect(f"memory://{fresh_store()}")
+    register = _client_locks(client)
+    client.close()  # the register's lock outlives it: all this test needs
+    return register._mutex
+
+
+LOCKS = {
+    "store": lambda: memory_server(fresh_store()).cond,
+    "lock table": lambda: _table(memory_server(fresh_store())).mutex,
+    "queue table": lambda: queue_table(memory_server(fresh_store())).mutex,
+    "client register": client_register,
+}
+
+
+@pytest.mark.parametrize("make", LOCKS.values(), ids=LOCKS.keys())
+def test_a_released_lock_is_still_free_for_the_running_thread(
+    no_forced_switches: None, make: Callable[[], Any]
+) -> None:
     # A plain lock handed itself to the waiter its release woke, while that waiter could
     # not run (no GIL): the releaser's next step then blocked, and every step after it
-    # cost a thread switch (the lock convoy that made 8 threads 0.3-0.8x as fast as 1).
-    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    # cost a thread switch (the lock convoy that made 8 threads 0.2-0.8x as fast as 1).
+    cond = make()
     took: list[str] = []
     cond.acquire()
 
@@ -65,7 +93,7 @@ def test_a_released_lock_is_still_free_for_the_running_thread(no_forced_switches
 
 
 def test_it_is_reentrant_and_a_wait_gives_it_up_at_any_depth() -> None:
-    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    cond = memory_server(fresh_store()).cond
     ready, got = threading.Event(), []
 
     def notifier() -> None:
@@ -109,7 +137,7 @@ def _held_elsewhere(cond: threading.Condition) -> bool:
 def test_no_waiter_sleeps_through_a_release() -> None:
     # 8 threads, each taking the lock 2,000 times with a switch now and then inside it:
     # a lost wake-up would leave one asleep on a free lock, and the join time out.
-    cond = memory_server(f"storelock-{time.monotonic_ns()}").cond
+    cond = memory_server(fresh_store()).cond
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # switches inside the critical section, often
     counts = [0]
