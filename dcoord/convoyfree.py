@@ -20,17 +20,14 @@ inside a critical section then costs the others one wait each, not a convoy.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import deque
 from typing import Any
 
-_new_lock = threading.Lock
-
 
 class ConvoyFreeLock:
     """A reentrant lock (as ``threading.RLock``, which does the counting) whose release
-    wakes a waiter instead of handing it the lock. No timeout: the store's steps are
+    wakes a waiter instead of handing it the lock. No timeout: what it guards is
     short."""
 
     __slots__ = ("_lock", "_waiters")
@@ -48,17 +45,27 @@ class ConvoyFreeLock:
             return False
         if timeout != -1:
             raise ValueError("a ConvoyFreeLock takes no timeout")
-        waiter = _new_lock()
+        waiter = threading.Lock()
         waiter.acquire()
-        while True:
-            # Registered before the retry: a release in between wakes this waiter.
-            self._waiters.append(waiter)
-            if self._lock.acquire(False):
-                # (Gone if a release woke it already: this thread's release wakes the next.)
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-                return True
-            waiter.acquire()  # until a release wakes it; then try again
+        taken = False
+        try:
+            while not taken:
+                # Registered before the retry: a release in between wakes this waiter.
+                self._waiters.append(waiter)
+                taken = self._lock.acquire(False)
+                if not taken:
+                    waiter.acquire()  # until a release wakes it; then try again
+        finally:
+            # Off the queue however this ends (an exception from a signal handler can
+            # end the wait). If a release woke it already: taken, this thread's own
+            # release wakes the next; not taken, that wake-up is passed on, or another
+            # waiter could sleep on a free lock.
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                if not taken:
+                    self._wake_one()
+        return True
 
     def release(self) -> None:
         self._lock.release()

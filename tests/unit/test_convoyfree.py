@@ -3,6 +3,7 @@ of held locks): a release wakes a waiter but does not hand it the lock."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import dcoord
 from dcoord.backends.memory import memory_server
 from dcoord.backends.memory.locks import _table
 from dcoord.backends.memory.semaphore import queue_table
+from dcoord.convoyfree import ConvoyFreeLock
 from dcoord.lock import _client_locks
 
 
@@ -157,3 +159,55 @@ def test_no_waiter_sleeps_through_a_release() -> None:
         sys.setswitchinterval(interval)
     assert not any(thread.is_alive() for thread in threads)
     assert counts[0] == 16_000
+
+
+class Interrupted(Exception):
+    """Raised by this test's signal handler in the main thread."""
+
+
+def test_a_wait_ended_by_a_signal_leaves_no_waiter_behind(no_forced_switches: None) -> None:
+    # The main thread's wait on the lock is ended by an exception from a signal handler
+    # (as a timeout or Ctrl-C would). Its place in the queue must go with it: else the
+    # next release wakes that place, and the thread queued behind it sleeps on a free lock.
+    lock = ConvoyFreeLock()
+    holder_has_it, release_it = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            holder_has_it.set()
+            release_it.wait(10)
+
+    main = threading.main_thread()
+    assert threading.current_thread() is main, "signals reach only the main thread"
+    previous = signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Interrupted()))
+    holding = threading.Thread(target=holder)
+    holding.start()
+    try:
+        assert holder_has_it.wait(10)
+
+        def interrupt() -> None:
+            blocked_in_acquire(main, interrupted_line, time.monotonic() + 10)
+            assert main.ident is not None
+            signal.pthread_kill(main.ident, signal.SIGUSR1)
+
+        interrupted_line = sys._getframe().f_lineno + 4
+        interrupter = threading.Thread(target=interrupt)
+        interrupter.start()
+        with pytest.raises(Interrupted):
+            lock.acquire()  # the line interrupt() waits at
+        interrupter.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    took: list[str] = []
+
+    def behind() -> None:
+        with lock:  # the line blocked_in_acquire() waits at
+            took.append("behind")
+
+    queued = threading.Thread(target=behind, daemon=True)  # (a failure leaves it asleep)
+    queued.start()
+    blocked_in_acquire(queued, behind.__code__.co_firstlineno + 1, time.monotonic() + 10)
+    release_it.set()
+    holding.join(10)
+    queued.join(10)
+    assert took == ["behind"], "the thread queued behind the interrupted wait never woke"
