@@ -67,20 +67,16 @@ def new_txid() -> str:
     Not ``uuid4``: it reads ``os.urandom`` for every id, which releases the GIL, and
     with threads committing every release handed the GIL to another thread, one thread
     switch per transaction (8 threads on the embedded backend: +30 µs of CPU per commit;
-    docs/performance.md, "Coordinator cost"). Ids are names, not secrets: that the
+    docs/performance.md, "Coordinator cost, 8 threads"). Ids are names, not secrets: that the
     generator's later output can be inferred from enough of its earlier output is
     harmless here."""
     return f"{_txids.getrandbits(128):032x}"
 
 
-def _reseed_txids() -> None:
-    _txids.seed(os.urandom(32))
-
-
+# random.Random() and its seed() without an argument seed from os.urandom.
 _txids = random.Random()
-_reseed_txids()
 if hasattr(os, "register_at_fork"):  # (not on Windows)
-    os.register_at_fork(after_in_child=_reseed_txids)
+    os.register_at_fork(after_in_child=_txids.seed)
 
 
 @dataclass(frozen=True)
